@@ -1,0 +1,1 @@
+//! flowcap-ingest
