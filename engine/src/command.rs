@@ -611,18 +611,28 @@ mod tests {
             .collect();
         assert_eq!(
             types,
-            ["upsert_plan", "upsert_card", "create_pool", "add_pool_members", "set_threshold", "add_on"]
+            [
+                "upsert_plan",
+                "upsert_card",
+                "create_pool",
+                "add_pool_members",
+                "set_threshold",
+                "add_on"
+            ]
         );
     }
 
     #[test]
     fn unknown_type_and_malformed_are_distinguished() {
-        let e = parse_command(br#"{"id":"x","type":"explode","at":"2026-11-01T00:00:00Z"}"#).unwrap_err();
+        let e = parse_command(br#"{"id":"x","type":"explode","at":"2026-11-01T00:00:00Z"}"#)
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::UnknownType);
         let e = parse_command(b"not json").unwrap_err();
         assert_eq!(e.code, ErrorCode::Malformed);
-        let e = parse_command(br#"{"id":"x","type":"suspend","at":"2026-11-01T00:00:00Z","iccids":["12"]}"#)
-            .unwrap_err();
+        let e = parse_command(
+            br#"{"id":"x","type":"suspend","at":"2026-11-01T00:00:00Z","iccids":["12"]}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.code, ErrorCode::Malformed);
         assert!(e.message.contains("ICCID"), "{}", e.message);
     }

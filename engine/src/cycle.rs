@@ -125,16 +125,19 @@ mod tests {
         let cal = CycleCalendar::default();
         for carrier in [Carrier::Cmcc, Carrier::Ctcc, Carrier::Tri] {
             assert_eq!(
-                cal.cycle_of(carrier, ts("2026-11-30T23:59:59+08:00")).to_string(),
+                cal.cycle_of(carrier, ts("2026-11-30T23:59:59+08:00"))
+                    .to_string(),
                 "2026-11"
             );
             assert_eq!(
-                cal.cycle_of(carrier, ts("2026-12-01T00:00:00+08:00")).to_string(),
+                cal.cycle_of(carrier, ts("2026-12-01T00:00:00+08:00"))
+                    .to_string(),
                 "2026-12"
             );
             // 2026-11-30T16:00Z is already December 1st in UTC+8.
             assert_eq!(
-                cal.cycle_of(carrier, ts("2026-11-30T16:00:00Z")).to_string(),
+                cal.cycle_of(carrier, ts("2026-11-30T16:00:00Z"))
+                    .to_string(),
                 "2026-12"
             );
         }
@@ -144,10 +147,22 @@ mod tests {
     fn cucc_cycle_runs_27th_to_26th() {
         let cal = CycleCalendar::default();
         let c = Carrier::Cucc;
-        assert_eq!(cal.cycle_of(c, ts("2026-11-26T23:59:59+08:00")).to_string(), "2026-11");
-        assert_eq!(cal.cycle_of(c, ts("2026-11-27T00:00:00+08:00")).to_string(), "2026-12");
-        assert_eq!(cal.cycle_of(c, ts("2026-10-27T00:00:00+08:00")).to_string(), "2026-11");
-        assert_eq!(cal.cycle_of(c, ts("2026-12-27T00:00:00+08:00")).to_string(), "2027-01");
+        assert_eq!(
+            cal.cycle_of(c, ts("2026-11-26T23:59:59+08:00")).to_string(),
+            "2026-11"
+        );
+        assert_eq!(
+            cal.cycle_of(c, ts("2026-11-27T00:00:00+08:00")).to_string(),
+            "2026-12"
+        );
+        assert_eq!(
+            cal.cycle_of(c, ts("2026-10-27T00:00:00+08:00")).to_string(),
+            "2026-11"
+        );
+        assert_eq!(
+            cal.cycle_of(c, ts("2026-12-27T00:00:00+08:00")).to_string(),
+            "2027-01"
+        );
         let (start, end) = cal.bounds(c, CycleId::new(2026, 11));
         assert_eq!(start, ts("2026-10-27T00:00:00+08:00"));
         assert_eq!(end, ts("2026-11-27T00:00:00+08:00"));

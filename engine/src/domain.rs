@@ -295,7 +295,9 @@ impl Serialize for Reasons {
 
 impl<'de> Deserialize<'de> for Reasons {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(Vec::<Reason>::deserialize(deserializer)?.into_iter().collect())
+        Ok(Vec::<Reason>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
     }
 }
 
@@ -325,7 +327,10 @@ mod tests {
         let r = Reasons::EMPTY.with(Reason::Manual).with(Reason::OverQuota);
         assert!(r.contains(Reason::Manual));
         assert_eq!(r.after_rollover(), Reasons::EMPTY.with(Reason::Manual));
-        assert_eq!(r.iter().collect::<Vec<_>>(), vec![Reason::OverQuota, Reason::Manual]);
+        assert_eq!(
+            r.iter().collect::<Vec<_>>(),
+            vec![Reason::OverQuota, Reason::Manual]
+        );
         assert_eq!(Reasons::from_bits(r.bits()), r);
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(json, r#"["over_quota","manual"]"#);
@@ -333,7 +338,10 @@ mod tests {
 
     #[test]
     fn next_cycle_reasons_match_spec_table() {
-        let lifted: Vec<_> = Reason::ALL.iter().filter(|r| r.lifts_next_cycle()).collect();
+        let lifted: Vec<_> = Reason::ALL
+            .iter()
+            .filter(|r| r.lifts_next_cycle())
+            .collect();
         assert_eq!(
             lifted,
             [

@@ -60,9 +60,8 @@ impl Iccid {
             }
             value = value * 10 + u128::from(b - b'0');
         }
-        let packed = value
-            | (digits.len() as u128) << DIGIT_BITS
-            | u128::from(letter) << LETTER_SHIFT;
+        let packed =
+            value | (digits.len() as u128) << DIGIT_BITS | u128::from(letter) << LETTER_SHIFT;
         Ok(Iccid(packed))
     }
 
@@ -76,7 +75,9 @@ impl Iccid {
     pub fn from_bits(bits: u128) -> Option<Self> {
         let candidate = Iccid(bits);
         let text = candidate.to_string();
-        Iccid::parse(&text).ok().filter(|parsed| *parsed == candidate)
+        Iccid::parse(&text)
+            .ok()
+            .filter(|parsed| *parsed == candidate)
     }
 
     /// A 64-bit hash of the ICCID, stable across runs and platforms (used for
@@ -232,7 +233,10 @@ mod tests {
         );
         assert!(matches!(
             Iccid::parse("8986041234567890X234"),
-            Err(IccidError::Character { found: 'X', position: 16 })
+            Err(IccidError::Character {
+                found: 'X',
+                position: 16
+            })
         ));
         assert!(matches!(
             Iccid::parse("898604123456789012AB"),

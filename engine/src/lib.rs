@@ -24,3 +24,12 @@ pub use domain::{CardState, Carrier, Reason, Reasons, ThresholdMb, TrafficType, 
 pub use ids::{CommandId, Iccid, PlanId, PoolId, TagId};
 pub use record::{RecordId, Usage};
 pub use time::Timestamp;
+pub mod config;
+pub mod dedupe;
+pub mod engine;
+pub mod event;
+mod shard;
+
+pub use config::EngineConfig;
+pub use engine::{CardView, Engine, EngineError, PoolView};
+pub use event::{ActionEvent, Output};

@@ -317,7 +317,10 @@ mod tests {
         let t = Timestamp::parse_rfc3339("2026-11-23T04:05:00.012+08:00").unwrap();
         assert_eq!(t.to_rfc3339(8 * 3600), "2026-11-23T04:05:00.012+08:00");
         assert_eq!(t.to_rfc3339(0), "2026-11-22T20:05:00.012Z");
-        assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339(-5 * 3600)).unwrap(), t);
+        assert_eq!(
+            Timestamp::parse_rfc3339(&t.to_rfc3339(-5 * 3600)).unwrap(),
+            t
+        );
     }
 
     #[test]

@@ -1,0 +1,54 @@
+//! Engine configuration: everything that changes what the engine decides.
+//! It is part of every snapshot, because a restore under a different
+//! configuration would not reproduce the same decisions.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cycle::CycleCalendar;
+use crate::time::{MS_PER_DAY, MS_PER_HOUR};
+
+/// Engine configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Billing time zone (fixed UTC offset; UTC+8 by default).
+    pub calendar: CycleCalendar,
+    /// How long after a cycle ends a record of it still counts for that
+    /// cycle (history aggregates) instead of being reported late, in ms.
+    pub allowed_lateness_ms: i64,
+    /// Records whose end is further than this ahead of the event clock are
+    /// rejected as "time far in the future", in ms.
+    pub max_future_ms: i64,
+    /// Number of shards (0 = one per available core).
+    pub shards: usize,
+    /// Hot window of the dedupe: records whose end is within this of the
+    /// event clock are checked in memory first, in ms.
+    pub dedupe_window_ms: i64,
+    /// Silent period of an activatable card without an explicit
+    /// `silent_ends_at`, in months from the command that created it.
+    pub silent_period_months: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            calendar: CycleCalendar::default(),
+            allowed_lateness_ms: 2 * MS_PER_HOUR,
+            max_future_ms: MS_PER_DAY,
+            shards: 0,
+            dedupe_window_ms: 48 * MS_PER_HOUR,
+            silent_period_months: 6,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The shard count to use: `shards`, or the number of cores when 0.
+    pub fn effective_shards(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}

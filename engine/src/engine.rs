@@ -1,0 +1,1438 @@
+//! The sequential engine: the router (event clock, card directory, dedupe),
+//! the registry (plans, pools, tags, rules, webhooks, command results) and
+//! the shards, driven from one thread.
+//!
+//! [`Engine`] is the reference semantics. [`crate::sharded::ShardedEngine`]
+//! runs the same shards on worker threads for throughput and falls back to
+//! this code for commands, so both give the same state and the same events.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{
+    CardResult, CardSpec, Command, CommandError, CommandKind, CommandResult, ErrorCode, PlanSpec,
+    PoolKind, PoolSpec, RuleSpec, TagSpec, WebhookSpec, MAX_ATTRIBUTE_NAMES, MAX_BATCH, MAX_TAGS,
+    MAX_TAGS_PER_CARD,
+};
+use crate::config::EngineConfig;
+use crate::dedupe::{DedupeConfig, DedupeError, Deduper, IdStore, MemIdStore, Sighting};
+use crate::domain::{CardState, Carrier, Reason, Reasons, ThresholdMb, MB};
+use crate::event::{Cause, JournalEntry, Output, PoolState, Rejection};
+use crate::ids::{CommandId, Iccid, PlanId, PoolId, TagId};
+use crate::record::Usage;
+use crate::shard::{add_months, Card, CardExtra, PlanInfo, Pool, Shard, NO_POOL};
+use crate::time::Timestamp;
+
+/// Errors that stop the engine (never caused by bad input: bad input is
+/// rejected into the outputs).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The dedupe id store failed (external, retryable: disk).
+    #[error("dedupe store failed: {0}")]
+    Dedupe(#[from] DedupeError),
+    /// A snapshot could not be decoded (corrupt or from another version).
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+}
+
+/// Where a card lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Loc {
+    pub(crate) shard: u32,
+    pub(crate) slot: u32,
+}
+
+/// A record ready for its shard.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dispatch {
+    pub(crate) loc: Loc,
+    pub(crate) clock: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PlanEntry {
+    pub(crate) index: u16,
+    pub(crate) spec: PlanSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PoolEntry {
+    pub(crate) shard: u32,
+    pub(crate) index: u32,
+    pub(crate) kind: PoolKind,
+}
+
+/// Everything global that commands read and write.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Registry {
+    pub(crate) plans: BTreeMap<PlanId, PlanEntry>,
+    pub(crate) plan_ids: Vec<Option<PlanId>>,
+    pub(crate) pools: BTreeMap<PoolId, PoolEntry>,
+    pub(crate) tags: BTreeMap<TagId, (u32, TagSpec)>,
+    pub(crate) tag_names: Vec<Option<TagId>>,
+    pub(crate) rules: BTreeMap<String, RuleSpec>,
+    pub(crate) webhooks: BTreeMap<String, WebhookSpec>,
+    pub(crate) attribute_names: Vec<String>,
+    pub(crate) results: HashMap<CommandId, CommandResult>,
+}
+
+/// A card as queries see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardView {
+    /// ICCID.
+    pub iccid: Iccid,
+    /// Carrier.
+    pub carrier: Carrier,
+    /// Plan id.
+    pub plan: Option<PlanId>,
+    /// Visible state.
+    pub state: CardState,
+    /// Suspension reasons (when suspended).
+    pub reasons: Reasons,
+    /// Usage counted in the current cycle.
+    pub usage_bytes: u64,
+    /// Current cycle.
+    pub cycle: crate::cycle::CycleId,
+    /// Cut-off threshold in MB (-1 none).
+    pub threshold_mb: i64,
+    /// Add-ons for the current cycle in MB.
+    pub addon_mb: u64,
+    /// Pool membership.
+    pub pool: Option<PoolId>,
+    /// Tags.
+    pub tags: Vec<TagId>,
+    /// Activation time.
+    pub activated_at: Option<Timestamp>,
+    /// Plan expiry.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// A pool as queries see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolView {
+    /// Id.
+    pub id: PoolId,
+    /// Kind.
+    pub kind: PoolKind,
+    /// State.
+    pub state: PoolState,
+    /// Members' summed usage in the current cycle.
+    pub usage_bytes: u64,
+    /// Allowance (forward pools).
+    pub allowance_bytes: u64,
+    /// Members, by ICCID.
+    pub members: Vec<Iccid>,
+}
+
+/// The sequential engine. See the crate docs.
+pub struct Engine {
+    pub(crate) config: EngineConfig,
+    pub(crate) shards: Vec<Shard>,
+    pub(crate) directory: hashbrown::HashMap<Iccid, Loc>,
+    pub(crate) deduper: Deduper,
+    pub(crate) id_store: Box<dyn IdStore>,
+    pub(crate) registry: Registry,
+    pub(crate) clock: Timestamp,
+    pub(crate) last_seq: Option<u64>,
+    pub(crate) positions: BTreeMap<String, i64>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("shards", &self.shards.len())
+            .field("cards", &self.directory.len())
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> CommandError {
+    CommandError::new(code, message)
+}
+
+impl Engine {
+    /// An empty engine with an in-memory dedupe id store.
+    pub fn new(config: EngineConfig) -> Engine {
+        Engine::with_id_store(config, Box::new(MemIdStore::default()))
+    }
+
+    /// An empty engine whose dedupe verifies against `id_store`.
+    pub fn with_id_store(config: EngineConfig, id_store: Box<dyn IdStore>) -> Engine {
+        let n = config.effective_shards();
+        let deduper = Deduper::new(DedupeConfig {
+            window_ms: config.dedupe_window_ms,
+            bucket_ms: crate::time::MS_PER_HOUR,
+        });
+        Engine {
+            shards: (0..n).map(|_| Shard::new(config.clone())).collect(),
+            config,
+            directory: hashbrown::HashMap::new(),
+            deduper,
+            id_store,
+            registry: Registry::default(),
+            clock: Timestamp::MIN,
+            last_seq: None,
+            positions: BTreeMap::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The event clock: the latest event time seen.
+    pub fn clock(&self) -> Timestamp {
+        self.clock
+    }
+
+    /// Sequence number of the last input processed.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// Input positions (e.g. Kafka partition offsets) covered by the state;
+    /// stored in snapshots.
+    pub fn positions(&self) -> &BTreeMap<String, i64> {
+        &self.positions
+    }
+
+    /// Records an input position (set by the pipeline after processing).
+    pub fn set_position(&mut self, source: impl Into<String>, position: i64) {
+        self.positions.insert(source.into(), position);
+    }
+
+    /// Number of known cards.
+    pub fn card_count(&self) -> usize {
+        self.directory.len()
+    }
+
+    /// Processes one decoded usage record.
+    pub fn process_usage(
+        &mut self,
+        usage: &Usage,
+        seq: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
+        if let Some(d) = self.route(usage, seq, out)? {
+            self.shards[d.loc.shard as usize].account(d.loc.slot, usage, seq, d.clock, out);
+        }
+        Ok(())
+    }
+
+    /// The router's share of a record: future check, card lookup, dedupe
+    /// and the event clock. `None` when the record stops here.
+    pub(crate) fn route(
+        &mut self,
+        usage: &Usage,
+        seq: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<Option<Dispatch>, EngineError> {
+        self.last_seq = Some(seq);
+        let reject = |code: &str, message: String| {
+            Output::Rejected(Rejection {
+                seq,
+                code: code.to_owned(),
+                message,
+                iccid: Some(usage.iccid),
+                record_id: Some(usage.record_id),
+            })
+        };
+        if self.clock != Timestamp::MIN
+            && usage.end > self.clock.plus_millis(self.config.max_future_ms)
+        {
+            out.push(reject(
+                "future_time",
+                format!(
+                    "end {} is more than {} ms ahead of the event clock {}",
+                    usage.end, self.config.max_future_ms, self.clock
+                ),
+            ));
+            return Ok(None);
+        }
+        let Some(&loc) = self.directory.get(&usage.iccid) else {
+            out.push(reject(
+                "unknown_card",
+                format!("no card with ICCID {}", usage.iccid),
+            ));
+            return Ok(None);
+        };
+        let window_clock = self.clock.max(usage.end);
+        match self.deduper.observe(
+            usage.iccid,
+            &usage.record_id,
+            usage.end,
+            seq,
+            window_clock,
+            self.id_store.as_mut(),
+        )? {
+            Sighting::Duplicate => {
+                out.push(Output::Duplicate {
+                    seq,
+                    iccid: usage.iccid,
+                    record_id: usage.record_id,
+                });
+                return Ok(None);
+            }
+            Sighting::First => {}
+        }
+        if usage.end > self.clock {
+            self.clock = usage.end;
+            self.deduper.advance(self.clock);
+        }
+        Ok(Some(Dispatch {
+            loc,
+            clock: self.clock,
+        }))
+    }
+
+    /// Moves the event clock to `at` (if later) and lets every shard fire
+    /// due deadlines and rollovers.
+    pub fn advance_clock(&mut self, at: Timestamp, out: &mut Vec<Output>) {
+        if at > self.clock {
+            self.clock = at;
+            self.deduper.advance(at);
+        }
+        let clock = self.clock;
+        for shard in &mut self.shards {
+            shard.advance(clock, out);
+        }
+    }
+
+    /// Processes one command: validates, applies, answers, journals.
+    pub fn process_command(&mut self, command: Command, seq: u64, out: &mut Vec<Output>) {
+        self.last_seq = Some(seq);
+        if let Some(first) = self.registry.results.get(&command.id) {
+            let result = first.clone();
+            out.push(Output::Journal(Box::new(JournalEntry {
+                seq,
+                command,
+                result,
+                repeat: true,
+            })));
+            return;
+        }
+        self.advance_clock(command.at, out);
+        let result = self.apply(&command, out);
+        self.registry
+            .results
+            .insert(command.id.clone(), result.clone());
+        out.push(Output::Journal(Box::new(JournalEntry {
+            seq,
+            command,
+            result,
+            repeat: false,
+        })));
+    }
+
+    /// Journals a command that could not be parsed: a whole-command error
+    /// with no change.
+    pub fn reject_command(&mut self, id: CommandId, error: CommandError) -> CommandResult {
+        CommandResult::rejected(id, error)
+    }
+
+    fn apply(&mut self, command: &Command, out: &mut Vec<Output>) -> CommandResult {
+        let id = command.id.clone();
+        let at = command.at;
+        if let Some(batch) = command.kind.batch() {
+            if let Err(e) = check_batch(batch) {
+                return CommandResult::rejected(id, e);
+            }
+        }
+        let outcome = self.apply_kind(&command.kind, at, &id);
+        let cause = Cause::Command {
+            command_id: id.clone(),
+        };
+        for shard in &mut self.shards {
+            shard.finish(&cause, at, out);
+        }
+        match outcome {
+            Err(e) => CommandResult::rejected(id, e),
+            Ok(results) => CommandResult {
+                command_id: id,
+                ok: results.iter().all(|r| r.ok),
+                error: None,
+                results,
+            },
+        }
+    }
+
+    fn apply_kind(
+        &mut self,
+        kind: &CommandKind,
+        at: Timestamp,
+        id: &CommandId,
+    ) -> Result<Vec<CardResult>, CommandError> {
+        let _ = id;
+        match kind {
+            CommandKind::UpsertPlan { plan } => self.upsert_plan(plan).map(|()| Vec::new()),
+            CommandKind::RemovePlan { plan } => self.remove_plan(plan).map(|()| Vec::new()),
+            CommandKind::UpsertCard { card } => self.upsert_card(card, at).map(|()| Vec::new()),
+            CommandKind::Activate { iccids } => Ok(self.per_card(iccids, |e, loc| {
+                let card = e.card(loc);
+                match card.lifecycle {
+                    CardState::Deregistered => Err(deregistered(card.iccid)),
+                    CardState::Active => Err(err(
+                        ErrorCode::InvalidState,
+                        format!("card {} is already active", card.iccid),
+                    )),
+                    _ => {
+                        e.shards[loc.shard as usize].activate(loc.slot, at);
+                        e.apply_due_dates(loc, at);
+                        Ok(())
+                    }
+                }
+            })),
+            CommandKind::Suspend { iccids } => Ok(self.per_card(iccids, |e, loc| {
+                let card = e.card(loc);
+                if card.lifecycle != CardState::Active {
+                    return Err(err(
+                        ErrorCode::InvalidState,
+                        format!(
+                            "card {} is {}; only active cards can be suspended",
+                            card.iccid, card.lifecycle
+                        ),
+                    ));
+                }
+                e.set_reason(loc, Reason::Manual, true);
+                Ok(())
+            })),
+            CommandKind::Resume { iccids } => Ok(self.per_card(iccids, |e, loc| {
+                let card = e.card(loc);
+                if card.lifecycle == CardState::Deregistered {
+                    return Err(deregistered(card.iccid));
+                }
+                e.set_reason(loc, Reason::Manual, false);
+                e.set_reason(loc, Reason::Violation, false);
+                Ok(())
+            })),
+            CommandKind::Deregister { iccids } => Ok(self.per_card(iccids, |e, loc| {
+                e.live(loc)?;
+                e.deregister(loc);
+                Ok(())
+            })),
+            CommandKind::Renew { iccids, months } => {
+                if *months == 0 {
+                    return Err(err(ErrorCode::InvalidValue, "renew needs months >= 1"));
+                }
+                let offset = self.config.calendar.utc_offset_secs;
+                Ok(self.per_card(iccids, |e, loc| {
+                    e.live(loc)?;
+                    let card = e.card(loc);
+                    let base = if card.expires_at == Timestamp::MAX {
+                        at
+                    } else {
+                        card.expires_at.max(at)
+                    };
+                    let new_expiry = add_months(base, *months, offset);
+                    let shard = &mut e.shards[loc.shard as usize];
+                    shard.touch(loc.slot);
+                    shard.cards[loc.slot as usize].expires_at = new_expiry;
+                    shard.reschedule(loc.slot);
+                    e.apply_due_dates(loc, at);
+                    Ok(())
+                }))
+            }
+            CommandKind::SetThreshold { iccids, mb } => {
+                if *mb < -1 {
+                    return Err(err(
+                        ErrorCode::InvalidThreshold,
+                        format!("threshold {mb} MB: use -1 for none, 0 or a positive MB value"),
+                    ));
+                }
+                let Ok(mb32) = i32::try_from(*mb) else {
+                    return Err(err(
+                        ErrorCode::InvalidValue,
+                        format!("threshold {mb} MB is too large"),
+                    ));
+                };
+                Ok(self.per_card(iccids, |e, loc| {
+                    e.live(loc)?;
+                    let card = e.card(loc);
+                    if card.carrier.threshold_needs_forward_pool() && !e.in_forward_pool(loc) {
+                        return Err(err(
+                            ErrorCode::ThresholdNotAllowed,
+                            format!(
+                                "{} card {} is not in a forward pool",
+                                card.carrier, card.iccid
+                            ),
+                        ));
+                    }
+                    let shard = &mut e.shards[loc.shard as usize];
+                    shard.touch(loc.slot);
+                    let card = &mut shard.cards[loc.slot as usize];
+                    card.threshold_mb = mb32;
+                    let over = ThresholdMb(*mb)
+                        .limit_bytes()
+                        .is_some_and(|l| card.usage > l);
+                    card.reasons = card.reasons.set(Reason::OverThreshold, over);
+                    Ok(())
+                }))
+            }
+            CommandKind::ClearThreshold { iccids } => Ok(self.per_card(iccids, |e, loc| {
+                e.live(loc)?;
+                e.shards[loc.shard as usize].cards[loc.slot as usize].threshold_mb = -1;
+                Ok(())
+            })),
+            CommandKind::AddOn { iccid, pool, mb } => self
+                .add_on(iccid.as_ref(), pool.as_ref(), *mb, at)
+                .map(|()| Vec::new()),
+            CommandKind::CreatePool { pool } => self.create_pool(pool).map(|()| Vec::new()),
+            CommandKind::AddPoolMembers { pool, iccids } => {
+                let entry = self.pool_entry(pool)?.clone();
+                Ok(self.per_card(iccids, |e, loc| e.add_member(&entry, pool, loc)))
+            }
+            CommandKind::RemovePoolMembers { pool, iccids } => {
+                let entry = self.pool_entry(pool)?.clone();
+                Ok(self.per_card(iccids, |e, loc| {
+                    if loc.shard != entry.shard || e.card(loc).pool != entry.index {
+                        return Err(err(
+                            ErrorCode::NotInPool,
+                            format!("card {} is not a member of pool {pool}", e.card(loc).iccid),
+                        ));
+                    }
+                    e.shards[loc.shard as usize].remove_member(loc.slot);
+                    Ok(())
+                }))
+            }
+            CommandKind::FreezePool { pool } | CommandKind::UnfreezePool { pool } => {
+                let freeze = matches!(kind, CommandKind::FreezePool { .. });
+                let entry = self.pool_entry(pool)?.clone();
+                if entry.kind != PoolKind::Backward {
+                    return Err(err(
+                        ErrorCode::WrongPoolKind,
+                        format!("pool {pool} is a forward pool; only backward pools are frozen"),
+                    ));
+                }
+                let shard = &mut self.shards[entry.shard as usize];
+                shard.pools[entry.index as usize].frozen = freeze;
+                let members = crate::shard::member_slots(&shard.pools[entry.index as usize]);
+                touch_pool_members(shard, entry.index, &members);
+                Ok(Vec::new())
+            }
+            CommandKind::ReportViolation { iccids } => Ok(self.per_card(iccids, |e, loc| {
+                e.live(loc)?;
+                e.set_reason(loc, Reason::Violation, true);
+                Ok(())
+            })),
+            CommandKind::Rebind { iccid, imei } => {
+                let loc = self.locate(*iccid)?;
+                self.live(loc)?;
+                self.set_reason(loc, Reason::Violation, false);
+                if let Some(imei) = imei {
+                    self.shards[loc.shard as usize].extra_mut(loc.slot).imei = Some(imei.clone());
+                }
+                Ok(Vec::new())
+            }
+            CommandKind::UpsertRule { rule } => self.upsert_rule(rule).map(|()| Vec::new()),
+            CommandKind::EnableRule { rule } | CommandKind::DisableRule { rule } => {
+                let enable = matches!(kind, CommandKind::EnableRule { .. });
+                let Some(spec) = self.registry.rules.get(rule) else {
+                    return Err(err(ErrorCode::UnknownRule, format!("no rule {rule:?}")));
+                };
+                let mut spec = spec.clone();
+                spec.enabled = enable;
+                if enable {
+                    self.validate_rule(&spec)?;
+                }
+                self.registry.rules.insert(rule.clone(), spec);
+                self.refresh_backward_rules();
+                Ok(Vec::new())
+            }
+            CommandKind::RemoveRule { rule } => {
+                if self.registry.rules.remove(rule).is_none() {
+                    return Err(err(ErrorCode::UnknownRule, format!("no rule {rule:?}")));
+                }
+                self.refresh_backward_rules();
+                Ok(Vec::new())
+            }
+            CommandKind::UpsertWebhook { webhook } => {
+                if !(webhook.url.starts_with("http://") || webhook.url.starts_with("https://")) {
+                    return Err(err(
+                        ErrorCode::InvalidValue,
+                        format!(
+                            "webhook URL {:?} must start with http:// or https://",
+                            webhook.url
+                        ),
+                    ));
+                }
+                self.registry
+                    .webhooks
+                    .insert(webhook.id.clone(), webhook.clone());
+                Ok(Vec::new())
+            }
+            CommandKind::RemoveWebhook { webhook } => {
+                if self.registry.webhooks.remove(webhook).is_none() {
+                    return Err(err(
+                        ErrorCode::UnknownWebhook,
+                        format!("no webhook {webhook:?}"),
+                    ));
+                }
+                Ok(Vec::new())
+            }
+            CommandKind::UpsertTag { tag } => {
+                if !self.registry.tags.contains_key(&tag.name) {
+                    if self.registry.tags.len() >= MAX_TAGS {
+                        return Err(err(
+                            ErrorCode::TagLimitReached,
+                            format!("an operator has at most {MAX_TAGS} tags"),
+                        ));
+                    }
+                    let index = self.registry.tag_names.len() as u32;
+                    self.registry.tag_names.push(Some(tag.name.clone()));
+                    self.registry
+                        .tags
+                        .insert(tag.name.clone(), (index, tag.clone()));
+                } else if let Some(entry) = self.registry.tags.get_mut(&tag.name) {
+                    entry.1 = tag.clone();
+                }
+                Ok(Vec::new())
+            }
+            CommandKind::RemoveTag { tag } => self.remove_tag(tag).map(|()| Vec::new()),
+            CommandKind::BindTags { iccids, tags } | CommandKind::UnbindTags { iccids, tags } => {
+                let bind = matches!(kind, CommandKind::BindTags { .. });
+                let indexes = self.tag_indexes(tags)?;
+                Ok(self.per_card(iccids, |e, loc| {
+                    e.live(loc)?;
+                    let shard = &mut e.shards[loc.shard as usize];
+                    let mut current: BTreeSet<u32> =
+                        shard.tags_of(loc.slot).iter().copied().collect();
+                    for t in &indexes {
+                        if bind {
+                            current.insert(*t);
+                        } else {
+                            current.remove(t);
+                        }
+                    }
+                    if current.len() > MAX_TAGS_PER_CARD {
+                        return Err(err(
+                            ErrorCode::TooManyTags,
+                            format!(
+                                "card {} would hold {} tags; at most {MAX_TAGS_PER_CARD}",
+                                shard.cards[loc.slot as usize].iccid,
+                                current.len()
+                            ),
+                        ));
+                    }
+                    shard.set_tags(loc.slot, &current.into_iter().collect::<Vec<_>>());
+                    Ok(())
+                }))
+            }
+            CommandKind::SetAttributeNames { names } => {
+                if names.len() > MAX_ATTRIBUTE_NAMES {
+                    return Err(err(
+                        ErrorCode::InvalidAttribute,
+                        format!(
+                            "{} attribute names; at most {MAX_ATTRIBUTE_NAMES}",
+                            names.len()
+                        ),
+                    ));
+                }
+                let unique: BTreeSet<&String> = names.iter().collect();
+                if unique.len() != names.len() || names.iter().any(String::is_empty) {
+                    return Err(err(
+                        ErrorCode::InvalidAttribute,
+                        "attribute names must be non-empty and distinct",
+                    ));
+                }
+                self.registry.attribute_names = names.clone();
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    // ----- helpers ------------------------------------------------------
+
+    fn per_card(
+        &mut self,
+        iccids: &[Iccid],
+        mut f: impl FnMut(&mut Engine, Loc) -> Result<(), CommandError>,
+    ) -> Vec<CardResult> {
+        iccids
+            .iter()
+            .map(|&iccid| {
+                let outcome = self.locate(iccid).and_then(|loc| f(self, loc));
+                match outcome {
+                    Ok(()) => CardResult {
+                        iccid,
+                        ok: true,
+                        error: None,
+                    },
+                    Err(e) => CardResult {
+                        iccid,
+                        ok: false,
+                        error: Some(e),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn locate(&self, iccid: Iccid) -> Result<Loc, CommandError> {
+        self.directory.get(&iccid).copied().ok_or_else(|| {
+            err(
+                ErrorCode::UnknownCard,
+                format!("no card with ICCID {iccid}"),
+            )
+        })
+    }
+
+    pub(crate) fn card(&self, loc: Loc) -> &Card {
+        &self.shards[loc.shard as usize].cards[loc.slot as usize]
+    }
+
+    fn live(&self, loc: Loc) -> Result<(), CommandError> {
+        let card = self.card(loc);
+        if card.lifecycle == CardState::Deregistered {
+            Err(deregistered(card.iccid))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn in_forward_pool(&self, loc: Loc) -> bool {
+        let shard = &self.shards[loc.shard as usize];
+        let p = shard.cards[loc.slot as usize].pool;
+        p != NO_POOL && shard.pools[p as usize].kind == PoolKind::Forward
+    }
+
+    fn set_reason(&mut self, loc: Loc, reason: Reason, present: bool) {
+        let shard = &mut self.shards[loc.shard as usize];
+        shard.touch(loc.slot);
+        let card = &mut shard.cards[loc.slot as usize];
+        card.reasons = card.reasons.set(reason, present);
+    }
+
+    fn deregister(&mut self, loc: Loc) {
+        let shard = &mut self.shards[loc.shard as usize];
+        shard.touch(loc.slot);
+        shard.remove_member(loc.slot);
+        let card = &mut shard.cards[loc.slot as usize];
+        card.lifecycle = CardState::Deregistered;
+        card.reasons = Reasons::EMPTY;
+    }
+
+    /// Applies dates already past at `at` within the current command:
+    /// expiry (`plan_expired` set or lifted), end of test or silent period.
+    fn apply_due_dates(&mut self, loc: Loc, at: Timestamp) {
+        let shard = &mut self.shards[loc.shard as usize];
+        shard.touch(loc.slot);
+        let card = &shard.cards[loc.slot as usize];
+        if card.lifecycle == CardState::Deregistered {
+            return;
+        }
+        let expired = card.expires_at <= at;
+        let lifecycle = card.lifecycle;
+        let (test_end, silent_end) = shard
+            .extra(loc.slot)
+            .map_or((None, None), |e| (e.test_ends_at, e.silent_ends_at));
+        let card = &mut shard.cards[loc.slot as usize];
+        card.reasons = card.reasons.set(Reason::PlanExpired, expired);
+        if lifecycle == CardState::Testable && test_end.is_some_and(|t| t <= at) {
+            card.lifecycle = CardState::Activatable;
+        }
+        let lifecycle = card.lifecycle;
+        if lifecycle == CardState::Activatable && silent_end.is_some_and(|t| t <= at) {
+            shard.activate(loc.slot, at);
+            let card = &mut shard.cards[loc.slot as usize];
+            card.reasons = card.reasons.set(Reason::PlanExpired, card.expires_at <= at);
+        }
+        shard.refresh_card(loc.slot);
+    }
+
+    fn pool_entry(&self, pool: &PoolId) -> Result<&PoolEntry, CommandError> {
+        self.registry
+            .pools
+            .get(pool)
+            .ok_or_else(|| err(ErrorCode::UnknownPool, format!("no pool {pool}")))
+    }
+
+    fn plan_entry(&self, plan: &PlanId) -> Result<&PlanEntry, CommandError> {
+        self.registry
+            .plans
+            .get(plan)
+            .ok_or_else(|| err(ErrorCode::UnknownPlan, format!("no plan {plan}")))
+    }
+
+    fn tag_indexes(&self, tags: &[TagId]) -> Result<Vec<u32>, CommandError> {
+        tags.iter()
+            .map(|t| {
+                self.registry
+                    .tags
+                    .get(t)
+                    .map(|(i, _)| *i)
+                    .ok_or_else(|| err(ErrorCode::UnknownTag, format!("no tag {t}")))
+            })
+            .collect()
+    }
+
+    fn shard_for_card(&self, iccid: Iccid) -> u32 {
+        (iccid.stable_hash() % self.shards.len() as u64) as u32
+    }
+
+    // ----- plans --------------------------------------------------------
+
+    fn upsert_plan(&mut self, spec: &PlanSpec) -> Result<(), CommandError> {
+        if spec.id.as_str().is_empty() {
+            return Err(err(ErrorCode::InvalidValue, "plan id must not be empty"));
+        }
+        let info = PlanInfo {
+            allowance_bytes: spec.allowance_mb.saturating_mul(MB),
+            traffic: spec.traffic,
+            term_months: spec.term_months,
+        };
+        let index = match self.registry.plans.get(&spec.id) {
+            Some(existing) => {
+                if existing.spec.carrier != spec.carrier && self.plan_in_use(existing.index) {
+                    return Err(err(
+                        ErrorCode::PlanInUse,
+                        format!(
+                            "plan {} is used by cards or pools; its carrier cannot change",
+                            spec.id
+                        ),
+                    ));
+                }
+                existing.index
+            }
+            None => {
+                let index = u16::try_from(self.registry.plan_ids.len())
+                    .map_err(|_| err(ErrorCode::InvalidValue, "too many plans (at most 65,535)"))?;
+                self.registry.plan_ids.push(Some(spec.id.clone()));
+                index
+            }
+        };
+        self.registry.plans.insert(
+            spec.id.clone(),
+            PlanEntry {
+                index,
+                spec: spec.clone(),
+            },
+        );
+        for shard in &mut self.shards {
+            let i = usize::from(index);
+            if shard.plans.len() <= i {
+                shard.plans.resize(i + 1, None);
+            }
+            shard.plans[i] = Some(info.clone());
+            // A changed allowance or traffic type re-evaluates the plan's cards and pools.
+            let slots: Vec<u32> = shard
+                .live_slots()
+                .filter(|&s| shard.cards[s as usize].plan == index)
+                .collect();
+            for s in slots {
+                shard.touch(s);
+                shard.refresh_card(s);
+            }
+            for p in 0..shard.pools.len() as u32 {
+                if !shard.pools[p as usize].removed {
+                    shard.recompute_member_allowance(p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_in_use(&self, index: u16) -> bool {
+        self.shards.iter().any(|s| {
+            s.live_slots()
+                .any(|slot| s.cards[slot as usize].plan == index)
+                || s.pools.iter().any(|p| !p.removed && p.plan == Some(index))
+        })
+    }
+
+    fn remove_plan(&mut self, plan: &PlanId) -> Result<(), CommandError> {
+        let index = self.plan_entry(plan)?.index;
+        if self.plan_in_use(index) {
+            return Err(err(
+                ErrorCode::PlanInUse,
+                format!("plan {plan} is used by cards or pools"),
+            ));
+        }
+        self.registry.plans.remove(plan);
+        self.registry.plan_ids[usize::from(index)] = None;
+        for shard in &mut self.shards {
+            shard.plans[usize::from(index)] = None;
+        }
+        Ok(())
+    }
+
+    // ----- cards --------------------------------------------------------
+
+    fn upsert_card(&mut self, spec: &CardSpec, at: Timestamp) -> Result<(), CommandError> {
+        let plan = self.plan_entry(&spec.plan)?;
+        if plan.spec.carrier != spec.carrier {
+            return Err(err(
+                ErrorCode::CarrierMismatch,
+                format!(
+                    "plan {} is a {} plan; card {} is a {} card",
+                    spec.plan, plan.spec.carrier, spec.iccid, spec.carrier
+                ),
+            ));
+        }
+        let (plan_index, term) = (plan.index, plan.spec.term_months);
+        if spec.tags.len() > MAX_TAGS_PER_CARD {
+            return Err(err(
+                ErrorCode::TooManyTags,
+                format!(
+                    "card {} has {} tags; at most {MAX_TAGS_PER_CARD}",
+                    spec.iccid,
+                    spec.tags.len()
+                ),
+            ));
+        }
+        let tags = self.tag_indexes(&spec.tags)?;
+        if let Some(name) = spec
+            .attributes
+            .keys()
+            .find(|k| !self.registry.attribute_names.contains(k))
+        {
+            return Err(err(
+                ErrorCode::InvalidAttribute,
+                format!("attribute {name:?} is not declared (set_attribute_names)"),
+            ));
+        }
+        let offset = self.config.calendar.utc_offset_secs;
+        let (lifecycle, manual) = match spec.state {
+            CardState::Suspended => (CardState::Active, true),
+            s => (s, false),
+        };
+        let activated_at = match (spec.activated_at, lifecycle) {
+            (Some(t), _) => t,
+            (None, CardState::Active) => at,
+            _ => Timestamp::MIN,
+        };
+        let expires_at = match (spec.expires_at, lifecycle) {
+            (Some(t), _) => t,
+            (None, CardState::Active) => add_months(activated_at, term, offset),
+            _ => Timestamp::MAX,
+        };
+        let silent_ends_at = match (spec.silent_ends_at, lifecycle) {
+            (Some(t), _) => Some(t),
+            (None, CardState::Activatable) => {
+                Some(add_months(at, self.config.silent_period_months, offset))
+            }
+            _ => None,
+        };
+
+        if let Some(&loc) = self.directory.get(&spec.iccid) {
+            let card = self.card(loc);
+            if card.lifecycle == CardState::Deregistered {
+                return Err(deregistered(spec.iccid));
+            }
+            let shard = &self.shards[loc.shard as usize];
+            if card.pool != NO_POOL {
+                let mut candidate = card.clone();
+                candidate.plan = plan_index;
+                candidate.carrier = spec.carrier;
+                let traffic = shard.plans[usize::from(plan_index)]
+                    .as_ref()
+                    .map(|p| p.traffic);
+                shard.check_member(card.pool, &candidate, traffic)?;
+            }
+            let shard = &mut self.shards[loc.shard as usize];
+            shard.touch(loc.slot);
+            let card = &mut shard.cards[loc.slot as usize];
+            card.plan = plan_index;
+            card.carrier = spec.carrier;
+            card.lifecycle = lifecycle;
+            card.activated_at = activated_at;
+            card.expires_at = expires_at;
+            card.reasons = card.reasons.set(Reason::Manual, manual);
+            if lifecycle == CardState::Deregistered {
+                card.reasons = Reasons::EMPTY;
+            }
+            let extra = shard.extra_mut(loc.slot);
+            fill_extra(extra, spec, silent_ends_at);
+            shard.set_tags(loc.slot, &tags);
+            if lifecycle == CardState::Deregistered {
+                shard.remove_member(loc.slot);
+            } else if shard.cards[loc.slot as usize].pool != NO_POOL {
+                let p = shard.cards[loc.slot as usize].pool;
+                shard.recompute_member_allowance(p);
+            }
+            shard.reschedule(loc.slot);
+            self.apply_due_dates(loc, at);
+            return Ok(());
+        }
+
+        let card = Card {
+            iccid: spec.iccid,
+            usage: 0,
+            activated_at,
+            expires_at,
+            plan: plan_index,
+            carrier: spec.carrier,
+            lifecycle,
+            reasons: if manual {
+                Reasons::EMPTY.with(Reason::Manual)
+            } else {
+                Reasons::EMPTY
+            },
+            pool: NO_POOL,
+            tagset: 0,
+            threshold_mb: -1,
+            addon_mb: 0,
+            vacant: false,
+        };
+        let mut extra = CardExtra::default();
+        fill_extra(&mut extra, spec, silent_ends_at);
+        let shard_index = self.shard_for_card(spec.iccid);
+        let shard = &mut self.shards[shard_index as usize];
+        let slot = shard.insert_card(card, Some(extra), &tags);
+        let loc = Loc {
+            shard: shard_index,
+            slot,
+        };
+        self.directory.insert(spec.iccid, loc);
+        self.apply_due_dates(loc, at);
+        Ok(())
+    }
+
+    fn add_on(
+        &mut self,
+        iccid: Option<&Iccid>,
+        pool: Option<&PoolId>,
+        mb: u64,
+        at: Timestamp,
+    ) -> Result<(), CommandError> {
+        if mb == 0 {
+            return Err(err(ErrorCode::InvalidValue, "an add-on pack needs mb >= 1"));
+        }
+        let cal = self.config.calendar;
+        match (iccid, pool) {
+            (Some(&iccid), None) => {
+                let loc = self.locate(iccid)?;
+                self.live(loc)?;
+                if self.in_forward_pool(loc) {
+                    return Err(err(
+                        ErrorCode::InvalidState,
+                        format!("card {iccid} is in a forward pool: buy the add-on for the pool"),
+                    ));
+                }
+                let mb32 = u32::try_from(mb).map_err(|_| {
+                    err(
+                        ErrorCode::InvalidValue,
+                        format!("add-on of {mb} MB is too large"),
+                    )
+                })?;
+                let shard = &mut self.shards[loc.shard as usize];
+                let carrier = shard.cards[loc.slot as usize].carrier;
+                if cal.cycle_of(carrier, at) != shard.cycle(carrier) {
+                    return Err(err(
+                        ErrorCode::InvalidValue,
+                        format!("add-on bought at {at} belongs to a closed cycle"),
+                    ));
+                }
+                shard.touch(loc.slot);
+                let card = &mut shard.cards[loc.slot as usize];
+                card.addon_mb = card.addon_mb.saturating_add(mb32);
+                shard.refresh_card(loc.slot);
+                Ok(())
+            }
+            (None, Some(pool)) => {
+                let entry = self.pool_entry(pool)?.clone();
+                if entry.kind != PoolKind::Forward {
+                    return Err(err(
+                        ErrorCode::WrongPoolKind,
+                        format!(
+                            "pool {pool} is a backward pool; add-on packs are for forward pools"
+                        ),
+                    ));
+                }
+                let shard = &mut self.shards[entry.shard as usize];
+                let carrier = shard.pools[entry.index as usize]
+                    .carrier
+                    .unwrap_or(Carrier::Cmcc);
+                if cal.cycle_of(carrier, at) != shard.cycle(carrier) {
+                    return Err(err(
+                        ErrorCode::InvalidValue,
+                        format!("add-on bought at {at} belongs to a closed cycle"),
+                    ));
+                }
+                let p = &mut shard.pools[entry.index as usize];
+                p.addon_mb = p.addon_mb.saturating_add(mb);
+                shard.refresh_pool(entry.index);
+                Ok(())
+            }
+            _ => Err(err(
+                ErrorCode::Malformed,
+                "add_on takes exactly one of iccid and pool",
+            )),
+        }
+    }
+
+    // ----- pools --------------------------------------------------------
+
+    fn create_pool(&mut self, spec: &PoolSpec) -> Result<(), CommandError> {
+        if self.registry.pools.contains_key(&spec.id) {
+            return Err(err(
+                ErrorCode::AlreadyExists,
+                format!("pool {} already exists", spec.id),
+            ));
+        }
+        if spec.id.as_str().is_empty() {
+            return Err(err(ErrorCode::InvalidValue, "pool id must not be empty"));
+        }
+        let plan = match (spec.kind, &spec.plan, spec.carrier) {
+            (PoolKind::Forward, Some(plan), Some(carrier)) => {
+                let entry = self.plan_entry(plan)?;
+                if entry.spec.carrier != carrier {
+                    return Err(err(
+                        ErrorCode::CarrierMismatch,
+                        format!(
+                            "plan {plan} is a {} plan; pool {} is for {carrier}",
+                            entry.spec.carrier, spec.id
+                        ),
+                    ));
+                }
+                Some(entry.index)
+            }
+            (PoolKind::Forward, _, _) => {
+                return Err(err(
+                    ErrorCode::InvalidValue,
+                    format!("forward pool {} needs a carrier and a plan", spec.id),
+                ));
+            }
+            (PoolKind::Backward, _, _) => None,
+        };
+        let shard_index = (spec.id.stable_hash() % self.shards.len() as u64) as u32;
+        let shard = &mut self.shards[shard_index as usize];
+        let index = shard.pools.len() as u32;
+        shard.pools.push(Pool {
+            id: spec.id.clone(),
+            name: spec.name.clone(),
+            kind: spec.kind,
+            carrier: spec.carrier,
+            plan,
+            members: BTreeMap::new(),
+            usage: 0,
+            member_allowance: 0,
+            addon_mb: 0,
+            exhausted: false,
+            frozen: false,
+            cut: false,
+            suspend_at: None,
+            removed: false,
+        });
+        self.registry.pools.insert(
+            spec.id.clone(),
+            PoolEntry {
+                shard: shard_index,
+                index,
+                kind: spec.kind,
+            },
+        );
+        self.refresh_backward_rules();
+        Ok(())
+    }
+
+    fn add_member(
+        &mut self,
+        entry: &PoolEntry,
+        pool: &PoolId,
+        loc: Loc,
+    ) -> Result<(), CommandError> {
+        self.live(loc)?;
+        let card = self.card(loc);
+        if card.pool != NO_POOL {
+            if loc.shard == entry.shard && card.pool == entry.index {
+                return Ok(());
+            }
+            let other = &self.shards[loc.shard as usize].pools[card.pool as usize].id;
+            return Err(err(
+                ErrorCode::AlreadyInPool,
+                format!("card {} is already in pool {other}", card.iccid),
+            ));
+        }
+        let dst = &self.shards[entry.shard as usize];
+        let traffic = dst
+            .plans
+            .get(usize::from(card.plan))
+            .and_then(Option::as_ref)
+            .map(|p| p.traffic);
+        dst.check_member(entry.index, card, traffic)?;
+        let _ = pool;
+        let loc = if loc.shard == entry.shard {
+            loc
+        } else {
+            let moved = self.shards[loc.shard as usize].take_card(loc.slot);
+            let iccid = moved.card.iccid;
+            let dst = &mut self.shards[entry.shard as usize];
+            let slot = dst.insert_card(moved.card, moved.extra, &moved.tags);
+            let new_loc = Loc {
+                shard: entry.shard,
+                slot,
+            };
+            self.directory.insert(iccid, new_loc);
+            new_loc
+        };
+        self.shards[loc.shard as usize].add_member(entry.index, loc.slot);
+        Ok(())
+    }
+
+    // ----- rules and tags -----------------------------------------------
+
+    fn validate_rule(&self, rule: &RuleSpec) -> Result<(), CommandError> {
+        if !(1..=4).contains(&rule.rule_type) {
+            return Err(err(
+                ErrorCode::InvalidValue,
+                format!("rule type {} is not one of 1, 2, 3, 4", rule.rule_type),
+            ));
+        }
+        for plan in &rule.filter.plans {
+            self.plan_entry(plan)?;
+        }
+        self.tag_indexes(&rule.filter.tags)?;
+        for (pools, kind) in [
+            (&rule.filter.forward_pools, PoolKind::Forward),
+            (&rule.filter.backward_pools, PoolKind::Backward),
+        ] {
+            for pool in pools {
+                if self.pool_entry(pool)?.kind != kind {
+                    return Err(err(
+                        ErrorCode::WrongPoolKind,
+                        format!("pool {pool} is not a {kind:?} pool").to_lowercase(),
+                    ));
+                }
+            }
+        }
+        for action in &rule.actions {
+            match action.get("type").and_then(|t| t.as_str()) {
+                Some("suspend") => {
+                    if rule.rule_type != 3 || backward_suspend_threshold(rule).is_none() {
+                        return Err(err(ErrorCode::InvalidValue, "the suspend action needs a type 3 rule on backward pools with condition {\"used_mb_gte\": N}"));
+                    }
+                }
+                Some("webhook") => {
+                    let endpoint = action
+                        .get("endpoint")
+                        .and_then(|e| e.as_str())
+                        .unwrap_or_default();
+                    if !self.registry.webhooks.contains_key(endpoint) {
+                        return Err(err(
+                            ErrorCode::UnknownWebhook,
+                            format!("no webhook {endpoint:?}"),
+                        ));
+                    }
+                }
+                Some("email" | "sms" | "notify") => {}
+                other => {
+                    return Err(err(
+                        ErrorCode::InvalidValue,
+                        format!(
+                            "unknown rule action type {other:?} (suspend, webhook, email, sms)"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn upsert_rule(&mut self, rule: &RuleSpec) -> Result<(), CommandError> {
+        if rule.id.is_empty() {
+            return Err(err(ErrorCode::InvalidValue, "rule id must not be empty"));
+        }
+        self.validate_rule(rule)?;
+        self.registry.rules.insert(rule.id.clone(), rule.clone());
+        self.refresh_backward_rules();
+        Ok(())
+    }
+
+    /// Recomputes every backward pool's suspend threshold from the enabled
+    /// suspend rules; a pool already past a new threshold is cut at once.
+    fn refresh_backward_rules(&mut self) {
+        let rules: Vec<(u64, Vec<PoolId>)> = self
+            .registry
+            .rules
+            .values()
+            .filter(|r| r.enabled && r.rule_type == 3)
+            .filter(|r| {
+                r.actions
+                    .iter()
+                    .any(|a| a.get("type").and_then(|t| t.as_str()) == Some("suspend"))
+            })
+            .filter_map(|r| {
+                backward_suspend_threshold(r).map(|t| (t, r.filter.backward_pools.clone()))
+            })
+            .collect();
+        for shard in &mut self.shards {
+            for p in 0..shard.pools.len() as u32 {
+                let pool = &shard.pools[p as usize];
+                if pool.kind != PoolKind::Backward || pool.removed {
+                    continue;
+                }
+                let at = rules
+                    .iter()
+                    .filter(|(_, pools)| pools.is_empty() || pools.contains(&pool.id))
+                    .map(|(t, _)| *t)
+                    .min();
+                shard.pools[p as usize].suspend_at = at;
+                shard.refresh_pool(p);
+            }
+        }
+    }
+
+    fn remove_tag(&mut self, tag: &TagId) -> Result<(), CommandError> {
+        let Some(&(index, _)) = self.registry.tags.get(tag) else {
+            return Err(err(ErrorCode::UnknownTag, format!("no tag {tag}")));
+        };
+        if let Some(rule) = self
+            .registry
+            .rules
+            .values()
+            .find(|r| r.enabled && r.filter.tags.contains(tag))
+        {
+            return Err(err(
+                ErrorCode::TagInUse,
+                format!("tag {tag} is used by enabled rule {:?}", rule.id),
+            ));
+        }
+        self.registry.tags.remove(tag);
+        self.registry.tag_names[index as usize] = None;
+        for shard in &mut self.shards {
+            for slot in crate::shard::slots_with_tag(shard, index) {
+                let tags: Vec<u32> = shard
+                    .tags_of(slot)
+                    .iter()
+                    .copied()
+                    .filter(|t| *t != index)
+                    .collect();
+                shard.set_tags(slot, &tags);
+            }
+        }
+        Ok(())
+    }
+
+    // ----- queries ------------------------------------------------------
+
+    /// One card's view, if known.
+    pub fn card_view(&self, iccid: Iccid) -> Option<CardView> {
+        let loc = *self.directory.get(&iccid)?;
+        Some(self.view_at(loc))
+    }
+
+    fn view_at(&self, loc: Loc) -> CardView {
+        let shard = &self.shards[loc.shard as usize];
+        let card = &shard.cards[loc.slot as usize];
+        let (state, reasons) = shard.visible_state(loc.slot);
+        CardView {
+            iccid: card.iccid,
+            carrier: card.carrier,
+            plan: self
+                .registry
+                .plan_ids
+                .get(usize::from(card.plan))
+                .cloned()
+                .flatten(),
+            state,
+            reasons,
+            usage_bytes: card.usage,
+            cycle: shard.cycle(card.carrier),
+            threshold_mb: i64::from(card.threshold_mb),
+            addon_mb: u64::from(card.addon_mb),
+            pool: (card.pool != NO_POOL).then(|| shard.pools[card.pool as usize].id.clone()),
+            tags: shard
+                .tags_of(loc.slot)
+                .iter()
+                .filter_map(|t| self.registry.tag_names.get(*t as usize).cloned().flatten())
+                .collect(),
+            activated_at: (card.activated_at != Timestamp::MIN).then_some(card.activated_at),
+            expires_at: (card.expires_at != Timestamp::MAX).then_some(card.expires_at),
+        }
+    }
+
+    /// Every card's view, ordered by ICCID.
+    pub fn card_views(&self) -> Vec<CardView> {
+        let mut locs: Vec<(Iccid, Loc)> = self.directory.iter().map(|(i, l)| (*i, *l)).collect();
+        locs.sort_unstable_by_key(|(i, _)| *i);
+        locs.into_iter().map(|(_, loc)| self.view_at(loc)).collect()
+    }
+
+    /// One pool's view, if known.
+    pub fn pool_view(&self, id: &PoolId) -> Option<PoolView> {
+        let entry = self.registry.pools.get(id)?;
+        let shard = &self.shards[entry.shard as usize];
+        let pool = &shard.pools[entry.index as usize];
+        Some(PoolView {
+            id: pool.id.clone(),
+            kind: pool.kind,
+            state: shard.pool_state(entry.index),
+            usage_bytes: pool.usage,
+            allowance_bytes: pool.allowance_bytes(),
+            members: pool.members.keys().copied().collect(),
+        })
+    }
+
+    /// Approximate heap bytes of the accounting state (directory + shards),
+    /// excluding the dedupe window.
+    pub fn accounting_heap_bytes(&self) -> usize {
+        let dir = self.directory.capacity() * (std::mem::size_of::<(Iccid, Loc)>() + 1);
+        dir + self.shards.iter().map(Shard::heap_bytes).sum::<usize>()
+    }
+
+    /// The dedupe hot window: remembered ids and their heap bytes.
+    pub fn dedupe_stats(&self) -> (usize, usize) {
+        (self.deduper.len(), self.deduper.heap_bytes())
+    }
+}
+
+fn deregistered(iccid: Iccid) -> CommandError {
+    err(
+        ErrorCode::Deregistered,
+        format!("card {iccid} is deregistered"),
+    )
+}
+
+fn check_batch(batch: &[Iccid]) -> Result<(), CommandError> {
+    if batch.is_empty() {
+        return Err(err(ErrorCode::EmptyBatch, "the batch names no card"));
+    }
+    if batch.len() > MAX_BATCH {
+        return Err(err(
+            ErrorCode::BatchTooLarge,
+            format!("the batch names {} cards; at most {MAX_BATCH}", batch.len()),
+        ));
+    }
+    let mut seen = hashbrown::HashSet::with_capacity(batch.len());
+    if let Some(dup) = batch.iter().find(|i| !seen.insert(**i)) {
+        return Err(err(
+            ErrorCode::DuplicateCard,
+            format!("card {dup} appears twice in the batch"),
+        ));
+    }
+    Ok(())
+}
+
+fn fill_extra(extra: &mut CardExtra, spec: &CardSpec, silent_ends_at: Option<Timestamp>) {
+    extra.msisdn.clone_from(&spec.msisdn);
+    extra.imsi.clone_from(&spec.imsi);
+    extra.imei.clone_from(&spec.imei);
+    extra.attributes.clone_from(&spec.attributes);
+    extra.test_ends_at = spec.test_ends_at;
+    extra.test_allowance_mb = spec.test_allowance_mb;
+    extra.silent_ends_at = silent_ends_at;
+}
+
+fn touch_pool_members(shard: &mut Shard, p: u32, members: &[u32]) {
+    let _ = p;
+    for &m in members {
+        shard.touch(m);
+        shard.refresh_card(m);
+    }
+}
+
+/// `used_mb_gte` of a backward suspend rule, in bytes.
+fn backward_suspend_threshold(rule: &RuleSpec) -> Option<u64> {
+    rule.condition
+        .get("used_mb_gte")
+        .and_then(serde_json::Value::as_u64)
+        .map(|mb| mb.saturating_mul(MB))
+}

@@ -1,0 +1,911 @@
+//! One shard: the single owner of a subset of cards and of every pool whose
+//! members it holds.
+//!
+//! A shard is plain single-threaded state. The router hands it records in
+//! input order together with the event clock at that point, and the engine
+//! applies commands to it between records; it never takes a lock and never
+//! looks at another shard. All members of a pool live in the pool's shard,
+//! so a pool's crossing is decided on the one record that crosses, before
+//! any later record of any member is accounted (SPEC section 9).
+//!
+//! State changes are collected per cause: the first change to a card or pool
+//! remembers its visible state before, and [`Shard::finish`] emits one event
+//! per subject whose visible state differs after. One event per subject and
+//! cause is what makes event ids (a hash of subject and cause) unique.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use hashbrown::HashSet;
+use serde::{Deserialize, Serialize};
+
+use crate::command::{CommandError, ErrorCode, PoolKind};
+use crate::config::EngineConfig;
+use crate::cycle::CycleId;
+use crate::domain::{
+    CardState, Carrier, Reason, Reasons, ThresholdMb, TrafficType, GENERAL_CAP_BYTES, MB,
+};
+use crate::event::{
+    event_id, Accounted, ActionEvent, CardStateEvent, Cause, DeadlineKind, Output, PoolState,
+    PoolStateEvent,
+};
+use crate::ids::{Iccid, PoolId};
+use crate::record::Usage;
+use crate::time::Timestamp;
+
+/// Marks "no pool" in [`Card::pool`].
+pub(crate) const NO_POOL: u32 = u32::MAX;
+
+/// A plan as shards need it (replicated to every shard).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PlanInfo {
+    pub(crate) allowance_bytes: u64,
+    pub(crate) traffic: TrafficType,
+    pub(crate) term_months: u32,
+}
+
+/// Per-card accounting state. Kept small: it is multiplied by millions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Card {
+    pub(crate) iccid: Iccid,
+    /// Bytes counted in the current cycle.
+    pub(crate) usage: u64,
+    pub(crate) activated_at: Timestamp,
+    /// `Timestamp::MAX` when the card has no expiry.
+    pub(crate) expires_at: Timestamp,
+    pub(crate) plan: u16,
+    pub(crate) carrier: Carrier,
+    /// Life-cycle state; never `Suspended` (that is derived from reasons).
+    pub(crate) lifecycle: CardState,
+    pub(crate) reasons: Reasons,
+    /// Pool index in this shard, or [`NO_POOL`].
+    pub(crate) pool: u32,
+    /// Interned tag set index (0 = no tags).
+    pub(crate) tagset: u32,
+    pub(crate) threshold_mb: i32,
+    /// Add-on packs bought for the current cycle, in MB.
+    pub(crate) addon_mb: u32,
+    /// The slot was vacated (card moved to another shard).
+    pub(crate) vacant: bool,
+}
+
+/// Rarely present card attributes, kept out of [`Card`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CardExtra {
+    pub(crate) msisdn: Option<String>,
+    pub(crate) imsi: Option<String>,
+    pub(crate) imei: Option<String>,
+    pub(crate) attributes: BTreeMap<String, String>,
+    pub(crate) test_ends_at: Option<Timestamp>,
+    pub(crate) test_allowance_mb: Option<u64>,
+    pub(crate) test_used: u64,
+    pub(crate) silent_ends_at: Option<Timestamp>,
+}
+
+impl CardExtra {
+    fn is_empty(&self) -> bool {
+        *self == CardExtra::default()
+    }
+}
+
+/// A pool, owned by the shard holding all of its members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Pool {
+    pub(crate) id: PoolId,
+    pub(crate) name: String,
+    pub(crate) kind: PoolKind,
+    /// Forward pools: the members' carrier. Backward pools: the carrier
+    /// whose cycle the pool follows (calendar month when none).
+    pub(crate) carrier: Option<Carrier>,
+    /// Forward pools: the members' plan.
+    pub(crate) plan: Option<u16>,
+    /// Members, ordered by ICCID (deterministic iteration), with their slot.
+    pub(crate) members: BTreeMap<Iccid, u32>,
+    /// Sum of the members' current-cycle usage.
+    pub(crate) usage: u64,
+    /// Sum of the plan allowances of activated members.
+    pub(crate) member_allowance: u64,
+    /// Pool add-on packs for the current cycle, in MB.
+    pub(crate) addon_mb: u64,
+    pub(crate) exhausted: bool,
+    pub(crate) frozen: bool,
+    /// A backward-pool suspend rule fired this cycle.
+    pub(crate) cut: bool,
+    /// Lowest "used >= N" threshold among enabled backward suspend rules.
+    pub(crate) suspend_at: Option<u64>,
+    pub(crate) removed: bool,
+}
+
+impl Pool {
+    pub(crate) fn allowance_bytes(&self) -> u64 {
+        self.member_allowance
+            .saturating_add(self.addon_mb.saturating_mul(MB))
+    }
+
+    fn cycle_carrier(&self) -> Carrier {
+        self.carrier.unwrap_or(Carrier::Cmcc)
+    }
+
+    fn visible(&self) -> PoolState {
+        match self.kind {
+            PoolKind::Forward if self.exhausted => PoolState::Exhausted,
+            PoolKind::Forward => PoolState::Available,
+            PoolKind::Backward if self.frozen => PoolState::Frozen,
+            PoolKind::Backward if self.cut => PoolState::Suspended,
+            PoolKind::Backward => PoolState::Available,
+        }
+    }
+}
+
+/// What a card looks like from outside: state and (if suspended) reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Visible {
+    state: CardState,
+    reasons: Reasons,
+}
+
+/// A card taken out of one shard to move into another.
+#[derive(Debug, Clone)]
+pub(crate) struct MovedCard {
+    pub(crate) card: Card,
+    pub(crate) extra: Option<CardExtra>,
+    pub(crate) tags: Vec<u32>,
+}
+
+/// One shard's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Shard {
+    pub(crate) config: EngineConfig,
+    pub(crate) plans: Vec<Option<PlanInfo>>,
+    pub(crate) cards: Vec<Card>,
+    pub(crate) extras: HashMap<u32, CardExtra>,
+    pub(crate) pools: Vec<Pool>,
+    /// Interned tag sets; index 0 is the empty set.
+    pub(crate) tagsets: Vec<Vec<u32>>,
+    #[serde(skip)]
+    tagset_index: HashMap<Vec<u32>, u32>,
+    /// Deadlines by time: (slot, kind). Entries may be stale; checked when due.
+    pub(crate) deadlines: BTreeMap<i64, Vec<(u32, DeadlineKind)>>,
+    /// Event clock as last seen.
+    pub(crate) clock: Timestamp,
+    /// Current cycle per carrier (`None` before the first clock).
+    pub(crate) cycles: Option<[CycleId; 4]>,
+    #[serde(skip)]
+    pending: Pending,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Pending {
+    cards: Vec<(u32, Visible)>,
+    card_set: HashSet<u32>,
+    pools: Vec<(u32, PoolState)>,
+}
+
+impl Shard {
+    pub(crate) fn new(config: EngineConfig) -> Shard {
+        let mut shard = Shard {
+            config,
+            plans: Vec::new(),
+            cards: Vec::new(),
+            extras: HashMap::new(),
+            pools: Vec::new(),
+            tagsets: vec![Vec::new()],
+            tagset_index: HashMap::new(),
+            deadlines: BTreeMap::new(),
+            clock: Timestamp::MIN,
+            cycles: None,
+            pending: Pending::default(),
+        };
+        shard.rebuild_indexes();
+        shard
+    }
+
+    /// Rebuilds what snapshots leave out.
+    pub(crate) fn rebuild_indexes(&mut self) {
+        self.tagset_index = self
+            .tagsets
+            .iter()
+            .enumerate()
+            .map(|(i, set)| (set.clone(), i as u32))
+            .collect();
+    }
+
+    // ----- clock, cycles, deadlines -------------------------------------
+
+    pub(crate) fn cycle(&self, carrier: Carrier) -> CycleId {
+        match self.cycles {
+            Some(c) => c[carrier.index()],
+            None => self
+                .config
+                .calendar
+                .cycle_of(carrier, self.clock.max(Timestamp(0))),
+        }
+    }
+
+    /// Moves the event clock forward, firing due deadlines and cycle
+    /// rollovers in time order.
+    pub(crate) fn advance(&mut self, clock: Timestamp, out: &mut Vec<Output>) {
+        if clock <= self.clock {
+            return;
+        }
+        self.clock = clock;
+        let cal = self.config.calendar;
+        let Some(mut cycles) = self.cycles else {
+            self.cycles = Some(Carrier::ALL.map(|c| cal.cycle_of(c, clock)));
+            self.fire_deadlines(clock, out);
+            return;
+        };
+        loop {
+            // The earliest cycle boundary at or before the clock, if any.
+            let boundary = Carrier::ALL
+                .iter()
+                .map(|&c| (cal.bounds(c, cycles[c.index()]).1, c))
+                .filter(|(end, _)| *end <= clock)
+                .min();
+            let deadline = self
+                .deadlines
+                .keys()
+                .next()
+                .copied()
+                .filter(|t| *t <= clock.0);
+            match (boundary, deadline) {
+                (Some((end, _)), Some(d)) if d < end.0 => self.fire_deadlines(Timestamp(d), out),
+                (Some((end, carrier)), _) => {
+                    let next = cal.cycle_of(carrier, end);
+                    cycles[carrier.index()] = next;
+                    self.cycles = Some(cycles);
+                    self.rollover(carrier, next, end, out);
+                }
+                (None, Some(_)) => self.fire_deadlines(clock, out),
+                (None, None) => break,
+            }
+        }
+    }
+
+    fn fire_deadlines(&mut self, upto: Timestamp, out: &mut Vec<Output>) {
+        while let Some(entry) = self.deadlines.first_entry() {
+            if *entry.key() > upto.0 {
+                break;
+            }
+            let (at, due) = entry.remove_entry();
+            let at = Timestamp(at);
+            for (slot, kind) in due {
+                self.fire_deadline(slot, kind, at, out);
+            }
+        }
+    }
+
+    fn fire_deadline(
+        &mut self,
+        slot: u32,
+        kind: DeadlineKind,
+        at: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(card) = self.cards.get(slot as usize) else {
+            return;
+        };
+        if card.vacant || card.lifecycle == CardState::Deregistered {
+            return;
+        }
+        let extra = self.extras.get(&slot);
+        let still_due = match kind {
+            DeadlineKind::PlanExpiry => card.expires_at == at,
+            DeadlineKind::TestEnd => {
+                card.lifecycle == CardState::Testable
+                    && extra.and_then(|e| e.test_ends_at) == Some(at)
+            }
+            DeadlineKind::SilentEnd => {
+                card.lifecycle == CardState::Activatable
+                    && extra.and_then(|e| e.silent_ends_at) == Some(at)
+            }
+        };
+        if !still_due {
+            return;
+        }
+        self.touch(slot);
+        match kind {
+            DeadlineKind::PlanExpiry => {
+                let card = &mut self.cards[slot as usize];
+                card.reasons = card.reasons.with(Reason::PlanExpired);
+            }
+            DeadlineKind::TestEnd => self.cards[slot as usize].lifecycle = CardState::Activatable,
+            DeadlineKind::SilentEnd => self.activate(slot, at),
+        }
+        self.finish(&Cause::Deadline { kind, at }, at, out);
+    }
+
+    fn schedule(&mut self, slot: u32, kind: DeadlineKind, at: Timestamp) {
+        if at == Timestamp::MAX || at == Timestamp::MIN {
+            return;
+        }
+        self.deadlines.entry(at.0).or_default().push((slot, kind));
+    }
+
+    fn rollover(
+        &mut self,
+        carrier: Carrier,
+        cycle: CycleId,
+        start: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
+        for slot in 0..self.cards.len() as u32 {
+            let card = &self.cards[slot as usize];
+            if card.vacant || card.carrier != carrier {
+                continue;
+            }
+            if card.reasons != card.reasons.after_rollover() {
+                self.touch(slot);
+            }
+            let card = &mut self.cards[slot as usize];
+            card.usage = 0;
+            card.addon_mb = 0;
+            card.reasons = card.reasons.after_rollover();
+        }
+        for p in 0..self.pools.len() as u32 {
+            let pool = &self.pools[p as usize];
+            if pool.removed || pool.cycle_carrier() != carrier {
+                continue;
+            }
+            self.touch_pool(p);
+            let pool = &mut self.pools[p as usize];
+            pool.usage = 0;
+            pool.addon_mb = 0;
+            pool.exhausted = false;
+            pool.cut = false;
+            let members: Vec<u32> = pool.members.values().copied().collect();
+            for m in members {
+                self.touch(m);
+                self.refresh_card(m);
+            }
+        }
+        self.finish(&Cause::Rollover { cycle }, start, out);
+    }
+
+    // ----- usage --------------------------------------------------------
+
+    /// Accounts one fresh record of the card in `slot`.
+    pub(crate) fn account(
+        &mut self,
+        slot: u32,
+        usage: &Usage,
+        seq: u64,
+        clock: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
+        self.advance(clock, out);
+        let Some(card) = self.cards.get(slot as usize) else {
+            return;
+        };
+        let cycle = self.config.calendar.cycle_of(card.carrier, usage.end);
+        let current = self.cycle(card.carrier);
+        if cycle < current || card.lifecycle == CardState::Deregistered {
+            let late = cycle < current
+                && usage.end < self.clock.plus_millis(-self.config.allowed_lateness_ms);
+            out.push(Output::Accounted(Accounted {
+                seq,
+                usage: *usage,
+                cycle,
+                counted: false,
+                late,
+            }));
+            return;
+        }
+        out.push(Output::Accounted(Accounted {
+            seq,
+            usage: *usage,
+            cycle,
+            counted: true,
+            late: false,
+        }));
+        let bytes = usage.bytes();
+        let lifecycle = card.lifecycle;
+        self.touch(slot);
+        match lifecycle {
+            CardState::Activatable => self.activate(slot, usage.end),
+            CardState::Testable => self.count_test_usage(slot, bytes),
+            _ => {}
+        }
+        let card = &mut self.cards[slot as usize];
+        card.usage = card.usage.saturating_add(bytes);
+        let pool = card.pool;
+        self.refresh_card(slot);
+        if pool != NO_POOL {
+            let p = &mut self.pools[pool as usize];
+            p.usage = p.usage.saturating_add(bytes);
+            self.refresh_pool(pool);
+        }
+        self.finish(
+            &Cause::Record {
+                iccid: usage.iccid,
+                record_id: usage.record_id,
+            },
+            usage.end,
+            out,
+        );
+    }
+
+    fn count_test_usage(&mut self, slot: u32, bytes: u64) {
+        let extra = self.extras.entry(slot).or_default();
+        extra.test_used = extra.test_used.saturating_add(bytes);
+        if let Some(allowance) = extra.test_allowance_mb {
+            if extra.test_used > allowance.saturating_mul(MB) {
+                self.cards[slot as usize].lifecycle = CardState::Activatable;
+            }
+        }
+    }
+
+    /// Activates a card at `at` (power-on activation, forced activation or
+    /// the `activate` command).
+    pub(crate) fn activate(&mut self, slot: u32, at: Timestamp) {
+        self.touch(slot);
+        let term = self.plan(slot).map_or(12, |p| p.term_months);
+        let card = &mut self.cards[slot as usize];
+        card.lifecycle = CardState::Active;
+        card.activated_at = at;
+        let pool = card.pool;
+        if card.expires_at == Timestamp::MAX {
+            card.expires_at = add_months(at, term, self.config.calendar.utc_offset_secs);
+            let expires = card.expires_at;
+            self.schedule(slot, DeadlineKind::PlanExpiry, expires);
+        }
+        if pool != NO_POOL {
+            self.recompute_member_allowance(pool);
+        }
+    }
+
+    fn plan(&self, slot: u32) -> Option<&PlanInfo> {
+        let card = &self.cards[slot as usize];
+        self.plans
+            .get(usize::from(card.plan))
+            .and_then(Option::as_ref)
+    }
+
+    // ----- derived reasons ---------------------------------------------
+
+    /// Recomputes the usage- and pool-derived reasons of one card.
+    pub(crate) fn refresh_card(&mut self, slot: u32) {
+        let card = &self.cards[slot as usize];
+        if card.lifecycle == CardState::Deregistered {
+            self.cards[slot as usize].reasons = Reasons::EMPTY;
+            return;
+        }
+        let (allowance, general) = match self.plan(slot) {
+            Some(p) => (p.allowance_bytes, p.traffic == TrafficType::General),
+            None => (0, false),
+        };
+        let pool = (card.pool != NO_POOL).then(|| &self.pools[card.pool as usize]);
+        let in_forward = pool.is_some_and(|p| p.kind == PoolKind::Forward);
+        let in_backward = pool.is_some_and(|p| p.kind == PoolKind::Backward);
+        let limit = allowance.saturating_add(u64::from(card.addon_mb).saturating_mul(MB));
+        let mut r = card.reasons;
+        r = r.set(
+            Reason::OverQuota,
+            !in_forward && !in_backward && card.usage > limit,
+        );
+        r = r.set(
+            Reason::GeneralCap,
+            general && card.usage > GENERAL_CAP_BYTES,
+        );
+        if ThresholdMb(i64::from(card.threshold_mb))
+            .limit_bytes()
+            .is_some_and(|l| card.usage > l)
+        {
+            r = r.with(Reason::OverThreshold);
+        }
+        r = r.set(
+            Reason::PoolExhausted,
+            in_forward && pool.is_some_and(|p| p.exhausted),
+        );
+        r = r.set(
+            Reason::BackwardPoolThreshold,
+            in_backward && pool.is_some_and(|p| p.cut),
+        );
+        r = r.set(
+            Reason::PoolFrozen,
+            in_backward && pool.is_some_and(|p| p.frozen),
+        );
+        self.cards[slot as usize].reasons = r;
+    }
+
+    /// Recomputes a pool's exhausted/cut flags and, when they change, every
+    /// member's reasons.
+    pub(crate) fn refresh_pool(&mut self, p: u32) {
+        let pool = &self.pools[p as usize];
+        let (exhausted, cut) = match pool.kind {
+            PoolKind::Forward => (pool.usage > pool.allowance_bytes(), false),
+            PoolKind::Backward => (
+                false,
+                pool.cut || pool.suspend_at.is_some_and(|t| pool.usage >= t),
+            ),
+        };
+        if exhausted == pool.exhausted && cut == pool.cut {
+            return;
+        }
+        self.touch_pool(p);
+        let pool = &mut self.pools[p as usize];
+        pool.exhausted = exhausted;
+        pool.cut = cut;
+        let members: Vec<u32> = pool.members.values().copied().collect();
+        for m in members {
+            self.touch(m);
+            self.refresh_card(m);
+        }
+    }
+
+    pub(crate) fn recompute_member_allowance(&mut self, p: u32) {
+        let pool = &self.pools[p as usize];
+        let total = pool
+            .members
+            .values()
+            .filter(|&&m| self.cards[m as usize].lifecycle == CardState::Active)
+            .filter_map(|&m| self.plan(m).map(|plan| plan.allowance_bytes))
+            .fold(0u64, u64::saturating_add);
+        self.pools[p as usize].member_allowance = total;
+        self.refresh_pool(p);
+    }
+
+    // ----- change tracking and events ----------------------------------
+
+    fn visible(&self, slot: u32) -> Visible {
+        let card = &self.cards[slot as usize];
+        if card.lifecycle == CardState::Active && !card.reasons.is_empty() {
+            Visible {
+                state: CardState::Suspended,
+                reasons: card.reasons,
+            }
+        } else {
+            Visible {
+                state: card.lifecycle,
+                reasons: Reasons::EMPTY,
+            }
+        }
+    }
+
+    /// Remembers a card's visible state before the current cause changes it.
+    pub(crate) fn touch(&mut self, slot: u32) {
+        if self.pending.card_set.insert(slot) {
+            let before = self.visible(slot);
+            self.pending.cards.push((slot, before));
+        }
+    }
+
+    fn touch_pool(&mut self, p: u32) {
+        if !self.pending.pools.iter().any(|(q, _)| *q == p) {
+            let before = self.pools[p as usize].visible();
+            self.pending.pools.push((p, before));
+        }
+    }
+
+    /// Emits one event per card and pool whose visible state changed since
+    /// it was first touched under this cause.
+    pub(crate) fn finish(&mut self, cause: &Cause, event_time: Timestamp, out: &mut Vec<Output>) {
+        let mut pools = std::mem::take(&mut self.pending.pools);
+        pools.sort_by(|a, b| {
+            self.pools[a.0 as usize]
+                .id
+                .cmp(&self.pools[b.0 as usize].id)
+        });
+        for (p, before) in pools.drain(..) {
+            let pool = &self.pools[p as usize];
+            let after = pool.visible();
+            if after == before {
+                continue;
+            }
+            let (limit, usage) = match after {
+                PoolState::Exhausted => (Some(pool.allowance_bytes()), pool.usage),
+                PoolState::Suspended => (pool.suspend_at, pool.usage),
+                _ => (None, pool.usage),
+            };
+            out.push(Output::Action(ActionEvent::PoolState(PoolStateEvent {
+                id: event_id("pool_state", pool.id.as_str(), cause),
+                pool: pool.id.clone(),
+                old: before,
+                new: after,
+                event_time,
+                processed_at: None,
+                cycle: self.cycle(pool.cycle_carrier()),
+                usage_bytes: usage,
+                limit_bytes: limit,
+                overshoot_bytes: limit.map(|l| usage.saturating_sub(l)),
+                cause: cause.clone(),
+            })));
+        }
+        self.pending.pools = pools;
+
+        let mut cards = std::mem::take(&mut self.pending.cards);
+        self.pending.card_set.clear();
+        cards.sort_by_key(|(slot, _)| self.cards[*slot as usize].iccid);
+        for (slot, before) in cards.drain(..) {
+            let after = self.visible(slot);
+            if after == before {
+                continue;
+            }
+            let card = &self.cards[slot as usize];
+            let added = Reasons::from_bits(after.reasons.bits() & !before.reasons.bits());
+            let (usage, limit) = self.cut_limit(slot, added);
+            out.push(Output::Action(ActionEvent::CardState(CardStateEvent {
+                id: event_id("card_state", &card.iccid.to_string(), cause),
+                iccid: card.iccid,
+                old: before.state,
+                new: after.state,
+                reasons: after.reasons,
+                event_time,
+                processed_at: None,
+                cycle: self.cycle(card.carrier),
+                usage_bytes: usage,
+                limit_bytes: limit,
+                overshoot_bytes: limit.map(|l| usage.saturating_sub(l)),
+                cause: cause.clone(),
+            })));
+        }
+        self.pending.cards = cards;
+    }
+
+    /// For a cut caused by usage, the usage and the tightest limit crossed.
+    fn cut_limit(&self, slot: u32, added: Reasons) -> (u64, Option<u64>) {
+        let card = &self.cards[slot as usize];
+        let pool = (card.pool != NO_POOL).then(|| &self.pools[card.pool as usize]);
+        let allowance =
+            self.plan(slot).map_or(0, |p| p.allowance_bytes) + u64::from(card.addon_mb) * MB;
+        let candidates = [
+            (Reason::OverQuota, card.usage, Some(allowance)),
+            (
+                Reason::OverThreshold,
+                card.usage,
+                ThresholdMb(i64::from(card.threshold_mb)).limit_bytes(),
+            ),
+            (Reason::GeneralCap, card.usage, Some(GENERAL_CAP_BYTES)),
+            (
+                Reason::PoolExhausted,
+                pool.map_or(0, |p| p.usage),
+                pool.map(Pool::allowance_bytes),
+            ),
+            (
+                Reason::BackwardPoolThreshold,
+                pool.map_or(0, |p| p.usage),
+                pool.and_then(|p| p.suspend_at),
+            ),
+        ];
+        candidates
+            .into_iter()
+            .filter(|(r, _, _)| added.contains(*r))
+            .filter_map(|(_, usage, limit)| limit.map(|l| (usage, l)))
+            .max_by_key(|(usage, limit)| usage.saturating_sub(*limit))
+            .map_or((card.usage, None), |(usage, limit)| (usage, Some(limit)))
+    }
+
+    // ----- cards: insertion, removal, tags ------------------------------
+
+    pub(crate) fn insert_card(
+        &mut self,
+        card: Card,
+        extra: Option<CardExtra>,
+        tags: &[u32],
+    ) -> u32 {
+        let slot = self.cards.len() as u32;
+        let mut card = card;
+        card.tagset = self.intern_tags(tags);
+        card.pool = NO_POOL;
+        let expires = card.expires_at;
+        self.cards.push(card);
+        if let Some(extra) = extra.filter(|e| !e.is_empty()) {
+            self.extras.insert(slot, extra);
+        }
+        self.schedule_card(slot, expires);
+        slot
+    }
+
+    fn schedule_card(&mut self, slot: u32, expires: Timestamp) {
+        self.schedule(slot, DeadlineKind::PlanExpiry, expires);
+        if let Some(extra) = self.extras.get(&slot) {
+            let (test, silent) = (extra.test_ends_at, extra.silent_ends_at);
+            if let Some(t) = test {
+                self.schedule(slot, DeadlineKind::TestEnd, t);
+            }
+            if let Some(t) = silent {
+                self.schedule(slot, DeadlineKind::SilentEnd, t);
+            }
+        }
+    }
+
+    /// Re-schedules the deadlines of a card whose dates changed.
+    pub(crate) fn reschedule(&mut self, slot: u32) {
+        let expires = self.cards[slot as usize].expires_at;
+        self.schedule_card(slot, expires);
+    }
+
+    /// Takes a card out (it moves to another shard); the slot stays vacant.
+    pub(crate) fn take_card(&mut self, slot: u32) -> MovedCard {
+        let card = self.cards[slot as usize].clone();
+        let tags = self.tagsets[card.tagset as usize].clone();
+        let extra = self.extras.remove(&slot);
+        let vacated = &mut self.cards[slot as usize];
+        vacated.vacant = true;
+        vacated.lifecycle = CardState::Deregistered;
+        vacated.reasons = Reasons::EMPTY;
+        MovedCard { card, extra, tags }
+    }
+
+    pub(crate) fn tags_of(&self, slot: u32) -> &[u32] {
+        &self.tagsets[self.cards[slot as usize].tagset as usize]
+    }
+
+    pub(crate) fn set_tags(&mut self, slot: u32, tags: &[u32]) {
+        let set = self.intern_tags(tags);
+        self.cards[slot as usize].tagset = set;
+    }
+
+    fn intern_tags(&mut self, tags: &[u32]) -> u32 {
+        let mut set: Vec<u32> = tags.to_vec();
+        set.sort_unstable();
+        set.dedup();
+        if let Some(&i) = self.tagset_index.get(&set) {
+            return i;
+        }
+        let i = self.tagsets.len() as u32;
+        self.tagsets.push(set.clone());
+        self.tagset_index.insert(set, i);
+        i
+    }
+
+    pub(crate) fn extra_mut(&mut self, slot: u32) -> &mut CardExtra {
+        self.extras.entry(slot).or_default()
+    }
+
+    pub(crate) fn extra(&self, slot: u32) -> Option<&CardExtra> {
+        self.extras.get(&slot)
+    }
+
+    // ----- pools --------------------------------------------------------
+
+    pub(crate) fn add_member(&mut self, p: u32, slot: u32) {
+        self.touch(slot);
+        let card = &mut self.cards[slot as usize];
+        card.pool = p;
+        let (iccid, usage) = (card.iccid, card.usage);
+        let pool = &mut self.pools[p as usize];
+        pool.members.insert(iccid, slot);
+        pool.usage = pool.usage.saturating_add(usage);
+        self.recompute_member_allowance(p);
+        self.refresh_card(slot);
+    }
+
+    pub(crate) fn remove_member(&mut self, slot: u32) {
+        let p = self.cards[slot as usize].pool;
+        if p == NO_POOL {
+            return;
+        }
+        self.touch(slot);
+        let card = &mut self.cards[slot as usize];
+        card.pool = NO_POOL;
+        let (iccid, usage) = (card.iccid, card.usage);
+        let pool = &mut self.pools[p as usize];
+        pool.members.remove(&iccid);
+        pool.usage = pool.usage.saturating_sub(usage);
+        self.recompute_member_allowance(p);
+        self.refresh_card(slot);
+    }
+
+    /// Validates that a card may join pool `p` (forward pools: same
+    /// carrier, traffic type and plan).
+    pub(crate) fn check_member(
+        &self,
+        p: u32,
+        card: &Card,
+        traffic: Option<TrafficType>,
+    ) -> Result<(), CommandError> {
+        let pool = &self.pools[p as usize];
+        if pool.kind == PoolKind::Forward {
+            let same_plan = pool.plan == Some(card.plan);
+            let pool_traffic = pool
+                .plan
+                .and_then(|i| self.plans[usize::from(i)].as_ref())
+                .map(|p| p.traffic);
+            if pool.carrier != Some(card.carrier) || !same_plan || pool_traffic != traffic {
+                return Err(CommandError::new(
+                    ErrorCode::PoolMemberMismatch,
+                    format!(
+                        "card {} ({} card on another plan or traffic type) cannot join forward pool {}: members must share carrier, traffic type and plan",
+                        card.iccid, card.carrier, pool.id
+                    ),
+                ));
+            }
+        } else if let Some(carrier) = pool.carrier {
+            if carrier != card.carrier {
+                return Err(CommandError::new(
+                    ErrorCode::PoolMemberMismatch,
+                    format!(
+                        "card {} is a {} card; backward pool {} is for {carrier} cards",
+                        card.iccid, card.carrier, pool.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Live (non-vacant) card slots.
+    pub(crate) fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.cards
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.vacant)
+            .map(|(i, _)| i as u32)
+    }
+
+    /// The visible state of a card (for queries).
+    pub(crate) fn visible_state(&self, slot: u32) -> (CardState, Reasons) {
+        let v = self.visible(slot);
+        (
+            v.state,
+            if v.state == CardState::Suspended {
+                v.reasons
+            } else {
+                Reasons::EMPTY
+            },
+        )
+    }
+
+    pub(crate) fn pool_state(&self, p: u32) -> PoolState {
+        self.pools[p as usize].visible()
+    }
+
+    /// Approximate heap bytes of the accounting state (cards, pools,
+    /// extras, deadlines), for the memory benchmark.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        let deadline_entries: usize = self.deadlines.values().map(Vec::capacity).sum();
+        self.cards.capacity() * std::mem::size_of::<Card>()
+            + self.extras.capacity() * (std::mem::size_of::<CardExtra>() + 8)
+            + self
+                .pools
+                .iter()
+                .map(|p| p.members.len() * 40)
+                .sum::<usize>()
+            + deadline_entries * 8
+            + self.deadlines.len() * 48
+    }
+}
+
+/// `t` plus `months` calendar months at a UTC offset (day clamped to the
+/// end of the target month).
+pub(crate) fn add_months(t: Timestamp, months: u32, offset_secs: i32) -> Timestamp {
+    use crate::time::{days_in_month, MS_PER_DAY};
+    let local = t.0 + i64::from(offset_secs) * 1000;
+    let ms_of_day = local.rem_euclid(MS_PER_DAY);
+    let (y, m, d) = t.civil_date(offset_secs);
+    let total = y * 12 + i64::from(m) - 1 + i64::from(months);
+    let (ny, nm) = (total.div_euclid(12), (total.rem_euclid(12) + 1) as u32);
+    let nd = d.min(days_in_month(ny, nm));
+    Timestamp::from_civil(ny, nm, nd, offset_secs).plus_millis(ms_of_day)
+}
+
+/// Iterate deterministic pool member slots (helper for the engine).
+pub(crate) fn member_slots(pool: &Pool) -> Vec<u32> {
+    pool.members.values().copied().collect()
+}
+
+/// Cards with the given tag index (helper for tag removal).
+pub(crate) fn slots_with_tag(shard: &Shard, tag: u32) -> BTreeSet<u32> {
+    shard
+        .live_slots()
+        .filter(|&s| shard.tags_of(s).contains(&tag))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_months_clamps_to_month_end() {
+        let t = Timestamp::parse_rfc3339("2026-01-31T10:00:00+08:00").unwrap();
+        assert_eq!(
+            add_months(t, 1, 8 * 3600),
+            Timestamp::parse_rfc3339("2026-02-28T10:00:00+08:00").unwrap()
+        );
+        assert_eq!(
+            add_months(t, 12, 8 * 3600),
+            Timestamp::parse_rfc3339("2027-01-31T10:00:00+08:00").unwrap()
+        );
+    }
+}
