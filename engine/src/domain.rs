@@ -287,17 +287,27 @@ impl fmt::Debug for Reasons {
     }
 }
 
+/// A list of names in human-readable formats (JSON), the bits in binary
+/// ones (snapshots).
 impl Serialize for Reasons {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.iter())
+        if serializer.is_human_readable() {
+            serializer.collect_seq(self.iter().collect::<Vec<_>>())
+        } else {
+            serializer.serialize_u16(self.0)
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for Reasons {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(Vec::<Reason>::deserialize(deserializer)?
-            .into_iter()
-            .collect())
+        if deserializer.is_human_readable() {
+            Ok(Vec::<Reason>::deserialize(deserializer)?
+                .into_iter()
+                .collect())
+        } else {
+            Ok(Reasons::from_bits(u16::deserialize(deserializer)?))
+        }
     }
 }
 

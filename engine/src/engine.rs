@@ -6,7 +6,7 @@
 //! runs the same shards on worker threads for throughput and falls back to
 //! this code for commands, so both give the same state and the same events.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -74,7 +74,7 @@ pub(crate) struct Registry {
     pub(crate) rules: BTreeMap<String, RuleSpec>,
     pub(crate) webhooks: BTreeMap<String, WebhookSpec>,
     pub(crate) attribute_names: Vec<String>,
-    pub(crate) results: HashMap<CommandId, CommandResult>,
+    pub(crate) results: BTreeMap<CommandId, CommandResult>,
 }
 
 /// A card as queries see it.

@@ -122,16 +122,27 @@ impl FromStr for Iccid {
     }
 }
 
+/// Text in human-readable formats (JSON), the packed bits in binary ones
+/// (snapshots).
 impl Serialize for Iccid {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            serializer.serialize_u128(self.0)
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for Iccid {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        Iccid::parse(&text).map_err(serde::de::Error::custom)
+        if deserializer.is_human_readable() {
+            let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+            Iccid::parse(&text).map_err(serde::de::Error::custom)
+        } else {
+            let bits = u128::deserialize(deserializer)?;
+            Iccid::from_bits(bits).ok_or_else(|| serde::de::Error::custom("invalid packed ICCID"))
+        }
     }
 }
 

@@ -29,7 +29,10 @@ pub mod dedupe;
 pub mod engine;
 pub mod event;
 mod shard;
+pub mod sharded;
+pub mod snapshot;
 
 pub use config::EngineConfig;
 pub use engine::{CardView, Engine, EngineError, PoolView};
 pub use event::{ActionEvent, Output};
+pub use sharded::ShardedEngine;

@@ -157,7 +157,7 @@ pub(crate) struct Shard {
     pub(crate) config: EngineConfig,
     pub(crate) plans: Vec<Option<PlanInfo>>,
     pub(crate) cards: Vec<Card>,
-    pub(crate) extras: HashMap<u32, CardExtra>,
+    pub(crate) extras: BTreeMap<u32, CardExtra>,
     pub(crate) pools: Vec<Pool>,
     /// Interned tag sets; index 0 is the empty set.
     pub(crate) tagsets: Vec<Vec<u32>>,
@@ -186,7 +186,7 @@ impl Shard {
             config,
             plans: Vec::new(),
             cards: Vec::new(),
-            extras: HashMap::new(),
+            extras: BTreeMap::new(),
             pools: Vec::new(),
             tagsets: vec![Vec::new()],
             tagset_index: HashMap::new(),
@@ -855,7 +855,7 @@ impl Shard {
     pub(crate) fn heap_bytes(&self) -> usize {
         let deadline_entries: usize = self.deadlines.values().map(Vec::capacity).sum();
         self.cards.capacity() * std::mem::size_of::<Card>()
-            + self.extras.capacity() * (std::mem::size_of::<CardExtra>() + 8)
+            + self.extras.len() * (std::mem::size_of::<CardExtra>() + 48)
             + self
                 .pools
                 .iter()
