@@ -13,6 +13,7 @@
 
 pub mod command;
 pub mod cycle;
+pub mod dedupe;
 pub mod domain;
 pub mod ids;
 pub mod record;
@@ -20,12 +21,12 @@ pub mod time;
 
 pub use command::{Command, CommandKind, CommandResult};
 pub use cycle::{CycleCalendar, CycleId};
+pub use dedupe::{DedupeConfig, DedupeError, Deduper, IdStore, IdStoreError, MemIdStore, Sighting};
 pub use domain::{CardState, Carrier, Reason, Reasons, ThresholdMb, TrafficType, MB};
 pub use ids::{CommandId, Iccid, PlanId, PoolId, TagId};
 pub use record::{RecordId, Usage};
 pub use time::Timestamp;
 pub mod config;
-pub mod dedupe;
 pub mod engine;
 pub mod event;
 mod shard;

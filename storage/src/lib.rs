@@ -1,1 +1,13 @@
-//! flowcap-storage
+//! # flowcap-storage
+//!
+//! The durable state of flowcap: what must survive a `kill -9` beside the
+//! Kafka offsets. The engine crate is pure (no IO); this crate holds the
+//! implementations of its storage traits that touch the disk.
+//!
+//! - [`cold_index`]: the dedupe cold index, [`cold_index::DiskIdStore`], an
+//!   exact on-disk set of every accepted `(iccid, record_id)` that backs the
+//!   engine's in-memory hot window of fingerprints.
+
+pub mod cold_index;
+
+pub use cold_index::{DiskIdStore, DiskIdStoreOptions};

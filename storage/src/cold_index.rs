@@ -1,0 +1,902 @@
+//! The dedupe cold index: every accepted `(iccid, record_id)`, on disk.
+//!
+//! The engine's hot window only holds fingerprints, and only for recent
+//! event time; this store is what makes dedupe exact (see
+//! `flowcap_engine::dedupe`): fingerprint hits and late records are checked
+//! here against full keys.
+//!
+//! Layout: new ids collect in an in-memory buffer and are flushed to
+//! immutable *segment* files (`seg-<id>.fcid`), written atomically (temp
+//! file, fsync, rename, fsync of the directory). A segment is sorted by
+//! `(fingerprint, iccid, record_id)` and cut into 4 KiB blocks, each with a
+//! CRC; its footer holds the first fingerprint of every block (the sparse
+//! index), the min/max input sequence of its entries, and a bloom filter.
+//! All of that is loaded into memory at open, so `contains` costs, per
+//! segment, a bloom probe and at most one block read (two when equal
+//! fingerprints straddle a block boundary). The bloom filter only skips
+//! reads; answers are decided by comparing full keys.
+//!
+//! Crash consistency with engine snapshots: every entry carries the input
+//! sequence number of its record. Before a snapshot at `S` is published the
+//! engine calls [`DiskIdStore::durable_through`]`(S)`; on restore from it,
+//! [`DiskIdStore::truncate_after`]`(S)` deletes or rewrites segments so that
+//! entries after `S` (records that will be replayed) are gone. Truncation is
+//! idempotent, so a crash in the middle of it is repaired by the next
+//! restore doing it again.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use flowcap_engine::dedupe::{fingerprint, IdStore, IdStoreError};
+use flowcap_engine::{Iccid, RecordId, Timestamp};
+
+const BLOCK: usize = 4096;
+/// Bytes of a block available to entries (the last 4 hold its CRC32).
+const BLOCK_BODY: usize = BLOCK - 4;
+/// fp u64, iccid u128, seq u64, end i64, id length u8.
+const ENTRY_HEADER: usize = 8 + 16 + 8 + 8 + 1;
+const FOOTER_MAGIC: &[u8; 8] = b"FCIDFOOT";
+const FILE_MAGIC: &[u8; 8] = b"FCIDSEG1";
+const BLOOM_HASHES: u64 = 6;
+
+/// Tuning of a [`DiskIdStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskIdStoreOptions {
+    /// Buffered ids that trigger a flush to a new segment.
+    pub flush_entries: usize,
+    /// Bloom filter bits per id (0 disables the filters).
+    pub bloom_bits_per_key: u32,
+    /// Segment count above which the smallest segments are merged.
+    pub max_segments: usize,
+}
+
+impl Default for DiskIdStoreOptions {
+    fn default() -> Self {
+        DiskIdStoreOptions {
+            flush_entries: 1 << 20,
+            bloom_bits_per_key: 10,
+            max_segments: 16,
+        }
+    }
+}
+
+/// One stored id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Entry {
+    fp: u64,
+    iccid: u128,
+    record_id: RecordId,
+    seq: u64,
+    end: i64,
+}
+
+impl Entry {
+    fn encoded_len(&self) -> usize {
+        ENTRY_HEADER + self.record_id.as_str().len()
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.fp.to_le_bytes());
+        out.extend_from_slice(&self.iccid.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.end.to_le_bytes());
+        let id = self.record_id.as_str().as_bytes();
+        out.push(id.len() as u8);
+        out.extend_from_slice(id);
+    }
+}
+
+/// Decodes the entries of one verified block body.
+fn decode_block(body: &[u8], out: &mut VecDeque<Entry>) -> Result<(), IdStoreError> {
+    let mut at = 0;
+    while at + ENTRY_HEADER <= body.len() {
+        let h = &body[at..at + ENTRY_HEADER];
+        let len = usize::from(h[40]);
+        if len == 0 {
+            break; // padding
+        }
+        let id = body
+            .get(at + ENTRY_HEADER..at + ENTRY_HEADER + len)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(RecordId::new)
+            .ok_or_else(|| corrupt("bad record id in block"))?;
+        out.push_back(Entry {
+            fp: u64_at(h, 0),
+            iccid: u128::from_le_bytes(arr(&h[8..24])),
+            seq: u64_at(h, 24),
+            end: u64_at(h, 32) as i64,
+            record_id: id,
+        });
+        at += ENTRY_HEADER + len;
+    }
+    Ok(())
+}
+
+fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[..N]);
+    a
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(arr(&b[at..at + 8]))
+}
+
+fn corrupt(what: impl Into<String>) -> IdStoreError {
+    IdStoreError::Corrupt(what.into())
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> IdStoreError {
+    let context = context.into();
+    move |source| IdStoreError::Io { context, source }
+}
+
+/// Bloom filter over fingerprints (double hashing).
+#[derive(Debug, Clone)]
+struct Bloom {
+    words: Vec<u64>,
+}
+
+impl Bloom {
+    fn new(keys: u64, bits_per_key: u32) -> Bloom {
+        let bits = keys.saturating_mul(u64::from(bits_per_key));
+        let words = if bits_per_key == 0 {
+            0
+        } else {
+            bits.div_ceil(64).max(1)
+        };
+        Bloom {
+            words: vec![0; words as usize],
+        }
+    }
+
+    fn positions(&self, fp: u64) -> impl Iterator<Item = usize> {
+        let nbits = self.words.len() as u64 * 64;
+        let h1 = fp;
+        let h2 = fp.rotate_left(29) | 1;
+        (0..BLOOM_HASHES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) % nbits) as usize)
+    }
+
+    fn insert(&mut self, fp: u64) {
+        if self.words.is_empty() {
+            return;
+        }
+        let ps: Vec<usize> = self.positions(fp).collect();
+        for p in ps {
+            self.words[p / 64] |= 1 << (p % 64);
+        }
+    }
+
+    fn may_contain(&self, fp: u64) -> bool {
+        self.words.is_empty()
+            || self
+                .positions(fp)
+                .all(|p| self.words[p / 64] & (1 << (p % 64)) != 0)
+    }
+}
+
+/// An open, immutable segment file and its in-memory index.
+#[derive(Debug)]
+struct Segment {
+    id: u64,
+    path: PathBuf,
+    file: File,
+    count: u64,
+    min_seq: u64,
+    max_seq: u64,
+    /// First fingerprint of each block.
+    first_fps: Vec<u64>,
+    bloom: Bloom,
+}
+
+impl Segment {
+    fn read_block(&self, block: usize, buf: &mut [u8; BLOCK]) -> Result<(), IdStoreError> {
+        read_at(&self.file, buf, (block * BLOCK) as u64).map_err(io("reading a segment block"))?;
+        let crc = u32::from_le_bytes(arr(&buf[BLOCK_BODY..]));
+        if crc32fast::hash(&buf[..BLOCK_BODY]) != crc {
+            return Err(corrupt(format!(
+                "block {block} of {} fails its checksum",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn open(path: &Path, id: u64) -> Result<Segment, IdStoreError> {
+        let mut file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+        let size = file
+            .metadata()
+            .map_err(io("reading segment metadata"))?
+            .len();
+        let bad = || corrupt(format!("{} has no valid footer", path.display()));
+        if size < 16 {
+            return Err(bad());
+        }
+        let mut tail = [0u8; 16];
+        read_at(&file, &mut tail, size - 16).map_err(io("reading a segment footer"))?;
+        if &tail[8..] != FILE_MAGIC {
+            return Err(bad());
+        }
+        let footer_len = u64_at(&tail, 0);
+        if footer_len < 4 || footer_len > size - 16 {
+            return Err(bad());
+        }
+        let mut footer = vec![0u8; footer_len as usize];
+        file.seek(SeekFrom::Start(size - 16 - footer_len))
+            .map_err(io("seeking a segment footer"))?;
+        file.read_exact(&mut footer)
+            .map_err(io("reading a segment footer"))?;
+        let (body, crc) = footer.split_at(footer.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(arr(crc)) || !body.starts_with(FOOTER_MAGIC)
+        {
+            return Err(bad());
+        }
+        let mut words = body[8..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(arr(c)));
+        let mut next = || words.next().ok_or_else(bad);
+        let count = next()?;
+        let min_seq = next()?;
+        let max_seq = next()?;
+        let n_blocks = next()?;
+        let first_fps = (0..n_blocks)
+            .map(|_| next())
+            .collect::<Result<Vec<_>, _>>()?;
+        let n_words = next()?;
+        let bloom = Bloom {
+            words: (0..n_words)
+                .map(|_| next())
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        if n_blocks * BLOCK as u64 + footer_len + 16 != size {
+            return Err(bad());
+        }
+        Ok(Segment {
+            id,
+            path: path.to_owned(),
+            file,
+            count,
+            min_seq,
+            max_seq,
+            first_fps,
+            bloom,
+        })
+    }
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(not(unix))]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut f = file;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(buf)
+}
+
+/// Reads a segment's entries in order, block by block.
+struct Cursor<'a> {
+    segment: &'a Segment,
+    block: usize,
+    pending: VecDeque<Entry>,
+    buf: Box<[u8; BLOCK]>,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(segment: &'a Segment) -> Self {
+        Cursor {
+            segment,
+            block: 0,
+            pending: VecDeque::new(),
+            buf: Box::new([0u8; BLOCK]),
+        }
+    }
+
+    fn next_entry(&mut self) -> Result<Option<Entry>, IdStoreError> {
+        while self.pending.is_empty() {
+            if self.block >= self.segment.first_fps.len() {
+                return Ok(None);
+            }
+            self.segment.read_block(self.block, &mut self.buf)?;
+            decode_block(&self.buf[..BLOCK_BODY], &mut self.pending)?;
+            self.block += 1;
+        }
+        Ok(self.pending.pop_front())
+    }
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("seg-{id:016x}.fcid"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), IdStoreError> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing directory {}", dir.display())))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Writes sorted, distinct entries as segment `id`, atomically.
+fn write_segment(
+    dir: &Path,
+    id: u64,
+    expected: u64,
+    bloom_bits_per_key: u32,
+    mut entries: impl FnMut() -> Result<Option<Entry>, IdStoreError>,
+) -> Result<Option<Segment>, IdStoreError> {
+    let path = segment_path(dir, id);
+    let tmp = path.with_extension("tmp");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io(format!("creating {}", tmp.display())))?;
+    let mut out = BufWriter::with_capacity(1 << 16, file);
+    let mut block: Vec<u8> = Vec::with_capacity(BLOCK);
+    let mut first_fps = Vec::new();
+    let mut bloom = Bloom::new(expected.max(1), bloom_bits_per_key);
+    let (mut count, mut min_seq, mut max_seq) = (0u64, u64::MAX, 0u64);
+    let finish = |block: &mut Vec<u8>, out: &mut BufWriter<File>| -> Result<(), IdStoreError> {
+        block.resize(BLOCK_BODY, 0);
+        let crc = crc32fast::hash(block);
+        block.extend_from_slice(&crc.to_le_bytes());
+        out.write_all(block)
+            .map_err(io("writing a segment block"))?;
+        block.clear();
+        Ok(())
+    };
+    while let Some(e) = entries()? {
+        if !block.is_empty() && block.len() + e.encoded_len() > BLOCK_BODY {
+            finish(&mut block, &mut out)?;
+        }
+        if block.is_empty() {
+            first_fps.push(e.fp);
+        }
+        e.encode(&mut block);
+        bloom.insert(e.fp);
+        count += 1;
+        min_seq = min_seq.min(e.seq);
+        max_seq = max_seq.max(e.seq);
+    }
+    if count == 0 {
+        drop(out);
+        fs::remove_file(&tmp).map_err(io("removing an empty temp segment"))?;
+        return Ok(None);
+    }
+    if !block.is_empty() {
+        finish(&mut block, &mut out)?;
+    }
+    let mut footer = Vec::new();
+    footer.extend_from_slice(FOOTER_MAGIC);
+    for w in [count, min_seq, max_seq, first_fps.len() as u64] {
+        footer.extend_from_slice(&w.to_le_bytes());
+    }
+    for f in &first_fps {
+        footer.extend_from_slice(&f.to_le_bytes());
+    }
+    footer.extend_from_slice(&(bloom.words.len() as u64).to_le_bytes());
+    for w in &bloom.words {
+        footer.extend_from_slice(&w.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&footer);
+    footer.extend_from_slice(&crc.to_le_bytes());
+    footer.extend_from_slice(&(footer.len() as u64).to_le_bytes());
+    footer.extend_from_slice(FILE_MAGIC);
+    out.write_all(&footer)
+        .map_err(io("writing a segment footer"))?;
+    let file = out.into_inner().map_err(|e| IdStoreError::Io {
+        context: "flushing a segment".into(),
+        source: e.into_error(),
+    })?;
+    file.sync_all().map_err(io("syncing a segment"))?;
+    drop(file);
+    fs::rename(&tmp, &path).map_err(io(format!("renaming {}", tmp.display())))?;
+    sync_dir(dir)?;
+    Segment::open(&path, id).map(Some)
+}
+
+/// An exact, disk-backed [`IdStore`]. See the module docs.
+#[derive(Debug)]
+pub struct DiskIdStore {
+    dir: PathBuf,
+    options: DiskIdStoreOptions,
+    buffer: HashMap<(Iccid, RecordId), (u64, i64)>,
+    buffer_min_seq: u64,
+    segments: Vec<Segment>,
+    next_id: u64,
+    block: Box<[u8; BLOCK]>,
+    scratch: VecDeque<Entry>,
+}
+
+impl DiskIdStore {
+    /// Opens (creating if needed) the store in `dir` with default options.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, IdStoreError> {
+        Self::open_with(dir, DiskIdStoreOptions::default())
+    }
+
+    /// Opens (creating if needed) the store in `dir`. Leftover temp files
+    /// of interrupted writes are deleted; a damaged segment is an error.
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        options: DiskIdStoreOptions,
+    ) -> Result<Self, IdStoreError> {
+        let dir = dir.as_ref().to_owned();
+        fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        let mut segments = Vec::new();
+        let listing = fs::read_dir(&dir).map_err(io(format!("listing {}", dir.display())))?;
+        for item in listing {
+            let path = item.map_err(io("listing the store"))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with("seg-") && name.ends_with(".tmp") {
+                fs::remove_file(&path).map_err(io("removing a temp segment"))?;
+            } else if let Some(hex) = name
+                .strip_prefix("seg-")
+                .and_then(|n| n.strip_suffix(".fcid"))
+            {
+                let id = u64::from_str_radix(hex, 16)
+                    .map_err(|_| corrupt(format!("unexpected file {name}")))?;
+                segments.push(Segment::open(&path, id)?);
+            }
+        }
+        segments.sort_by_key(|s| s.id);
+        let next_id = segments.last().map_or(0, |s| s.id + 1);
+        Ok(DiskIdStore {
+            dir,
+            options: DiskIdStoreOptions {
+                flush_entries: options.flush_entries.max(1),
+                max_segments: options.max_segments.max(2),
+                ..options
+            },
+            buffer: HashMap::new(),
+            buffer_min_seq: u64::MAX,
+            segments,
+            next_id,
+            block: Box::new([0u8; BLOCK]),
+            scratch: VecDeque::new(),
+        })
+    }
+
+    /// Ids held (buffered plus on disk; an id present in two segments is
+    /// counted twice).
+    pub fn len(&self) -> u64 {
+        self.buffer.len() as u64 + self.segments.iter().map(|s| s.count).sum::<u64>()
+    }
+
+    /// Whether the store holds no id.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Bytes of memory held by the segments' in-memory indexes and blooms.
+    pub fn index_bytes(&self) -> usize {
+        self.segments
+            .iter()
+            .map(|s| (s.first_fps.len() + s.bloom.words.len()) * 8)
+            .sum()
+    }
+
+    /// Writes the buffer to a new segment (durably), then merges segments
+    /// if there are too many.
+    pub fn flush(&mut self) -> Result<(), IdStoreError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let mut entries: Vec<Entry> = self
+            .buffer
+            .iter()
+            .map(|((iccid, record_id), &(seq, end))| Entry {
+                fp: fingerprint(*iccid, record_id),
+                iccid: iccid.to_bits(),
+                record_id: *record_id,
+                seq,
+                end,
+            })
+            .collect();
+        entries.sort_unstable();
+        let id = self.take_id();
+        let mut it = entries.into_iter();
+        let n = it.len() as u64;
+        if let Some(seg) = write_segment(&self.dir, id, n, self.options.bloom_bits_per_key, || {
+            Ok(it.next())
+        })? {
+            self.segments.push(seg);
+        }
+        self.buffer.clear();
+        self.buffer_min_seq = u64::MAX;
+        if self.segments.len() > self.options.max_segments {
+            self.compact_smallest(self.options.max_segments / 2 + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every entry with sequence <= `seq` durable (flushes the
+    /// buffer if it holds any). Call before publishing an engine snapshot
+    /// taken at `seq`.
+    pub fn durable_through(&mut self, seq: u64) -> Result<(), IdStoreError> {
+        if self.buffer_min_seq <= seq {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every entry with sequence > `seq`, in memory and on disk
+    /// (segments entirely after `seq` are deleted, straddling ones
+    /// rewritten). Call on restore from a snapshot taken at `seq`, before
+    /// any other call. Idempotent.
+    pub fn truncate_after(&mut self, seq: u64) -> Result<(), IdStoreError> {
+        self.buffer.retain(|_, (s, _)| *s <= seq);
+        self.buffer_min_seq = self
+            .buffer
+            .values()
+            .map(|(s, _)| *s)
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut old = std::mem::take(&mut self.segments).into_iter();
+        let mut keep = Vec::new();
+        let mut remove = Vec::new();
+        while let Some(seg) = old.next() {
+            if seg.max_seq <= seq {
+                keep.push(seg);
+            } else if seg.min_seq > seq {
+                remove.push(seg);
+            } else {
+                let id = self.take_id();
+                let mut cursor = Cursor::new(&seg);
+                let rewritten = write_segment(
+                    &self.dir,
+                    id,
+                    seg.count,
+                    self.options.bloom_bits_per_key,
+                    || {
+                        while let Some(e) = cursor.next_entry()? {
+                            if e.seq <= seq {
+                                return Ok(Some(e));
+                            }
+                        }
+                        Ok(None)
+                    },
+                );
+                match rewritten {
+                    Ok(new) => {
+                        keep.extend(new);
+                        remove.push(seg);
+                    }
+                    Err(e) => {
+                        // Leave the store as it was: still correct to retry.
+                        keep.push(seg);
+                        keep.extend(remove);
+                        keep.extend(old);
+                        self.segments = keep;
+                        self.segments.sort_by_key(|s| s.id);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        keep.sort_by_key(|s| s.id);
+        self.segments = keep;
+        for seg in remove {
+            let path = seg.path.clone();
+            drop(seg);
+            fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Merges all segments into one.
+    pub fn compact(&mut self) -> Result<(), IdStoreError> {
+        let n = self.segments.len();
+        self.compact_smallest(n)
+    }
+
+    /// Merges the `n` smallest segments into one (a k-way streaming merge;
+    /// an id found in several keeps its lowest sequence).
+    fn compact_smallest(&mut self, n: usize) -> Result<(), IdStoreError> {
+        if n < 2 || self.segments.len() < 2 {
+            return Ok(());
+        }
+        let mut order: Vec<usize> = (0..self.segments.len()).collect();
+        order.sort_by_key(|&i| self.segments[i].count);
+        let chosen: Vec<usize> = order.into_iter().take(n).collect();
+        let id = self.take_id();
+        let merged = {
+            let mut cursors: Vec<Cursor<'_>> = chosen
+                .iter()
+                .map(|&i| Cursor::new(&self.segments[i]))
+                .collect();
+            let expected = chosen.iter().map(|&i| self.segments[i].count).sum();
+            let mut heap = BinaryHeap::new();
+            for (k, c) in cursors.iter_mut().enumerate() {
+                if let Some(e) = c.next_entry()? {
+                    heap.push(Reverse((e, k)));
+                }
+            }
+            let mut last: Option<(u64, u128, RecordId)> = None;
+            write_segment(
+                &self.dir,
+                id,
+                expected,
+                self.options.bloom_bits_per_key,
+                || {
+                    while let Some(Reverse((e, k))) = heap.pop() {
+                        if let Some(next) = cursors[k].next_entry()? {
+                            heap.push(Reverse((next, k)));
+                        }
+                        let key = (e.fp, e.iccid, e.record_id);
+                        // Entries are ordered by key then seq: the first of a key
+                        // has the lowest sequence.
+                        if last != Some(key) {
+                            last = Some(key);
+                            return Ok(Some(e));
+                        }
+                    }
+                    Ok(None)
+                },
+            )?
+        };
+        let mut chosen_sorted = chosen;
+        chosen_sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let mut removed = Vec::new();
+        for i in chosen_sorted {
+            removed.push(self.segments.remove(i));
+        }
+        self.segments.extend(merged);
+        self.segments.sort_by_key(|s| s.id);
+        for seg in removed {
+            let path = seg.path.clone();
+            drop(seg);
+            fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+        }
+        sync_dir(&self.dir)
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn segment_contains(
+        &mut self,
+        s: usize,
+        fp: u64,
+        iccid: u128,
+        record_id: &RecordId,
+    ) -> Result<bool, IdStoreError> {
+        let seg = &self.segments[s];
+        if !seg.bloom.may_contain(fp) {
+            return Ok(false);
+        }
+        let k = seg.first_fps.partition_point(|&f| f < fp);
+        // Block k-1 is the last starting below fp; blocks starting at fp
+        // follow it (equal fingerprints may straddle a boundary).
+        let mut b = k.saturating_sub(1);
+        while b < seg.first_fps.len() && seg.first_fps[b] <= fp {
+            seg.read_block(b, &mut self.block)?;
+            self.scratch.clear();
+            decode_block(&self.block[..BLOCK_BODY], &mut self.scratch)?;
+            for e in &self.scratch {
+                if e.fp > fp {
+                    return Ok(false);
+                }
+                if e.fp == fp && e.iccid == iccid && e.record_id == *record_id {
+                    return Ok(true);
+                }
+            }
+            b += 1;
+        }
+        Ok(false)
+    }
+}
+
+impl IdStore for DiskIdStore {
+    fn contains(&mut self, iccid: Iccid, record_id: &RecordId) -> Result<bool, IdStoreError> {
+        if self.buffer.contains_key(&(iccid, *record_id)) {
+            return Ok(true);
+        }
+        let fp = fingerprint(iccid, record_id);
+        for s in (0..self.segments.len()).rev() {
+            if self.segment_contains(s, fp, iccid.to_bits(), record_id)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn insert(
+        &mut self,
+        iccid: Iccid,
+        record_id: &RecordId,
+        end: Timestamp,
+        seq: u64,
+    ) -> Result<(), IdStoreError> {
+        let slot = self
+            .buffer
+            .entry((iccid, *record_id))
+            .or_insert((seq, end.0));
+        slot.0 = slot.0.min(seq);
+        self.buffer_min_seq = self.buffer_min_seq.min(seq);
+        if self.buffer.len() >= self.options.flush_entries {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn durable_through(&mut self, seq: u64) -> Result<(), IdStoreError> {
+        DiskIdStore::durable_through(self, seq)
+    }
+
+    fn truncate_after(&mut self, seq: u64) -> Result<(), IdStoreError> {
+        DiskIdStore::truncate_after(self, seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowcap_engine::dedupe::MemIdStore;
+
+    fn card(n: u32) -> Iccid {
+        Iccid::parse(&format!("8986{n:016}")).unwrap()
+    }
+
+    fn rid(n: u32) -> RecordId {
+        RecordId::new(&format!("cmcc-20261123-{n:010}")).unwrap()
+    }
+
+    fn small() -> DiskIdStoreOptions {
+        DiskIdStoreOptions {
+            flush_entries: 100,
+            bloom_bits_per_key: 10,
+            max_segments: 4,
+        }
+    }
+
+    #[test]
+    fn insert_flush_reopen_contains() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = DiskIdStore::open_with(dir.path(), small()).unwrap();
+            for i in 0..1000 {
+                s.insert(card(i % 13), &rid(i), Timestamp(0), i.into())
+                    .unwrap();
+            }
+            assert!(s.contains(card(5), &rid(5)).unwrap());
+            s.durable_through(999).unwrap();
+            assert!(s.segment_count() <= 4, "{}", s.segment_count());
+        }
+        let mut s = DiskIdStore::open_with(dir.path(), small()).unwrap();
+        assert_eq!(s.len(), 1000);
+        for i in 0..1000 {
+            assert!(s.contains(card(i % 13), &rid(i)).unwrap(), "{i}");
+            assert!(!s.contains(card(i % 13 + 1), &rid(i)).unwrap(), "{i}");
+        }
+        assert!(!s.contains(card(1), &rid(5000)).unwrap());
+        s.compact().unwrap();
+        assert_eq!(s.segment_count(), 1);
+        assert_eq!(s.len(), 1000);
+        assert!(s.contains(card(999 % 13), &rid(999)).unwrap());
+    }
+
+    #[test]
+    fn truncate_after_forgets_later_entries_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskIdStore::open_with(dir.path(), small()).unwrap();
+        for i in 0..450 {
+            s.insert(card(1), &rid(i), Timestamp(0), i.into()).unwrap();
+        }
+        // 400 on disk (4 flushes, maybe merged), 50 buffered.
+        s.truncate_after(250).unwrap();
+        for i in 0..450 {
+            assert_eq!(s.contains(card(1), &rid(i)).unwrap(), i <= 250, "{i}");
+        }
+        drop(s);
+        let mut s = DiskIdStore::open_with(dir.path(), small()).unwrap();
+        for i in 0..450 {
+            assert_eq!(s.contains(card(1), &rid(i)).unwrap(), i <= 250, "{i}");
+        }
+        // Idempotent; replay re-inserts.
+        s.truncate_after(250).unwrap();
+        s.insert(card(1), &rid(300), Timestamp(0), 300).unwrap();
+        assert!(s.contains(card(1), &rid(300)).unwrap());
+    }
+
+    #[test]
+    fn leftover_temp_files_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("seg-0000000000000007.tmp"), b"half a write").unwrap();
+        let s = DiskIdStore::open(dir.path()).unwrap();
+        assert!(s.is_empty());
+        assert!(!dir.path().join("seg-0000000000000007.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_blocks_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskIdStore::open_with(dir.path(), small()).unwrap();
+        s.insert(card(1), &rid(1), Timestamp(0), 1).unwrap();
+        s.flush().unwrap();
+        let path = s.segments[0].path.clone();
+        drop(s);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[10] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let mut s = DiskIdStore::open_with(dir.path(), small()).unwrap();
+        assert!(matches!(
+            s.contains(card(1), &rid(1)),
+            Err(IdStoreError::Corrupt(_))
+        ));
+    }
+
+    /// A tiny deterministic generator (no extra dependency).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    #[test]
+    fn randomized_against_mem_store() {
+        for seed in 0..6u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut disk = DiskIdStore::open_with(dir.path(), small()).unwrap();
+            let mut mem = MemIdStore::new();
+            let mut rng = Lcg(seed);
+            let mut seq = 0u64;
+            for _ in 0..3000 {
+                let (c, r) = (card(rng.next(5) as u32), rid(rng.next(400) as u32));
+                match rng.next(100) {
+                    0..=54 => {
+                        // The engine's use: insert only what is not there.
+                        if !mem.contains(c, &r).unwrap() {
+                            seq += 1;
+                            mem.insert(c, &r, Timestamp(0), seq).unwrap();
+                            disk.insert(c, &r, Timestamp(0), seq).unwrap();
+                        }
+                    }
+                    55..=94 => {
+                        assert_eq!(disk.contains(c, &r).unwrap(), mem.contains(c, &r).unwrap());
+                    }
+                    95..=96 => {
+                        let to = seq.saturating_sub(rng.next(60));
+                        disk.durable_through(seq).unwrap();
+                        mem.truncate_after(to).unwrap();
+                        disk.truncate_after(to).unwrap();
+                        seq = to;
+                    }
+                    97 => {
+                        disk.durable_through(seq).unwrap();
+                        drop(disk);
+                        disk = DiskIdStore::open_with(dir.path(), small()).unwrap();
+                    }
+                    _ => disk.compact().unwrap(),
+                }
+            }
+            for c in 0..5 {
+                for r in 0..400 {
+                    let (c, r) = (card(c), rid(r));
+                    assert_eq!(disk.contains(c, &r).unwrap(), mem.contains(c, &r).unwrap());
+                }
+            }
+        }
+    }
+}
