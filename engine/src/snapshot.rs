@@ -127,16 +127,34 @@ impl Engine {
         out
     }
 
+    /// Makes the dedupe id store durable through the last input processed,
+    /// then serializes the state. Publish the bytes only after this returns:
+    /// a snapshot must never remember an id its store could forget.
+    pub fn durable_snapshot(&mut self) -> Result<Vec<u8>, EngineError> {
+        if let Some(seq) = self.last_seq {
+            self.id_store
+                .durable_through(seq)
+                .map_err(crate::dedupe::DedupeError::from)?;
+        }
+        Ok(self.snapshot())
+    }
+
     /// Rebuilds an engine from [`Engine::snapshot`] bytes. `id_store` must be
-    /// the dedupe store the original used, truncated to the snapshot's
-    /// `last_seq` (entries after it belong to records that will be replayed).
-    pub fn restore(bytes: &[u8], id_store: Box<dyn IdStore>) -> Result<Engine, EngineError> {
+    /// the dedupe store the original used; entries it holds after the
+    /// snapshot's last input are made invisible here, because those records
+    /// will be replayed and must not look like duplicates.
+    pub fn restore(bytes: &[u8], mut id_store: Box<dyn IdStore>) -> Result<Engine, EngineError> {
         check(bytes)?;
         let state: State = bincode::deserialize(&bytes[HEADER_LEN..])
             .map_err(|e| EngineError::Snapshot(format!("snapshot payload does not decode: {e}")))?;
         let registry: Registry = serde_json::from_str(&state.registry_json).map_err(|e| {
             EngineError::Snapshot(format!("snapshot registry does not decode: {e}"))
         })?;
+        if let Some(seq) = state.last_seq {
+            id_store
+                .truncate_after(seq)
+                .map_err(crate::dedupe::DedupeError::from)?;
+        }
         let mut shards = state.shards;
         let mut directory = hashbrown::HashMap::new();
         for (s, shard) in shards.iter_mut().enumerate() {

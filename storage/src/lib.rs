@@ -7,7 +7,15 @@
 //! - [`cold_index`]: the dedupe cold index, [`cold_index::DiskIdStore`], an
 //!   exact on-disk set of every accepted `(iccid, record_id)` that backs the
 //!   engine's in-memory hot window of fingerprints.
+//! - [`snapshot_store`]: engine snapshots written atomically and found
+//!   again after a crash.
+//! - [`jsonl`]: JSON-lines output files that rewind to a snapshot, so every
+//!   line exists exactly once after a restart.
 
 pub mod cold_index;
+pub mod jsonl;
+pub mod snapshot_store;
 
 pub use cold_index::{DiskIdStore, DiskIdStoreOptions};
+pub use jsonl::{JsonlError, JsonlSink};
+pub use snapshot_store::{SnapshotStore, SnapshotStoreError};
