@@ -13,6 +13,7 @@
 
 pub mod command;
 pub mod cycle;
+pub mod decode;
 pub mod domain;
 pub mod ids;
 pub mod record;
