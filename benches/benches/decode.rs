@@ -107,6 +107,46 @@ fn decode_naive(bytes: &[u8], limits: &DecodeLimits) -> Option<Usage> {
     (start.is_none_or(|s| s <= usage.end)).then_some(usage)
 }
 
+/// CPU time consumed by this thread so far (Linux), in nanoseconds.
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Criterion measures wall time, which on a shared machine counts time the
+/// thread spent waiting for a core. This prints records per second of the
+/// thread's own CPU time, the figure that says what one core can do.
+fn report_cpu_throughput(name: &str, messages: &[Vec<u8>], decode: impl Fn(&[u8]) -> u64) {
+    let (Some(cpu0), wall0) = (thread_cpu_ns(), std::time::Instant::now()) else {
+        return;
+    };
+    let mut passes = 0u64;
+    let mut total = 0u64;
+    while wall0.elapsed().as_secs_f64() < 2.0 {
+        for m in messages {
+            total = total.wrapping_add(decode(black_box(m)));
+        }
+        passes += 1;
+    }
+    black_box(total);
+    let Some(cpu1) = thread_cpu_ns() else {
+        return;
+    };
+    let records = (passes * messages.len() as u64) as f64;
+    let cpu_s = (cpu1 - cpu0) as f64 / 1e9;
+    let wall_s = wall0.elapsed().as_secs_f64();
+    eprintln!(
+        "{name}: {:.2} M records per CPU-second ({:.2} M/s wall, {:.0}% of a core)",
+        records / cpu_s / 1e6,
+        records / wall_s / 1e6,
+        100.0 * cpu_s / wall_s
+    );
+}
+
 fn bench_decode(c: &mut Criterion) {
     let limits = DecodeLimits::default();
     let json = messages();
@@ -136,6 +176,16 @@ fn bench_decode(c: &mut Criterion) {
         json_bytes / MESSAGES,
         binary_bytes / MESSAGES
     );
+
+    report_cpu_throughput("json_flowcap", &json, |m| {
+        decode_json(m, &limits).map_or(0, |u| u.bytes())
+    });
+    report_cpu_throughput("json_serde_value_naive", &json, |m| {
+        decode_naive(m, &limits).map_or(0, |u| u.bytes())
+    });
+    report_cpu_throughput("binary_flowcap", &binary, |m| {
+        decode_binary(m, &limits).map_or(0, |u| u.bytes())
+    });
 
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(MESSAGES as u64));
