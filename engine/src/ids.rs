@@ -72,12 +72,28 @@ impl Iccid {
 
     /// Rebuilds an ICCID from [`Iccid::to_bits`]; `None` when the bits are
     /// not a valid packed ICCID.
+    ///
+    /// Checks the packing directly (no formatting, no allocation): the
+    /// binary record decoder calls it once per record.
     pub fn from_bits(bits: u128) -> Option<Self> {
         let candidate = Iccid(bits);
-        let text = candidate.to_string();
-        Iccid::parse(&text)
-            .ok()
-            .filter(|parsed| *parsed == candidate)
+        if bits >> (LETTER_SHIFT + 8) != 0 {
+            return None;
+        }
+        let letter = candidate.letter();
+        if letter != 0 && !letter.is_ascii_alphabetic() {
+            return None;
+        }
+        let digits = candidate.digit_count();
+        if !(19..=20).contains(&(digits + usize::from(letter != 0))) {
+            return None;
+        }
+        // 10^20 < 2^67, so this also proves the bits between the value and
+        // the digit count are zero.
+        if candidate.value() >= 10u128.pow(digits as u32) {
+            return None;
+        }
+        Some(candidate)
     }
 
     /// A 64-bit hash of the ICCID, stable across runs and platforms (used for
@@ -253,6 +269,45 @@ mod tests {
             Iccid::parse("898604123456789012AB"),
             Err(IccidError::Character { found: 'A', .. })
         ));
+    }
+
+    /// The packing check agrees with "format, re-parse, compare".
+    #[test]
+    fn from_bits_matches_text_round_trip() {
+        let reference = |bits: u128| {
+            let candidate = Iccid(bits);
+            Iccid::parse(&candidate.to_string())
+                .ok()
+                .filter(|parsed| *parsed == candidate)
+        };
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200_000 {
+            let r = next();
+            let value = match r % 4 {
+                0 => u128::from(next()) * 100_000 + u128::from(next() % 100_000),
+                1 => 10u128.pow(19 + (r as u32 >> 8) % 2) - 1 + u128::from(next() % 3),
+                _ => (u128::from(next()) << 64 | u128::from(next())) % (1u128 << 72),
+            };
+            let digits = u128::from(17 + next() % 5);
+            let letter = match next() % 4 {
+                0 => 0,
+                1 => u128::from(b'A' + (next() % 26) as u8),
+                _ => u128::from(next() as u8),
+            };
+            let high = if next() % 16 == 0 {
+                u128::from(next() % 4) << 88
+            } else {
+                0
+            };
+            let bits = value | digits << DIGIT_BITS | letter << LETTER_SHIFT | high;
+            assert_eq!(Iccid::from_bits(bits), reference(bits), "{bits:#x}");
+        }
     }
 
     #[test]

@@ -8,32 +8,53 @@
 //! runtime, no clock. Time comes in with the records and commands, so the
 //! same input sequence always yields the same state and the same events
 //! (with the same ids). That property is what recovery rests on: restore a
-//! snapshot, replay the input after its positions, and the engine is where
-//! it would have been.
+//! snapshot, replay the input after its position, and the engine is where
+//! it would have been. (The dedupe cold index is reached through the
+//! [`dedupe::IdStore`] trait; its disk implementation lives in
+//! `flowcap-storage`.)
+//!
+//! How a record flows:
+//!
+//! ```text
+//!  bytes --decode--> Usage --router--> shard --> Outputs
+//!                     |      | clock, future check, card directory,
+//!                     |      | dedupe (hot window + IdStore)
+//!                     |      v
+//!                     |   Rejected / Duplicate
+//!                     v
+//!                  Rejected (decode error)
+//! ```
+//!
+//! - [`decode`]: JSON and binary record decoding, one error code per defect.
+//! - [`engine::Engine`]: the sequential engine (router + registry + shards);
+//!   the reference semantics.
+//! - [`sharded::ShardedEngine`]: the same shards on worker threads.
+//! - [`command`]: the command wire format and results; [`event`]: outputs.
+//! - [`snapshot`]: versioned, checksummed state.
 
 pub mod command;
+pub mod config;
 pub mod cycle;
+pub mod decode;
 pub mod dedupe;
 pub mod domain;
-pub mod ids;
-pub mod record;
-pub mod time;
-
-pub use command::{Command, CommandKind, CommandResult};
-pub use cycle::{CycleCalendar, CycleId};
-pub use dedupe::{DedupeConfig, DedupeError, Deduper, IdStore, IdStoreError, MemIdStore, Sighting};
-pub use domain::{CardState, Carrier, Reason, Reasons, ThresholdMb, TrafficType, MB};
-pub use ids::{CommandId, Iccid, PlanId, PoolId, TagId};
-pub use record::{RecordId, Usage};
-pub use time::Timestamp;
-pub mod config;
 pub mod engine;
 pub mod event;
+pub mod ids;
+pub mod record;
 mod shard;
 pub mod sharded;
 pub mod snapshot;
+pub mod time;
 
+pub use command::{Command, CommandKind, CommandResult};
 pub use config::EngineConfig;
+pub use cycle::{CycleCalendar, CycleId};
+pub use dedupe::{DedupeConfig, DedupeError, Deduper, IdStore, IdStoreError, MemIdStore, Sighting};
+pub use domain::{CardState, Carrier, Reason, Reasons, ThresholdMb, TrafficType, MB};
 pub use engine::{CardView, Engine, EngineError, PoolView};
 pub use event::{ActionEvent, Output};
+pub use ids::{CommandId, Iccid, PlanId, PoolId, TagId};
+pub use record::{RecordId, Usage};
 pub use sharded::ShardedEngine;
+pub use time::Timestamp;
