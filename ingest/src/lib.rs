@@ -1,1 +1,17 @@
-//! flowcap-ingest
+//! # flowcap-ingest
+//!
+//! Moves data in and out of the engine. Transport is kept apart from
+//! format: decoding is the engine's pure [`flowcap_engine::decode`]; this
+//! crate reads inputs, routes them through the sharded engine, writes the
+//! outputs and owns the recovery protocol.
+//!
+//! - [`embedded`]: the pipeline with no Kafka: inputs from an iterator
+//!   (a JSON-lines file or the load generator), outputs as JSON lines in a
+//!   local directory, snapshots beside them, exact resume after a crash.
+//!
+//! The Kafka transport (issue #4) will reuse the same driver with Kafka
+//! partitions as inputs and topics as sinks.
+
+pub mod embedded;
+
+pub use embedded::{run, EmbeddedOptions, IngestError, Input, Progress, Summary};

@@ -92,10 +92,12 @@ impl JsonlSink {
             source: std::io::Error::other(e),
         })?;
         self.line.push(b'\n');
-        self.out.write_all(&self.line).map_err(|source| JsonlError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        self.out
+            .write_all(&self.line)
+            .map_err(|source| JsonlError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         self.len += self.line.len() as u64;
         Ok(())
     }
@@ -117,10 +119,13 @@ impl JsonlSink {
             source,
         };
         self.out.flush().map_err(io)?;
-        self.out.get_ref().sync_data().map_err(|source| JsonlError::Io {
-            path: self.path.clone(),
-            source,
-        })
+        self.out
+            .get_ref()
+            .sync_data()
+            .map_err(|source| JsonlError::Io {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 

@@ -112,12 +112,19 @@ mod tests {
         for seq in [5, 10, 20, 40] {
             store.write(seq, format!("state {seq}").as_bytes()).unwrap();
         }
-        std::fs::write(dir.path().join("snapshot-00000000000000000099.bin.tmp"), b"half").unwrap();
+        std::fs::write(
+            dir.path().join("snapshot-00000000000000000099.bin.tmp"),
+            b"half",
+        )
+        .unwrap();
         let store = SnapshotStore::open(dir.path()).unwrap();
         let seqs: Vec<u64> = store.list().unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(seqs, vec![10, 20, 40]);
         let newest = store.newest_first().unwrap();
         assert_eq!(newest[0], (40, b"state 40".to_vec()));
-        assert!(!dir.path().join("snapshot-00000000000000000099.bin.tmp").exists());
+        assert!(!dir
+            .path()
+            .join("snapshot-00000000000000000099.bin.tmp")
+            .exists());
     }
 }

@@ -1,0 +1,547 @@
+//! The embedded pipeline: inputs from an iterator, outputs to a directory.
+//!
+//! ```text
+//!  inputs (seq = position) --decode--> ShardedEngine --outputs--> writer thread
+//!        \--bad JSON-----------------------------------------------^   (JSON lines)
+//! ```
+//!
+//! Every input has a sequence number: its position in the input. Every
+//! `snapshot_every` inputs, and at the end, the driver takes a snapshot:
+//!
+//! 1. the engine takes every shard home (all queued records accounted);
+//! 2. the writer drains every output and fsyncs every file, and reports
+//!    each file's length;
+//! 3. the lengths go into the engine's positions, the dedupe store is made
+//!    durable through the last input, and the snapshot is written
+//!    atomically.
+//!
+//! On start, if the directory holds a snapshot, the engine is restored from
+//! it, every output file is cut back to the length the snapshot recorded,
+//! and inputs up to the snapshot's sequence number are skipped. Whatever a
+//! crash interrupted after the snapshot is produced again, identically
+//! (same order per card, same event ids), so each output line exists
+//! exactly once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+use flowcap_engine::command::{parse_command, CommandResult};
+use flowcap_engine::decode::{decode_json, DecodeLimits};
+use flowcap_engine::event::{ActionEvent, Output};
+use flowcap_engine::{CardState, CommandId, Engine, EngineConfig, ShardedEngine, Timestamp};
+use flowcap_storage::{DiskIdStore, JsonlError, JsonlSink, SnapshotStore, SnapshotStoreError};
+use serde::Serialize;
+
+/// Errors that stop the embedded pipeline. Bad input never does: it is
+/// rejected into `rejects.jsonl`.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// An output file failed (external: disk).
+    #[error("output: {0}")]
+    Output(#[from] JsonlError),
+    /// The snapshot store failed (external: disk).
+    #[error("snapshots: {0}")]
+    Snapshots(#[from] SnapshotStoreError),
+    /// The engine failed (dedupe store IO, or a snapshot that does not decode).
+    #[error("engine: {0}")]
+    Engine(#[from] flowcap_engine::EngineError),
+    /// The dedupe cold index could not be opened.
+    #[error("dedupe cold index: {0}")]
+    IdStore(#[from] flowcap_engine::IdStoreError),
+    /// The output directory could not be prepared.
+    #[error("output directory {path}: {source}")]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The output writer thread stopped unexpectedly.
+    #[error("output writer stopped: {0}")]
+    Writer(String),
+}
+
+/// One input line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A usage record (one JSON object).
+    Record(Vec<u8>),
+    /// A control command (one JSON object).
+    Command(Vec<u8>),
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    /// Directory for outputs, snapshots and the dedupe cold index.
+    pub out_dir: PathBuf,
+    /// Engine configuration (ignored when resuming: the snapshot's wins).
+    pub engine: EngineConfig,
+    /// Take a snapshot every this many inputs (0: only at the end).
+    pub snapshot_every: u64,
+    /// Write every accounted record to `usage.jsonl` (history).
+    pub history: bool,
+    /// Resume from the newest snapshot in `out_dir` if there is one;
+    /// otherwise start empty and clear previous outputs.
+    pub resume: bool,
+    /// Limits for record decoding.
+    pub limits: DecodeLimits,
+    /// Report progress every this many inputs.
+    pub progress_every: u64,
+}
+
+impl EmbeddedOptions {
+    /// Defaults for a directory.
+    pub fn new(out_dir: impl Into<PathBuf>) -> EmbeddedOptions {
+        EmbeddedOptions {
+            out_dir: out_dir.into(),
+            engine: EngineConfig::default(),
+            snapshot_every: 1_000_000,
+            history: true,
+            resume: true,
+            limits: DecodeLimits::default(),
+            progress_every: 100_000,
+        }
+    }
+}
+
+/// Progress so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Inputs read (including skipped ones when resuming).
+    pub inputs: u64,
+    /// Seconds since start.
+    pub elapsed_secs: f64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// Snapshot sequence resumed from, if any.
+    pub resumed_after_seq: Option<u64>,
+    /// Inputs read in this run (after any skipped on resume).
+    pub inputs: u64,
+    /// Records accounted and counted in their card's current cycle.
+    pub counted: u64,
+    /// Records accounted to history only (previous cycle or deregistered card).
+    pub history_only: u64,
+    /// Of those, records that arrived after their cycle closed.
+    pub late: u64,
+    /// Duplicate resends dropped.
+    pub duplicates: u64,
+    /// Rejected records by reason code.
+    pub rejected: BTreeMap<String, u64>,
+    /// Commands processed (ok, failed).
+    pub commands_ok: u64,
+    /// Commands that failed as a whole or for some card.
+    pub commands_failed: u64,
+    /// Card state events emitted.
+    pub card_events: u64,
+    /// Pool state events emitted.
+    pub pool_events: u64,
+    /// Cards per visible state at the end.
+    pub cards_by_state: BTreeMap<String, u64>,
+    /// Snapshots written.
+    pub snapshots: u64,
+    /// Wall-clock seconds.
+    pub elapsed_secs: f64,
+    /// Inputs per second.
+    pub inputs_per_sec: f64,
+    /// Output directory.
+    pub out_dir: PathBuf,
+}
+
+/// Output file names inside the directory.
+pub const EVENTS_FILE: &str = "events.jsonl";
+/// Rejected inputs (dead letters), with reason and raw bytes.
+pub const REJECTS_FILE: &str = "rejects.jsonl";
+/// Command journal: command + result.
+pub const JOURNAL_FILE: &str = "journal.jsonl";
+/// Accounted records (history), when enabled.
+pub const USAGE_FILE: &str = "usage.jsonl";
+const FILES: [&str; 4] = [EVENTS_FILE, REJECTS_FILE, JOURNAL_FILE, USAGE_FILE];
+
+#[derive(Serialize)]
+struct DeadLetter<'a> {
+    seq: u64,
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iccid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record_id: Option<&'a str>,
+    /// The input as received (lossy UTF-8), for decode failures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw: Option<String>,
+}
+
+#[derive(Serialize)]
+struct BadCommand<'a> {
+    seq: u64,
+    raw: String,
+    result: &'a CommandResult,
+}
+
+enum Side {
+    DeadLetter {
+        seq: u64,
+        code: &'static str,
+        message: String,
+        raw: Vec<u8>,
+    },
+    BadCommand {
+        seq: u64,
+        raw: Vec<u8>,
+        result: CommandResult,
+    },
+    Barrier(Sender<Result<BTreeMap<String, u64>, String>>),
+}
+
+struct Writer {
+    sinks: BTreeMap<&'static str, JsonlSink>,
+    history: bool,
+    summary: Summary,
+}
+
+impl Writer {
+    fn write_outputs(&mut self, outputs: Vec<Output>) -> Result<(), JsonlError> {
+        let now = wall_clock();
+        for output in outputs {
+            match output {
+                Output::Accounted(a) => {
+                    if a.counted {
+                        self.summary.counted += 1;
+                    } else {
+                        self.summary.history_only += 1;
+                        self.summary.late += u64::from(a.late);
+                    }
+                    if self.history {
+                        self.sink(USAGE_FILE).write(&a)?;
+                    }
+                }
+                Output::Duplicate { .. } => self.summary.duplicates += 1,
+                Output::Rejected(r) => {
+                    *self.summary.rejected.entry(r.code.clone()).or_default() += 1;
+                    let iccid = r.iccid.map(|i| i.to_string());
+                    self.sink(REJECTS_FILE).write(&DeadLetter {
+                        seq: r.seq,
+                        code: &r.code,
+                        message: &r.message,
+                        iccid,
+                        record_id: r.record_id.as_ref().map(|id| id.as_str()),
+                        raw: None,
+                    })?;
+                }
+                Output::Action(mut event) => {
+                    match &mut event {
+                        ActionEvent::CardState(e) => {
+                            self.summary.card_events += 1;
+                            e.processed_at = Some(now);
+                        }
+                        ActionEvent::PoolState(e) => {
+                            self.summary.pool_events += 1;
+                            e.processed_at = Some(now);
+                        }
+                    }
+                    self.sink(EVENTS_FILE).write(&event)?;
+                }
+                Output::Journal(entry) => {
+                    if entry.result.ok {
+                        self.summary.commands_ok += 1;
+                    } else {
+                        self.summary.commands_failed += 1;
+                    }
+                    self.sink(JOURNAL_FILE).write(&entry)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_side(&mut self, side: Side) -> Result<(), JsonlError> {
+        match side {
+            Side::DeadLetter {
+                seq,
+                code,
+                message,
+                raw,
+            } => {
+                *self.summary.rejected.entry(code.to_owned()).or_default() += 1;
+                self.sink(REJECTS_FILE).write(&DeadLetter {
+                    seq,
+                    code,
+                    message: &message,
+                    iccid: None,
+                    record_id: None,
+                    raw: Some(String::from_utf8_lossy(&raw).into_owned()),
+                })
+            }
+            Side::BadCommand { seq, raw, result } => {
+                self.summary.commands_failed += 1;
+                self.sink(JOURNAL_FILE).write(&BadCommand {
+                    seq,
+                    raw: String::from_utf8_lossy(&raw).into_owned(),
+                    result: &result,
+                })
+            }
+            Side::Barrier(_) => Ok(()),
+        }
+    }
+
+    fn sink(&mut self, name: &'static str) -> &mut JsonlSink {
+        // Every name used is opened in `run` before the writer starts.
+        self.sinks.get_mut(name).expect("sink opened at start")
+    }
+
+    fn sync_all(&mut self) -> Result<BTreeMap<String, u64>, JsonlError> {
+        let mut lengths = BTreeMap::new();
+        for (name, sink) in &mut self.sinks {
+            sink.sync()?;
+            lengths.insert(format!("out.{name}"), sink.len());
+        }
+        Ok(lengths)
+    }
+}
+
+fn wall_clock() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    Timestamp(ms)
+}
+
+fn run_writer(
+    mut writer: Writer,
+    outputs: Receiver<Vec<Output>>,
+    side: Receiver<Side>,
+) -> Result<Summary, String> {
+    loop {
+        select! {
+            recv(outputs) -> batch => match batch {
+                Ok(batch) => writer.write_outputs(batch).map_err(|e| e.to_string())?,
+                Err(_) => {
+                    // The engine is gone: drain the side channel and stop.
+                    while let Ok(s) = side.try_recv() {
+                        if let Side::Barrier(reply) = s {
+                            let _ = reply.send(writer.sync_all().map_err(|e| e.to_string()));
+                        } else {
+                            writer.write_side(s).map_err(|e| e.to_string())?;
+                        }
+                    }
+                    writer.sync_all().map_err(|e| e.to_string())?;
+                    return Ok(writer.summary);
+                }
+            },
+            recv(side) -> msg => match msg {
+                Ok(Side::Barrier(reply)) => {
+                    // Everything the engine produced before the barrier is
+                    // already queued: drain it, then make it durable.
+                    while let Ok(batch) = outputs.try_recv() {
+                        writer.write_outputs(batch).map_err(|e| e.to_string())?;
+                    }
+                    let _ = reply.send(writer.sync_all().map_err(|e| e.to_string()));
+                }
+                Ok(other) => writer.write_side(other).map_err(|e| e.to_string())?,
+                Err(_) => {}
+            },
+        }
+    }
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), IngestError> {
+    std::fs::create_dir_all(dir).map_err(|source| IngestError::Directory {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+fn clear_dir(dir: &Path) -> Result<(), IngestError> {
+    for name in ["snapshots", "dedupe"] {
+        let path = dir.join(name);
+        if path.exists() {
+            std::fs::remove_dir_all(&path)
+                .map_err(|source| IngestError::Directory { path, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the embedded pipeline over `inputs` (sequence number = position).
+pub fn run(
+    options: &EmbeddedOptions,
+    inputs: impl IntoIterator<Item = Input>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Summary, IngestError> {
+    let started = Instant::now();
+    let dir = &options.out_dir;
+    prepare_dir(dir)?;
+    let snapshots_dir = dir.join("snapshots");
+
+    // Resume from the newest snapshot that decodes, or start fresh.
+    let mut restored: Option<Engine> = None;
+    if options.resume && snapshots_dir.exists() {
+        let store = SnapshotStore::open(&snapshots_dir)?;
+        for (seq, bytes) in store.newest_first()? {
+            let id_store = DiskIdStore::open(dir.join("dedupe"))?;
+            match Engine::restore(&bytes, Box::new(id_store)) {
+                Ok(engine) => {
+                    tracing::info!(seq, "resuming from snapshot");
+                    restored = Some(engine);
+                    break;
+                }
+                Err(e) => tracing::warn!(seq, error = %e, "snapshot unusable, trying an older one"),
+            }
+        }
+    }
+    if restored.is_none() {
+        clear_dir(dir)?;
+    }
+    let snapshot_store = SnapshotStore::open(&snapshots_dir)?;
+    let resumed_after = restored.as_ref().and_then(Engine::last_seq);
+    let engine = match restored {
+        Some(engine) => engine,
+        None => Engine::with_id_store(
+            options.engine.clone(),
+            Box::new(DiskIdStore::open(dir.join("dedupe"))?),
+        ),
+    };
+
+    let mut sinks = BTreeMap::new();
+    for name in FILES {
+        let rewind =
+            resumed_after.and_then(|_| engine.positions().get(&format!("out.{name}")).copied());
+        let rewind = rewind.map(|len| u64::try_from(len).unwrap_or(0));
+        sinks.insert(name, JsonlSink::open(dir.join(name), rewind)?);
+    }
+    let writer = Writer {
+        sinks,
+        history: options.history,
+        summary: Summary::default(),
+    };
+
+    let (mut sharded, outputs) = ShardedEngine::start(engine, 64);
+    let (side_tx, side_rx) = bounded::<Side>(1024);
+    let writer_thread = std::thread::Builder::new()
+        .name("flowcap-writer".into())
+        .spawn(move || run_writer(writer, outputs, side_rx))
+        .map_err(|e| IngestError::Writer(e.to_string()))?;
+
+    let mut snapshots = 0u64;
+    let mut since_snapshot = 0u64;
+    let mut last_seq: Option<u64> = resumed_after;
+    let mut read = 0u64;
+    for (position, input) in inputs.into_iter().enumerate() {
+        let seq = position as u64;
+        read += 1;
+        if options.progress_every > 0 && read % options.progress_every == 0 {
+            progress(Progress {
+                inputs: read,
+                elapsed_secs: started.elapsed().as_secs_f64(),
+            });
+        }
+        if resumed_after.is_some_and(|s| seq <= s) {
+            continue;
+        }
+        match input {
+            Input::Record(bytes) => match decode_json(&bytes, &options.limits) {
+                Ok(usage) => sharded.process_usage(&usage, seq)?,
+                Err(e) => {
+                    let _ = side_tx.send(Side::DeadLetter {
+                        seq,
+                        code: e.code(),
+                        message: e.to_string(),
+                        raw: bytes,
+                    });
+                }
+            },
+            Input::Command(bytes) => match parse_command(&bytes) {
+                Ok(command) => sharded.process_command(command, seq),
+                Err(error) => {
+                    let id = command_id_of(&bytes);
+                    let result = CommandResult::rejected(id, error);
+                    let _ = side_tx.send(Side::BadCommand {
+                        seq,
+                        raw: bytes,
+                        result,
+                    });
+                }
+            },
+        }
+        last_seq = Some(seq);
+        since_snapshot += 1;
+        if options.snapshot_every > 0 && since_snapshot >= options.snapshot_every {
+            take_snapshot(&mut sharded, &side_tx, &snapshot_store, last_seq)?;
+            snapshots += 1;
+            since_snapshot = 0;
+        }
+    }
+    // Let idle shards fire deadlines and rollovers up to the final clock.
+    let clock = sharded.engine().clock();
+    if clock != Timestamp::MIN {
+        let mut tail = Vec::new();
+        sharded.engine().advance_clock(clock, &mut tail);
+        debug_assert!(tail.is_empty() || clock != Timestamp::MIN);
+        // Outputs of the final advance go through the writer like any other.
+        let _ = tail;
+    }
+    if since_snapshot > 0 || snapshots == 0 {
+        take_snapshot(&mut sharded, &side_tx, &snapshot_store, last_seq)?;
+        snapshots += 1;
+    }
+    let engine = sharded.finish();
+    drop(side_tx);
+    let mut summary = writer_thread
+        .join()
+        .map_err(|_| IngestError::Writer("writer thread panicked".into()))?
+        .map_err(IngestError::Writer)?;
+    for view in engine.card_views() {
+        *summary
+            .cards_by_state
+            .entry(view.state.as_str().to_owned())
+            .or_default() += 1;
+    }
+    let _ = CardState::ALL;
+    summary.resumed_after_seq = resumed_after;
+    summary.inputs = read - resumed_after.map_or(0, |s| s + 1).min(read);
+    summary.snapshots = snapshots;
+    summary.elapsed_secs = started.elapsed().as_secs_f64();
+    summary.inputs_per_sec = summary.inputs as f64 / summary.elapsed_secs.max(1e-9);
+    summary.out_dir = dir.clone();
+    Ok(summary)
+}
+
+fn take_snapshot(
+    sharded: &mut ShardedEngine,
+    side: &Sender<Side>,
+    store: &SnapshotStore,
+    last_seq: Option<u64>,
+) -> Result<(), IngestError> {
+    let Some(seq) = last_seq else {
+        return Ok(());
+    };
+    let engine = sharded.engine();
+    let (reply_tx, reply_rx) = bounded(1);
+    side.send(Side::Barrier(reply_tx))
+        .map_err(|_| IngestError::Writer("writer is gone".into()))?;
+    let lengths = reply_rx
+        .recv_timeout(Duration::from_secs(600))
+        .map_err(|_| IngestError::Writer("writer did not answer the snapshot barrier".into()))?
+        .map_err(IngestError::Writer)?;
+    for (name, len) in lengths {
+        engine.set_position(name, i64::try_from(len).unwrap_or(i64::MAX));
+    }
+    let bytes = engine.durable_snapshot()?;
+    store.write(seq, &bytes)?;
+    tracing::debug!(seq, bytes = bytes.len(), "snapshot written");
+    Ok(())
+}
+
+/// The `id` of a command that did not parse, if it has one.
+fn command_id_of(bytes: &[u8]) -> CommandId {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(CommandId::from))
+        .unwrap_or_else(|| CommandId::from(""))
+}
