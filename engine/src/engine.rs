@@ -222,6 +222,11 @@ impl Engine {
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
         if let Some(d) = self.route(usage, seq, out)? {
+            // Every shard follows the event clock (rollovers, deadlines), not
+            // only the record's: state must not depend on the shard count.
+            for shard in &mut self.shards {
+                shard.advance(d.clock, out);
+            }
             self.shards[d.loc.shard as usize].account(d.loc.slot, usage, seq, d.clock, out);
         }
         Ok(())
