@@ -744,8 +744,11 @@ impl Engine {
             card.lifecycle = CardState::Activatable;
         }
         let lifecycle = card.lifecycle;
-        if lifecycle == CardState::Activatable && silent_end.is_some_and(|t| t <= at) {
-            shard.activate(loc.slot, at);
+        if let Some(silent_end) =
+            silent_end.filter(|t| lifecycle == CardState::Activatable && *t <= at)
+        {
+            // Forced activation dates from the end of the silent period.
+            shard.activate(loc.slot, silent_end);
             let card = &mut shard.cards[loc.slot as usize];
             card.reasons = card.reasons.set(Reason::PlanExpired, card.expires_at <= at);
         }

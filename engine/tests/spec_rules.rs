@@ -1583,3 +1583,48 @@ fn event_ids_are_unique_and_differ_for_different_causes() {
     assert_ne!(five[0].id, five[1].id);
     assert_eq!(five[0].id.len(), 32);
 }
+
+#[test]
+fn a_silent_period_already_over_at_upsert_activates_at_its_end() {
+    scenario(|s| {
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "activatable",
+            json!({"silent_ends_at": "2026-11-05T00:00:00+08:00"}),
+        );
+        let v = s.view(1);
+        assert_eq!(v.state, CardState::Active);
+        assert_eq!(v.activated_at, Some(ts("2026-11-05T00:00:00+08:00")));
+        assert_eq!(v.expires_at, Some(ts("2027-11-05T00:00:00+08:00")));
+    });
+}
+
+#[test]
+fn leaving_a_forward_pool_takes_usage_out_and_the_card_is_judged_on_its_own_plan() {
+    scenario(|s| {
+        for n in [1, 2, 3] {
+            s.active(n, "cmcc-30m");
+        }
+        s.forward_pool("p1", "cmcc-30m", &[1, 2, 3]);
+        s.rec(1, "a1", &nov(10, 1, 0), mb(95));
+        for n in [1, 2, 3] {
+            assert_eq!(s.state(n), active_suspended(&["pool_exhausted"]));
+        }
+        s.at = nov(10, 2, 0);
+        let out = s.ok(
+            "remove_pool_members",
+            json!({"pool": "p1", "iccids": iccids(&[1])}),
+        );
+        // Card 1 alone: 95 MB of its 30 MB plan.
+        let e = event_of(&out, 1);
+        assert_eq!(states(&e), st("suspended", "suspended"));
+        assert_eq!(reasons(&e), ["over_quota"]);
+        for n in [2, 3] {
+            assert_eq!(states(&event_of(&out, n)), st("suspended", "active"));
+        }
+        let p = s.pool("p1");
+        assert_eq!((p.usage_bytes, p.allowance_bytes), (0, mb(60)));
+        assert_eq!(s.view(1).pool, None);
+    });
+}
