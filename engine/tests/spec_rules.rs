@@ -285,7 +285,14 @@ fn general_cap_is_lifted_next_cycle() {
         s.rec(1, "r1", &nov(30, 21, 0), mb(101));
         assert_eq!(s.state(1), active_suspended(&["general_cap"]));
         let out = s.rec(1, "r2", &dec(1, 0, 0), 10);
-        assert_eq!(states(&event_of(&out, 1)), st("suspended", "active"));
+        let e = event_of(&out, 1);
+        assert_eq!(states(&e), st("suspended", "active"));
+        assert_eq!(
+            e.cause,
+            Cause::Rollover {
+                cycle: CycleId::new(2026, 12)
+            }
+        );
         assert_eq!(s.view(1).usage_bytes, 10);
     });
 }
@@ -506,17 +513,20 @@ fn backward_pool_threshold_cuts_every_member_when_the_rule_fires() {
         assert!(card_events(&out).is_empty());
         let out = s.rec(2, "b1", &nov(10, 2, 0), mb(14));
         assert!(card_events(&out).is_empty());
-        let out = s.rec(2, "b2", &nov(10, 3, 0), mb(1) + 10);
+        let out = s.rec(2, "b2", &nov(10, 3, 0), mb(1) - 10);
+        assert!(card_events(&out).is_empty(), "10 bytes short of 50 MB");
+        // used MB >= 50: reaching it exactly fires.
+        let out = s.rec(2, "b3", &nov(10, 3, 30), 10);
         let pools = pool_events(&out);
         assert_eq!(pools.len(), 1);
         assert_eq!(pools[0].limit_bytes, Some(mb(50)));
         for n in [1, 2] {
             let e = event_of(&out, n);
             assert_eq!(reasons(&e), ["backward_pool_threshold"], "card {n}");
-            assert_eq!(e.usage_bytes, mb(50) + 10);
+            assert_eq!(e.usage_bytes, mb(50));
             assert_eq!(e.limit_bytes, Some(mb(50)));
-            assert_eq!(e.overshoot_bytes, Some(10));
-            assert_eq!(e.cause, record_cause(2, "b2"));
+            assert_eq!(e.overshoot_bytes, Some(0));
+            assert_eq!(e.cause, record_cause(2, "b3"));
         }
         no_event_of(&out, 3);
     });
@@ -537,7 +547,9 @@ fn backward_pool_threshold_is_lifted_next_cycle() {
         }
         let out = s.rec(2, "b1", &dec(1, 0, 30), mb(1));
         for n in [1, 2] {
-            assert_eq!(states(&event_of(&out, n)), st("suspended", "active"));
+            let e = event_of(&out, n);
+            assert_eq!(states(&e), st("suspended", "active"));
+            assert!(matches!(e.cause, Cause::Rollover { .. }), "{e:?}");
         }
         assert_eq!(s.pool("bp").usage_bytes, mb(1));
     });
