@@ -571,10 +571,16 @@ pub fn parse_command(bytes: &[u8]) -> Result<Command, CommandError> {
         Ok(command) => Ok(command),
         Err(e) => {
             let message = e.to_string();
-            let code = if message.contains("unknown variant") {
-                ErrorCode::UnknownType
-            } else {
-                ErrorCode::Malformed
+            // Only an unknown `type` is `unknown_type`; an unknown enum value
+            // inside a known command (e.g. a carrier) is malformed.
+            let type_name = serde_json::from_slice::<serde_json::Value>(bytes)
+                .ok()
+                .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
+            let code = match type_name {
+                Some(t) if message.contains(&format!("unknown variant `{t}`")) => {
+                    ErrorCode::UnknownType
+                }
+                _ => ErrorCode::Malformed,
             };
             Err(CommandError::new(code, message))
         }

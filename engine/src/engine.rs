@@ -222,6 +222,11 @@ impl Engine {
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
         if let Some(d) = self.route(usage, seq, out)? {
+            // Every shard follows the event clock (rollovers, deadlines), not
+            // only the record's: state must not depend on the shard count.
+            for shard in &mut self.shards {
+                shard.advance(d.clock, out);
+            }
             self.shards[d.loc.shard as usize].account(d.loc.slot, usage, seq, d.clock, out);
         }
         Ok(())
@@ -739,8 +744,11 @@ impl Engine {
             card.lifecycle = CardState::Activatable;
         }
         let lifecycle = card.lifecycle;
-        if lifecycle == CardState::Activatable && silent_end.is_some_and(|t| t <= at) {
-            shard.activate(loc.slot, at);
+        if let Some(silent_end) =
+            silent_end.filter(|t| lifecycle == CardState::Activatable && *t <= at)
+        {
+            // Forced activation dates from the end of the silent period.
+            shard.activate(loc.slot, silent_end);
             let card = &mut shard.cards[loc.slot as usize];
             card.reasons = card.reasons.set(Reason::PlanExpired, card.expires_at <= at);
         }

@@ -379,8 +379,10 @@ impl Shard {
         let cycle = self.config.calendar.cycle_of(card.carrier, usage.end);
         let current = self.cycle(card.carrier);
         if cycle < current || card.lifecycle == CardState::Deregistered {
+            // Late: its cycle closed more than the allowed lateness ago.
+            let cycle_end = self.config.calendar.bounds(card.carrier, cycle).1;
             let late = cycle < current
-                && usage.end < self.clock.plus_millis(-self.config.allowed_lateness_ms);
+                && self.clock > cycle_end.plus_millis(self.config.allowed_lateness_ms);
             out.push(Output::Accounted(Accounted {
                 seq,
                 usage: *usage,
