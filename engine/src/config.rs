@@ -24,6 +24,11 @@ pub struct EngineConfig {
     /// Hot window of the dedupe: records whose end is within this of the
     /// event clock are checked in memory first, in ms.
     pub dedupe_window_ms: i64,
+    /// Check the dedupe cold index on every hot-window miss too: exact for
+    /// any reuse of a record id, ever, even with a different `end` long
+    /// after the original (one index lookup per fresh record). Off by
+    /// default: resends carry the same `end` and are always caught.
+    pub dedupe_verify_misses: bool,
     /// Silent period of an activatable card without an explicit
     /// `silent_ends_at`, in months from the command that created it.
     pub silent_period_months: u32,
@@ -37,6 +42,7 @@ impl Default for EngineConfig {
             max_future_ms: MS_PER_DAY,
             shards: 0,
             dedupe_window_ms: 48 * MS_PER_HOUR,
+            dedupe_verify_misses: false,
             silent_period_months: 6,
         }
     }

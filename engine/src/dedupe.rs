@@ -194,6 +194,13 @@ pub struct DedupeConfig {
     /// Eviction granularity: records are grouped by `end` into buckets of
     /// this width, dropped whole. Default 1 h.
     pub bucket_ms: i64,
+    /// Also ask the [`IdStore`] when the hot window misses. Off by default:
+    /// a miss then proves the id was never accepted with an `end` inside the
+    /// window, which catches every resend of the same record (same `end`)
+    /// and any reuse of the id within the window. On: exact for any reuse
+    /// of an id, ever, at the cost of one store lookup per fresh record.
+    #[serde(default)]
+    pub verify_misses: bool,
 }
 
 impl Default for DedupeConfig {
@@ -201,6 +208,7 @@ impl Default for DedupeConfig {
         DedupeConfig {
             window_ms: 48 * MS_PER_HOUR,
             bucket_ms: MS_PER_HOUR,
+            verify_misses: false,
         }
     }
 }
@@ -263,6 +271,7 @@ impl Deduper {
         let config = DedupeConfig {
             window_ms: config.window_ms.max(0),
             bucket_ms: config.bucket_ms.max(1),
+            verify_misses: config.verify_misses,
         };
         Deduper {
             config,
@@ -322,7 +331,9 @@ impl Deduper {
             store.insert(iccid, record_id, end, seq)?;
             return Ok(Sighting::First);
         }
-        if self.hot_contains(fp) && store.contains(iccid, record_id)? {
+        if (self.config.verify_misses || self.hot_contains(fp))
+            && store.contains(iccid, record_id)?
+        {
             return Ok(Sighting::Duplicate);
         }
         store.insert(iccid, record_id, end, seq)?;
@@ -627,6 +638,7 @@ mod tests {
         DedupeConfig {
             window_ms: 10 * H,
             bucket_ms: H,
+            verify_misses: false,
         }
     }
 

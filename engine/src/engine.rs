@@ -164,6 +164,7 @@ impl Engine {
         let deduper = Deduper::new(DedupeConfig {
             window_ms: config.dedupe_window_ms,
             bucket_ms: crate::time::MS_PER_HOUR,
+            verify_misses: config.dedupe_verify_misses,
         });
         Engine {
             shards: (0..n).map(|_| Shard::new(config.clone())).collect(),

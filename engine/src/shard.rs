@@ -171,6 +171,9 @@ pub(crate) struct Shard {
     pub(crate) cycles: Option<[CycleId; 4]>,
     #[serde(skip)]
     pending: Pending,
+    /// Cached earliest end of the current cycles (derived from `cycles`).
+    #[serde(skip)]
+    next_boundary: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -194,6 +197,7 @@ impl Shard {
             clock: Timestamp::MIN,
             cycles: None,
             pending: Pending::default(),
+            next_boundary: None,
         };
         shard.rebuild_indexes();
         shard
@@ -228,6 +232,20 @@ impl Shard {
             return;
         }
         self.clock = clock;
+        // Fast path, taken by almost every record: nothing falls due.
+        if let Some(cycles) = self.cycles {
+            let boundary = *self.next_boundary.get_or_insert_with(|| {
+                Carrier::ALL
+                    .iter()
+                    .map(|&c| self.config.calendar.bounds(c, cycles[c.index()]).1)
+                    .min()
+                    .unwrap_or(Timestamp::MAX)
+            });
+            let deadline_due = self.deadlines.keys().next().is_some_and(|t| *t <= clock.0);
+            if clock < boundary && !deadline_due {
+                return;
+            }
+        }
         let cal = self.config.calendar;
         let Some(mut cycles) = self.cycles else {
             self.cycles = Some(Carrier::ALL.map(|c| cal.cycle_of(c, clock)));
@@ -253,6 +271,7 @@ impl Shard {
                     let next = cal.cycle_of(carrier, end);
                     cycles[carrier.index()] = next;
                     self.cycles = Some(cycles);
+                    self.next_boundary = None;
                     self.rollover(carrier, next, end, out);
                 }
                 (None, Some(_)) => self.fire_deadlines(clock, out),

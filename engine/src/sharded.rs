@@ -245,6 +245,10 @@ impl ShardedEngine {
             })
             .collect();
         self.lent = false;
+        // Shards only saw the clock of their own records while lent: bring
+        // every one up to the router's clock (deadlines, rollovers).
+        let clock = self.engine.clock();
+        self.engine.advance_clock(clock, &mut self.local);
     }
 }
 

@@ -1101,14 +1101,73 @@ fn a_record_id_is_counted_once_per_card_ever() {
         let out = s.rec(2, "r1", &nov(10, 1, 0), mb(1));
         assert!(accounted(&out)[0].counted);
         assert_eq!(s.view(2).usage_bytes, mb(1));
-        // Much later (next cycle, weeks on): still a duplicate.
+        // Much later (next cycle, weeks on), the same resend: still a
+        // duplicate (its window bucket is gone; the cold index decides).
         s.tick(&dec(20, 0, 0));
         let out = s.rec(1, "r1", &nov(10, 1, 0), mb(1));
         assert!(matches!(&out[..], [Output::Duplicate { .. }]), "{out:#?}");
-        let out = s.rec(1, "r1", &dec(20, 1, 0), mb(1));
-        assert!(matches!(&out[..], [Output::Duplicate { .. }]), "{out:#?}");
         assert_eq!(s.view(1).usage_bytes, 0);
     });
+}
+
+/// The documented limit of the default dedupe: an id reused with a new
+/// `end` inside the hot window after its original left the window is not
+/// checked against the cold index. `dedupe_verify_misses` closes it.
+#[test]
+fn an_id_reused_with_a_new_end_weeks_later_needs_verify_misses() {
+    use flowcap_engine::command::parse_command;
+    use flowcap_engine::{Engine, EngineConfig, Iccid, RecordId, Timestamp, Usage};
+    let run = |verify: bool| {
+        let mut engine = Engine::new(EngineConfig {
+            shards: 1,
+            dedupe_verify_misses: verify,
+            ..Default::default()
+        });
+        let mut out = Vec::new();
+        let at = "2026-11-01T00:00:00+08:00";
+        for line in [
+            format!(
+                r#"{{"id":"p","type":"upsert_plan","at":"{at}","plan":{{"id":"pl","carrier":"ctcc","allowance_mb":1000,"traffic":"directed"}}}}"#
+            ),
+            format!(
+                r#"{{"id":"c","type":"upsert_card","at":"{at}","card":{{"iccid":"89860300000000000001","carrier":"ctcc","plan":"pl","state":"active"}}}}"#
+            ),
+        ] {
+            engine.process_command(parse_command(line.as_bytes()).unwrap(), 0, &mut out);
+        }
+        let usage = |end: &str| Usage {
+            record_id: RecordId::new("r1").unwrap(),
+            iccid: Iccid::parse("89860300000000000001").unwrap(),
+            start: None,
+            end: Timestamp::parse_rfc3339(end).unwrap(),
+            bytes_up: 1,
+            bytes_down: 0,
+            carrier: None,
+        };
+        engine.advance_clock(
+            Timestamp::parse_rfc3339("2026-11-10T00:00:00+08:00").unwrap(),
+            &mut out,
+        );
+        engine
+            .process_usage(&usage("2026-11-10T01:00:00+08:00"), 1, &mut out)
+            .unwrap();
+        assert!(matches!(out.last(), Some(Output::Accounted(a)) if a.counted));
+        engine.advance_clock(
+            Timestamp::parse_rfc3339("2026-11-20T00:00:00+08:00").unwrap(),
+            &mut out,
+        );
+        let mut later = Vec::new();
+        engine
+            .process_usage(&usage("2026-11-20T01:00:00+08:00"), 2, &mut later)
+            .unwrap();
+        later
+    };
+    let verified = run(true);
+    assert!(
+        matches!(&verified[..], [Output::Duplicate { .. }]),
+        "{verified:#?}"
+    );
+    assert!(matches!(run(false).first(), Some(Output::Accounted(_))));
 }
 
 #[test]
