@@ -221,7 +221,17 @@ impl Engine {
         seq: u64,
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
+        let before = self.clock;
         if let Some(d) = self.route(usage, seq, out)? {
+            if d.clock > before {
+                // Rollovers and deadlines fall due in every shard when the
+                // clock passes them, not when a shard next sees a record.
+                for (i, shard) in self.shards.iter_mut().enumerate() {
+                    if i != d.loc.shard as usize {
+                        shard.advance(d.clock, out);
+                    }
+                }
+            }
             self.shards[d.loc.shard as usize].account(d.loc.slot, usage, seq, d.clock, out);
         }
         Ok(())
