@@ -253,7 +253,11 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
         .map(|op| (0, op))
         .chain(steps.iter().map(|s| (s.dt_ms, &s.op)));
     for (dt, op) in all {
-        t = t.plus_millis(dt);
+        // Stay within 300 days: cards activated by usage get a 12-month
+        // term, and the model leaves plan expiry out.
+        if t.plus_millis(dt) < start_time().plus_millis(300 * DAY) {
+            t = t.plus_millis(dt);
+        }
         let usage = |card: usize, id: String, end: Timestamp, bytes: u64| Usage {
             record_id: RecordId::new(&id).unwrap(),
             iccid: iccid(card),
