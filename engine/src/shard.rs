@@ -356,9 +356,16 @@ impl Shard {
                 self.touch(slot);
             }
             let card = &mut self.cards[slot as usize];
+            let (pool, usage) = (card.pool, card.usage);
             card.usage = 0;
             card.addon_mb = 0;
             card.reasons = card.reasons.after_rollover();
+            // Pool usage is the sum of the members' current-cycle usage, also
+            // for backward pools whose members follow another carrier's cycle.
+            if pool != NO_POOL {
+                let p = &mut self.pools[pool as usize];
+                p.usage = p.usage.saturating_sub(usage);
+            }
         }
         for p in 0..self.pools.len() as u32 {
             let pool = &self.pools[p as usize];
@@ -367,7 +374,6 @@ impl Shard {
             }
             self.touch_pool(p);
             let pool = &mut self.pools[p as usize];
-            pool.usage = 0;
             pool.addon_mb = 0;
             pool.exhausted = false;
             pool.cut = false;

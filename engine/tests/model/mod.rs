@@ -1,0 +1,588 @@
+//! A tiny reference model of the accounting engine (SPEC sections 2-5 and
+//! the lead's decisions), written for obviousness, not speed.
+//!
+//! Every card's reasons are recomputed from scratch after each input; the
+//! only remembered reason state is what the SPEC says is remembered
+//! (`over_threshold` latch, `manual`, `violation`, pool freeze). Pool usage
+//! and allowance are derived from the members every time.
+//!
+//! Covered: upsert_plan, upsert_card, create_pool (forward and backward),
+//! add/remove_pool_members, set/clear_threshold, add_on (card and pool),
+//! suspend, resume, deregister, freeze/unfreeze, activate; usage records
+//! (unknown cards, duplicates, far future, late, cycle rollovers).
+//! Not covered: testable cards, deadlines (plan expiry, silent/test end),
+//! renew, rules, tags, violations/rebind, remove_plan, carrier changes.
+
+#![allow(dead_code, unreachable_pub)]
+
+pub mod gen;
+
+use std::collections::{BTreeMap, HashSet};
+
+use flowcap_engine::command::{CardSpec, PoolKind};
+use flowcap_engine::{
+    CardState, Carrier, Command, CommandKind, Iccid, Reason, Reasons, Timestamp, TrafficType,
+    Usage, MB,
+};
+
+/// 100 MB general-traffic cap.
+pub const GENERAL_CAP: u64 = 100 * MB;
+/// UTC+8.
+pub const OFFSET_SECS: i32 = 8 * 3600;
+
+/// A cycle as a month index (`year * 12 + month - 1` of the month it ends in).
+pub fn cycle_of(carrier: Carrier, t: Timestamp) -> i64 {
+    let (y, m, d) = t.civil_date(OFFSET_SECS);
+    let month = y * 12 + i64::from(m) - 1;
+    if carrier == Carrier::Cucc && d >= 27 {
+        month + 1
+    } else {
+        month
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelPlan {
+    pub carrier: Carrier,
+    pub allowance_bytes: u64,
+    pub general: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelCard {
+    pub carrier: Carrier,
+    pub plan: String,
+    /// Never `Suspended`: that is derived.
+    pub lifecycle: CardState,
+    pub usage: u64,
+    pub addon_mb: u64,
+    pub threshold_mb: i64,
+    pub over_threshold: bool,
+    pub manual: bool,
+    pub pool: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelPool {
+    pub forward: bool,
+    pub carrier: Option<Carrier>,
+    pub plan: Option<String>,
+    pub addon_mb: u64,
+    pub frozen: bool,
+}
+
+/// What happened to a record.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RecordOutcome {
+    Counted,
+    NotCounted,
+    Duplicate,
+    Rejected(String),
+}
+
+/// What a command answered: whole-command error, per-card oks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutcome {
+    pub whole_error: bool,
+    pub per_card: Vec<bool>,
+}
+
+/// One `card_state` event as the model sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelEvent {
+    pub iccid: Iccid,
+    pub old: CardState,
+    pub new: CardState,
+    pub reasons: Reasons,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub max_future_ms: i64,
+    pub clock: Option<Timestamp>,
+    pub plans: BTreeMap<String, ModelPlan>,
+    pub cards: BTreeMap<Iccid, ModelCard>,
+    pub pools: BTreeMap<String, ModelPool>,
+    pub seen: HashSet<(Iccid, String)>,
+    /// Last visible (state, reasons) per card, for events.
+    pub visible: BTreeMap<Iccid, (CardState, Reasons)>,
+    pub events: Vec<ModelEvent>,
+}
+
+impl Model {
+    pub fn new(max_future_ms: i64) -> Model {
+        Model {
+            max_future_ms,
+            clock: None,
+            plans: BTreeMap::new(),
+            cards: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            seen: HashSet::new(),
+            visible: BTreeMap::new(),
+            events: Vec::new(),
+        }
+    }
+
+    // ----- derived values ----------------------------------------------
+
+    pub fn current_cycle(&self, carrier: Carrier) -> i64 {
+        cycle_of(carrier, self.clock.unwrap_or(Timestamp(0)))
+    }
+
+    pub fn members(&self, pool: &str) -> Vec<Iccid> {
+        self.cards
+            .iter()
+            .filter(|(_, c)| c.pool.as_deref() == Some(pool))
+            .map(|(i, _)| *i)
+            .collect()
+    }
+
+    pub fn pool_usage(&self, pool: &str) -> u64 {
+        self.members(pool).iter().map(|i| self.cards[i].usage).sum()
+    }
+
+    pub fn pool_allowance(&self, pool: &str) -> u64 {
+        let members: u64 = self
+            .members(pool)
+            .iter()
+            .map(|i| &self.cards[i])
+            .filter(|c| c.lifecycle == CardState::Active)
+            .map(|c| self.plans[&c.plan].allowance_bytes)
+            .sum();
+        members + self.pools[pool].addon_mb * MB
+    }
+
+    pub fn pool_exhausted(&self, pool: &str) -> bool {
+        self.pools[pool].forward && self.pool_usage(pool) > self.pool_allowance(pool)
+    }
+
+    fn threshold_crossed(card: &ModelCard) -> bool {
+        card.threshold_mb >= 0 && card.usage > card.threshold_mb as u64 * MB
+    }
+
+    pub fn reasons(&self, iccid: Iccid) -> Reasons {
+        let card = &self.cards[&iccid];
+        if card.lifecycle == CardState::Deregistered {
+            return Reasons::EMPTY;
+        }
+        let plan = &self.plans[&card.plan];
+        let pool = card.pool.as_deref();
+        let forward_pool = pool.filter(|p| self.pools[*p].forward);
+        let backward_pool = pool.filter(|p| !self.pools[*p].forward);
+        let mut r = Reasons::EMPTY;
+        let own_limit = plan.allowance_bytes + card.addon_mb * MB;
+        r = r.set(Reason::OverQuota, pool.is_none() && card.usage > own_limit);
+        r = r.set(Reason::OverThreshold, card.over_threshold);
+        r = r.set(Reason::GeneralCap, plan.general && card.usage > GENERAL_CAP);
+        r = r.set(
+            Reason::PoolExhausted,
+            forward_pool.is_some_and(|p| self.pool_exhausted(p)),
+        );
+        r = r.set(
+            Reason::PoolFrozen,
+            backward_pool.is_some_and(|p| self.pools[p].frozen),
+        );
+        r = r.set(Reason::Manual, card.manual);
+        r
+    }
+
+    /// Visible state and reasons (reasons empty unless suspended).
+    pub fn view(&self, iccid: Iccid) -> (CardState, Reasons) {
+        let card = &self.cards[&iccid];
+        let reasons = self.reasons(iccid);
+        if card.lifecycle == CardState::Active && !reasons.is_empty() {
+            (CardState::Suspended, reasons)
+        } else {
+            (card.lifecycle, Reasons::EMPTY)
+        }
+    }
+
+    pub fn pool_state(&self, pool: &str) -> &'static str {
+        let p = &self.pools[pool];
+        if p.forward {
+            if self.pool_exhausted(pool) {
+                "exhausted"
+            } else {
+                "available"
+            }
+        } else if p.frozen {
+            "frozen"
+        } else {
+            "available"
+        }
+    }
+
+    // ----- causes --------------------------------------------------------
+
+    /// Ends one cause: latches thresholds, emits one event per card whose
+    /// visible state changed.
+    fn end_cause(&mut self) {
+        for card in self.cards.values_mut() {
+            if Self::threshold_crossed(card) {
+                card.over_threshold = true;
+            }
+        }
+        let iccids: Vec<Iccid> = self.cards.keys().copied().collect();
+        for iccid in iccids {
+            let now = self.view(iccid);
+            match self.visible.insert(iccid, now) {
+                Some(before) if before != now => self.events.push(ModelEvent {
+                    iccid,
+                    old: before.0,
+                    new: now.0,
+                    reasons: now.1,
+                }),
+                _ => {}
+            }
+        }
+    }
+
+    /// Moves the clock to `t` if later; each carrier whose cycle changes
+    /// rolls over (one cause per carrier).
+    fn advance(&mut self, t: Timestamp) {
+        let old = self.clock;
+        if old.is_some_and(|c| c >= t) {
+            return;
+        }
+        self.clock = Some(t);
+        let Some(old) = old else { return };
+        for carrier in Carrier::ALL {
+            if cycle_of(carrier, t) == cycle_of(carrier, old) {
+                continue;
+            }
+            for card in self.cards.values_mut() {
+                if card.carrier == carrier {
+                    card.usage = 0;
+                    card.addon_mb = 0;
+                    card.over_threshold = false;
+                }
+            }
+            for pool in self.pools.values_mut() {
+                if pool.forward && pool.carrier == Some(carrier) {
+                    pool.addon_mb = 0;
+                }
+            }
+            self.end_cause();
+        }
+    }
+
+    // ----- records ---------------------------------------------------------
+
+    pub fn record(&mut self, u: &Usage) -> RecordOutcome {
+        if let Some(clock) = self.clock {
+            if u.end > clock.plus_millis(self.max_future_ms) {
+                return RecordOutcome::Rejected("future_time".into());
+            }
+        }
+        if !self.cards.contains_key(&u.iccid) {
+            return RecordOutcome::Rejected("unknown_card".into());
+        }
+        if !self.seen.insert((u.iccid, u.record_id.as_str().to_owned())) {
+            return RecordOutcome::Duplicate;
+        }
+        self.advance(u.end);
+        let current = self.current_cycle(self.cards[&u.iccid].carrier);
+        let card = self.cards.get_mut(&u.iccid).unwrap();
+        if card.lifecycle == CardState::Deregistered || cycle_of(card.carrier, u.end) < current {
+            return RecordOutcome::NotCounted;
+        }
+        if card.lifecycle == CardState::Activatable {
+            card.lifecycle = CardState::Active;
+        }
+        card.usage += u.bytes_up + u.bytes_down;
+        self.end_cause();
+        RecordOutcome::Counted
+    }
+
+    // ----- commands --------------------------------------------------------
+
+    pub fn command(&mut self, c: &Command) -> CommandOutcome {
+        self.advance(c.at);
+        let outcome = self.apply(c);
+        self.end_cause();
+        outcome
+    }
+
+    fn whole(ok: bool) -> CommandOutcome {
+        CommandOutcome {
+            whole_error: !ok,
+            per_card: Vec::new(),
+        }
+    }
+
+    fn live(&self, iccid: &Iccid) -> Option<&ModelCard> {
+        self.cards
+            .get(iccid)
+            .filter(|c| c.lifecycle != CardState::Deregistered)
+    }
+
+    /// Applies `f` to each card of a batch; unknown cards fail.
+    fn batch(
+        &mut self,
+        iccids: &[Iccid],
+        mut f: impl FnMut(&mut Model, Iccid) -> bool,
+    ) -> CommandOutcome {
+        let distinct: HashSet<&Iccid> = iccids.iter().collect();
+        if iccids.is_empty() || distinct.len() != iccids.len() {
+            return Self::whole(false);
+        }
+        let per_card = iccids
+            .iter()
+            .map(|&i| self.cards.contains_key(&i) && f(self, i))
+            .collect();
+        CommandOutcome {
+            whole_error: false,
+            per_card,
+        }
+    }
+
+    fn apply(&mut self, c: &Command) -> CommandOutcome {
+        let at = c.at;
+        match &c.kind {
+            CommandKind::UpsertPlan { plan } => {
+                if let Some(old) = self.plans.get(plan.id.as_str()) {
+                    assert_eq!(old.carrier, plan.carrier, "generator keeps plan carriers");
+                }
+                self.plans.insert(
+                    plan.id.0.clone(),
+                    ModelPlan {
+                        carrier: plan.carrier,
+                        allowance_bytes: plan.allowance_mb * MB,
+                        general: plan.traffic == TrafficType::General,
+                    },
+                );
+                Self::whole(true)
+            }
+            CommandKind::UpsertCard { card } => Self::whole(self.upsert_card(card)),
+            CommandKind::CreatePool { pool } => {
+                let id = pool.id.0.clone();
+                if self.pools.contains_key(&id) {
+                    return Self::whole(false);
+                }
+                let forward = pool.kind == PoolKind::Forward;
+                if forward {
+                    let (Some(plan), Some(carrier)) = (&pool.plan, pool.carrier) else {
+                        return Self::whole(false);
+                    };
+                    match self.plans.get(plan.as_str()) {
+                        Some(p) if p.carrier == carrier => {}
+                        _ => return Self::whole(false),
+                    }
+                }
+                self.pools.insert(
+                    id,
+                    ModelPool {
+                        forward,
+                        carrier: pool.carrier,
+                        plan: if forward {
+                            pool.plan.as_ref().map(|p| p.0.clone())
+                        } else {
+                            None
+                        },
+                        addon_mb: 0,
+                        frozen: false,
+                    },
+                );
+                Self::whole(true)
+            }
+            CommandKind::AddPoolMembers { pool, iccids } => {
+                let Some(p) = self.pools.get(pool.as_str()).cloned() else {
+                    return Self::whole(false);
+                };
+                let id = pool.0.clone();
+                self.batch(iccids, |m, i| {
+                    let Some(card) = m.live(&i) else { return false };
+                    match &card.pool {
+                        Some(q) if *q == id => return true,
+                        Some(_) => return false,
+                        None => {}
+                    }
+                    let fits = if p.forward {
+                        p.carrier == Some(card.carrier) && p.plan.as_ref() == Some(&card.plan)
+                    } else {
+                        p.carrier.is_none_or(|pc| pc == card.carrier)
+                    };
+                    if fits {
+                        m.cards.get_mut(&i).unwrap().pool = Some(id.clone());
+                    }
+                    fits
+                })
+            }
+            CommandKind::RemovePoolMembers { pool, iccids } => {
+                if !self.pools.contains_key(pool.as_str()) {
+                    return Self::whole(false);
+                }
+                let id = pool.0.clone();
+                self.batch(iccids, |m, i| {
+                    let card = m.cards.get_mut(&i).unwrap();
+                    if card.pool.as_ref() != Some(&id) {
+                        return false;
+                    }
+                    card.pool = None;
+                    true
+                })
+            }
+            CommandKind::SetThreshold { iccids, mb } => {
+                let mb = *mb;
+                if mb < -1 {
+                    return Self::whole(false);
+                }
+                self.batch(iccids, |m, i| {
+                    let Some(card) = m.live(&i) else { return false };
+                    let in_forward = card.pool.as_ref().is_some_and(|p| m.pools[p].forward);
+                    let needs_pool = matches!(card.carrier, Carrier::Cmcc | Carrier::Cucc);
+                    if needs_pool && !in_forward {
+                        return false;
+                    }
+                    let card = m.cards.get_mut(&i).unwrap();
+                    card.threshold_mb = mb;
+                    card.over_threshold = Self::threshold_crossed(card);
+                    true
+                })
+            }
+            CommandKind::ClearThreshold { iccids } => self.batch(iccids, |m, i| {
+                if m.live(&i).is_none() {
+                    return false;
+                }
+                m.cards.get_mut(&i).unwrap().threshold_mb = -1;
+                true
+            }),
+            CommandKind::AddOn { iccid, pool, mb } => {
+                let mb = *mb;
+                if mb == 0 {
+                    return Self::whole(false);
+                }
+                match (iccid, pool) {
+                    (Some(i), None) => {
+                        let Some(card) = self.live(i) else {
+                            return Self::whole(false);
+                        };
+                        let in_forward = card.pool.as_ref().is_some_and(|p| self.pools[p].forward);
+                        if in_forward
+                            || cycle_of(card.carrier, at) != self.current_cycle(card.carrier)
+                        {
+                            return Self::whole(false);
+                        }
+                        self.cards.get_mut(i).unwrap().addon_mb += mb;
+                        Self::whole(true)
+                    }
+                    (None, Some(p)) => {
+                        let Some(pool) = self.pools.get(p.as_str()) else {
+                            return Self::whole(false);
+                        };
+                        let carrier = pool.carrier.unwrap_or(Carrier::Cmcc);
+                        if !pool.forward || cycle_of(carrier, at) != self.current_cycle(carrier) {
+                            return Self::whole(false);
+                        }
+                        self.pools.get_mut(p.as_str()).unwrap().addon_mb += mb;
+                        Self::whole(true)
+                    }
+                    _ => Self::whole(false),
+                }
+            }
+            CommandKind::Suspend { iccids } => self.batch(iccids, |m, i| {
+                let card = m.cards.get_mut(&i).unwrap();
+                if card.lifecycle != CardState::Active {
+                    return false;
+                }
+                card.manual = true;
+                true
+            }),
+            CommandKind::Resume { iccids } => self.batch(iccids, |m, i| {
+                let card = m.cards.get_mut(&i).unwrap();
+                if card.lifecycle == CardState::Deregistered {
+                    return false;
+                }
+                card.manual = false;
+                true
+            }),
+            CommandKind::Deregister { iccids } => self.batch(iccids, |m, i| {
+                let card = m.cards.get_mut(&i).unwrap();
+                if card.lifecycle == CardState::Deregistered {
+                    return false;
+                }
+                card.lifecycle = CardState::Deregistered;
+                card.pool = None;
+                card.manual = false;
+                card.over_threshold = false;
+                true
+            }),
+            CommandKind::Activate { iccids } => self.batch(iccids, |m, i| {
+                let card = m.cards.get_mut(&i).unwrap();
+                if matches!(card.lifecycle, CardState::Deregistered | CardState::Active) {
+                    return false;
+                }
+                card.lifecycle = CardState::Active;
+                true
+            }),
+            CommandKind::FreezePool { pool } | CommandKind::UnfreezePool { pool } => {
+                let freeze = matches!(c.kind, CommandKind::FreezePool { .. });
+                match self.pools.get_mut(pool.as_str()) {
+                    Some(p) if !p.forward => {
+                        p.frozen = freeze;
+                        Self::whole(true)
+                    }
+                    _ => Self::whole(false),
+                }
+            }
+            other => panic!("the model does not cover {}", other.type_name()),
+        }
+    }
+
+    fn upsert_card(&mut self, spec: &CardSpec) -> bool {
+        match self.plans.get(spec.plan.as_str()) {
+            Some(p) if p.carrier == spec.carrier => {}
+            _ => return false,
+        }
+        let (lifecycle, manual) = match spec.state {
+            CardState::Suspended => (CardState::Active, true),
+            s => (s, false),
+        };
+        match self.cards.get_mut(&spec.iccid) {
+            Some(card) => {
+                if card.lifecycle == CardState::Deregistered {
+                    return false;
+                }
+                if let Some(pool) = &card.pool {
+                    let p = &self.pools[pool];
+                    let fits = if p.forward {
+                        p.carrier == Some(spec.carrier) && p.plan.as_ref() == Some(&spec.plan.0)
+                    } else {
+                        p.carrier.is_none_or(|pc| pc == spec.carrier)
+                    };
+                    if !fits {
+                        return false;
+                    }
+                }
+                assert_eq!(card.carrier, spec.carrier, "generator keeps card carriers");
+                card.plan = spec.plan.0.clone();
+                card.lifecycle = lifecycle;
+                card.manual = manual;
+                if lifecycle == CardState::Deregistered {
+                    card.pool = None;
+                    card.over_threshold = false;
+                }
+            }
+            None => {
+                self.cards.insert(
+                    spec.iccid,
+                    ModelCard {
+                        carrier: spec.carrier,
+                        plan: spec.plan.0.clone(),
+                        lifecycle,
+                        usage: 0,
+                        addon_mb: 0,
+                        threshold_mb: -1,
+                        over_threshold: false,
+                        manual,
+                        pool: None,
+                    },
+                );
+                // A new card has no "before": no event for its creation.
+                let view = self.view(spec.iccid);
+                self.visible.insert(spec.iccid, view);
+            }
+        }
+        true
+    }
+}
