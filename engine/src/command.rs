@@ -301,14 +301,17 @@ pub struct CardSpec {
     pub carrier: Carrier,
     /// Plan id (must exist, same carrier).
     pub plan: PlanId,
-    /// Initial state (default `activatable`). `suspended` is set with the
-    /// `manual` reason.
-    #[serde(default = "default_card_state")]
-    pub state: CardState,
-    /// Activation time (set for active cards).
+    /// State. New cards default to `activatable`; for an existing card an
+    /// omitted state keeps the current one. `suspended` means active with
+    /// the `manual` reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<CardState>,
+    /// Activation time (set for active cards; omitted on an existing card:
+    /// kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated_at: Option<Timestamp>,
-    /// Plan expiry.
+    /// Plan expiry (omitted on an existing card: kept; on a new active card:
+    /// activation + the plan's term).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Timestamp>,
     /// End of the test period (testable cards).
@@ -336,10 +339,6 @@ pub struct CardSpec {
     /// Custom attributes (names must be declared).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
-}
-
-fn default_card_state() -> CardState {
-    CardState::Activatable
 }
 
 /// Forward pools share allowance; backward pools sum post-paid usage.

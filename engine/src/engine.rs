@@ -908,21 +908,44 @@ impl Engine {
             ));
         }
         let offset = self.config.calendar.utc_offset_secs;
-        let (lifecycle, manual) = match spec.state {
+        // An existing card keeps what the command leaves out.
+        let existing = self.directory.get(&spec.iccid).map(|&loc| {
+            let card = self.card(loc);
+            let state =
+                if card.lifecycle == CardState::Active && card.reasons.contains(Reason::Manual) {
+                    CardState::Suspended
+                } else {
+                    card.lifecycle
+                };
+            let silent = self.shards[loc.shard as usize]
+                .extra(loc.slot)
+                .and_then(|e| e.silent_ends_at);
+            (state, card.activated_at, card.expires_at, silent)
+        });
+        let state = spec
+            .state
+            .or(existing.map(|e| e.0))
+            .unwrap_or(CardState::Activatable);
+        let (lifecycle, manual) = match state {
             CardState::Suspended => (CardState::Active, true),
             s => (s, false),
         };
-        let activated_at = match (spec.activated_at, lifecycle) {
+        let kept_activation = existing.map(|e| e.1).filter(|t| *t != Timestamp::MIN);
+        let activated_at = match (spec.activated_at.or(kept_activation), lifecycle) {
             (Some(t), _) => t,
             (None, CardState::Active) => at,
             _ => Timestamp::MIN,
         };
-        let expires_at = match (spec.expires_at, lifecycle) {
+        let kept_expiry = existing.map(|e| e.2).filter(|t| *t != Timestamp::MAX);
+        let expires_at = match (spec.expires_at.or(kept_expiry), lifecycle) {
             (Some(t), _) => t,
             (None, CardState::Active) => add_months(activated_at, term, offset),
             _ => Timestamp::MAX,
         };
-        let silent_ends_at = match (spec.silent_ends_at, lifecycle) {
+        let silent_ends_at = match (
+            spec.silent_ends_at.or(existing.and_then(|e| e.3)),
+            lifecycle,
+        ) {
             (Some(t), _) => Some(t),
             (None, CardState::Activatable) => {
                 Some(add_months(at, self.config.silent_period_months, offset))

@@ -420,7 +420,7 @@ impl Workload {
             iccid: self.iccid_for(card.carrier, index),
             carrier: card.carrier,
             plan: plan.map_or_else(|| PlanId(String::new()), |p| p.id.clone()),
-            state: CardState::Active,
+            state: Some(CardState::Active),
             activated_at: Some(activated_at),
             expires_at: Some(expires_at),
             test_ends_at: None,

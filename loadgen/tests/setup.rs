@@ -56,7 +56,7 @@ fn setup_parses_back_and_is_valid() {
                 );
                 assert!(card.tags.len() <= MAX_TAGS_PER_CARD);
                 assert!(card.tags.iter().all(|t| tags.contains(t)));
-                assert_eq!(card.state, CardState::Active);
+                assert_eq!(card.state, Some(CardState::Active));
                 assert!(card.activated_at.unwrap() < start);
                 assert!(card.expires_at.unwrap() > start.plus_millis(30 * 86_400_000));
                 assert!(card.msisdn.is_some() && card.imsi.is_some() && card.imei.is_some());

@@ -327,7 +327,7 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
                         iccid: iccid(*card),
                         carrier,
                         plan: PlanId::from(PLANS[plan].0),
-                        state: *state,
+                        state: Some(*state),
                         activated_at: active
                             .then(|| Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap()),
                         expires_at: active.then(far_future),

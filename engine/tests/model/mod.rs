@@ -534,7 +534,16 @@ impl Model {
             Some(p) if p.carrier == spec.carrier => {}
             _ => return false,
         }
-        let (lifecycle, manual) = match spec.state {
+        // New cards default to activatable; an existing card keeps its state
+        // when the command leaves it out.
+        let existing = self.cards.get(&spec.iccid).map(|c| {
+            if c.lifecycle == CardState::Active && c.manual {
+                CardState::Suspended
+            } else {
+                c.lifecycle
+            }
+        });
+        let (lifecycle, manual) = match spec.state.or(existing).unwrap_or(CardState::Activatable) {
             CardState::Suspended => (CardState::Active, true),
             s => (s, false),
         };
