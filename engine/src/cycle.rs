@@ -14,9 +14,31 @@ use crate::domain::Carrier;
 use crate::time::Timestamp;
 
 /// A billing cycle, named by the month it ends in: `year * 12 + month - 1`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CycleId(pub u32);
+
+/// `"YYYY-MM"` in human-readable formats (JSON), the number in binary ones.
+impl Serialize for CycleId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            serializer.serialize_u32(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CycleId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+            CycleId::parse(&text)
+                .ok_or_else(|| serde::de::Error::custom(format!("cycle {text:?} is not YYYY-MM")))
+        } else {
+            u32::deserialize(deserializer).map(CycleId)
+        }
+    }
+}
 
 impl CycleId {
     /// The cycle ending in `month` (1-12) of `year`.
@@ -32,6 +54,16 @@ impl CycleId {
     /// Month (1-12) the cycle ends in.
     pub fn month(self) -> u32 {
         self.0 % 12 + 1
+    }
+
+    /// Parses `YYYY-MM`.
+    pub fn parse(text: &str) -> Option<CycleId> {
+        let (y, m) = text.split_once('-')?;
+        if y.len() != 4 || m.len() != 2 {
+            return None;
+        }
+        let (y, m) = (y.parse::<i64>().ok()?, m.parse::<u32>().ok()?);
+        (1..=12).contains(&m).then(|| CycleId::new(y, m))
     }
 
     /// The following cycle.

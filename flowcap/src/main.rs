@@ -1,1 +1,410 @@
-fn main() {}
+//! The `flowcap` binary: CLI, configuration and wiring.
+//!
+//! `flowcap run` is the main job. With no Kafka configured it runs
+//! embedded: usage from `--input FILE` (JSON lines) or the built-in load
+//! generator, commands from `--commands FILE` (or the generator's set-up),
+//! outputs, snapshots and the dedupe index in `--out DIR`. Run it again on
+//! the same directory after a crash and it resumes from the last snapshot
+//! with every output line written exactly once.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use flowcap_engine::EngineConfig;
+use flowcap_ingest::embedded::{self, EmbeddedOptions, Input, Summary};
+use flowcap_loadgen::{Expected, Workload, WorkloadConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+/// flowcap: usage accounting and cut-off decisions for IoT SIM cards.
+#[derive(Debug, Parser)]
+#[command(name = "flowcap", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the pipeline: usage and commands in, actions, rejects, journal
+    /// and history out (embedded: files or the built-in generator).
+    Run(RunArgs),
+    /// Write a generated workload (commands, usage, expected totals) to
+    /// JSON-lines files.
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(Debug, Args)]
+struct WorkloadArgs {
+    /// Workload definition (JSON, see `flowcap_loadgen::WorkloadConfig`);
+    /// the flags below override it.
+    #[arg(long, env = "FLOWCAP_WORKLOAD")]
+    workload: Option<PathBuf>,
+    /// Number of cards.
+    #[arg(long)]
+    cards: Option<u64>,
+    /// Hours of event time to generate.
+    #[arg(long)]
+    hours: Option<u32>,
+    /// Random seed (same seed, same workload).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Configuration file (TOML with `[engine]` and `[run]` tables; see
+    /// flowcap.example.toml). Flags override it.
+    #[arg(long, env = "FLOWCAP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Output directory: events, rejects, journal, history, snapshots.
+    #[arg(long, env = "FLOWCAP_OUT")]
+    out: Option<PathBuf>,
+    /// Usage records, one JSON object per line. Without it the built-in
+    /// generator produces the input.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Commands, one JSON object per line, merged with the records by time.
+    #[arg(long)]
+    commands: Option<PathBuf>,
+    /// Shards (default: one per core).
+    #[arg(long, env = "FLOWCAP_SHARDS")]
+    shards: Option<usize>,
+    /// Take a snapshot every N inputs (0: only at the end).
+    #[arg(long)]
+    snapshot_every: Option<u64>,
+    /// Do not write accounted records to usage.jsonl.
+    #[arg(long)]
+    no_history: bool,
+    /// Ignore snapshots in the output directory and start over.
+    #[arg(long)]
+    fresh: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the summary as JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    workload: WorkloadArgs,
+}
+
+#[derive(Debug, Args)]
+struct LoadgenArgs {
+    /// Directory to write commands.jsonl, usage.jsonl and expected.jsonl to.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    workload: WorkloadArgs,
+}
+
+/// The configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    /// Engine settings (time zone, lateness, shards, dedupe).
+    engine: EngineConfig,
+    /// Run settings.
+    run: RunSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RunSection {
+    /// Output directory.
+    out: PathBuf,
+    /// Snapshot every N inputs.
+    snapshot_every: u64,
+    /// Write accounted records to usage.jsonl.
+    history: bool,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            out: PathBuf::from("flowcap-data"),
+            snapshot_every: 1_000_000,
+            history: true,
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<FileConfig> {
+    match path {
+        None => Ok(FileConfig::default()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+        }
+    }
+}
+
+fn workload(args: &WorkloadArgs) -> Result<Workload> {
+    let mut config = match &args.workload {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading workload {}", path.display()))?;
+            WorkloadConfig::from_json(&text)?
+        }
+        None => WorkloadConfig::default(),
+    };
+    if let Some(cards) = args.cards {
+        config.cards = cards;
+    }
+    if let Some(hours) = args.hours {
+        config.duration_hours = hours;
+    }
+    if let Some(seed) = args.seed {
+        config.seed = seed;
+    }
+    Ok(Workload::new(config)?)
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOWCAP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => run(args),
+        Command::Loadgen(args) => loadgen(args),
+    }
+}
+
+fn progress_bar(total: Option<u64>, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {human_pos}/{human_len} inputs ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let file = load_config(args.config.as_deref())?;
+    let mut engine = file.engine;
+    if let Some(shards) = args.shards {
+        engine.shards = shards;
+    }
+    let out = args.out.clone().unwrap_or(file.run.out);
+    let options = EmbeddedOptions {
+        out_dir: out,
+        engine,
+        snapshot_every: args.snapshot_every.unwrap_or(file.run.snapshot_every),
+        history: file.run.history && !args.no_history,
+        resume: !args.fresh,
+        limits: Default::default(),
+        progress_every: 10_000,
+    };
+    if args.input.is_none() && args.commands.is_some() {
+        bail!("--commands needs --input (the generator makes its own commands)");
+    }
+
+    let (summary, engine, expected, workload) = match &args.input {
+        Some(input) => {
+            let (inputs, read_error) =
+                flowcap_ingest::files::merged_inputs(Some(input), args.commands.as_deref())
+                    .with_context(|| format!("opening {}", input.display()))?;
+            let bar = progress_bar(None, args.quiet);
+            let (summary, engine) =
+                embedded::run(&options, inputs, &mut |p| bar.set_position(p.inputs))?;
+            bar.finish_and_clear();
+            if let Some(e) = read_error.borrow_mut().take() {
+                return Err(e).context("reading input");
+            }
+            (summary, engine, None, None)
+        }
+        None => {
+            let workload = workload(&args.workload)?;
+            let setup: Vec<Input> = workload
+                .setup_commands()
+                .map(|c| Input::Command(serde_json::to_vec(&c).unwrap_or_default()))
+                .collect();
+            let total = setup.len() as u64 + workload.total_records();
+            let mut line = String::new();
+            let records = workload.records().map(move |r| {
+                line.clear();
+                r.to_json_line(&mut line);
+                Input::Record(line.as_bytes().to_vec())
+            });
+            let bar = progress_bar(Some(total), args.quiet);
+            let (summary, engine) =
+                embedded::run(&options, setup.into_iter().chain(records), &mut |p| {
+                    bar.set_position(p.inputs)
+                })?;
+            bar.finish_and_clear();
+            let expected = workload.expected();
+            (summary, engine, Some(expected), Some(workload))
+        }
+    };
+
+    let check = match (&expected, &workload) {
+        (Some(expected), Some(workload)) => Some(check_exactness(&engine, workload, expected)),
+        _ => None,
+    };
+    if args.json {
+        let doc = serde_json::json!({ "summary": summary, "exactness": check });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print_summary(&summary, check.as_ref());
+    }
+    if let Some(check) = check {
+        if check.mismatched > 0 {
+            bail!(
+                "{} cards' cycle totals differ from the generator's expectation",
+                check.mismatched
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Cycle totals compared with the generator's own bookkeeping.
+#[derive(Debug, serde::Serialize)]
+struct Exactness {
+    cards_checked: u64,
+    mismatched: u64,
+    first_mismatch: Option<String>,
+}
+
+fn check_exactness(
+    engine: &flowcap_engine::Engine,
+    workload: &Workload,
+    expected: &Expected,
+) -> Exactness {
+    let mut check = Exactness {
+        cards_checked: 0,
+        mismatched: 0,
+        first_mismatch: None,
+    };
+    for index in 0..workload.card_count() {
+        let Some(iccid) = workload.iccid(index) else {
+            continue;
+        };
+        let Some(view) = engine.card_view(iccid) else {
+            continue;
+        };
+        check.cards_checked += 1;
+        let want = expected.card_cycle_bytes(iccid, view.cycle);
+        if view.usage_bytes != want {
+            check.mismatched += 1;
+            check.first_mismatch.get_or_insert_with(|| {
+                format!(
+                    "card {iccid} cycle {}: engine {} bytes, expected {want}",
+                    view.cycle, view.usage_bytes
+                )
+            });
+        }
+    }
+    check
+}
+
+fn print_summary(s: &Summary, check: Option<&Exactness>) {
+    println!("flowcap run: {}", s.out_dir.display());
+    if let Some(seq) = s.resumed_after_seq {
+        println!("  resumed after input #{seq}");
+    }
+    println!(
+        "  inputs        {:>12}  ({:.0}/s over {:.1}s)",
+        s.inputs, s.inputs_per_sec, s.elapsed_secs
+    );
+    println!("  counted       {:>12}", s.counted);
+    println!("  history only  {:>12}  (late: {})", s.history_only, s.late);
+    println!("  duplicates    {:>12}", s.duplicates);
+    let rejected: u64 = s.rejected.values().sum();
+    println!("  rejected      {:>12}", rejected);
+    for (code, n) in &s.rejected {
+        println!("    {code:<20} {n:>10}");
+    }
+    println!(
+        "  commands      {:>12}  ({} failed)",
+        s.commands_ok + s.commands_failed,
+        s.commands_failed
+    );
+    println!("  card events   {:>12}", s.card_events);
+    println!("  pool events   {:>12}", s.pool_events);
+    let states: Vec<String> = s
+        .cards_by_state
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!("  cards         {}", states.join(", "));
+    println!("  snapshots     {:>12}", s.snapshots);
+    if let Some(c) = check {
+        println!(
+            "  exactness     {} cards checked against the generator, {} mismatched",
+            c.cards_checked, c.mismatched
+        );
+        if let Some(m) = &c.first_mismatch {
+            println!("    first: {m}");
+        }
+    }
+    println!(
+        "  outputs       {}/{{{}, {}, {}, {}}}",
+        s.out_dir.display(),
+        embedded::EVENTS_FILE,
+        embedded::REJECTS_FILE,
+        embedded::JOURNAL_FILE,
+        embedded::USAGE_FILE
+    );
+}
+
+fn loadgen(args: LoadgenArgs) -> Result<()> {
+    use std::io::Write;
+    let workload = workload(&args.workload)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let open = |name: &str| -> Result<std::io::BufWriter<std::fs::File>> {
+        let path = args.out.join(name);
+        Ok(std::io::BufWriter::new(
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        ))
+    };
+    let mut commands = open("commands.jsonl")?;
+    for c in workload.setup_commands() {
+        serde_json::to_writer(&mut commands, &c)?;
+        commands.write_all(b"\n")?;
+    }
+    commands.flush()?;
+    let bar = progress_bar(Some(workload.total_records()), false);
+    let mut usage = open("usage.jsonl")?;
+    let mut line = String::new();
+    for (i, r) in workload.records().enumerate() {
+        line.clear();
+        r.to_json_line(&mut line);
+        usage.write_all(line.as_bytes())?;
+        usage.write_all(b"\n")?;
+        if i % 10_000 == 0 {
+            bar.set_position(i as u64);
+        }
+    }
+    usage.flush()?;
+    bar.finish_and_clear();
+    let mut expected = open("expected.jsonl")?;
+    for entry in workload.expected().entries() {
+        serde_json::to_writer(&mut expected, &entry)?;
+        expected.write_all(b"\n")?;
+    }
+    expected.flush()?;
+    println!(
+        "wrote {} commands, {} records for {} cards to {}",
+        workload.setup_commands().count(),
+        workload.total_records(),
+        workload.card_count(),
+        args.out.display()
+    );
+    Ok(())
+}

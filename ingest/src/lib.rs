@@ -8,10 +8,13 @@
 //! - [`embedded`]: the pipeline with no Kafka: inputs from an iterator
 //!   (a JSON-lines file or the load generator), outputs as JSON lines in a
 //!   local directory, snapshots beside them, exact resume after a crash.
+//! - [`files`]: records and commands from JSON-lines files, merged into one
+//!   deterministic input sequence.
 //!
 //! The Kafka transport (issue #4) will reuse the same driver with Kafka
 //! partitions as inputs and topics as sinks.
 
 pub mod embedded;
+pub mod files;
 
 pub use embedded::{run, EmbeddedOptions, IngestError, Input, Progress, Summary};
