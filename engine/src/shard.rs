@@ -936,3 +936,13 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    /// The per-card record is multiplied by millions: keep it from growing
+    /// unnoticed (ARCHITECTURE.md quotes its size).
+    #[test]
+    fn card_record_stays_small() {
+        assert_eq!(std::mem::size_of::<super::Card>(), 64);
+    }
+}
