@@ -74,7 +74,98 @@ pub(crate) struct Registry {
     pub(crate) rules: BTreeMap<String, RuleSpec>,
     pub(crate) webhooks: BTreeMap<String, WebhookSpec>,
     pub(crate) attribute_names: Vec<String>,
-    pub(crate) results: BTreeMap<CommandId, CommandResult>,
+    /// First results, by command id (kept outside the JSON part of
+    /// snapshots: there can be millions).
+    #[serde(skip)]
+    pub(crate) results: CommandResults,
+}
+
+/// The first result of every command id, compactly: a command that
+/// succeeded with no per-card detail (most of them: `upsert_card`, ...) costs
+/// one map entry; an all-ok batch is answered again from the repeat's own
+/// card list; only failures keep their full result. Keyed by the 128-bit
+/// xxh3 of the id (a collision between two ids has probability ~n^2/2^129).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CommandResults {
+    map: hashbrown::HashMap<u128, StoredResult>,
+}
+
+/// One remembered result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum StoredResult {
+    /// Succeeded, no per-card results.
+    Ok,
+    /// A batch in which every card succeeded.
+    AllCardsOk,
+    /// Anything else, as the JSON of the `CommandResult`.
+    Full(String),
+}
+
+fn id_key(id: &CommandId) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(id.as_str().as_bytes())
+}
+
+impl CommandResults {
+    /// The first result of this command's id, if it was seen before.
+    pub(crate) fn first_result(&self, command: &Command) -> Option<CommandResult> {
+        let stored = self.map.get(&id_key(&command.id))?;
+        let ok = |results| CommandResult {
+            command_id: command.id.clone(),
+            ok: true,
+            error: None,
+            results,
+        };
+        Some(match stored {
+            StoredResult::Ok => ok(Vec::new()),
+            StoredResult::AllCardsOk => ok(command
+                .kind
+                .batch()
+                .unwrap_or_default()
+                .iter()
+                .map(|&iccid| CardResult {
+                    iccid,
+                    ok: true,
+                    error: None,
+                })
+                .collect()),
+            StoredResult::Full(json) => serde_json::from_str(json).unwrap_or_else(|e| {
+                CommandResult::rejected(
+                    command.id.clone(),
+                    CommandError::new(
+                        ErrorCode::Malformed,
+                        format!("stored result unreadable: {e}"),
+                    ),
+                )
+            }),
+        })
+    }
+
+    /// Remembers a command's first result.
+    pub(crate) fn remember(&mut self, id: &CommandId, result: &CommandResult) {
+        let stored = if result.ok && result.results.is_empty() {
+            StoredResult::Ok
+        } else if result.ok {
+            StoredResult::AllCardsOk
+        } else {
+            StoredResult::Full(serde_json::to_string(result).unwrap_or_default())
+        };
+        self.map.insert(id_key(id), stored);
+    }
+
+    /// Entries sorted by key (deterministic snapshot bytes).
+    pub(crate) fn to_sorted(&self) -> Vec<(u128, StoredResult)> {
+        let mut entries: Vec<(u128, StoredResult)> =
+            self.map.iter().map(|(k, v)| (*k, v.clone())).collect();
+        entries.sort_unstable_by_key(|(k, _)| *k);
+        entries
+    }
+
+    /// Rebuilds from [`CommandResults::to_sorted`].
+    pub(crate) fn from_entries(entries: Vec<(u128, StoredResult)>) -> CommandResults {
+        CommandResults {
+            map: entries.into_iter().collect(),
+        }
+    }
 }
 
 /// A card as queries see it.
@@ -129,7 +220,7 @@ pub struct PoolView {
 pub struct Engine {
     pub(crate) config: EngineConfig,
     pub(crate) shards: Vec<Shard>,
-    pub(crate) directory: hashbrown::HashMap<Iccid, Loc>,
+    pub(crate) directory: crate::directory::Directory,
     pub(crate) deduper: Deduper,
     pub(crate) id_store: Box<dyn IdStore>,
     pub(crate) registry: Registry,
@@ -169,7 +260,7 @@ impl Engine {
         Engine {
             shards: (0..n).map(|_| Shard::new(config.clone())).collect(),
             config,
-            directory: hashbrown::HashMap::new(),
+            directory: crate::directory::Directory::default(),
             deduper,
             id_store,
             registry: Registry::default(),
@@ -263,7 +354,7 @@ impl Engine {
             ));
             return Ok(None);
         }
-        let Some(&loc) = self.directory.get(&usage.iccid) else {
+        let Some(loc) = self.directory.get(&usage.iccid) else {
             out.push(reject(
                 "unknown_card",
                 format!("no card with ICCID {}", usage.iccid),
@@ -315,8 +406,7 @@ impl Engine {
     /// Processes one command: validates, applies, answers, journals.
     pub fn process_command(&mut self, command: Command, seq: u64, out: &mut Vec<Output>) {
         self.last_seq = Some(seq);
-        if let Some(first) = self.registry.results.get(&command.id) {
-            let result = first.clone();
+        if let Some(result) = self.registry.results.first_result(&command) {
             out.push(Output::Journal(Box::new(JournalEntry {
                 seq,
                 command,
@@ -327,9 +417,7 @@ impl Engine {
         }
         self.advance_clock(command.at, out);
         let result = self.apply(&command, out);
-        self.registry
-            .results
-            .insert(command.id.clone(), result.clone());
+        self.registry.results.remember(&command.id, &result);
         out.push(Output::Journal(Box::new(JournalEntry {
             seq,
             command,
@@ -682,7 +770,7 @@ impl Engine {
     }
 
     fn locate(&self, iccid: Iccid) -> Result<Loc, CommandError> {
-        self.directory.get(&iccid).copied().ok_or_else(|| {
+        self.directory.get(&iccid).ok_or_else(|| {
             err(
                 ErrorCode::UnknownCard,
                 format!("no card with ICCID {iccid}"),
@@ -909,7 +997,7 @@ impl Engine {
         }
         let offset = self.config.calendar.utc_offset_secs;
         // An existing card keeps what the command leaves out.
-        let existing = self.directory.get(&spec.iccid).map(|&loc| {
+        let existing = self.directory.get(&spec.iccid).map(|loc| {
             let card = self.card(loc);
             let state =
                 if card.lifecycle == CardState::Active && card.reasons.contains(Reason::Manual) {
@@ -953,7 +1041,7 @@ impl Engine {
             _ => None,
         };
 
-        if let Some(&loc) = self.directory.get(&spec.iccid) {
+        if let Some(loc) = self.directory.get(&spec.iccid) {
             let card = self.card(loc);
             if card.lifecycle == CardState::Deregistered {
                 return Err(deregistered(spec.iccid));
@@ -1347,7 +1435,7 @@ impl Engine {
 
     /// One card's view, if known.
     pub fn card_view(&self, iccid: Iccid) -> Option<CardView> {
-        let loc = *self.directory.get(&iccid)?;
+        let loc = self.directory.get(&iccid)?;
         Some(self.view_at(loc))
     }
 
@@ -1383,7 +1471,7 @@ impl Engine {
 
     /// Every card's view, ordered by ICCID.
     pub fn card_views(&self) -> Vec<CardView> {
-        let mut locs: Vec<(Iccid, Loc)> = self.directory.iter().map(|(i, l)| (*i, *l)).collect();
+        let mut locs: Vec<(Iccid, Loc)> = self.directory.iter().collect();
         locs.sort_unstable_by_key(|(i, _)| *i);
         locs.into_iter().map(|(_, loc)| self.view_at(loc)).collect()
     }
@@ -1406,7 +1494,7 @@ impl Engine {
     /// Approximate heap bytes of the accounting state (directory + shards),
     /// excluding the dedupe window.
     pub fn accounting_heap_bytes(&self) -> usize {
-        let dir = self.directory.capacity() * (std::mem::size_of::<(Iccid, Loc)>() + 1);
+        let dir = self.directory.heap_bytes();
         dir + self.shards.iter().map(Shard::heap_bytes).sum::<usize>()
     }
 

@@ -37,6 +37,7 @@ pub mod config;
 pub mod cycle;
 pub mod decode;
 pub mod dedupe;
+mod directory;
 pub mod domain;
 pub mod engine;
 pub mod event;

@@ -714,7 +714,7 @@ impl Shard {
         card.tagset = self.intern_tags(tags);
         card.pool = NO_POOL;
         let expires = card.expires_at;
-        self.cards.push(card);
+        crate::directory::push_compact(&mut self.cards, card);
         if let Some(extra) = extra.filter(|e| !e.is_empty()) {
             self.extras.insert(slot, extra);
         }

@@ -43,6 +43,7 @@ struct StateRef<'a> {
     /// JSON: the registry holds wire types (optional fields, free-form rule
     /// conditions) that a non-self-describing format cannot round-trip.
     registry_json: String,
+    results: Vec<(u128, crate::engine::StoredResult)>,
     clock: Timestamp,
     last_seq: Option<u64>,
     positions: &'a BTreeMap<String, i64>,
@@ -54,6 +55,7 @@ struct State {
     shards: Vec<Shard>,
     deduper: Deduper,
     registry_json: String,
+    results: Vec<(u128, crate::engine::StoredResult)>,
     clock: Timestamp,
     last_seq: Option<u64>,
     positions: BTreeMap<String, i64>,
@@ -110,6 +112,7 @@ impl Engine {
             shards: &self.shards,
             deduper: &self.deduper,
             registry_json: serde_json::to_string(&self.registry).unwrap_or_default(),
+            results: self.registry.results.to_sorted(),
             clock: self.clock,
             last_seq: self.last_seq,
             positions: &self.positions,
@@ -147,7 +150,7 @@ impl Engine {
         check(bytes)?;
         let state: State = bincode::deserialize(&bytes[HEADER_LEN..])
             .map_err(|e| EngineError::Snapshot(format!("snapshot payload does not decode: {e}")))?;
-        let registry: Registry = serde_json::from_str(&state.registry_json).map_err(|e| {
+        let mut registry: Registry = serde_json::from_str(&state.registry_json).map_err(|e| {
             EngineError::Snapshot(format!("snapshot registry does not decode: {e}"))
         })?;
         if let Some(seq) = state.last_seq {
@@ -155,8 +158,10 @@ impl Engine {
                 .truncate_after(seq)
                 .map_err(crate::dedupe::DedupeError::from)?;
         }
+        registry.results = crate::engine::CommandResults::from_entries(state.results);
         let mut shards = state.shards;
-        let mut directory = hashbrown::HashMap::new();
+        let cards: usize = shards.iter().map(|s| s.cards.len()).sum();
+        let mut directory = crate::directory::Directory::with_capacity(cards);
         for (s, shard) in shards.iter_mut().enumerate() {
             shard.rebuild_indexes();
             for slot in shard.live_slots() {

@@ -257,3 +257,74 @@ fn corrupt_snapshot_is_refused_with_a_clear_error() {
     .unwrap_err();
     assert!(e.to_string().contains("magic"), "{e}");
 }
+
+#[test]
+fn a_repeated_command_is_answered_with_its_first_result_even_after_restore() {
+    let mut engine = Engine::new(EngineConfig {
+        shards: 2,
+        ..Default::default()
+    });
+    let mut out = Vec::new();
+    let at = "2026-11-01T00:00:00+08:00";
+    let known = iccid(1);
+    let unknown = iccid(2);
+    let lines = [
+        format!(
+            r#"{{"id":"p","type":"upsert_plan","at":"{at}","plan":{{"id":"pl","carrier":"ctcc","allowance_mb":10,"traffic":"directed"}}}}"#
+        ),
+        format!(
+            r#"{{"id":"c","type":"upsert_card","at":"{at}","card":{{"iccid":"{known}","carrier":"ctcc","plan":"pl","state":"active"}}}}"#
+        ),
+        format!(
+            r#"{{"id":"mixed","type":"suspend","at":"{at}","iccids":["{known}","{unknown}"]}}"#
+        ),
+        format!(r#"{{"id":"allok","type":"resume","at":"{at}","iccids":["{known}"]}}"#),
+    ];
+    for (seq, line) in lines.iter().enumerate() {
+        engine.process_command(
+            parse_command(line.as_bytes()).unwrap(),
+            seq as u64,
+            &mut out,
+        );
+    }
+    let first: Vec<_> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Journal(j) => Some(j.result.clone()),
+            _ => None,
+        })
+        .collect();
+    let bytes = engine.snapshot();
+    let mut restored = Engine::restore(
+        &bytes,
+        Box::new(flowcap_engine::dedupe::MemIdStore::default()),
+    )
+    .unwrap();
+    let mut again = Vec::new();
+    for (seq, line) in lines.iter().enumerate().skip(2) {
+        restored.process_command(
+            parse_command(line.as_bytes()).unwrap(),
+            10 + seq as u64,
+            &mut again,
+        );
+    }
+    let repeats: Vec<_> = again
+        .iter()
+        .filter_map(|o| match o {
+            Output::Journal(j) => {
+                assert!(j.repeat);
+                Some(j.result.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(!first[2].ok && first[2].results.len() == 2);
+    assert_eq!(repeats, first[2..].to_vec());
+    // Nothing changed: the card is still active (the repeat of `mixed` did
+    // not suspend it again, the repeat of `allok` did nothing either).
+    assert_eq!(
+        restored.card_view(known).unwrap().state,
+        flowcap_engine::CardState::Active
+    );
+    assert!(again.iter().all(|o| matches!(o, Output::Journal(_))));
+}

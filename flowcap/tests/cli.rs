@@ -12,7 +12,15 @@ fn help_lists_the_subcommands_and_run_flags() {
     assert!(text.contains("run") && text.contains("loadgen"), "{text}");
     let out = Command::new(BIN).args(["run", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--config", "--out", "--input", "--commands", "--shards", "--snapshot-every", "--fresh"] {
+    for flag in [
+        "--config",
+        "--out",
+        "--input",
+        "--commands",
+        "--shards",
+        "--snapshot-every",
+        "--fresh",
+    ] {
         assert!(text.contains(flag), "run --help lacks {flag}");
     }
 }
@@ -22,18 +30,31 @@ fn the_example_config_is_valid_and_unknown_keys_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../flowcap.example.toml");
     let out = Command::new(BIN)
-        .args(["run", "-q", "--cards", "1000", "--hours", "2", "--config", example, "--out"])
+        .args([
+            "run", "-q", "--cards", "1000", "--hours", "2", "--config", example, "--out",
+        ])
         .arg(dir.path().join("out"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[engine]\nallowed_lateness = 5\n").unwrap();
-    let out = Command::new(BIN).args(["run", "-q", "--config"]).arg(&bad).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-q", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown field") && err.contains("allowed_lateness"), "{err}");
+    assert!(
+        err.contains("unknown field") && err.contains("allowed_lateness"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -52,12 +73,21 @@ fn file_input_with_bad_lines_rejects_them_and_counts_the_rest() {
     )
     .unwrap();
     let rec = |id: &str, bytes: u64| {
-        format!(r#"{{"record_id":"{id}","iccid":"89860312345678901234","end":"2026-11-01T01:00:00+08:00","bytes_up":{bytes},"bytes_down":0}}"#)
+        format!(
+            r#"{{"record_id":"{id}","iccid":"89860312345678901234","end":"2026-11-01T01:00:00+08:00","bytes_up":{bytes},"bytes_down":0}}"#
+        )
     };
     let input = dir.path().join("usage.jsonl");
     std::fs::write(
         &input,
-        [rec("r1", 600_000), "{not json".into(), rec("r2", 600_000), rec("r2", 600_000), rec("r3", 1)].join("\n"),
+        [
+            rec("r1", 600_000),
+            "{not json".into(),
+            rec("r2", 600_000),
+            rec("r2", 600_000),
+            rec("r3", 1),
+        ]
+        .join("\n"),
     )
     .unwrap();
     let out_dir = dir.path().join("out");
@@ -70,7 +100,11 @@ fn file_input_with_bad_lines_rejects_them_and_counts_the_rest() {
         .arg(&out_dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = &v["summary"];
     assert_eq!(s["counted"], 3);
@@ -79,8 +113,14 @@ fn file_input_with_bad_lines_rejects_them_and_counts_the_rest() {
     assert_eq!(s["commands_failed"], 1);
     assert_eq!(s["card_events"], 1);
     let events = std::fs::read_to_string(out_dir.join("events.jsonl")).unwrap();
-    assert!(events.contains(r#""reasons":["over_threshold"]"#), "{events}");
-    assert!(events.contains(r#""record_id":"r2""#), "the cut is on the crossing record: {events}");
+    assert!(
+        events.contains(r#""reasons":["over_threshold"]"#),
+        "{events}"
+    );
+    assert!(
+        events.contains(r#""record_id":"r2""#),
+        "the cut is on the crossing record: {events}"
+    );
     let journal = std::fs::read_to_string(out_dir.join("journal.jsonl")).unwrap();
     assert!(journal.contains("unknown_type"), "{journal}");
     let rejects = std::fs::read_to_string(out_dir.join("rejects.jsonl")).unwrap();
@@ -89,7 +129,10 @@ fn file_input_with_bad_lines_rejects_them_and_counts_the_rest() {
 
 #[test]
 fn missing_input_is_a_clear_error() {
-    let out = Command::new(BIN).args(["run", "-q", "--input", "/nonexistent/usage.jsonl"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-q", "--input", "/nonexistent/usage.jsonl"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/usage.jsonl"), "{err}");
