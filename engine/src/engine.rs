@@ -80,44 +80,62 @@ pub(crate) struct Registry {
     pub(crate) results: CommandResults,
 }
 
-/// The first result of every command id, compactly: a command that
-/// succeeded with no per-card detail (most of them: `upsert_card`, ...) costs
-/// one map entry; an all-ok batch is answered again from the repeat's own
-/// card list; only failures keep their full result. Keyed by the 128-bit
-/// xxh3 of the id (a collision between two ids has probability ~n^2/2^129).
+/// The first result of every command id, compactly. Most commands succeed
+/// with no per-card detail (`upsert_card`, ...), and an all-ok batch is
+/// answered again from the repeat's own card list, so each of those costs
+/// 16 bytes (the 128-bit xxh3 of the id, whose two low bits say which kind
+/// of result it was) plus a 4-byte hash-table slot. Only failed commands
+/// keep their full result. A collision between two ids has probability
+/// ~n^2/2^127: about 1e-24 for ten million commands.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CommandResults {
-    map: hashbrown::HashMap<u128, StoredResult>,
+    table: hashbrown::HashTable<u32>,
+    keys: Vec<u128>,
+    failures: hashbrown::HashMap<u128, Box<str>>,
 }
 
-/// One remembered result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum StoredResult {
-    /// Succeeded, no per-card results.
-    Ok,
-    /// A batch in which every card succeeded.
-    AllCardsOk,
-    /// Anything else, as the JSON of the `CommandResult`.
-    Full(String),
-}
+/// Kinds of remembered result, in the two low bits of a key.
+const RESULT_OK: u128 = 0;
+const RESULT_ALL_CARDS_OK: u128 = 1;
+const RESULT_FAILED: u128 = 2;
+const KIND_BITS: u128 = 3;
 
 fn id_key(id: &CommandId) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(id.as_str().as_bytes())
+    xxhash_rust::xxh3::xxh3_128(id.as_str().as_bytes()) & !KIND_BITS
+}
+
+fn slot_hash(key: u128) -> u64 {
+    (key >> 64) as u64
+}
+
+/// The remembered results, as snapshots store them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct StoredResults {
+    keys: Vec<u128>,
+    failures: Vec<(u128, String)>,
 }
 
 impl CommandResults {
+    fn find(&self, key: u128) -> Option<u128> {
+        self.table
+            .find(slot_hash(key), |&i| {
+                self.keys[i as usize] & !KIND_BITS == key
+            })
+            .map(|&i| self.keys[i as usize])
+    }
+
     /// The first result of this command's id, if it was seen before.
     pub(crate) fn first_result(&self, command: &Command) -> Option<CommandResult> {
-        let stored = self.map.get(&id_key(&command.id))?;
+        let key = id_key(&command.id);
+        let stored = self.find(key)?;
         let ok = |results| CommandResult {
             command_id: command.id.clone(),
             ok: true,
             error: None,
             results,
         };
-        Some(match stored {
-            StoredResult::Ok => ok(Vec::new()),
-            StoredResult::AllCardsOk => ok(command
+        Some(match stored & KIND_BITS {
+            RESULT_ALL_CARDS_OK => ok(command
                 .kind
                 .batch()
                 .unwrap_or_default()
@@ -128,43 +146,76 @@ impl CommandResults {
                     error: None,
                 })
                 .collect()),
-            StoredResult::Full(json) => serde_json::from_str(json).unwrap_or_else(|e| {
-                CommandResult::rejected(
-                    command.id.clone(),
-                    CommandError::new(
-                        ErrorCode::Malformed,
-                        format!("stored result unreadable: {e}"),
-                    ),
-                )
-            }),
+            RESULT_FAILED => self
+                .failures
+                .get(&key)
+                .and_then(|json| serde_json::from_str(json).ok())
+                .unwrap_or_else(|| {
+                    CommandResult::rejected(
+                        command.id.clone(),
+                        CommandError::new(ErrorCode::Malformed, "repeat of a failed command"),
+                    )
+                }),
+            _ => ok(Vec::new()),
         })
     }
 
     /// Remembers a command's first result.
     pub(crate) fn remember(&mut self, id: &CommandId, result: &CommandResult) {
-        let stored = if result.ok && result.results.is_empty() {
-            StoredResult::Ok
+        let key = id_key(id);
+        let kind = if result.ok && result.results.is_empty() {
+            RESULT_OK
         } else if result.ok {
-            StoredResult::AllCardsOk
+            RESULT_ALL_CARDS_OK
         } else {
-            StoredResult::Full(serde_json::to_string(result).unwrap_or_default())
+            let json = serde_json::to_string(result).unwrap_or_default();
+            self.failures.insert(key, json.into_boxed_str());
+            RESULT_FAILED
         };
-        self.map.insert(id_key(id), stored);
+        self.insert(key | kind);
     }
 
-    /// Entries sorted by key (deterministic snapshot bytes).
-    pub(crate) fn to_sorted(&self) -> Vec<(u128, StoredResult)> {
-        let mut entries: Vec<(u128, StoredResult)> =
-            self.map.iter().map(|(k, v)| (*k, v.clone())).collect();
-        entries.sort_unstable_by_key(|(k, _)| *k);
-        entries
-    }
-
-    /// Rebuilds from [`CommandResults::to_sorted`].
-    pub(crate) fn from_entries(entries: Vec<(u128, StoredResult)>) -> CommandResults {
-        CommandResults {
-            map: entries.into_iter().collect(),
+    fn insert(&mut self, tagged: u128) {
+        let key = tagged & !KIND_BITS;
+        if self.find(key).is_some() {
+            return;
         }
+        let index = self.keys.len() as u32;
+        crate::directory::push_compact(&mut self.keys, tagged);
+        let keys = &self.keys;
+        self.table.insert_unique(slot_hash(key), index, |&i| {
+            slot_hash(keys[i as usize] & !KIND_BITS)
+        });
+    }
+
+    /// The snapshot form (sorted: deterministic bytes).
+    pub(crate) fn to_stored(&self) -> StoredResults {
+        let mut keys = self.keys.clone();
+        keys.sort_unstable();
+        let mut failures: Vec<(u128, String)> = self
+            .failures
+            .iter()
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect();
+        failures.sort_unstable();
+        StoredResults { keys, failures }
+    }
+
+    /// Rebuilds from [`CommandResults::to_stored`].
+    pub(crate) fn from_stored(stored: StoredResults) -> CommandResults {
+        let mut results = CommandResults {
+            table: hashbrown::HashTable::with_capacity(stored.keys.len()),
+            keys: Vec::with_capacity(stored.keys.len()),
+            failures: stored
+                .failures
+                .into_iter()
+                .map(|(k, v)| (k, v.into_boxed_str()))
+                .collect(),
+        };
+        for key in stored.keys {
+            results.insert(key);
+        }
+        results
     }
 }
 
@@ -197,6 +248,12 @@ pub struct CardView {
     pub activated_at: Option<Timestamp>,
     /// Plan expiry.
     pub expires_at: Option<Timestamp>,
+    /// MSISDN.
+    pub msisdn: Option<String>,
+    /// IMSI.
+    pub imsi: Option<String>,
+    /// IMEI.
+    pub imei: Option<String>,
 }
 
 /// A pool as queries see it.
@@ -621,7 +678,7 @@ impl Engine {
                 self.live(loc)?;
                 self.set_reason(loc, Reason::Violation, false);
                 if let Some(imei) = imei {
-                    self.shards[loc.shard as usize].extra_mut(loc.slot).imei = Some(imei.clone());
+                    self.shards[loc.shard as usize].set_ident(loc.slot, 2, Some(imei.clone()));
                 }
                 Ok(Vec::new())
             }
@@ -1070,6 +1127,12 @@ impl Engine {
             }
             let extra = shard.extra_mut(loc.slot);
             fill_extra(extra, spec, silent_ends_at);
+            for (which, value) in [&spec.msisdn, &spec.imsi, &spec.imei]
+                .into_iter()
+                .enumerate()
+            {
+                shard.set_ident(loc.slot, which, value.clone());
+            }
             shard.set_tags(loc.slot, &tags);
             if lifecycle == CardState::Deregistered {
                 shard.remove_member(loc.slot);
@@ -1466,6 +1529,9 @@ impl Engine {
                 .collect(),
             activated_at: (card.activated_at != Timestamp::MIN).then_some(card.activated_at),
             expires_at: (card.expires_at != Timestamp::MAX).then_some(card.expires_at),
+            msisdn: shard.ident(loc.slot, 0),
+            imsi: shard.ident(loc.slot, 1),
+            imei: shard.ident(loc.slot, 2),
         }
     }
 

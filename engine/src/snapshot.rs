@@ -43,7 +43,7 @@ struct StateRef<'a> {
     /// JSON: the registry holds wire types (optional fields, free-form rule
     /// conditions) that a non-self-describing format cannot round-trip.
     registry_json: String,
-    results: Vec<(u128, crate::engine::StoredResult)>,
+    results: crate::engine::StoredResults,
     clock: Timestamp,
     last_seq: Option<u64>,
     positions: &'a BTreeMap<String, i64>,
@@ -55,7 +55,7 @@ struct State {
     shards: Vec<Shard>,
     deduper: Deduper,
     registry_json: String,
-    results: Vec<(u128, crate::engine::StoredResult)>,
+    results: crate::engine::StoredResults,
     clock: Timestamp,
     last_seq: Option<u64>,
     positions: BTreeMap<String, i64>,
@@ -112,7 +112,7 @@ impl Engine {
             shards: &self.shards,
             deduper: &self.deduper,
             registry_json: serde_json::to_string(&self.registry).unwrap_or_default(),
-            results: self.registry.results.to_sorted(),
+            results: self.registry.results.to_stored(),
             clock: self.clock,
             last_seq: self.last_seq,
             positions: &self.positions,
@@ -158,7 +158,7 @@ impl Engine {
                 .truncate_after(seq)
                 .map_err(crate::dedupe::DedupeError::from)?;
         }
-        registry.results = crate::engine::CommandResults::from_entries(state.results);
+        registry.results = crate::engine::CommandResults::from_stored(state.results);
         let mut shards = state.shards;
         let cards: usize = shards.iter().map(|s| s.cards.len()).sum();
         let mut directory = crate::directory::Directory::with_capacity(cards);

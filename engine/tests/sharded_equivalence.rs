@@ -328,3 +328,73 @@ fn a_repeated_command_is_answered_with_its_first_result_even_after_restore() {
     );
     assert!(again.iter().all(|o| matches!(o, Output::Journal(_))));
 }
+
+#[test]
+fn identities_survive_moving_to_the_pool_shard_and_rebind() {
+    let mut engine = Engine::new(EngineConfig {
+        shards: 3,
+        ..Default::default()
+    });
+    let mut out = Vec::new();
+    let at = "2026-11-01T00:00:00+08:00";
+    let mut lines = vec![
+        format!(
+            r#"{{"id":"p","type":"upsert_plan","at":"{at}","plan":{{"id":"pl","carrier":"cmcc","allowance_mb":10,"traffic":"directed"}}}}"#
+        ),
+        format!(
+            r#"{{"id":"pool","type":"create_pool","at":"{at}","pool":{{"id":"f","kind":"forward","carrier":"cmcc","plan":"pl"}}}}"#
+        ),
+    ];
+    for n in 0..12u64 {
+        // Odd cards carry an IMEI that is not all digits (kept as text).
+        let imei = if n % 2 == 0 {
+            format!("8640000000000{n:02}")
+        } else {
+            format!("35-2099-{n}")
+        };
+        lines.push(format!(
+            r#"{{"id":"c{n}","type":"upsert_card","at":"{at}","card":{{"iccid":"{}","carrier":"cmcc","plan":"pl","state":"active","msisdn":"14400000{n:05}","imsi":"4600000000{n:05}","imei":"{imei}"}}}}"#,
+            iccid(n)
+        ));
+    }
+    let all: Vec<String> = (0..12).map(|n| format!("\"{}\"", iccid(n))).collect();
+    lines.push(format!(
+        r#"{{"id":"join","type":"add_pool_members","at":"{at}","pool":"f","iccids":[{}]}}"#,
+        all.join(",")
+    ));
+    lines.push(format!(
+        r#"{{"id":"rb","type":"rebind","at":"{at}","iccid":"{}","imei":"999"}}"#,
+        iccid(3)
+    ));
+    for (seq, line) in lines.iter().enumerate() {
+        engine.process_command(
+            parse_command(line.as_bytes()).unwrap(),
+            seq as u64,
+            &mut out,
+        );
+    }
+    for n in 0..12u64 {
+        let view = engine.card_view(iccid(n)).unwrap();
+        assert_eq!(view.pool.as_ref().map(|p| p.as_str()), Some("f"));
+        assert_eq!(
+            view.msisdn.as_deref(),
+            Some(format!("14400000{n:05}").as_str())
+        );
+        assert_eq!(
+            view.imsi.as_deref(),
+            Some(format!("4600000000{n:05}").as_str())
+        );
+        let imei = match n {
+            3 => "999".to_owned(),
+            n if n % 2 == 0 => format!("8640000000000{n:02}"),
+            n => format!("35-2099-{n}"),
+        };
+        assert_eq!(view.imei.as_deref(), Some(imei.as_str()), "card {n}");
+    }
+    let restored = Engine::restore(
+        &engine.snapshot(),
+        Box::new(flowcap_engine::dedupe::MemIdStore::default()),
+    )
+    .unwrap();
+    assert_eq!(restored.card_views(), engine.card_views());
+}
