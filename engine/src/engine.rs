@@ -370,7 +370,23 @@ impl Engine {
         seq: u64,
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
-        if let Some(d) = self.route(usage, seq, out)? {
+        self.process_usage_received(usage, None, seq, out)
+    }
+
+    /// Processes one record that came with a receive time (the Kafka message
+    /// timestamp, the generator's arrival): "far in the future" is then
+    /// judged against the later of the event clock and that time, so a
+    /// silence longer than `max_future_ms` cannot leave the clock behind
+    /// forever. The receive time must be part of the stored input (it is,
+    /// for Kafka) so a replay decides the same.
+    pub fn process_usage_received(
+        &mut self,
+        usage: &Usage,
+        received_at: Option<Timestamp>,
+        seq: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
+        if let Some(d) = self.route(usage, received_at, seq, out)? {
             // Every shard follows the event clock (rollovers, deadlines), not
             // only the record's: state must not depend on the shard count.
             for shard in &mut self.shards {
@@ -386,6 +402,7 @@ impl Engine {
     pub(crate) fn route(
         &mut self,
         usage: &Usage,
+        received_at: Option<Timestamp>,
         seq: u64,
         out: &mut Vec<Output>,
     ) -> Result<Option<Dispatch>, EngineError> {
@@ -399,14 +416,18 @@ impl Engine {
                 record_id: Some(usage.record_id),
             })
         };
-        if self.clock != Timestamp::MIN
-            && usage.end > self.clock.plus_millis(self.config.max_future_ms)
+        let reference = self.clock.max(received_at.unwrap_or(Timestamp::MIN));
+        if reference != Timestamp::MIN
+            && usage.end > reference.plus_millis(self.config.max_future_ms)
         {
             out.push(reject(
                 "future_time",
                 format!(
-                    "end {} is more than {} ms ahead of the event clock {}",
-                    usage.end, self.config.max_future_ms, self.clock
+                    "end {} is more than {} ms ahead of the event clock {} (received {})",
+                    usage.end,
+                    self.config.max_future_ms,
+                    self.clock,
+                    received_at.map_or_else(|| "-".to_owned(), |t| t.to_string())
                 ),
             ));
             return Ok(None);

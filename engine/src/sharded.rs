@@ -114,8 +114,21 @@ impl ShardedEngine {
     /// Processes one record (batched: call [`ShardedEngine::flush`] to push
     /// partial batches).
     pub fn process_usage(&mut self, usage: &Usage, seq: u64) -> Result<(), EngineError> {
+        self.process_usage_received(usage, None, seq)
+    }
+
+    /// [`ShardedEngine::process_usage`] with a receive time; see
+    /// [`Engine::process_usage_received`].
+    pub fn process_usage_received(
+        &mut self,
+        usage: &Usage,
+        received_at: Option<Timestamp>,
+        seq: u64,
+    ) -> Result<(), EngineError> {
         self.lend();
-        let routed = self.engine.route(usage, seq, &mut self.local)?;
+        let routed = self
+            .engine
+            .route(usage, received_at, seq, &mut self.local)?;
         if let Some(d) = routed {
             let Loc { shard, slot } = d.loc;
             let worker = &mut self.workers[shard as usize];

@@ -398,3 +398,56 @@ fn identities_survive_moving_to_the_pool_shard_and_rebind() {
     .unwrap();
     assert_eq!(restored.card_views(), engine.card_views());
 }
+
+#[test]
+fn a_receive_time_keeps_a_long_silence_from_freezing_the_clock() {
+    let mut engine = Engine::new(EngineConfig {
+        shards: 1,
+        ..Default::default()
+    });
+    let mut out = Vec::new();
+    let at = "2026-11-01T00:00:00+08:00";
+    for line in [
+        format!(
+            r#"{{"id":"p","type":"upsert_plan","at":"{at}","plan":{{"id":"pl","carrier":"ctcc","allowance_mb":10,"traffic":"directed"}}}}"#
+        ),
+        format!(
+            r#"{{"id":"c","type":"upsert_card","at":"{at}","card":{{"iccid":"{}","carrier":"ctcc","plan":"pl","state":"active"}}}}"#,
+            iccid(1)
+        ),
+    ] {
+        engine.process_command(parse_command(line.as_bytes()).unwrap(), 0, &mut out);
+    }
+    // Two days of silence: the next record is 48 h ahead of the clock.
+    let end = Timestamp::parse_rfc3339("2026-11-03T00:00:00+08:00").unwrap();
+    let usage = |id: &str| Usage {
+        record_id: RecordId::new(id).unwrap(),
+        iccid: iccid(1),
+        start: None,
+        end,
+        bytes_up: 1,
+        bytes_down: 1,
+        carrier: None,
+    };
+    let mut first = Vec::new();
+    engine.process_usage(&usage("a"), 1, &mut first).unwrap();
+    assert!(matches!(&first[..], [Output::Rejected(r)] if r.code == "future_time"));
+    let mut second = Vec::new();
+    engine
+        .process_usage_received(&usage("b"), Some(end.plus_millis(1000)), 2, &mut second)
+        .unwrap();
+    assert!(
+        matches!(&second[..], [Output::Accounted(a)] if a.counted),
+        "{second:?}"
+    );
+    // A record far ahead of both the clock and its receive time is still refused.
+    let mut third = Vec::new();
+    let far = Usage {
+        end: end.plus_millis(3 * 86_400_000),
+        ..usage("c")
+    };
+    engine
+        .process_usage_received(&far, Some(end), 3, &mut third)
+        .unwrap();
+    assert!(matches!(&third[..], [Output::Rejected(r)] if r.code == "future_time"));
+}

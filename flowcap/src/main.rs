@@ -238,7 +238,7 @@ fn run(args: RunArgs) -> Result<()> {
             let records = workload.records().map(move |r| {
                 line.clear();
                 r.to_json_line(&mut line);
-                Input::Record(line.as_bytes().to_vec())
+                Input::ReceivedRecord(line.as_bytes().to_vec(), r.arrival)
             });
             let bar = progress_bar(Some(total), args.quiet);
             let (summary, engine) =

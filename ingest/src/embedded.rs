@@ -68,6 +68,9 @@ pub enum IngestError {
 pub enum Input {
     /// A usage record (one JSON object).
     Record(Vec<u8>),
+    /// A usage record with the time it was received (part of the input, so
+    /// a replay judges "far in the future" the same way).
+    ReceivedRecord(Vec<u8>, Timestamp),
     /// A control command (one JSON object).
     Command(Vec<u8>),
 }
@@ -445,9 +448,28 @@ pub fn run(
         if resumed_after.is_some_and(|s| seq <= s) {
             continue;
         }
-        match input {
-            Input::Record(bytes) => match decode_json(&bytes, &options.limits) {
-                Ok(usage) => sharded.process_usage(&usage, seq)?,
+        let record = match input {
+            Input::Record(bytes) => Some((bytes, None)),
+            Input::ReceivedRecord(bytes, received) => Some((bytes, Some(received))),
+            Input::Command(bytes) => {
+                match parse_command(&bytes) {
+                    Ok(command) => sharded.process_command(command, seq),
+                    Err(error) => {
+                        let id = command_id_of(&bytes);
+                        let result = CommandResult::rejected(id, error);
+                        let _ = side_tx.send(Side::BadCommand {
+                            seq,
+                            raw: bytes,
+                            result,
+                        });
+                    }
+                }
+                None
+            }
+        };
+        if let Some((bytes, received)) = record {
+            match decode_json(&bytes, &options.limits) {
+                Ok(usage) => sharded.process_usage_received(&usage, received, seq)?,
                 Err(e) => {
                     let _ = side_tx.send(Side::DeadLetter {
                         seq,
@@ -456,19 +478,7 @@ pub fn run(
                         raw: bytes,
                     });
                 }
-            },
-            Input::Command(bytes) => match parse_command(&bytes) {
-                Ok(command) => sharded.process_command(command, seq),
-                Err(error) => {
-                    let id = command_id_of(&bytes);
-                    let result = CommandResult::rejected(id, error);
-                    let _ = side_tx.send(Side::BadCommand {
-                        seq,
-                        raw: bytes,
-                        result,
-                    });
-                }
-            },
+            }
         }
         last_seq = Some(seq);
         since_snapshot += 1;
