@@ -168,8 +168,9 @@ pub(crate) struct Shard {
     pub(crate) tagsets: Vec<Vec<u32>>,
     #[serde(skip)]
     tagset_index: HashMap<Vec<u32>, u32>,
-    /// Deadlines by time: (slot, kind). Entries may be stale; checked when due.
-    pub(crate) deadlines: BTreeMap<i64, Vec<(u32, DeadlineKind)>>,
+    /// Deadlines: (time, slot, kind), one 16-byte entry each. Entries may be
+    /// stale (a renewed card keeps its old entry); checked when due.
+    pub(crate) deadlines: BTreeSet<(i64, u32, DeadlineKind)>,
     /// Event clock as last seen.
     pub(crate) clock: Timestamp,
     /// Current cycle per carrier (`None` before the first clock).
@@ -199,7 +200,7 @@ impl Shard {
             pools: Vec::new(),
             tagsets: vec![Vec::new()],
             tagset_index: HashMap::new(),
-            deadlines: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
             clock: Timestamp::MIN,
             cycles: None,
             pending: Pending::default(),
@@ -247,7 +248,7 @@ impl Shard {
                     .min()
                     .unwrap_or(Timestamp::MAX)
             });
-            let deadline_due = self.deadlines.keys().next().is_some_and(|t| *t <= clock.0);
+            let deadline_due = self.deadlines.first().is_some_and(|d| d.0 <= clock.0);
             if clock < boundary && !deadline_due {
                 return;
             }
@@ -267,9 +268,8 @@ impl Shard {
                 .min();
             let deadline = self
                 .deadlines
-                .keys()
-                .next()
-                .copied()
+                .first()
+                .map(|d| d.0)
                 .filter(|t| *t <= clock.0);
             match (boundary, deadline) {
                 (Some((end, _)), Some(d)) if d < end.0 => self.fire_deadlines(Timestamp(d), out),
@@ -287,14 +287,9 @@ impl Shard {
     }
 
     fn fire_deadlines(&mut self, upto: Timestamp, out: &mut Vec<Output>) {
-        while let Some(entry) = self.deadlines.first_entry() {
-            if *entry.key() > upto.0 {
-                break;
-            }
-            let (at, due) = entry.remove_entry();
-            let at = Timestamp(at);
-            for (slot, kind) in due {
-                self.fire_deadline(slot, kind, at, out);
+        while self.deadlines.first().is_some_and(|d| d.0 <= upto.0) {
+            if let Some((at, slot, kind)) = self.deadlines.pop_first() {
+                self.fire_deadline(slot, kind, Timestamp(at), out);
             }
         }
     }
@@ -343,7 +338,7 @@ impl Shard {
         if at == Timestamp::MAX || at == Timestamp::MIN {
             return;
         }
-        self.deadlines.entry(at.0).or_default().push((slot, kind));
+        self.deadlines.insert((at.0, slot, kind));
     }
 
     fn rollover(
@@ -721,7 +716,6 @@ impl Shard {
         card.pool = NO_POOL;
         let expires = card.expires_at;
         crate::directory::push_compact(&mut self.cards, card);
-        crate::directory::push_compact(&mut self.idents, [0; 3]);
         if let Some(mut extra) = extra {
             let values = [extra.msisdn.take(), extra.imsi.take(), extra.imei.take()];
             self.extras.insert(slot, extra);
@@ -738,7 +732,14 @@ impl Shard {
     /// all digits, else kept as text in its `CardExtra`.
     pub(crate) fn set_ident(&mut self, slot: u32, which: usize, value: Option<String>) {
         let packed = value.as_deref().and_then(pack_digits);
-        self.idents[slot as usize][which] = packed.unwrap_or(0);
+        if packed.is_some() && self.idents.len() <= slot as usize {
+            // Dense up to the highest card that has an identity: cards
+            // without any cost nothing.
+            self.idents.resize(slot as usize + 1, [0; 3]);
+        }
+        if let Some(idents) = self.idents.get_mut(slot as usize) {
+            idents[which] = packed.unwrap_or(0);
+        }
         let text = if packed.is_some() { None } else { value };
         if text.is_some() || self.extras.contains_key(&slot) {
             let extra = self.extras.entry(slot).or_default();
@@ -753,7 +754,8 @@ impl Shard {
 
     /// A card's MSISDN (0), IMSI (1) or IMEI (2).
     pub(crate) fn ident(&self, slot: u32, which: usize) -> Option<String> {
-        unpack_digits(self.idents[slot as usize][which]).or_else(|| {
+        let packed = self.idents.get(slot as usize).map_or(0, |i| i[which]);
+        unpack_digits(packed).or_else(|| {
             let extra = self.extras.get(&slot)?;
             match which {
                 0 => extra.msisdn.clone(),
@@ -793,7 +795,9 @@ impl Shard {
         let card = self.cards[slot as usize].clone();
         let tags = self.tagsets[card.tagset as usize].clone();
         let idents = [0, 1, 2].map(|which| self.ident(slot, which));
-        self.idents[slot as usize] = [0; 3];
+        if let Some(idents) = self.idents.get_mut(slot as usize) {
+            *idents = [0; 3];
+        }
         let mut extra = self.extras.remove(&slot).unwrap_or_default();
         [extra.msisdn, extra.imsi, extra.imei] = idents;
         let extra = Some(extra);
@@ -931,7 +935,6 @@ impl Shard {
     /// Approximate heap bytes of the accounting state (cards, pools,
     /// extras, deadlines), for the memory benchmark.
     pub(crate) fn heap_bytes(&self) -> usize {
-        let deadline_entries: usize = self.deadlines.values().map(Vec::capacity).sum();
         self.cards.capacity() * std::mem::size_of::<Card>()
             + self.idents.capacity() * 24
             + self.extras.len() * (std::mem::size_of::<CardExtra>() + 48)
@@ -940,8 +943,7 @@ impl Shard {
                 .iter()
                 .map(|p| p.members.len() * 40)
                 .sum::<usize>()
-            + deadline_entries * 8
-            + self.deadlines.len() * 48
+            + self.deadlines.len() * 24
     }
 }
 

@@ -118,7 +118,7 @@ mod tests {
         let (inputs, err) = merged_inputs(Some(&records), Some(&commands)).unwrap();
         let order: Vec<String> = inputs
             .map(|i| match i {
-                Input::Record(b) => format!(
+                Input::Record(b) | Input::ReceivedRecord(b, _) => format!(
                     "R:{}",
                     String::from_utf8_lossy(&b)
                         .chars()
