@@ -6,7 +6,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use flowcap_engine::dedupe::{DedupeConfig, Deduper, IdStore, IdStoreError, MemIdStore};
+use flowcap_benches::NullStore;
+use flowcap_engine::dedupe::{DedupeConfig, Deduper, IdStore, MemIdStore};
 use flowcap_engine::{Iccid, RecordId, Timestamp};
 use flowcap_storage::{DiskIdStore, DiskIdStoreOptions};
 
@@ -18,24 +19,6 @@ fn card(n: u64) -> Iccid {
 
 fn rid(n: u64) -> RecordId {
     RecordId::new(&format!("cmcc-20261123-{n:010}")).unwrap_or_else(|| unreachable!())
-}
-
-/// Remembers nothing: isolates the hot window's own cost.
-struct NullStore;
-
-impl IdStore for NullStore {
-    fn contains(&mut self, _: Iccid, _: &RecordId) -> Result<bool, IdStoreError> {
-        Ok(false)
-    }
-    fn insert(&mut self, _: Iccid, _: &RecordId, _: Timestamp, _: u64) -> Result<(), IdStoreError> {
-        Ok(())
-    }
-    fn durable_through(&mut self, _: u64) -> Result<(), IdStoreError> {
-        Ok(())
-    }
-    fn truncate_after(&mut self, _: u64) -> Result<(), IdStoreError> {
-        Ok(())
-    }
 }
 
 /// A deduper holding `n` fresh ids spread over the 48 h window.
