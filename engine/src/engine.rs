@@ -504,12 +504,6 @@ impl Engine {
         })));
     }
 
-    /// Journals a command that could not be parsed: a whole-command error
-    /// with no change.
-    pub fn reject_command(&mut self, id: CommandId, error: CommandError) -> CommandResult {
-        CommandResult::rejected(id, error)
-    }
-
     fn apply(&mut self, command: &Command, out: &mut Vec<Output>) -> CommandResult {
         let id = command.id.clone();
         let at = command.at;
@@ -518,7 +512,7 @@ impl Engine {
                 return CommandResult::rejected(id, e);
             }
         }
-        let outcome = self.apply_kind(&command.kind, at, &id);
+        let outcome = self.apply_kind(&command.kind, at);
         let cause = Cause::Command {
             command_id: id.clone(),
         };
@@ -540,9 +534,7 @@ impl Engine {
         &mut self,
         kind: &CommandKind,
         at: Timestamp,
-        id: &CommandId,
     ) -> Result<Vec<CardResult>, CommandError> {
-        let _ = id;
         match kind {
             CommandKind::UpsertPlan { plan } => self.upsert_plan(plan).map(|()| Vec::new()),
             CommandKind::RemovePlan { plan } => self.remove_plan(plan).map(|()| Vec::new()),
@@ -659,7 +651,7 @@ impl Engine {
             CommandKind::CreatePool { pool } => self.create_pool(pool).map(|()| Vec::new()),
             CommandKind::AddPoolMembers { pool, iccids } => {
                 let entry = self.pool_entry(pool)?.clone();
-                Ok(self.per_card(iccids, |e, loc| e.add_member(&entry, pool, loc)))
+                Ok(self.per_card(iccids, |e, loc| e.add_member(&entry, loc)))
             }
             CommandKind::RemovePoolMembers { pool, iccids } => {
                 let entry = self.pool_entry(pool)?.clone();
@@ -686,7 +678,7 @@ impl Engine {
                 let shard = &mut self.shards[entry.shard as usize];
                 shard.pools[entry.index as usize].frozen = freeze;
                 let members = crate::shard::member_slots(&shard.pools[entry.index as usize]);
-                touch_pool_members(shard, entry.index, &members);
+                touch_pool_members(shard, &members);
                 Ok(Vec::new())
             }
             CommandKind::ReportViolation { iccids } => Ok(self.per_card(iccids, |e, loc| {
@@ -1337,12 +1329,7 @@ impl Engine {
         Ok(())
     }
 
-    fn add_member(
-        &mut self,
-        entry: &PoolEntry,
-        pool: &PoolId,
-        loc: Loc,
-    ) -> Result<(), CommandError> {
+    fn add_member(&mut self, entry: &PoolEntry, loc: Loc) -> Result<(), CommandError> {
         self.live(loc)?;
         let card = self.card(loc);
         if card.pool != NO_POOL {
@@ -1362,7 +1349,6 @@ impl Engine {
             .and_then(Option::as_ref)
             .map(|p| p.traffic);
         dst.check_member(entry.index, card, traffic)?;
-        let _ = pool;
         let loc = if loc.shard == entry.shard {
             loc
         } else {
@@ -1628,8 +1614,7 @@ fn fill_extra(extra: &mut CardExtra, spec: &CardSpec, silent_ends_at: Option<Tim
     extra.silent_ends_at = silent_ends_at;
 }
 
-fn touch_pool_members(shard: &mut Shard, p: u32, members: &[u32]) {
-    let _ = p;
+fn touch_pool_members(shard: &mut Shard, members: &[u32]) {
     for &m in members {
         shard.touch(m);
         shard.refresh_card(m);
