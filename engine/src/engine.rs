@@ -1128,6 +1128,7 @@ impl Engine {
             }
             let shard = &mut self.shards[loc.shard as usize];
             shard.touch(loc.slot);
+            let contribution = shard.member_contribution(loc.slot);
             let card = &mut shard.cards[loc.slot as usize];
             card.plan = plan_index;
             card.carrier = spec.carrier;
@@ -1147,11 +1148,9 @@ impl Engine {
                 shard.set_ident(loc.slot, which, value.clone());
             }
             shard.set_tags(loc.slot, &tags);
+            shard.adjust_member_allowance(loc.slot, contribution);
             if lifecycle == CardState::Deregistered {
                 shard.remove_member(loc.slot);
-            } else if shard.cards[loc.slot as usize].pool != NO_POOL {
-                let p = shard.cards[loc.slot as usize].pool;
-                shard.recompute_member_allowance(p);
             }
             shard.reschedule(loc.slot);
             self.apply_due_dates(loc, at);
@@ -1307,7 +1306,7 @@ impl Engine {
             kind: spec.kind,
             carrier: spec.carrier,
             plan,
-            members: BTreeMap::new(),
+            members: std::collections::HashSet::new(),
             usage: 0,
             member_allowance: 0,
             addon_mb: 0,
@@ -1560,7 +1559,15 @@ impl Engine {
             state: shard.pool_state(entry.index),
             usage_bytes: pool.usage,
             allowance_bytes: pool.allowance_bytes(),
-            members: pool.members.keys().copied().collect(),
+            members: {
+                let mut members: Vec<Iccid> = pool
+                    .members
+                    .iter()
+                    .map(|&m| shard.cards[m as usize].iccid)
+                    .collect();
+                members.sort_unstable();
+                members
+            },
         })
     }
 

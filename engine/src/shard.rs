@@ -98,8 +98,9 @@ pub(crate) struct Pool {
     pub(crate) carrier: Option<Carrier>,
     /// Forward pools: the members' plan.
     pub(crate) plan: Option<u16>,
-    /// Members, ordered by ICCID (deterministic iteration), with their slot.
-    pub(crate) members: BTreeMap<Iccid, u32>,
+    /// Members' slots. Iteration order is irrelevant: pool-wide changes
+    /// touch every member and events are emitted sorted by ICCID.
+    pub(crate) members: std::collections::HashSet<u32>,
     /// Sum of the members' current-cycle usage.
     pub(crate) usage: u64,
     /// Sum of the plan allowances of activated members.
@@ -378,7 +379,7 @@ impl Shard {
             pool.addon_mb = 0;
             pool.exhausted = false;
             pool.cut = false;
-            let members: Vec<u32> = pool.members.values().copied().collect();
+            let members: Vec<u32> = pool.members.iter().copied().collect();
             for m in members {
                 self.touch(m);
                 self.refresh_card(m);
@@ -466,19 +467,17 @@ impl Shard {
     /// the `activate` command).
     pub(crate) fn activate(&mut self, slot: u32, at: Timestamp) {
         self.touch(slot);
+        let contribution = self.member_contribution(slot);
         let term = self.plan(slot).map_or(12, |p| p.term_months);
         let card = &mut self.cards[slot as usize];
         card.lifecycle = CardState::Active;
         card.activated_at = at;
-        let pool = card.pool;
         if card.expires_at == Timestamp::MAX {
             card.expires_at = add_months(at, term, self.config.calendar.utc_offset_secs);
             let expires = card.expires_at;
             self.schedule(slot, DeadlineKind::PlanExpiry, expires);
         }
-        if pool != NO_POOL {
-            self.recompute_member_allowance(pool);
-        }
+        self.adjust_member_allowance(slot, contribution);
     }
 
     fn plan(&self, slot: u32) -> Option<&PlanInfo> {
@@ -553,20 +552,49 @@ impl Shard {
         let pool = &mut self.pools[p as usize];
         pool.exhausted = exhausted;
         pool.cut = cut;
-        let members: Vec<u32> = pool.members.values().copied().collect();
+        let members: Vec<u32> = pool.members.iter().copied().collect();
         for m in members {
             self.touch(m);
             self.refresh_card(m);
         }
     }
 
+    /// What one card adds to its forward pool's allowance: its plan's
+    /// allowance while it is activated (active, suspended included).
+    pub(crate) fn member_contribution(&self, slot: u32) -> u64 {
+        if self.cards[slot as usize].lifecycle == CardState::Active {
+            self.plan(slot).map_or(0, |p| p.allowance_bytes)
+        } else {
+            0
+        }
+    }
+
+    /// After a change to a member (activation, plan, life cycle), moves its
+    /// pool's allowance by the change of its contribution (`before` is the
+    /// contribution measured before the change): O(1), not O(members).
+    pub(crate) fn adjust_member_allowance(&mut self, slot: u32, before: u64) {
+        let p = self.cards[slot as usize].pool;
+        if p == NO_POOL {
+            return;
+        }
+        let after = self.member_contribution(slot);
+        if after != before {
+            let pool = &mut self.pools[p as usize];
+            pool.member_allowance = pool
+                .member_allowance
+                .saturating_sub(before)
+                .saturating_add(after);
+            self.refresh_pool(p);
+        }
+    }
+
+    /// Recomputes a pool's allowance from all members (after a plan change).
     pub(crate) fn recompute_member_allowance(&mut self, p: u32) {
         let pool = &self.pools[p as usize];
         let total = pool
             .members
-            .values()
-            .filter(|&&m| self.cards[m as usize].lifecycle == CardState::Active)
-            .filter_map(|&m| self.plan(m).map(|plan| plan.allowance_bytes))
+            .iter()
+            .map(|&m| self.member_contribution(m))
             .fold(0u64, u64::saturating_add);
         self.pools[p as usize].member_allowance = total;
         self.refresh_pool(p);
@@ -844,11 +872,13 @@ impl Shard {
         self.touch(slot);
         let card = &mut self.cards[slot as usize];
         card.pool = p;
-        let (iccid, usage) = (card.iccid, card.usage);
+        let usage = card.usage;
+        let contribution = self.member_contribution(slot);
         let pool = &mut self.pools[p as usize];
-        pool.members.insert(iccid, slot);
+        pool.members.insert(slot);
         pool.usage = pool.usage.saturating_add(usage);
-        self.recompute_member_allowance(p);
+        pool.member_allowance = pool.member_allowance.saturating_add(contribution);
+        self.refresh_pool(p);
         self.refresh_card(slot);
     }
 
@@ -860,11 +890,13 @@ impl Shard {
         self.touch(slot);
         let card = &mut self.cards[slot as usize];
         card.pool = NO_POOL;
-        let (iccid, usage) = (card.iccid, card.usage);
+        let usage = card.usage;
+        let contribution = self.member_contribution(slot);
         let pool = &mut self.pools[p as usize];
-        pool.members.remove(&iccid);
+        pool.members.remove(&slot);
         pool.usage = pool.usage.saturating_sub(usage);
-        self.recompute_member_allowance(p);
+        pool.member_allowance = pool.member_allowance.saturating_sub(contribution);
+        self.refresh_pool(p);
         self.refresh_card(slot);
     }
 
@@ -941,7 +973,7 @@ impl Shard {
             + self
                 .pools
                 .iter()
-                .map(|p| p.members.len() * 40)
+                .map(|p| p.members.capacity() * 5)
                 .sum::<usize>()
             + self.deadlines.len() * 24
     }
@@ -981,7 +1013,7 @@ pub(crate) fn add_months(t: Timestamp, months: u32, offset_secs: i32) -> Timesta
 
 /// Iterate deterministic pool member slots (helper for the engine).
 pub(crate) fn member_slots(pool: &Pool) -> Vec<u32> {
-    pool.members.values().copied().collect()
+    pool.members.iter().copied().collect()
 }
 
 /// Cards with the given tag index (helper for tag removal).

@@ -451,3 +451,90 @@ fn a_receive_time_keeps_a_long_silence_from_freezing_the_clock() {
         .unwrap();
     assert!(matches!(&third[..], [Output::Rejected(r)] if r.code == "future_time"));
 }
+
+/// A full batch (100,000 cards) joins and leaves one pool: the pool's
+/// allowance follows each member incrementally (a recompute over all members
+/// per card would make this quadratic).
+#[test]
+fn a_full_batch_joins_and_leaves_one_pool() {
+    let mut engine = Engine::new(EngineConfig {
+        shards: 2,
+        ..Default::default()
+    });
+    let mut out = Vec::new();
+    let at = "2026-11-01T00:00:00+08:00";
+    let mut seq = 0u64;
+    let mut run = |engine: &mut Engine, line: String, out: &mut Vec<Output>| {
+        engine.process_command(parse_command(line.as_bytes()).unwrap(), seq, out);
+        seq += 1;
+    };
+    run(
+        &mut engine,
+        format!(
+            r#"{{"id":"p","type":"upsert_plan","at":"{at}","plan":{{"id":"pl","carrier":"cmcc","allowance_mb":30,"traffic":"directed"}}}}"#
+        ),
+        &mut out,
+    );
+    run(
+        &mut engine,
+        format!(
+            r#"{{"id":"pool","type":"create_pool","at":"{at}","pool":{{"id":"f","kind":"forward","carrier":"cmcc","plan":"pl"}}}}"#
+        ),
+        &mut out,
+    );
+    let n = 100_000u64;
+    for i in 0..n {
+        // Every tenth card is not yet activated: it joins without allowance.
+        let state = if i % 10 == 0 { "activatable" } else { "active" };
+        run(
+            &mut engine,
+            format!(
+                r#"{{"id":"c{i}","type":"upsert_card","at":"{at}","card":{{"iccid":"{}","carrier":"cmcc","plan":"pl","state":"{state}"}}}}"#,
+                iccid(i)
+            ),
+            &mut out,
+        );
+    }
+    let all: Vec<String> = (0..n).map(|i| format!("\"{}\"", iccid(i))).collect();
+    out.clear();
+    run(
+        &mut engine,
+        format!(
+            r#"{{"id":"join","type":"add_pool_members","at":"{at}","pool":"f","iccids":[{}]}}"#,
+            all.join(",")
+        ),
+        &mut out,
+    );
+    assert!(
+        matches!(&out[..], [Output::Journal(j)] if j.result.ok && j.result.results.len() == n as usize)
+    );
+    let pool = engine.pool_view(&"f".into()).unwrap();
+    assert_eq!(pool.members.len(), n as usize);
+    assert_eq!(pool.allowance_bytes, 90_000 * 30 * flowcap_engine::MB);
+    // Activating one more member raises the allowance by its plan.
+    run(
+        &mut engine,
+        format!(
+            r#"{{"id":"act","type":"activate","at":"{at}","iccids":["{}"]}}"#,
+            iccid(0)
+        ),
+        &mut out,
+    );
+    assert_eq!(
+        engine.pool_view(&"f".into()).unwrap().allowance_bytes,
+        90_001 * 30 * flowcap_engine::MB
+    );
+    run(
+        &mut engine,
+        format!(
+            r#"{{"id":"leave","type":"remove_pool_members","at":"{at}","pool":"f","iccids":[{}]}}"#,
+            all.join(",")
+        ),
+        &mut out,
+    );
+    let pool = engine.pool_view(&"f".into()).unwrap();
+    assert_eq!(
+        (pool.members.len(), pool.allowance_bytes, pool.usage_bytes),
+        (0, 0, 0)
+    );
+}
