@@ -137,3 +137,37 @@ fn missing_input_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/usage.jsonl"), "{err}");
 }
+
+/// The position a run resumes from is the driver's, not the engine's: an
+/// input that never reached the engine (a line that does not decode) right
+/// before a snapshot must not be processed again after a restart.
+#[test]
+fn a_malformed_last_input_is_not_replayed_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("usage.jsonl");
+    // The first line reaches the engine (and is rejected there: unknown
+    // card); the two after it never do.
+    let unknown = r#"{"record_id":"r1","iccid":"89860312345678901234","end":"2026-11-01T01:00:00+08:00","bytes_up":1,"bytes_down":0}"#;
+    std::fs::write(
+        &input,
+        format!("{unknown}\n{{not json\n{{\"also\": \"bad\"}}\n"),
+    )
+    .unwrap();
+    let out_dir = dir.path().join("out");
+    for _ in 0..2 {
+        let out = Command::new(BIN)
+            .args(["run", "-q", "--snapshot-every", "1", "--input"])
+            .arg(&input)
+            .arg("--out")
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rejects = std::fs::read_to_string(out_dir.join("rejects.jsonl")).unwrap();
+    assert_eq!(rejects.lines().count(), 3, "{rejects}");
+}

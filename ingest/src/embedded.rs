@@ -164,6 +164,8 @@ pub const REJECTS_FILE: &str = "rejects.jsonl";
 pub const JOURNAL_FILE: &str = "journal.jsonl";
 /// Accounted records (history), when enabled.
 pub const USAGE_FILE: &str = "usage.jsonl";
+/// Snapshot position: sequence number of the last input the snapshot covers.
+const INPUT_POSITION: &str = "input.last_seq";
 const FILES: [&str; 4] = [EVENTS_FILE, REJECTS_FILE, JOURNAL_FILE, USAGE_FILE];
 
 #[derive(Serialize)]
@@ -403,7 +405,14 @@ pub fn run(
         clear_dir(dir)?;
     }
     let snapshot_store = SnapshotStore::open(&snapshots_dir)?;
-    let resumed_after = restored.as_ref().and_then(Engine::last_seq);
+    // The driver's own position, not the engine's: inputs that never reach
+    // the engine (lines that do not decode) are covered by the snapshot too.
+    let resumed_after = restored.as_ref().and_then(|e| {
+        e.positions()
+            .get(INPUT_POSITION)
+            .and_then(|p| u64::try_from(*p).ok())
+            .or_else(|| e.last_seq())
+    });
     let engine = match restored {
         Some(engine) => engine,
         None => Engine::with_id_store(
@@ -536,6 +545,7 @@ fn take_snapshot(
     for (name, len) in lengths {
         engine.set_position(name, i64::try_from(len).unwrap_or(i64::MAX));
     }
+    engine.set_position(INPUT_POSITION, i64::try_from(seq).unwrap_or(i64::MAX));
     let bytes = engine.durable_snapshot()?;
     store.write(seq, &bytes)?;
     tracing::debug!(seq, bytes = bytes.len(), "snapshot written");
