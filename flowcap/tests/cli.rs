@@ -171,3 +171,53 @@ fn a_malformed_last_input_is_not_replayed_on_resume() {
     let rejects = std::fs::read_to_string(out_dir.join("rejects.jsonl")).unwrap();
     assert_eq!(rejects.lines().count(), 3, "{rejects}");
 }
+
+/// Commands dated long before the records (a fleet set up weeks earlier)
+/// must not make every record look "far in the future"; a record really in
+/// the future (a device clock years ahead) still is.
+#[test]
+fn file_records_weeks_after_the_setup_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands = dir.path().join("commands.jsonl");
+    std::fs::write(
+        &commands,
+        [
+            r#"{"id":"c1","type":"upsert_plan","at":"2026-10-01T00:00:00+08:00","plan":{"id":"ct-30","carrier":"ctcc","allowance_mb":30,"traffic":"directed"}}"#,
+            r#"{"id":"c2","type":"upsert_card","at":"2026-10-01T00:00:00+08:00","card":{"iccid":"89860312345678901234","carrier":"ctcc","plan":"ct-30","state":"active"}}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let rec = |id: &str, end: &str| {
+        format!(
+            r#"{{"record_id":"{id}","iccid":"89860312345678901234","end":"{end}","bytes_up":5,"bytes_down":0}}"#
+        )
+    };
+    let input = dir.path().join("usage.jsonl");
+    std::fs::write(
+        &input,
+        [
+            rec("r1", "2026-11-20T01:00:00+08:00"),
+            rec("r2", "2099-01-01T00:00:00+08:00"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-q", "--json", "--input"])
+        .arg(&input)
+        .arg("--commands")
+        .arg(&commands)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["summary"]["counted"], 1, "{v}");
+    assert_eq!(v["summary"]["rejected"]["future_time"], 1, "{v}");
+}

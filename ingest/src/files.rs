@@ -7,6 +7,14 @@
 //! command whose `at` cannot be read is applied first (it is journaled as
 //! malformed there). The same files always give the same sequence, so the
 //! sequence number of an input is a stable position to resume from.
+//!
+//! Records are stamped with the wall-clock time they are read as their
+//! receive time: "far in the future" then means more than `max_future_ms`
+//! ahead of the event clock *and* of the real time, which rejects a device
+//! clock in 2099 but never historical data, however long the gaps in it or
+//! however old the commands before it. (A replay after a crash stamps later
+//! times; only a record that was in the future at the first read and no
+//! longer is at the replay could be judged differently.)
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -17,7 +25,7 @@ use std::rc::Rc;
 use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::Timestamp;
 
-use crate::embedded::Input;
+use crate::embedded::{wall_clock, Input};
 
 /// Reads non-empty lines of a JSON-lines file as bytes.
 fn lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<Vec<u8>>>> {
@@ -81,7 +89,8 @@ pub fn merged_inputs(
         if pending.front().is_some_and(|(at, _)| *at <= end) {
             return pending.pop_front().map(|(_, c)| Input::Command(c));
         }
-        held.take().map(Input::Record)
+        held.take()
+            .map(|bytes| Input::ReceivedRecord(bytes, wall_clock()))
     });
     Ok((iter, error))
 }
