@@ -5,6 +5,36 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
 
+/// Runs `flowcap run --json` on a records file and a commands file (lines
+/// written to a temporary directory) and returns the parsed output and the
+/// output directory.
+fn run_files(
+    dir: &std::path::Path,
+    commands: &[&str],
+    records: &[String],
+) -> (serde_json::Value, std::path::PathBuf) {
+    let commands_path = dir.join("commands.jsonl");
+    std::fs::write(&commands_path, commands.join("\n")).unwrap();
+    let input = dir.join("usage.jsonl");
+    std::fs::write(&input, records.join("\n")).unwrap();
+    let out_dir = dir.join("out");
+    let out = Command::new(BIN)
+        .args(["run", "-q", "--json", "--input"])
+        .arg(&input)
+        .arg("--commands")
+        .arg(&commands_path)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (serde_json::from_slice(&out.stdout).unwrap(), out_dir)
+}
+
 #[test]
 fn help_lists_the_subcommands_and_run_flags() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
@@ -60,52 +90,27 @@ fn the_example_config_is_valid_and_unknown_keys_are_refused() {
 #[test]
 fn file_input_with_bad_lines_rejects_them_and_counts_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let commands = dir.path().join("commands.jsonl");
-    std::fs::write(
-        &commands,
-        [
-            r#"{"id":"c1","type":"upsert_plan","at":"2026-11-01T00:00:00+08:00","plan":{"id":"ct-30","carrier":"ctcc","allowance_mb":30,"traffic":"directed"}}"#,
-            r#"{"id":"c2","type":"upsert_card","at":"2026-11-01T00:00:00+08:00","card":{"iccid":"89860312345678901234","carrier":"ctcc","plan":"ct-30","state":"active"}}"#,
-            r#"{"id":"c3","type":"set_threshold","at":"2026-11-01T00:00:00+08:00","iccids":["89860312345678901234"],"mb":1}"#,
-            r#"{"id":"c4","type":"teleport","at":"2026-11-01T00:00:00+08:00"}"#,
-        ]
-        .join("\n"),
-    )
-    .unwrap();
     let rec = |id: &str, bytes: u64| {
         format!(
             r#"{{"record_id":"{id}","iccid":"89860312345678901234","end":"2026-11-01T01:00:00+08:00","bytes_up":{bytes},"bytes_down":0}}"#
         )
     };
-    let input = dir.path().join("usage.jsonl");
-    std::fs::write(
-        &input,
-        [
+    let (v, out_dir) = run_files(
+        dir.path(),
+        &[
+            r#"{"id":"c1","type":"upsert_plan","at":"2026-11-01T00:00:00+08:00","plan":{"id":"ct-30","carrier":"ctcc","allowance_mb":30,"traffic":"directed"}}"#,
+            r#"{"id":"c2","type":"upsert_card","at":"2026-11-01T00:00:00+08:00","card":{"iccid":"89860312345678901234","carrier":"ctcc","plan":"ct-30","state":"active"}}"#,
+            r#"{"id":"c3","type":"set_threshold","at":"2026-11-01T00:00:00+08:00","iccids":["89860312345678901234"],"mb":1}"#,
+            r#"{"id":"c4","type":"teleport","at":"2026-11-01T00:00:00+08:00"}"#,
+        ],
+        &[
             rec("r1", 600_000),
             "{not json".into(),
             rec("r2", 600_000),
             rec("r2", 600_000),
             rec("r3", 1),
-        ]
-        .join("\n"),
-    )
-    .unwrap();
-    let out_dir = dir.path().join("out");
-    let out = Command::new(BIN)
-        .args(["run", "-q", "--json", "--input"])
-        .arg(&input)
-        .arg("--commands")
-        .arg(&commands)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = &v["summary"];
     assert_eq!(s["counted"], 3);
     assert_eq!(s["duplicates"], 1);
@@ -178,46 +183,22 @@ fn a_malformed_last_input_is_not_replayed_on_resume() {
 #[test]
 fn file_records_weeks_after_the_setup_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
-    let commands = dir.path().join("commands.jsonl");
-    std::fs::write(
-        &commands,
-        [
-            r#"{"id":"c1","type":"upsert_plan","at":"2026-10-01T00:00:00+08:00","plan":{"id":"ct-30","carrier":"ctcc","allowance_mb":30,"traffic":"directed"}}"#,
-            r#"{"id":"c2","type":"upsert_card","at":"2026-10-01T00:00:00+08:00","card":{"iccid":"89860312345678901234","carrier":"ctcc","plan":"ct-30","state":"active"}}"#,
-        ]
-        .join("\n"),
-    )
-    .unwrap();
     let rec = |id: &str, end: &str| {
         format!(
             r#"{{"record_id":"{id}","iccid":"89860312345678901234","end":"{end}","bytes_up":5,"bytes_down":0}}"#
         )
     };
-    let input = dir.path().join("usage.jsonl");
-    std::fs::write(
-        &input,
-        [
+    let (v, _) = run_files(
+        dir.path(),
+        &[
+            r#"{"id":"c1","type":"upsert_plan","at":"2026-10-01T00:00:00+08:00","plan":{"id":"ct-30","carrier":"ctcc","allowance_mb":30,"traffic":"directed"}}"#,
+            r#"{"id":"c2","type":"upsert_card","at":"2026-10-01T00:00:00+08:00","card":{"iccid":"89860312345678901234","carrier":"ctcc","plan":"ct-30","state":"active"}}"#,
+        ],
+        &[
             rec("r1", "2026-11-20T01:00:00+08:00"),
             rec("r2", "2099-01-01T00:00:00+08:00"),
-        ]
-        .join("\n"),
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["run", "-q", "--json", "--input"])
-        .arg(&input)
-        .arg("--commands")
-        .arg(&commands)
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["summary"]["counted"], 1, "{v}");
     assert_eq!(v["summary"]["rejected"]["future_time"], 1, "{v}");
 }
