@@ -1121,10 +1121,7 @@ impl Engine {
                 let mut candidate = card.clone();
                 candidate.plan = plan_index;
                 candidate.carrier = spec.carrier;
-                let traffic = shard.plans[usize::from(plan_index)]
-                    .as_ref()
-                    .map(|p| p.traffic);
-                shard.check_member(card.pool, &candidate, traffic)?;
+                shard.check_member(card.pool, &candidate)?;
             }
             let shard = &mut self.shards[loc.shard as usize];
             shard.touch(loc.slot);
@@ -1341,13 +1338,7 @@ impl Engine {
                 format!("card {} is already in pool {other}", card.iccid),
             ));
         }
-        let dst = &self.shards[entry.shard as usize];
-        let traffic = dst
-            .plans
-            .get(usize::from(card.plan))
-            .and_then(Option::as_ref)
-            .map(|p| p.traffic);
-        dst.check_member(entry.index, card, traffic)?;
+        self.shards[entry.shard as usize].check_member(entry.index, card)?;
         let loc = if loc.shard == entry.shard {
             loc
         } else {

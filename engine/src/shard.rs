@@ -901,21 +901,11 @@ impl Shard {
     }
 
     /// Validates that a card may join pool `p` (forward pools: same
-    /// carrier, traffic type and plan).
-    pub(crate) fn check_member(
-        &self,
-        p: u32,
-        card: &Card,
-        traffic: Option<TrafficType>,
-    ) -> Result<(), CommandError> {
+    /// carrier, traffic type and plan; the plan fixes the traffic type).
+    pub(crate) fn check_member(&self, p: u32, card: &Card) -> Result<(), CommandError> {
         let pool = &self.pools[p as usize];
         if pool.kind == PoolKind::Forward {
-            let same_plan = pool.plan == Some(card.plan);
-            let pool_traffic = pool
-                .plan
-                .and_then(|i| self.plans[usize::from(i)].as_ref())
-                .map(|p| p.traffic);
-            if pool.carrier != Some(card.carrier) || !same_plan || pool_traffic != traffic {
+            if pool.carrier != Some(card.carrier) || pool.plan != Some(card.plan) {
                 return Err(CommandError::new(
                     ErrorCode::PoolMemberMismatch,
                     format!(
