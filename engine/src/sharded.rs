@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::engine::{Engine, EngineError, Loc};
-use crate::event::Output;
+use crate::event::{Output, Rejection};
 use crate::record::Usage;
 use crate::shard::Shard;
 use crate::time::Timestamp;
@@ -114,21 +114,28 @@ impl ShardedEngine {
     /// Processes one record (batched: call [`ShardedEngine::flush`] to push
     /// partial batches).
     pub fn process_usage(&mut self, usage: &Usage, seq: u64) -> Result<(), EngineError> {
-        self.process_usage_received(usage, None, seq)
+        self.process_usage_received(usage, None, seq).map(drop)
     }
 
     /// [`ShardedEngine::process_usage`] with a receive time; see
-    /// [`Engine::process_usage_received`].
+    /// [`Engine::process_usage_received`]. Returns the rejection when the
+    /// router refused the record (unknown card, far future), so a transport
+    /// can dead-letter the raw message it still holds; the rejection is
+    /// also among the outputs, as always.
     pub fn process_usage_received(
         &mut self,
         usage: &Usage,
         received_at: Option<Timestamp>,
         seq: u64,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Option<Rejection>, EngineError> {
         self.lend();
         let routed = self
             .engine
             .route(usage, received_at, seq, &mut self.local)?;
+        let rejected = match (&routed, self.local.last()) {
+            (None, Some(Output::Rejected(r))) if r.seq == seq => Some(r.clone()),
+            _ => None,
+        };
         if let Some(d) = routed {
             let Loc { shard, slot } = d.loc;
             let worker = &mut self.workers[shard as usize];
@@ -145,7 +152,7 @@ impl ShardedEngine {
         if self.local.len() >= BATCH {
             self.flush_local();
         }
-        Ok(())
+        Ok(rejected)
     }
 
     /// Processes one command with every shard recalled.

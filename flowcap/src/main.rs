@@ -88,6 +88,35 @@ struct RunArgs {
     json: bool,
     #[command(flatten)]
     workload: WorkloadArgs,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+}
+
+/// Kafka mode: set a bootstrap address (flag, env or `[kafka]` in the
+/// config) and `flowcap run` consumes and produces real topics.
+#[derive(Debug, Args)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers; turns Kafka mode on (no --input/generator).
+    #[arg(
+        long = "kafka",
+        env = "FLOWCAP_KAFKA_BOOTSTRAP",
+        value_name = "HOST:PORT"
+    )]
+    bootstrap: Option<String>,
+    /// Consumer group (holds the single-instance lease and the committed offsets).
+    #[arg(long, env = "FLOWCAP_KAFKA_GROUP")]
+    group: Option<String>,
+    /// librdkafka property for every client, `key=value` (repeatable); wins
+    /// over the config file and flowcap's defaults.
+    #[arg(short = 'X', long = "kafka-property", value_name = "KEY=VALUE")]
+    properties: Vec<String>,
+    /// Snapshot at least this often while inputs arrive, in seconds.
+    #[arg(long)]
+    snapshot_interval_secs: Option<u64>,
+    /// Stop (snapshot, commit, exit 0) once every partition is consumed to
+    /// its end and nothing arrived for this many seconds (tests, benchmarks).
+    #[arg(long, value_name = "SECS")]
+    exit_when_idle: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +136,42 @@ struct FileConfig {
     engine: EngineConfig,
     /// Run settings.
     run: RunSection,
+    /// Kafka settings (Kafka mode when `bootstrap` is set).
+    kafka: KafkaSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct KafkaSection {
+    bootstrap: Option<String>,
+    group: String,
+    topics: flowcap_ingest::kafka::Topics,
+    snapshot_interval_secs: u64,
+    max_run: usize,
+    max_queued_records: usize,
+    /// librdkafka properties for every client.
+    properties: std::collections::BTreeMap<String, String>,
+    /// librdkafka properties for the consumers.
+    consumer: std::collections::BTreeMap<String, String>,
+    /// librdkafka properties for the producer.
+    producer: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        let d = flowcap_ingest::kafka::KafkaOptions::new("", "");
+        KafkaSection {
+            bootstrap: None,
+            group: d.group,
+            topics: d.topics,
+            snapshot_interval_secs: d.snapshot_interval.as_secs(),
+            max_run: d.max_run,
+            max_queued_records: d.max_queued_records,
+            properties: Default::default(),
+            consumer: Default::default(),
+            producer: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +265,48 @@ fn run(args: RunArgs) -> Result<()> {
         engine.shards = shards;
     }
     let out = args.out.clone().unwrap_or(file.run.out);
+    if let Some(bootstrap) = args
+        .kafka
+        .bootstrap
+        .clone()
+        .or(file.kafka.bootstrap.clone())
+    {
+        if args.input.is_some() || args.commands.is_some() {
+            bail!("--input/--commands are for the embedded mode; in Kafka mode inputs come from the topics");
+        }
+        let mut options = flowcap_ingest::kafka::KafkaOptions::new(bootstrap, out);
+        options.engine = engine;
+        options.group = args.kafka.group.clone().unwrap_or(file.kafka.group);
+        options.topics = file.kafka.topics;
+        options.properties = file.kafka.properties;
+        for kv in &args.kafka.properties {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("-X {kv}: expected key=value"))?;
+            options
+                .properties
+                .insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        options.consumer_properties = file.kafka.consumer;
+        options.producer_properties = file.kafka.producer;
+        options.snapshot_every = args.snapshot_every.unwrap_or(file.run.snapshot_every);
+        options.snapshot_interval = std::time::Duration::from_secs(
+            args.kafka
+                .snapshot_interval_secs
+                .unwrap_or(file.kafka.snapshot_interval_secs),
+        );
+        options.history = file.run.history && !args.no_history;
+        options.max_run = file.kafka.max_run;
+        options.max_queued_records = file.kafka.max_queued_records;
+        options.exit_when_idle = args
+            .kafka
+            .exit_when_idle
+            .map(std::time::Duration::from_secs_f64);
+        if args.fresh {
+            bail!("--fresh is not available in Kafka mode: remove the data directory instead");
+        }
+        return run_kafka(&options, args.json);
+    }
     let options = EmbeddedOptions {
         out_dir: out,
         engine,
@@ -268,6 +375,31 @@ fn run(args: RunArgs) -> Result<()> {
                 check.mismatched
             );
         }
+    }
+    Ok(())
+}
+
+fn run_kafka(options: &flowcap_ingest::kafka::KafkaOptions, json: bool) -> Result<()> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing a signal handler")?;
+    }
+    let summary = flowcap_ingest::kafka::run(options, stop, &mut |status| {
+        tracing::info!(?status, "pipeline status");
+        if let flowcap_ingest::kafka::Status::StandingBy(reason) = status {
+            eprintln!("flowcap: {reason}");
+        }
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "summary": summary }))?
+        );
+    } else {
+        print_summary(&summary, None);
     }
     Ok(())
 }

@@ -168,18 +168,34 @@ pub const USAGE_FILE: &str = "usage.jsonl";
 const INPUT_POSITION: &str = "input.last_seq";
 const FILES: [&str; 4] = [EVENTS_FILE, REJECTS_FILE, JOURNAL_FILE, USAGE_FILE];
 
+/// Where a dead letter came from, when the input has positions (Kafka).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SourcePosition {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) timestamp_ms: Option<i64>,
+}
+
+/// One dead letter: `rejects.jsonl` line and DLQ message value.
 #[derive(Serialize)]
-struct DeadLetter<'a> {
+pub(crate) struct DeadLetter<'a> {
     seq: u64,
     code: &'a str,
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    iccid: Option<String>,
+    iccid: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     record_id: Option<&'a str>,
-    /// The input as received (lossy UTF-8), for decode failures.
     #[serde(skip_serializing_if = "Option::is_none")]
-    raw: Option<String>,
+    source: Option<&'a SourcePosition>,
+    /// The input as received, when it is UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw: Option<&'a str>,
+    /// The input as received, hex, when it is not UTF-8 (binary records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_hex: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -189,29 +205,105 @@ struct BadCommand<'a> {
     result: &'a CommandResult,
 }
 
-enum Side {
+pub(crate) enum Side {
     DeadLetter {
         seq: u64,
-        code: &'static str,
+        code: String,
         message: String,
+        iccid: Option<String>,
+        record_id: Option<String>,
+        source: Option<SourcePosition>,
         raw: Vec<u8>,
     },
     BadCommand {
         seq: u64,
+        code: &'static str,
+        source: Option<SourcePosition>,
         raw: Vec<u8>,
         result: CommandResult,
     },
     Barrier(Sender<Result<BTreeMap<String, u64>, String>>),
 }
 
-struct Writer {
+impl Side {
+    /// A dead letter for an input the router refused.
+    pub(crate) fn rejected(
+        r: flowcap_engine::event::Rejection,
+        raw: Vec<u8>,
+        source: Option<SourcePosition>,
+    ) -> Side {
+        Side::DeadLetter {
+            seq: r.seq,
+            code: r.code,
+            message: r.message,
+            iccid: r.iccid.map(|i| i.to_string()),
+            record_id: r.record_id.map(|id| id.as_str().to_owned()),
+            source,
+            raw,
+        }
+    }
+
+    /// A command that does not parse: a failed result for its id (if it
+    /// has one) and a dead letter.
+    pub(crate) fn bad_command(
+        seq: u64,
+        error: flowcap_engine::command::CommandError,
+        raw: Vec<u8>,
+        source: Option<SourcePosition>,
+    ) -> Side {
+        let code = match error.code {
+            flowcap_engine::command::ErrorCode::UnknownType => "unknown_command_type",
+            _ => "malformed_command",
+        };
+        let result = CommandResult::rejected(command_id_of(&raw), error);
+        Side::BadCommand {
+            seq,
+            code,
+            source,
+            raw,
+            result,
+        }
+    }
+
+    /// A dead letter for bytes that do not decode.
+    pub(crate) fn undecodable(
+        seq: u64,
+        error: &flowcap_engine::decode::DecodeError,
+        raw: Vec<u8>,
+        source: Option<SourcePosition>,
+    ) -> Side {
+        Side::DeadLetter {
+            seq,
+            code: error.code().to_owned(),
+            message: error.to_string(),
+            iccid: None,
+            record_id: None,
+            source,
+            raw,
+        }
+    }
+}
+
+/// Kafka topics the writer produces to, besides its local files.
+pub(crate) struct KafkaOut {
+    pub(crate) outbox: crate::kafka::Outbox,
+    pub(crate) actions: String,
+    pub(crate) dlq: String,
+    pub(crate) results: String,
+    /// Set when the process is asked to stop: a barrier then gives up
+    /// waiting for an unreachable broker instead of hanging shutdown.
+    pub(crate) give_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub(crate) struct Writer {
     sinks: BTreeMap<&'static str, JsonlSink>,
     history: bool,
     summary: Summary,
+    kafka: Option<KafkaOut>,
 }
 
 impl Writer {
-    fn write_outputs(&mut self, outputs: Vec<Output>) -> Result<(), JsonlError> {
+    fn write_outputs(&mut self, outputs: Vec<Output>) -> Result<(), WriteError> {
         let now = wall_clock();
         for output in outputs {
             match output {
@@ -227,18 +319,9 @@ impl Writer {
                     }
                 }
                 Output::Duplicate { .. } => self.summary.duplicates += 1,
-                Output::Rejected(r) => {
-                    *self.summary.rejected.entry(r.code.clone()).or_default() += 1;
-                    let iccid = r.iccid.map(|i| i.to_string());
-                    self.sink(REJECTS_FILE).write(&DeadLetter {
-                        seq: r.seq,
-                        code: &r.code,
-                        message: &r.message,
-                        iccid,
-                        record_id: r.record_id.as_ref().map(|id| id.as_str()),
-                        raw: None,
-                    })?;
-                }
+                // The driver dead-letters router rejections itself (it still
+                // holds the raw input); see `Side::rejected`.
+                Output::Rejected(_) => {}
                 Output::Action(mut event) => {
                     match &mut event {
                         ActionEvent::CardState(e) => {
@@ -251,6 +334,20 @@ impl Writer {
                         }
                     }
                     self.sink(EVENTS_FILE).write(&event)?;
+                    if let Some(k) = &self.kafka {
+                        let payload = serde_json::to_vec(&event)?;
+                        let id = event.id().as_bytes();
+                        let kind: &[u8] = match &event {
+                            ActionEvent::CardState(_) => b"card_state",
+                            ActionEvent::PoolState(_) => b"pool_state",
+                        };
+                        k.outbox.send(
+                            &k.actions,
+                            Some(event.key().as_bytes()),
+                            &payload,
+                            &[("flowcap.event-id", id), ("flowcap.kind", kind)],
+                        )?;
+                    }
                 }
                 Output::Journal(entry) => {
                     if entry.result.ok {
@@ -259,37 +356,76 @@ impl Writer {
                         self.summary.commands_failed += 1;
                     }
                     self.sink(JOURNAL_FILE).write(&entry)?;
+                    if let Some(k) = &self.kafka {
+                        let payload = serde_json::to_vec(&entry)?;
+                        let id = entry.result.command_id.as_str().as_bytes();
+                        k.outbox.send(&k.results, Some(id), &payload, &[])?;
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    fn write_side(&mut self, side: Side) -> Result<(), JsonlError> {
+    fn write_side(&mut self, side: Side) -> Result<(), WriteError> {
         match side {
             Side::DeadLetter {
                 seq,
                 code,
                 message,
+                iccid,
+                record_id,
+                source,
                 raw,
             } => {
-                *self.summary.rejected.entry(code.to_owned()).or_default() += 1;
-                self.sink(REJECTS_FILE).write(&DeadLetter {
+                *self.summary.rejected.entry(code.clone()).or_default() += 1;
+                let utf8 = std::str::from_utf8(&raw).ok();
+                let letter = DeadLetter {
                     seq,
-                    code,
+                    code: &code,
                     message: &message,
-                    iccid: None,
-                    record_id: None,
-                    raw: Some(String::from_utf8_lossy(&raw).into_owned()),
-                })
+                    iccid: iccid.as_deref(),
+                    record_id: record_id.as_deref(),
+                    source: source.as_ref(),
+                    raw: utf8,
+                    raw_hex: utf8.is_none().then(|| hex(&raw)),
+                };
+                self.sink(REJECTS_FILE).write(&letter)?;
+                if let Some(k) = &self.kafka {
+                    let payload = serde_json::to_vec(&letter)?;
+                    dead_letter(
+                        k,
+                        &code,
+                        &message,
+                        source.as_ref(),
+                        iccid.as_deref(),
+                        &payload,
+                    )?;
+                }
+                Ok(())
             }
-            Side::BadCommand { seq, raw, result } => {
+            Side::BadCommand {
+                seq,
+                code,
+                source,
+                raw,
+                result,
+            } => {
                 self.summary.commands_failed += 1;
-                self.sink(JOURNAL_FILE).write(&BadCommand {
+                let line = BadCommand {
                     seq,
                     raw: String::from_utf8_lossy(&raw).into_owned(),
                     result: &result,
-                })
+                };
+                self.sink(JOURNAL_FILE).write(&line)?;
+                if let Some(k) = &self.kafka {
+                    let payload = serde_json::to_vec(&line)?;
+                    let id = result.command_id.as_str().as_bytes();
+                    k.outbox.send(&k.results, Some(id), &payload, &[])?;
+                    let message = result.error.as_ref().map_or("", |e| e.message.as_str());
+                    dead_letter(k, code, message, source.as_ref(), None, &payload)?;
+                }
+                Ok(())
             }
             Side::Barrier(_) => Ok(()),
         }
@@ -300,14 +436,73 @@ impl Writer {
         self.sinks.get_mut(name).expect("sink opened at start")
     }
 
-    fn sync_all(&mut self) -> Result<BTreeMap<String, u64>, JsonlError> {
+    fn sync_all(&mut self) -> Result<BTreeMap<String, u64>, WriteError> {
         let mut lengths = BTreeMap::new();
         for (name, sink) in &mut self.sinks {
             sink.sync()?;
             lengths.insert(format!("out.{name}"), sink.len());
         }
+        if let Some(k) = &self.kafka {
+            let give_up = &k.give_up;
+            k.outbox
+                .settle(&|| give_up.load(std::sync::atomic::Ordering::Relaxed))?;
+        }
         Ok(lengths)
     }
+}
+
+/// What stops the writer thread.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WriteError {
+    #[error("{0}")]
+    File(#[from] JsonlError),
+    #[error("kafka producer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("encoding an output: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The DLQ message: the JSON envelope as value, the reason and the source
+/// position also as headers (for consumers that route without parsing).
+fn dead_letter(
+    k: &KafkaOut,
+    code: &str,
+    message: &str,
+    source: Option<&SourcePosition>,
+    key: Option<&str>,
+    payload: &[u8],
+) -> Result<(), WriteError> {
+    let (topic, partition, offset) =
+        source.map_or((String::new(), String::new(), String::new()), |s| {
+            (
+                s.topic.clone(),
+                s.partition.to_string(),
+                s.offset.to_string(),
+            )
+        });
+    k.outbox
+        .send(
+            &k.dlq,
+            key.map(str::as_bytes),
+            payload,
+            &[
+                ("flowcap.reason", code.as_bytes()),
+                ("flowcap.message", message.as_bytes()),
+                ("flowcap.source.topic", topic.as_bytes()),
+                ("flowcap.source.partition", partition.as_bytes()),
+                ("flowcap.source.offset", offset.as_bytes()),
+            ],
+        )
+        .map_err(WriteError::from)
 }
 
 pub(crate) fn wall_clock() -> Timestamp {
@@ -373,6 +568,174 @@ fn clear_dir(dir: &Path) -> Result<(), IngestError> {
     Ok(())
 }
 
+/// The parts every driver shares: the restored (or new) engine on its
+/// shards, the writer thread, the snapshot store and the barrier protocol.
+/// A driver feeds inputs with sequence numbers and calls
+/// [`Pipeline::snapshot`]; the transport (files, Kafka) is its business.
+pub(crate) struct Pipeline {
+    pub(crate) sharded: ShardedEngine,
+    pub(crate) side: Sender<Side>,
+    writer_thread: std::thread::JoinHandle<Result<Summary, String>>,
+    store: SnapshotStore,
+    /// Sequence number of the last input the restored snapshot covers.
+    pub(crate) resumed_after: Option<u64>,
+    /// Positions recorded in the restored snapshot.
+    pub(crate) restored_positions: BTreeMap<String, i64>,
+    pub(crate) snapshots: u64,
+    started: Instant,
+}
+
+impl Pipeline {
+    /// Restores the newest usable snapshot in `dir` (when `resume`), or
+    /// starts empty and clears the directory's state; rewinds the output
+    /// files to the snapshot and starts the writer.
+    pub(crate) fn start(
+        dir: &Path,
+        resume: bool,
+        config: &EngineConfig,
+        history: bool,
+        kafka: Option<KafkaOut>,
+    ) -> Result<Pipeline, IngestError> {
+        let started = Instant::now();
+        prepare_dir(dir)?;
+        let snapshots_dir = dir.join("snapshots");
+        let mut restored: Option<Engine> = None;
+        if resume && snapshots_dir.exists() {
+            let store = SnapshotStore::open(&snapshots_dir)?;
+            for (seq, bytes) in store.newest_first()? {
+                let id_store = DiskIdStore::open(dir.join("dedupe"))?;
+                match Engine::restore(&bytes, Box::new(id_store)) {
+                    Ok(engine) => {
+                        tracing::info!(seq, "resuming from snapshot");
+                        restored = Some(engine);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(seq, error = %e, "snapshot unusable, trying an older one")
+                    }
+                }
+            }
+        }
+        if restored.is_none() {
+            clear_dir(dir)?;
+        }
+        let store = SnapshotStore::open(&snapshots_dir)?;
+        // The driver's own position, not the engine's: inputs that never
+        // reach the engine (lines that do not decode) are covered too.
+        let resumed_after = restored.as_ref().and_then(|e| {
+            e.positions()
+                .get(INPUT_POSITION)
+                .and_then(|p| u64::try_from(*p).ok())
+                .or_else(|| e.last_seq())
+        });
+        let engine = match restored {
+            Some(engine) => engine,
+            None => Engine::with_id_store(
+                config.clone(),
+                Box::new(DiskIdStore::open(dir.join("dedupe"))?),
+            ),
+        };
+        let restored_positions = if resumed_after.is_some() {
+            engine.positions().clone()
+        } else {
+            BTreeMap::new()
+        };
+        let mut sinks = BTreeMap::new();
+        for name in FILES {
+            let rewind = restored_positions
+                .get(&format!("out.{name}"))
+                .map(|len| u64::try_from(*len).unwrap_or(0));
+            sinks.insert(name, JsonlSink::open(dir.join(name), rewind)?);
+        }
+        let writer = Writer {
+            sinks,
+            history,
+            summary: Summary::default(),
+            kafka,
+        };
+        let (sharded, outputs) = ShardedEngine::start(engine, 64);
+        let (side, side_rx) = bounded::<Side>(1024);
+        let writer_thread = std::thread::Builder::new()
+            .name("flowcap-writer".into())
+            .spawn(move || run_writer(writer, outputs, side_rx))
+            .map_err(|e| IngestError::Writer(e.to_string()))?;
+        Ok(Pipeline {
+            sharded,
+            side,
+            writer_thread,
+            store,
+            resumed_after,
+            restored_positions,
+            snapshots: 0,
+            started,
+        })
+    }
+
+    /// Sends a side output (dead letter, bad command) to the writer.
+    pub(crate) fn side(&self, side: Side) -> Result<(), IngestError> {
+        self.side
+            .send(side)
+            .map_err(|_| IngestError::Writer("writer is gone".into()))
+    }
+
+    /// Takes a snapshot covering inputs through `last_seq`: every shard
+    /// home, every output written and durable (files fsynced, Kafka
+    /// acknowledged), then the engine with `positions` and the output
+    /// lengths, written atomically. Returns the wall time it took.
+    pub(crate) fn snapshot(
+        &mut self,
+        last_seq: Option<u64>,
+        positions: &BTreeMap<String, i64>,
+    ) -> Result<Duration, IngestError> {
+        let Some(seq) = last_seq else {
+            return Ok(Duration::ZERO);
+        };
+        let started = Instant::now();
+        let engine = self.sharded.engine();
+        let (reply_tx, reply_rx) = bounded(1);
+        self.side
+            .send(Side::Barrier(reply_tx))
+            .map_err(|_| IngestError::Writer("writer is gone".into()))?;
+        let lengths = reply_rx
+            .recv()
+            .map_err(|_| IngestError::Writer("writer did not answer the snapshot barrier".into()))?
+            .map_err(IngestError::Writer)?;
+        for (name, len) in lengths {
+            engine.set_position(name, i64::try_from(len).unwrap_or(i64::MAX));
+        }
+        for (name, position) in positions {
+            engine.set_position(name.clone(), *position);
+        }
+        engine.set_position(INPUT_POSITION, i64::try_from(seq).unwrap_or(i64::MAX));
+        let bytes = engine.durable_snapshot()?;
+        self.store.write(seq, &bytes)?;
+        self.snapshots += 1;
+        tracing::debug!(seq, bytes = bytes.len(), "snapshot written");
+        Ok(started.elapsed())
+    }
+
+    /// Stops the shards and the writer; the summary and the final engine.
+    pub(crate) fn finish(self) -> Result<(Summary, Engine), IngestError> {
+        let engine = self.sharded.finish();
+        drop(self.side);
+        let mut summary = self
+            .writer_thread
+            .join()
+            .map_err(|_| IngestError::Writer("writer thread panicked".into()))?
+            .map_err(IngestError::Writer)?;
+        for view in engine.card_views() {
+            *summary
+                .cards_by_state
+                .entry(view.state.as_str().to_owned())
+                .or_default() += 1;
+        }
+        summary.resumed_after_seq = self.resumed_after;
+        summary.snapshots = self.snapshots;
+        summary.elapsed_secs = self.started.elapsed().as_secs_f64();
+        Ok((summary, engine))
+    }
+}
+
 /// Runs the embedded pipeline over `inputs` (sequence number = position).
 /// Returns the summary and the final engine (for queries and checks).
 pub fn run(
@@ -382,66 +745,10 @@ pub fn run(
 ) -> Result<(Summary, Engine), IngestError> {
     let started = Instant::now();
     let dir = &options.out_dir;
-    prepare_dir(dir)?;
-    let snapshots_dir = dir.join("snapshots");
-
-    // Resume from the newest snapshot that decodes, or start fresh.
-    let mut restored: Option<Engine> = None;
-    if options.resume && snapshots_dir.exists() {
-        let store = SnapshotStore::open(&snapshots_dir)?;
-        for (seq, bytes) in store.newest_first()? {
-            let id_store = DiskIdStore::open(dir.join("dedupe"))?;
-            match Engine::restore(&bytes, Box::new(id_store)) {
-                Ok(engine) => {
-                    tracing::info!(seq, "resuming from snapshot");
-                    restored = Some(engine);
-                    break;
-                }
-                Err(e) => tracing::warn!(seq, error = %e, "snapshot unusable, trying an older one"),
-            }
-        }
-    }
-    if restored.is_none() {
-        clear_dir(dir)?;
-    }
-    let snapshot_store = SnapshotStore::open(&snapshots_dir)?;
-    // The driver's own position, not the engine's: inputs that never reach
-    // the engine (lines that do not decode) are covered by the snapshot too.
-    let resumed_after = restored.as_ref().and_then(|e| {
-        e.positions()
-            .get(INPUT_POSITION)
-            .and_then(|p| u64::try_from(*p).ok())
-            .or_else(|| e.last_seq())
-    });
-    let engine = match restored {
-        Some(engine) => engine,
-        None => Engine::with_id_store(
-            options.engine.clone(),
-            Box::new(DiskIdStore::open(dir.join("dedupe"))?),
-        ),
-    };
-
-    let mut sinks = BTreeMap::new();
-    for name in FILES {
-        let rewind =
-            resumed_after.and_then(|_| engine.positions().get(&format!("out.{name}")).copied());
-        let rewind = rewind.map(|len| u64::try_from(len).unwrap_or(0));
-        sinks.insert(name, JsonlSink::open(dir.join(name), rewind)?);
-    }
-    let writer = Writer {
-        sinks,
-        history: options.history,
-        summary: Summary::default(),
-    };
-
-    let (mut sharded, outputs) = ShardedEngine::start(engine, 64);
-    let (side_tx, side_rx) = bounded::<Side>(1024);
-    let writer_thread = std::thread::Builder::new()
-        .name("flowcap-writer".into())
-        .spawn(move || run_writer(writer, outputs, side_rx))
-        .map_err(|e| IngestError::Writer(e.to_string()))?;
-
-    let mut snapshots = 0u64;
+    let mut pipeline =
+        Pipeline::start(dir, options.resume, &options.engine, options.history, None)?;
+    let resumed_after = pipeline.resumed_after;
+    let no_positions = BTreeMap::new();
     let mut since_snapshot = 0u64;
     let mut last_seq: Option<u64> = resumed_after;
     let mut read = 0u64;
@@ -462,94 +769,43 @@ pub fn run(
             Input::ReceivedRecord(bytes, received) => Some((bytes, Some(received))),
             Input::Command(bytes) => {
                 match parse_command(&bytes) {
-                    Ok(command) => sharded.process_command(command, seq),
-                    Err(error) => {
-                        let id = command_id_of(&bytes);
-                        let result = CommandResult::rejected(id, error);
-                        let _ = side_tx.send(Side::BadCommand {
-                            seq,
-                            raw: bytes,
-                            result,
-                        });
-                    }
+                    Ok(command) => pipeline.sharded.process_command(command, seq),
+                    Err(error) => pipeline.side(Side::bad_command(seq, error, bytes, None))?,
                 }
                 None
             }
         };
         if let Some((bytes, received)) = record {
             match decode_json(&bytes, &options.limits) {
-                Ok(usage) => sharded.process_usage_received(&usage, received, seq)?,
-                Err(e) => {
-                    let _ = side_tx.send(Side::DeadLetter {
-                        seq,
-                        code: e.code(),
-                        message: e.to_string(),
-                        raw: bytes,
-                    });
+                Ok(usage) => {
+                    if let Some(r) = pipeline
+                        .sharded
+                        .process_usage_received(&usage, received, seq)?
+                    {
+                        pipeline.side(Side::rejected(r, bytes, None))?;
+                    }
                 }
+                Err(e) => pipeline.side(Side::undecodable(seq, &e, bytes, None))?,
             }
         }
         last_seq = Some(seq);
         since_snapshot += 1;
         if options.snapshot_every > 0 && since_snapshot >= options.snapshot_every {
-            take_snapshot(&mut sharded, &side_tx, &snapshot_store, last_seq)?;
-            snapshots += 1;
+            pipeline.snapshot(last_seq, &no_positions)?;
             since_snapshot = 0;
         }
     }
     // Recalling the shards brings every one up to the final clock
     // (deadlines, rollovers); their outputs go through the writer.
-    sharded.engine();
-    if since_snapshot > 0 || snapshots == 0 {
-        take_snapshot(&mut sharded, &side_tx, &snapshot_store, last_seq)?;
-        snapshots += 1;
+    pipeline.sharded.engine();
+    if since_snapshot > 0 || pipeline.snapshots == 0 {
+        pipeline.snapshot(last_seq, &no_positions)?;
     }
-    let engine = sharded.finish();
-    drop(side_tx);
-    let mut summary = writer_thread
-        .join()
-        .map_err(|_| IngestError::Writer("writer thread panicked".into()))?
-        .map_err(IngestError::Writer)?;
-    for view in engine.card_views() {
-        *summary
-            .cards_by_state
-            .entry(view.state.as_str().to_owned())
-            .or_default() += 1;
-    }
-    summary.resumed_after_seq = resumed_after;
+    let (mut summary, engine) = pipeline.finish()?;
     summary.inputs = read - resumed_after.map_or(0, |s| s + 1).min(read);
-    summary.snapshots = snapshots;
-    summary.elapsed_secs = started.elapsed().as_secs_f64();
     summary.inputs_per_sec = summary.inputs as f64 / summary.elapsed_secs.max(1e-9);
     summary.out_dir = dir.clone();
     Ok((summary, engine))
-}
-
-fn take_snapshot(
-    sharded: &mut ShardedEngine,
-    side: &Sender<Side>,
-    store: &SnapshotStore,
-    last_seq: Option<u64>,
-) -> Result<(), IngestError> {
-    let Some(seq) = last_seq else {
-        return Ok(());
-    };
-    let engine = sharded.engine();
-    let (reply_tx, reply_rx) = bounded(1);
-    side.send(Side::Barrier(reply_tx))
-        .map_err(|_| IngestError::Writer("writer is gone".into()))?;
-    let lengths = reply_rx
-        .recv_timeout(Duration::from_secs(600))
-        .map_err(|_| IngestError::Writer("writer did not answer the snapshot barrier".into()))?
-        .map_err(IngestError::Writer)?;
-    for (name, len) in lengths {
-        engine.set_position(name, i64::try_from(len).unwrap_or(i64::MAX));
-    }
-    engine.set_position(INPUT_POSITION, i64::try_from(seq).unwrap_or(i64::MAX));
-    let bytes = engine.durable_snapshot()?;
-    store.write(seq, &bytes)?;
-    tracing::debug!(seq, bytes = bytes.len(), "snapshot written");
-    Ok(())
 }
 
 /// The `id` of a command that did not parse, if it has one.

@@ -16,5 +16,7 @@
 
 pub mod embedded;
 pub mod files;
+pub mod kafka;
 
 pub use embedded::{run, EmbeddedOptions, IngestError, Input, Progress, Summary};
+pub use kafka::{KafkaOptions, KafkaRunError};

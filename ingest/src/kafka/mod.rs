@@ -1,0 +1,771 @@
+//! The Kafka pipeline: usage and commands in, actions, dead letters and
+//! command results out, exactly once in effect across crashes.
+//!
+//! # Protocol
+//!
+//! - **Inputs** are the partitions of the usage topic and the single
+//!   partition of the commands topic. The data consumer *assigns* them
+//!   (no group rebalancing can move them mid-run) at the offsets stored in
+//!   the newest snapshot, or at the beginning when there is none. The
+//!   broker's committed offsets are never used to decide where to start:
+//!   the snapshot is the only truth, so state and positions cannot diverge.
+//! - **Sequence**: every message gets the next global sequence number. The
+//!   interleaving of partitions is written to the [order log](order_log)
+//!   before the messages are processed, so a replay after a crash feeds
+//!   the engine the same sequence and emits the same events with the same
+//!   ids.
+//! - **Outputs** (actions keyed by ICCID or pool id, dead letters, command
+//!   results keyed by command id) go through an idempotent producer; a
+//!   message whose delivery fails is sent again, never dropped.
+//! - **Snapshots** (every `snapshot_every` inputs, every
+//!   `snapshot_interval`, and on shutdown): all shards home, every output
+//!   acknowledged by the broker and every local file fsynced, then the
+//!   engine with the input positions is written atomically; only then are
+//!   offsets committed to the broker (for lag tools; flowcap itself does
+//!   not read them).
+//! - **Restart**: restore the newest snapshot, seek every partition to its
+//!   recorded position, replay the logged order, then go on. Records
+//!   replayed after the snapshot are new to the restored dedupe state, so
+//!   they count exactly once; their events repeat with the same ids.
+//! - **One active instance**: a second consumer (the *lease*) joins the
+//!   consumer group subscribed to the commands topic. Its single partition
+//!   goes to exactly one member: that instance is active, any other stands
+//!   by (not ready, with the reason) until the lease comes to it. Pools
+//!   must be summed in one place, so until pools are repartitioned (a
+//!   later step) a second instance must never process.
+
+mod order_log;
+mod producer;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowcap_engine::command::parse_command;
+use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
+use flowcap_engine::{EngineConfig, Timestamp};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use serde::{Deserialize, Serialize};
+
+use crate::embedded::{IngestError, KafkaOut, Pipeline, Side, SourcePosition, Summary};
+use order_log::{OrderLog, ReplayRun, RunStart};
+pub(crate) use producer::Outbox;
+
+/// Topic names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topics {
+    /// Usage records in (keyed by ICCID).
+    pub usage: String,
+    /// Commands in (one partition: commands keep one order).
+    pub commands: String,
+    /// Action events out (keyed by ICCID or pool id).
+    pub actions: String,
+    /// Dead letters out.
+    pub dlq: String,
+    /// Command results out (keyed by command id).
+    pub results: String,
+}
+
+impl Default for Topics {
+    fn default() -> Topics {
+        Topics {
+            usage: "flowcap.usage".into(),
+            commands: "flowcap.commands".into(),
+            actions: "flowcap.actions".into(),
+            dlq: "flowcap.dlq".into(),
+            results: "flowcap.command-results".into(),
+        }
+    }
+}
+
+/// How to run against Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    /// `bootstrap.servers`.
+    pub bootstrap: String,
+    /// Consumer group (the lease, committed offsets).
+    pub group: String,
+    /// Topic names.
+    pub topics: Topics,
+    /// librdkafka properties for every client (passed through; they win
+    /// over flowcap's defaults).
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the consumers only.
+    pub consumer_properties: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only.
+    pub producer_properties: BTreeMap<String, String>,
+    /// Snapshots, dedupe index, order log and local history.
+    pub data_dir: PathBuf,
+    /// Engine configuration (ignored when resuming: the snapshot's wins).
+    pub engine: EngineConfig,
+    /// Snapshot after this many inputs (0: not by count).
+    pub snapshot_every: u64,
+    /// Snapshot at least this often while inputs arrive.
+    pub snapshot_interval: Duration,
+    /// Write accounted records to the local history.
+    pub history: bool,
+    /// Record decoding limits.
+    pub limits: DecodeLimits,
+    /// Messages taken from one partition before looking at the next.
+    pub max_run: usize,
+    /// Records queued in the shards above which the partitions are paused
+    /// (resumed below half of it).
+    pub max_queued_records: usize,
+    /// Stop (snapshot, commit, exit) after no input arrived for this long
+    /// and every partition is consumed to its end. For tests and
+    /// benchmarks; a service runs until signalled.
+    pub exit_when_idle: Option<Duration>,
+}
+
+impl KafkaOptions {
+    /// Defaults for a broker and a data directory.
+    pub fn new(bootstrap: impl Into<String>, data_dir: impl Into<PathBuf>) -> KafkaOptions {
+        KafkaOptions {
+            bootstrap: bootstrap.into(),
+            group: "flowcap".into(),
+            topics: Topics::default(),
+            properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+            data_dir: data_dir.into(),
+            engine: EngineConfig::default(),
+            snapshot_every: 1_000_000,
+            snapshot_interval: Duration::from_secs(60),
+            history: true,
+            limits: DecodeLimits::default(),
+            max_run: 4096,
+            max_queued_records: 1 << 16,
+            exit_when_idle: None,
+        }
+    }
+}
+
+/// What the pipeline is doing, for readiness and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Connecting and restoring state.
+    Starting,
+    /// Another instance holds the lease; this one waits.
+    StandingBy(String),
+    /// Replaying the inputs after the restored snapshot.
+    Replaying,
+    /// Consuming.
+    Running,
+    /// Draining, taking the last snapshot.
+    Stopping,
+}
+
+/// Errors that stop the Kafka pipeline. Bad input never does.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaRunError {
+    /// A Kafka client call failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The engine, a local file or the writer failed.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// A topic does not exist (flowcap does not create topics).
+    #[error("topic {0:?} does not exist on the broker: create it first")]
+    MissingTopic(String),
+    /// The commands topic has more than one partition.
+    #[error("the commands topic {topic:?} has {partitions} partitions; it must have exactly 1 so that commands keep one order")]
+    CommandPartitions {
+        /// The topic.
+        topic: String,
+        /// Its partition count.
+        partitions: usize,
+    },
+    /// The order log could not be read or written.
+    #[error("order log: {0}")]
+    OrderLog(std::io::Error),
+    /// The lease was lost while processing: another instance may now be
+    /// active, so this one stops without a snapshot.
+    #[error("lost the lease on {0:?} to another instance: stopping without processing further")]
+    LeaseLost(String),
+}
+
+/// One input partition: where the driver is in it.
+struct Cursor {
+    topic: String,
+    partition: i32,
+    commands: bool,
+    /// Offset of the next message to process.
+    next: i64,
+}
+
+impl Cursor {
+    fn position_key(&self) -> String {
+        position_key(&self.topic, self.partition)
+    }
+}
+
+fn position_key(topic: &str, partition: i32) -> String {
+    format!("kafka.{topic}.{partition}")
+}
+
+/// Lease state, written by the lease consumer's rebalance callbacks.
+#[derive(Default)]
+struct LeaseContext {
+    held: AtomicBool,
+    changed: AtomicBool,
+}
+
+impl ClientContext for LeaseContext {}
+
+impl ConsumerContext for LeaseContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let held = tpl.count() > 0;
+                if held {
+                    // The lease consumer never processes messages itself.
+                    let _ = consumer.pause(tpl);
+                }
+                self.held.store(held, Ordering::SeqCst);
+            }
+            Rebalance::Revoke(_) => self.held.store(false, Ordering::SeqCst),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "lease rebalance error"),
+        }
+        self.changed.store(true, Ordering::SeqCst);
+    }
+}
+
+fn client_config(
+    options: &KafkaOptions,
+    defaults: &[(&str, &str)],
+    specific: &BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &options.bootstrap);
+    for (k, v) in defaults {
+        config.set(*k, *v);
+    }
+    for (k, v) in options.properties.iter().chain(specific) {
+        config.set(k, v);
+    }
+    config
+}
+
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("auto.offset.reset", "earliest"),
+    ("fetch.wait.max.ms", "5"),
+    ("fetch.min.bytes", "1"),
+    ("fetch.max.bytes", "52428800"),
+    ("max.partition.fetch.bytes", "8388608"),
+    ("queued.max.messages.kbytes", "65536"),
+    ("session.timeout.ms", "10000"),
+    ("heartbeat.interval.ms", "1000"),
+];
+
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("linger.ms", "2"),
+    ("batch.num.messages", "10000"),
+];
+
+/// Runs until `stop` is set (or, with `exit_when_idle`, until the input is
+/// drained), then snapshots, commits and returns.
+pub fn run(
+    options: &KafkaOptions,
+    stop: Arc<AtomicBool>,
+    status: &mut dyn FnMut(&Status),
+) -> Result<Summary, KafkaRunError> {
+    status(&Status::Starting);
+    let started = Instant::now();
+    let consumer_config = client_config(options, CONSUMER_DEFAULTS, &options.consumer_properties);
+    let data: Arc<BaseConsumer> = Arc::new(consumer_config.create()?);
+    let mut lease_config = consumer_config.clone();
+    lease_config.set("group.id", &options.group);
+    let lease: BaseConsumer<LeaseContext> =
+        lease_config.create_with_context(LeaseContext::default())?;
+
+    // Topics must exist: flowcap never creates them.
+    let usage_partitions = partition_count(&data, &options.topics.usage)?;
+    let command_partitions = partition_count(&data, &options.topics.commands)?;
+    if command_partitions != 1 {
+        return Err(KafkaRunError::CommandPartitions {
+            topic: options.topics.commands.clone(),
+            partitions: command_partitions,
+        });
+    }
+    for topic in [
+        &options.topics.actions,
+        &options.topics.dlq,
+        &options.topics.results,
+    ] {
+        partition_count(&data, topic)?;
+    }
+
+    // The lease first: a stand-by instance must not touch the state directory.
+    lease.subscribe(&[options.topics.commands.as_str()])?;
+    let mut standing_by_since: Option<Instant> = None;
+    let wait_started = Instant::now();
+    while !lease.context().held.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(Summary::default());
+        }
+        let _ = lease.poll(Duration::from_millis(100));
+        let joined = lease.context().changed.load(Ordering::SeqCst);
+        if standing_by_since.is_none()
+            && (joined || wait_started.elapsed() > Duration::from_secs(15))
+        {
+            let reason = format!(
+                "standing by: another flowcap instance holds the lease (group {:?}, topic {:?}); \
+                 one instance processes all partitions until pools are repartitioned",
+                options.group, options.topics.commands
+            );
+            tracing::warn!("{reason}");
+            status(&Status::StandingBy(reason));
+            standing_by_since = Some(Instant::now());
+        }
+    }
+    if let Some(since) = standing_by_since {
+        tracing::info!(waited_secs = since.elapsed().as_secs(), "lease acquired");
+    }
+
+    let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);
+    let give_up = Arc::new(AtomicBool::new(false));
+    let out = KafkaOut {
+        outbox: Outbox::new(&producer_config)?,
+        actions: options.topics.actions.clone(),
+        dlq: options.topics.dlq.clone(),
+        results: options.topics.results.clone(),
+        give_up: Arc::clone(&give_up),
+    };
+    let pipeline = Pipeline::start(
+        &options.data_dir,
+        true,
+        &options.engine,
+        options.history,
+        Some(out),
+    )?;
+
+    // Sources: the commands partition, then the usage partitions, at the
+    // snapshot's positions. Indices are stable: they name sources in the
+    // order log.
+    let mut cursors = vec![Cursor {
+        topic: options.topics.commands.clone(),
+        partition: 0,
+        commands: true,
+        next: 0,
+    }];
+    for p in 0..usage_partitions {
+        cursors.push(Cursor {
+            topic: options.topics.usage.clone(),
+            partition: i32::try_from(p).unwrap_or(i32::MAX),
+            commands: false,
+            next: 0,
+        });
+    }
+    let mut tpl = TopicPartitionList::new();
+    for c in &mut cursors {
+        let offset = match pipeline.restored_positions.get(&c.position_key()) {
+            Some(&next) => {
+                c.next = next;
+                Offset::Offset(next)
+            }
+            None => Offset::Beginning,
+        };
+        tpl.add_partition_offset(&c.topic, c.partition, offset)?;
+    }
+    data.assign(&tpl)?;
+    let queues = cursors
+        .iter()
+        .map(|c| {
+            data.split_partition_queue(&c.topic, c.partition)
+                .ok_or_else(|| KafkaRunError::MissingTopic(c.topic.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let order_dir = options.data_dir.join("order");
+    let runs = order_log::read_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
+    let plan = order_log::replay_plan(&runs, pipeline.resumed_after);
+    let log =
+        OrderLog::open(&order_dir, pipeline.resumed_after).map_err(KafkaRunError::OrderLog)?;
+
+    let lag_positions: Arc<Vec<AtomicI64>> =
+        Arc::new(cursors.iter().map(|c| AtomicI64::new(c.next)).collect());
+    let lag_thread = spawn_lag_reporter(
+        Arc::clone(&data),
+        cursors
+            .iter()
+            .map(|c| (c.topic.clone(), c.partition))
+            .collect(),
+        Arc::clone(&lag_positions),
+        Arc::clone(&stop),
+    );
+
+    let mut driver = Driver {
+        next_seq: pipeline.resumed_after.map_or(0, |s| s + 1),
+        pipeline,
+        log,
+        current_run: None,
+        limits: options.limits,
+        since_snapshot: 0,
+        last_snapshot: Instant::now(),
+        inputs: 0,
+        lag_positions,
+    };
+
+    // Replay the logged order first.
+    if !plan.is_empty() {
+        status(&Status::Replaying);
+        tracing::info!(runs = plan.len(), "replaying the logged input order");
+    }
+    for ReplayRun { source, count } in plan {
+        let i = source as usize;
+        let Some(queue) = queues.get(i) else {
+            tracing::warn!(
+                source,
+                "order log names an unknown source; replay ends here"
+            );
+            break;
+        };
+        let until = match count {
+            Some(n) => Until::Count(n),
+            None => {
+                let c = &cursors[i];
+                let (_, high) =
+                    data.fetch_watermarks(&c.topic, c.partition, Duration::from_secs(30))?;
+                Until::Offset(high)
+            }
+        };
+        let mut taken = 0u64;
+        while !until.reached(taken, cursors[i].next) {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let _ = data.poll(Duration::ZERO);
+            match queue.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error during replay"),
+                None => {}
+            }
+        }
+        driver.maybe_snapshot(options, &cursors, &lease)?;
+    }
+
+    status(&Status::Running);
+    tracing::info!(
+        partitions = usage_partitions,
+        resumed_after = ?driver.pipeline.resumed_after,
+        "consuming"
+    );
+    let mut last_input = Instant::now();
+    let mut paused = false;
+    let all = tpl;
+    let mut next_source = 0usize;
+    'run: while !stop.load(Ordering::SeqCst) {
+        let _ = lease.poll(Duration::ZERO);
+        if !lease.context().held.load(Ordering::SeqCst) {
+            give_up.store(true, Ordering::SeqCst);
+            return Err(KafkaRunError::LeaseLost(options.topics.commands.clone()));
+        }
+        let _ = data.poll(Duration::ZERO);
+        let mut got = 0usize;
+        for k in 0..queues.len() {
+            let i = (next_source + k) % queues.len();
+            let mut in_run = 0usize;
+            while in_run < options.max_run {
+                match queues[i].poll(Duration::ZERO) {
+                    Some(Ok(message)) => {
+                        driver.process(i as u32, &mut cursors[i], &message)?;
+                        in_run += 1;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            got += in_run;
+            if in_run > 0 {
+                // Round robin from the next source after a productive one.
+                next_source = (i + 1) % queues.len();
+            }
+        }
+        if got == 0 {
+            // Nothing waiting: push partial batches so quiet periods do not
+            // hold records back, then wait briefly.
+            driver.pipeline.sharded.flush();
+            if let Some(idle) = options.exit_when_idle {
+                if last_input.elapsed() >= idle && caught_up(&data, &cursors)? {
+                    break 'run;
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        } else {
+            last_input = Instant::now();
+        }
+        // Backpressure: pause fetching while the shards are far behind.
+        let queued: usize = driver.pipeline.sharded.queue_depths().iter().sum();
+        if !paused && queued > options.max_queued_records {
+            data.pause(&all)?;
+            paused = true;
+            metrics::counter!("flowcap_backpressure_pauses_total").increment(1);
+        } else if paused && queued <= options.max_queued_records / 2 {
+            data.resume(&all)?;
+            paused = false;
+        }
+        metrics::gauge!("flowcap_partitions_paused").set(if paused { 1.0 } else { 0.0 });
+        driver.maybe_snapshot(options, &cursors, &lease)?;
+    }
+
+    status(&Status::Stopping);
+    driver.pipeline.sharded.engine();
+    driver.snapshot(&cursors, &lease)?;
+    stop.store(true, Ordering::SeqCst);
+    let _ = lag_thread.join();
+    let inputs = driver.inputs;
+    let (mut summary, _engine) = driver.pipeline.finish()?;
+    summary.inputs = inputs;
+    summary.elapsed_secs = started.elapsed().as_secs_f64();
+    summary.inputs_per_sec = inputs as f64 / summary.elapsed_secs.max(1e-9);
+    summary.out_dir = options.data_dir.clone();
+    Ok(summary)
+}
+
+enum Until {
+    Count(u64),
+    Offset(i64),
+}
+
+impl Until {
+    fn reached(&self, taken: u64, next: i64) -> bool {
+        match *self {
+            Until::Count(n) => taken >= n,
+            Until::Offset(o) => next >= o,
+        }
+    }
+}
+
+fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<usize, KafkaRunError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    match metadata.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len()),
+        _ => Err(KafkaRunError::MissingTopic(topic.to_owned())),
+    }
+}
+
+fn caught_up(consumer: &BaseConsumer, cursors: &[Cursor]) -> Result<bool, KafkaRunError> {
+    for c in cursors {
+        let (_, high) =
+            consumer.fetch_watermarks(&c.topic, c.partition, Duration::from_secs(10))?;
+        if c.next < high {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Reports per-partition lag every second from its own thread, so a slow
+/// metadata call never stalls the driver.
+fn spawn_lag_reporter(
+    consumer: Arc<BaseConsumer>,
+    sources: Vec<(String, i32)>,
+    positions: Arc<Vec<AtomicI64>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("flowcap-lag".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                for (i, (topic, partition)) in sources.iter().enumerate() {
+                    if let Ok((_, high)) =
+                        consumer.fetch_watermarks(topic, *partition, Duration::from_secs(1))
+                    {
+                        let next = positions[i].load(Ordering::Relaxed);
+                        metrics::gauge!(
+                            "flowcap_consumer_lag",
+                            "topic" => topic.clone(),
+                            "partition" => partition.to_string()
+                        )
+                        .set((high - next).max(0) as f64);
+                    }
+                }
+                for _ in 0..10 {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+        .expect("spawning a thread")
+}
+
+/// The driver's state between messages.
+struct Driver {
+    pipeline: Pipeline,
+    log: OrderLog,
+    /// Source of the run in progress.
+    current_run: Option<u32>,
+    next_seq: u64,
+    limits: DecodeLimits,
+    since_snapshot: u64,
+    last_snapshot: Instant,
+    inputs: u64,
+    lag_positions: Arc<Vec<AtomicI64>>,
+}
+
+impl Driver {
+    /// Processes one message; false when it was already covered (a
+    /// message before the cursor, which a seek can deliver again).
+    fn process(
+        &mut self,
+        source: u32,
+        cursor: &mut Cursor,
+        message: &BorrowedMessage<'_>,
+    ) -> Result<bool, KafkaRunError> {
+        let offset = message.offset();
+        if offset < cursor.next {
+            return Ok(false);
+        }
+        if self.current_run != Some(source) {
+            self.log
+                .append(RunStart {
+                    seq: self.next_seq,
+                    source,
+                    offset,
+                })
+                .map_err(KafkaRunError::OrderLog)?;
+            self.current_run = Some(source);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        cursor.next = offset + 1;
+        self.lag_positions[source as usize].store(cursor.next, Ordering::Relaxed);
+        self.inputs += 1;
+        self.since_snapshot += 1;
+        let payload = message.payload().unwrap_or_default();
+        let received = message.timestamp().to_millis();
+        let position = || SourcePosition {
+            topic: cursor.topic.clone(),
+            partition: cursor.partition,
+            offset,
+            timestamp_ms: received,
+        };
+        if cursor.commands {
+            match parse_command(payload) {
+                Ok(command) => self.pipeline.sharded.process_command(command, seq),
+                Err(error) => self.pipeline.side(Side::bad_command(
+                    seq,
+                    error,
+                    payload.to_vec(),
+                    Some(position()),
+                ))?,
+            }
+            return Ok(true);
+        }
+        metrics::counter!("flowcap_records_in_total", "source" => "kafka").increment(1);
+        match decode(payload, &self.limits) {
+            Ok(usage) => {
+                let received = received.map(Timestamp);
+                if let Some(r) = self
+                    .pipeline
+                    .sharded
+                    .process_usage_received(&usage, received, seq)
+                    .map_err(IngestError::from)?
+                {
+                    self.pipeline
+                        .side(Side::rejected(r, payload.to_vec(), Some(position())))?;
+                }
+            }
+            Err(e) => {
+                self.pipeline.side(Side::undecodable(
+                    seq,
+                    &e,
+                    payload.to_vec(),
+                    Some(position()),
+                ))?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn maybe_snapshot(
+        &mut self,
+        options: &KafkaOptions,
+        cursors: &[Cursor],
+        lease: &BaseConsumer<LeaseContext>,
+    ) -> Result<(), KafkaRunError> {
+        let by_count = options.snapshot_every > 0 && self.since_snapshot >= options.snapshot_every;
+        let by_time =
+            self.since_snapshot > 0 && self.last_snapshot.elapsed() >= options.snapshot_interval;
+        if by_count || by_time {
+            self.snapshot(cursors, lease)?;
+        }
+        Ok(())
+    }
+
+    /// Snapshot, then rotate the order log, then commit offsets.
+    fn snapshot(
+        &mut self,
+        cursors: &[Cursor],
+        lease: &BaseConsumer<LeaseContext>,
+    ) -> Result<(), KafkaRunError> {
+        let last_seq = self.next_seq.checked_sub(1);
+        let positions: BTreeMap<String, i64> =
+            cursors.iter().map(|c| (c.position_key(), c.next)).collect();
+        let took = self.pipeline.snapshot(last_seq, &positions)?;
+        metrics::histogram!("flowcap_snapshot_duration_seconds").record(took.as_secs_f64());
+        metrics::counter!("flowcap_snapshots_total").increment(1);
+        metrics::gauge!("flowcap_last_snapshot_timestamp_seconds")
+            .set(crate::embedded::wall_clock().millis() as f64 / 1000.0);
+        if let Some(seq) = last_seq {
+            let current = self.current_run.map(|s| (s, cursors[s as usize].next));
+            self.log
+                .rotate(seq, current)
+                .map_err(KafkaRunError::OrderLog)?;
+        }
+        self.since_snapshot = 0;
+        self.last_snapshot = Instant::now();
+        // Informational: lag tools read committed offsets; flowcap restarts
+        // from its snapshot, so a failed commit loses nothing.
+        let mut tpl = TopicPartitionList::new();
+        for c in cursors {
+            tpl.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.next))?;
+        }
+        if let Err(e) = lease.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+            tracing::warn!(error = %e, "committing offsets failed (informational only)");
+        }
+        Ok(())
+    }
+}
+
+/// JSON is the reference; a message whose first byte is the binary
+/// encoding's version (never valid JSON) is decoded as binary.
+fn decode(
+    payload: &[u8],
+    limits: &DecodeLimits,
+) -> Result<flowcap_engine::Usage, flowcap_engine::decode::DecodeError> {
+    if payload.first() == Some(&BINARY_VERSION) {
+        decode_binary(payload, limits)
+    } else {
+        decode_json(payload, limits)
+    }
+}
+
+pub(crate) mod m {
+    //! Metric names used here (the catalogue is in `crate::metrics`).
+    pub(crate) fn delivery_failed() {
+        metrics::counter!("flowcap_delivery_failures_total").increment(1);
+    }
+    pub(crate) fn delivery_retried() {
+        metrics::counter!("flowcap_delivery_retries_total").increment(1);
+    }
+}
