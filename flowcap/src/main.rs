@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Run the pipeline: usage and commands in, actions, rejects, journal
     /// and history out (embedded: files or the built-in generator).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write a generated workload (commands, usage, expected totals) to
     /// JSON-lines files.
     Loadgen(LoadgenArgs),
@@ -236,7 +236,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Loadgen(args) => loadgen(args),
     }
 }
