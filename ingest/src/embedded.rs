@@ -334,7 +334,7 @@ impl Writer {
                         }
                     }
                     self.sink(EVENTS_FILE).write(&event)?;
-                    if let Some(k) = &self.kafka {
+                    if let Some(k) = &mut self.kafka {
                         let payload = serde_json::to_vec(&event)?;
                         let id = event.id().as_bytes();
                         let kind: &[u8] = match &event {
@@ -356,7 +356,7 @@ impl Writer {
                         self.summary.commands_failed += 1;
                     }
                     self.sink(JOURNAL_FILE).write(&entry)?;
-                    if let Some(k) = &self.kafka {
+                    if let Some(k) = &mut self.kafka {
                         let payload = serde_json::to_vec(&entry)?;
                         let id = entry.result.command_id.as_str().as_bytes();
                         k.outbox.send(&k.results, Some(id), &payload, &[])?;
@@ -391,7 +391,7 @@ impl Writer {
                     raw_hex: utf8.is_none().then(|| hex(&raw)),
                 };
                 self.sink(REJECTS_FILE).write(&letter)?;
-                if let Some(k) = &self.kafka {
+                if let Some(k) = &mut self.kafka {
                     let payload = serde_json::to_vec(&letter)?;
                     dead_letter(
                         k,
@@ -418,7 +418,7 @@ impl Writer {
                     result: &result,
                 };
                 self.sink(JOURNAL_FILE).write(&line)?;
-                if let Some(k) = &self.kafka {
+                if let Some(k) = &mut self.kafka {
                     let payload = serde_json::to_vec(&line)?;
                     let id = result.command_id.as_str().as_bytes();
                     k.outbox.send(&k.results, Some(id), &payload, &[])?;
@@ -442,7 +442,7 @@ impl Writer {
             sink.sync()?;
             lengths.insert(format!("out.{name}"), sink.len());
         }
-        if let Some(k) = &self.kafka {
+        if let Some(k) = &mut self.kafka {
             let give_up = &k.give_up;
             k.outbox
                 .settle(&|| give_up.load(std::sync::atomic::Ordering::Relaxed))?;
@@ -474,7 +474,7 @@ fn hex(bytes: &[u8]) -> String {
 /// The DLQ message: the JSON envelope as value, the reason and the source
 /// position also as headers (for consumers that route without parsing).
 fn dead_letter(
-    k: &KafkaOut,
+    k: &mut KafkaOut,
     code: &str,
     message: &str,
     source: Option<&SourcePosition>,
