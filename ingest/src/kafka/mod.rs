@@ -223,15 +223,15 @@ impl ClientContext for LeaseContext {}
 impl ConsumerContext for LeaseContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => {
-                let held = tpl.count() > 0;
-                if held {
-                    // The lease consumer never processes messages itself.
-                    let _ = consumer.pause(tpl);
-                }
-                self.held.store(held, Ordering::SeqCst);
+            // Cooperative rebalancing reports increments: an empty
+            // assignment or revocation changes nothing.
+            Rebalance::Assign(tpl) if tpl.count() > 0 => {
+                // The lease consumer never processes messages itself.
+                let _ = consumer.pause(tpl);
+                self.held.store(true, Ordering::SeqCst);
             }
-            Rebalance::Revoke(_) => self.held.store(false, Ordering::SeqCst),
+            Rebalance::Revoke(tpl) if tpl.count() > 0 => self.held.store(false, Ordering::SeqCst),
+            Rebalance::Assign(_) | Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "lease rebalance error"),
         }
         self.changed.store(true, Ordering::SeqCst);
@@ -284,9 +284,16 @@ pub fn run(
     status(&Status::Starting);
     let started = Instant::now();
     let consumer_config = client_config(options, CONSUMER_DEFAULTS, &options.consumer_properties);
-    let data: Arc<BaseConsumer> = Arc::new(consumer_config.create()?);
+    // The data consumer assigns partitions and never joins a group;
+    // librdkafka still wants a group id, distinct from the lease's group.
+    let mut data_config = consumer_config.clone();
+    data_config.set("group.id", format!("{}.data", options.group));
+    let data: Arc<BaseConsumer> = Arc::new(data_config.create()?);
     let mut lease_config = consumer_config.clone();
     lease_config.set("group.id", &options.group);
+    // Sticky: a joining stand-by must not take the lease from the active
+    // instance (an eager rebalance would revoke it from everyone first).
+    lease_config.set("partition.assignment.strategy", "cooperative-sticky");
     let lease: BaseConsumer<LeaseContext> =
         lease_config.create_with_context(LeaseContext::default())?;
 
@@ -470,7 +477,7 @@ pub fn run(
     let mut next_source = 0usize;
     'run: while !stop.load(Ordering::SeqCst) {
         let _ = lease.poll(Duration::ZERO);
-        if !lease.context().held.load(Ordering::SeqCst) {
+        if !lease.context().held.load(Ordering::SeqCst) && !regain_lease(&lease, &stop) {
             give_up.store(true, Ordering::SeqCst);
             return Err(KafkaRunError::LeaseLost(options.topics.commands.clone()));
         }
@@ -537,6 +544,21 @@ pub fn run(
     summary.inputs_per_sec = inputs as f64 / summary.elapsed_secs.max(1e-9);
     summary.out_dir = options.data_dir.clone();
     Ok(summary)
+}
+
+/// After a revocation, waits for the rebalance to settle: true when the
+/// lease came back (processing goes on), false when another member has it.
+fn regain_lease(lease: &BaseConsumer<LeaseContext>, stop: &AtomicBool) -> bool {
+    tracing::warn!("lease revoked by a rebalance; waiting for the new assignment");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) && !stop.load(Ordering::SeqCst) {
+        let _ = lease.poll(Duration::from_millis(100));
+        if lease.context().held.load(Ordering::SeqCst) {
+            tracing::info!("lease kept after the rebalance");
+            return true;
+        }
+    }
+    false
 }
 
 enum Until {

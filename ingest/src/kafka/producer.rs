@@ -105,11 +105,8 @@ impl Outbox {
             return Ok(());
         };
         tracing::warn!(?code, reason, "producer hit a fatal error: replacing it");
-        self.producer.purge(
-            rdkafka::producer::PurgeConfig::default()
-                .queue()
-                .inflight(),
-        );
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
         let started = Instant::now();
         while self.tracking.in_flight.load(Ordering::Acquire) > 0
             && started.elapsed() < Duration::from_secs(30)
@@ -126,7 +123,10 @@ impl Outbox {
         // the replay only if no snapshot covers it: log loudly).
         let lost = self.tracking.in_flight.swap(0, Ordering::AcqRel);
         if lost > 0 {
-            tracing::error!(lost, "messages of the failed producer got no delivery report");
+            tracing::error!(
+                lost,
+                "messages of the failed producer got no delivery report"
+            );
         }
         Ok(())
     }

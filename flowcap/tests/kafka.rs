@@ -1,0 +1,537 @@
+//! The Kafka pipeline against a real Kafka-compatible broker (Tansu,
+//! started per test on a free port; see `flowcap-testkit`).
+//!
+//! Every test checks exactness against the generator's independent
+//! expectation: each card's usage per cycle summed from the history
+//! flowcap wrote must equal what the generator says counted. Actions on
+//! the topic must be exactly the decisions in the final `events.jsonl`
+//! (a replay may repeat an event, always with the same id and content).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flowcap_engine::CycleId;
+use flowcap_loadgen::{RecordKind, Workload, WorkloadConfig};
+use flowcap_testkit::{consume_all, end_offsets, produce, Broker, Record, Storage};
+
+const TOPICS: [(&str, i32); 5] = [
+    ("flowcap.usage", 4),
+    ("flowcap.commands", 1),
+    ("flowcap.actions", 2),
+    ("flowcap.dlq", 1),
+    ("flowcap.command-results", 1),
+];
+
+fn broker(storage: Storage) -> Broker {
+    let broker = Broker::start(storage).expect("broker starts");
+    for (topic, partitions) in TOPICS {
+        broker
+            .create_topic(topic, partitions)
+            .expect("topic created");
+    }
+    broker
+}
+
+fn workload(
+    cards: u64,
+    hours: u32,
+    per_hour: f64,
+    tweak: impl FnOnce(&mut WorkloadConfig),
+) -> Workload {
+    let mut config = WorkloadConfig {
+        cards,
+        duration_hours: hours,
+        records_per_card_per_hour: per_hour,
+        ..WorkloadConfig::default()
+    };
+    tweak(&mut config);
+    Workload::new(config).expect("valid workload")
+}
+
+fn produce_commands(broker: &Broker, workload: &Workload) -> usize {
+    let commands: Vec<Vec<u8>> = workload
+        .setup_commands()
+        .map(|c| serde_json::to_vec(&c).unwrap())
+        .collect();
+    produce(
+        broker,
+        "flowcap.commands",
+        commands.iter().map(|c| Record::new(c)),
+    )
+    .expect("commands produced")
+}
+
+/// Produces the records keyed by ICCID with their arrival as the message
+/// timestamp (the receive time flowcap judges "far future" by).
+fn produce_records(broker: &Broker, workload: &Workload, range: std::ops::Range<u64>) -> usize {
+    let mut lines = Vec::new();
+    for r in workload
+        .records()
+        .skip(range.start as usize)
+        .take((range.end - range.start) as usize)
+    {
+        let mut line = String::new();
+        r.to_json_line(&mut line);
+        lines.push((r.iccid().to_string(), line, r.arrival.millis()));
+    }
+    produce(
+        broker,
+        "flowcap.usage",
+        lines.iter().map(|(key, line, ts)| {
+            Record::new(line.as_bytes())
+                .key(key.as_bytes())
+                .timestamp_ms(*ts)
+        }),
+    )
+    .expect("records produced")
+}
+
+fn flowcap(broker: &Broker, dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowcap"));
+    cmd.args(["run", "--kafka", &broker.bootstrap(), "--out"])
+        .arg(dir)
+        .args(["-q", "--json", "--shards", "2"])
+        .args(extra)
+        .env("FLOWCAP_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs flowcap until the topics are drained (idle 2 s); asserts success.
+fn run_until_idle(broker: &Broker, dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--exit-when-idle", "2"];
+    args.extend_from_slice(extra);
+    let out = flowcap(broker, dir, &args).output().expect("flowcap runs");
+    assert_success(&out);
+    serde_json::from_slice(&out.stdout).expect("summary JSON")
+}
+
+fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "flowcap failed: {}\nstderr:\n{}",
+        out.status,
+        tail(&String::from_utf8_lossy(&out.stderr), 4000)
+    );
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    &s[s.len().saturating_sub(n)..]
+}
+
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect()
+}
+
+/// Usage per (card, cycle) from the history file; panics on a record
+/// accounted twice.
+fn history_totals(dir: &Path) -> BTreeMap<(String, u32), u64> {
+    let mut totals = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for a in lines(&dir.join("usage.jsonl")) {
+        let u = &a["usage"];
+        let iccid = u["iccid"].as_str().unwrap().to_owned();
+        let id = u["record_id"].as_str().unwrap().to_owned();
+        assert!(
+            seen.insert((iccid.clone(), id.clone())),
+            "record {iccid}/{id} accounted twice"
+        );
+        let cycle: CycleId = serde_json::from_value(a["cycle"].clone()).unwrap();
+        let bytes = u["bytes_up"].as_u64().unwrap() + u["bytes_down"].as_u64().unwrap();
+        *totals.entry((iccid, cycle.0)).or_default() += bytes;
+    }
+    totals
+}
+
+fn assert_exact(dir: &Path, workload: &Workload) {
+    let expected: BTreeMap<(String, u32), u64> = workload
+        .expected()
+        .entries()
+        .map(|e| ((e.iccid.to_string(), e.cycle.0), e.bytes))
+        .collect();
+    let got = history_totals(dir);
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty() && got.len() == expected.len(),
+        "history differs from the generator: {} card-cycles expected, {} got; first differences {missing:?}",
+        expected.len(),
+        got.len()
+    );
+}
+
+/// Every action on the topic is one of the final decisions; a repeated id
+/// carries the same event; every decision is on the topic.
+fn assert_actions_match_events(broker: &Broker, dir: &Path) -> usize {
+    let events = lines(&dir.join("events.jsonl"));
+    let mut want: HashMap<String, serde_json::Value> = HashMap::new();
+    for mut e in events {
+        e.as_object_mut().unwrap().remove("processed_at");
+        want.insert(e["id"].as_str().unwrap().to_owned(), e);
+    }
+    let total: i64 = end_offsets(broker, "flowcap.actions").unwrap().iter().sum();
+    let msgs = consume_all(
+        broker,
+        "flowcap.actions",
+        total as usize,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(msgs.len() as i64, total, "actions topic read completely");
+    let mut seen = BTreeSet::new();
+    for m in &msgs {
+        let mut e: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+        e.as_object_mut().unwrap().remove("processed_at");
+        let id = e["id"].as_str().unwrap().to_owned();
+        let header = m
+            .headers
+            .iter()
+            .find(|(k, _)| k == "flowcap.event-id")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(header.as_deref(), Some(id.as_str()), "event-id header");
+        match want.get(&id) {
+            Some(w) => assert_eq!(
+                w, &e,
+                "event {id} differs between topic and final decisions"
+            ),
+            None => panic!("action {id} on the topic is not a final decision: {e}"),
+        }
+        seen.insert(id);
+    }
+    let absent: Vec<_> = want
+        .keys()
+        .filter(|id| !seen.contains(*id))
+        .take(3)
+        .collect();
+    assert!(
+        absent.is_empty(),
+        "decisions missing on the actions topic: {absent:?}"
+    );
+    msgs.len()
+}
+
+/// Final state per card from an events file (the last card_state event).
+fn final_states(dir: &Path) -> BTreeMap<String, String> {
+    let mut states = BTreeMap::new();
+    for e in lines(&dir.join("events.jsonl")) {
+        if e["kind"] == "card_state" {
+            states.insert(
+                e["iccid"].as_str().unwrap().to_owned(),
+                format!("{} {}", e["new"], e["reasons"]),
+            );
+        }
+    }
+    states
+}
+
+#[test]
+fn scenario_end_to_end_exact_with_the_embedded_decisions() {
+    let broker = broker(Storage::Memory);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("kafka");
+    let w = workload(1000, 48, 0.5, |c| {
+        c.seed = 7;
+        c.threshold_share = 0.5;
+    });
+    produce_commands(&broker, &w);
+    let first = run_until_idle(&broker, &dir, &[]);
+    assert_eq!(first["summary"]["commands_failed"], 0, "{first}");
+    produce_records(&broker, &w, 0..w.total_records());
+    let second = run_until_idle(&broker, &dir, &[]);
+    assert!(second["summary"]["resumed_after_seq"].is_u64(), "{second}");
+    assert_exact(&dir, &w);
+    let actions = assert_actions_match_events(&broker, &dir);
+    assert!(actions > 0, "the scenario cuts some cards");
+
+    // The same workload through the embedded generator run decides the
+    // same final state for every card.
+    let embedded = work.path().join("embedded");
+    let config = serde_json::json!({
+        "cards": 1000, "duration_hours": 48, "records_per_card_per_hour": 0.5,
+        "seed": 7, "threshold_share": 0.5
+    });
+    let config_path = work.path().join("workload.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flowcap"))
+        .args(["run", "-q", "--fresh", "--workload"])
+        .arg(&config_path)
+        .arg("--out")
+        .arg(&embedded)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert_eq!(final_states(&dir), final_states(&embedded));
+
+    // Command results: one per command, keyed by its id.
+    let results = consume_all(
+        &broker,
+        "flowcap.command-results",
+        usize::MAX,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert_eq!(results.len(), w.setup_commands().count());
+}
+
+#[test]
+fn malformed_and_unknown_storm_dead_letters_exactly() {
+    let broker = broker(Storage::Memory);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("kafka");
+    let w = workload(1000, 24, 1.0, |c| {
+        c.seed = 11;
+        c.malformed_pct = 5.0;
+        c.unknown_card_pct = 5.0;
+    });
+    produce_commands(&broker, &w);
+    run_until_idle(&broker, &dir, &[]);
+    // A command that does not parse: a failed result and a dead letter.
+    produce(
+        &broker,
+        "flowcap.commands",
+        [Record::new(br#"{"id":"bad-1","type":"no_such"}"#)],
+    )
+    .unwrap();
+    produce_records(&broker, &w, 0..w.total_records());
+    let summary = run_until_idle(&broker, &dir, &[]);
+    assert_exact(&dir, &w);
+    let counts = w.expected().counts();
+    let bad = counts.get(RecordKind::Malformed) + counts.get(RecordKind::UnknownCard);
+    let dlq_total: i64 = end_offsets(&broker, "flowcap.dlq").unwrap().iter().sum();
+    assert_eq!(
+        dlq_total as u64,
+        bad + 1,
+        "one dead letter per bad message: {summary}"
+    );
+    let dlq = consume_all(
+        &broker,
+        "flowcap.dlq",
+        dlq_total as usize,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    for m in &dlq {
+        let reason = m
+            .headers
+            .iter()
+            .find(|(k, _)| k == "flowcap.reason")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .expect("reason header");
+        let envelope: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+        assert_eq!(envelope["code"], reason.as_str());
+        assert!(envelope["source"]["offset"].is_i64(), "{envelope}");
+        assert!(envelope.get("raw").is_some() || envelope.get("raw_hex").is_some());
+        *by_reason.entry(reason).or_default() += 1;
+    }
+    assert_eq!(
+        by_reason.get("unknown_card").copied().unwrap_or(0),
+        counts.get(RecordKind::UnknownCard)
+    );
+    assert_eq!(by_reason.get("unknown_command_type").copied(), Some(1));
+    let results = consume_all(
+        &broker,
+        "flowcap.command-results",
+        usize::MAX,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert!(results
+        .iter()
+        .any(|m| m.key.as_deref() == Some(b"bad-1".as_slice())));
+}
+
+#[test]
+fn duplicate_storm_counts_each_record_once() {
+    let broker = broker(Storage::Memory);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("kafka");
+    let w = workload(1000, 24, 1.0, |c| {
+        c.seed = 13;
+        c.duplicate_pct = 30.0;
+    });
+    produce_commands(&broker, &w);
+    run_until_idle(&broker, &dir, &[]);
+    produce_records(&broker, &w, 0..w.total_records());
+    let summary = run_until_idle(&broker, &dir, &[]);
+    assert_exact(&dir, &w);
+    assert_eq!(
+        summary["summary"]["duplicates"].as_u64(),
+        Some(w.expected().counts().get(RecordKind::Duplicate)),
+        "{summary}"
+    );
+}
+
+fn kill9(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A pseudo-random delay in `lo..hi` ms (no rand dependency needed).
+fn jitter(seed: &mut u64, lo: u64, hi: u64) -> Duration {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    Duration::from_millis(lo + *seed % (hi - lo))
+}
+
+#[test]
+fn kill_9_loop_over_a_million_records_is_exact() {
+    let mut broker = broker(Storage::Sqlite);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("kafka");
+    let w = workload(20_000, 50, 1.0, |c| {
+        c.seed = 17;
+        c.duplicate_pct = 5.0;
+        c.malformed_pct = 1.0;
+        c.unknown_card_pct = 1.0;
+    });
+    assert!(w.total_records() >= 1_000_000);
+    produce_commands(&broker, &w);
+    run_until_idle(&broker, &dir, &[]);
+
+    // Records stream in while flowcap is killed at random points.
+    let total = w.total_records();
+    let producer = std::thread::scope(|scope| {
+        let w = &w;
+        let broker_ref = &broker;
+        let handle = scope.spawn(move || {
+            let chunk = 100_000;
+            let mut start = 0;
+            while start < total {
+                let end = (start + chunk).min(total);
+                produce_records(broker_ref, w, start..end);
+                start = end;
+            }
+        });
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut kills = 0;
+        while kills < 6 {
+            let mut child = flowcap(broker_ref, &dir, &["--snapshot-every", "150000"])
+                .spawn()
+                .expect("flowcap starts");
+            std::thread::sleep(jitter(&mut seed, 2_000, 9_000));
+            kill9(&mut child);
+            kills += 1;
+        }
+        handle.join().expect("producer thread");
+        kills
+    });
+    assert!(producer >= 5);
+    let summary = run_until_idle(&broker, &dir, &[]);
+    assert!(
+        summary["summary"]["resumed_after_seq"].is_u64(),
+        "{summary}"
+    );
+    assert_exact(&dir, &w);
+    assert_actions_match_events(&broker, &dir);
+    // The broker still works after all that (and the test owns it to the end).
+    broker.kill().unwrap();
+}
+
+#[test]
+fn broker_restart_mid_run_is_exact() {
+    let mut broker = broker(Storage::Sqlite);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("kafka");
+    let w = workload(2000, 48, 1.0, |c| c.seed = 19);
+    produce_commands(&broker, &w);
+    run_until_idle(&broker, &dir, &[]);
+    let half = w.total_records() / 2;
+    produce_records(&broker, &w, 0..half);
+    let mut child = flowcap(
+        &broker,
+        &dir,
+        &["--exit-when-idle", "5", "--snapshot-every", "20000"],
+    )
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    broker.kill().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    broker.restart().unwrap();
+    produce_records(&broker, &w, half..w.total_records());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flowcap did not finish after the broker restart"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(
+        status.success(),
+        "flowcap failed across the broker restart: {}",
+        tail(&stderr, 4000)
+    );
+    assert_exact(&dir, &w);
+    assert_actions_match_events(&broker, &dir);
+}
+
+#[test]
+fn a_second_instance_stands_by() {
+    let broker = broker(Storage::Memory);
+    let work = tempfile::tempdir().unwrap();
+    let w = workload(1000, 1, 1.0, |c| c.seed = 23);
+    produce_commands(&broker, &w);
+    let mut first = flowcap(&broker, &work.path().join("a"), &[])
+        .spawn()
+        .unwrap();
+    // The first instance holds the lease once it consumed the commands.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !work.path().join("a").join("journal.jsonl").exists()
+        || std::fs::metadata(work.path().join("a").join("journal.jsonl"))
+            .unwrap()
+            .len()
+            == 0
+    {
+        assert!(Instant::now() < deadline, "first instance never processed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut second = flowcap(&broker, &work.path().join("b"), &[])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = second.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("standing by") {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("second instance says it stands by");
+    assert!(
+        line.contains("another flowcap instance holds the lease"),
+        "{line}"
+    );
+    // It processed nothing: no snapshot, no outputs.
+    assert!(!work.path().join("b").join("snapshots").exists());
+    kill9(&mut second);
+    kill9(&mut first);
+}
