@@ -423,7 +423,19 @@ impl Writer {
                     let id = result.command_id.as_str().as_bytes();
                     k.outbox.send(&k.results, Some(id), &payload, &[])?;
                     let message = result.error.as_ref().map_or("", |e| e.message.as_str());
-                    dead_letter(k, code, message, source.as_ref(), None, &payload)?;
+                    let utf8 = std::str::from_utf8(&raw).ok();
+                    let letter = DeadLetter {
+                        seq,
+                        code,
+                        message,
+                        iccid: None,
+                        record_id: None,
+                        source: source.as_ref(),
+                        raw: utf8,
+                        raw_hex: utf8.is_none().then(|| hex(&raw)),
+                    };
+                    let envelope = serde_json::to_vec(&letter)?;
+                    dead_letter(k, code, message, source.as_ref(), None, &envelope)?;
                 }
                 Ok(())
             }
