@@ -264,6 +264,9 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("max.partition.fetch.bytes", "8388608"),
     ("queued.max.messages.kbytes", "65536"),
     ("session.timeout.ms", "10000"),
+    // A request a restarted broker never answers is abandoned (and the
+    // connection re-established) after this, not after the default minute.
+    ("socket.timeout.ms", "10000"),
     ("heartbeat.interval.ms", "1000"),
 ];
 
@@ -441,12 +444,10 @@ pub fn run(
         };
         let until = match count {
             Some(n) => Until::Count(n),
-            None => {
-                let c = &cursors[i];
-                let (_, high) =
-                    data.fetch_watermarks(&c.topic, c.partition, Duration::from_secs(30))?;
-                Until::Offset(high)
-            }
+            None => match high_watermark(&data, &cursors[i], &stop) {
+                Some(high) => Until::Offset(high),
+                None => break,
+            },
         };
         let mut taken = 0u64;
         while !until.reached(taken, cursors[i].next) {
@@ -510,7 +511,7 @@ pub fn run(
             // hold records back, then wait briefly.
             driver.pipeline.sharded.flush();
             if let Some(idle) = options.exit_when_idle {
-                if last_input.elapsed() >= idle && caught_up(&data, &cursors)? {
+                if last_input.elapsed() >= idle && caught_up(&data, &cursors) {
                     break 'run;
                 }
             }
@@ -583,15 +584,30 @@ fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<usize, KafkaR
     }
 }
 
-fn caught_up(consumer: &BaseConsumer, cursors: &[Cursor]) -> Result<bool, KafkaRunError> {
-    for c in cursors {
-        let (_, high) =
-            consumer.fetch_watermarks(&c.topic, c.partition, Duration::from_secs(10))?;
-        if c.next < high {
-            return Ok(false);
+/// True when every partition is consumed to its high watermark. An
+/// unreachable broker answers "no" (the run goes on and retries), never an
+/// error: a broker restart must not stop the pipeline.
+fn caught_up(consumer: &BaseConsumer, cursors: &[Cursor]) -> bool {
+    cursors.iter().all(|c| {
+        match consumer.fetch_watermarks(&c.topic, c.partition, Duration::from_secs(5)) {
+            Ok((_, high)) => c.next >= high,
+            Err(e) => {
+                tracing::warn!(error = %e, topic = c.topic, partition = c.partition, "watermarks unavailable");
+                false
+            }
+        }
+    })
+}
+
+/// The high watermark of a partition, retried while the broker is away.
+fn high_watermark(consumer: &BaseConsumer, c: &Cursor, stop: &AtomicBool) -> Option<i64> {
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.fetch_watermarks(&c.topic, c.partition, Duration::from_secs(5)) {
+            Ok((_, high)) => return Some(high),
+            Err(e) => tracing::warn!(error = %e, "watermarks unavailable; retrying"),
         }
     }
-    Ok(true)
+    None
 }
 
 /// Reports per-partition lag every second from its own thread, so a slow
