@@ -21,9 +21,14 @@
 //! crash interrupted after the snapshot is produced again, identically
 //! (same order per card, same event ids), so each output line exists
 //! exactly once.
+//!
+//! Metrics ([`crate::metrics`]) are recorded as it goes: the writer counts
+//! what it writes, the driver counts records in, samples shard queue depths
+//! and times snapshots. They cost nothing when no recorder is installed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
@@ -33,6 +38,9 @@ use flowcap_engine::event::{ActionEvent, Output};
 use flowcap_engine::{CommandId, Engine, EngineConfig, ShardedEngine, Timestamp};
 use flowcap_storage::{DiskIdStore, JsonlError, JsonlSink, SnapshotStore, SnapshotStoreError};
 use serde::Serialize;
+
+use crate::health::Health;
+use crate::metrics::{self, DriverMetrics, OutputMetrics, Source};
 
 /// Errors that stop the embedded pipeline. Bad input never does: it is
 /// rejected into `rejects.jsonl`.
@@ -93,6 +101,10 @@ pub struct EmbeddedOptions {
     pub limits: DecodeLimits,
     /// Report progress every this many inputs.
     pub progress_every: u64,
+    /// Where the records come from (the `source` label of the records-in metric).
+    pub source: Source,
+    /// Set ready when the pipeline starts processing, if given.
+    pub health: Option<Arc<Health>>,
 }
 
 impl EmbeddedOptions {
@@ -106,6 +118,8 @@ impl EmbeddedOptions {
             resume: true,
             limits: DecodeLimits::default(),
             progress_every: 100_000,
+            source: Source::File,
+            health: None,
         }
     }
 }
@@ -208,12 +222,14 @@ struct Writer {
     sinks: BTreeMap<&'static str, JsonlSink>,
     history: bool,
     summary: Summary,
+    metrics: OutputMetrics,
 }
 
 impl Writer {
     fn write_outputs(&mut self, outputs: Vec<Output>) -> Result<(), JsonlError> {
         let now = wall_clock();
         for output in outputs {
+            self.metrics.output(&output);
             match output {
                 Output::Accounted(a) => {
                     if a.counted {
@@ -273,6 +289,7 @@ impl Writer {
                 message,
                 raw,
             } => {
+                self.metrics.reject(code);
                 *self.summary.rejected.entry(code.to_owned()).or_default() += 1;
                 self.sink(REJECTS_FILE).write(&DeadLetter {
                     seq,
@@ -284,6 +301,7 @@ impl Writer {
                 })
             }
             Side::BadCommand { seq, raw, result } => {
+                self.metrics.command(false);
                 self.summary.commands_failed += 1;
                 self.sink(JOURNAL_FILE).write(&BadCommand {
                     seq,
@@ -432,9 +450,11 @@ pub fn run(
         sinks,
         history: options.history,
         summary: Summary::default(),
+        metrics: OutputMetrics::new(),
     };
 
     let (mut sharded, outputs) = ShardedEngine::start(engine, 64);
+    let driver_metrics = DriverMetrics::new(options.source, sharded.shard_count());
     let (side_tx, side_rx) = bounded::<Side>(1024);
     let writer_thread = std::thread::Builder::new()
         .name("flowcap-writer".into())
@@ -445,6 +465,10 @@ pub fn run(
     let mut since_snapshot = 0u64;
     let mut last_seq: Option<u64> = resumed_after;
     let mut read = 0u64;
+    metrics::pipeline_started();
+    if let Some(health) = &options.health {
+        health.set_ready();
+    }
     for (position, input) in inputs.into_iter().enumerate() {
         let seq = position as u64;
         read += 1;
@@ -453,6 +477,10 @@ pub fn run(
                 inputs: read,
                 elapsed_secs: started.elapsed().as_secs_f64(),
             });
+        }
+        if read % metrics::SAMPLE_EVERY == 0 {
+            let depths = sharded.queue_depths();
+            driver_metrics.sample(&depths, sharded.card_count(), sharded.clock());
         }
         if resumed_after.is_some_and(|s| seq <= s) {
             continue;
@@ -477,6 +505,7 @@ pub fn run(
             }
         };
         if let Some((bytes, received)) = record {
+            driver_metrics.record_in();
             match decode_json(&bytes, &options.limits) {
                 Ok(usage) => sharded.process_usage_received(&usage, received, seq)?,
                 Err(e) => {
@@ -504,6 +533,11 @@ pub fn run(
         take_snapshot(&mut sharded, &side_tx, &snapshot_store, last_seq)?;
         snapshots += 1;
     }
+    driver_metrics.sample(
+        &sharded.queue_depths(),
+        sharded.card_count(),
+        sharded.clock(),
+    );
     let engine = sharded.finish();
     drop(side_tx);
     let mut summary = writer_thread
@@ -534,6 +568,7 @@ fn take_snapshot(
     let Some(seq) = last_seq else {
         return Ok(());
     };
+    let started = Instant::now();
     let engine = sharded.engine();
     let (reply_tx, reply_rx) = bounded(1);
     side.send(Side::Barrier(reply_tx))
@@ -549,6 +584,7 @@ fn take_snapshot(
     let bytes = engine.durable_snapshot()?;
     store.write(seq, &bytes)?;
     tracing::debug!(seq, bytes = bytes.len(), "snapshot written");
+    metrics::snapshot_written(started.elapsed());
     Ok(())
 }
 
