@@ -180,6 +180,21 @@ impl ShardedEngine {
             .collect()
     }
 
+    /// The event clock as the router sees it (no recall: for metrics).
+    pub fn clock(&self) -> Timestamp {
+        self.engine.clock()
+    }
+
+    /// Known cards, from the router's directory (no recall: for metrics).
+    pub fn card_count(&self) -> usize {
+        self.engine.card_count()
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.workers.len()
+    }
+
     /// Waits until every queued record is accounted and returns the engine
     /// with all shards home (for snapshots, queries, commands).
     pub fn engine(&mut self) -> &mut Engine {

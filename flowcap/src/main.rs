@@ -6,13 +6,24 @@
 //! outputs, snapshots and the dedupe index in `--out DIR`. Run it again on
 //! the same directory after a crash and it resumes from the last snapshot
 //! with every output line written exactly once.
+//!
+//! `--http ADDR` serves the operations endpoints (`/metrics`, `/livez`,
+//! `/readyz`, see [`ops`]) while it runs.
 
+mod ops;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flowcap_engine::EngineConfig;
 use flowcap_ingest::embedded::{self, EmbeddedOptions, Input, Summary};
+use flowcap_ingest::metrics::Source;
+use flowcap_ingest::Health;
 use flowcap_loadgen::{Expected, Workload, WorkloadConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
@@ -86,6 +97,15 @@ struct RunArgs {
     /// Print the summary as JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Serve the operations endpoints on ADDR while running: Prometheus
+    /// /metrics, /livez, /readyz (e.g. 127.0.0.1:9464; port 0 picks a free
+    /// port, printed on stderr). Off by default.
+    #[arg(long, env = "FLOWCAP_HTTP", value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// After the run, keep serving --http until interrupted (Ctrl-C,
+    /// SIGTERM), so the final metrics can be scraped.
+    #[arg(long)]
+    linger: bool,
     #[command(flatten)]
     workload: WorkloadArgs,
     #[command(flatten)]
@@ -183,6 +203,8 @@ struct RunSection {
     snapshot_every: u64,
     /// Write accounted records to usage.jsonl.
     history: bool,
+    /// Address of the operations HTTP server (off when absent).
+    http: Option<SocketAddr>,
 }
 
 impl Default for RunSection {
@@ -191,6 +213,7 @@ impl Default for RunSection {
             out: PathBuf::from("flowcap-data"),
             snapshot_every: 1_000_000,
             history: true,
+            http: None,
         }
     }
 }
@@ -265,6 +288,19 @@ fn run(args: RunArgs) -> Result<()> {
         engine.shards = shards;
     }
     let out = args.out.clone().unwrap_or(file.run.out);
+    let http = args.http.or(file.run.http);
+    if args.linger && http.is_none() {
+        bail!("--linger needs --http (or `http` in the [run] table of the config)");
+    }
+    let health = Arc::new(Health::new());
+    let server = match http {
+        Some(addr) => {
+            let server = ops::serve(addr, health.clone())?;
+            eprintln!("ops: listening on http://{}", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
     if let Some(bootstrap) = args
         .kafka
         .bootstrap
@@ -305,7 +341,7 @@ fn run(args: RunArgs) -> Result<()> {
         if args.fresh {
             bail!("--fresh is not available in Kafka mode: remove the data directory instead");
         }
-        return run_kafka(&options, args.json);
+        return run_kafka(&options, args.json, &health);
     }
     let options = EmbeddedOptions {
         out_dir: out,
@@ -315,6 +351,11 @@ fn run(args: RunArgs) -> Result<()> {
         resume: !args.fresh,
         limits: Default::default(),
         progress_every: 10_000,
+        source: match args.input {
+            Some(_) => Source::File,
+            None => Source::Generator,
+        },
+        health: Some(health.clone()),
     };
     if args.input.is_none() && args.commands.is_some() {
         bail!("--commands needs --input (the generator makes its own commands)");
@@ -368,6 +409,17 @@ fn run(args: RunArgs) -> Result<()> {
     } else {
         print_summary(&summary, check.as_ref());
     }
+    if let Some(server) = server {
+        if args.linger {
+            health.set_not_ready("run finished; serving metrics until interrupted");
+            eprintln!(
+                "ops: run finished; serving http://{} until interrupted",
+                server.local_addr()
+            );
+            wait_for_interrupt()?;
+        }
+        server.shutdown();
+    }
     if let Some(check) = check {
         if check.mismatched > 0 {
             bail!(
@@ -379,9 +431,12 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_kafka(options: &flowcap_ingest::kafka::KafkaOptions, json: bool) -> Result<()> {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
+fn run_kafka(
+    options: &flowcap_ingest::kafka::KafkaOptions,
+    json: bool,
+    health: &Health,
+) -> Result<()> {
+    use flowcap_ingest::kafka::Status;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
@@ -389,8 +444,15 @@ fn run_kafka(options: &flowcap_ingest::kafka::KafkaOptions, json: bool) -> Resul
     }
     let summary = flowcap_ingest::kafka::run(options, stop, &mut |status| {
         tracing::info!(?status, "pipeline status");
-        if let flowcap_ingest::kafka::Status::StandingBy(reason) = status {
-            eprintln!("flowcap: {reason}");
+        match status {
+            Status::Starting => health.set_not_ready("starting"),
+            Status::StandingBy(reason) => {
+                eprintln!("flowcap: {reason}");
+                health.set_not_ready(reason.clone());
+            }
+            Status::Replaying => health.set_not_ready("replaying after restart"),
+            Status::Running => health.set_ready(),
+            Status::Stopping => health.set_not_ready("stopping"),
         }
     })?;
     if json {
@@ -400,6 +462,18 @@ fn run_kafka(options: &flowcap_ingest::kafka::KafkaOptions, json: bool) -> Resul
         );
     } else {
         print_summary(&summary, None);
+    }
+    Ok(())
+}
+
+/// Blocks until SIGINT or SIGTERM.
+fn wait_for_interrupt() -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing a signal handler")?;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }

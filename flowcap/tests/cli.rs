@@ -50,6 +50,8 @@ fn help_lists_the_subcommands_and_run_flags() {
         "--shards",
         "--snapshot-every",
         "--fresh",
+        "--http",
+        "--linger",
     ] {
         assert!(text.contains(flag), "run --help lacks {flag}");
     }

@@ -21,9 +21,14 @@
 //! crash interrupted after the snapshot is produced again, identically
 //! (same order per card, same event ids), so each output line exists
 //! exactly once.
+//!
+//! Metrics ([`crate::metrics`]) are recorded as it goes: the writer counts
+//! what it writes, the driver counts records in, samples shard queue depths
+//! and times snapshots. They cost nothing when no recorder is installed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
@@ -33,6 +38,9 @@ use flowcap_engine::event::{ActionEvent, Output};
 use flowcap_engine::{CommandId, Engine, EngineConfig, ShardedEngine, Timestamp};
 use flowcap_storage::{DiskIdStore, JsonlError, JsonlSink, SnapshotStore, SnapshotStoreError};
 use serde::Serialize;
+
+use crate::health::Health;
+use crate::metrics::{self, DriverMetrics, OutputMetrics, Source};
 
 /// Errors that stop the embedded pipeline. Bad input never does: it is
 /// rejected into `rejects.jsonl`.
@@ -93,6 +101,10 @@ pub struct EmbeddedOptions {
     pub limits: DecodeLimits,
     /// Report progress every this many inputs.
     pub progress_every: u64,
+    /// Where the records come from (the `source` label of the records-in metric).
+    pub source: Source,
+    /// Set ready when the pipeline starts processing, if given.
+    pub health: Option<Arc<Health>>,
 }
 
 impl EmbeddedOptions {
@@ -106,6 +118,8 @@ impl EmbeddedOptions {
             resume: true,
             limits: DecodeLimits::default(),
             progress_every: 100_000,
+            source: Source::File,
+            health: None,
         }
     }
 }
@@ -300,12 +314,14 @@ pub(crate) struct Writer {
     history: bool,
     summary: Summary,
     kafka: Option<KafkaOut>,
+    metrics: OutputMetrics,
 }
 
 impl Writer {
     fn write_outputs(&mut self, outputs: Vec<Output>) -> Result<(), WriteError> {
         let now = wall_clock();
         for output in outputs {
+            self.metrics.output(&output);
             match output {
                 Output::Accounted(a) => {
                     if a.counted {
@@ -378,6 +394,7 @@ impl Writer {
                 source,
                 raw,
             } => {
+                self.metrics.reject(&code);
                 *self.summary.rejected.entry(code.clone()).or_default() += 1;
                 let utf8 = std::str::from_utf8(&raw).ok();
                 let letter = DeadLetter {
@@ -411,6 +428,7 @@ impl Writer {
                 raw,
                 result,
             } => {
+                self.metrics.command(false);
                 self.summary.commands_failed += 1;
                 let line = BadCommand {
                     seq,
@@ -493,6 +511,7 @@ fn dead_letter(
     key: Option<&str>,
     payload: &[u8],
 ) -> Result<(), WriteError> {
+    crate::metrics::dlq(code);
     let (topic, partition, offset) =
         source.map_or((String::new(), String::new(), String::new()), |s| {
             (
@@ -664,6 +683,7 @@ impl Pipeline {
             history,
             summary: Summary::default(),
             kafka,
+            metrics: OutputMetrics::new(),
         };
         let (sharded, outputs) = ShardedEngine::start(engine, 64);
         let (side, side_rx) = bounded::<Side>(1024);
@@ -723,6 +743,7 @@ impl Pipeline {
         self.store.write(seq, &bytes)?;
         self.snapshots += 1;
         tracing::debug!(seq, bytes = bytes.len(), "snapshot written");
+        metrics::snapshot_written(started.elapsed());
         Ok(started.elapsed())
     }
 
@@ -761,9 +782,14 @@ pub fn run(
         Pipeline::start(dir, options.resume, &options.engine, options.history, None)?;
     let resumed_after = pipeline.resumed_after;
     let no_positions = BTreeMap::new();
+    let driver_metrics = DriverMetrics::new(options.source, pipeline.sharded.shard_count());
     let mut since_snapshot = 0u64;
     let mut last_seq: Option<u64> = resumed_after;
     let mut read = 0u64;
+    metrics::pipeline_started();
+    if let Some(health) = &options.health {
+        health.set_ready();
+    }
     for (position, input) in inputs.into_iter().enumerate() {
         let seq = position as u64;
         read += 1;
@@ -772,6 +798,14 @@ pub fn run(
                 inputs: read,
                 elapsed_secs: started.elapsed().as_secs_f64(),
             });
+        }
+        if read % metrics::SAMPLE_EVERY == 0 {
+            let depths = pipeline.sharded.queue_depths();
+            driver_metrics.sample(
+                &depths,
+                pipeline.sharded.card_count(),
+                pipeline.sharded.clock(),
+            );
         }
         if resumed_after.is_some_and(|s| seq <= s) {
             continue;
@@ -788,6 +822,7 @@ pub fn run(
             }
         };
         if let Some((bytes, received)) = record {
+            driver_metrics.record_in();
             match decode_json(&bytes, &options.limits) {
                 Ok(usage) => {
                     if let Some(r) = pipeline
@@ -813,6 +848,11 @@ pub fn run(
     if since_snapshot > 0 || pipeline.snapshots == 0 {
         pipeline.snapshot(last_seq, &no_positions)?;
     }
+    driver_metrics.sample(
+        &pipeline.sharded.queue_depths(),
+        pipeline.sharded.card_count(),
+        pipeline.sharded.clock(),
+    );
     let (mut summary, engine) = pipeline.finish()?;
     summary.inputs = read - resumed_after.map_or(0, |s| s + 1).min(read);
     summary.inputs_per_sec = summary.inputs as f64 / summary.elapsed_secs.max(1e-9);

@@ -10,13 +10,19 @@
 //!   local directory, snapshots beside them, exact resume after a crash.
 //! - [`files`]: records and commands from JSON-lines files, merged into one
 //!   deterministic input sequence.
+//! - [`metrics`]: the metric names and the handles the pipelines record
+//!   them with; [`health`]: readiness the pipelines flip and `/readyz`
+//!   reports.
 //!
 //! The Kafka transport (issue #4) will reuse the same driver with Kafka
 //! partitions as inputs and topics as sinks.
 
 pub mod embedded;
 pub mod files;
+pub mod health;
 pub mod kafka;
+pub mod metrics;
 
 pub use embedded::{run, EmbeddedOptions, IngestError, Input, Progress, Summary};
+pub use health::Health;
 pub use kafka::{KafkaOptions, KafkaRunError};

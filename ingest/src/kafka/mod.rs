@@ -55,6 +55,7 @@ use rdkafka::ClientContext;
 use serde::{Deserialize, Serialize};
 
 use crate::embedded::{IngestError, KafkaOut, Pipeline, Side, SourcePosition, Summary};
+use crate::metrics::{self as m, DriverMetrics, Source};
 use order_log::{OrderLog, ReplayRun, RunStart};
 pub(crate) use producer::Outbox;
 
@@ -416,6 +417,7 @@ pub fn run(
         Arc::clone(&stop),
     );
 
+    let shards = pipeline.sharded.shard_count();
     let mut driver = Driver {
         next_seq: pipeline.resumed_after.map_or(0, |s| s + 1),
         pipeline,
@@ -426,7 +428,9 @@ pub fn run(
         last_snapshot: Instant::now(),
         inputs: 0,
         lag_positions,
+        metrics: DriverMetrics::new(Source::Kafka, shards),
     };
+    m::pipeline_started();
 
     // Replay the logged order first.
     if !plan.is_empty() {
@@ -524,12 +528,17 @@ pub fn run(
         if !paused && queued > options.max_queued_records {
             data.pause(&all)?;
             paused = true;
-            metrics::counter!("flowcap_backpressure_pauses_total").increment(1);
+            m::backpressure_pause();
+            for c in &cursors {
+                m::partition_paused(&c.topic, c.partition, true);
+            }
         } else if paused && queued <= options.max_queued_records / 2 {
             data.resume(&all)?;
             paused = false;
+            for c in &cursors {
+                m::partition_paused(&c.topic, c.partition, false);
+            }
         }
-        metrics::gauge!("flowcap_partitions_paused").set(if paused { 1.0 } else { 0.0 });
         driver.maybe_snapshot(options, &cursors, &lease)?;
     }
 
@@ -627,12 +636,7 @@ fn spawn_lag_reporter(
                         consumer.fetch_watermarks(topic, *partition, Duration::from_secs(1))
                     {
                         let next = positions[i].load(Ordering::Relaxed);
-                        metrics::gauge!(
-                            "flowcap_consumer_lag",
-                            "topic" => topic.clone(),
-                            "partition" => partition.to_string()
-                        )
-                        .set((high - next).max(0) as f64);
+                        m::consumer_lag(topic, *partition, high - next);
                     }
                 }
                 for _ in 0..10 {
@@ -658,6 +662,7 @@ struct Driver {
     last_snapshot: Instant,
     inputs: u64,
     lag_positions: Arc<Vec<AtomicI64>>,
+    metrics: DriverMetrics,
 }
 
 impl Driver {
@@ -709,7 +714,15 @@ impl Driver {
             }
             return Ok(true);
         }
-        metrics::counter!("flowcap_records_in_total", "source" => "kafka").increment(1);
+        self.metrics.record_in();
+        if self.inputs % m::SAMPLE_EVERY == 0 {
+            let sharded = &self.pipeline.sharded;
+            self.metrics.sample(
+                &sharded.queue_depths(),
+                sharded.card_count(),
+                sharded.clock(),
+            );
+        }
         match decode(payload, &self.limits) {
             Ok(usage) => {
                 let received = received.map(Timestamp);
@@ -759,11 +772,7 @@ impl Driver {
         let last_seq = self.next_seq.checked_sub(1);
         let positions: BTreeMap<String, i64> =
             cursors.iter().map(|c| (c.position_key(), c.next)).collect();
-        let took = self.pipeline.snapshot(last_seq, &positions)?;
-        metrics::histogram!("flowcap_snapshot_duration_seconds").record(took.as_secs_f64());
-        metrics::counter!("flowcap_snapshots_total").increment(1);
-        metrics::gauge!("flowcap_last_snapshot_timestamp_seconds")
-            .set(crate::embedded::wall_clock().millis() as f64 / 1000.0);
+        self.pipeline.snapshot(last_seq, &positions)?;
         if let Some(seq) = last_seq {
             let current = self.current_run.map(|s| (s, cursors[s as usize].next));
             self.log
@@ -795,15 +804,5 @@ fn decode(
         decode_binary(payload, limits)
     } else {
         decode_json(payload, limits)
-    }
-}
-
-pub(crate) mod m {
-    //! Metric names used here (the catalogue is in `crate::metrics`).
-    pub(crate) fn delivery_failed() {
-        metrics::counter!("flowcap_delivery_failures_total").increment(1);
-    }
-    pub(crate) fn delivery_retried() {
-        metrics::counter!("flowcap_delivery_retries_total").increment(1);
     }
 }

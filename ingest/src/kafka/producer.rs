@@ -19,7 +19,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use super::m;
+use crate::metrics as m;
 
 /// A message owned for a resend.
 #[derive(Debug, Clone)]
@@ -63,7 +63,7 @@ impl ProducerContext for TrackingContext {
                 payload: message.payload().unwrap_or_default().to_vec(),
                 headers,
             };
-            m::delivery_failed();
+            m::delivery_failure();
             *self.tracking.last_error.lock().expect("not poisoned") = Some(error.to_string());
             self.tracking
                 .failed
@@ -177,7 +177,7 @@ impl Outbox {
         let failed = std::mem::take(&mut *self.tracking.failed.lock().expect("not poisoned"));
         let n = failed.len();
         for p in failed {
-            m::delivery_retried();
+            m::delivery_retry();
             let headers: Vec<(&str, &[u8])> = p
                 .headers
                 .iter()
