@@ -169,6 +169,7 @@ struct KafkaSection {
     snapshot_interval_secs: u64,
     max_run: usize,
     max_queued_records: usize,
+    lease_timeout_secs: u64,
     /// librdkafka properties for every client.
     properties: std::collections::BTreeMap<String, String>,
     /// librdkafka properties for the consumers.
@@ -187,6 +188,7 @@ impl Default for KafkaSection {
             snapshot_interval_secs: d.snapshot_interval.as_secs(),
             max_run: d.max_run,
             max_queued_records: d.max_queued_records,
+            lease_timeout_secs: d.lease_timeout.as_secs(),
             properties: Default::default(),
             consumer: Default::default(),
             producer: Default::default(),
@@ -334,6 +336,7 @@ fn run(args: RunArgs) -> Result<()> {
         options.history = file.run.history && !args.no_history;
         options.max_run = file.kafka.max_run;
         options.max_queued_records = file.kafka.max_queued_records;
+        options.lease_timeout = std::time::Duration::from_secs(file.kafka.lease_timeout_secs);
         options.exit_when_idle = args
             .kafka
             .exit_when_idle

@@ -16,12 +16,13 @@ use flowcap_engine::CycleId;
 use flowcap_loadgen::{RecordKind, Workload, WorkloadConfig};
 use flowcap_testkit::{consume_all, produce, Broker, Record, Storage};
 
-const TOPICS: [(&str, i32); 5] = [
+const TOPICS: [(&str, i32); 6] = [
     ("flowcap.usage", 4),
     ("flowcap.commands", 1),
     ("flowcap.actions", 2),
     ("flowcap.dlq", 1),
     ("flowcap.command-results", 1),
+    ("flowcap.lease", 1),
 ];
 
 fn broker(storage: Storage) -> Broker {
@@ -485,27 +486,23 @@ fn broker_restart_mid_run_is_exact() {
 }
 
 #[test]
-fn a_second_instance_stands_by() {
+fn a_second_instance_stands_by_and_takes_over_on_release() {
     let broker = broker(Storage::Memory);
     let work = tempfile::tempdir().unwrap();
     let w = workload(1000, 1, 1.0, |c| c.seed = 23);
     produce_commands(&broker, &w);
     let mut first = flowcap(&broker, &work.path().join("a"), &[])
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     // The first instance holds the lease once it consumed the commands.
+    let journal = work.path().join("a").join("journal.jsonl");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !work.path().join("a").join("journal.jsonl").exists()
-        || std::fs::metadata(work.path().join("a").join("journal.jsonl"))
-            .unwrap()
-            .len()
-            == 0
-    {
+    while std::fs::metadata(&journal).map_or(0, |m| m.len()) == 0 {
         assert!(Instant::now() < deadline, "first instance never processed");
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut second = flowcap(&broker, &work.path().join("b"), &[])
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = second.stderr.take().unwrap();
@@ -516,9 +513,8 @@ fn a_second_instance_stands_by() {
             .lines()
             .map_while(Result::ok)
         {
-            if line.contains("standing by") {
+            if line.contains("standing by") || line.contains("holding the lease") {
                 let _ = tx.send(line);
-                return;
             }
         }
     });
@@ -526,11 +522,34 @@ fn a_second_instance_stands_by() {
         .recv_timeout(Duration::from_secs(60))
         .expect("second instance says it stands by");
     assert!(
-        line.contains("another flowcap instance holds the lease"),
+        line.contains("standing by: another flowcap instance"),
         "{line}"
     );
     // It processed nothing: no snapshot, no outputs.
     assert!(!work.path().join("b").join("snapshots").exists());
+
+    // A graceful stop of the holder (SIGTERM: drain, snapshot, release)
+    // hands the lease over.
+    let status = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(first.wait().unwrap().success(), "SIGTERM exits 0");
+    let line = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("second instance takes the lease over");
+        if line.contains("holding the lease") {
+            break line;
+        }
+    };
+    assert!(line.contains("holding the lease"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !work.path().join("b").join("snapshots").exists() {
+        assert!(Instant::now() < deadline, "second instance never processed");
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = &mut second;
+    }
     kill9(&mut second);
-    kill9(&mut first);
 }

@@ -27,13 +27,13 @@
 //!   recorded position, replay the logged order, then go on. Records
 //!   replayed after the snapshot are new to the restored dedupe state, so
 //!   they count exactly once; their events repeat with the same ids.
-//! - **One active instance**: a second consumer (the *lease*) joins the
-//!   consumer group subscribed to the commands topic. Its single partition
-//!   goes to exactly one member: that instance is active, any other stands
-//!   by (not ready, with the reason) until the lease comes to it. Pools
-//!   must be summed in one place, so until pools are repartitioned (a
-//!   later step) a second instance must never process.
+//! - **One active instance**: a lease kept in a one-partition topic (see
+//!   [`lease`]): the holder heartbeats; any other instance stands by (not
+//!   ready, with the reason) until the holder releases it or falls silent.
+//!   Pools must be summed in one place, so until pools are repartitioned
+//!   (a later step) a second instance must never process.
 
+mod lease;
 mod order_log;
 mod producer;
 
@@ -47,11 +47,10 @@ use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
 use flowcap_engine::{EngineConfig, Timestamp};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientContext;
 use serde::{Deserialize, Serialize};
 
 use crate::embedded::{IngestError, KafkaOut, Pipeline, Side, SourcePosition, Summary};
@@ -73,6 +72,8 @@ pub struct Topics {
     pub dlq: String,
     /// Command results out (keyed by command id).
     pub results: String,
+    /// The single-instance lease (one partition; see `kafka::lease`).
+    pub lease: String,
 }
 
 impl Default for Topics {
@@ -83,6 +84,7 @@ impl Default for Topics {
             actions: "flowcap.actions".into(),
             dlq: "flowcap.dlq".into(),
             results: "flowcap.command-results".into(),
+            lease: "flowcap.lease".into(),
         }
     }
 }
@@ -120,6 +122,8 @@ pub struct KafkaOptions {
     /// Records queued in the shards above which the partitions are paused
     /// (resumed below half of it).
     pub max_queued_records: usize,
+    /// A holder silent for this long loses the lease to a stand-by.
+    pub lease_timeout: Duration,
     /// Stop (snapshot, commit, exit) after no input arrived for this long
     /// and every partition is consumed to its end. For tests and
     /// benchmarks; a service runs until signalled.
@@ -144,6 +148,7 @@ impl KafkaOptions {
             limits: DecodeLimits::default(),
             max_run: 4096,
             max_queued_records: 1 << 16,
+            lease_timeout: Duration::from_secs(10),
             exit_when_idle: None,
         }
     }
@@ -212,33 +217,6 @@ fn position_key(topic: &str, partition: i32) -> String {
     format!("kafka.{topic}.{partition}")
 }
 
-/// Lease state, written by the lease consumer's rebalance callbacks.
-#[derive(Default)]
-struct LeaseContext {
-    held: AtomicBool,
-    changed: AtomicBool,
-}
-
-impl ClientContext for LeaseContext {}
-
-impl ConsumerContext for LeaseContext {
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            // Cooperative rebalancing reports increments: an empty
-            // assignment or revocation changes nothing.
-            Rebalance::Assign(tpl) if tpl.count() > 0 => {
-                // The lease consumer never processes messages itself.
-                let _ = consumer.pause(tpl);
-                self.held.store(true, Ordering::SeqCst);
-            }
-            Rebalance::Revoke(tpl) if tpl.count() > 0 => self.held.store(false, Ordering::SeqCst),
-            Rebalance::Assign(_) | Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => tracing::warn!(error = %e, "lease rebalance error"),
-        }
-        self.changed.store(true, Ordering::SeqCst);
-    }
-}
-
 fn client_config(
     options: &KafkaOptions,
     defaults: &[(&str, &str)],
@@ -288,18 +266,14 @@ pub fn run(
     status(&Status::Starting);
     let started = Instant::now();
     let consumer_config = client_config(options, CONSUMER_DEFAULTS, &options.consumer_properties);
-    // The data consumer assigns partitions and never joins a group;
-    // librdkafka still wants a group id, distinct from the lease's group.
+    // The data consumer assigns partitions and never joins a group; its
+    // group id names the committed offsets (informational, for lag tools).
     let mut data_config = consumer_config.clone();
-    data_config.set("group.id", format!("{}.data", options.group));
+    data_config.set("group.id", &options.group);
     let data: Arc<BaseConsumer> = Arc::new(data_config.create()?);
-    let mut lease_config = consumer_config.clone();
-    lease_config.set("group.id", &options.group);
-    // Sticky: a joining stand-by must not take the lease from the active
-    // instance (an eager rebalance would revoke it from everyone first).
-    lease_config.set("partition.assignment.strategy", "cooperative-sticky");
-    let lease: BaseConsumer<LeaseContext> =
-        lease_config.create_with_context(LeaseContext::default())?;
+    // Watermark queries get a client of their own: on the data consumer's
+    // connection they queue behind long-polling fetch requests.
+    let meta: Arc<BaseConsumer> = Arc::new(consumer_config.create()?);
 
     // Topics must exist: flowcap never creates them.
     let usage_partitions = partition_count(&data, &options.topics.usage)?;
@@ -314,36 +288,34 @@ pub fn run(
         &options.topics.actions,
         &options.topics.dlq,
         &options.topics.results,
+        &options.topics.lease,
     ] {
         partition_count(&data, topic)?;
     }
 
-    // The lease first: a stand-by instance must not touch the state directory.
-    lease.subscribe(&[options.topics.commands.as_str()])?;
-    let mut standing_by_since: Option<Instant> = None;
-    let wait_started = Instant::now();
-    while !lease.context().held.load(Ordering::SeqCst) {
-        if stop.load(Ordering::SeqCst) {
-            return Ok(Summary::default());
-        }
-        let _ = lease.poll(Duration::from_millis(100));
-        let joined = lease.context().changed.load(Ordering::SeqCst);
-        if standing_by_since.is_none()
-            && (joined || wait_started.elapsed() > Duration::from_secs(15))
-        {
-            let reason = format!(
-                "standing by: another flowcap instance holds the lease (group {:?}, topic {:?}); \
-                 one instance processes all partitions until pools are repartitioned",
-                options.group, options.topics.commands
-            );
+    // The lease first: a stand-by instance must not touch the state.
+    let instance = lease::instance_id(&options.data_dir).map_err(KafkaRunError::OrderLog)?;
+    let mut lease_config = ClientConfig::new();
+    lease_config.set("bootstrap.servers", &options.bootstrap);
+    for (k, v) in &options.properties {
+        lease_config.set(k, v);
+    }
+    lease_config.set("fetch.wait.max.ms", "10");
+    let lease = match lease::acquire(
+        &lease_config,
+        &options.topics.lease,
+        &instance,
+        options.lease_timeout,
+        &stop,
+        &mut |reason| {
             tracing::warn!("{reason}");
-            status(&Status::StandingBy(reason));
-            standing_by_since = Some(Instant::now());
-        }
-    }
-    if let Some(since) = standing_by_since {
-        tracing::info!(waited_secs = since.elapsed().as_secs(), "lease acquired");
-    }
+            status(&Status::StandingBy(reason.to_owned()));
+        },
+    )? {
+        Some(lease) => lease,
+        None => return Ok(Summary::default()),
+    };
+    tracing::info!(instance, "holding the lease");
 
     let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);
     let give_up = Arc::new(AtomicBool::new(false));
@@ -408,7 +380,7 @@ pub fn run(
     let lag_positions: Arc<Vec<AtomicI64>> =
         Arc::new(cursors.iter().map(|c| AtomicI64::new(c.next)).collect());
     let lag_thread = spawn_lag_reporter(
-        Arc::clone(&data),
+        Arc::clone(&meta),
         cursors
             .iter()
             .map(|c| (c.topic.clone(), c.partition))
@@ -448,7 +420,7 @@ pub fn run(
         };
         let until = match count {
             Some(n) => Until::Count(n),
-            None => match high_watermark(&data, &cursors[i], &stop) {
+            None => match high_watermark(&meta, &cursors[i], &stop) {
                 Some(high) => Until::Offset(high),
                 None => break,
             },
@@ -467,7 +439,7 @@ pub fn run(
                 None => {}
             }
         }
-        driver.maybe_snapshot(options, &cursors, &lease)?;
+        driver.maybe_snapshot(options, &cursors, &data)?;
     }
 
     status(&Status::Running);
@@ -481,10 +453,9 @@ pub fn run(
     let all = tpl;
     let mut next_source = 0usize;
     'run: while !stop.load(Ordering::SeqCst) {
-        let _ = lease.poll(Duration::ZERO);
-        if !lease.context().held.load(Ordering::SeqCst) && !regain_lease(&lease, &stop) {
+        if lease.lost() {
             give_up.store(true, Ordering::SeqCst);
-            return Err(KafkaRunError::LeaseLost(options.topics.commands.clone()));
+            return Err(KafkaRunError::LeaseLost(options.topics.lease.clone()));
         }
         let _ = data.poll(Duration::ZERO);
         let mut got = 0usize;
@@ -515,7 +486,7 @@ pub fn run(
             // hold records back, then wait briefly.
             driver.pipeline.sharded.flush();
             if let Some(idle) = options.exit_when_idle {
-                if last_input.elapsed() >= idle && caught_up(&data, &cursors) {
+                if last_input.elapsed() >= idle && caught_up(&meta, &cursors) {
                     break 'run;
                 }
             }
@@ -539,12 +510,13 @@ pub fn run(
                 m::partition_paused(&c.topic, c.partition, false);
             }
         }
-        driver.maybe_snapshot(options, &cursors, &lease)?;
+        driver.maybe_snapshot(options, &cursors, &data)?;
     }
 
     status(&Status::Stopping);
     driver.pipeline.sharded.engine();
-    driver.snapshot(&cursors, &lease)?;
+    driver.snapshot(&cursors, &data)?;
+    lease.release();
     stop.store(true, Ordering::SeqCst);
     let _ = lag_thread.join();
     let inputs = driver.inputs;
@@ -554,21 +526,6 @@ pub fn run(
     summary.inputs_per_sec = inputs as f64 / summary.elapsed_secs.max(1e-9);
     summary.out_dir = options.data_dir.clone();
     Ok(summary)
-}
-
-/// After a revocation, waits for the rebalance to settle: true when the
-/// lease came back (processing goes on), false when another member has it.
-fn regain_lease(lease: &BaseConsumer<LeaseContext>, stop: &AtomicBool) -> bool {
-    tracing::warn!("lease revoked by a rebalance; waiting for the new assignment");
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) && !stop.load(Ordering::SeqCst) {
-        let _ = lease.poll(Duration::from_millis(100));
-        if lease.context().held.load(Ordering::SeqCst) {
-            tracing::info!("lease kept after the rebalance");
-            return true;
-        }
-    }
-    false
 }
 
 enum Until {
@@ -752,13 +709,13 @@ impl Driver {
         &mut self,
         options: &KafkaOptions,
         cursors: &[Cursor],
-        lease: &BaseConsumer<LeaseContext>,
+        consumer: &BaseConsumer,
     ) -> Result<(), KafkaRunError> {
         let by_count = options.snapshot_every > 0 && self.since_snapshot >= options.snapshot_every;
         let by_time =
             self.since_snapshot > 0 && self.last_snapshot.elapsed() >= options.snapshot_interval;
         if by_count || by_time {
-            self.snapshot(cursors, lease)?;
+            self.snapshot(cursors, consumer)?;
         }
         Ok(())
     }
@@ -767,7 +724,7 @@ impl Driver {
     fn snapshot(
         &mut self,
         cursors: &[Cursor],
-        lease: &BaseConsumer<LeaseContext>,
+        consumer: &BaseConsumer,
     ) -> Result<(), KafkaRunError> {
         let last_seq = self.next_seq.checked_sub(1);
         let positions: BTreeMap<String, i64> =
@@ -787,7 +744,7 @@ impl Driver {
         for c in cursors {
             tpl.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.next))?;
         }
-        if let Err(e) = lease.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+        if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
             tracing::warn!(error = %e, "committing offsets failed (informational only)");
         }
         Ok(())
