@@ -37,7 +37,7 @@ mod lease;
 mod order_log;
 mod producer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -47,9 +47,10 @@ use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
 use flowcap_engine::{EngineConfig, Timestamp};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -363,13 +364,7 @@ pub fn run(
         tpl.add_partition_offset(&c.topic, c.partition, offset)?;
     }
     data.assign(&tpl)?;
-    let queues = cursors
-        .iter()
-        .map(|c| {
-            data.split_partition_queue(&c.topic, c.partition)
-                .ok_or_else(|| KafkaRunError::MissingTopic(c.topic.clone()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut inputs = Inputs::split(&data, &cursors)?;
 
     let order_dir = options.data_dir.join("order");
     let runs = order_log::read_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
@@ -411,7 +406,7 @@ pub fn run(
     }
     for ReplayRun { source, count } in plan {
         let i = source as usize;
-        let Some(queue) = queues.get(i) else {
+        if i >= cursors.len() {
             tracing::warn!(
                 source,
                 "order log names an unknown source; replay ends here"
@@ -430,13 +425,9 @@ pub fn run(
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            let _ = data.poll(Duration::ZERO);
-            match queue.poll(Duration::from_millis(100)) {
-                Some(Ok(message)) => {
-                    taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
-                }
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error during replay"),
-                None => {}
+            inputs.drain_main(&data);
+            if let Some(message) = inputs.next(i, Duration::from_millis(100)) {
+                taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
             }
         }
         driver.maybe_snapshot(options, &cursors, &data)?;
@@ -457,28 +448,23 @@ pub fn run(
             give_up.store(true, Ordering::SeqCst);
             return Err(KafkaRunError::LeaseLost(options.topics.lease.clone()));
         }
-        let _ = data.poll(Duration::ZERO);
+        inputs.drain_main(&data);
         let mut got = 0usize;
-        for k in 0..queues.len() {
-            let i = (next_source + k) % queues.len();
+        let sources = cursors.len();
+        for k in 0..sources {
+            let i = (next_source + k) % sources;
             let mut in_run = 0usize;
             while in_run < options.max_run {
-                match queues[i].poll(Duration::ZERO) {
-                    Some(Ok(message)) => {
-                        driver.process(i as u32, &mut cursors[i], &message)?;
-                        in_run += 1;
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "consumer error");
-                        break;
-                    }
-                    None => break,
-                }
+                let Some(message) = inputs.next(i, Duration::ZERO) else {
+                    break;
+                };
+                driver.process(i as u32, &mut cursors[i], &message)?;
+                in_run += 1;
             }
             got += in_run;
             if in_run > 0 {
                 // Round robin from the next source after a productive one.
-                next_source = (i + 1) % queues.len();
+                next_source = (i + 1) % sources;
             }
         }
         if got == 0 {
@@ -526,6 +512,97 @@ pub fn run(
     summary.inputs_per_sec = inputs as f64 / summary.elapsed_secs.max(1e-9);
     summary.out_dir = options.data_dir.clone();
     Ok(summary)
+}
+
+/// One queue per input partition (split from the consumer's main queue),
+/// plus a stash for messages the main queue delivered anyway: librdkafka
+/// may hand a partition's first fetch to the main queue before the split
+/// takes effect, and dropping those would be a gap.
+struct Inputs {
+    queues: Vec<PartitionQueue<DefaultConsumerContext>>,
+    stash: Vec<VecDeque<OwnedMessage>>,
+    index: HashMap<(String, i32), usize>,
+}
+
+impl Inputs {
+    fn split(data: &Arc<BaseConsumer>, cursors: &[Cursor]) -> Result<Inputs, KafkaRunError> {
+        let queues = cursors
+            .iter()
+            .map(|c| {
+                data.split_partition_queue(&c.topic, c.partition)
+                    .ok_or_else(|| KafkaRunError::MissingTopic(c.topic.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Inputs {
+            queues,
+            stash: cursors.iter().map(|_| VecDeque::new()).collect(),
+            index: cursors
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ((c.topic.clone(), c.partition), i))
+                .collect(),
+        })
+    }
+
+    /// Serves the main queue (events, errors) and stashes any message.
+    fn drain_main(&mut self, data: &BaseConsumer) {
+        while let Some(result) = data.poll(Duration::ZERO) {
+            match result {
+                Ok(m) => match self.index.get(&(m.topic().to_owned(), m.partition())) {
+                    Some(&i) => self.stash[i].push_back(m.detach()),
+                    None => tracing::warn!(topic = m.topic(), "message from an unassigned partition"),
+                },
+                Err(e) => tracing::warn!(error = %e, "consumer error"),
+            }
+        }
+    }
+
+    /// The next message of source `i`: stashed ones first (they were
+    /// fetched first), then its own queue.
+    fn next(&mut self, i: usize, timeout: Duration) -> Option<OwnedOrBorrowed<'_>> {
+        if let Some(m) = self.stash[i].pop_front() {
+            return Some(OwnedOrBorrowed::Owned(m));
+        }
+        match self.queues[i].poll(timeout) {
+            Some(Ok(m)) => Some(OwnedOrBorrowed::Borrowed(m)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// A message from the stash or straight from a queue (no copy).
+enum OwnedOrBorrowed<'a> {
+    Owned(OwnedMessage),
+    Borrowed(BorrowedMessage<'a>),
+}
+
+impl OwnedOrBorrowed<'_> {
+    fn offset(&self) -> i64 {
+        match self {
+            OwnedOrBorrowed::Owned(m) => m.offset(),
+            OwnedOrBorrowed::Borrowed(m) => m.offset(),
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            OwnedOrBorrowed::Owned(m) => m.payload(),
+            OwnedOrBorrowed::Borrowed(m) => m.payload(),
+        }
+        .unwrap_or_default()
+    }
+
+    fn timestamp_ms(&self) -> Option<i64> {
+        match self {
+            OwnedOrBorrowed::Owned(m) => m.timestamp(),
+            OwnedOrBorrowed::Borrowed(m) => m.timestamp(),
+        }
+        .to_millis()
+    }
 }
 
 enum Until {
@@ -629,7 +706,7 @@ impl Driver {
         &mut self,
         source: u32,
         cursor: &mut Cursor,
-        message: &BorrowedMessage<'_>,
+        message: &OwnedOrBorrowed<'_>,
     ) -> Result<bool, KafkaRunError> {
         let offset = message.offset();
         if offset < cursor.next {
@@ -651,8 +728,8 @@ impl Driver {
         self.lag_positions[source as usize].store(cursor.next, Ordering::Relaxed);
         self.inputs += 1;
         self.since_snapshot += 1;
-        let payload = message.payload().unwrap_or_default();
-        let received = message.timestamp().to_millis();
+        let payload = message.payload();
+        let received = message.timestamp_ms();
         let position = || SourcePosition {
             topic: cursor.topic.clone(),
             partition: cursor.partition,
