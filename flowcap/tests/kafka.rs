@@ -64,6 +64,37 @@ fn produce_commands(broker: &Broker, workload: &Workload) -> usize {
     .expect("commands produced")
 }
 
+/// A broker with the topics, a data directory, a workload whose set-up
+/// commands flowcap has already applied (the tests then produce records).
+struct Ready {
+    broker: Broker,
+    work: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    w: Workload,
+}
+
+fn ready(
+    storage: Storage,
+    cards: u64,
+    hours: u32,
+    per_hour: f64,
+    tweak: impl FnOnce(&mut WorkloadConfig),
+) -> Ready {
+    let broker = broker(storage);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("kafka");
+    let w = workload(cards, hours, per_hour, tweak);
+    produce_commands(&broker, &w);
+    let first = run_until_idle(&broker, &dir, &[]);
+    assert_eq!(first["summary"]["commands_failed"], 0, "{first}");
+    Ready {
+        broker,
+        work,
+        dir,
+        w,
+    }
+}
+
 /// Produces the records keyed by ICCID with their arrival as the message
 /// timestamp (the receive time flowcap judges "far future" by).
 fn produce_records(broker: &Broker, workload: &Workload, range: std::ops::Range<u64>) -> usize {
@@ -232,16 +263,15 @@ fn final_states(dir: &Path) -> BTreeMap<String, String> {
 
 #[test]
 fn scenario_end_to_end_exact_with_the_embedded_decisions() {
-    let broker = broker(Storage::Memory);
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("kafka");
-    let w = workload(1000, 48, 0.5, |c| {
+    let Ready {
+        broker,
+        work,
+        dir,
+        w,
+    } = ready(Storage::Memory, 1000, 48, 0.5, |c| {
         c.seed = 7;
         c.threshold_share = 0.5;
     });
-    produce_commands(&broker, &w);
-    let first = run_until_idle(&broker, &dir, &[]);
-    assert_eq!(first["summary"]["commands_failed"], 0, "{first}");
     produce_records(&broker, &w, 0..w.total_records());
     let second = run_until_idle(&broker, &dir, &[]);
     assert!(second["summary"]["resumed_after_seq"].is_u64(), "{second}");
@@ -281,16 +311,16 @@ fn scenario_end_to_end_exact_with_the_embedded_decisions() {
 
 #[test]
 fn malformed_and_unknown_storm_dead_letters_exactly() {
-    let broker = broker(Storage::Memory);
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("kafka");
-    let w = workload(1000, 24, 1.0, |c| {
+    let Ready {
+        broker,
+        work: _work,
+        dir,
+        w,
+    } = ready(Storage::Memory, 1000, 24, 1.0, |c| {
         c.seed = 11;
         c.malformed_pct = 5.0;
         c.unknown_card_pct = 5.0;
     });
-    produce_commands(&broker, &w);
-    run_until_idle(&broker, &dir, &[]);
     // A command that does not parse: a failed result and a dead letter.
     produce(
         &broker,
@@ -344,15 +374,15 @@ fn malformed_and_unknown_storm_dead_letters_exactly() {
 
 #[test]
 fn duplicate_storm_counts_each_record_once() {
-    let broker = broker(Storage::Memory);
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("kafka");
-    let w = workload(1000, 24, 1.0, |c| {
+    let Ready {
+        broker,
+        work: _work,
+        dir,
+        w,
+    } = ready(Storage::Memory, 1000, 24, 1.0, |c| {
         c.seed = 13;
         c.duplicate_pct = 30.0;
     });
-    produce_commands(&broker, &w);
-    run_until_idle(&broker, &dir, &[]);
     produce_records(&broker, &w, 0..w.total_records());
     let summary = run_until_idle(&broker, &dir, &[]);
     assert_exact(&dir, &w);
@@ -378,18 +408,15 @@ fn jitter(seed: &mut u64, lo: u64, hi: u64) -> Duration {
 
 #[test]
 fn kill_9_loop_over_a_million_records_is_exact() {
-    let mut broker = broker(Storage::Sqlite);
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("kafka");
-    let w = workload(20_000, 50, 1.0, |c| {
+    let Ready {
+        mut broker, dir, w, ..
+    } = ready(Storage::Sqlite, 20_000, 50, 1.0, |c| {
         c.seed = 17;
         c.duplicate_pct = 5.0;
         c.malformed_pct = 1.0;
         c.unknown_card_pct = 1.0;
     });
     assert!(w.total_records() >= 1_000_000);
-    produce_commands(&broker, &w);
-    run_until_idle(&broker, &dir, &[]);
 
     // Records stream in while flowcap is killed at random points.
     let total = w.total_records();
@@ -432,12 +459,9 @@ fn kill_9_loop_over_a_million_records_is_exact() {
 
 #[test]
 fn broker_restart_mid_run_is_exact() {
-    let mut broker = broker(Storage::Sqlite);
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("kafka");
-    let w = workload(2000, 48, 1.0, |c| c.seed = 19);
-    produce_commands(&broker, &w);
-    run_until_idle(&broker, &dir, &[]);
+    let Ready {
+        mut broker, dir, w, ..
+    } = ready(Storage::Sqlite, 2000, 48, 1.0, |c| c.seed = 19);
     let half = w.total_records() / 2;
     produce_records(&broker, &w, 0..half);
     let mut child = flowcap(

@@ -47,8 +47,7 @@ use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
 use flowcap_engine::{EngineConfig, Timestamp};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
-use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -118,7 +117,8 @@ pub struct KafkaOptions {
     pub history: bool,
     /// Record decoding limits.
     pub limits: DecodeLimits,
-    /// Messages taken from one partition before looking at the next.
+    /// Messages processed between two looks at the lease, backpressure and
+    /// the snapshot schedule.
     pub max_run: usize,
     /// Records queued in the shards above which the partitions are paused
     /// (resumed below half of it).
@@ -364,7 +364,7 @@ pub fn run(
         tpl.add_partition_offset(&c.topic, c.partition, offset)?;
     }
     data.assign(&tpl)?;
-    let mut inputs = Inputs::split(&data, &cursors)?;
+    let mut inputs = Inputs::new(&cursors);
 
     let order_dir = options.data_dir.join("order");
     let runs = order_log::read_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
@@ -425,13 +425,13 @@ pub fn run(
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            inputs.drain_main(&data);
-            if let Some(message) = inputs.next(i, Duration::from_millis(100)) {
+            if let Some(message) = inputs.next_of(&data, i, Duration::from_millis(100))? {
                 taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
             }
         }
         driver.maybe_snapshot(options, &cursors, &data)?;
     }
+    inputs.resume_all(&data)?;
 
     status(&Status::Running);
     tracing::info!(
@@ -442,30 +442,20 @@ pub fn run(
     let mut last_input = Instant::now();
     let mut paused = false;
     let all = tpl;
-    let mut next_source = 0usize;
+    let mut wait = Duration::ZERO;
     'run: while !stop.load(Ordering::SeqCst) {
         if lease.lost() {
             give_up.store(true, Ordering::SeqCst);
             return Err(KafkaRunError::LeaseLost(options.topics.lease.clone()));
         }
-        inputs.drain_main(&data);
         let mut got = 0usize;
-        let sources = cursors.len();
-        for k in 0..sources {
-            let i = (next_source + k) % sources;
-            let mut in_run = 0usize;
-            while in_run < options.max_run {
-                let Some(message) = inputs.next(i, Duration::ZERO) else {
-                    break;
-                };
-                driver.process(i as u32, &mut cursors[i], &message)?;
-                in_run += 1;
-            }
-            got += in_run;
-            if in_run > 0 {
-                // Round robin from the next source after a productive one.
-                next_source = (i + 1) % sources;
-            }
+        while got < options.max_run {
+            let Some((i, message)) = inputs.next_any(&data, wait) else {
+                break;
+            };
+            wait = Duration::ZERO;
+            driver.process(i as u32, &mut cursors[i], &message)?;
+            got += 1;
         }
         if got == 0 {
             // Nothing waiting: push partial batches so quiet periods do not
@@ -476,7 +466,8 @@ pub fn run(
                     break 'run;
                 }
             }
-            std::thread::sleep(Duration::from_micros(200));
+            // Block in the next poll briefly instead of spinning.
+            wait = Duration::from_millis(1);
         } else {
             last_input = Instant::now();
         }
@@ -514,57 +505,108 @@ pub fn run(
     Ok(summary)
 }
 
-/// One queue per input partition (split from the consumer's main queue),
-/// plus a stash for messages the main queue delivered anyway: librdkafka
-/// may hand a partition's first fetch to the main queue before the split
-/// takes effect, and dropping those would be a gap.
+/// The consumer's one queue, in fetch order, plus a stash per partition
+/// for the replay: replaying the logged order needs one partition's
+/// messages while the broker delivers others too; those are kept (owned
+/// copies) until their turn, and their partition is paused while its stash
+/// is large. Outside a replay nothing is copied.
 struct Inputs {
-    queues: Vec<PartitionQueue<DefaultConsumerContext>>,
     stash: Vec<VecDeque<OwnedMessage>>,
+    paused: Vec<Option<TopicPartitionList>>,
     index: HashMap<(String, i32), usize>,
 }
 
+/// Stashed messages of one partition above which it is paused.
+const STASH_LIMIT: usize = 50_000;
+
 impl Inputs {
-    fn split(data: &Arc<BaseConsumer>, cursors: &[Cursor]) -> Result<Inputs, KafkaRunError> {
-        let queues = cursors
-            .iter()
-            .map(|c| {
-                data.split_partition_queue(&c.topic, c.partition)
-                    .ok_or_else(|| KafkaRunError::MissingTopic(c.topic.clone()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Inputs {
-            queues,
+    fn new(cursors: &[Cursor]) -> Inputs {
+        Inputs {
             stash: cursors.iter().map(|_| VecDeque::new()).collect(),
+            paused: cursors.iter().map(|_| None).collect(),
             index: cursors
                 .iter()
                 .enumerate()
                 .map(|(i, c)| ((c.topic.clone(), c.partition), i))
                 .collect(),
-        })
-    }
-
-    /// Serves the main queue (events, errors) and stashes any message.
-    fn drain_main(&mut self, data: &BaseConsumer) {
-        while let Some(result) = data.poll(Duration::ZERO) {
-            match result {
-                Ok(m) => match self.index.get(&(m.topic().to_owned(), m.partition())) {
-                    Some(&i) => self.stash[i].push_back(m.detach()),
-                    None => tracing::warn!(topic = m.topic(), "message from an unassigned partition"),
-                },
-                Err(e) => tracing::warn!(error = %e, "consumer error"),
-            }
         }
     }
 
-    /// The next message of source `i`: stashed ones first (they were
-    /// fetched first), then its own queue.
-    fn next(&mut self, i: usize, timeout: Duration) -> Option<OwnedOrBorrowed<'_>> {
+    fn source_of(&self, m: &BorrowedMessage<'_>) -> Option<usize> {
+        let source = self
+            .index
+            .get(&(m.topic().to_owned(), m.partition()))
+            .copied();
+        if source.is_none() {
+            tracing::warn!(
+                topic = m.topic(),
+                partition = m.partition(),
+                "message from an unassigned partition"
+            );
+        }
+        source
+    }
+
+    /// The next message of source `i` (replay), stashing others.
+    fn next_of<'a>(
+        &mut self,
+        data: &'a BaseConsumer,
+        i: usize,
+        timeout: Duration,
+    ) -> Result<Option<OwnedOrBorrowed<'a>>, KafkaRunError> {
         if let Some(m) = self.stash[i].pop_front() {
-            return Some(OwnedOrBorrowed::Owned(m));
+            return Ok(Some(OwnedOrBorrowed::Owned(m)));
         }
-        match self.queues[i].poll(timeout) {
-            Some(Ok(m)) => Some(OwnedOrBorrowed::Borrowed(m)),
+        if let Some(tpl) = self.paused[i].take() {
+            data.resume(&tpl)?;
+        }
+        match data.poll(timeout) {
+            Some(Ok(m)) => match self.source_of(&m) {
+                Some(s) if s == i => Ok(Some(OwnedOrBorrowed::Borrowed(m))),
+                Some(s) => {
+                    self.stash[s].push_back(m.detach());
+                    if self.stash[s].len() > STASH_LIMIT && self.paused[s].is_none() {
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(m.topic(), m.partition());
+                        data.pause(&tpl)?;
+                        self.paused[s] = Some(tpl);
+                    }
+                    Ok(None)
+                }
+                None => Ok(None),
+            },
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Resumes partitions paused during the replay.
+    fn resume_all(&mut self, data: &BaseConsumer) -> Result<(), KafkaRunError> {
+        for tpl in self.paused.iter_mut().filter_map(Option::take) {
+            data.resume(&tpl)?;
+        }
+        Ok(())
+    }
+
+    /// The next message of any source: stashed ones first (they were
+    /// fetched before anything still in the queue), then the queue.
+    fn next_any<'a>(
+        &mut self,
+        data: &'a BaseConsumer,
+        timeout: Duration,
+    ) -> Option<(usize, OwnedOrBorrowed<'a>)> {
+        if let Some(i) = self.stash.iter().position(|s| !s.is_empty()) {
+            let m = self.stash[i].pop_front()?;
+            return Some((i, OwnedOrBorrowed::Owned(m)));
+        }
+        match data.poll(timeout) {
+            Some(Ok(m)) => {
+                let i = self.source_of(&m)?;
+                Some((i, OwnedOrBorrowed::Borrowed(m)))
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "consumer error");
                 None
