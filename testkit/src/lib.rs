@@ -463,7 +463,7 @@ pub fn produce<'a, R: Into<Record<'a>>>(
         .set("batch.size", "1000000")
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
-        .set("message.timeout.ms", "20000")
+        .set("message.timeout.ms", "300000")
         .create_with_context(Deliveries::default())
         .map_err(broker.kafka("creating a producer"))?;
     let deliveries = producer.context().clone();

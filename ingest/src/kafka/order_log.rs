@@ -153,9 +153,18 @@ pub(crate) fn read_all(dir: &Path) -> std::io::Result<Vec<RunStart>> {
             });
         }
     }
+    // Stable sort: for one sequence number the later entry wins. A run
+    // restated at a rotation is superseded when the next message came from
+    // another partition after all.
     runs.sort_by_key(|r| r.seq);
-    runs.dedup_by_key(|r| r.seq);
-    Ok(runs)
+    let mut out: Vec<RunStart> = Vec::with_capacity(runs.len());
+    for run in runs {
+        match out.last_mut() {
+            Some(last) if last.seq == run.seq => *last = run,
+            _ => out.push(run),
+        }
+    }
+    Ok(out)
 }
 
 /// The runs to replay after a snapshot that covers inputs through
@@ -203,6 +212,19 @@ mod tests {
         drop(log);
         let runs = read_all(dir.path()).unwrap();
         assert_eq!(runs, vec![run(0, 1), run(5, 2), run(7, 1)]);
+    }
+
+    #[test]
+    fn a_restated_run_is_superseded_by_the_run_that_really_came_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = OrderLog::open(dir.path(), None).unwrap();
+        log.append(run(0, 0)).unwrap();
+        // Snapshot through seq 4 while source 0's run was in progress...
+        log.rotate(4, Some((0, 50))).unwrap();
+        // ...but the next message came from source 2.
+        log.append(run(5, 2)).unwrap();
+        drop(log);
+        assert_eq!(read_all(dir.path()).unwrap(), vec![run(0, 0), run(5, 2)]);
     }
 
     #[test]
