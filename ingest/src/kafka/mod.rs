@@ -10,7 +10,7 @@
 //!   broker's committed offsets are never used to decide where to start:
 //!   the snapshot is the only truth, so state and positions cannot diverge.
 //! - **Sequence**: every message gets the next global sequence number. The
-//!   interleaving of partitions is written to the [order log](order_log)
+//!   interleaving of partitions is written to the order log (`order_log.rs`)
 //!   before the messages are processed, so a replay after a crash feeds
 //!   the engine the same sequence and emits the same events with the same
 //!   ids.
@@ -28,7 +28,7 @@
 //!   replayed after the snapshot are new to the restored dedupe state, so
 //!   they count exactly once; their events repeat with the same ids.
 //! - **One active instance**: a lease kept in a one-partition topic (see
-//!   [`lease`]): the holder heartbeats; any other instance stands by (not
+//!   `lease.rs`): the holder heartbeats; any other instance stands by (not
 //!   ready, with the reason) until the holder releases it or falls silent.
 //!   Pools must be summed in one place, so until pools are repartitioned
 //!   (a later step) a second instance must never process.
