@@ -546,7 +546,7 @@ fn a_second_instance_stands_by_and_takes_over_on_release() {
             .lines()
             .map_while(Result::ok)
         {
-            if line.contains("standing by") || line.contains("holding the lease") {
+            if line.contains("standing by") || line.contains("lease acquired") {
                 let _ = tx.send(line);
             }
         }
@@ -573,11 +573,11 @@ fn a_second_instance_stands_by_and_takes_over_on_release() {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("second instance takes the lease over");
-        if line.contains("holding the lease") {
+        if line.contains("lease acquired") {
             break line;
         }
     };
-    assert!(line.contains("holding the lease"));
+    assert!(line.contains("lease acquired"));
     let deadline = Instant::now() + Duration::from_secs(60);
     while !work.path().join("b").join("snapshots").exists() {
         assert!(Instant::now() < deadline, "second instance never processed");

@@ -1432,6 +1432,7 @@ fn start_broker(partitions: i32) -> Result<Broker> {
         (ACTIONS, 2),
         (DLQ, 1),
         (RESULTS, 1),
+        ("flowcap.lease", 1),
     ] {
         broker.create_topic(topic, n)?;
     }

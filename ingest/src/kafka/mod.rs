@@ -316,7 +316,7 @@ pub fn run(
         Some(lease) => lease,
         None => return Ok(Summary::default()),
     };
-    tracing::info!(instance, "holding the lease");
+    tracing::info!(instance, "lease acquired");
 
     let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);
     let give_up = Arc::new(AtomicBool::new(false));
