@@ -462,8 +462,16 @@ pub fn run(
             // hold records back, then wait briefly.
             driver.pipeline.sharded.flush();
             if let Some(idle) = options.exit_when_idle {
-                if last_input.elapsed() >= idle && caught_up(&meta, &cursors) {
-                    break 'run;
+                if last_input.elapsed() >= idle && !paused {
+                    // Fetching stops while the watermarks are asked for: a
+                    // broker busy answering empty fetches (Tansu's durable
+                    // storage) can starve those queries.
+                    data.pause(&all)?;
+                    if caught_up(&meta, &cursors) {
+                        break 'run;
+                    }
+                    data.resume(&all)?;
+                    last_input = Instant::now();
                 }
             }
             // Block in the next poll briefly instead of spinning.
