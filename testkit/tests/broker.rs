@@ -89,6 +89,9 @@ fn check_exact(broker: &Broker, topic: &str, records: &[(Vec<u8>, Vec<u8>)], got
     }
     let ends = end_offsets(broker, topic).unwrap();
     println!("{topic} end offsets: {ends:?}");
+    if broker.storage() == Storage::Memory {
+        return; // Tansu's memory storage reports wrong high watermarks.
+    }
     for (partition, offsets) in &by_partition {
         assert_eq!(
             ends[*partition as usize],
@@ -118,7 +121,8 @@ fn memory_broker_round_trips_10k_keyed_messages() {
 
 #[test]
 fn timestamps_headers_and_partitions_round_trip() {
-    let broker = Broker::start(Storage::Memory).unwrap();
+    // Sqlite: the memory storage's high watermarks are wrong (see below).
+    let broker = Broker::start(Storage::Sqlite).unwrap();
     broker.create_topic("t", 3).unwrap();
     let headers: &[(&str, &[u8])] = &[("source", b"carrier-a"), ("seq", b"7")];
     let records: Vec<Record<'_>> = (0..30)
@@ -463,31 +467,36 @@ fn split_partition_queue_before_assign() {
 }
 
 const HOLDER_BOOTSTRAP: &str = "FLOWCAP_TESTKIT_HOLDER_BOOTSTRAP";
+const CRASH_GROUP: &str = "crash-group";
 
-fn sticky_member(bootstrap: &str, group: &str) -> BaseConsumer {
+/// A member of `CRASH_GROUP` on `lease`. Range assignment gives the single
+/// partition to the smallest member id, and Tansu makes member ids
+/// `<client.id>-<uuid>`: so `a-...` beats `b-...`, whoever joined first.
+fn lease_member(bootstrap: &str, client_id: &str) -> BaseConsumer {
     let mut config = rdkafka::ClientConfig::new();
     config
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
+        .set("client.id", client_id)
+        .set("group.id", CRASH_GROUP)
         .set("enable.auto.commit", "false")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
-        // The member that holds the partition keeps it when another joins.
-        .set("partition.assignment.strategy", "cooperative-sticky");
-    config.create().unwrap()
+        .set("partition.assignment.strategy", "range");
+    let consumer: BaseConsumer = config.create().unwrap();
+    consumer.subscribe(&["lease"]).unwrap();
+    consumer
 }
 
-/// The lease holder of `takeover_after_the_holder_is_killed`, run as a child
-/// process (the test binary again) so that it can be SIGKILLed: prints
-/// `holds 1` / `holds 0` whenever its assignment changes.
+/// The lease holder of the crash tests, run as a child process (this test
+/// binary again) so that it can be SIGKILLed: prints `holds 1` / `holds 0`
+/// whenever its assignment changes.
 #[test]
-#[ignore = "helper process of takeover_after_the_holder_is_killed"]
+#[ignore = "helper process of the crash tests"]
 fn lease_holder_process() {
     let Ok(bootstrap) = std::env::var(HOLDER_BOOTSTRAP) else {
         return;
     };
-    let consumer = sticky_member(&bootstrap, "crash-group");
-    consumer.subscribe(&["lease"]).unwrap();
+    let consumer = lease_member(&bootstrap, "a-holder");
     let mut held = None;
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
@@ -500,74 +509,172 @@ fn lease_holder_process() {
     }
 }
 
-/// Fact 3b for a crash: the holder is SIGKILLed (no LeaveGroup), so the
-/// other member can take over only once the broker expires its session.
-#[test]
-fn takeover_after_the_holder_is_killed() {
-    use std::io::BufRead;
-    let broker = Broker::start(Storage::Memory).unwrap();
-    broker.create_topic("lease", 1).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "lease_holder_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(HOLDER_BOOTSTRAP, broker.bootstrap())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(state) = line.strip_prefix("holds ") {
-                let _ = tx.send(state == "1");
+/// The holder process and the latest of its `holds` reports.
+struct Holder {
+    child: std::process::Child,
+    reports: std::sync::mpsc::Receiver<bool>,
+    holds: bool,
+}
+
+impl Holder {
+    fn spawn(broker: &Broker) -> Holder {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "lease_holder_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(HOLDER_BOOTSTRAP, broker.bootstrap())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, reports) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(state) = line.strip_prefix("holds ") {
+                    let _ = tx.send(state == "1");
+                }
             }
+        });
+        Holder {
+            child,
+            reports,
+            holds: false,
         }
-    });
-    let child_holds = |timeout| loop {
-        match rx.recv_timeout(timeout) {
-            Ok(true) => break true,
-            Ok(false) => {}
-            Err(_) => break false,
-        }
-    };
-    assert!(
-        child_holds(Duration::from_secs(30)),
-        "the holder process never got lease/0\n{}",
-        broker.log_tail()
-    );
-
-    let other = sticky_member(&broker.bootstrap(), "crash-group");
-    other.subscribe(&["lease"]).unwrap();
-    poll_until(&[&other], Duration::from_secs(10), || false);
-    let mut child_state = true;
-    while let Ok(state) = rx.try_recv() {
-        child_state = state;
     }
-    assert!(
-        child_state && !holds(&other, "lease"),
-        "after the second member joined, the holder process should still hold lease/0 \
-         (child holds: {child_state}, other holds: {})",
-        holds(&other, "lease")
-    );
 
-    child.kill().unwrap();
-    child.wait().unwrap();
+    fn holds(&mut self) -> bool {
+        while let Ok(holds) = self.reports.try_recv() {
+            self.holds = holds;
+        }
+        self.holds
+    }
+
+    /// SIGKILL: no LeaveGroup, the broker must expire the session.
+    fn kill(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The holder process holding `lease/0` (it joined first: Tansu made it the
+/// group leader) and a standby member that joined second.
+fn holder_and_standby(broker: &Broker) -> (Holder, BaseConsumer) {
+    broker.create_topic("lease", 1).unwrap();
+    let mut holder = Holder::spawn(broker);
+    let started = Instant::now();
+    while !holder.holds() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the holder process never got lease/0\n{}",
+            broker.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let standby = lease_member(&broker.bootstrap(), "b-standby");
+    poll_until(&[&standby], Duration::from_secs(5), || false);
+    assert!(
+        holder.holds() && !holds(&standby, "lease"),
+        "the holder keeps lease/0 when the standby joins (range by member id)"
+    );
+    (holder, standby)
+}
+
+/// Fact 3b for a crash: FAILS on Tansu 0.6.0, whether the holder is the
+/// group leader (as here) or a follower. After the holder's SIGKILL the broker
+/// drops it once its session times out and answers the standby's heartbeat
+/// with REBALANCE_IN_PROGRESS; but the standby's rejoin (same metadata) takes
+/// the formed group's "existing member" path (same generation, no new
+/// assignment), and a formed group's SyncGroup ignores the leader's new
+/// assignments and returns the stored ones. So lease/0 stays with the dead
+/// member. A member joining afresh after that sometimes re-forms the group
+/// (a new consumer 1, 8 or 12 s after the SIGKILL got lease/0 about 7, 9 and
+/// 12 s after it; one created after 4 s never did; the standby leaving and
+/// subscribing again worked 12 s after the SIGKILL, not 8 s after): nothing a
+/// failover can rely on.
+#[test]
+#[ignore = "Tansu 0.6.0 never reassigns a crashed member's partitions by session timeout"]
+fn takeover_after_the_holder_crashes() {
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let (holder, standby) = holder_and_standby(&broker);
+    holder.kill();
     let killed = Instant::now();
-    let took_over = poll_until(&[&other], Duration::from_secs(60), || {
-        holds(&other, "lease")
+    let took_over = poll_until(&[&standby], Duration::from_secs(60), || {
+        holds(&standby, "lease")
     });
     assert!(
         took_over,
-        "the other member did not take over within 60 s of the holder's SIGKILL\n{}",
+        "the standby did not take over within 60 s of the holder's SIGKILL\n{}",
         broker.log_tail()
     );
     println!(
-        "takeover after the holder was SIGKILLed (session.timeout.ms 6000): {:?}",
+        "takeover after the holder's SIGKILL: {:?}",
         killed.elapsed()
+    );
+}
+
+/// Throughput probe, not a check: `RATES_N=200000 RATES_STORAGE=sqlite cargo
+/// test -p flowcap-testkit --test broker -- --ignored rates --nocapture`.
+#[test]
+#[ignore = "measurement"]
+fn rates() {
+    let n: usize = std::env::var("RATES_N").map_or(200_000, |n| n.parse().unwrap());
+    let storage = match std::env::var("RATES_STORAGE").as_deref() {
+        Ok("sqlite") => Storage::Sqlite,
+        _ => Storage::Memory,
+    };
+    let broker = Broker::start(storage).unwrap();
+    broker.create_topic("usage", 4).unwrap();
+    let value = [b'x'; 200];
+    let started = Instant::now();
+    let keys: Vec<[u8; 8]> = (0..n as u64).map(u64::to_be_bytes).collect();
+    produce(
+        &broker,
+        "usage",
+        keys.iter().map(|k| (Some(&k[..]), &value[..], None)),
+    )
+    .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{storage:?}: produced {n} x 200 B in {secs:.2} s: {:.0} msg/s",
+        n as f64 / secs
+    );
+    let started = Instant::now();
+    let got = consume_all(&broker, "usage", n, IDLE).unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{storage:?}: consumed {} in {secs:.2} s: {:.0} msg/s",
+        got.len(),
+        got.len() as f64 / secs
+    );
+    assert_eq!(got.len(), n);
+}
+
+/// Pins a Tansu 0.6.0 defect that `end_offsets` inherits: with memory
+/// storage, ListOffsets(latest) answers the base offset of the newest batch
+/// plus one, not the offset after its last record. Fetching is not affected.
+#[test]
+fn memory_storage_high_watermark_falls_short() {
+    let broker = Broker::start(Storage::Memory).unwrap();
+    broker.create_topic("t", 1).unwrap();
+    let records: Vec<Record<'_>> = (0..10).map(|_| Record::new(b"v")).collect();
+    produce(&broker, "t", records).unwrap();
+    assert_eq!(consume_all(&broker, "t", 10, IDLE).unwrap().len(), 10);
+    let ends = end_offsets(&broker, "t").unwrap();
+    println!("memory storage: 10 records in one batch, end offset {ends:?}");
+    assert_eq!(
+        ends,
+        vec![1],
+        "if this fails Tansu fixed its watermark: update the docs"
     );
 }
