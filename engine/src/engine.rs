@@ -271,6 +271,13 @@ pub struct PoolView {
     pub allowance_bytes: u64,
     /// Members, by ICCID.
     pub members: Vec<Iccid>,
+    /// Display name.
+    pub name: String,
+    /// The carrier whose cycle the pool follows (forward pools: the
+    /// members' carrier).
+    pub carrier: Option<Carrier>,
+    /// The pool's current cycle.
+    pub cycle: crate::cycle::CycleId,
 }
 
 /// The sequential engine. See the crate docs.
@@ -1542,9 +1549,22 @@ impl Engine {
     /// One pool's view, if known.
     pub fn pool_view(&self, id: &PoolId) -> Option<PoolView> {
         let entry = self.registry.pools.get(id)?;
+        Some(self.pool_view_of(entry))
+    }
+
+    /// Every pool's view, ordered by id.
+    pub fn pool_views(&self) -> Vec<PoolView> {
+        self.registry
+            .pools
+            .values()
+            .map(|entry| self.pool_view_of(entry))
+            .collect()
+    }
+
+    fn pool_view_of(&self, entry: &PoolEntry) -> PoolView {
         let shard = &self.shards[entry.shard as usize];
         let pool = &shard.pools[entry.index as usize];
-        Some(PoolView {
+        PoolView {
             id: pool.id.clone(),
             kind: pool.kind,
             state: shard.pool_state(entry.index),
@@ -1559,7 +1579,10 @@ impl Engine {
                 members.sort_unstable();
                 members
             },
-        })
+            name: pool.name.clone(),
+            carrier: pool.carrier,
+            cycle: shard.cycle(pool.cycle_carrier()),
+        }
     }
 
     /// Approximate heap bytes of the accounting state (directory + shards),

@@ -122,7 +122,7 @@ impl Pool {
             .saturating_add(self.addon_mb.saturating_mul(MB))
     }
 
-    fn cycle_carrier(&self) -> Carrier {
+    pub(crate) fn cycle_carrier(&self) -> Carrier {
         self.carrier.unwrap_or(Carrier::Cmcc)
     }
 

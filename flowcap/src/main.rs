@@ -11,6 +11,7 @@
 //! `/readyz`, see [`ops`]) while it runs.
 
 mod ops;
+mod sql;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,15 @@ enum Command {
     /// Write a generated workload (commands, usage, expected totals) to
     /// JSON-lines files.
     Loadgen(LoadgenArgs),
+    /// SQL over the Parquet history: one query, or an interactive prompt.
+    Sql(sql::SqlArgs),
+    /// The console's named queries over the history (card usage, top
+    /// cards, daily totals, pools, states, expiring, rule executions).
+    Query(sql::QueryArgs),
+    /// Export a query's result to a CSV, JSON-lines or Parquet file.
+    Export(sql::ExportArgs),
+    /// Serve `POST /sql` over the history (JSON, CSV or Arrow IPC).
+    Serve(sql::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -85,7 +95,7 @@ struct RunArgs {
     /// Take a snapshot every N inputs (0: only at the end).
     #[arg(long)]
     snapshot_every: Option<u64>,
-    /// Do not write accounted records to usage.jsonl.
+    /// Do not write the Parquet history (`<out>/history`).
     #[arg(long)]
     no_history: bool,
     /// Ignore snapshots in the output directory and start over.
@@ -203,7 +213,7 @@ struct RunSection {
     out: PathBuf,
     /// Snapshot every N inputs.
     snapshot_every: u64,
-    /// Write accounted records to usage.jsonl.
+    /// Write the Parquet history (`<out>/history`).
     history: bool,
     /// Address of the operations HTTP server (off when absent).
     http: Option<SocketAddr>,
@@ -263,6 +273,10 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(*args),
         Command::Loadgen(args) => loadgen(args),
+        Command::Sql(args) => sql::sql(args),
+        Command::Query(args) => sql::query(args),
+        Command::Export(args) => sql::export(args),
+        Command::Serve(args) => sql::serve(args),
     }
 }
 
@@ -297,7 +311,13 @@ fn run(args: RunArgs) -> Result<()> {
     let health = Arc::new(Health::new());
     let server = match http {
         Some(addr) => {
-            let server = ops::serve(addr, health.clone())?;
+            let sql = (file.run.history && !args.no_history).then(|| {
+                Arc::new(sql::SqlService::new(
+                    out.join(flowcap_ingest::embedded::HISTORY_DIR),
+                    sql::SqlLimits::default(),
+                ))
+            });
+            let server = ops::serve(addr, health.clone(), sql)?;
             eprintln!("ops: listening on http://{}", server.local_addr());
             Some(server)
         }
@@ -470,7 +490,7 @@ fn run_kafka(
 }
 
 /// Blocks until SIGINT or SIGTERM.
-fn wait_for_interrupt() -> Result<()> {
+pub(crate) fn wait_for_interrupt() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing a signal handler")?;
@@ -562,12 +582,16 @@ fn print_summary(s: &Summary, check: Option<&Exactness>) {
         }
     }
     println!(
-        "  outputs       {}/{{{}, {}, {}, {}}}",
+        "  outputs       {}/{{{}, {}, {}, {}/}}",
         s.out_dir.display(),
         embedded::EVENTS_FILE,
         embedded::REJECTS_FILE,
         embedded::JOURNAL_FILE,
-        embedded::USAGE_FILE
+        embedded::HISTORY_DIR
+    );
+    println!(
+        "  query it      flowcap sql --data {} \"SELECT * FROM card_cycle_usage LIMIT 10\"",
+        s.out_dir.display()
     );
 }
 

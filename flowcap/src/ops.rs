@@ -13,6 +13,13 @@
 //!   is the proof).
 //! - `/readyz`: 200 `{"ready":true}` when the [`Health`] says ready, else
 //!   503 `{"ready":false,"reason":"..."}`.
+//! - `POST /sql` (when given a history, see [`crate::sql::SqlService`]): one
+//!   read-only query over the Parquet history; the body is the SQL text (or
+//!   `{"sql": "..."}` as JSON); the answer is JSON, CSV or Arrow IPC by the
+//!   `Accept` header, within a row and a time limit.
+//!
+//! The runtime has two worker threads, so a long query never delays a
+//! scrape.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -22,7 +29,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use flowcap_ingest::metrics as names;
 use flowcap_ingest::Health;
@@ -93,7 +101,11 @@ impl Drop for OpsServer {
 /// Binds `addr` (port 0 picks a free port) and serves the operations
 /// endpoints on a new thread. Installs the Prometheus recorder if it is not
 /// yet installed. Binding errors are returned here, not on the thread.
-pub(crate) fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<OpsServer> {
+pub(crate) fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    sql: Option<Arc<crate::sql::SqlService>>,
+) -> Result<OpsServer> {
     let metrics = prometheus()?;
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding the operations server to {addr}"))?;
@@ -101,12 +113,14 @@ pub(crate) fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<OpsServer> 
     listener
         .set_nonblocking(true)
         .context("operations server socket")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("flowcap-http")
         .enable_all()
         .build()
         .context("operations server runtime")?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let app = router(metrics.clone(), health);
+    let app = router(metrics.clone(), health, sql);
     let thread = std::thread::Builder::new()
         .name("flowcap-ops".into())
         .spawn(move || {
@@ -151,8 +165,12 @@ pub(crate) fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<OpsServer> 
     })
 }
 
-fn router(metrics: PrometheusHandle, health: Arc<Health>) -> Router {
-    Router::new()
+fn router(
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    sql: Option<Arc<crate::sql::SqlService>>,
+) -> Router {
+    let router = Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -187,7 +205,17 @@ fn router(metrics: PrometheusHandle, health: Arc<Health>) -> Router {
                     }
                 }
             }),
-        )
+        );
+    match sql {
+        Some(service) => router.route(
+            "/sql",
+            post(move |headers: HeaderMap, body: String| {
+                let service = service.clone();
+                async move { service.answer(&headers, body).await }
+            }),
+        ),
+        None => router,
+    }
 }
 
 #[cfg(test)]
@@ -223,7 +251,7 @@ mod tests {
     #[test]
     fn serves_metrics_liveness_and_readiness() {
         let health = Arc::new(Health::new());
-        let server = serve("127.0.0.1:0".parse().unwrap(), health.clone()).unwrap();
+        let server = serve("127.0.0.1:0".parse().unwrap(), health.clone(), None).unwrap();
         let addr = server.local_addr();
         assert_ne!(addr.port(), 0);
 

@@ -161,21 +161,28 @@ fn lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Usage per (card, cycle) from the history file; panics on a record
-/// accounted twice.
+/// Usage per (card, cycle) from the Parquet history (`flowcap sql`);
+/// panics on a record accounted twice.
 fn history_totals(dir: &Path) -> BTreeMap<(String, u32), u64> {
+    let res = Command::new(env!("CARGO_BIN_EXE_flowcap"))
+        .args(["sql", "--format", "json", "--data"])
+        .arg(dir)
+        .arg("SELECT iccid, record_id, cycle, bytes FROM usage_records")
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let mut totals = BTreeMap::new();
     let mut seen = BTreeSet::new();
-    for a in lines(&dir.join("usage.jsonl")) {
-        let u = &a["usage"];
-        let iccid = u["iccid"].as_str().unwrap().to_owned();
-        let id = u["record_id"].as_str().unwrap().to_owned();
+    for line in String::from_utf8(res.stdout).unwrap().lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let iccid = row["iccid"].as_str().unwrap().to_owned();
+        let id = row["record_id"].as_str().unwrap().to_owned();
         assert!(
             seen.insert((iccid.clone(), id.clone())),
             "record {iccid}/{id} accounted twice"
         );
-        let cycle: CycleId = serde_json::from_value(a["cycle"].clone()).unwrap();
-        let bytes = u["bytes_up"].as_u64().unwrap() + u["bytes_down"].as_u64().unwrap();
+        let cycle = CycleId::parse(row["cycle"].as_str().unwrap()).unwrap();
+        let bytes = row["bytes"].as_u64().unwrap();
         *totals.entry((iccid, cycle.0)).or_default() += bytes;
     }
     totals

@@ -36,7 +36,12 @@ use flowcap_engine::command::{parse_command, CommandResult};
 use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::event::{ActionEvent, Output};
 use flowcap_engine::{CommandId, Engine, EngineConfig, ShardedEngine, Timestamp};
-use flowcap_storage::{DiskIdStore, JsonlError, JsonlSink, SnapshotStore, SnapshotStoreError};
+use flowcap_engine::{CardView, PoolView};
+use flowcap_storage::history::{Quarantined, SourcePosition as HistorySource};
+use flowcap_storage::{
+    DiskIdStore, HistoryError, HistoryOptions, HistoryWriter, JsonlError, JsonlSink,
+    SnapshotStore, SnapshotStoreError,
+};
 use serde::Serialize;
 
 use crate::health::Health;
@@ -58,6 +63,9 @@ pub enum IngestError {
     /// The dedupe cold index could not be opened.
     #[error("dedupe cold index: {0}")]
     IdStore(#[from] flowcap_engine::IdStoreError),
+    /// The Parquet history could not be opened or recovered.
+    #[error("history: {0}")]
+    History(#[from] HistoryError),
     /// The output directory could not be prepared.
     #[error("output directory {path}: {source}")]
     Directory {
@@ -92,7 +100,8 @@ pub struct EmbeddedOptions {
     pub engine: EngineConfig,
     /// Take a snapshot every this many inputs (0: only at the end).
     pub snapshot_every: u64,
-    /// Write every accounted record to `usage.jsonl` (history).
+    /// Write the Parquet history (`history/`, see
+    /// [`flowcap_storage::history`]).
     pub history: bool,
     /// Resume from the newest snapshot in `out_dir` if there is one;
     /// otherwise start empty and clear previous outputs.
@@ -176,11 +185,11 @@ pub const EVENTS_FILE: &str = "events.jsonl";
 pub const REJECTS_FILE: &str = "rejects.jsonl";
 /// Command journal: command + result.
 pub const JOURNAL_FILE: &str = "journal.jsonl";
-/// Accounted records (history), when enabled.
-pub const USAGE_FILE: &str = "usage.jsonl";
+/// The Parquet history directory inside the output directory.
+pub const HISTORY_DIR: &str = "history";
 /// Snapshot position: sequence number of the last input the snapshot covers.
 const INPUT_POSITION: &str = "input.last_seq";
-const FILES: [&str; 4] = [EVENTS_FILE, REJECTS_FILE, JOURNAL_FILE, USAGE_FILE];
+const FILES: [&str; 3] = [EVENTS_FILE, REJECTS_FILE, JOURNAL_FILE];
 
 /// Where a dead letter came from, when the input has positions (Kafka).
 #[derive(Debug, Clone, Serialize)]
@@ -236,7 +245,20 @@ pub(crate) enum Side {
         raw: Vec<u8>,
         result: CommandResult,
     },
-    Barrier(Sender<Result<BTreeMap<String, u64>, String>>),
+    /// Make everything durable; `cut` closes the history window.
+    Barrier(
+        Sender<Result<BTreeMap<String, u64>, String>>,
+        Option<Box<HistoryCut>>,
+    ),
+}
+
+/// What the history needs at a snapshot: the inputs it covers and the
+/// engine's state to dump.
+pub(crate) struct HistoryCut {
+    through: u64,
+    clock: Timestamp,
+    pools: Vec<PoolView>,
+    cards: Option<Vec<CardView>>,
 }
 
 impl Side {
@@ -311,7 +333,7 @@ pub(crate) struct KafkaOut {
 
 pub(crate) struct Writer {
     sinks: BTreeMap<&'static str, JsonlSink>,
-    history: bool,
+    history: Option<HistoryWriter>,
     summary: Summary,
     kafka: Option<KafkaOut>,
     metrics: OutputMetrics,
@@ -330,8 +352,8 @@ impl Writer {
                         self.summary.history_only += 1;
                         self.summary.late += u64::from(a.late);
                     }
-                    if self.history {
-                        self.sink(USAGE_FILE).write(&a)?;
+                    if let Some(h) = &mut self.history {
+                        h.accounted(&a)?;
                     }
                 }
                 Output::Duplicate { .. } => self.summary.duplicates += 1,
@@ -350,6 +372,9 @@ impl Writer {
                         }
                     }
                     self.sink(EVENTS_FILE).write(&event)?;
+                    if let Some(h) = &mut self.history {
+                        h.action(&event)?;
+                    }
                     if let Some(k) = &mut self.kafka {
                         let payload = serde_json::to_vec(&event)?;
                         let id = event.id().as_bytes();
@@ -372,6 +397,15 @@ impl Writer {
                         self.summary.commands_failed += 1;
                     }
                     self.sink(JOURNAL_FILE).write(&entry)?;
+                    if let Some(h) = &mut self.history {
+                        h.journal(
+                            entry.seq,
+                            Some(&entry.command),
+                            b"",
+                            &entry.result,
+                            entry.repeat,
+                        )?;
+                    }
                     if let Some(k) = &mut self.kafka {
                         let payload = serde_json::to_vec(&entry)?;
                         let id = entry.result.command_id.as_str().as_bytes();
@@ -419,6 +453,17 @@ impl Writer {
                         &payload,
                     )?;
                 }
+                if let Some(h) = &mut self.history {
+                    h.quarantined(Quarantined {
+                        seq,
+                        reason: code,
+                        message,
+                        iccid,
+                        record_id,
+                        source: source.map(history_source),
+                        raw,
+                    })?;
+                }
                 Ok(())
             }
             Side::BadCommand {
@@ -455,9 +500,24 @@ impl Writer {
                     let envelope = serde_json::to_vec(&letter)?;
                     dead_letter(k, code, message, source.as_ref(), None, &envelope)?;
                 }
+                if let Some(h) = &mut self.history {
+                    h.journal(seq, None, &raw, &result, false)?;
+                    h.quarantined(Quarantined {
+                        seq,
+                        reason: code.to_owned(),
+                        message: result
+                            .error
+                            .as_ref()
+                            .map_or_else(String::new, |e| e.message.clone()),
+                        iccid: None,
+                        record_id: None,
+                        source: source.map(history_source),
+                        raw,
+                    })?;
+                }
                 Ok(())
             }
-            Side::Barrier(_) => Ok(()),
+            Side::Barrier(..) => Ok(()),
         }
     }
 
@@ -466,7 +526,10 @@ impl Writer {
         self.sinks.get_mut(name).expect("sink opened at start")
     }
 
-    fn sync_all(&mut self) -> Result<BTreeMap<String, u64>, WriteError> {
+    fn sync_all(&mut self, cut: Option<Box<HistoryCut>>) -> Result<BTreeMap<String, u64>, WriteError> {
+        if let (Some(h), Some(cut)) = (&mut self.history, cut) {
+            h.snapshot(cut.through, cut.clock, &cut.pools, cut.cards.as_deref())?;
+        }
         let mut lengths = BTreeMap::new();
         for (name, sink) in &mut self.sinks {
             sink.sync()?;
@@ -490,6 +553,17 @@ pub(crate) enum WriteError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("encoding an output: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("{0}")]
+    History(#[from] HistoryError),
+}
+
+fn history_source(s: SourcePosition) -> HistorySource {
+    HistorySource {
+        topic: s.topic,
+        partition: s.partition,
+        offset: s.offset,
+        timestamp_ms: s.timestamp_ms,
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -555,24 +629,24 @@ fn run_writer(
                 Err(_) => {
                     // The engine is gone: drain the side channel and stop.
                     while let Ok(s) = side.try_recv() {
-                        if let Side::Barrier(reply) = s {
-                            let _ = reply.send(writer.sync_all().map_err(|e| e.to_string()));
+                        if let Side::Barrier(reply, cut) = s {
+                            let _ = reply.send(writer.sync_all(cut).map_err(|e| e.to_string()));
                         } else {
                             writer.write_side(s).map_err(|e| e.to_string())?;
                         }
                     }
-                    writer.sync_all().map_err(|e| e.to_string())?;
+                    writer.sync_all(None).map_err(|e| e.to_string())?;
                     return Ok(writer.summary);
                 }
             },
             recv(side) -> msg => match msg {
-                Ok(Side::Barrier(reply)) => {
+                Ok(Side::Barrier(reply, cut)) => {
                     // Everything the engine produced before the barrier is
                     // already queued: drain it, then make it durable.
                     while let Ok(batch) = outputs.try_recv() {
                         writer.write_outputs(batch).map_err(|e| e.to_string())?;
                     }
-                    let _ = reply.send(writer.sync_all().map_err(|e| e.to_string()));
+                    let _ = reply.send(writer.sync_all(cut).map_err(|e| e.to_string()));
                 }
                 Ok(other) => writer.write_side(other).map_err(|e| e.to_string())?,
                 Err(_) => {}
@@ -614,6 +688,12 @@ pub(crate) struct Pipeline {
     pub(crate) restored_positions: BTreeMap<String, i64>,
     pub(crate) snapshots: u64,
     started: Instant,
+    /// History on: snapshots send the writer a [`HistoryCut`].
+    history: bool,
+    /// Local day of the last `cards` dump.
+    cards_day: Option<i64>,
+    /// Dump every card at the next snapshot (the last one of a run).
+    pub(crate) dump_cards: bool,
 }
 
 impl Pipeline {
@@ -678,9 +758,21 @@ impl Pipeline {
                 .map(|len| u64::try_from(*len).unwrap_or(0));
             sinks.insert(name, JsonlSink::open(dir.join(name), rewind)?);
         }
+        let history_writer = if history {
+            Some(HistoryWriter::open(
+                dir.join(HISTORY_DIR),
+                resumed_after,
+                HistoryOptions {
+                    calendar: engine.config().calendar,
+                    ..HistoryOptions::default()
+                },
+            )?)
+        } else {
+            None
+        };
         let writer = Writer {
             sinks,
-            history,
+            history: history_writer,
             summary: Summary::default(),
             kafka,
             metrics: OutputMetrics::new(),
@@ -700,6 +792,9 @@ impl Pipeline {
             restored_positions,
             snapshots: 0,
             started,
+            history,
+            cards_day: None,
+            dump_cards: false,
         })
     }
 
@@ -724,9 +819,23 @@ impl Pipeline {
         };
         let started = Instant::now();
         let engine = self.sharded.engine();
+        let cut = self.history.then(|| {
+            let clock = engine.clock();
+            let day = engine.config().calendar.local_day(clock);
+            let cards = (self.dump_cards || self.cards_day != Some(day)).then(|| {
+                self.cards_day = Some(day);
+                engine.card_views()
+            });
+            Box::new(HistoryCut {
+                through: seq,
+                clock,
+                pools: engine.pool_views(),
+                cards,
+            })
+        });
         let (reply_tx, reply_rx) = bounded(1);
         self.side
-            .send(Side::Barrier(reply_tx))
+            .send(Side::Barrier(reply_tx, cut))
             .map_err(|_| IngestError::Writer("writer is gone".into()))?;
         let lengths = reply_rx
             .recv()
@@ -845,6 +954,7 @@ pub fn run(
     // Recalling the shards brings every one up to the final clock
     // (deadlines, rollovers); their outputs go through the writer.
     pipeline.sharded.engine();
+    pipeline.dump_cards = true;
     if since_snapshot > 0 || pipeline.snapshots == 0 {
         pipeline.snapshot(last_seq, &no_positions)?;
     }

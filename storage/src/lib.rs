@@ -1,8 +1,9 @@
 //! # flowcap-storage
 //!
 //! The durable state of flowcap: what must survive a `kill -9` beside the
-//! Kafka offsets. The engine crate is pure (no IO); this crate holds the
-//! implementations of its storage traits that touch the disk.
+//! Kafka offsets, and the history analysts query. The engine crate is pure
+//! (no IO); this crate holds the implementations of its storage traits that
+//! touch the disk.
 //!
 //! - [`cold_index`]: the dedupe cold index, [`cold_index::DiskIdStore`], an
 //!   exact on-disk set of every accepted `(iccid, record_id)` that backs the
@@ -11,11 +12,18 @@
 //!   again after a crash.
 //! - [`jsonl`]: JSON-lines output files that rewind to a snapshot, so every
 //!   line exists exactly once after a restart.
+//! - [`history`]: the Parquet history tables, written exactly once per
+//!   input through crashes.
+//! - [`sql`]: SQL over the history with DataFusion: the tables, the views
+//!   and the console's named queries.
 
 pub mod cold_index;
+pub mod history;
 pub mod jsonl;
 pub mod snapshot_store;
+pub mod sql;
 
 pub use cold_index::{DiskIdStore, DiskIdStoreOptions};
+pub use history::{HistoryError, HistoryOptions, HistoryWriter};
 pub use jsonl::{JsonlError, JsonlSink};
 pub use snapshot_store::{SnapshotStore, SnapshotStoreError};

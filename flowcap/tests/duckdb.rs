@@ -1,0 +1,115 @@
+//! The same Parquet files read by DuckDB give the same answers to the
+//! console queries as flowcap's DataFusion. The SQL text is flowcap's own
+//! (`ConsoleQuery::sql`), run by both engines over the same history.
+//!
+//! Needs Python with `duckdb` (`.ci/run` installs it from PyPI). Without it
+//! the test fails with the install command, unless FLOWCAP_SKIP_DUCKDB=1.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use flowcap_storage::sql::ConsoleQuery;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
+
+fn duckdb_available() -> bool {
+    Command::new("python3")
+        .args(["-c", "import duckdb"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A query's rows from `flowcap sql --format json`, as lists of values in
+/// column order (integers as integers, everything else as text).
+fn datafusion_rows(out: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
+    let res = Command::new(BIN)
+        .args(["sql", "--format", "csv", "--data"])
+        .arg(out)
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{sql}: {}", String::from_utf8_lossy(&res.stderr));
+    let text = String::from_utf8(res.stdout).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|line| {
+            line.split(',')
+                .map(|v| match v.parse::<i64>() {
+                    Ok(n) => serde_json::json!(n),
+                    Err(_) if v.is_empty() => serde_json::Value::Null,
+                    Err(_) => serde_json::json!(v),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn duckdb_rows(root: &Path, queries: &[String]) -> Vec<Vec<Vec<serde_json::Value>>> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/duckdb_queries.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let request = serde_json::json!({ "root": root, "queries": queries });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.to_string().as_bytes())
+        .unwrap();
+    let res = child.wait_with_output().unwrap();
+    assert!(res.status.success(), "duckdb: {}", String::from_utf8_lossy(&res.stderr));
+    serde_json::from_slice(&res.stdout).unwrap()
+}
+
+#[test]
+fn duckdb_reads_the_history_and_agrees_on_every_console_query() {
+    if !duckdb_available() {
+        if std::env::var_os("FLOWCAP_SKIP_DUCKDB").is_some() {
+            eprintln!("skipped: python3 -m pip install duckdb to run it");
+            return;
+        }
+        panic!("DuckDB for Python is missing: python3 -m pip install duckdb (or FLOWCAP_SKIP_DUCKDB=1)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let res = Command::new(BIN)
+        .args(["run", "-q", "--cards", "500", "--hours", "80", "--seed", "11", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let root = out.join("history");
+    let top = datafusion_rows(
+        &out,
+        &ConsoleQuery::TopCards { cycle: None, limit: 1 }.sql(&root).unwrap(),
+    );
+    let iccid = top[0][0].as_str().unwrap().to_owned();
+    // Timestamps print differently in the two engines: the pool query is
+    // compared without `as_of` (its last column).
+    let pool = ConsoleQuery::PoolUsage { pool: None }.sql(&root).unwrap();
+    let pool = pool.replace(", as_of FROM", " FROM");
+    let queries: Vec<String> = vec![
+        ConsoleQuery::CardCycles { iccid: iccid.clone(), cycles: 6 }.sql(&root).unwrap(),
+        ConsoleQuery::CardDays { iccid, days: 61 }.sql(&root).unwrap(),
+        ConsoleQuery::DailyTotals { days: 30 }.sql(&root).unwrap(),
+        ConsoleQuery::TopCards { cycle: None, limit: 20 }.sql(&root).unwrap(),
+        pool,
+        ConsoleQuery::StateCounts.sql(&root).unwrap(),
+        ConsoleQuery::Expiring.sql(&root).unwrap(),
+        "SELECT COUNT(*), SUM(bytes), COUNT(DISTINCT iccid) FROM usage_records".to_owned(),
+        "SELECT reason, COUNT(*) FROM quarantine GROUP BY reason ORDER BY reason".to_owned(),
+        "SELECT COUNT(*) FROM state_changes".to_owned(),
+    ];
+    let duck = duckdb_rows(&root, &queries);
+    for (sql, duck) in queries.iter().zip(duck) {
+        let ours = datafusion_rows(&out, sql);
+        assert!(!ours.is_empty(), "{sql}: no rows");
+        assert_eq!(ours, duck, "{sql}");
+    }
+}

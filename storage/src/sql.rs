@@ -1,0 +1,413 @@
+//! SQL over the Parquet history with DataFusion.
+//!
+//! [`open`] registers every table of [`crate::history::schema::tables`] as a
+//! listing table over its directory, with its partition column (`date` or
+//! `cycle`, strings) so that a `WHERE date >= '2026-10-01'` prunes whole
+//! directories, plus the views:
+//!
+//! - `card_daily_usage`: `card_daily_usage_parts` summed per card and day;
+//! - `card_cycle_usage`: `card_cycle_usage_parts` summed per card and cycle;
+//! - `cards_current`: the newest `cards` dump.
+//!
+//! [`ConsoleQuery`] holds the console's queries (SPEC section 8) as SQL
+//! text, so that the same text runs on DuckDB in the tests and benchmarks.
+//! "Now" for them is the newest `date` partition in the history (event
+//! time), not the wall clock: a replayed or generated history is queried as
+//! of its own end.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::sqlparser::ast::Statement;
+
+use crate::history::schema::{self, TableDef};
+
+/// Errors of SQL over the history.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    /// DataFusion refused or failed the query.
+    #[error("{0}")]
+    DataFusion(#[from] DataFusionError),
+    /// The statement is not a read-only query.
+    #[error("only read-only queries are allowed (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE); got {0}")]
+    NotReadOnly(String),
+    /// A console query argument is not valid.
+    #[error("{0}")]
+    BadArgument(String),
+    /// The history directory could not be read.
+    #[error("history {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Views over the tables (name, SQL).
+pub const VIEWS: [(&str, &str); 3] = [
+    (
+        "card_daily_usage",
+        "SELECT iccid, day, date, SUM(records) AS records, SUM(bytes_up) AS bytes_up, \
+         SUM(bytes_down) AS bytes_down, SUM(bytes) AS bytes, SUM(late_records) AS late_records, \
+         SUM(late_bytes) AS late_bytes \
+         FROM card_daily_usage_parts GROUP BY iccid, day, date",
+    ),
+    (
+        "card_cycle_usage",
+        "SELECT iccid, cycle, SUM(records) AS records, SUM(bytes_up) AS bytes_up, \
+         SUM(bytes_down) AS bytes_down, SUM(bytes) AS bytes, SUM(late_records) AS late_records, \
+         SUM(late_bytes) AS late_bytes \
+         FROM card_cycle_usage_parts GROUP BY iccid, cycle",
+    ),
+    (
+        "cards_current",
+        "SELECT * FROM cards WHERE date = (SELECT MAX(date) FROM cards)",
+    ),
+];
+
+/// A session over the history under `root`: every table and view
+/// registered. Tables without files yet are empty (with their schema).
+pub async fn open(root: &Path) -> Result<SessionContext, SqlError> {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_default_catalog_and_schema("flowcap", "history");
+    let ctx = SessionContext::new_with_config(config);
+    for table in schema::tables() {
+        register(&ctx, root, &table).await?;
+    }
+    for (name, sql) in VIEWS {
+        let view = ctx.sql(&format!("CREATE VIEW {name} AS {sql}")).await?;
+        view.collect().await?;
+    }
+    Ok(ctx)
+}
+
+async fn register(ctx: &SessionContext, root: &Path, table: &TableDef) -> Result<(), SqlError> {
+    let dir = root.join(table.name);
+    let partition = table.partitioning.column().to_owned();
+    let has_files = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
+    if !has_files {
+        let mut fields: Vec<_> = table.schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(datafusion::arrow::datatypes::Field::new(
+            partition,
+            DataType::Utf8,
+            false,
+        )));
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(fields));
+        let empty = MemTable::try_new(schema, vec![vec![]])?;
+        ctx.register_table(table.name, Arc::new(empty))?;
+        return Ok(());
+    }
+    let dir = std::path::absolute(&dir).map_err(|source| SqlError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+        .with_file_extension(".parquet")
+        .with_table_partition_cols(vec![(partition, DataType::Utf8)]);
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .with_schema(table.schema.clone());
+    ctx.register_table(table.name, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
+}
+
+/// Runs one read-only statement and collects its result.
+pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
+    check_read_only(ctx, sql)?;
+    Ok(ctx.sql(sql).await?.collect().await?)
+}
+
+/// Refuses anything but queries: DDL, DML, `COPY`, `SET` and friends.
+pub fn check_read_only(ctx: &SessionContext, sql: &str) -> Result<(), SqlError> {
+    let dialect = ctx.state().config().options().sql_parser.dialect.to_string();
+    let dialect = datafusion::sql::sqlparser::dialect::dialect_from_str(&dialect)
+        .unwrap_or_else(|| Box::new(datafusion::sql::sqlparser::dialect::GenericDialect {}));
+    let statements = datafusion::sql::sqlparser::parser::Parser::parse_sql(dialect.as_ref(), sql)
+        .map_err(|e| SqlError::DataFusion(DataFusionError::SQL(Box::new(e), None)))?;
+    if statements.len() != 1 {
+        return Err(SqlError::NotReadOnly(format!(
+            "{} statements (send exactly one)",
+            statements.len()
+        )));
+    }
+    match &statements[0] {
+        Statement::Query(_)
+        | Statement::Explain { .. }
+        | Statement::ExplainTable { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowViews { .. } => Ok(()),
+        other => {
+            let text = other.to_string();
+            let verb = text.split_whitespace().next().unwrap_or("?").to_uppercase();
+            Err(SqlError::NotReadOnly(verb))
+        }
+    }
+}
+
+/// The newest partition value (`date` or `cycle`) of a table, from its
+/// directory names alone.
+pub fn newest_partition(root: &Path, table: &str) -> Option<String> {
+    let def = schema::tables().into_iter().find(|t| t.name == table)?;
+    let prefix = format!("{}=", def.partitioning.column());
+    std::fs::read_dir(root.join(table))
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_prefix(&prefix).map(str::to_owned))
+        .max()
+}
+
+/// The console's queries (SPEC section 8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleQuery {
+    /// One card's usage per cycle, the last `cycles` cycles.
+    CardCycles {
+        /// The card.
+        iccid: String,
+        /// How many cycles.
+        cycles: u32,
+    },
+    /// One card's usage per day, the `days` days up to the newest.
+    CardDays {
+        /// The card.
+        iccid: String,
+        /// How many days.
+        days: u32,
+    },
+    /// Total usage per day, the last `days` days.
+    DailyTotals {
+        /// How many days.
+        days: u32,
+    },
+    /// Top cards by usage in a cycle (the newest when `None`).
+    TopCards {
+        /// The cycle, `YYYY-MM`.
+        cycle: Option<String>,
+        /// How many cards.
+        limit: u32,
+    },
+    /// A pool's (or every pool's) used / remaining / allowance per cycle.
+    PoolUsage {
+        /// One pool, or all.
+        pool: Option<String>,
+    },
+    /// Cards per state, from the newest `cards` dump.
+    StateCounts,
+    /// Cards whose plan expires within 30, 60 and 90 days of the newest
+    /// `cards` dump.
+    Expiring,
+    /// Rule executions, newest first, optionally for one rule or card.
+    RuleExecutions {
+        /// One rule.
+        rule: Option<String>,
+        /// One card.
+        iccid: Option<String>,
+        /// How many rows.
+        limit: u32,
+    },
+}
+
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+fn check_iccid(iccid: &str) -> Result<(), SqlError> {
+    flowcap_engine::Iccid::parse(iccid)
+        .map(|_| ())
+        .map_err(|e| SqlError::BadArgument(format!("ICCID {iccid:?}: {e}")))
+}
+
+/// `YYYY-MM-DD` minus `days` days.
+fn days_before(date: &str, days: u32) -> Result<String, SqlError> {
+    let bad = || SqlError::BadArgument(format!("not a date: {date:?}"));
+    let mut parts = date.splitn(3, '-').map(str::parse::<i64>);
+    let (Some(Ok(y)), Some(Ok(m)), Some(Ok(d))) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let m = u32::try_from(m).map_err(|_| bad())?;
+    let d = u32::try_from(d).map_err(|_| bad())?;
+    let day = flowcap_engine::time::days_from_civil(y, m, d) - i64::from(days);
+    Ok(crate::history::date_value(day))
+}
+
+impl ConsoleQuery {
+    /// The SQL text of this query over the history under `root` (which
+    /// supplies "now": the newest partitions). Standard SQL that DuckDB
+    /// runs too, over `read_parquet` views of the same names.
+    pub fn sql(&self, root: &Path) -> Result<String, SqlError> {
+        let newest_day = || {
+            newest_partition(root, schema::CARD_DAILY_USAGE_PARTS)
+                .ok_or_else(|| SqlError::BadArgument("the history has no usage yet".into()))
+        };
+        Ok(match self {
+            ConsoleQuery::CardCycles { iccid, cycles } => {
+                check_iccid(iccid)?;
+                format!(
+                    "SELECT cycle, SUM(records) AS records, SUM(bytes) AS bytes, \
+                     SUM(late_bytes) AS late_bytes \
+                     FROM card_cycle_usage_parts WHERE iccid = {} \
+                     GROUP BY cycle ORDER BY cycle DESC LIMIT {cycles}",
+                    quote(iccid)
+                )
+            }
+            ConsoleQuery::CardDays { iccid, days } => {
+                check_iccid(iccid)?;
+                let from = days_before(&newest_day()?, days.saturating_sub(1))?;
+                format!(
+                    "SELECT date, SUM(records) AS records, SUM(bytes) AS bytes \
+                     FROM card_daily_usage_parts WHERE iccid = {} AND date >= {} \
+                     GROUP BY date ORDER BY date DESC",
+                    quote(iccid),
+                    quote(&from)
+                )
+            }
+            ConsoleQuery::DailyTotals { days } => {
+                let from = days_before(&newest_day()?, days.saturating_sub(1))?;
+                format!(
+                    "SELECT date, SUM(records) AS records, SUM(bytes) AS bytes, \
+                     COUNT(DISTINCT iccid) AS cards \
+                     FROM card_daily_usage_parts WHERE date >= {} \
+                     GROUP BY date ORDER BY date",
+                    quote(&from)
+                )
+            }
+            ConsoleQuery::TopCards { cycle, limit } => {
+                let cycle = match cycle {
+                    Some(c) => c.clone(),
+                    None => newest_partition(root, schema::CARD_CYCLE_USAGE_PARTS)
+                        .ok_or_else(|| SqlError::BadArgument("the history has no usage yet".into()))?,
+                };
+                if flowcap_engine::CycleId::parse(&cycle).is_none() {
+                    return Err(SqlError::BadArgument(format!("not a cycle (YYYY-MM): {cycle:?}")));
+                }
+                format!(
+                    "SELECT iccid, SUM(bytes) AS bytes, SUM(records) AS records \
+                     FROM card_cycle_usage_parts WHERE cycle = {} \
+                     GROUP BY iccid ORDER BY bytes DESC, iccid LIMIT {limit}",
+                    quote(&cycle)
+                )
+            }
+            ConsoleQuery::PoolUsage { pool } => {
+                let filter = pool
+                    .as_ref()
+                    .map(|p| format!("WHERE pool_id = {}", quote(p)))
+                    .unwrap_or_default();
+                format!(
+                    "SELECT cycle, pool_id, kind, state, members, used_bytes, allowance_bytes, \
+                     remaining_bytes, as_of FROM pool_cycle_usage {filter} \
+                     ORDER BY pool_id, cycle DESC"
+                )
+            }
+            ConsoleQuery::StateCounts => {
+                let date = newest_partition(root, schema::CARDS)
+                    .ok_or_else(|| SqlError::BadArgument("the history has no cards dump yet".into()))?;
+                format!(
+                    "SELECT CAST(state AS VARCHAR) AS state, COUNT(*) AS cards FROM cards \
+                     WHERE date = {} GROUP BY CAST(state AS VARCHAR) ORDER BY state",
+                    quote(&date)
+                )
+            }
+            ConsoleQuery::Expiring => {
+                let date = newest_partition(root, schema::CARDS)
+                    .ok_or_else(|| SqlError::BadArgument("the history has no cards dump yet".into()))?;
+                format!(
+                    "SELECT \
+                     SUM(CASE WHEN expires_at < as_of + INTERVAL '30 days' THEN 1 ELSE 0 END) AS within_30_days, \
+                     SUM(CASE WHEN expires_at < as_of + INTERVAL '60 days' THEN 1 ELSE 0 END) AS within_60_days, \
+                     SUM(CASE WHEN expires_at < as_of + INTERVAL '90 days' THEN 1 ELSE 0 END) AS within_90_days \
+                     FROM cards WHERE date = {} AND expires_at >= as_of",
+                    quote(&date)
+                )
+            }
+            ConsoleQuery::RuleExecutions { rule, iccid, limit } => {
+                let mut filters = Vec::new();
+                if let Some(r) = rule {
+                    filters.push(format!("rule = {}", quote(r)));
+                }
+                if let Some(i) = iccid {
+                    check_iccid(i)?;
+                    filters.push(format!("iccid = {}", quote(i)));
+                }
+                let filter = if filters.is_empty() {
+                    String::new()
+                } else {
+                    format!("WHERE {}", filters.join(" AND "))
+                };
+                format!(
+                    "SELECT fired_at, rule, rule_type, iccid, pool_id, condition, observed, \
+                     channel, outcome, attempts FROM rule_executions {filter} \
+                     ORDER BY fired_at DESC LIMIT {limit}"
+                )
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_before_crosses_months_and_years() {
+        assert_eq!(days_before("2026-03-01", 1).unwrap(), "2026-02-28");
+        assert_eq!(days_before("2026-01-05", 10).unwrap(), "2025-12-26");
+        assert!(days_before("yesterday", 1).is_err());
+    }
+
+    #[test]
+    fn console_queries_refuse_bad_arguments() {
+        let root = Path::new("/nonexistent");
+        let q = ConsoleQuery::CardCycles {
+            iccid: "1' OR '1'='1".into(),
+            cycles: 6,
+        };
+        assert!(matches!(q.sql(root), Err(SqlError::BadArgument(_))));
+        let q = ConsoleQuery::TopCards {
+            cycle: Some("2026-13".into()),
+            limit: 10,
+        };
+        assert!(matches!(q.sql(root), Err(SqlError::BadArgument(_))));
+        let q = ConsoleQuery::PoolUsage {
+            pool: Some("p'; DROP TABLE x; --".into()),
+        };
+        assert!(q.sql(root).unwrap().contains("'p''; DROP TABLE x; --'"));
+    }
+
+    #[test]
+    fn only_queries_pass_the_read_only_check() {
+        let ctx = SessionContext::new();
+        for ok in [
+            "SELECT 1",
+            "WITH a AS (SELECT 1 AS x) SELECT x FROM a",
+            "EXPLAIN SELECT 1",
+            "SHOW TABLES",
+        ] {
+            check_read_only(&ctx, ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "CREATE TABLE t AS SELECT 1",
+            "COPY (SELECT 1) TO '/tmp/x.csv'",
+            "INSERT INTO t VALUES (1)",
+            "DROP VIEW card_daily_usage",
+            "SET datafusion.execution.batch_size = 1",
+            "SELECT 1; DROP TABLE t",
+        ] {
+            assert!(
+                matches!(check_read_only(&ctx, bad), Err(SqlError::NotReadOnly(_))),
+                "{bad} passed"
+            );
+        }
+    }
+}
