@@ -430,12 +430,13 @@ fn jitter(seed: &mut u64, lo: u64, hi: u64) -> Duration {
     Duration::from_millis(random(seed, lo, hi))
 }
 
-/// Usage partitions of the kill -9 loop. Tansu's sqlite storage computes a
-/// fetch over every record from the fetch offset to the end of the
-/// partition and returns at most 5 MiB a request, so reading a partition
-/// costs the square of its depth: 32 partitions of ~31k records read in
-/// ~2 fetches each, where 4 of 250k took ~15 fetches of seconds each
-/// (docs/DECISIONS.md, "kill -9 loop against Tansu").
+/// Usage partitions of the kill -9 loop. Tansu's sqlite storage reads every
+/// record from the fetch offset to the end of the partition for each fetch
+/// and returns at most 5 MiB (~16.7k of these records) a request, so
+/// reading a partition costs the square of its depth (2.1 s a fetch at the
+/// start of a 250k-record partition): 32 partitions of ~31k records read in
+/// ~2 cheap fetches each (docs/DECISIONS.md, "Tansu's sqlite storage and
+/// the kill -9 loop").
 const KILL_LOOP_PARTITIONS: i32 = 32;
 
 /// The issue's kill -9 loop: over a million records (20k cards × 50 h,
@@ -444,7 +445,7 @@ const KILL_LOOP_PARTITIONS: i32 = 32;
 /// over the run (a snapshot every 50k inputs, so most kills replay from a
 /// different snapshot, and one lands during the replay after a kill); after
 /// the last restart history must match the generator exactly and the
-/// actions topic must hold exactly the final decisions. About 3-5 minutes
+/// actions topic must hold exactly the final decisions. About 3-4 minutes
 /// on 2 cores.
 #[test]
 fn kill_9_loop_over_a_million_records_is_exact() {

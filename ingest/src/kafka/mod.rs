@@ -251,7 +251,7 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // always takes longer is abandoned and sent again forever (the broker
     // still works on the abandoned one, so the retry is slower still). That
     // is how Tansu's unindexed header lookups stalled the kill -9 loop
-    // (docs/DECISIONS.md, "Tansu's sqlite storage").
+    // (docs/DECISIONS.md, "Tansu's sqlite storage and the kill -9 loop").
     ("socket.timeout.ms", "10000"),
     ("heartbeat.interval.ms", "1000"),
 ];
@@ -451,7 +451,7 @@ pub fn run(
                     source,
                     taken,
                     next = cursors[i].next,
-                    stashed = inputs.stash.iter().map(VecDeque::len).sum::<usize>(),
+                    stashed = inputs.stashed,
                     paused = inputs.paused.iter().filter(|p| p.is_some()).count(),
                     "replay in progress"
                 );
@@ -548,20 +548,37 @@ pub fn run(
 /// for the replay: replaying the logged order needs one partition's
 /// messages while the broker delivers others too; those are kept (owned
 /// copies) until their turn, and their partition is paused while its stash
-/// is large. Outside a replay nothing is copied.
+/// is large or all stashes together are. Outside a replay nothing is
+/// copied.
 struct Inputs {
     stash: Vec<VecDeque<OwnedMessage>>,
+    /// Messages in all stashes.
+    stashed: usize,
     paused: Vec<Option<TopicPartitionList>>,
+    /// Topic and partition of each source.
+    sources: Vec<(String, i32)>,
     index: HashMap<(String, i32), usize>,
 }
 
 /// Stashed messages of one partition above which it is paused.
 const STASH_LIMIT: usize = 50_000;
 
+/// Stashed messages in all partitions above which every partition but the
+/// one the replay waits for is paused: memory stays bounded whatever the
+/// number of partitions, and the broker serves that partition alone (a
+/// broker that fills each fetch from one partition, as Tansu does,
+/// otherwise serves it once per round of all partitions).
+const STASH_TOTAL_LIMIT: usize = 200_000;
+
 impl Inputs {
     fn new(cursors: &[Cursor]) -> Inputs {
         Inputs {
             stash: cursors.iter().map(|_| VecDeque::new()).collect(),
+            stashed: 0,
+            sources: cursors
+                .iter()
+                .map(|c| (c.topic.clone(), c.partition))
+                .collect(),
             paused: cursors.iter().map(|_| None).collect(),
             index: cursors
                 .iter()
@@ -594,6 +611,7 @@ impl Inputs {
         timeout: Duration,
     ) -> Result<Option<OwnedOrBorrowed<'a>>, KafkaRunError> {
         if let Some(m) = self.stash[i].pop_front() {
+            self.stashed -= 1;
             return Ok(Some(OwnedOrBorrowed::Owned(m)));
         }
         if let Some(tpl) = self.paused[i].take() {
@@ -604,11 +622,14 @@ impl Inputs {
                 Some(s) if s == i => Ok(Some(OwnedOrBorrowed::Borrowed(m))),
                 Some(s) => {
                     self.stash[s].push_back(m.detach());
-                    if self.stash[s].len() > STASH_LIMIT && self.paused[s].is_none() {
-                        let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(m.topic(), m.partition());
-                        data.pause(&tpl)?;
-                        self.paused[s] = Some(tpl);
+                    self.stashed += 1;
+                    if self.stashed > STASH_TOTAL_LIMIT {
+                        // Only `i` is fetched until the stashes drain.
+                        for j in (0..self.stash.len()).filter(|&j| j != i) {
+                            self.pause(data, j)?;
+                        }
+                    } else if self.stash[s].len() > STASH_LIMIT {
+                        self.pause(data, s)?;
                     }
                     Ok(None)
                 }
@@ -620,6 +641,19 @@ impl Inputs {
             }
             None => Ok(None),
         }
+    }
+
+    /// Pauses source `j` (its fetched but unread messages are dropped by
+    /// librdkafka and fetched again when it resumes).
+    fn pause(&mut self, data: &BaseConsumer, j: usize) -> Result<(), KafkaRunError> {
+        if self.paused[j].is_none() {
+            let (topic, partition) = &self.sources[j];
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, *partition);
+            data.pause(&tpl)?;
+            self.paused[j] = Some(tpl);
+        }
+        Ok(())
     }
 
     /// Resumes partitions paused during the replay.
@@ -639,6 +673,7 @@ impl Inputs {
     ) -> Option<(usize, OwnedOrBorrowed<'a>)> {
         if let Some(i) = self.stash.iter().position(|s| !s.is_empty()) {
             let m = self.stash[i].pop_front()?;
+            self.stashed -= 1;
             return Some((i, OwnedOrBorrowed::Owned(m)));
         }
         match data.poll(timeout) {
