@@ -547,9 +547,8 @@ pub fn run(
 /// The consumer's one queue, in fetch order, plus a stash per partition
 /// for the replay: replaying the logged order needs one partition's
 /// messages while the broker delivers others too; those are kept (owned
-/// copies) until their turn, and their partition is paused while its stash
-/// is large or all stashes together are. Outside a replay nothing is
-/// copied.
+/// copies) until their turn; while too many wait, only the awaited
+/// partition is fetched. Outside a replay nothing is copied.
 struct Inputs {
     stash: Vec<VecDeque<OwnedMessage>>,
     /// Messages in all stashes.
@@ -560,15 +559,12 @@ struct Inputs {
     index: HashMap<(String, i32), usize>,
 }
 
-/// Stashed messages of one partition above which it is paused.
+/// Stashed messages (all partitions together) above which every partition
+/// but the one the replay waits for is paused until its turn: memory stays
+/// bounded whatever the number of partitions, and the broker serves the
+/// awaited partition alone (a broker that fills each fetch from one
+/// partition, as Tansu does, otherwise serves it once per round of all).
 const STASH_LIMIT: usize = 50_000;
-
-/// Stashed messages in all partitions above which every partition but the
-/// one the replay waits for is paused: memory stays bounded whatever the
-/// number of partitions, and the broker serves that partition alone (a
-/// broker that fills each fetch from one partition, as Tansu does,
-/// otherwise serves it once per round of all partitions).
-const STASH_TOTAL_LIMIT: usize = 200_000;
 
 impl Inputs {
     fn new(cursors: &[Cursor]) -> Inputs {
@@ -623,13 +619,10 @@ impl Inputs {
                 Some(s) => {
                     self.stash[s].push_back(m.detach());
                     self.stashed += 1;
-                    if self.stashed > STASH_TOTAL_LIMIT {
-                        // Only `i` is fetched until the stashes drain.
+                    if self.stashed > STASH_LIMIT {
                         for j in (0..self.stash.len()).filter(|&j| j != i) {
                             self.pause(data, j)?;
                         }
-                    } else if self.stash[s].len() > STASH_LIMIT {
-                        self.pause(data, s)?;
                     }
                     Ok(None)
                 }
