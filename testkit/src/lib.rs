@@ -16,6 +16,19 @@
 //! What to know about Tansu 0.6.0 (measured):
 //! - [`Storage::Sqlite`] is durable (survives SIGKILL, see [`Broker::kill`] and
 //!   [`Broker::restart`]) but slow to produce into (~20k messages/s).
+//! - Its fetch looks up the headers of *every* record it returns with a
+//!   query that scans the whole `header` table (no index on it): reading
+//!   slows down with every header stored in any topic (flowcap's actions and
+//!   dead letters carry headers), from ~25k records/s to a few hundred once
+//!   tens of thousands of headers exist, until fetches outlast the client's
+//!   request timeout and are retried forever. [`Broker::start`] therefore
+//!   adds that index to the broker's database ([`HEADER_INDEX`]); it changes
+//!   how fast the broker finds headers, not what it stores or returns.
+//! - Its fetch also reads every record from the fetch offset to the end of
+//!   the partition before it applies the size limit, and returns at most
+//!   5 MiB a request whatever the client asks: reading a deep partition from
+//!   its start costs the square of its depth, so tests that read a lot use
+//!   many shallow partitions.
 //! - [`Storage::Memory`] is fast, but a consumer restarting from an offset
 //!   inside a batch can skip records: use it for throughput, never recovery.
 //!   Its high watermarks (ListOffsets latest, hence [`end_offsets`]) are the
@@ -55,6 +68,12 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tempfile::TempDir;
+
+/// The index Tansu 0.6.0's sqlite schema lacks: its fetch looks up each
+/// returned record's headers by `(topition, offset_id)`, which without it is
+/// a scan of every header in the broker.
+pub const HEADER_INDEX: &str =
+    "create index if not exists flowcap_testkit_header_record on header (topition, offset_id)";
 
 /// How to install the broker, quoted in [`Error::NotInstalled`].
 pub const INSTALL: &str =
@@ -298,7 +317,23 @@ impl Broker {
             .spawn()
             .map_err(io(format!("spawning {}", self.tansu.display())))?;
         self.child = Some(child);
-        self.wait_ready()
+        self.wait_ready()?;
+        if self.storage == Storage::Sqlite {
+            self.index_headers()?;
+        }
+        Ok(())
+    }
+
+    /// Adds [`HEADER_INDEX`] to the broker's sqlite database (it exists once
+    /// the broker answers; the broker runs on while the index is built).
+    fn index_headers(&self) -> Result<()> {
+        let path = self.dir.path().join("tansu.db");
+        let context = || format!("indexing the headers in {}", path.display());
+        let db = rusqlite::Connection::open(&path)
+            .map_err(|e| io(context())(std::io::Error::other(e)))?;
+        db.busy_timeout(OP_TIMEOUT)
+            .and_then(|()| db.execute_batch(HEADER_INDEX))
+            .map_err(|e| io(context())(std::io::Error::other(e)))
     }
 
     /// Waits for the port to accept (so librdkafka does not retry with

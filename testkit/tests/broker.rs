@@ -157,6 +157,39 @@ fn timestamps_headers_and_partitions_round_trip() {
     assert_eq!(end_offsets(&broker, "t").unwrap(), vec![10, 10, 10]);
 }
 
+/// Tansu's sqlite fetch looks up every returned record's headers; without
+/// the harness's index (`HEADER_INDEX`) that is a scan of every header in
+/// the broker, and this read took minutes instead of about a second.
+#[test]
+fn sqlite_reads_stay_fast_with_many_headers_stored() {
+    let broker = Broker::start(Storage::Sqlite).unwrap();
+    broker.create_topic("dead-letters", 1).unwrap();
+    broker.create_topic("usage", 1).unwrap();
+    let headers: &[(&str, &[u8])] = &[
+        ("flowcap.reason", b"unknown_card"),
+        ("flowcap.message", b"no such card"),
+        ("flowcap.source.topic", b"usage"),
+        ("flowcap.source.partition", b"0"),
+        ("flowcap.source.offset", b"42"),
+    ];
+    let letters = (0..10_000).map(|_| Record::new(b"letter").headers(headers));
+    assert_eq!(produce(&broker, "dead-letters", letters).unwrap(), 10_000);
+    let usage = keyed(20_000, 0);
+    produce_keyed(&broker, "usage", &usage);
+    let started = Instant::now();
+    let got = consume_all(&broker, "usage", usage.len(), IDLE).unwrap();
+    let took = started.elapsed();
+    println!("20k records read with 50k headers stored in {took:?}");
+    assert_eq!(
+        got.len(),
+        usage.len(),
+        "read {} of {} records in {took:?} (nothing for {IDLE:?}: header lookups unindexed?)",
+        got.len(),
+        usage.len()
+    );
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
 #[test]
 fn sqlite_broker_keeps_messages_across_kill_and_restart() {
     let mut broker = Broker::start(Storage::Sqlite).unwrap();

@@ -48,7 +48,7 @@ use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VE
 use flowcap_engine::{EngineConfig, Timestamp};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -200,6 +200,7 @@ pub enum KafkaRunError {
 }
 
 /// One input partition: where the driver is in it.
+#[derive(Clone)]
 struct Cursor {
     topic: String,
     partition: i32,
@@ -246,6 +247,11 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("session.timeout.ms", "10000"),
     // A request a restarted broker never answers is abandoned (and the
     // connection re-established) after this, not after the default minute.
+    // It must stay above the slowest fetch the broker serves: a fetch that
+    // always takes longer is abandoned and sent again forever (the broker
+    // still works on the abandoned one, so the retry is slower still). That
+    // is how Tansu's unindexed header lookups stalled the kill -9 loop
+    // (docs/DECISIONS.md, "Tansu's sqlite storage and the kill -9 loop").
     ("socket.timeout.ms", "10000"),
     ("heartbeat.interval.ms", "1000"),
 ];
@@ -272,9 +278,12 @@ pub fn run(
     let mut data_config = consumer_config.clone();
     data_config.set("group.id", &options.group);
     let data: Arc<BaseConsumer> = Arc::new(data_config.create()?);
-    // Watermark queries get a client of their own: on the data consumer's
-    // connection they queue behind long-polling fetch requests.
-    let meta: Arc<BaseConsumer> = Arc::new(consumer_config.create()?);
+    // Watermark queries get clients of their own: on the data consumer's
+    // connection they queue behind long-polling fetch requests. The lag
+    // reporter has its own, so the replay's and the idle exit's queries
+    // never wait behind its backlog on a slow broker.
+    let meta: BaseConsumer = consumer_config.create()?;
+    let lag_client: BaseConsumer = consumer_config.create()?;
 
     // Topics must exist: flowcap never creates them.
     let usage_partitions = partition_count(&data, &options.topics.usage)?;
@@ -363,7 +372,6 @@ pub fn run(
         };
         tpl.add_partition_offset(&c.topic, c.partition, offset)?;
     }
-    data.assign(&tpl)?;
     let mut inputs = Inputs::new(&cursors);
 
     let order_dir = options.data_dir.join("order");
@@ -371,15 +379,26 @@ pub fn run(
     let plan = order_log::replay_plan(&runs, pipeline.resumed_after);
     let log =
         OrderLog::open(&order_dir, pipeline.resumed_after).map_err(KafkaRunError::OrderLog)?;
+    // The open (last) run is replayed up to its partition's high watermark,
+    // asked for before fetching starts so the query does not wait behind
+    // the fetches of every partition on a slow broker. `None` (stopped
+    // while asking) ends the replay there.
+    let open_run_end = match plan.last() {
+        Some(ReplayRun {
+            source,
+            count: None,
+        }) if (*source as usize) < cursors.len() => {
+            high_watermark(&meta, &cursors[*source as usize], &stop)
+        }
+        _ => None,
+    };
+    data.assign(&tpl)?;
 
     let lag_positions: Arc<Vec<AtomicI64>> =
         Arc::new(cursors.iter().map(|c| AtomicI64::new(c.next)).collect());
     let lag_thread = spawn_lag_reporter(
-        Arc::clone(&meta),
-        cursors
-            .iter()
-            .map(|c| (c.topic.clone(), c.partition))
-            .collect(),
+        lag_client,
+        cursors.clone(),
         Arc::clone(&lag_positions),
         Arc::clone(&stop),
     );
@@ -405,6 +424,7 @@ pub fn run(
         tracing::info!(runs = plan.len(), "replaying the logged input order");
     }
     for ReplayRun { source, count } in plan {
+        tracing::debug!(source, ?count, "replay run");
         let i = source as usize;
         if i >= cursors.len() {
             tracing::warn!(
@@ -413,17 +433,28 @@ pub fn run(
             );
             break;
         };
-        let until = match count {
-            Some(n) => Until::Count(n),
-            None => match high_watermark(&meta, &cursors[i], &stop) {
-                Some(high) => Until::Offset(high),
-                None => break,
-            },
+        let until = match (count, open_run_end) {
+            (Some(n), _) => Until::Count(n),
+            (None, Some(high)) => Until::Offset(high),
+            (None, None) => break,
         };
         let mut taken = 0u64;
+        let mut last_report = Instant::now();
         while !until.reached(taken, cursors[i].next) {
             if stop.load(Ordering::SeqCst) {
                 break;
+            }
+            // A slow broker shows here (a replay waits on one partition).
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                last_report = Instant::now();
+                tracing::info!(
+                    source,
+                    taken,
+                    next = cursors[i].next,
+                    stashed = inputs.stashed,
+                    paused = inputs.paused.iter().filter(|p| p.is_some()).count(),
+                    "replay in progress"
+                );
             }
             if let Some(message) = inputs.next_of(&data, i, Duration::from_millis(100))? {
                 taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
@@ -516,21 +547,34 @@ pub fn run(
 /// The consumer's one queue, in fetch order, plus a stash per partition
 /// for the replay: replaying the logged order needs one partition's
 /// messages while the broker delivers others too; those are kept (owned
-/// copies) until their turn, and their partition is paused while its stash
-/// is large. Outside a replay nothing is copied.
+/// copies) until their turn; while too many wait, only the awaited
+/// partition is fetched. Outside a replay nothing is copied.
 struct Inputs {
     stash: Vec<VecDeque<OwnedMessage>>,
+    /// Messages in all stashes.
+    stashed: usize,
     paused: Vec<Option<TopicPartitionList>>,
+    /// Topic and partition of each source.
+    sources: Vec<(String, i32)>,
     index: HashMap<(String, i32), usize>,
 }
 
-/// Stashed messages of one partition above which it is paused.
+/// Stashed messages (all partitions together) above which every partition
+/// but the one the replay waits for is paused until its turn: memory stays
+/// bounded whatever the number of partitions, and the broker serves the
+/// awaited partition alone (a broker that fills each fetch from one
+/// partition, as Tansu does, otherwise serves it once per round of all).
 const STASH_LIMIT: usize = 50_000;
 
 impl Inputs {
     fn new(cursors: &[Cursor]) -> Inputs {
         Inputs {
             stash: cursors.iter().map(|_| VecDeque::new()).collect(),
+            stashed: 0,
+            sources: cursors
+                .iter()
+                .map(|c| (c.topic.clone(), c.partition))
+                .collect(),
             paused: cursors.iter().map(|_| None).collect(),
             index: cursors
                 .iter()
@@ -563,6 +607,7 @@ impl Inputs {
         timeout: Duration,
     ) -> Result<Option<OwnedOrBorrowed<'a>>, KafkaRunError> {
         if let Some(m) = self.stash[i].pop_front() {
+            self.stashed -= 1;
             return Ok(Some(OwnedOrBorrowed::Owned(m)));
         }
         if let Some(tpl) = self.paused[i].take() {
@@ -573,11 +618,11 @@ impl Inputs {
                 Some(s) if s == i => Ok(Some(OwnedOrBorrowed::Borrowed(m))),
                 Some(s) => {
                     self.stash[s].push_back(m.detach());
-                    if self.stash[s].len() > STASH_LIMIT && self.paused[s].is_none() {
-                        let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(m.topic(), m.partition());
-                        data.pause(&tpl)?;
-                        self.paused[s] = Some(tpl);
+                    self.stashed += 1;
+                    if self.stashed > STASH_LIMIT {
+                        for j in (0..self.stash.len()).filter(|&j| j != i) {
+                            self.pause(data, j)?;
+                        }
                     }
                     Ok(None)
                 }
@@ -589,6 +634,19 @@ impl Inputs {
             }
             None => Ok(None),
         }
+    }
+
+    /// Pauses source `j` (its fetched but unread messages are dropped by
+    /// librdkafka and fetched again when it resumes).
+    fn pause(&mut self, data: &BaseConsumer, j: usize) -> Result<(), KafkaRunError> {
+        if self.paused[j].is_none() {
+            let (topic, partition) = &self.sources[j];
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, *partition);
+            data.pause(&tpl)?;
+            self.paused[j] = Some(tpl);
+        }
+        Ok(())
     }
 
     /// Resumes partitions paused during the replay.
@@ -608,6 +666,7 @@ impl Inputs {
     ) -> Option<(usize, OwnedOrBorrowed<'a>)> {
         if let Some(i) = self.stash.iter().position(|s| !s.is_empty()) {
             let m = self.stash[i].pop_front()?;
+            self.stashed -= 1;
             return Some((i, OwnedOrBorrowed::Owned(m)));
         }
         match data.poll(timeout) {
@@ -677,37 +736,70 @@ fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<usize, KafkaR
     }
 }
 
+/// The high watermark of every partition in `cursors`, in one ListOffsets
+/// request (timestamp "latest"): one round trip however many partitions,
+/// where a query per partition queues dozens of requests behind a slow
+/// broker.
+fn high_watermarks(
+    consumer: &BaseConsumer,
+    cursors: &[Cursor],
+    timeout: Duration,
+) -> Result<Vec<i64>, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for c in cursors {
+        tpl.add_partition_offset(&c.topic, c.partition, Offset::End)?;
+    }
+    let answer = consumer.offsets_for_times(tpl, timeout)?;
+    cursors
+        .iter()
+        .map(|c| {
+            let e =
+                answer
+                    .find_partition(&c.topic, c.partition)
+                    .ok_or(KafkaError::MetadataFetch(
+                        RDKafkaErrorCode::UnknownPartition,
+                    ))?;
+            e.error()?;
+            match e.offset() {
+                Offset::Offset(high) => Ok(high),
+                _ => Err(KafkaError::MetadataFetch(
+                    RDKafkaErrorCode::OffsetNotAvailable,
+                )),
+            }
+        })
+        .collect()
+}
+
 /// True when every partition is consumed to its high watermark. An
 /// unreachable broker answers "no" (the run goes on and retries), never an
 /// error: a broker restart must not stop the pipeline.
 fn caught_up(consumer: &BaseConsumer, cursors: &[Cursor]) -> bool {
-    cursors.iter().all(|c| {
-        match consumer.fetch_watermarks(&c.topic, c.partition, Duration::from_secs(5)) {
-            Ok((_, high)) => c.next >= high,
-            Err(e) => {
-                tracing::warn!(error = %e, topic = c.topic, partition = c.partition, "watermarks unavailable");
-                false
-            }
+    match high_watermarks(consumer, cursors, Duration::from_secs(10)) {
+        Ok(highs) => cursors.iter().zip(highs).all(|(c, high)| c.next >= high),
+        Err(e) => {
+            tracing::warn!(error = %e, "watermarks unavailable");
+            false
         }
-    })
+    }
 }
 
 /// The high watermark of a partition, retried while the broker is away.
 fn high_watermark(consumer: &BaseConsumer, c: &Cursor, stop: &AtomicBool) -> Option<i64> {
     while !stop.load(Ordering::SeqCst) {
-        match consumer.fetch_watermarks(&c.topic, c.partition, Duration::from_secs(5)) {
-            Ok((_, high)) => return Some(high),
+        match high_watermarks(consumer, std::slice::from_ref(c), Duration::from_secs(10)) {
+            Ok(highs) => return highs.first().copied(),
             Err(e) => tracing::warn!(error = %e, "watermarks unavailable; retrying"),
         }
     }
     None
 }
 
-/// Reports per-partition lag every second from its own thread, so a slow
-/// metadata call never stalls the driver.
+/// Reports per-partition lag every second from its own thread and client,
+/// so a slow metadata call never stalls the driver and never delays the
+/// driver's own watermark queries.
 fn spawn_lag_reporter(
-    consumer: Arc<BaseConsumer>,
-    sources: Vec<(String, i32)>,
+    consumer: BaseConsumer,
+    cursors: Vec<Cursor>,
     positions: Arc<Vec<AtomicI64>>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
@@ -715,12 +807,10 @@ fn spawn_lag_reporter(
         .name("flowcap-lag".into())
         .spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                for (i, (topic, partition)) in sources.iter().enumerate() {
-                    if let Ok((_, high)) =
-                        consumer.fetch_watermarks(topic, *partition, Duration::from_secs(1))
-                    {
+                if let Ok(highs) = high_watermarks(&consumer, &cursors, Duration::from_secs(5)) {
+                    for (i, (c, high)) in cursors.iter().zip(highs).enumerate() {
                         let next = positions[i].load(Ordering::Relaxed);
-                        m::consumer_lag(topic, *partition, high - next);
+                        m::consumer_lag(&c.topic, c.partition, high - next);
                     }
                 }
                 for _ in 0..10 {
