@@ -29,14 +29,19 @@ pub(crate) enum Format {
 pub(crate) struct Target {
     /// The pipeline's output directory (its `history/` is queried), or a
     /// history directory itself.
-    #[arg(long, short, default_value = "flowcap-data", env = "FLOWCAP_DATA")]
+    #[arg(
+        long,
+        short,
+        default_value = "flowcap-data",
+        env = "FLOWCAP_DATA",
+        global = true
+    )]
     data: PathBuf,
-    /// Output format (default: table on a terminal or without --output,
-    /// else from the --output extension).
-    #[arg(long, short, value_enum)]
+    /// Output format (default: a table, or from the --output extension).
+    #[arg(long, short, value_enum, global = true)]
     format: Option<Format>,
     /// Write to FILE instead of standard output.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     output: Option<PathBuf>,
 }
 
@@ -238,8 +243,7 @@ pub(crate) fn query(args: QueryArgs) -> Result<()> {
 async fn repl(ctx: &SessionContext) -> Result<()> {
     use rustyline::error::ReadlineError;
     let mut editor = rustyline::DefaultEditor::new().context("opening the prompt")?;
-    let history = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".flowcap_sql_history"));
+    let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".flowcap_sql_history"));
     if let Some(h) = &history {
         let _ = editor.load_history(h);
     }
@@ -251,7 +255,11 @@ async fn repl(ctx: &SessionContext) -> Result<()> {
     };
     let mut buffer = String::new();
     loop {
-        let prompt = if buffer.is_empty() { "flowcap> " } else { "    ...> " };
+        let prompt = if buffer.is_empty() {
+            "flowcap> "
+        } else {
+            "    ...> "
+        };
         match editor.readline(prompt) {
             Ok(line) => {
                 let trimmed = line.trim();
@@ -433,13 +441,20 @@ impl SqlService {
             if !self.root.is_dir() {
                 return Err(QueryFailure::Bad("no history yet".into()));
             }
-            let ctx = sql::open(&self.root).await.map_err(|e| QueryFailure::Bad(e.to_string()))?;
+            let ctx = sql::open(&self.root)
+                .await
+                .map_err(|e| QueryFailure::Bad(e.to_string()))?;
             sql::check_read_only(&ctx, &text).map_err(|e| QueryFailure::Bad(e.to_string()))?;
-            let df = ctx.sql(&text).await.map_err(|e| QueryFailure::Bad(e.to_string()))?;
+            let df = ctx
+                .sql(&text)
+                .await
+                .map_err(|e| QueryFailure::Bad(e.to_string()))?;
             let df = df
                 .limit(0, Some(limits.max_rows + 1))
                 .map_err(|e| QueryFailure::Bad(e.to_string()))?;
-            df.collect().await.map_err(|e| QueryFailure::Bad(e.to_string()))
+            df.collect()
+                .await
+                .map_err(|e| QueryFailure::Bad(e.to_string()))
         };
         let batches = match tokio::time::timeout(limits.timeout, run).await {
             Err(_) => {

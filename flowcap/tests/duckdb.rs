@@ -30,7 +30,11 @@ fn datafusion_rows(out: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
         .arg(sql)
         .output()
         .unwrap();
-    assert!(res.status.success(), "{sql}: {}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let text = String::from_utf8(res.stdout).unwrap();
     text.lines()
         .skip(1)
@@ -47,7 +51,10 @@ fn datafusion_rows(out: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
 }
 
 fn duckdb_rows(root: &Path, queries: &[String]) -> Vec<Vec<Vec<serde_json::Value>>> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/duckdb_queries.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/duckdb_queries.py"
+    );
     let mut child = Command::new("python3")
         .arg(script)
         .stdin(Stdio::piped())
@@ -63,7 +70,11 @@ fn duckdb_rows(root: &Path, queries: &[String]) -> Vec<Vec<Vec<serde_json::Value
         .write_all(request.to_string().as_bytes())
         .unwrap();
     let res = child.wait_with_output().unwrap();
-    assert!(res.status.success(), "duckdb: {}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "duckdb: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     serde_json::from_slice(&res.stdout).unwrap()
 }
 
@@ -79,15 +90,26 @@ fn duckdb_reads_the_history_and_agrees_on_every_console_query() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let res = Command::new(BIN)
-        .args(["run", "-q", "--cards", "500", "--hours", "80", "--seed", "11", "--out"])
+        .args([
+            "run", "-q", "--cards", "1000", "--hours", "80", "--seed", "11", "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let root = out.join("history");
     let top = datafusion_rows(
         &out,
-        &ConsoleQuery::TopCards { cycle: None, limit: 1 }.sql(&root).unwrap(),
+        &ConsoleQuery::TopCards {
+            cycle: None,
+            limit: 1,
+        }
+        .sql(&root)
+        .unwrap(),
     );
     let iccid = top[0][0].as_str().unwrap().to_owned();
     // Timestamps print differently in the two engines: the pool query is
@@ -95,10 +117,22 @@ fn duckdb_reads_the_history_and_agrees_on_every_console_query() {
     let pool = ConsoleQuery::PoolUsage { pool: None }.sql(&root).unwrap();
     let pool = pool.replace(", as_of FROM", " FROM");
     let queries: Vec<String> = vec![
-        ConsoleQuery::CardCycles { iccid: iccid.clone(), cycles: 6 }.sql(&root).unwrap(),
-        ConsoleQuery::CardDays { iccid, days: 61 }.sql(&root).unwrap(),
+        ConsoleQuery::CardCycles {
+            iccid: iccid.clone(),
+            cycles: 6,
+        }
+        .sql(&root)
+        .unwrap(),
+        ConsoleQuery::CardDays { iccid, days: 61 }
+            .sql(&root)
+            .unwrap(),
         ConsoleQuery::DailyTotals { days: 30 }.sql(&root).unwrap(),
-        ConsoleQuery::TopCards { cycle: None, limit: 20 }.sql(&root).unwrap(),
+        ConsoleQuery::TopCards {
+            cycle: None,
+            limit: 20,
+        }
+        .sql(&root)
+        .unwrap(),
         pool,
         ConsoleQuery::StateCounts.sql(&root).unwrap(),
         ConsoleQuery::Expiring.sql(&root).unwrap(),

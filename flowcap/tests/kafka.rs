@@ -180,31 +180,46 @@ fn lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Usage per (card, cycle) from the Parquet history (`flowcap sql`);
-/// panics on a record accounted twice.
-fn history_totals(dir: &Path) -> BTreeMap<(String, u32), u64> {
+/// Rows of a query over the Parquet history (`flowcap sql`), as JSON.
+fn history_rows(dir: &Path, sql: &str) -> Vec<serde_json::Value> {
     let res = Command::new(env!("CARGO_BIN_EXE_flowcap"))
         .args(["sql", "--format", "json", "--data"])
         .arg(dir)
-        .arg("SELECT iccid, record_id, cycle, bytes FROM usage_records")
+        .arg(sql)
         .output()
         .unwrap();
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let mut totals = BTreeMap::new();
-    let mut seen = BTreeSet::new();
-    for line in String::from_utf8(res.stdout).unwrap().lines() {
-        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert!(
+        res.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    String::from_utf8(res.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Usage per (card, cycle) summed from the raw `usage_records`; panics on
+/// a record accounted twice.
+fn history_totals(dir: &Path) -> BTreeMap<(String, u32), u64> {
+    let twice = history_rows(
+        dir,
+        "SELECT iccid, record_id, COUNT(*) AS n FROM usage_records \
+         GROUP BY iccid, record_id HAVING COUNT(*) > 1 LIMIT 5",
+    );
+    assert!(twice.is_empty(), "records accounted twice: {twice:?}");
+    history_rows(
+        dir,
+        "SELECT iccid, cycle, SUM(bytes) AS bytes FROM usage_records GROUP BY iccid, cycle",
+    )
+    .into_iter()
+    .map(|row| {
         let iccid = row["iccid"].as_str().unwrap().to_owned();
-        let id = row["record_id"].as_str().unwrap().to_owned();
-        assert!(
-            seen.insert((iccid.clone(), id.clone())),
-            "record {iccid}/{id} accounted twice"
-        );
         let cycle = CycleId::parse(row["cycle"].as_str().unwrap()).unwrap();
-        let bytes = row["bytes"].as_u64().unwrap();
-        *totals.entry((iccid, cycle.0)).or_default() += bytes;
-    }
-    totals
+        ((iccid, cycle.0), row["bytes"].as_u64().unwrap())
+    })
+    .collect()
 }
 
 fn assert_exact(dir: &Path, workload: &Workload) {

@@ -109,11 +109,7 @@ fn kill_9_at_random_points_then_resume_equals_an_uninterrupted_run() {
     assert_eq!(last["exactness"]["mismatched"], 0, "{last}");
     assert!(last["exactness"]["cards_checked"].as_u64().unwrap() >= 4000);
 
-    for file in [
-        "rejects.jsonl",
-        "journal.jsonl",
-        "events.jsonl",
-    ] {
+    for file in ["rejects.jsonl", "journal.jsonl", "events.jsonl"] {
         let want = lines(&straight.join(file));
         let got = lines(&crashed.join(file));
         assert!(!want.is_empty(), "{file} is empty");
@@ -149,9 +145,10 @@ fn kill_9_at_random_points_then_resume_equals_an_uninterrupted_run() {
     }
     let dupes = history(
         &crashed,
-        "SELECT iccid, record_id FROM usage_records GROUP BY iccid, record_id HAVING COUNT(*) > 1",
+        "SELECT COUNT(*) AS n FROM (SELECT iccid, record_id FROM usage_records \
+         GROUP BY iccid, record_id HAVING COUNT(*) > 1)",
     );
-    assert_eq!(dupes.lines().count(), 1, "records accounted twice:\n{dupes}");
+    assert_eq!(dupes, "n\n0\n", "records accounted twice");
     // No temporary file is left where readers look.
     let mut stack = vec![crashed.join("history")];
     while let Some(dir) = stack.pop() {
@@ -161,7 +158,10 @@ fn kill_9_at_random_points_then_resume_equals_an_uninterrupted_run() {
                 stack.push(path);
             } else {
                 let name = path.file_name().unwrap().to_string_lossy().into_owned();
-                assert!(name.ends_with(".parquet") && !name.starts_with('.'), "{name}");
+                assert!(
+                    name.ends_with(".parquet") && !name.starts_with('.'),
+                    "{name}"
+                );
             }
         }
     }

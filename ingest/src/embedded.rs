@@ -35,12 +35,12 @@ use crossbeam_channel::{bounded, select, Receiver, Sender};
 use flowcap_engine::command::{parse_command, CommandResult};
 use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::event::{ActionEvent, Output};
-use flowcap_engine::{CommandId, Engine, EngineConfig, ShardedEngine, Timestamp};
 use flowcap_engine::{CardView, PoolView};
+use flowcap_engine::{CommandId, Engine, EngineConfig, ShardedEngine, Timestamp};
 use flowcap_storage::history::{Quarantined, SourcePosition as HistorySource};
 use flowcap_storage::{
-    DiskIdStore, HistoryError, HistoryOptions, HistoryWriter, JsonlError, JsonlSink,
-    SnapshotStore, SnapshotStoreError,
+    DiskIdStore, HistoryError, HistoryOptions, HistoryWriter, JsonlError, JsonlSink, SnapshotStore,
+    SnapshotStoreError,
 };
 use serde::Serialize;
 
@@ -237,6 +237,9 @@ pub(crate) enum Side {
         record_id: Option<String>,
         source: Option<SourcePosition>,
         raw: Vec<u8>,
+        /// The router's event clock when it was rejected (stamped by
+        /// [`Pipeline::side`]): names the history partition.
+        clock: Timestamp,
     },
     BadCommand {
         seq: u64,
@@ -244,6 +247,7 @@ pub(crate) enum Side {
         source: Option<SourcePosition>,
         raw: Vec<u8>,
         result: CommandResult,
+        clock: Timestamp,
     },
     /// Make everything durable; `cut` closes the history window.
     Barrier(
@@ -276,6 +280,7 @@ impl Side {
             record_id: r.record_id.map(|id| id.as_str().to_owned()),
             source,
             raw,
+            clock: Timestamp::MIN,
         }
     }
 
@@ -298,6 +303,7 @@ impl Side {
             source,
             raw,
             result,
+            clock: Timestamp::MIN,
         }
     }
 
@@ -316,6 +322,7 @@ impl Side {
             record_id: None,
             source,
             raw,
+            clock: Timestamp::MIN,
         }
     }
 }
@@ -404,6 +411,7 @@ impl Writer {
                             b"",
                             &entry.result,
                             entry.repeat,
+                            entry.command.at,
                         )?;
                     }
                     if let Some(k) = &mut self.kafka {
@@ -427,6 +435,7 @@ impl Writer {
                 record_id,
                 source,
                 raw,
+                clock,
             } => {
                 self.metrics.reject(&code);
                 *self.summary.rejected.entry(code.clone()).or_default() += 1;
@@ -462,6 +471,7 @@ impl Writer {
                         record_id,
                         source: source.map(history_source),
                         raw,
+                        clock,
                     })?;
                 }
                 Ok(())
@@ -472,6 +482,7 @@ impl Writer {
                 source,
                 raw,
                 result,
+                clock,
             } => {
                 self.metrics.command(false);
                 self.summary.commands_failed += 1;
@@ -501,7 +512,7 @@ impl Writer {
                     dead_letter(k, code, message, source.as_ref(), None, &envelope)?;
                 }
                 if let Some(h) = &mut self.history {
-                    h.journal(seq, None, &raw, &result, false)?;
+                    h.journal(seq, None, &raw, &result, false, clock)?;
                     h.quarantined(Quarantined {
                         seq,
                         reason: code.to_owned(),
@@ -513,6 +524,7 @@ impl Writer {
                         record_id: None,
                         source: source.map(history_source),
                         raw,
+                        clock,
                     })?;
                 }
                 Ok(())
@@ -526,7 +538,10 @@ impl Writer {
         self.sinks.get_mut(name).expect("sink opened at start")
     }
 
-    fn sync_all(&mut self, cut: Option<Box<HistoryCut>>) -> Result<BTreeMap<String, u64>, WriteError> {
+    fn sync_all(
+        &mut self,
+        cut: Option<Box<HistoryCut>>,
+    ) -> Result<BTreeMap<String, u64>, WriteError> {
         if let (Some(h), Some(cut)) = (&mut self.history, cut) {
             h.snapshot(cut.through, cut.clock, &cut.pools, cut.cards.as_deref())?;
         }
@@ -799,7 +814,11 @@ impl Pipeline {
     }
 
     /// Sends a side output (dead letter, bad command) to the writer.
-    pub(crate) fn side(&self, side: Side) -> Result<(), IngestError> {
+    pub(crate) fn side(&self, mut side: Side) -> Result<(), IngestError> {
+        let now = self.sharded.clock();
+        if let Side::DeadLetter { clock, .. } | Side::BadCommand { clock, .. } = &mut side {
+            *clock = now;
+        }
         self.side
             .send(side)
             .map_err(|_| IngestError::Writer("writer is gone".into()))
@@ -902,13 +921,13 @@ pub fn run(
     for (position, input) in inputs.into_iter().enumerate() {
         let seq = position as u64;
         read += 1;
-        if options.progress_every > 0 && read % options.progress_every == 0 {
+        if options.progress_every > 0 && read.is_multiple_of(options.progress_every) {
             progress(Progress {
                 inputs: read,
                 elapsed_secs: started.elapsed().as_secs_f64(),
             });
         }
-        if read % metrics::SAMPLE_EVERY == 0 {
+        if read.is_multiple_of(metrics::SAMPLE_EVERY) {
             let depths = pipeline.sharded.queue_depths();
             driver_metrics.sample(
                 &depths,

@@ -448,7 +448,7 @@ impl PlanTemplate {
     }
 
     fn size_label(&self) -> String {
-        if self.allowance_mb % 1024 == 0 {
+        if self.allowance_mb.is_multiple_of(1024) {
             format!("{}g", self.allowance_mb / 1024)
         } else {
             format!("{}m", self.allowance_mb)

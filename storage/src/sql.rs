@@ -131,7 +131,13 @@ pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, 
 
 /// Refuses anything but queries: DDL, DML, `COPY`, `SET` and friends.
 pub fn check_read_only(ctx: &SessionContext, sql: &str) -> Result<(), SqlError> {
-    let dialect = ctx.state().config().options().sql_parser.dialect.to_string();
+    let dialect = ctx
+        .state()
+        .config()
+        .options()
+        .sql_parser
+        .dialect
+        .to_string();
     let dialect = datafusion::sql::sqlparser::dialect::dialect_from_str(&dialect)
         .unwrap_or_else(|| Box::new(datafusion::sql::sqlparser::dialect::GenericDialect {}));
     let statements = datafusion::sql::sqlparser::parser::Parser::parse_sql(dialect.as_ref(), sql)
@@ -284,13 +290,17 @@ impl ConsoleQuery {
                 )
             }
             ConsoleQuery::TopCards { cycle, limit } => {
-                let cycle = match cycle {
-                    Some(c) => c.clone(),
-                    None => newest_partition(root, schema::CARD_CYCLE_USAGE_PARTS)
-                        .ok_or_else(|| SqlError::BadArgument("the history has no usage yet".into()))?,
-                };
+                let cycle =
+                    match cycle {
+                        Some(c) => c.clone(),
+                        None => newest_partition(root, schema::CARD_CYCLE_USAGE_PARTS).ok_or_else(
+                            || SqlError::BadArgument("the history has no usage yet".into()),
+                        )?,
+                    };
                 if flowcap_engine::CycleId::parse(&cycle).is_none() {
-                    return Err(SqlError::BadArgument(format!("not a cycle (YYYY-MM): {cycle:?}")));
+                    return Err(SqlError::BadArgument(format!(
+                        "not a cycle (YYYY-MM): {cycle:?}"
+                    )));
                 }
                 format!(
                     "SELECT iccid, SUM(bytes) AS bytes, SUM(records) AS records \
@@ -311,8 +321,9 @@ impl ConsoleQuery {
                 )
             }
             ConsoleQuery::StateCounts => {
-                let date = newest_partition(root, schema::CARDS)
-                    .ok_or_else(|| SqlError::BadArgument("the history has no cards dump yet".into()))?;
+                let date = newest_partition(root, schema::CARDS).ok_or_else(|| {
+                    SqlError::BadArgument("the history has no cards dump yet".into())
+                })?;
                 format!(
                     "SELECT CAST(state AS VARCHAR) AS state, COUNT(*) AS cards FROM cards \
                      WHERE date = {} GROUP BY CAST(state AS VARCHAR) ORDER BY state",
@@ -320,8 +331,9 @@ impl ConsoleQuery {
                 )
             }
             ConsoleQuery::Expiring => {
-                let date = newest_partition(root, schema::CARDS)
-                    .ok_or_else(|| SqlError::BadArgument("the history has no cards dump yet".into()))?;
+                let date = newest_partition(root, schema::CARDS).ok_or_else(|| {
+                    SqlError::BadArgument("the history has no cards dump yet".into())
+                })?;
                 format!(
                     "SELECT \
                      SUM(CASE WHEN expires_at < as_of + INTERVAL '30 days' THEN 1 ELSE 0 END) AS within_30_days, \

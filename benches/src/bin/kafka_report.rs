@@ -1516,7 +1516,7 @@ impl Sender {
             }
         }
         self.sent += 1;
-        if self.sent % 1024 == 0 {
+        if self.sent.is_multiple_of(1024) {
             self.poll();
             if self.producer.context().failed.load(Ordering::Relaxed) > 0 {
                 return Err(self.failure());
@@ -2110,9 +2110,9 @@ fn xorshift(mut x: u64) -> u64 {
 }
 
 fn human(n: u64) -> String {
-    if n >= 1_000_000 && n % 1_000_000 == 0 {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
         format!("{}M", n / 1_000_000)
-    } else if n >= 1000 && n % 1000 == 0 {
+    } else if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()

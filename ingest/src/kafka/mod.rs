@@ -889,7 +889,7 @@ impl Driver {
             return Ok(true);
         }
         self.metrics.record_in();
-        if self.inputs % m::SAMPLE_EVERY == 0 {
+        if self.inputs.is_multiple_of(m::SAMPLE_EVERY) {
             let sharded = &self.pipeline.sharded;
             self.metrics.sample(
                 &sharded.queue_depths(),

@@ -154,6 +154,9 @@ pub struct Quarantined {
     pub source: Option<SourcePosition>,
     /// The input as received.
     pub raw: Vec<u8>,
+    /// The event clock when it was rejected (`Timestamp::MIN`: none yet):
+    /// names the partition when the source has no timestamp.
+    pub clock: Timestamp,
 }
 
 #[derive(Debug, Clone)]
@@ -314,6 +317,7 @@ impl HistoryWriter {
     pub fn quarantined(&mut self, q: Quarantined) -> Result<(), HistoryError> {
         let day = match q.source.as_ref().and_then(|s| s.timestamp_ms) {
             Some(ms) => self.day(Timestamp(ms)),
+            None if q.clock != Timestamp::MIN => self.day(q.clock),
             None => self.clock_day(),
         };
         self.quarantine.entry(day).or_default().push(q);
@@ -336,7 +340,8 @@ impl HistoryWriter {
     }
 
     /// A command and its result. `command` is `None` for input that did
-    /// not parse as a command (then `raw` is kept as the command text).
+    /// not parse as a command (then `raw` is kept as the command text and
+    /// `clock`, the event clock then, names the partition).
     pub fn journal(
         &mut self,
         seq: u64,
@@ -344,6 +349,7 @@ impl HistoryWriter {
         raw: &[u8],
         result: &CommandResult,
         repeat: bool,
+        clock: Timestamp,
     ) -> Result<(), HistoryError> {
         let (command_type, at, operator, text) = match command {
             Some(c) => {
@@ -360,7 +366,11 @@ impl HistoryWriter {
             }
             None => (None, None, None, String::from_utf8_lossy(raw).into_owned()),
         };
-        let day = at.map_or_else(|| self.clock_day(), |ms| self.day(Timestamp(ms)));
+        let day = match at {
+            Some(ms) => self.day(Timestamp(ms)),
+            None if clock != Timestamp::MIN => self.day(clock),
+            None => self.clock_day(),
+        };
         let row = JournalRow {
             seq,
             command_id: result.command_id.as_str().to_owned(),
@@ -428,7 +438,13 @@ impl HistoryWriter {
         for (day, mut rows) in usage {
             rows.sort_unstable_by_key(|a| (a.usage.iccid, a.usage.end, a.seq));
             let batch = usage_batch(&rows)?;
-            self.write(schema::USAGE_RECORDS, Partitioning::Date, &date_value(day), &name, &batch)?;
+            self.write(
+                schema::USAGE_RECORDS,
+                Partitioning::Date,
+                &date_value(day),
+                &name,
+                &batch,
+            )?;
         }
         let daily = std::mem::take(&mut self.daily);
         let mut by_day: HashMap<i64, Vec<(Iccid, UsageSums)>> = HashMap::new();
@@ -450,7 +466,10 @@ impl HistoryWriter {
         let mut by_cycle: HashMap<CycleId, Vec<(Iccid, Option<Carrier>, UsageSums)>> =
             HashMap::new();
         for ((cycle, iccid), (carrier, sums)) in cycles {
-            by_cycle.entry(cycle).or_default().push((iccid, carrier, sums));
+            by_cycle
+                .entry(cycle)
+                .or_default()
+                .push((iccid, carrier, sums));
         }
         for (cycle, mut rows) in by_cycle {
             rows.sort_unstable_by_key(|r| r.0);
@@ -467,19 +486,37 @@ impl HistoryWriter {
         for (day, mut rows) in quarantine {
             rows.sort_by_key(|q| q.seq);
             let batch = quarantine_batch(&rows)?;
-            self.write(schema::QUARANTINE, Partitioning::Date, &date_value(day), &name, &batch)?;
+            self.write(
+                schema::QUARANTINE,
+                Partitioning::Date,
+                &date_value(day),
+                &name,
+                &batch,
+            )?;
         }
         let changes = std::mem::take(&mut self.changes);
         for (day, mut rows) in changes {
-            rows.sort_by(|a, b| change_key(&a.event).cmp(&change_key(&b.event)));
+            rows.sort_by_key(|r| change_key(&r.event));
             let batch = changes_batch(&rows)?;
-            self.write(schema::STATE_CHANGES, Partitioning::Date, &date_value(day), &name, &batch)?;
+            self.write(
+                schema::STATE_CHANGES,
+                Partitioning::Date,
+                &date_value(day),
+                &name,
+                &batch,
+            )?;
         }
         let journal = std::mem::take(&mut self.journal);
         for (day, mut rows) in journal {
             rows.sort_by_key(|r| r.seq);
             let batch = journal_batch(&rows)?;
-            self.write(schema::COMMAND_JOURNAL, Partitioning::Date, &date_value(day), &name, &batch)?;
+            self.write(
+                schema::COMMAND_JOURNAL,
+                Partitioning::Date,
+                &date_value(day),
+                &name,
+                &batch,
+            )?;
         }
         self.buffered = 0;
         self.chunk += 1;
@@ -506,7 +543,13 @@ impl HistoryWriter {
                 .root
                 .join(schema::POOL_CYCLE_USAGE)
                 .join(format!("cycle={cycle}"));
-            self.write(schema::POOL_CYCLE_USAGE, Partitioning::Cycle, &cycle.to_string(), &name, &batch)?;
+            self.write(
+                schema::POOL_CYCLE_USAGE,
+                Partitioning::Cycle,
+                &cycle.to_string(),
+                &name,
+                &batch,
+            )?;
             // Only the newest state per cycle is kept: it supersedes the
             // older ones (a pool's usage only grows within a cycle).
             remove_older_than(&dir, &name)?;
@@ -525,9 +568,18 @@ impl HistoryWriter {
         for (i, chunk) in cards.chunks(self.options.roll_rows.max(1)).enumerate() {
             let batch = cards_batch(chunk, through, clock)?;
             let chunk_name = format!("part-{through:020}-cards-{i:04}.parquet");
-            self.write(schema::CARDS, Partitioning::Date, &date_value(day), &chunk_name, &batch)?;
+            self.write(
+                schema::CARDS,
+                Partitioning::Date,
+                &date_value(day),
+                &chunk_name,
+                &batch,
+            )?;
         }
-        let dir = self.root.join(schema::CARDS).join(format!("date={}", date_value(day)));
+        let dir = self
+            .root
+            .join(schema::CARDS)
+            .join(format!("date={}", date_value(day)));
         remove_older_than(&dir, &name)?;
         self.cards_day = Some(day);
         Ok(())
@@ -620,7 +672,8 @@ fn recover(root: &Path, after: u64) -> Result<(), HistoryError> {
             }
             for file in read_dir(&partition)? {
                 let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let stale = name.starts_with('.') || window_of(name).is_some_and(|from| from > after);
+                let stale =
+                    name.starts_with('.') || window_of(name).is_some_and(|from| from > after);
                 if stale {
                     std::fs::remove_file(&file).map_err(io_err(&file))?;
                 }
@@ -701,7 +754,10 @@ fn sums_columns<'a>(c: &mut Columns, sums: impl Iterator<Item = &'a UsageSums> +
     c.i64(sums.clone().map(|s| Some(s.records)));
     c.i64(sums.clone().map(|s| Some(s.bytes_up)));
     c.i64(sums.clone().map(|s| Some(s.bytes_down)));
-    c.i64(sums.clone().map(|s| Some(s.bytes_up.saturating_add(s.bytes_down))));
+    c.i64(
+        sums.clone()
+            .map(|s| Some(s.bytes_up.saturating_add(s.bytes_down))),
+    );
     c.i64(sums.clone().map(|s| Some(s.late_records)));
     c.i64(sums.clone().map(|s| Some(s.late_bytes)));
     c.i64(sums.map(|s| Some(s.through_seq)));
@@ -741,10 +797,15 @@ fn quarantine_batch(rows: &[Quarantined]) -> Result<RecordBatch, ArrowError> {
     c.utf8(rows.iter().map(|q| Some(q.message.as_str())));
     c.utf8(rows.iter().map(|q| q.iccid.as_deref()));
     c.utf8(rows.iter().map(|q| q.record_id.as_deref()));
-    c.dict(rows.iter().map(|q| q.source.as_ref().map(|s| s.topic.as_str())));
+    c.dict(
+        rows.iter()
+            .map(|q| q.source.as_ref().map(|s| s.topic.as_str())),
+    );
     c.i32(rows.iter().map(|q| q.source.as_ref().map(|s| s.partition)));
     c.i64(rows.iter().map(|q| q.source.as_ref().map(|s| s.offset)));
-    c.ts(rows.iter().map(|q| q.source.as_ref().and_then(|s| s.timestamp_ms)));
+    c.ts(rows
+        .iter()
+        .map(|q| q.source.as_ref().and_then(|s| s.timestamp_ms)));
     c.binary(rows.iter().map(|q| q.raw.as_slice()));
     c.finish()
 }
@@ -767,12 +828,14 @@ struct ChangeText {
     cause_iccid: Option<String>,
 }
 
-fn change_text(e: &ActionEvent) -> ChangeText {
-    let (cause, cause_id, cause_iccid) = |c: &Cause| -> (&'static str, String, Option<String>) {
+fn cause_text(c: &Cause) -> (&'static str, String, Option<String>) {
+    {
         match c {
-            Cause::Record { iccid, record_id } => {
-                ("record", record_id.as_str().to_owned(), Some(iccid.to_string()))
-            }
+            Cause::Record { iccid, record_id } => (
+                "record",
+                record_id.as_str().to_owned(),
+                Some(iccid.to_string()),
+            ),
             Cause::Command { command_id } => ("command", command_id.as_str().to_owned(), None),
             Cause::Rollover { cycle } => ("rollover", cycle.to_string(), None),
             Cause::Deadline { kind, at } => (
@@ -781,7 +844,11 @@ fn change_text(e: &ActionEvent) -> ChangeText {
                 None,
             ),
         }
-    }(match e {
+    }
+}
+
+fn change_text(e: &ActionEvent) -> ChangeText {
+    let (cause, cause_id, cause_iccid) = cause_text(match e {
         ActionEvent::CardState(c) => &c.cause,
         ActionEvent::PoolState(p) => &p.cause,
     });
@@ -862,7 +929,11 @@ fn journal_batch(rows: &[JournalRow]) -> Result<RecordBatch, ArrowError> {
     c.finish()
 }
 
-fn pools_batch(rows: &[&PoolView], through: u64, clock: Timestamp) -> Result<RecordBatch, ArrowError> {
+fn pools_batch(
+    rows: &[&PoolView],
+    through: u64,
+    clock: Timestamp,
+) -> Result<RecordBatch, ArrowError> {
     let ids: Vec<String> = rows.iter().map(|p| p.id.to_string()).collect();
     let kinds: Vec<String> = rows.iter().map(|p| serde_name(&p.kind)).collect();
     let states: Vec<String> = rows.iter().map(|p| serde_name(&p.state)).collect();
@@ -875,23 +946,40 @@ fn pools_batch(rows: &[&PoolView], through: u64, clock: Timestamp) -> Result<Rec
     c.i64(rows.iter().map(|p| Some(p.members.len() as i64)));
     c.i64(rows.iter().map(|p| Some(to_i64(p.usage_bytes))));
     c.i64(rows.iter().map(|p| Some(to_i64(p.allowance_bytes))));
-    c.i64(rows.iter().map(|p| {
-        Some(to_i64(p.allowance_bytes) - to_i64(p.usage_bytes))
-    }));
+    c.i64(
+        rows.iter()
+            .map(|p| Some(to_i64(p.allowance_bytes) - to_i64(p.usage_bytes))),
+    );
     c.ts(rows.iter().map(|_| Some(clock.0)));
     c.i64(rows.iter().map(|_| Some(to_i64(through))));
     c.finish()
 }
 
-fn cards_batch(rows: &[CardView], through: u64, clock: Timestamp) -> Result<RecordBatch, ArrowError> {
+fn cards_batch(
+    rows: &[CardView],
+    through: u64,
+    clock: Timestamp,
+) -> Result<RecordBatch, ArrowError> {
     let iccids: Vec<String> = rows.iter().map(|r| r.iccid.to_string()).collect();
     let cycles: Vec<String> = rows.iter().map(|r| r.cycle.to_string()).collect();
     let reasons: Vec<String> = rows.iter().map(|r| reasons_text(r.reasons)).collect();
-    let plans: Vec<Option<String>> = rows.iter().map(|r| r.plan.as_ref().map(|p| p.to_string())).collect();
-    let pools: Vec<Option<String>> = rows.iter().map(|r| r.pool.as_ref().map(|p| p.to_string())).collect();
+    let plans: Vec<Option<String>> = rows
+        .iter()
+        .map(|r| r.plan.as_ref().map(|p| p.to_string()))
+        .collect();
+    let pools: Vec<Option<String>> = rows
+        .iter()
+        .map(|r| r.pool.as_ref().map(|p| p.to_string()))
+        .collect();
     let tags: Vec<String> = rows
         .iter()
-        .map(|r| r.tags.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(","))
+        .map(|r| {
+            r.tags
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .collect();
     let mut c = Columns::new(table_schema(schema::CARDS));
     c.utf8(iccids.iter().map(|s| Some(s.as_str())));
@@ -963,7 +1051,8 @@ mod tests {
         let root = dir.path().join("history");
         let mut w = HistoryWriter::open(&root, None, HistoryOptions::default()).unwrap();
         for seq in 0..10 {
-            w.accounted(&accounted(seq, seq % 3, DAY + seq as i64)).unwrap();
+            w.accounted(&accounted(seq, seq % 3, DAY + seq as i64))
+                .unwrap();
         }
         w.snapshot(9, Timestamp(DAY), &[], None).unwrap();
         for seq in 10..15 {
@@ -979,14 +1068,25 @@ mod tests {
         std::fs::write(usage_dir.join(".part-x.tmp"), b"half").unwrap();
         drop(w);
         let before = files(&root);
-        assert!(before.iter().any(|f| f.contains("part-00000000000000000010-0000")));
+        assert!(before
+            .iter()
+            .any(|f| f.contains("part-00000000000000000010-0000")));
 
         let _w = HistoryWriter::open(&root, Some(9), HistoryOptions::default()).unwrap();
         let after = files(&root);
-        assert!(after.iter().all(|f| f.contains("part-00000000000000000000-")), "{after:?}");
+        assert!(
+            after
+                .iter()
+                .all(|f| f.contains("part-00000000000000000000-")),
+            "{after:?}"
+        );
         assert!(after.iter().any(|f| f.starts_with("usage_records/")));
-        assert!(after.iter().any(|f| f.starts_with("card_daily_usage_parts/")));
-        assert!(after.iter().any(|f| f.starts_with("card_cycle_usage_parts/cycle=2026-11/")));
+        assert!(after
+            .iter()
+            .any(|f| f.starts_with("card_daily_usage_parts/")));
+        assert!(after
+            .iter()
+            .any(|f| f.starts_with("card_cycle_usage_parts/cycle=2026-11/")));
 
         // Starting empty clears everything.
         let _w = HistoryWriter::open(&root, None, HistoryOptions::default()).unwrap();
