@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 
 use flowcap_storage::sql::ConsoleQuery;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
+mod common;
+
+use common::BIN;
 
 fn duckdb_available() -> bool {
     Command::new("python3")
@@ -24,19 +26,8 @@ fn duckdb_available() -> bool {
 /// A query's rows from `flowcap sql --format json`, as lists of values in
 /// column order (integers as integers, everything else as text).
 fn datafusion_rows(out: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
-    let res = Command::new(BIN)
-        .args(["sql", "--format", "csv", "--data"])
-        .arg(out)
-        .arg(sql)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    let text = String::from_utf8(res.stdout).unwrap();
-    text.lines()
+    common::sql_text(out, "csv", sql)
+        .lines()
         .skip(1)
         .map(|line| {
             line.split(',')

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
+mod common;
+
+use common::BIN;
 
 fn run(out: &Path, extra: &[&str]) -> serde_json::Value {
     let res = Command::new(BIN)
@@ -26,24 +28,8 @@ fn run(out: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&res.stdout).unwrap()
 }
 
-/// Rows of a query, as JSON objects (`flowcap sql --format json`).
 fn sql(data: &Path, query: &str) -> Vec<serde_json::Value> {
-    let res = Command::new(BIN)
-        .args(["sql", "--format", "json", "--data"])
-        .arg(data)
-        .arg(query)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{query}: {}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    String::from_utf8(res.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    common::sql_rows(data, query)
 }
 
 fn one_i64(data: &Path, query: &str) -> i64 {

@@ -7,6 +7,8 @@
 //! the topic must be exactly the decisions in the final `events.jsonl`
 //! (a replay may repeat an event, always with the same id and content).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -180,36 +182,16 @@ fn lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Rows of a query over the Parquet history (`flowcap sql`), as JSON.
-fn history_rows(dir: &Path, sql: &str) -> Vec<serde_json::Value> {
-    let res = Command::new(env!("CARGO_BIN_EXE_flowcap"))
-        .args(["sql", "--format", "json", "--data"])
-        .arg(dir)
-        .arg(sql)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    String::from_utf8(res.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// Usage per (card, cycle) summed from the raw `usage_records`; panics on
 /// a record accounted twice.
 fn history_totals(dir: &Path) -> BTreeMap<(String, u32), u64> {
-    let twice = history_rows(
+    let twice = common::sql_rows(
         dir,
         "SELECT iccid, record_id, COUNT(*) AS n FROM usage_records \
          GROUP BY iccid, record_id HAVING COUNT(*) > 1 LIMIT 5",
     );
     assert!(twice.is_empty(), "records accounted twice: {twice:?}");
-    history_rows(
+    common::sql_rows(
         dir,
         "SELECT iccid, cycle, SUM(bytes) AS bytes FROM usage_records GROUP BY iccid, cycle",
     )

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
+mod common;
+
+use common::BIN;
 
 fn flowcap(out: &Path) -> Command {
     let mut cmd = Command::new(BIN);
@@ -169,16 +171,5 @@ fn kill_9_at_random_points_then_resume_equals_an_uninterrupted_run() {
 
 /// A query over a run's history, as CSV (`flowcap sql`).
 fn history(out: &Path, query: &str) -> String {
-    let res = Command::new(BIN)
-        .args(["sql", "--format", "csv", "--data"])
-        .arg(out)
-        .arg(query)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{query}: {}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    String::from_utf8(res.stdout).unwrap()
+    common::sql_text(out, "csv", query)
 }
