@@ -98,6 +98,10 @@ struct RunArgs {
     /// Do not write the Parquet history (`<out>/history`).
     #[arg(long)]
     no_history: bool,
+    /// History rows buffered before a Parquet chunk is written between
+    /// snapshots (bounds the writer's memory; default 262144).
+    #[arg(long)]
+    history_roll_rows: Option<usize>,
     /// Ignore snapshots in the output directory and start over.
     #[arg(long)]
     fresh: bool,
@@ -371,6 +375,9 @@ fn run(args: RunArgs) -> Result<()> {
         engine,
         snapshot_every: args.snapshot_every.unwrap_or(file.run.snapshot_every),
         history: file.run.history && !args.no_history,
+        history_roll_rows: args
+            .history_roll_rows
+            .unwrap_or(flowcap_storage::HistoryOptions::default().roll_rows),
         resume: !args.fresh,
         limits: Default::default(),
         progress_every: 10_000,

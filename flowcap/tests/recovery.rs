@@ -18,7 +18,10 @@ fn flowcap(out: &Path) -> Command {
     cmd.args([
         "run", "-q", "--json", "--cards", "4000", "--hours", "72", "--seed", "7",
     ])
-    .args(["--snapshot-every", "15000", "--shards", "2", "--out"])
+    // Small history chunks: files of the window a kill cuts short are on
+    // disk when it lands, and the restart must drop them.
+    .args(["--snapshot-every", "15000", "--history-roll-rows", "2000"])
+    .args(["--shards", "2", "--out"])
     .arg(out)
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());

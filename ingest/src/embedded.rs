@@ -103,6 +103,8 @@ pub struct EmbeddedOptions {
     /// Write the Parquet history (`history/`, see
     /// [`flowcap_storage::history`]).
     pub history: bool,
+    /// History rows buffered before a chunk is written between snapshots.
+    pub history_roll_rows: usize,
     /// Resume from the newest snapshot in `out_dir` if there is one;
     /// otherwise start empty and clear previous outputs.
     pub resume: bool,
@@ -124,6 +126,7 @@ impl EmbeddedOptions {
             engine: EngineConfig::default(),
             snapshot_every: 1_000_000,
             history: true,
+            history_roll_rows: HistoryOptions::default().roll_rows,
             resume: true,
             limits: DecodeLimits::default(),
             progress_every: 100_000,
@@ -719,7 +722,7 @@ impl Pipeline {
         dir: &Path,
         resume: bool,
         config: &EngineConfig,
-        history: bool,
+        history_roll_rows: Option<usize>,
         kafka: Option<KafkaOut>,
     ) -> Result<Pipeline, IngestError> {
         let started = Instant::now();
@@ -773,18 +776,19 @@ impl Pipeline {
                 .map(|len| u64::try_from(*len).unwrap_or(0));
             sinks.insert(name, JsonlSink::open(dir.join(name), rewind)?);
         }
-        let history_writer = if history {
-            Some(HistoryWriter::open(
+        let history_writer = match history_roll_rows {
+            Some(roll_rows) => Some(HistoryWriter::open(
                 dir.join(HISTORY_DIR),
                 resumed_after,
                 HistoryOptions {
                     calendar: engine.config().calendar,
+                    roll_rows: roll_rows.max(1),
                     ..HistoryOptions::default()
                 },
-            )?)
-        } else {
-            None
+            )?),
+            None => None,
         };
+        let history = history_writer.is_some();
         let writer = Writer {
             sinks,
             history: history_writer,
@@ -906,8 +910,8 @@ pub fn run(
 ) -> Result<(Summary, Engine), IngestError> {
     let started = Instant::now();
     let dir = &options.out_dir;
-    let mut pipeline =
-        Pipeline::start(dir, options.resume, &options.engine, options.history, None)?;
+    let history = options.history.then_some(options.history_roll_rows);
+    let mut pipeline = Pipeline::start(dir, options.resume, &options.engine, history, None)?;
     let resumed_after = pipeline.resumed_after;
     let no_positions = BTreeMap::new();
     let driver_metrics = DriverMetrics::new(options.source, pipeline.sharded.shard_count());

@@ -340,7 +340,9 @@ pub fn run(
         &options.data_dir,
         true,
         &options.engine,
-        options.history,
+        options
+            .history
+            .then_some(flowcap_storage::HistoryOptions::default().roll_rows),
         Some(out),
     )?;
 
