@@ -329,14 +329,7 @@ fn emit(batches: &[RecordBatch], target: &Target) -> Result<()> {
             let text = datafusion::arrow::util::pretty::pretty_format_batches(batches)?;
             writeln!(out, "{text}")?;
         }
-        Format::Csv => {
-            let mut w = datafusion::arrow::csv::WriterBuilder::new()
-                .with_header(true)
-                .build(&mut out);
-            for b in batches {
-                w.write(b)?;
-            }
-        }
+        Format::Csv => write_csv(&mut out, batches)?,
         Format::Json => {
             let mut w = datafusion::arrow::json::LineDelimitedWriter::new(&mut out);
             for b in batches {
@@ -437,24 +430,18 @@ impl SqlService {
             Some(Format::Json)
         };
         let limits = self.limits;
+        // Every failure here is the request's: a 400 with the message.
         let run = async {
             if !self.root.is_dir() {
-                return Err(QueryFailure::Bad("no history yet".into()));
+                return Err("no history yet".to_owned());
             }
-            let ctx = sql::open(&self.root)
-                .await
-                .map_err(|e| QueryFailure::Bad(e.to_string()))?;
-            sql::check_read_only(&ctx, &text).map_err(|e| QueryFailure::Bad(e.to_string()))?;
-            let df = ctx
-                .sql(&text)
-                .await
-                .map_err(|e| QueryFailure::Bad(e.to_string()))?;
+            let ctx = sql::open(&self.root).await.map_err(|e| e.to_string())?;
+            sql::check_read_only(&ctx, &text).map_err(|e| e.to_string())?;
+            let df = ctx.sql(&text).await.map_err(|e| e.to_string())?;
             let df = df
                 .limit(0, Some(limits.max_rows + 1))
-                .map_err(|e| QueryFailure::Bad(e.to_string()))?;
-            df.collect()
-                .await
-                .map_err(|e| QueryFailure::Bad(e.to_string()))
+                .map_err(|e| e.to_string())?;
+            df.collect().await.map_err(|e| e.to_string())
         };
         let batches = match tokio::time::timeout(limits.timeout, run).await {
             Err(_) => {
@@ -466,7 +453,7 @@ impl SqlService {
                     ),
                 )
             }
-            Ok(Err(QueryFailure::Bad(message))) => return error(StatusCode::BAD_REQUEST, message),
+            Ok(Err(message)) => return error(StatusCode::BAD_REQUEST, message),
             Ok(Ok(batches)) => batches,
         };
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
@@ -481,7 +468,10 @@ impl SqlService {
         }
         let encoded = match format {
             None => encode_ipc(&batches).map(|b| (ARROW_STREAM, b)),
-            Some(Format::Csv) => encode(&batches, Format::Csv).map(|b| ("text/csv", b)),
+            Some(Format::Csv) => {
+                let mut out = Vec::new();
+                write_csv(&mut out, &batches).map(|()| ("text/csv", out))
+            }
             Some(_) => encode_json_array(&batches).map(|b| ("application/json", b)),
         };
         match encoded {
@@ -493,21 +483,15 @@ impl SqlService {
     }
 }
 
-enum QueryFailure {
-    Bad(String),
-}
-
-fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    if format == Format::Csv {
-        let mut w = datafusion::arrow::csv::WriterBuilder::new()
-            .with_header(true)
-            .build(&mut out);
-        for b in batches {
-            w.write(b)?;
-        }
+/// CSV with a header line (`flowcap sql -f csv` and `/sql`).
+fn write_csv(out: impl Write, batches: &[RecordBatch]) -> Result<()> {
+    let mut w = datafusion::arrow::csv::WriterBuilder::new()
+        .with_header(true)
+        .build(out);
+    for b in batches {
+        w.write(b)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn encode_json_array(batches: &[RecordBatch]) -> Result<Vec<u8>> {

@@ -13,8 +13,6 @@ use flowcap_storage::sql::ConsoleQuery;
 
 mod common;
 
-use common::BIN;
-
 fn duckdb_available() -> bool {
     Command::new("python3")
         .args(["-c", "import duckdb"])
@@ -80,18 +78,7 @@ fn duckdb_reads_the_history_and_agrees_on_every_console_query() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let res = Command::new(BIN)
-        .args([
-            "run", "-q", "--cards", "1000", "--hours", "80", "--seed", "11", "--out",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    common::run_generator(&out, &["--cards", "1000", "--hours", "80", "--seed", "11"]);
     let root = out.join("history");
     let top = datafusion_rows(
         &out,

@@ -13,19 +13,9 @@ mod common;
 use common::BIN;
 
 fn run(out: &Path, extra: &[&str]) -> serde_json::Value {
-    let res = Command::new(BIN)
-        .args(["run", "-q", "--json", "--seed", "5"])
-        .args(["--snapshot-every", "20000", "--shards", "2", "--out"])
-        .arg(out)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    serde_json::from_slice(&res.stdout).unwrap()
+    let mut args = vec!["--seed", "5", "--snapshot-every", "20000", "--shards", "2"];
+    args.extend_from_slice(extra);
+    common::run_generator(out, &args)
 }
 
 fn sql(data: &Path, query: &str) -> Vec<serde_json::Value> {

@@ -37,6 +37,7 @@ use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::event::{ActionEvent, Output};
 use flowcap_engine::{CardView, PoolView};
 use flowcap_engine::{CommandId, Engine, EngineConfig, ShardedEngine, Timestamp};
+pub(crate) use flowcap_storage::history::wall_clock;
 use flowcap_storage::history::{Quarantined, SourcePosition as HistorySource};
 use flowcap_storage::{
     DiskIdStore, HistoryError, HistoryOptions, HistoryWriter, JsonlError, JsonlSink, SnapshotStore,
@@ -626,13 +627,6 @@ fn dead_letter(
             ],
         )
         .map_err(WriteError::from)
-}
-
-pub(crate) fn wall_clock() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    Timestamp(ms)
 }
 
 fn run_writer(

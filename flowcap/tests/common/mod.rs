@@ -33,3 +33,21 @@ pub(crate) fn sql_rows(out: &Path, query: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// `flowcap run -q --json ARGS --out OUT` on the built-in generator; the
+/// printed summary. Panics with its standard error when it fails.
+pub(crate) fn run_generator(out: &Path, args: &[&str]) -> serde_json::Value {
+    let res = Command::new(BIN)
+        .args(["run", "-q", "--json"])
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    serde_json::from_slice(&res.stdout).unwrap()
+}

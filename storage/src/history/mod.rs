@@ -496,7 +496,7 @@ impl HistoryWriter {
         }
         let changes = std::mem::take(&mut self.changes);
         for (day, mut rows) in changes {
-            rows.sort_by_key(|r| change_key(&r.event));
+            rows.sort_by_cached_key(|r| change_key(&r.event));
             let batch = changes_batch(&rows)?;
             self.write(
                 schema::STATE_CHANGES,
@@ -629,7 +629,8 @@ impl HistoryWriter {
     }
 }
 
-fn wall_clock() -> Timestamp {
+/// Now, by the system clock (the one place flowcap's IO crates read it).
+pub fn wall_clock() -> Timestamp {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
