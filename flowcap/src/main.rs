@@ -24,8 +24,10 @@ use clap::{Args, Parser, Subcommand};
 use flowcap_engine::EngineConfig;
 use flowcap_ingest::embedded::{self, EmbeddedOptions, Input, Summary};
 use flowcap_ingest::metrics::Source;
-use flowcap_ingest::Health;
+use flowcap_ingest::{Health, HistoryConfig};
 use flowcap_loadgen::{Expected, Workload, WorkloadConfig};
+use flowcap_storage::history::compact::CompactionPolicy;
+use flowcap_storage::HistoryLocation;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
@@ -98,10 +100,19 @@ struct RunArgs {
     /// Do not write the Parquet history (`<out>/history`).
     #[arg(long)]
     no_history: bool,
+    /// Where the Parquet history goes: a directory or an
+    /// `s3://bucket/prefix` URL (credentials, region and endpoint from the
+    /// AWS_* environment variables). Default `<out>/history`.
+    #[arg(long, env = "FLOWCAP_HISTORY", value_name = "LOCATION")]
+    history: Option<String>,
     /// History rows buffered before a Parquet chunk is written between
     /// snapshots (bounds the writer's memory; default 262144).
     #[arg(long)]
     history_roll_rows: Option<usize>,
+    /// Merge a history partition's small files once it has this many of
+    /// windows covered by every kept snapshot (0: never; default 8).
+    #[arg(long, value_name = "N")]
+    history_compact_files: Option<usize>,
     /// Ignore snapshots in the output directory and start over.
     #[arg(long)]
     fresh: bool,
@@ -217,8 +228,12 @@ struct RunSection {
     out: PathBuf,
     /// Snapshot every N inputs.
     snapshot_every: u64,
-    /// Write the Parquet history (`<out>/history`).
+    /// Write the Parquet history.
     history: bool,
+    /// Where: a directory or `s3://bucket/prefix` (default `<out>/history`).
+    history_location: Option<String>,
+    /// Merge a partition's small files once it has this many (0: never).
+    history_compact_files: usize,
     /// Address of the operations HTTP server (off when absent).
     http: Option<SocketAddr>,
 }
@@ -229,6 +244,8 @@ impl Default for RunSection {
             out: PathBuf::from("flowcap-data"),
             snapshot_every: 1_000_000,
             history: true,
+            history_location: None,
+            history_compact_files: CompactionPolicy::default().min_files,
             http: None,
         }
     }
@@ -301,12 +318,35 @@ fn progress_bar(total: Option<u64>, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// The history settings of a run: flags over the `[run]` table.
+fn history_config(args: &RunArgs, run: &RunSection) -> Result<Option<HistoryConfig>> {
+    if !run.history || args.no_history {
+        return Ok(None);
+    }
+    let location = match args.history.as_deref().or(run.history_location.as_deref()) {
+        Some(text) => Some(HistoryLocation::parse(text)?),
+        None => None,
+    };
+    let defaults = HistoryConfig::default();
+    Ok(Some(HistoryConfig {
+        location,
+        roll_rows: args.history_roll_rows.unwrap_or(defaults.roll_rows),
+        compaction: CompactionPolicy {
+            min_files: args
+                .history_compact_files
+                .unwrap_or(run.history_compact_files),
+            ..defaults.compaction
+        },
+    }))
+}
+
 fn run(args: RunArgs) -> Result<()> {
     let file = load_config(args.config.as_deref())?;
     let mut engine = file.engine;
     if let Some(shards) = args.shards {
         engine.shards = shards;
     }
+    let history = history_config(&args, &file.run)?;
     let out = args.out.clone().unwrap_or(file.run.out);
     let http = args.http.or(file.run.http);
     if args.linger && http.is_none() {
@@ -315,9 +355,9 @@ fn run(args: RunArgs) -> Result<()> {
     let health = Arc::new(Health::new());
     let server = match http {
         Some(addr) => {
-            let sql = (file.run.history && !args.no_history).then(|| {
+            let sql = history.as_ref().map(|h| {
                 Arc::new(sql::SqlService::new(
-                    out.join(flowcap_ingest::embedded::HISTORY_DIR),
+                    h.location_in(&out),
                     sql::SqlLimits::default(),
                 ))
             });
@@ -357,7 +397,7 @@ fn run(args: RunArgs) -> Result<()> {
                 .snapshot_interval_secs
                 .unwrap_or(file.kafka.snapshot_interval_secs),
         );
-        options.history = file.run.history && !args.no_history;
+        options.history = history;
         options.max_run = file.kafka.max_run;
         options.max_queued_records = file.kafka.max_queued_records;
         options.lease_timeout = std::time::Duration::from_secs(file.kafka.lease_timeout_secs);
@@ -374,10 +414,7 @@ fn run(args: RunArgs) -> Result<()> {
         out_dir: out,
         engine,
         snapshot_every: args.snapshot_every.unwrap_or(file.run.snapshot_every),
-        history: file.run.history && !args.no_history,
-        history_roll_rows: args
-            .history_roll_rows
-            .unwrap_or(flowcap_storage::HistoryOptions::default().roll_rows),
+        history,
         resume: !args.fresh,
         limits: Default::default(),
         progress_every: 10_000,

@@ -11,6 +11,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::prelude::SessionContext;
 use flowcap_ingest::embedded::HISTORY_DIR;
 use flowcap_storage::sql::{self, ConsoleQuery};
+use flowcap_storage::HistoryLocation;
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -37,6 +38,11 @@ pub(crate) struct Target {
         global = true
     )]
     data: PathBuf,
+    /// The history itself, instead of `<data>/history`: a directory or an
+    /// `s3://bucket/prefix` URL (credentials and endpoint from the AWS_*
+    /// environment variables).
+    #[arg(long, env = "FLOWCAP_HISTORY", global = true, value_name = "LOCATION")]
+    history: Option<String>,
     /// Output format (default: a table, or from the --output extension).
     #[arg(long, short, value_enum, global = true)]
     format: Option<Format>,
@@ -133,14 +139,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the query runtime")
 }
 
-/// The history directory: `<data>/history`, or `<data>` itself if it is one.
-pub(crate) fn history_root(data: &Path) -> Result<PathBuf> {
+/// The history to query: `--history` when given, else `<data>/history`,
+/// or `<data>` itself if it is one.
+pub(crate) fn history_location(data: &Path, history: Option<&str>) -> Result<HistoryLocation> {
+    if let Some(location) = history {
+        return Ok(HistoryLocation::parse(location)?);
+    }
     let nested = data.join(HISTORY_DIR);
     if nested.is_dir() {
-        return Ok(nested);
+        return Ok(HistoryLocation::Local(nested));
     }
     if data.join("usage_records").is_dir() || data.join("cards").is_dir() {
-        return Ok(data.to_owned());
+        return Ok(HistoryLocation::Local(data.to_owned()));
     }
     bail!(
         "no history in {}: run `flowcap run --out {}` first",
@@ -150,7 +160,7 @@ pub(crate) fn history_root(data: &Path) -> Result<PathBuf> {
 }
 
 pub(crate) fn sql(args: SqlArgs) -> Result<()> {
-    let root = history_root(&args.target.data)?;
+    let root = history_location(&args.target.data, args.target.history.as_deref())?;
     let rt = runtime()?;
     rt.block_on(async {
         let ctx = sql::open(&root).await?;
@@ -168,7 +178,7 @@ pub(crate) fn export(args: ExportArgs) -> Result<()> {
     if args.target.output.is_none() {
         bail!("export needs --output FILE (.csv, .json, .jsonl or .parquet)");
     }
-    let root = history_root(&args.target.data)?;
+    let root = history_location(&args.target.data, args.target.history.as_deref())?;
     runtime()?.block_on(async {
         let ctx = sql::open(&root).await?;
         let batches = sql::query(&ctx, &args.query).await?;
@@ -177,7 +187,7 @@ pub(crate) fn export(args: ExportArgs) -> Result<()> {
 }
 
 pub(crate) fn query(args: QueryArgs) -> Result<()> {
-    let root = history_root(&args.target.data)?;
+    let root = history_location(&args.target.data, args.target.history.as_deref())?;
     let queries: Vec<(&str, ConsoleQuery)> = match &args.query {
         Named::CardUsage {
             iccid,
@@ -224,8 +234,9 @@ pub(crate) fn query(args: QueryArgs) -> Result<()> {
     }
     runtime()?.block_on(async {
         let ctx = sql::open(&root).await?;
+        let latest = sql::Latest::of(&root).await?;
         for (title, q) in &queries {
-            let text = q.sql(&root)?;
+            let text = q.sql(&latest)?;
             if args.show_sql {
                 println!("{text};");
                 continue;
@@ -250,6 +261,7 @@ async fn repl(ctx: &SessionContext) -> Result<()> {
     println!("flowcap SQL over the history. Tables: SHOW TABLES; end a query with ';'; quit with \\q or Ctrl-D.");
     let target = Target {
         data: PathBuf::new(),
+        history: None,
         format: Some(Format::Table),
         output: None,
     };
@@ -374,7 +386,7 @@ impl Default for SqlLimits {
 /// every answer sees the files written so far), read-only, limited.
 #[derive(Debug)]
 pub(crate) struct SqlService {
-    root: PathBuf,
+    root: HistoryLocation,
     limits: SqlLimits,
 }
 
@@ -382,7 +394,7 @@ pub(crate) struct SqlService {
 const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
 impl SqlService {
-    pub(crate) fn new(root: PathBuf, limits: SqlLimits) -> SqlService {
+    pub(crate) fn new(root: HistoryLocation, limits: SqlLimits) -> SqlService {
         SqlService { root, limits }
     }
 
@@ -432,8 +444,10 @@ impl SqlService {
         let limits = self.limits;
         // Every failure here is the request's: a 400 with the message.
         let run = async {
-            if !self.root.is_dir() {
-                return Err("no history yet".to_owned());
+            if let HistoryLocation::Local(dir) = &self.root {
+                if !dir.is_dir() {
+                    return Err("no history yet".to_owned());
+                }
             }
             let ctx = sql::open(&self.root).await.map_err(|e| e.to_string())?;
             sql::check_read_only(&ctx, &text).map_err(|e| e.to_string())?;
@@ -527,6 +541,10 @@ pub(crate) struct ServeArgs {
     /// directory.
     #[arg(long, short, default_value = "flowcap-data", env = "FLOWCAP_DATA")]
     data: PathBuf,
+    /// The history itself, instead of `<data>/history`: a directory or an
+    /// `s3://bucket/prefix` URL.
+    #[arg(long, env = "FLOWCAP_HISTORY", value_name = "LOCATION")]
+    history: Option<String>,
     /// Address to listen on (`/sql`, `/livez`, `/readyz`, `/metrics`).
     #[arg(long, default_value = "127.0.0.1:8089")]
     http: std::net::SocketAddr,
@@ -540,7 +558,7 @@ pub(crate) struct ServeArgs {
 
 /// `flowcap serve`: `POST /sql` over a history until interrupted.
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
-    let root = history_root(&args.data)?;
+    let root = history_location(&args.data, args.history.as_deref())?;
     let health = std::sync::Arc::new(flowcap_ingest::Health::new());
     health.set_ready();
     let service = std::sync::Arc::new(SqlService::new(

@@ -80,40 +80,47 @@ fn duckdb_reads_the_history_and_agrees_on_every_console_query() {
     let out = dir.path().join("out");
     common::run_generator(&out, &["--cards", "1000", "--hours", "80", "--seed", "11"]);
     let root = out.join("history");
+    let latest = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(flowcap_storage::sql::Latest::of(
+            &flowcap_storage::HistoryLocation::Local(root.clone()),
+        ))
+        .unwrap();
     let top = datafusion_rows(
         &out,
         &ConsoleQuery::TopCards {
             cycle: None,
             limit: 1,
         }
-        .sql(&root)
+        .sql(&latest)
         .unwrap(),
     );
     let iccid = top[0][0].as_str().unwrap().to_owned();
     // Timestamps print differently in the two engines: the pool query is
     // compared without `as_of` (its last column).
-    let pool = ConsoleQuery::PoolUsage { pool: None }.sql(&root).unwrap();
+    let pool = ConsoleQuery::PoolUsage { pool: None }.sql(&latest).unwrap();
     let pool = pool.replace(", as_of FROM", " FROM");
     let queries: Vec<String> = vec![
         ConsoleQuery::CardCycles {
             iccid: iccid.clone(),
             cycles: 6,
         }
-        .sql(&root)
+        .sql(&latest)
         .unwrap(),
         ConsoleQuery::CardDays { iccid, days: 61 }
-            .sql(&root)
+            .sql(&latest)
             .unwrap(),
-        ConsoleQuery::DailyTotals { days: 30 }.sql(&root).unwrap(),
+        ConsoleQuery::DailyTotals { days: 30 }.sql(&latest).unwrap(),
         ConsoleQuery::TopCards {
             cycle: None,
             limit: 20,
         }
-        .sql(&root)
+        .sql(&latest)
         .unwrap(),
         pool,
-        ConsoleQuery::StateCounts.sql(&root).unwrap(),
-        ConsoleQuery::Expiring.sql(&root).unwrap(),
+        ConsoleQuery::StateCounts.sql(&latest).unwrap(),
+        ConsoleQuery::Expiring.sql(&latest).unwrap(),
         "SELECT COUNT(*), SUM(bytes), COUNT(DISTINCT iccid) FROM usage_records".to_owned(),
         "SELECT reason, COUNT(*) FROM quarantine GROUP BY reason ORDER BY reason".to_owned(),
         "SELECT COUNT(*) FROM state_changes".to_owned(),

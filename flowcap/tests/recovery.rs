@@ -21,6 +21,9 @@ fn flowcap(out: &Path) -> Command {
     // Small history chunks: files of the window a kill cuts short are on
     // disk when it lands, and the restart must drop them.
     .args(["--snapshot-every", "15000", "--history-roll-rows", "2000"])
+    // Small chunks and eager compaction: kills land with files of an
+    // unfinished window on disk, and during merges.
+    .args(["--history-compact-files", "3"])
     .args(["--shards", "2", "--out"])
     .arg(out)
     .stdout(Stdio::piped())
@@ -154,7 +157,8 @@ fn kill_9_at_random_points_then_resume_equals_an_uninterrupted_run() {
          GROUP BY iccid, record_id HAVING COUNT(*) > 1)",
     );
     assert_eq!(dupes, "n\n0\n", "records accounted twice");
-    // No temporary file is left where readers look.
+    // No temporary file is left where readers look; compaction ran.
+    let mut merged = 0;
     let mut stack = vec![crashed.join("history")];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -167,9 +171,11 @@ fn kill_9_at_random_points_then_resume_equals_an_uninterrupted_run() {
                     name.ends_with(".parquet") && !name.starts_with('.'),
                     "{name}"
                 );
+                merged += usize::from(name.contains("-m"));
             }
         }
     }
+    assert!(merged > 0, "no history file was compacted");
 }
 
 /// A query over a run's history, as CSV (`flowcap sql`).

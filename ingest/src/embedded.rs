@@ -37,8 +37,10 @@ use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::event::{ActionEvent, Output};
 use flowcap_engine::{CardView, PoolView};
 use flowcap_engine::{CommandId, Engine, EngineConfig, ShardedEngine, Timestamp};
+use flowcap_storage::history::compact::CompactionPolicy;
 pub(crate) use flowcap_storage::history::wall_clock;
 use flowcap_storage::history::{Quarantined, SourcePosition as HistorySource};
+use flowcap_storage::HistoryLocation;
 use flowcap_storage::{
     DiskIdStore, HistoryError, HistoryOptions, HistoryWriter, JsonlError, JsonlSink, SnapshotStore,
     SnapshotStoreError,
@@ -101,11 +103,9 @@ pub struct EmbeddedOptions {
     pub engine: EngineConfig,
     /// Take a snapshot every this many inputs (0: only at the end).
     pub snapshot_every: u64,
-    /// Write the Parquet history (`history/`, see
-    /// [`flowcap_storage::history`]).
-    pub history: bool,
-    /// History rows buffered before a chunk is written between snapshots.
-    pub history_roll_rows: usize,
+    /// Write the Parquet history (see [`flowcap_storage::history`]);
+    /// `None`: no history.
+    pub history: Option<HistoryConfig>,
     /// Resume from the newest snapshot in `out_dir` if there is one;
     /// otherwise start empty and clear previous outputs.
     pub resume: bool,
@@ -126,8 +126,7 @@ impl EmbeddedOptions {
             out_dir: out_dir.into(),
             engine: EngineConfig::default(),
             snapshot_every: 1_000_000,
-            history: true,
-            history_roll_rows: HistoryOptions::default().roll_rows,
+            history: Some(HistoryConfig::default()),
             resume: true,
             limits: DecodeLimits::default(),
             progress_every: 100_000,
@@ -189,8 +188,40 @@ pub const EVENTS_FILE: &str = "events.jsonl";
 pub const REJECTS_FILE: &str = "rejects.jsonl";
 /// Command journal: command + result.
 pub const JOURNAL_FILE: &str = "journal.jsonl";
-/// The Parquet history directory inside the output directory.
+/// The Parquet history directory inside the output directory (the
+/// default location).
 pub const HISTORY_DIR: &str = "history";
+
+/// Where and how the pipeline writes its Parquet history.
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    /// Where: a local directory or an object store; `None`: `history/`
+    /// in the output directory.
+    pub location: Option<HistoryLocation>,
+    /// Rows buffered before a chunk is written between snapshots.
+    pub roll_rows: usize,
+    /// When small files are merged.
+    pub compaction: CompactionPolicy,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            location: None,
+            roll_rows: HistoryOptions::default().roll_rows,
+            compaction: CompactionPolicy::default(),
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// The location, given the pipeline's data directory.
+    pub fn location_in(&self, dir: &Path) -> HistoryLocation {
+        self.location
+            .clone()
+            .unwrap_or_else(|| HistoryLocation::Local(dir.join(HISTORY_DIR)))
+    }
+}
 /// Snapshot position: sequence number of the last input the snapshot covers.
 const INPUT_POSITION: &str = "input.last_seq";
 const FILES: [&str; 3] = [EVENTS_FILE, REJECTS_FILE, JOURNAL_FILE];
@@ -267,6 +298,9 @@ pub(crate) struct HistoryCut {
     clock: Timestamp,
     pools: Vec<PoolView>,
     cards: Option<Vec<CardView>>,
+    /// The oldest snapshot kept covers inputs through this: windows up to
+    /// it may be compacted.
+    compact_through: Option<u64>,
 }
 
 impl Side {
@@ -547,7 +581,13 @@ impl Writer {
         cut: Option<Box<HistoryCut>>,
     ) -> Result<BTreeMap<String, u64>, WriteError> {
         if let (Some(h), Some(cut)) = (&mut self.history, cut) {
-            h.snapshot(cut.through, cut.clock, &cut.pools, cut.cards.as_deref())?;
+            h.snapshot(
+                cut.through,
+                cut.clock,
+                &cut.pools,
+                cut.cards.as_deref(),
+                cut.compact_through,
+            )?;
         }
         let mut lengths = BTreeMap::new();
         for (name, sink) in &mut self.sinks {
@@ -716,7 +756,7 @@ impl Pipeline {
         dir: &Path,
         resume: bool,
         config: &EngineConfig,
-        history_roll_rows: Option<usize>,
+        history: Option<&HistoryConfig>,
         kafka: Option<KafkaOut>,
     ) -> Result<Pipeline, IngestError> {
         let started = Instant::now();
@@ -770,13 +810,14 @@ impl Pipeline {
                 .map(|len| u64::try_from(*len).unwrap_or(0));
             sinks.insert(name, JsonlSink::open(dir.join(name), rewind)?);
         }
-        let history_writer = match history_roll_rows {
-            Some(roll_rows) => Some(HistoryWriter::open(
-                dir.join(HISTORY_DIR),
+        let history_writer = match history {
+            Some(h) => Some(HistoryWriter::open(
+                h.location_in(dir),
                 resumed_after,
                 HistoryOptions {
                     calendar: engine.config().calendar,
-                    roll_rows: roll_rows.max(1),
+                    roll_rows: h.roll_rows.max(1),
+                    compaction: h.compaction,
                     ..HistoryOptions::default()
                 },
             )?),
@@ -835,6 +876,13 @@ impl Pipeline {
             return Ok(Duration::ZERO);
         };
         let started = Instant::now();
+        // Whichever snapshot a restart falls back to keeps every history
+        // file up to the oldest one kept: those may be merged.
+        let compact_through = if self.history {
+            self.store.list()?.first().map(|(seq, _)| *seq)
+        } else {
+            None
+        };
         let engine = self.sharded.engine();
         let cut = self.history.then(|| {
             let clock = engine.clock();
@@ -848,6 +896,7 @@ impl Pipeline {
                 clock,
                 pools: engine.pool_views(),
                 cards,
+                compact_through,
             })
         });
         let (reply_tx, reply_rx) = bounded(1);
@@ -904,8 +953,13 @@ pub fn run(
 ) -> Result<(Summary, Engine), IngestError> {
     let started = Instant::now();
     let dir = &options.out_dir;
-    let history = options.history.then_some(options.history_roll_rows);
-    let mut pipeline = Pipeline::start(dir, options.resume, &options.engine, history, None)?;
+    let mut pipeline = Pipeline::start(
+        dir,
+        options.resume,
+        &options.engine,
+        options.history.as_ref(),
+        None,
+    )?;
     let resumed_after = pipeline.resumed_after;
     let no_positions = BTreeMap::new();
     let driver_metrics = DriverMetrics::new(options.source, pipeline.sharded.shard_count());

@@ -23,6 +23,6 @@ pub mod health;
 pub mod kafka;
 pub mod metrics;
 
-pub use embedded::{run, EmbeddedOptions, IngestError, Input, Progress, Summary};
+pub use embedded::{run, EmbeddedOptions, HistoryConfig, IngestError, Input, Progress, Summary};
 pub use health::Health;
 pub use kafka::{KafkaOptions, KafkaRunError};

@@ -13,17 +13,21 @@
 //! - [`jsonl`]: JSON-lines output files that rewind to a snapshot, so every
 //!   line exists exactly once after a restart.
 //! - [`history`]: the Parquet history tables, written exactly once per
-//!   input through crashes.
+//!   input through crashes, and compacted in the background.
+//! - [`location`]: where the history lives: a local directory or an
+//!   S3-compatible object store.
 //! - [`sql`]: SQL over the history with DataFusion: the tables, the views
 //!   and the console's named queries.
 
 pub mod cold_index;
 pub mod history;
 pub mod jsonl;
+pub mod location;
 pub mod snapshot_store;
 pub mod sql;
 
 pub use cold_index::{DiskIdStore, DiskIdStoreOptions};
 pub use history::{HistoryError, HistoryOptions, HistoryWriter};
 pub use jsonl::{JsonlError, JsonlSink};
+pub use location::{HistoryLocation, LocationError};
 pub use snapshot_store::{SnapshotStore, SnapshotStoreError};

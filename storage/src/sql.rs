@@ -15,7 +15,7 @@
 //! time), not the wall clock: a replayed or generated history is queried as
 //! of its own end.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
@@ -30,6 +30,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::sqlparser::ast::Statement;
 
 use crate::history::schema::{self, TableDef};
+use crate::location::{HistoryLocation, LocationError};
 
 /// Errors of SQL over the history.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,17 @@ pub enum SqlError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// The history location could not be listed.
+    #[error(transparent)]
+    Location(#[from] LocationError),
+    /// The object store could not be listed.
+    #[error("history {url}: {source}")]
+    Store {
+        /// What was listed.
+        url: String,
+        /// The cause.
+        source: object_store::Error,
     },
 }
 
@@ -75,15 +87,19 @@ pub const VIEWS: [(&str, &str); 3] = [
     ),
 ];
 
-/// A session over the history under `root`: every table and view
-/// registered. Tables without files yet are empty (with their schema).
-pub async fn open(root: &Path) -> Result<SessionContext, SqlError> {
+/// A session over the history at `location`: every table and view
+/// registered (and, for an object store, the store). Tables without files
+/// yet are empty (with their schema).
+pub async fn open(location: &HistoryLocation) -> Result<SessionContext, SqlError> {
     let config = SessionConfig::new()
         .with_information_schema(true)
         .with_default_catalog_and_schema("flowcap", "history");
     let ctx = SessionContext::new_with_config(config);
+    if let HistoryLocation::Remote(remote) = location {
+        ctx.register_object_store(&remote.bucket_url(), remote.store());
+    }
     for table in schema::tables() {
-        register(&ctx, root, &table).await?;
+        register(&ctx, location, &table).await?;
     }
     for (name, sql) in VIEWS {
         let view = ctx.sql(&format!("CREATE VIEW {name} AS {sql}")).await?;
@@ -92,11 +108,13 @@ pub async fn open(root: &Path) -> Result<SessionContext, SqlError> {
     Ok(ctx)
 }
 
-async fn register(ctx: &SessionContext, root: &Path, table: &TableDef) -> Result<(), SqlError> {
-    let dir = root.join(table.name);
+async fn register(
+    ctx: &SessionContext,
+    location: &HistoryLocation,
+    table: &TableDef,
+) -> Result<(), SqlError> {
     let partition = table.partitioning.column().to_owned();
-    let has_files = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
-    if !has_files {
+    if partitions(location, table.name).await?.is_empty() {
         let mut fields: Vec<_> = table.schema.fields().iter().cloned().collect();
         fields.push(Arc::new(datafusion::arrow::datatypes::Field::new(
             partition,
@@ -108,11 +126,7 @@ async fn register(ctx: &SessionContext, root: &Path, table: &TableDef) -> Result
         ctx.register_table(table.name, Arc::new(empty))?;
         return Ok(());
     }
-    let dir = std::path::absolute(&dir).map_err(|source| SqlError::Io {
-        path: dir.clone(),
-        source,
-    })?;
-    let url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
+    let url = ListingTableUrl::parse(location.table_url(table.name)?)?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
         .with_table_partition_cols(vec![(partition, DataType::Utf8)]);
@@ -121,6 +135,49 @@ async fn register(ctx: &SessionContext, root: &Path, table: &TableDef) -> Result
         .with_schema(table.schema.clone());
     ctx.register_table(table.name, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
+}
+
+/// The partition values (`2026-11-01` of `date=2026-11-01`) a table has,
+/// from directory names alone, unsorted.
+pub async fn partitions(location: &HistoryLocation, table: &str) -> Result<Vec<String>, SqlError> {
+    let Some(def) = schema::tables().into_iter().find(|t| t.name == table) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!("{}=", def.partitioning.column());
+    let names: Vec<String> = match location {
+        HistoryLocation::Local(root) => match std::fs::read_dir(root.join(table)) {
+            Ok(dir) => dir
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(SqlError::Io {
+                    path: root.join(table),
+                    source,
+                })
+            }
+        },
+        HistoryLocation::Remote(remote) => {
+            let dir = remote.object(table);
+            let listed = remote
+                .store()
+                .list_with_delimiter(Some(&dir))
+                .await
+                .map_err(|source| SqlError::Store {
+                    url: format!("{location}/{table}"),
+                    source,
+                })?;
+            listed
+                .common_prefixes
+                .iter()
+                .filter_map(|p| p.filename().map(str::to_owned))
+                .collect()
+        }
+    };
+    Ok(names
+        .into_iter()
+        .filter_map(|n| n.strip_prefix(&prefix).map(str::to_owned))
+        .collect())
 }
 
 /// Runs one read-only statement and collects its result.
@@ -163,16 +220,28 @@ pub fn check_read_only(ctx: &SessionContext, sql: &str) -> Result<(), SqlError> 
     }
 }
 
-/// The newest partition value (`date` or `cycle`) of a table, from its
-/// directory names alone.
-pub fn newest_partition(root: &Path, table: &str) -> Option<String> {
-    let def = schema::tables().into_iter().find(|t| t.name == table)?;
-    let prefix = format!("{}=", def.partitioning.column());
-    std::fs::read_dir(root.join(table))
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| n.strip_prefix(&prefix).map(str::to_owned))
-        .max()
+/// "Now" for the console queries: the newest partitions of the history
+/// (event time, not the wall clock).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Latest {
+    /// Newest `date` with usage.
+    pub day: Option<String>,
+    /// Newest `cycle` with usage.
+    pub cycle: Option<String>,
+    /// Newest `date` of a `cards` dump.
+    pub cards_date: Option<String>,
+}
+
+impl Latest {
+    /// Reads them from the partition names at `location`.
+    pub async fn of(location: &HistoryLocation) -> Result<Latest, SqlError> {
+        let newest = |v: Vec<String>| v.into_iter().max();
+        Ok(Latest {
+            day: newest(partitions(location, schema::CARD_DAILY_USAGE_PARTS).await?),
+            cycle: newest(partitions(location, schema::CARD_CYCLE_USAGE_PARTS).await?),
+            cards_date: newest(partitions(location, schema::CARDS).await?),
+        })
+    }
 }
 
 /// The console's queries (SPEC section 8).
@@ -249,13 +318,17 @@ fn days_before(date: &str, days: u32) -> Result<String, SqlError> {
 }
 
 impl ConsoleQuery {
-    /// The SQL text of this query over the history under `root` (which
-    /// supplies "now": the newest partitions). Standard SQL that DuckDB
-    /// runs too, over `read_parquet` views of the same names.
-    pub fn sql(&self, root: &Path) -> Result<String, SqlError> {
-        let newest_day = || {
-            newest_partition(root, schema::CARD_DAILY_USAGE_PARTS)
-                .ok_or_else(|| SqlError::BadArgument("the history has no usage yet".into()))
+    /// The SQL text of this query, as of `latest` (the history's newest
+    /// partitions). Standard SQL that DuckDB runs too, over `read_parquet`
+    /// views of the same names.
+    pub fn sql(&self, latest: &Latest) -> Result<String, SqlError> {
+        let no_usage = || SqlError::BadArgument("the history has no usage yet".into());
+        let newest_day = || latest.day.clone().ok_or_else(no_usage);
+        let cards_date = || {
+            latest
+                .cards_date
+                .clone()
+                .ok_or_else(|| SqlError::BadArgument("the history has no cards dump yet".into()))
         };
         Ok(match self {
             ConsoleQuery::CardCycles { iccid, cycles } => {
@@ -290,13 +363,10 @@ impl ConsoleQuery {
                 )
             }
             ConsoleQuery::TopCards { cycle, limit } => {
-                let cycle =
-                    match cycle {
-                        Some(c) => c.clone(),
-                        None => newest_partition(root, schema::CARD_CYCLE_USAGE_PARTS).ok_or_else(
-                            || SqlError::BadArgument("the history has no usage yet".into()),
-                        )?,
-                    };
+                let cycle = match cycle {
+                    Some(c) => c.clone(),
+                    None => latest.cycle.clone().ok_or_else(no_usage)?,
+                };
                 if flowcap_engine::CycleId::parse(&cycle).is_none() {
                     return Err(SqlError::BadArgument(format!(
                         "not a cycle (YYYY-MM): {cycle:?}"
@@ -321,9 +391,7 @@ impl ConsoleQuery {
                 )
             }
             ConsoleQuery::StateCounts => {
-                let date = newest_partition(root, schema::CARDS).ok_or_else(|| {
-                    SqlError::BadArgument("the history has no cards dump yet".into())
-                })?;
+                let date = cards_date()?;
                 format!(
                     "SELECT CAST(state AS VARCHAR) AS state, COUNT(*) AS cards FROM cards \
                      WHERE date = {} GROUP BY CAST(state AS VARCHAR) ORDER BY state",
@@ -331,9 +399,7 @@ impl ConsoleQuery {
                 )
             }
             ConsoleQuery::Expiring => {
-                let date = newest_partition(root, schema::CARDS).ok_or_else(|| {
-                    SqlError::BadArgument("the history has no cards dump yet".into())
-                })?;
+                let date = cards_date()?;
                 format!(
                     "SELECT \
                      SUM(CASE WHEN expires_at < as_of + INTERVAL '30 days' THEN 1 ELSE 0 END) AS within_30_days, \
@@ -380,7 +446,7 @@ mod tests {
 
     #[test]
     fn console_queries_refuse_bad_arguments() {
-        let root = Path::new("/nonexistent");
+        let root = &Latest::default();
         let q = ConsoleQuery::CardCycles {
             iccid: "1' OR '1'='1".into(),
             cycles: 6,
@@ -395,6 +461,17 @@ mod tests {
             pool: Some("p'; DROP TABLE x; --".into()),
         };
         assert!(q.sql(root).unwrap().contains("'p''; DROP TABLE x; --'"));
+        // "Now" comes from the history: none yet, a clear error.
+        assert!(matches!(
+            ConsoleQuery::DailyTotals { days: 30 }.sql(root),
+            Err(SqlError::BadArgument(m)) if m.contains("no usage")
+        ));
+        let latest = Latest {
+            day: Some("2026-03-05".into()),
+            ..Latest::default()
+        };
+        let text = ConsoleQuery::DailyTotals { days: 5 }.sql(&latest).unwrap();
+        assert!(text.contains("date >= '2026-03-01'"), "{text}");
     }
 
     #[test]

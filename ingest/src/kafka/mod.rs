@@ -113,8 +113,8 @@ pub struct KafkaOptions {
     pub snapshot_every: u64,
     /// Snapshot at least this often while inputs arrive.
     pub snapshot_interval: Duration,
-    /// Write accounted records to the local history.
-    pub history: bool,
+    /// Write the Parquet history; `None`: no history.
+    pub history: Option<crate::embedded::HistoryConfig>,
     /// Record decoding limits.
     pub limits: DecodeLimits,
     /// Messages processed between two looks at the lease, backpressure and
@@ -145,7 +145,7 @@ impl KafkaOptions {
             engine: EngineConfig::default(),
             snapshot_every: 1_000_000,
             snapshot_interval: Duration::from_secs(60),
-            history: true,
+            history: Some(crate::embedded::HistoryConfig::default()),
             limits: DecodeLimits::default(),
             max_run: 4096,
             max_queued_records: 1 << 16,
@@ -340,9 +340,7 @@ pub fn run(
         &options.data_dir,
         true,
         &options.engine,
-        options
-            .history
-            .then_some(flowcap_storage::HistoryOptions::default().roll_rows),
+        options.history.as_ref(),
         Some(out),
     )?;
 

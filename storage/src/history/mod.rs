@@ -46,12 +46,11 @@
 //! `pool_cycle_usage` and `cards` are written from the engine's state at
 //! snapshots.
 
+pub mod compact;
 pub mod schema;
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -66,37 +65,37 @@ use flowcap_engine::{
 };
 use serde::Serialize;
 
+use crate::location::{HistoryFiles, HistoryLocation, LocationError, StoredFile};
+use compact::{CompactionPolicy, CompactionStats, Compactor};
 use schema::{Columns, Partitioning};
 
 /// Errors of the history writer.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    /// A file or directory operation failed.
-    #[error("history {path}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
+    /// Storing, listing or deleting a file failed.
+    #[error(transparent)]
+    Location(#[from] LocationError),
     /// Building a batch failed (a bug: the schemas are fixed).
     #[error("history batch: {0}")]
     Arrow(#[from] ArrowError),
-    /// Writing Parquet failed.
+    /// Writing or reading Parquet failed.
     #[error("history parquet {path}: {source}")]
     Parquet {
-        /// The file.
-        path: PathBuf,
+        /// The file, relative to the history root.
+        path: String,
         /// The cause.
         source: ParquetError,
     },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> HistoryError + '_ {
-    move |source| HistoryError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    /// Compaction could not merge files.
+    #[error("history compaction: {0}")]
+    Compaction(String),
+    /// A merged file covers windows both before and after the snapshot
+    /// being restored: the snapshots it relied on were removed by hand.
+    #[error(
+        "history file {0} covers windows after the restored snapshot (through input {1}); \
+         restore a newer snapshot or start without --resume"
+    )]
+    MergedPastSnapshot(String, u64),
 }
 
 /// How the writer sizes its files.
@@ -111,6 +110,8 @@ pub struct HistoryOptions {
     pub zstd_level: i32,
     /// The billing calendar (its UTC offset names the `date` partitions).
     pub calendar: CycleCalendar,
+    /// When small files are merged ([`compact`]).
+    pub compaction: CompactionPolicy,
 }
 
 impl Default for HistoryOptions {
@@ -120,6 +121,7 @@ impl Default for HistoryOptions {
             row_group_rows: 65_536,
             zstd_level: 3,
             calendar: CycleCalendar::default(),
+            compaction: CompactionPolicy::default(),
         }
     }
 }
@@ -212,8 +214,12 @@ fn to_i64(v: u64) -> i64 {
 /// The history writer. Not thread-safe: the pipeline's writer thread owns
 /// it. See the module docs for the protocol.
 pub struct HistoryWriter {
-    root: PathBuf,
+    files: HistoryFiles,
     options: HistoryOptions,
+    /// Merges small files in the background; `None` when compaction is off.
+    compactor: Option<Compactor>,
+    /// Partition directories written since the last compaction request.
+    touched: BTreeSet<String>,
     /// First input sequence number of the current window.
     window_from: u64,
     /// Chunks written in the current window.
@@ -235,7 +241,7 @@ pub struct HistoryWriter {
 impl std::fmt::Debug for HistoryWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HistoryWriter")
-            .field("root", &self.root)
+            .field("location", self.files.location())
             .field("window_from", &self.window_from)
             .field("buffered", &self.buffered)
             .finish_non_exhaustive()
@@ -243,27 +249,32 @@ impl std::fmt::Debug for HistoryWriter {
 }
 
 impl HistoryWriter {
-    /// Opens the history under `root` for a pipeline that resumes after
+    /// Opens the history at `location` for a pipeline that resumes after
     /// input `resume_after` (`None`: starting empty, every file goes).
     /// Deletes what a crash left behind: files of windows after the
-    /// snapshot, temporary files, superseded `cards` dumps.
+    /// snapshot, temporary files, superseded `cards` dumps, inputs of a
+    /// merge whose merged file exists.
     pub fn open(
-        root: impl Into<PathBuf>,
+        location: HistoryLocation,
         resume_after: Option<u64>,
         options: HistoryOptions,
     ) -> Result<HistoryWriter, HistoryError> {
-        let root = root.into();
+        let files = HistoryFiles::new(location.clone())?;
+        let mut crowded = BTreeSet::new();
         match resume_after {
-            None if root.exists() => {
-                std::fs::remove_dir_all(&root).map_err(io_err(&root))?;
-            }
-            None => {}
-            Some(after) => recover(&root, after)?,
+            None => files.clear()?,
+            Some(after) => crowded = recover(&files, after)?,
         }
-        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let compactor = if options.compaction.min_files >= 2 {
+            Some(Compactor::start(location, options, crowded)?)
+        } else {
+            None
+        };
         Ok(HistoryWriter {
-            root,
+            files,
             options,
+            compactor,
+            touched: BTreeSet::new(),
             window_from: resume_after.map_or(0, |s| s + 1),
             chunk: 0,
             clock: None,
@@ -279,9 +290,14 @@ impl HistoryWriter {
         })
     }
 
-    /// The history directory.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the history is.
+    pub fn location(&self) -> &HistoryLocation {
+        self.files.location()
+    }
+
+    /// The compactor's counters (`None` when compaction is off).
+    pub fn compaction_stats(&self) -> Option<Arc<CompactionStats>> {
+        self.compactor.as_ref().map(Compactor::stats)
     }
 
     /// Parquet files written since open.
@@ -400,12 +416,15 @@ impl HistoryWriter {
     /// Closes the window at a snapshot covering inputs through `through`:
     /// writes every buffered row, the pools' state, and (once per event
     /// day, or when `final_cards`) every card's; all durable on return.
+    /// `compact_through` is the oldest snapshot still kept (through which
+    /// input): windows up to it may be merged in the background.
     pub fn snapshot(
         &mut self,
         through: u64,
         clock: Timestamp,
         pools: &[PoolView],
         cards: Option<&[CardView]>,
+        compact_through: Option<u64>,
     ) -> Result<(), HistoryError> {
         self.write_chunk()?;
         if clock != Timestamp::MIN {
@@ -416,6 +435,9 @@ impl HistoryWriter {
         }
         self.window_from = through + 1;
         self.chunk = 0;
+        if let (Some(compactor), Some(limit)) = (&self.compactor, compact_through) {
+            compactor.request(limit, std::mem::take(&mut self.touched));
+        }
         Ok(())
     }
 
@@ -539,10 +561,7 @@ impl HistoryWriter {
         let name = format!("part-{through:020}-pools.parquet");
         for (cycle, rows) in by_cycle {
             let batch = pools_batch(&rows, through, clock)?;
-            let dir = self
-                .root
-                .join(schema::POOL_CYCLE_USAGE)
-                .join(format!("cycle={cycle}"));
+            let dir = format!("{}/cycle={cycle}", schema::POOL_CYCLE_USAGE);
             self.write(
                 schema::POOL_CYCLE_USAGE,
                 Partitioning::Cycle,
@@ -552,7 +571,7 @@ impl HistoryWriter {
             )?;
             // Only the newest state per cycle is kept: it supersedes the
             // older ones (a pool's usage only grows within a cycle).
-            remove_older_than(&dir, &name)?;
+            remove_older_than(&self.files, &self.files.list_dir(&dir)?, &name)?;
         }
         Ok(())
     }
@@ -576,17 +595,13 @@ impl HistoryWriter {
                 &batch,
             )?;
         }
-        let dir = self
-            .root
-            .join(schema::CARDS)
-            .join(format!("date={}", date_value(day)));
-        remove_older_than(&dir, &name)?;
+        let dir = format!("{}/date={}", schema::CARDS, date_value(day));
+        remove_older_than(&self.files, &self.files.list_dir(&dir)?, &name)?;
         self.cards_day = Some(day);
         Ok(())
     }
 
-    /// Writes one file atomically: a hidden temporary name, fsync, rename,
-    /// directory fsync.
+    /// Writes one file atomically (see [`HistoryFiles::put`]).
     fn write(
         &mut self,
         table: &str,
@@ -595,38 +610,38 @@ impl HistoryWriter {
         name: &str,
         batch: &RecordBatch,
     ) -> Result<(), HistoryError> {
-        let dir = self
-            .root
-            .join(table)
-            .join(format!("{}={value}", partitioning.column()));
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(self.options.zstd_level).unwrap_or_default(),
-            ))
-            .set_max_row_group_row_count(Some(self.options.row_group_rows))
-            .set_statistics_enabled(EnabledStatistics::Page)
-            .build();
-        let parquet_err = |source| HistoryError::Parquet {
-            path: tmp.clone(),
-            source,
-        };
-        let mut writer =
-            ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(parquet_err)?;
-        writer.write(batch).map_err(parquet_err)?;
-        let file = writer.into_inner().map_err(parquet_err)?;
-        file.sync_all().map_err(io_err(&tmp))?;
-        drop(file);
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&dir))?;
+        let dir = format!("{table}/{}={value}", partitioning.column());
+        let rel = format!("{dir}/{name}");
+        let bytes = encode_parquet(batch, &self.options, &rel)?;
+        self.files.put(&rel, bytes)?;
+        self.touched.insert(dir);
         self.files_written += 1;
         Ok(())
     }
+}
+
+/// One batch as a Parquet file: zstd, page statistics, row groups of
+/// [`HistoryOptions::row_group_rows`]. `rel` names it in errors.
+fn encode_parquet(
+    batch: &RecordBatch,
+    options: &HistoryOptions,
+    rel: &str,
+) -> Result<Vec<u8>, HistoryError> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(options.zstd_level).unwrap_or_default(),
+        ))
+        .set_max_row_group_row_count(Some(options.row_group_rows))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .build();
+    let parquet_err = |source| HistoryError::Parquet {
+        path: rel.to_owned(),
+        source,
+    };
+    let mut writer =
+        ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).map_err(parquet_err)?;
+    writer.write(batch).map_err(parquet_err)?;
+    writer.into_inner().map_err(parquet_err)
 }
 
 /// Now, by the system clock (the one place flowcap's IO crates read it).
@@ -657,61 +672,103 @@ fn window_of(name: &str) -> Option<u64> {
     rest.get(..20)?.parse().ok()
 }
 
-/// Deletes every file of windows after `after`, every temporary file, and
-/// every superseded `cards` / `pool_cycle_usage` file.
-fn recover(root: &Path, after: u64) -> Result<(), HistoryError> {
-    if !root.exists() {
-        return Ok(());
+/// The windows a history file covers: `part-<from>-<chunk>` covers window
+/// `from`; a merged `part-<from>-m<last>` windows `from` through `last`.
+fn file_range(name: &str) -> Option<(u64, u64)> {
+    let from = window_of(name)?;
+    let last = name
+        .strip_prefix("part-")
+        .and_then(|rest| rest.get(21..))
+        .and_then(|rest| rest.strip_prefix('m'))
+        .and_then(|rest| rest.get(..20))
+        .and_then(|digits| digits.parse().ok());
+    Some((from, last.unwrap_or(from)))
+}
+
+/// A snapshot dump (`cards`, `pool_cycle_usage`): replaced, never merged.
+fn is_dump(name: &str) -> bool {
+    name.contains("-cards") || name.contains("-pools")
+}
+
+/// Deletes every file of windows after `after`, every temporary file,
+/// every superseded `cards` / `pool_cycle_usage` dump, and every file
+/// whose windows lie inside a merged file's (a merge cut short). Returns
+/// the partition directories left with more than one file (worth a look
+/// by the compactor).
+fn recover(files: &HistoryFiles, after: u64) -> Result<BTreeSet<String>, HistoryError> {
+    let mut by_dir: HashMap<String, Vec<StoredFile>> = HashMap::new();
+    for file in files.list()? {
+        by_dir.entry(file.dir().to_owned()).or_default().push(file);
     }
-    for table in read_dir(root)? {
-        if !table.is_dir() {
-            continue;
-        }
-        for partition in read_dir(&table)? {
-            if !partition.is_dir() {
-                continue;
-            }
-            for file in read_dir(&partition)? {
-                let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let stale =
-                    name.starts_with('.') || window_of(name).is_some_and(|from| from > after);
-                if stale {
-                    std::fs::remove_file(&file).map_err(io_err(&file))?;
+    let mut crowded = BTreeSet::new();
+    for (dir, listed) in by_dir {
+        let mut kept = Vec::new();
+        for file in listed {
+            let name = file.name();
+            let stale = match file_range(name) {
+                _ if name.starts_with('.') => true,
+                Some((from, _)) if from > after => true,
+                Some((_, last)) if last > after => {
+                    return Err(HistoryError::MergedPastSnapshot(file.rel, after));
                 }
-            }
-            if let Some(newest) = read_dir(&partition)?
-                .iter()
-                .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
-                .filter(|n| n.contains("-cards") || n.contains("-pools"))
-                .max()
-            {
-                remove_older_than(&partition, &newest)?;
+                _ => false,
+            };
+            if stale {
+                files.delete(&file.rel)?;
+            } else {
+                kept.push(file);
             }
         }
+        let merged: Vec<(u64, u64, String)> = kept
+            .iter()
+            .filter_map(|f| {
+                let (from, last) = file_range(f.name())?;
+                (last > from || f.name().contains("-m")).then(|| (from, last, f.rel.clone()))
+            })
+            .collect();
+        let mut survivors = Vec::new();
+        for file in kept {
+            let inside = file_range(file.name()).is_some_and(|(from, last)| {
+                merged
+                    .iter()
+                    .any(|(a, b, rel)| *rel != file.rel && *a <= from && last <= *b)
+            });
+            if inside {
+                files.delete(&file.rel)?;
+            } else {
+                survivors.push(file);
+            }
+        }
+        if let Some(newest) = survivors
+            .iter()
+            .map(StoredFile::name)
+            .filter(|n| is_dump(n))
+            .max()
+            .map(str::to_owned)
+        {
+            remove_older_than(files, &survivors, &newest)?;
+        }
+        if survivors.len() > 1 {
+            crowded.insert(dir);
+        }
     }
-    Ok(())
+    Ok(crowded)
 }
 
-fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, HistoryError> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-        out.push(entry.map_err(io_err(dir))?.path());
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Removes the snapshot dumps (`-cards`, `-pools`) in `dir` older than the
-/// one whose name starts like `newest` (same window prefix).
-fn remove_older_than(dir: &Path, newest: &str) -> Result<(), HistoryError> {
+/// Removes the snapshot dumps (`-cards`, `-pools`) among `listed` older
+/// than the one whose name starts like `newest` (same window prefix).
+fn remove_older_than(
+    files: &HistoryFiles,
+    listed: &[StoredFile],
+    newest: &str,
+) -> Result<(), HistoryError> {
     let Some(keep) = window_of(newest) else {
         return Ok(());
     };
-    for file in read_dir(dir)? {
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let dump = name.contains("-cards") || name.contains("-pools");
-        if dump && window_of(name).is_some_and(|w| w < keep) {
-            std::fs::remove_file(&file).map_err(io_err(&file))?;
+    for file in listed {
+        let name = file.name();
+        if is_dump(name) && window_of(name).is_some_and(|w| w < keep) {
+            files.delete(&file.rel)?;
         }
     }
     Ok(())
@@ -1009,6 +1066,8 @@ mod tests {
     use super::*;
     use flowcap_engine::record::Usage;
     use flowcap_engine::RecordId;
+    use std::path::Path;
+    use std::sync::atomic::Ordering;
 
     fn accounted(seq: u64, iccid: u64, end_ms: i64) -> Accounted {
         Accounted {
@@ -1029,19 +1088,17 @@ mod tests {
     }
 
     fn files(root: &Path) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut stack = vec![root.to_owned()];
-        while let Some(dir) = stack.pop() {
-            for p in read_dir(&dir).unwrap() {
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    out.push(p.strip_prefix(root).unwrap().display().to_string());
-                }
-            }
-        }
-        out.sort();
-        out
+        HistoryFiles::new(local(root))
+            .unwrap()
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|f| f.rel)
+            .collect()
+    }
+
+    fn local(root: &Path) -> HistoryLocation {
+        HistoryLocation::Local(root.to_owned())
     }
 
     const DAY: i64 = 1_795_000_000_000;
@@ -1050,12 +1107,12 @@ mod tests {
     fn restart_keeps_the_snapshotted_windows_and_drops_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("history");
-        let mut w = HistoryWriter::open(&root, None, HistoryOptions::default()).unwrap();
+        let mut w = HistoryWriter::open(local(&root), None, HistoryOptions::default()).unwrap();
         for seq in 0..10 {
             w.accounted(&accounted(seq, seq % 3, DAY + seq as i64))
                 .unwrap();
         }
-        w.snapshot(9, Timestamp(DAY), &[], None).unwrap();
+        w.snapshot(9, Timestamp(DAY), &[], None, None).unwrap();
         for seq in 10..15 {
             w.accounted(&accounted(seq, 1, DAY + seq as i64)).unwrap();
         }
@@ -1073,7 +1130,7 @@ mod tests {
             .iter()
             .any(|f| f.contains("part-00000000000000000010-0000")));
 
-        let _w = HistoryWriter::open(&root, Some(9), HistoryOptions::default()).unwrap();
+        let _w = HistoryWriter::open(local(&root), Some(9), HistoryOptions::default()).unwrap();
         let after = files(&root);
         assert!(
             after
@@ -1090,7 +1147,7 @@ mod tests {
             .any(|f| f.starts_with("card_cycle_usage_parts/cycle=2026-11/")));
 
         // Starting empty clears everything.
-        let _w = HistoryWriter::open(&root, None, HistoryOptions::default()).unwrap();
+        let _w = HistoryWriter::open(local(&root), None, HistoryOptions::default()).unwrap();
         assert!(files(&root).is_empty());
     }
 
@@ -1102,16 +1159,143 @@ mod tests {
             roll_rows: 4,
             ..HistoryOptions::default()
         };
-        let mut w = HistoryWriter::open(&root, None, options).unwrap();
+        let mut w = HistoryWriter::open(local(&root), None, options).unwrap();
         for seq in 0..10 {
             w.accounted(&accounted(seq, seq, DAY)).unwrap();
         }
-        w.snapshot(9, Timestamp(DAY), &[], None).unwrap();
+        w.snapshot(9, Timestamp(DAY), &[], None, None).unwrap();
         let usage: Vec<String> = files(&root)
             .into_iter()
             .filter(|f| f.starts_with("usage_records/"))
             .collect();
         assert_eq!(usage.len(), 3, "{usage:?}");
         assert!(usage[2].ends_with("part-00000000000000000000-0002.parquet"));
+    }
+
+    fn sums(root: &Path) -> Vec<(String, i64, i64)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ctx = crate::sql::open(&local(root)).await.unwrap();
+            let sql = "SELECT iccid, CAST(SUM(records) AS BIGINT) AS r, \
+                       CAST(SUM(bytes) AS BIGINT) AS b FROM card_daily_usage GROUP BY iccid \
+                       UNION ALL SELECT 'raw', COUNT(*), CAST(COUNT(DISTINCT record_id) AS BIGINT) \
+                       FROM usage_records ORDER BY 1";
+            let batches = crate::sql::query(&ctx, sql).await.unwrap();
+            let mut out = Vec::new();
+            for b in batches {
+                use datafusion::arrow::array::{AsArray, Int64Array};
+                use datafusion::arrow::compute::cast;
+                use datafusion::arrow::datatypes::DataType;
+                let names = cast(b.column(0), &DataType::Utf8).unwrap();
+                let names = names.as_string::<i32>();
+                let r = b.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+                let v = b.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
+                for i in 0..b.num_rows() {
+                    out.push((names.value(i).to_owned(), r.value(i), v.value(i)));
+                }
+            }
+            out
+        })
+    }
+
+    #[test]
+    fn compaction_merges_snapshotted_windows_and_keeps_every_row_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("history");
+        let off = HistoryOptions {
+            compaction: CompactionPolicy {
+                min_files: 0,
+                ..CompactionPolicy::default()
+            },
+            ..HistoryOptions::default()
+        };
+        let on = HistoryOptions {
+            compaction: CompactionPolicy {
+                min_files: 4,
+                target_bytes: 1 << 20,
+            },
+            ..HistoryOptions::default()
+        };
+        // The same 12 windows of 3 records each, without and with compaction.
+        let write = |root: &Path, options: HistoryOptions| {
+            let mut w = HistoryWriter::open(local(root), None, options).unwrap();
+            for window in 0..12u64 {
+                for i in 0..3 {
+                    let seq = window * 3 + i;
+                    w.accounted(&accounted(seq, seq % 5, DAY + seq as i64))
+                        .unwrap();
+                }
+                // The oldest snapshot kept lags three windows behind.
+                let through = window * 3 + 2;
+                let kept = window.checked_sub(3).map(|w| w * 3 + 2);
+                w.snapshot(through, Timestamp(DAY), &[], None, kept)
+                    .unwrap();
+            }
+            let stats = w.compaction_stats();
+            drop(w);
+            stats
+        };
+        let plain_root = dir.path().join("plain");
+        assert!(write(&plain_root, off).is_none());
+        let stats = write(&root, on).unwrap();
+        assert!(stats.merges.load(Ordering::Relaxed) > 0);
+        let listed = files(&root);
+        let usage: Vec<&String> = listed
+            .iter()
+            .filter(|f| f.starts_with("usage_records/"))
+            .collect();
+        assert!(usage.len() < 12, "{usage:?}");
+        assert!(usage.iter().any(|f| f.contains("-m0")), "{usage:?}");
+        // Windows after the last oldest-kept snapshot (input 26) stay plain.
+        for f in &usage {
+            let name = f.rsplit('/').next().unwrap();
+            if let Some((_, last)) = file_range(name) {
+                assert!(!name.contains("-m") || last <= 26, "{name}");
+            }
+        }
+        assert_eq!(sums(&root), sums(&plain_root));
+        assert!(sums(&root).contains(&("raw".to_owned(), 36, 36)));
+
+        // A merge cut short by a crash: the merged file and its inputs
+        // both on disk. Recovery deletes the inputs.
+        let merged = listed
+            .iter()
+            .find(|f| f.starts_with("card_daily_usage_parts/") && f.contains("-m"))
+            .unwrap()
+            .clone();
+        let (from, last) = file_range(merged.rsplit('/').next().unwrap()).unwrap();
+        let dir_rel = merged.rsplit_once('/').unwrap().0.to_owned();
+        let copy = HistoryFiles::new(local(&plain_root)).unwrap();
+        let into = HistoryFiles::new(local(&root)).unwrap();
+        let mut restored = 0;
+        for f in copy.list_dir(&dir_rel).unwrap() {
+            if file_range(f.name()).is_some_and(|(a, _)| a >= from && a <= last) {
+                into.put(&f.rel, copy.get(&f.rel).unwrap()).unwrap();
+                restored += 1;
+            }
+        }
+        assert!(restored >= 2);
+        let doubled = sums(&root);
+        assert_ne!(doubled, sums(&plain_root), "the leftovers double count");
+        let w = HistoryWriter::open(local(&root), Some(35), off).unwrap();
+        drop(w);
+        assert_eq!(sums(&root), sums(&plain_root));
+    }
+
+    #[test]
+    fn recovery_refuses_a_merged_file_past_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("history");
+        let files = HistoryFiles::new(local(&root)).unwrap();
+        let name = format!(
+            "usage_records/date=2026-11-01/part-{:020}-m{:020}.parquet",
+            0, 20
+        );
+        files.put(&name, b"x".to_vec()).unwrap();
+        let err =
+            HistoryWriter::open(local(&root), Some(10), HistoryOptions::default()).unwrap_err();
+        assert!(matches!(err, HistoryError::MergedPastSnapshot(..)), "{err}");
     }
 }
