@@ -398,7 +398,8 @@ pub struct WebhookSpec {
 }
 
 /// An automation rule's definition (SPEC section 6). The engine keeps the
-/// registry and validates references; firing lives in `flowcap-rules`.
+/// registry, validates it ([`crate::rule::compile`]) and fires it in the
+/// shards; payloads and delivery live in `flowcap-rules`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
@@ -419,9 +420,17 @@ pub struct RuleSpec {
     /// Which cards or pools the rule watches.
     #[serde(default)]
     pub filter: RuleFilter,
-    /// What happens when it fires.
+    /// What happens when it fires: `{"type": "webhook", "endpoint": ID,
+    /// "merge": BOOL}`, `{"type": "email", "to": [...]}`, `{"type": "sms",
+    /// "to": [...]}`, `{"type": "suspend"}`; each may name its own
+    /// `"reminder"`.
     #[serde(default)]
     pub actions: Vec<serde_json::Value>,
+    /// Default reminder window of the rule's actions (`every`, `day`,
+    /// `cycle`, `once`); omitted: per day for type 1, per cycle for types 2
+    /// and 3, every transition for type 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reminder: Option<crate::rule::Reminder>,
 }
 
 fn default_true() -> bool {
@@ -505,14 +514,21 @@ pub enum ErrorCode {
     WrongPoolKind,
     /// Threshold not accepted (cmcc/cucc outside a forward pool).
     ThresholdNotAllowed,
-    /// Threshold below -1.
+    /// Threshold below -1; a rule threshold out of range or not an integer.
     InvalidThreshold,
+    /// A rule condition that is malformed or does not fit the rule type.
+    InvalidCondition,
+    /// A rule action that is malformed (unknown type or field, bad
+    /// recipient, suspend on a rule that cannot suspend).
+    InvalidAction,
     /// More than 10 tags on a card.
     TooManyTags,
     /// More than 10,000 tags for the operator.
     TagLimitReached,
     /// Tag referenced by an enabled rule.
     TagInUse,
+    /// Webhook endpoint referenced by an enabled rule.
+    WebhookInUse,
     /// Plan used by cards or pools.
     PlanInUse,
     /// More than 6 custom attribute names, or an undeclared attribute.

@@ -21,7 +21,9 @@ use crate::domain::{CardState, Carrier, Reason, Reasons, ThresholdMb, MB};
 use crate::event::{Cause, JournalEntry, Output, PoolState, Rejection};
 use crate::ids::{CommandId, Iccid, PlanId, PoolId, TagId};
 use crate::record::Usage;
+use crate::rule::Compiled;
 use crate::shard::{add_months, Card, CardExtra, PlanInfo, Pool, Shard, NO_POOL};
+use crate::shard_rules::ShardRule;
 use crate::time::Timestamp;
 
 /// Errors that stop the engine (never caused by bad input: bad input is
@@ -72,6 +74,12 @@ pub(crate) struct Registry {
     pub(crate) tags: BTreeMap<TagId, (u32, TagSpec)>,
     pub(crate) tag_names: Vec<Option<TagId>>,
     pub(crate) rules: BTreeMap<String, RuleSpec>,
+    /// Key of each rule's fired state in the shards: kept while the rule's
+    /// type, condition and filter stay the same, new otherwise.
+    #[serde(default)]
+    pub(crate) rule_keys: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub(crate) next_rule_key: u32,
     pub(crate) webhooks: BTreeMap<String, WebhookSpec>,
     pub(crate) attribute_names: Vec<String>,
     /// First results, by command id (kept outside the JSON part of
@@ -358,6 +366,12 @@ impl Engine {
     /// stored in snapshots.
     pub fn positions(&self) -> &BTreeMap<String, i64> {
         &self.positions
+    }
+
+    /// The registered webhook endpoints (delivery starts with these; later
+    /// changes are in the journal).
+    pub fn webhooks(&self) -> impl Iterator<Item = &crate::command::WebhookSpec> {
+        self.registry.webhooks.values()
     }
 
     /// Records an input position (set by the pipeline after processing).
@@ -709,19 +723,26 @@ impl Engine {
                     return Err(err(ErrorCode::UnknownRule, format!("no rule {rule:?}")));
                 };
                 let mut spec = spec.clone();
+                let was_enabled = spec.enabled;
                 spec.enabled = enable;
                 if enable {
                     self.validate_rule(&spec)?;
                 }
                 self.registry.rules.insert(rule.clone(), spec);
                 self.refresh_backward_rules();
+                self.push_rules();
+                if enable && !was_enabled {
+                    self.scan_rule(rule);
+                }
                 Ok(Vec::new())
             }
             CommandKind::RemoveRule { rule } => {
                 if self.registry.rules.remove(rule).is_none() {
                     return Err(err(ErrorCode::UnknownRule, format!("no rule {rule:?}")));
                 }
+                self.registry.rule_keys.remove(rule);
                 self.refresh_backward_rules();
+                self.push_rules();
                 Ok(Vec::new())
             }
             CommandKind::UpsertWebhook { webhook } => {
@@ -740,6 +761,17 @@ impl Engine {
                 Ok(Vec::new())
             }
             CommandKind::RemoveWebhook { webhook } => {
+                if let Some(rule) = self.registry.rules.values().find(|r| {
+                    r.enabled
+                        && r.actions.iter().any(|a| {
+                            a.get("endpoint").and_then(|e| e.as_str()) == Some(webhook.as_str())
+                        })
+                }) {
+                    return Err(err(
+                        ErrorCode::WebhookInUse,
+                        format!("webhook {webhook:?} is used by enabled rule {:?}", rule.id),
+                    ));
+                }
                 if self.registry.webhooks.remove(webhook).is_none() {
                     return Err(err(
                         ErrorCode::UnknownWebhook,
@@ -958,6 +990,8 @@ impl Engine {
             return Err(err(ErrorCode::InvalidValue, "plan id must not be empty"));
         }
         let info = PlanInfo {
+            id: spec.id.clone(),
+            name: spec.name.clone(),
             allowance_bytes: spec.allowance_mb.saturating_mul(MB),
             traffic: spec.traffic,
             term_months: spec.term_months,
@@ -1353,6 +1387,7 @@ impl Engine {
             let iccid = moved.card.iccid;
             let dst = &mut self.shards[entry.shard as usize];
             let slot = dst.insert_card(moved.card, moved.extra, &moved.tags);
+            dst.put_marks(slot, moved.marks);
             let new_loc = Loc {
                 shard: entry.shard,
                 slot,
@@ -1366,13 +1401,9 @@ impl Engine {
 
     // ----- rules and tags -----------------------------------------------
 
-    fn validate_rule(&self, rule: &RuleSpec) -> Result<(), CommandError> {
-        if !(1..=4).contains(&rule.rule_type) {
-            return Err(err(
-                ErrorCode::InvalidValue,
-                format!("rule type {} is not one of 1, 2, 3, 4", rule.rule_type),
-            ));
-        }
+    fn validate_rule(&self, rule: &RuleSpec) -> Result<Compiled, CommandError> {
+        let webhooks = &self.registry.webhooks;
+        let compiled = crate::rule::compile(rule, &|id| webhooks.contains_key(id))?;
         for plan in &rule.filter.plans {
             self.plan_entry(plan)?;
         }
@@ -1390,47 +1421,117 @@ impl Engine {
                 }
             }
         }
-        for action in &rule.actions {
-            match action.get("type").and_then(|t| t.as_str()) {
-                Some("suspend") => {
-                    if rule.rule_type != 3 || backward_suspend_threshold(rule).is_none() {
-                        return Err(err(ErrorCode::InvalidValue, "the suspend action needs a type 3 rule on backward pools with condition {\"used_mb_gte\": N}"));
-                    }
-                }
-                Some("webhook") => {
-                    let endpoint = action
-                        .get("endpoint")
-                        .and_then(|e| e.as_str())
-                        .unwrap_or_default();
-                    if !self.registry.webhooks.contains_key(endpoint) {
-                        return Err(err(
-                            ErrorCode::UnknownWebhook,
-                            format!("no webhook {endpoint:?}"),
-                        ));
-                    }
-                }
-                Some("email" | "sms" | "notify") => {}
-                other => {
-                    return Err(err(
-                        ErrorCode::InvalidValue,
-                        format!(
-                            "unknown rule action type {other:?} (suspend, webhook, email, sms)"
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        Ok(compiled)
     }
 
     fn upsert_rule(&mut self, rule: &RuleSpec) -> Result<(), CommandError> {
         if rule.id.is_empty() {
             return Err(err(ErrorCode::InvalidValue, "rule id must not be empty"));
         }
+        if rule.id.len() > crate::ids::MAX_NAME_ID_LEN {
+            return Err(err(
+                ErrorCode::InvalidValue,
+                format!(
+                    "rule id is {} bytes long; at most {}",
+                    rule.id.len(),
+                    crate::ids::MAX_NAME_ID_LEN
+                ),
+            ));
+        }
         self.validate_rule(rule)?;
+        // Same type, condition and filter: the same rule (its fired state
+        // stays); otherwise a new version that starts with none.
+        let same = self.registry.rules.get(&rule.id).is_some_and(|old| {
+            old.rule_type == rule.rule_type
+                && old.condition == rule.condition
+                && old.filter == rule.filter
+        });
+        if !same {
+            let key = self.registry.next_rule_key;
+            self.registry.next_rule_key = key.wrapping_add(1);
+            self.registry.rule_keys.insert(rule.id.clone(), key);
+        }
         self.registry.rules.insert(rule.id.clone(), rule.clone());
         self.refresh_backward_rules();
+        self.push_rules();
+        if rule.enabled {
+            self.scan_rule(&rule.id);
+        }
         Ok(())
+    }
+
+    /// Evaluates a rule on every card or pool at the end of the current
+    /// command: a rule added, changed or enabled fires at once for the
+    /// targets already inside its condition (unless they fired in the
+    /// current window).
+    fn scan_rule(&mut self, id: &str) {
+        if let Some(&key) = self.registry.rule_keys.get(id) {
+            for shard in &mut self.shards {
+                shard.scan_rule(key);
+            }
+        }
+    }
+
+    /// Installs the enabled rules in every shard, filters resolved to the
+    /// shard's indexes. Called after every rule change and on restore.
+    pub(crate) fn push_rules(&mut self) {
+        let live: BTreeSet<u32> = self.registry.rule_keys.values().copied().collect();
+        let mut per_shard: Vec<Vec<ShardRule>> = vec![Vec::new(); self.shards.len()];
+        for (id, spec) in &self.registry.rules {
+            if !spec.enabled {
+                continue;
+            }
+            // Validated when upserted or enabled; what it references can
+            // only go away through commands that check enabled rules first.
+            let Ok(compiled) = crate::rule::compile(spec, &|_| true) else {
+                continue;
+            };
+            let Some(&key) = self.registry.rule_keys.get(id) else {
+                continue;
+            };
+            let plans: Vec<u16> = spec
+                .filter
+                .plans
+                .iter()
+                .filter_map(|p| self.registry.plans.get(p).map(|e| e.index))
+                .collect();
+            let tags: Vec<u32> = spec
+                .filter
+                .tags
+                .iter()
+                .filter_map(|t| self.registry.tags.get(t).map(|(i, _)| *i))
+                .collect();
+            let named: Vec<&PoolEntry> = spec
+                .filter
+                .forward_pools
+                .iter()
+                .chain(&spec.filter.backward_pools)
+                .filter_map(|p| self.registry.pools.get(p))
+                .collect();
+            let any_pool =
+                spec.filter.forward_pools.is_empty() && spec.filter.backward_pools.is_empty();
+            for (s, rules) in per_shard.iter_mut().enumerate() {
+                let pools = (!any_pool).then(|| {
+                    named
+                        .iter()
+                        .filter(|e| e.shard as usize == s)
+                        .map(|e| e.index)
+                        .collect()
+                });
+                rules.push(ShardRule {
+                    key,
+                    id: id.clone(),
+                    name: spec.name.clone(),
+                    rule: compiled.clone(),
+                    plans: plans.clone(),
+                    tags: tags.clone(),
+                    pools,
+                });
+            }
+        }
+        for (shard, rules) in self.shards.iter_mut().zip(per_shard) {
+            shard.set_rules(rules, &live);
+        }
     }
 
     /// Recomputes every backward pool's suspend threshold from the enabled

@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, CommandResult};
 use crate::cycle::CycleId;
 use crate::domain::{CardState, Reasons};
-use crate::ids::{CommandId, Iccid, PoolId};
+use crate::ids::{CommandId, Iccid, PlanId, PoolId};
 use crate::record::{RecordId, Usage};
+use crate::rule::{RuleAction, RuleCondition};
 use crate::time::Timestamp;
 
 /// What caused an event.
@@ -59,6 +60,9 @@ pub enum DeadlineKind {
     TestEnd,
     /// Silent period ended: activatable -> active (forced activation).
     SilentEnd,
+    /// A local day started (billing time zone): type 1 rules ("days to
+    /// expiry <= N") enter for the cards whose expiry is now N days away.
+    RuleDay,
 }
 
 impl Cause {
@@ -148,6 +152,101 @@ pub struct PoolStateEvent {
     pub cause: Cause,
 }
 
+/// What a rule saw when it fired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "metric", rename_all = "snake_case")]
+pub enum Observed {
+    /// Type 1: whole local days from the firing day to the expiry day
+    /// (negative once expired).
+    DaysToExpiry {
+        /// Days.
+        days: i64,
+        /// The card's plan expiry.
+        expires_at: Timestamp,
+    },
+    /// Types 2 and 3: cycle usage of the card or pool.
+    Usage {
+        /// Bytes used in the cycle.
+        used_bytes: u64,
+        /// The allowance remaining conditions compare against (card: plan
+        /// + card add-ons; forward pool: pool allowance), when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allowance_bytes: Option<u64>,
+        /// Allowance minus usage (negative when over), when there is an
+        /// allowance.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remaining_bytes: Option<i64>,
+    },
+    /// Type 4: the visible state change.
+    StateChange {
+        /// State before.
+        old: CardState,
+        /// State after.
+        new: CardState,
+        /// Suspension reasons after.
+        reasons: Reasons,
+    },
+}
+
+/// A rule fired for one card or pool (SPEC section 5.1 `rule_fired`): the
+/// explanation of why notifications go out. One event per rule, target and
+/// cause; the actions listed are those whose reminder window allowed them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleFiredEvent {
+    /// Deterministic id: xxh3-128 of `rule_fired`, `rule|target` and the
+    /// cause.
+    pub id: String,
+    /// Rule id.
+    pub rule: String,
+    /// Rule display name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rule_name: String,
+    /// Rule type code (1-4).
+    pub rule_type: u8,
+    /// The card (types 1, 2, 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iccid: Option<Iccid>,
+    /// The pool (type 3), or the card's pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolId>,
+    /// The pool's display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_name: Option<String>,
+    /// The card's plan (the forward pool's plan for pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanId>,
+    /// The plan's display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_name: Option<String>,
+    /// The rule's condition.
+    pub condition: RuleCondition,
+    /// What was observed.
+    pub observed: Observed,
+    /// Event time of the cause (start of the day for day starts).
+    pub event_time: Timestamp,
+    /// Set by the sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processed_at: Option<Timestamp>,
+    /// The target's current cycle.
+    pub cycle: CycleId,
+    /// The actions to run (channel, endpoint or recipients, merge,
+    /// reminder window).
+    pub actions: Vec<RuleAction>,
+    /// What caused it.
+    pub cause: Cause,
+}
+
+impl RuleFiredEvent {
+    /// The target as text: the ICCID, else the pool id.
+    pub fn target(&self) -> String {
+        match (&self.iccid, &self.pool) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(p)) => p.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
 /// An action event for the actions topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -156,6 +255,8 @@ pub enum ActionEvent {
     CardState(CardStateEvent),
     /// A pool's state changed.
     PoolState(PoolStateEvent),
+    /// An automation rule fired (boxed: the largest event, and the rarest).
+    RuleFired(Box<RuleFiredEvent>),
 }
 
 impl ActionEvent {
@@ -164,6 +265,7 @@ impl ActionEvent {
         match self {
             ActionEvent::CardState(e) => &e.id,
             ActionEvent::PoolState(e) => &e.id,
+            ActionEvent::RuleFired(e) => &e.id,
         }
     }
 
@@ -172,6 +274,34 @@ impl ActionEvent {
         match self {
             ActionEvent::CardState(e) => e.iccid.to_string(),
             ActionEvent::PoolState(e) => e.pool.to_string(),
+            ActionEvent::RuleFired(e) => e.target(),
+        }
+    }
+
+    /// Event time of the cause.
+    pub fn event_time(&self) -> Timestamp {
+        match self {
+            ActionEvent::CardState(e) => e.event_time,
+            ActionEvent::PoolState(e) => e.event_time,
+            ActionEvent::RuleFired(e) => e.event_time,
+        }
+    }
+
+    /// What caused it.
+    pub fn cause(&self) -> &Cause {
+        match self {
+            ActionEvent::CardState(e) => &e.cause,
+            ActionEvent::PoolState(e) => &e.cause,
+            ActionEvent::RuleFired(e) => &e.cause,
+        }
+    }
+
+    /// The wire name of `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ActionEvent::CardState(_) => "card_state",
+            ActionEvent::PoolState(_) => "pool_state",
+            ActionEvent::RuleFired(_) => "rule_fired",
         }
     }
 }

@@ -30,6 +30,8 @@
 //!   the reference semantics.
 //! - [`sharded::ShardedEngine`]: the same shards on worker threads.
 //! - [`command`]: the command wire format and results; [`event`]: outputs.
+//! - [`rule`]: automation rules: validation, conditions, reminder windows;
+//!   shards fire them ([`event::RuleFiredEvent`]).
 //! - [`snapshot`]: versioned, checksummed state.
 
 pub mod command;
@@ -43,7 +45,9 @@ pub mod engine;
 pub mod event;
 pub mod ids;
 pub mod record;
+pub mod rule;
 mod shard;
+mod shard_rules;
 pub mod sharded;
 pub mod snapshot;
 pub mod time;

@@ -30,6 +30,8 @@ use crate::event::{
 };
 use crate::ids::{Iccid, PoolId};
 use crate::record::Usage;
+use crate::rule::Mark;
+use crate::shard_rules::{Change, ShardRule};
 use crate::time::Timestamp;
 
 /// Marks "no pool" in [`Card::pool`].
@@ -38,6 +40,9 @@ pub(crate) const NO_POOL: u32 = u32::MAX;
 /// A plan as shards need it (replicated to every shard).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PlanInfo {
+    /// Id and display name (rule firings name the plan).
+    pub(crate) id: crate::ids::PlanId,
+    pub(crate) name: String,
     pub(crate) allowance_bytes: u64,
     pub(crate) traffic: TrafficType,
     pub(crate) term_months: u32,
@@ -150,6 +155,8 @@ pub(crate) struct MovedCard {
     pub(crate) card: Card,
     pub(crate) extra: Option<CardExtra>,
     pub(crate) tags: Vec<u32>,
+    /// Fired state of rules for the card (rule key, mark).
+    pub(crate) marks: Vec<(u32, Mark)>,
 }
 
 /// One shard's state.
@@ -177,17 +184,32 @@ pub(crate) struct Shard {
     /// Current cycle per carrier (`None` before the first clock).
     pub(crate) cycles: Option<[CycleId; 4]>,
     #[serde(skip)]
-    pending: Pending,
+    pub(crate) pending: Pending,
     /// Cached earliest end of the current cycles (derived from `cycles`).
     #[serde(skip)]
     next_boundary: Option<Timestamp>,
+    /// Enabled automation rules, resolved to this shard (rebuilt from the
+    /// registry: [`Shard::set_rules`]).
+    #[serde(skip)]
+    pub(crate) rules: Vec<ShardRule>,
+    /// Whether a type 1 rule is enabled (day starts are then evaluated).
+    #[serde(skip)]
+    pub(crate) has_day_rules: bool,
+    /// Fired state per (card slot, rule key).
+    pub(crate) card_marks: BTreeMap<(u32, u32), Mark>,
+    /// Fired state per (pool index, rule key).
+    pub(crate) pool_marks: BTreeMap<(u32, u32), Mark>,
 }
 
 #[derive(Debug, Clone, Default)]
-struct Pending {
+pub(crate) struct Pending {
     cards: Vec<(u32, Visible)>,
     card_set: HashSet<u32>,
     pools: Vec<(u32, PoolState)>,
+    /// Rules to evaluate on every target at the end of the cause.
+    pub(crate) scan_rules: Vec<u32>,
+    /// Carriers rolled over under the cause.
+    pub(crate) rollovers: Vec<Carrier>,
 }
 
 impl Shard {
@@ -206,6 +228,10 @@ impl Shard {
             cycles: None,
             pending: Pending::default(),
             next_boundary: None,
+            rules: Vec::new(),
+            has_day_rules: false,
+            card_marks: BTreeMap::new(),
+            pool_marks: BTreeMap::new(),
         };
         shard.rebuild_indexes();
         shard
@@ -239,7 +265,11 @@ impl Shard {
         if clock <= self.clock {
             return;
         }
+        let before = self.clock;
         self.clock = clock;
+        if self.has_day_rules {
+            self.rule_days(before, clock, out);
+        }
         // Fast path, taken by almost every record: nothing falls due.
         if let Some(cycles) = self.cycles {
             let boundary = *self.next_boundary.get_or_insert_with(|| {
@@ -275,11 +305,21 @@ impl Shard {
             match (boundary, deadline) {
                 (Some((end, _)), Some(d)) if d < end.0 => self.fire_deadlines(Timestamp(d), out),
                 (Some((end, carrier)), _) => {
+                    // Every carrier whose cycle ends at this instant rolls
+                    // over under one cause (cmcc, ctcc and tri share their
+                    // boundaries): a pool with members of several carriers
+                    // is never seen half rolled over.
                     let next = cal.cycle_of(carrier, end);
-                    cycles[carrier.index()] = next;
+                    let due: Vec<Carrier> = Carrier::ALL
+                        .into_iter()
+                        .filter(|&c| cal.bounds(c, cycles[c.index()]).1 == end)
+                        .collect();
+                    for &c in &due {
+                        cycles[c.index()] = cal.cycle_of(c, end);
+                    }
                     self.cycles = Some(cycles);
                     self.next_boundary = None;
-                    self.rollover(carrier, next, end, out);
+                    self.rollover(&due, next, end, out);
                 }
                 (None, Some(_)) => self.fire_deadlines(clock, out),
                 (None, None) => break,
@@ -319,6 +359,8 @@ impl Shard {
                 card.lifecycle == CardState::Activatable
                     && extra.and_then(|e| e.silent_ends_at) == Some(at)
             }
+            // Never scheduled: day starts are found by `rule_days`.
+            DeadlineKind::RuleDay => false,
         };
         if !still_due {
             return;
@@ -331,6 +373,7 @@ impl Shard {
             }
             DeadlineKind::TestEnd => self.cards[slot as usize].lifecycle = CardState::Activatable,
             DeadlineKind::SilentEnd => self.activate(slot, at),
+            DeadlineKind::RuleDay => {}
         }
         self.finish(&Cause::Deadline { kind, at }, at, out);
     }
@@ -344,14 +387,14 @@ impl Shard {
 
     fn rollover(
         &mut self,
-        carrier: Carrier,
+        carriers: &[Carrier],
         cycle: CycleId,
         start: Timestamp,
         out: &mut Vec<Output>,
     ) {
         for slot in 0..self.cards.len() as u32 {
             let card = &self.cards[slot as usize];
-            if card.vacant || card.carrier != carrier {
+            if card.vacant || !carriers.contains(&card.carrier) {
                 continue;
             }
             if card.reasons != card.reasons.after_rollover() {
@@ -367,11 +410,14 @@ impl Shard {
             if pool != NO_POOL {
                 let p = &mut self.pools[pool as usize];
                 p.usage = p.usage.saturating_sub(usage);
+                if !self.rules.is_empty() {
+                    self.touch_pool(pool);
+                }
             }
         }
         for p in 0..self.pools.len() as u32 {
             let pool = &self.pools[p as usize];
-            if pool.removed || pool.cycle_carrier() != carrier {
+            if pool.removed || !carriers.contains(&pool.cycle_carrier()) {
                 continue;
             }
             self.touch_pool(p);
@@ -384,6 +430,9 @@ impl Shard {
                 self.touch(m);
                 self.refresh_card(m);
             }
+        }
+        for &carrier in carriers {
+            self.rules_rollover(carrier);
         }
         self.finish(&Cause::Rollover { cycle }, start, out);
     }
@@ -537,6 +586,10 @@ impl Shard {
     /// Recomputes a pool's exhausted/cut flags and, when they change, every
     /// member's reasons.
     pub(crate) fn refresh_pool(&mut self, p: u32) {
+        if !self.rules.is_empty() {
+            // Usage or allowance may have changed: pool rules look again.
+            self.touch_pool(p);
+        }
         let pool = &self.pools[p as usize];
         let (exhausted, cut) = match pool.kind {
             PoolKind::Forward => (pool.usage > pool.allowance_bytes(), false),
@@ -635,12 +688,18 @@ impl Shard {
     /// Emits one event per card and pool whose visible state changed since
     /// it was first touched under this cause.
     pub(crate) fn finish(&mut self, cause: &Cause, event_time: Timestamp, out: &mut Vec<Output>) {
+        let rules = !self.rules.is_empty();
         let mut pools = std::mem::take(&mut self.pending.pools);
         pools.sort_by(|a, b| {
             self.pools[a.0 as usize]
                 .id
                 .cmp(&self.pools[b.0 as usize].id)
         });
+        let touched_pools: Vec<u32> = if rules {
+            pools.iter().map(|(p, _)| *p).collect()
+        } else {
+            Vec::new()
+        };
         for (p, before) in pools.drain(..) {
             let pool = &self.pools[p as usize];
             let after = pool.visible();
@@ -671,10 +730,24 @@ impl Shard {
         let mut cards = std::mem::take(&mut self.pending.cards);
         self.pending.card_set.clear();
         cards.sort_by_key(|(slot, _)| self.cards[*slot as usize].iccid);
+        let touched_cards: Vec<u32> = if rules {
+            cards.iter().map(|(s, _)| *s).collect()
+        } else {
+            Vec::new()
+        };
+        let mut changes = Vec::new();
         for (slot, before) in cards.drain(..) {
             let after = self.visible(slot);
             if after == before {
                 continue;
+            }
+            if rules && after.state != before.state {
+                changes.push(Change {
+                    slot,
+                    old: before.state,
+                    new: after.state,
+                    reasons: after.reasons,
+                });
             }
             let card = &self.cards[slot as usize];
             let added = Reasons::from_bits(after.reasons.bits() & !before.reasons.bits());
@@ -695,6 +768,14 @@ impl Shard {
             })));
         }
         self.pending.cards = cards;
+        self.fire_rules(
+            cause,
+            event_time,
+            &touched_cards,
+            &changes,
+            &touched_pools,
+            out,
+        );
     }
 
     /// For a cut caused by usage, the usage and the tightest limit crossed.
@@ -829,11 +910,17 @@ impl Shard {
         let mut extra = self.extras.remove(&slot).unwrap_or_default();
         [extra.msisdn, extra.imsi, extra.imei] = idents;
         let extra = Some(extra);
+        let marks = self.take_marks(slot);
         let vacated = &mut self.cards[slot as usize];
         vacated.vacant = true;
         vacated.lifecycle = CardState::Deregistered;
         vacated.reasons = Reasons::EMPTY;
-        MovedCard { card, extra, tags }
+        MovedCard {
+            card,
+            extra,
+            tags,
+            marks,
+        }
     }
 
     pub(crate) fn tags_of(&self, slot: u32) -> &[u32] {

@@ -32,7 +32,7 @@ use crate::time::Timestamp;
 /// Magic bytes opening every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"FLOWCAPS";
 /// Current snapshot format version. Bump on any change of the state layout.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 
 #[derive(Serialize)]
@@ -175,7 +175,7 @@ impl Engine {
                 );
             }
         }
-        Ok(Engine {
+        let mut engine = Engine {
             config: state.config,
             shards,
             directory,
@@ -185,6 +185,8 @@ impl Engine {
             clock: state.clock,
             last_seq: state.last_seq,
             positions: state.positions,
-        })
+        };
+        engine.push_rules();
+        Ok(engine)
     }
 }

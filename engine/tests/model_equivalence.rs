@@ -173,6 +173,24 @@ fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
                 seq,
                 input
             );
+            let mut fired: Vec<(String, String)> = out
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Action(ActionEvent::RuleFired(f)) => Some((f.rule.clone(), f.target())),
+                    _ => None,
+                })
+                .collect();
+            fired.sort();
+            let mut want_fired = model.firings.clone();
+            want_fired.sort();
+            prop_assert_eq!(
+                &fired,
+                &want_fired,
+                "{}: rule firings of input {} {:?}",
+                name,
+                seq,
+                input
+            );
             events.extend(out.into_iter().filter_map(|o| match o {
                 Output::Action(a) => Some(a),
                 _ => None,

@@ -1302,7 +1302,7 @@ fn a_tag_referenced_by_an_enabled_rule_cannot_be_removed() {
         s.ok(
             "upsert_rule",
             json!({"rule": {"id": "r1", "type": 2, "condition": {"used_mb_gte": 10},
-                "filter": {"tags": ["fleet"]}, "actions": [{"type": "email"}]}}),
+                "filter": {"tags": ["fleet"]}, "actions": [{"type": "email", "to": ["ops@example.com"]}]}}),
         );
         s.fails("remove_tag", json!({"tag": "fleet"}), ErrorCode::TagInUse);
         assert_eq!(s.view(1).tags.len(), 1);

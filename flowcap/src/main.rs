@@ -116,6 +116,10 @@ struct RunArgs {
     /// Ignore snapshots in the output directory and start over.
     #[arg(long)]
     fresh: bool,
+    /// Record rule firings but send no notification (webhooks, email,
+    /// SMS); the outbox is left as it is.
+    #[arg(long)]
+    no_notify: bool,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -183,6 +187,9 @@ struct FileConfig {
     run: RunSection,
     /// Kafka settings (Kafka mode when `bootstrap` is set).
     kafka: KafkaSection,
+    /// Rule notification delivery: retries, SMTP relay, SMS gateway,
+    /// push-failure alert channels.
+    notify: flowcap_rules::NotifyConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -398,6 +405,7 @@ fn run(args: RunArgs) -> Result<()> {
                 .unwrap_or(file.kafka.snapshot_interval_secs),
         );
         options.history = history;
+        options.notify = (!args.no_notify).then(|| file.notify.clone());
         options.max_run = file.kafka.max_run;
         options.max_queued_records = file.kafka.max_queued_records;
         options.lease_timeout = std::time::Duration::from_secs(file.kafka.lease_timeout_secs);
@@ -423,6 +431,7 @@ fn run(args: RunArgs) -> Result<()> {
             None => Source::Generator,
         },
         health: Some(health.clone()),
+        notify: (!args.no_notify).then(|| file.notify.clone()),
     };
     if args.input.is_none() && args.commands.is_some() {
         bail!("--commands needs --input (the generator makes its own commands)");
@@ -609,6 +618,13 @@ fn print_summary(s: &Summary, check: Option<&Exactness>) {
     );
     println!("  card events   {:>12}", s.card_events);
     println!("  pool events   {:>12}", s.pool_events);
+    println!("  rule firings  {:>12}", s.rule_firings);
+    if let Some(n) = &s.notifications {
+        println!(
+            "  notifications {:>12}  delivered, {} failed, {} retries, {} still queued (outbox/)",
+            n.delivered, n.failed, n.retries, n.pending
+        );
+    }
     let states: Vec<String> = s
         .cards_by_state
         .iter()

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
-use flowcap_engine::command::{parse_command, CommandResult};
+use flowcap_engine::command::{parse_command, CommandKind, CommandResult};
 use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::event::{ActionEvent, Output};
 use flowcap_engine::{CardView, PoolView};
@@ -46,6 +46,8 @@ use flowcap_storage::{
     SnapshotStoreError,
 };
 use serde::Serialize;
+
+use flowcap_rules::delivery::{Notifier, NotifyConfig};
 
 use crate::health::Health;
 use crate::metrics::{self, DriverMetrics, OutputMetrics, Source};
@@ -117,6 +119,9 @@ pub struct EmbeddedOptions {
     pub source: Source,
     /// Set ready when the pipeline starts processing, if given.
     pub health: Option<Arc<Health>>,
+    /// Deliver rule notifications (webhooks, email, SMS) with these
+    /// settings; `None`: firings are recorded but nothing is sent.
+    pub notify: Option<NotifyConfig>,
 }
 
 impl EmbeddedOptions {
@@ -132,6 +137,7 @@ impl EmbeddedOptions {
             progress_every: 100_000,
             source: Source::File,
             health: None,
+            notify: Some(NotifyConfig::default()),
         }
     }
 }
@@ -170,6 +176,10 @@ pub struct Summary {
     pub card_events: u64,
     /// Pool state events emitted.
     pub pool_events: u64,
+    /// Rule firings emitted.
+    pub rule_firings: u64,
+    /// Notification delivery (webhooks, email, SMS) when it is on.
+    pub notifications: Option<flowcap_rules::delivery::DeliveryTotals>,
     /// Cards per visible state at the end.
     pub cards_by_state: BTreeMap<String, u64>,
     /// Snapshots written.
@@ -188,6 +198,12 @@ pub const EVENTS_FILE: &str = "events.jsonl";
 pub const REJECTS_FILE: &str = "rejects.jsonl";
 /// Command journal: command + result.
 pub const JOURNAL_FILE: &str = "journal.jsonl";
+/// The notification outbox inside the output directory
+/// (`flowcap_rules::delivery::outbox`).
+pub const OUTBOX_DIR: &str = "outbox";
+/// Push-failure alerts (`push_failed` action events), appended as they
+/// happen (wall-clock order; not rewound on restart).
+pub const ALERTS_FILE: &str = "alerts.jsonl";
 /// The Parquet history directory inside the output directory (the
 /// default location).
 pub const HISTORY_DIR: &str = "history";
@@ -382,6 +398,7 @@ pub(crate) struct Writer {
     summary: Summary,
     kafka: Option<KafkaOut>,
     metrics: OutputMetrics,
+    notifier: Option<Arc<Notifier>>,
 }
 
 impl Writer {
@@ -415,6 +432,13 @@ impl Writer {
                             self.summary.pool_events += 1;
                             e.processed_at = Some(now);
                         }
+                        ActionEvent::RuleFired(e) => {
+                            self.summary.rule_firings += 1;
+                            e.processed_at = Some(now);
+                            if let Some(n) = &self.notifier {
+                                n.submit(e);
+                            }
+                        }
                     }
                     self.sink(EVENTS_FILE).write(&event)?;
                     if let Some(h) = &mut self.history {
@@ -423,10 +447,7 @@ impl Writer {
                     if let Some(k) = &mut self.kafka {
                         let payload = serde_json::to_vec(&event)?;
                         let id = event.id().as_bytes();
-                        let kind: &[u8] = match &event {
-                            ActionEvent::CardState(_) => b"card_state",
-                            ActionEvent::PoolState(_) => b"pool_state",
-                        };
+                        let kind: &[u8] = event.kind().as_bytes();
                         k.outbox.send(
                             &k.actions,
                             Some(event.key().as_bytes()),
@@ -436,6 +457,15 @@ impl Writer {
                     }
                 }
                 Output::Journal(entry) => {
+                    if let (Some(n), true) = (&self.notifier, entry.result.ok) {
+                        match &entry.command.kind {
+                            CommandKind::UpsertWebhook { webhook } => {
+                                n.upsert_endpoint(webhook.clone())
+                            }
+                            CommandKind::RemoveWebhook { webhook } => n.remove_endpoint(webhook),
+                            _ => {}
+                        }
+                    }
                     if entry.result.ok {
                         self.summary.commands_ok += 1;
                     } else {
@@ -594,6 +624,9 @@ impl Writer {
             sink.sync()?;
             lengths.insert(format!("out.{name}"), sink.len());
         }
+        if let Some(n) = &self.notifier {
+            n.sync()?;
+        }
         if let Some(k) = &mut self.kafka {
             let give_up = &k.give_up;
             k.outbox
@@ -614,6 +647,8 @@ pub(crate) enum WriteError {
     Encode(#[from] serde_json::Error),
     #[error("{0}")]
     History(#[from] HistoryError),
+    #[error("{0}")]
+    Notify(#[from] flowcap_rules::delivery::DeliveryError),
 }
 
 fn history_source(s: SourcePosition) -> HistorySource {
@@ -746,6 +781,10 @@ pub(crate) struct Pipeline {
     cards_day: Option<i64>,
     /// Dump every card at the next snapshot (the last one of a run).
     pub(crate) dump_cards: bool,
+    /// Rule notification delivery, when on.
+    notifier: Option<Arc<Notifier>>,
+    /// How long `finish` waits for queued notifications.
+    drain_timeout: Duration,
 }
 
 impl Pipeline {
@@ -757,6 +796,7 @@ impl Pipeline {
         resume: bool,
         config: &EngineConfig,
         history: Option<&HistoryConfig>,
+        notify: Option<&NotifyConfig>,
         kafka: Option<KafkaOut>,
     ) -> Result<Pipeline, IngestError> {
         let started = Instant::now();
@@ -781,6 +821,16 @@ impl Pipeline {
         }
         if restored.is_none() {
             clear_dir(dir)?;
+            // The outbox survives a crash before the first snapshot: the
+            // replay from the start fires the same executions, which it
+            // recognises. Only starting over on purpose drops it.
+            let outbox = dir.join(OUTBOX_DIR);
+            if !resume && outbox.exists() {
+                std::fs::remove_dir_all(&outbox).map_err(|source| IngestError::Directory {
+                    path: outbox.clone(),
+                    source,
+                })?;
+            }
         }
         let store = SnapshotStore::open(&snapshots_dir)?;
         // The driver's own position, not the engine's: inputs that never
@@ -824,12 +874,17 @@ impl Pipeline {
             None => None,
         };
         let history = history_writer.is_some();
+        let notifier = match notify {
+            Some(config) => Some(crate::notify::start(dir, config, &engine)?),
+            None => None,
+        };
         let writer = Writer {
             sinks,
             history: history_writer,
             summary: Summary::default(),
             kafka,
             metrics: OutputMetrics::new(),
+            notifier: notifier.clone(),
         };
         let (sharded, outputs) = ShardedEngine::start(engine, 64);
         let (side, side_rx) = bounded::<Side>(1024);
@@ -849,6 +904,8 @@ impl Pipeline {
             history,
             cards_day: None,
             dump_cards: false,
+            notifier,
+            drain_timeout: Duration::from_millis(notify.map_or(0, |n| n.drain_timeout_ms)),
         })
     }
 
@@ -937,6 +994,18 @@ impl Pipeline {
                 .entry(view.state.as_str().to_owned())
                 .or_default() += 1;
         }
+        if let Some(n) = self.notifier {
+            let totals = n
+                .drain(self.drain_timeout)
+                .map_err(|e| IngestError::Writer(e.to_string()))?;
+            if totals.pending > 0 {
+                tracing::warn!(
+                    pending = totals.pending,
+                    "notifications still undelivered; the next run on this directory sends them"
+                );
+            }
+            summary.notifications = Some(totals);
+        }
         summary.resumed_after_seq = self.resumed_after;
         summary.snapshots = self.snapshots;
         summary.elapsed_secs = self.started.elapsed().as_secs_f64();
@@ -958,6 +1027,7 @@ pub fn run(
         options.resume,
         &options.engine,
         options.history.as_ref(),
+        options.notify.as_ref(),
         None,
     )?;
     let resumed_after = pipeline.resumed_after;

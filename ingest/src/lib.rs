@@ -10,18 +10,22 @@
 //!   local directory, snapshots beside them, exact resume after a crash.
 //! - [`files`]: records and commands from JSON-lines files, merged into one
 //!   deterministic input sequence.
+//! - `notify`: starts rule notification delivery (`flowcap_rules::delivery`)
+//!   on the data directory's outbox; the writer feeds it firings and
+//!   syncs it at every snapshot barrier.
 //! - [`metrics`]: the metric names and the handles the pipelines record
 //!   them with; [`health`]: readiness the pipelines flip and `/readyz`
 //!   reports.
 //!
-//! The Kafka transport (issue #4) will reuse the same driver with Kafka
-//! partitions as inputs and topics as sinks.
+//! - [`kafka`]: the same driver with Kafka partitions as inputs and topics
+//!   as sinks.
 
 pub mod embedded;
 pub mod files;
 pub mod health;
 pub mod kafka;
 pub mod metrics;
+mod notify;
 
 pub use embedded::{run, EmbeddedOptions, HistoryConfig, IngestError, Input, Progress, Summary};
 pub use health::Health;

@@ -338,6 +338,8 @@ impl OutputMetrics {
             Output::Rejected(_) => {}
             Output::Action(ActionEvent::CardState(_)) => self.card_actions.increment(1),
             Output::Action(ActionEvent::PoolState(_)) => self.pool_actions.increment(1),
+            // Rule firings get their metrics with delivery (issue #6).
+            Output::Action(ActionEvent::RuleFired(_)) => {}
             Output::Journal(entry) => self.command(entry.result.ok),
         }
     }

@@ -46,6 +46,11 @@
 //! with `cargo install tansu --locked --version 0.6.0 --features dynostore,libsql`.
 //!
 //! [Tansu]: https://tansu.io
+//!
+//! [`receiver`] has the other side of notification delivery: a scripted
+//! HTTP receiver and an SMTP sink.
+
+pub mod receiver;
 
 use std::fs::{File, OpenOptions};
 use std::future::Future;

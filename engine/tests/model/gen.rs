@@ -48,6 +48,16 @@ pub const POOLS: [(&str, PoolKind, Option<Carrier>, Option<usize>); 4] = [
     ("bwd-cucc", PoolKind::Backward, Some(Carrier::Cucc), None),
 ];
 
+/// Rules every generated run starts with (the model checks their firings):
+/// card usage >= 20 MB, card remaining <= 5 MB (true at zero usage on a
+/// 5 MB plan), pool usage >= 50 MB, any change to suspended.
+pub const RULES: [&str; 4] = [
+    r#"{"id": "m-used", "type": 2, "condition": {"used_mb_gte": 20}}"#,
+    r#"{"id": "m-left", "type": 2, "condition": {"remaining_mb_lte": 5}}"#,
+    r#"{"id": "m-pool", "type": 3, "condition": {"used_mb_gte": 50}}"#,
+    r#"{"id": "m-cut", "type": 4, "condition": {"to": ["suspended"]}}"#,
+];
+
 pub fn iccid(i: usize) -> Iccid {
     Iccid::parse(CARDS[i].0).unwrap()
 }
@@ -109,6 +119,7 @@ pub enum Op {
     Activate(Vec<usize>),
     Freeze(usize),
     Unfreeze(usize),
+    UpsertRule(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -221,6 +232,9 @@ pub fn setup() -> impl Strategy<Value = Vec<Op>> {
             let first_card = PLANS.len();
             for (k, &p) in pools.iter().enumerate() {
                 ops.insert(first_card + k, Op::CreatePool(p));
+            }
+            for k in (0..RULES.len()).rev() {
+                ops.insert(0, Op::UpsertRule(k));
             }
             ops
         })
@@ -393,6 +407,9 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
             },
             Op::Freeze(p) => CommandKind::FreezePool { pool: pool_id(*p) },
             Op::Unfreeze(p) => CommandKind::UnfreezePool { pool: pool_id(*p) },
+            Op::UpsertRule(k) => CommandKind::UpsertRule {
+                rule: serde_json::from_str(RULES[*k]).expect("valid rule"),
+            },
         };
         next_cmd += 1;
         inputs.push(Input::Command(Command {

@@ -10,14 +10,22 @@
 //! add/remove_pool_members, set/clear_threshold, add_on (card and pool),
 //! suspend, resume, deregister, freeze/unfreeze, activate; usage records
 //! (unknown cards, duplicates, far future, late, cycle rollovers).
+//! Rules: the four rules of `gen::RULES` (no filter, cycle windows for the
+//! usage rules, every transition for the state rule), checked the obvious
+//! way: after each input, every live card and pool inside a usage condition
+//! fires unless it already fired for that rule in its current cycle; at
+//! each cycle start (in time order, carriers of one instant together),
+//! cards inside "remaining" at zero usage and pools inside "used" fire for
+//! that cycle; every change to `suspended` fires the state rule.
 //! Not covered: testable cards, deadlines (plan expiry, silent/test end),
-//! renew, rules, tags, violations/rebind, remove_plan, carrier changes.
+//! renew, other rules and windows, tags, violations/rebind, remove_plan,
+//! carrier changes.
 
 #![allow(dead_code, unreachable_pub)]
 
 pub mod gen;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use flowcap_engine::command::{CardSpec, PoolKind};
 use flowcap_engine::{
@@ -29,6 +37,18 @@ use flowcap_engine::{
 pub const GENERAL_CAP: u64 = 100 * MB;
 /// UTC+8.
 pub const OFFSET_SECS: i32 = 8 * 3600;
+
+/// Where a cycle (month index) of a carrier starts.
+pub fn cycle_start(carrier: Carrier, cycle: i64) -> Timestamp {
+    let (y, m) = (cycle.div_euclid(12), (cycle.rem_euclid(12) + 1) as u32);
+    if carrier == Carrier::Cucc {
+        let prev = cycle - 1;
+        let (py, pm) = (prev.div_euclid(12), (prev.rem_euclid(12) + 1) as u32);
+        Timestamp::from_civil(py, pm, 27, OFFSET_SECS)
+    } else {
+        Timestamp::from_civil(y, m, 1, OFFSET_SECS)
+    }
+}
 
 /// A cycle as a month index (`year * 12 + month - 1` of the month it ends in).
 pub fn cycle_of(carrier: Carrier, t: Timestamp) -> i64 {
@@ -107,6 +127,12 @@ pub struct Model {
     /// Last visible (state, reasons) per card, for events.
     pub visible: BTreeMap<Iccid, (CardState, Reasons)>,
     pub events: Vec<ModelEvent>,
+    /// Rules installed (`upsert_rule` seen).
+    pub rules: bool,
+    /// (rule, target, cycle) already fired.
+    pub fired: BTreeSet<(String, String, i64)>,
+    /// Firings of the current input: (rule, target).
+    pub firings: Vec<(String, String)>,
 }
 
 impl Model {
@@ -120,6 +146,9 @@ impl Model {
             seen: HashSet::new(),
             visible: BTreeMap::new(),
             events: Vec::new(),
+            rules: false,
+            fired: BTreeSet::new(),
+            firings: Vec::new(),
         }
     }
 
@@ -212,6 +241,94 @@ impl Model {
         }
     }
 
+    // ----- rules -----------------------------------------------------------
+
+    /// A card's allowance for "remaining": plan + add-ons; none in a
+    /// backward pool.
+    fn card_allowance(&self, iccid: Iccid) -> Option<u64> {
+        let card = &self.cards[&iccid];
+        if card.pool.as_ref().is_some_and(|p| !self.pools[p].forward) {
+            return None;
+        }
+        Some(self.plans[&card.plan].allowance_bytes + card.addon_mb * MB)
+    }
+
+    fn fire(&mut self, rule: &str, target: String, cycle: i64) {
+        if self.fired.insert((rule.to_owned(), target.clone(), cycle)) {
+            self.firings.push((rule.to_owned(), target));
+        }
+    }
+
+    /// Usage rules, checked on the state after an input.
+    fn check_rules(&mut self) {
+        if !self.rules {
+            return;
+        }
+        let cards: Vec<Iccid> = self.cards.keys().copied().collect();
+        for iccid in cards {
+            let card = &self.cards[&iccid];
+            if card.lifecycle == CardState::Deregistered {
+                continue;
+            }
+            let cycle = self.current_cycle(card.carrier);
+            let usage = card.usage;
+            if usage >= 20 * MB {
+                self.fire("m-used", iccid.to_string(), cycle);
+            }
+            if self
+                .card_allowance(iccid)
+                .is_some_and(|a| a > 0 && a as i128 - usage as i128 <= 5 * MB as i128)
+            {
+                self.fire("m-left", iccid.to_string(), cycle);
+            }
+        }
+        let pools: Vec<(String, Option<Carrier>)> = self
+            .pools
+            .iter()
+            .map(|(id, p)| (id.clone(), p.carrier))
+            .collect();
+        for (pool, carrier) in pools {
+            if self.pool_usage(&pool) >= 50 * MB {
+                let cycle = self.current_cycle(carrier.unwrap_or(Carrier::Cmcc));
+                self.fire("m-pool", pool, cycle);
+            }
+        }
+    }
+
+    /// A cycle of `carrier` starts: its cards inside "remaining" at zero
+    /// usage, and its pools inside "used" (carrier-less backward pools
+    /// follow cmcc), fire for it.
+    fn rules_at_cycle_start(&mut self, carrier: Carrier, cycle: i64) {
+        if !self.rules {
+            return;
+        }
+        let cards: Vec<Iccid> = self
+            .cards
+            .iter()
+            .filter(|(_, c)| c.carrier == carrier && c.lifecycle != CardState::Deregistered)
+            .map(|(i, _)| *i)
+            .collect();
+        for iccid in cards {
+            if self
+                .card_allowance(iccid)
+                .is_some_and(|a| a > 0 && a <= 5 * MB)
+            {
+                self.fire("m-left", iccid.to_string(), cycle);
+            }
+        }
+        let pools: Vec<String> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| p.carrier.unwrap_or(Carrier::Cmcc) == carrier)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for pool in pools {
+            if self.pool_usage(&pool) >= 50 * MB {
+                self.fire("m-pool", pool, cycle);
+            }
+        }
+    }
+
     // ----- causes --------------------------------------------------------
 
     /// Ends one cause: latches thresholds, emits one event per card whose
@@ -226,12 +343,20 @@ impl Model {
         for iccid in iccids {
             let now = self.view(iccid);
             match self.visible.insert(iccid, now) {
-                Some(before) if before != now => self.events.push(ModelEvent {
-                    iccid,
-                    old: before.0,
-                    new: now.0,
-                    reasons: now.1,
-                }),
+                Some(before) if before != now => {
+                    if self.rules
+                        && now.0 == CardState::Suspended
+                        && before.0 != CardState::Suspended
+                    {
+                        self.firings.push(("m-cut".to_owned(), iccid.to_string()));
+                    }
+                    self.events.push(ModelEvent {
+                        iccid,
+                        old: before.0,
+                        new: now.0,
+                        reasons: now.1,
+                    })
+                }
                 _ => {}
             }
         }
@@ -246,29 +371,49 @@ impl Model {
         }
         self.clock = Some(t);
         let Some(old) = old else { return };
+        // Every cycle start crossed, in time order; carriers starting a
+        // cycle at the same instant together (one cause).
+        let mut starts: BTreeMap<Timestamp, Vec<(Carrier, i64)>> = BTreeMap::new();
         for carrier in Carrier::ALL {
-            if cycle_of(carrier, t) == cycle_of(carrier, old) {
-                continue;
+            for cycle in cycle_of(carrier, old) + 1..=cycle_of(carrier, t) {
+                starts
+                    .entry(cycle_start(carrier, cycle))
+                    .or_default()
+                    .push((carrier, cycle));
             }
-            for card in self.cards.values_mut() {
-                if card.carrier == carrier {
-                    card.usage = 0;
-                    card.addon_mb = 0;
-                    card.over_threshold = false;
+        }
+        for (_, group) in starts {
+            for &(carrier, _) in &group {
+                for card in self.cards.values_mut() {
+                    if card.carrier == carrier {
+                        card.usage = 0;
+                        card.addon_mb = 0;
+                        card.over_threshold = false;
+                    }
                 }
-            }
-            for pool in self.pools.values_mut() {
-                if pool.forward && pool.carrier == Some(carrier) {
-                    pool.addon_mb = 0;
+                for pool in self.pools.values_mut() {
+                    if pool.forward && pool.carrier == Some(carrier) {
+                        pool.addon_mb = 0;
+                    }
                 }
             }
             self.end_cause();
+            for (carrier, cycle) in group {
+                self.rules_at_cycle_start(carrier, cycle);
+            }
         }
     }
 
     // ----- records ---------------------------------------------------------
 
     pub fn record(&mut self, u: &Usage) -> RecordOutcome {
+        self.firings.clear();
+        let outcome = self.record_inner(u);
+        self.check_rules();
+        outcome
+    }
+
+    fn record_inner(&mut self, u: &Usage) -> RecordOutcome {
         if let Some(clock) = self.clock {
             if u.end > clock.plus_millis(self.max_future_ms) {
                 return RecordOutcome::Rejected("future_time".into());
@@ -297,9 +442,11 @@ impl Model {
     // ----- commands --------------------------------------------------------
 
     pub fn command(&mut self, c: &Command) -> CommandOutcome {
+        self.firings.clear();
         self.advance(c.at);
         let outcome = self.apply(c);
         self.end_cause();
+        self.check_rules();
         outcome
     }
 
@@ -524,6 +671,10 @@ impl Model {
                     }
                     _ => Self::whole(false),
                 }
+            }
+            CommandKind::UpsertRule { .. } => {
+                self.rules = true;
+                Self::whole(true)
             }
             other => panic!("the model does not cover {}", other.type_name()),
         }

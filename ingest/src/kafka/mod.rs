@@ -115,6 +115,8 @@ pub struct KafkaOptions {
     pub snapshot_interval: Duration,
     /// Write the Parquet history; `None`: no history.
     pub history: Option<crate::embedded::HistoryConfig>,
+    /// Deliver rule notifications; `None`: nothing is sent.
+    pub notify: Option<flowcap_rules::delivery::NotifyConfig>,
     /// Record decoding limits.
     pub limits: DecodeLimits,
     /// Messages processed between two looks at the lease, backpressure and
@@ -146,6 +148,7 @@ impl KafkaOptions {
             snapshot_every: 1_000_000,
             snapshot_interval: Duration::from_secs(60),
             history: Some(crate::embedded::HistoryConfig::default()),
+            notify: Some(flowcap_rules::delivery::NotifyConfig::default()),
             limits: DecodeLimits::default(),
             max_run: 4096,
             max_queued_records: 1 << 16,
@@ -341,6 +344,7 @@ pub fn run(
         true,
         &options.engine,
         options.history.as_ref(),
+        options.notify.as_ref(),
         Some(out),
     )?;
 

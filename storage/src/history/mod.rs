@@ -63,6 +63,7 @@ use flowcap_engine::event::{Accounted, ActionEvent, Cause};
 use flowcap_engine::{
     CardView, Carrier, Command, CycleCalendar, CycleId, Iccid, PoolView, Reasons, Timestamp,
 };
+use flowcap_rules::ExecutionRecord;
 use serde::Serialize;
 
 use crate::location::{HistoryFiles, HistoryLocation, LocationError, StoredFile};
@@ -232,6 +233,7 @@ pub struct HistoryWriter {
     quarantine: HashMap<i64, Vec<Quarantined>>,
     changes: HashMap<i64, Vec<StateChange>>,
     journal: HashMap<i64, Vec<JournalRow>>,
+    executions: HashMap<i64, Vec<ExecutionRecord>>,
     buffered: usize,
     /// Day of the last `cards` dump.
     cards_day: Option<i64>,
@@ -284,6 +286,7 @@ impl HistoryWriter {
             quarantine: HashMap::new(),
             changes: HashMap::new(),
             journal: HashMap::new(),
+            executions: HashMap::new(),
             buffered: 0,
             cards_day: None,
             files_written: 0,
@@ -346,6 +349,15 @@ impl HistoryWriter {
         let t = match event {
             ActionEvent::CardState(e) => e.event_time,
             ActionEvent::PoolState(e) => e.event_time,
+            // Not a state change: a firing is one `rule_executions` row per
+            // action.
+            ActionEvent::RuleFired(f) => {
+                let day = self.day(f.event_time);
+                let rows = flowcap_rules::execution::records(f);
+                self.buffered += rows.len();
+                self.executions.entry(day).or_default().extend(rows);
+                return self.roll_if_full();
+            }
         };
         let day = self.day(t);
         self.changes.entry(day).or_default().push(StateChange {
@@ -522,6 +534,29 @@ impl HistoryWriter {
             let batch = changes_batch(&rows)?;
             self.write(
                 schema::STATE_CHANGES,
+                Partitioning::Date,
+                &date_value(day),
+                &name,
+                &batch,
+            )?;
+        }
+        let executions = std::mem::take(&mut self.executions);
+        for (day, mut rows) in executions {
+            rows.sort_by(|a, b| {
+                (
+                    a.iccid.as_ref().or(a.pool_id.as_ref()),
+                    a.fired_at,
+                    &a.execution_id,
+                )
+                    .cmp(&(
+                        b.iccid.as_ref().or(b.pool_id.as_ref()),
+                        b.fired_at,
+                        &b.execution_id,
+                    ))
+            });
+            let batch = executions_batch(&rows)?;
+            self.write(
+                schema::RULE_EXECUTIONS,
                 Partitioning::Date,
                 &date_value(day),
                 &name,
@@ -778,6 +813,7 @@ fn change_key(e: &ActionEvent) -> (String, i64) {
     match e {
         ActionEvent::CardState(c) => (c.iccid.to_string(), c.event_time.0),
         ActionEvent::PoolState(p) => (p.pool.to_string(), p.event_time.0),
+        ActionEvent::RuleFired(r) => (r.target(), r.event_time.0),
     }
 }
 
@@ -906,10 +942,7 @@ fn cause_text(c: &Cause) -> (&'static str, String, Option<String>) {
 }
 
 fn change_text(e: &ActionEvent) -> ChangeText {
-    let (cause, cause_id, cause_iccid) = cause_text(match e {
-        ActionEvent::CardState(c) => &c.cause,
-        ActionEvent::PoolState(p) => &p.cause,
-    });
+    let (cause, cause_id, cause_iccid) = cause_text(e.cause());
     match e {
         ActionEvent::CardState(c) => ChangeText {
             subject: "card",
@@ -945,6 +978,24 @@ fn change_text(e: &ActionEvent) -> ChangeText {
             cause_id,
             cause_iccid,
         },
+        // Never buffered as a state change (see `action`).
+        ActionEvent::RuleFired(r) => ChangeText {
+            subject: "rule",
+            iccid: r.iccid.map(|i| i.to_string()),
+            pool: r.pool.as_ref().map(|p| p.to_string()),
+            old: String::new(),
+            new: String::new(),
+            reasons: String::new(),
+            event_time: r.event_time.0,
+            processed_at: r.processed_at.map(|t| t.0),
+            cycle: r.cycle.to_string(),
+            usage: 0,
+            limit: None,
+            overshoot: None,
+            cause,
+            cause_id,
+            cause_iccid,
+        },
     }
 }
 
@@ -967,6 +1018,29 @@ fn changes_batch(rows: &[StateChange]) -> Result<RecordBatch, ArrowError> {
     c.dict(t.iter().map(|x| Some(x.cause)));
     c.utf8(t.iter().map(|x| Some(x.cause_id.as_str())));
     c.utf8(t.iter().map(|x| x.cause_iccid.as_deref()));
+    c.finish()
+}
+
+fn executions_batch(rows: &[ExecutionRecord]) -> Result<RecordBatch, ArrowError> {
+    let mut c = Columns::new(table_schema(schema::RULE_EXECUTIONS));
+    c.utf8(rows.iter().map(|r| Some(r.execution_id.as_str())));
+    c.utf8(rows.iter().map(|r| Some(r.firing_id.as_str())));
+    c.utf8(rows.iter().map(|r| Some(r.rule.as_str())));
+    c.i32(rows.iter().map(|r| Some(r.rule_type)));
+    c.utf8(rows.iter().map(|r| r.iccid.as_deref()));
+    c.utf8(rows.iter().map(|r| r.pool_id.as_deref()));
+    c.utf8(rows.iter().map(|r| Some(r.condition.as_str())));
+    c.utf8(rows.iter().map(|r| Some(r.observed.as_str())));
+    c.dict(rows.iter().map(|r| Some(r.cause.as_str())));
+    c.utf8(rows.iter().map(|r| Some(r.cause_id.as_str())));
+    c.utf8(rows.iter().map(|r| r.cause_iccid.as_deref()));
+    c.dict(rows.iter().map(|r| Some(r.channel.as_str())));
+    c.utf8(rows.iter().map(|r| r.endpoint.as_deref()));
+    c.dict(rows.iter().map(|r| Some(r.reminder.as_str())));
+    c.i32(rows.iter().map(|r| Some(r.attempts)));
+    c.dict(rows.iter().map(|r| Some(r.outcome.as_str())));
+    c.ts(rows.iter().map(|r| Some(r.fired_at.0)));
+    c.dict(rows.iter().map(|r| Some(r.cycle.as_str())));
     c.finish()
 }
 

@@ -104,7 +104,7 @@ pub fn tables() -> Vec<TableDef> {
         },
         TableDef {
             name: RULE_EXECUTIONS,
-            about: "every automation rule firing (written once rules fire: issue #6)",
+            about: "every automation rule firing and action as decided: rule, target, condition, observed value, cause, channel (delivery outcomes: outbox/*.done)",
             partitioning: Partitioning::Date,
             schema: rule_executions_schema(),
         },
@@ -241,18 +241,23 @@ fn state_changes_schema() -> SchemaRef {
 fn rule_executions_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         field("execution_id", DataType::Utf8, false),
+        field("firing_id", DataType::Utf8, false),
         field("rule", DataType::Utf8, false),
         field("rule_type", DataType::Int32, false),
         field("iccid", DataType::Utf8, true),
         field("pool_id", DataType::Utf8, true),
         field("condition", DataType::Utf8, false),
         field("observed", DataType::Utf8, false),
+        field("cause", dict(), false),
         field("cause_id", DataType::Utf8, false),
+        field("cause_iccid", DataType::Utf8, true),
         field("channel", dict(), false),
         field("endpoint", DataType::Utf8, true),
+        field("reminder", dict(), false),
         field("attempts", DataType::Int32, false),
         field("outcome", dict(), false),
         field("fired_at", ts(), false),
+        field("cycle", dict(), false),
     ]))
 }
 

@@ -1,0 +1,225 @@
+//! Rule notifications through the real binary (issue #6): `flowcap run`
+//! fires automation rules and delivers their webhooks to a local receiver
+//! that keeps failing; the process is killed with SIGKILL while
+//! notifications are undelivered (during the input and during the final
+//! drain), restarted on the same directory, and finally the receiver
+//! recovers. Every firing must arrive, signed, in exactly one message id
+//! (repeats only under the same `webhook-id` and body), and the
+//! `rule_executions` history must hold every execution once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flowcap_testkit::receiver::{HttpReceiver, Reply};
+use serde_json::{json, Value};
+
+mod common;
+
+use common::{sql_rows, BIN};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const CARDS: u32 = 300;
+
+fn iccid(n: u32) -> String {
+    format!("8986041234{n:010}")
+}
+
+/// Commands and records: every card crosses 20 MB once (rule `single`,
+/// one message per card) and 25 MB once (rule `merged`, merged messages).
+fn write_inputs(dir: &Path, url: &str) {
+    let at = "2026-11-01T00:00:00+08:00";
+    let mut commands = Vec::new();
+    let mut cmd = |ty: &str, body: Value| {
+        let mut c = json!({"id": format!("c{}", commands.len()), "type": ty, "at": at});
+        c.as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
+        commands.push(c.to_string());
+    };
+    cmd(
+        "upsert_plan",
+        json!({"plan": {"id": "p100", "name": "CMCC 100MB", "carrier": "cmcc",
+            "allowance_mb": 100, "traffic": "directed"}}),
+    );
+    cmd(
+        "upsert_webhook",
+        json!({"webhook": {"id": "hook", "url": url, "secret": SECRET}}),
+    );
+    for n in 1..=CARDS {
+        cmd(
+            "upsert_card",
+            json!({"card": {"iccid": iccid(n), "carrier": "cmcc", "plan": "p100", "state": "active",
+                "activated_at": "2026-01-05T00:00:00+08:00", "expires_at": "2027-01-05T00:00:00+08:00"}}),
+        );
+    }
+    cmd(
+        "upsert_rule",
+        json!({"rule": {"id": "single", "type": 2, "condition": {"used_mb_gte": 20},
+            "actions": [{"type": "webhook", "endpoint": "hook"}]}}),
+    );
+    cmd(
+        "upsert_rule",
+        json!({"rule": {"id": "merged", "type": 2, "condition": {"used_mb_gte": 25},
+            "actions": [{"type": "webhook", "endpoint": "hook", "merge": true}]}}),
+    );
+    std::fs::write(dir.join("commands.jsonl"), commands.join("\n") + "\n").unwrap();
+    let mut usage = std::fs::File::create(dir.join("usage.jsonl")).unwrap();
+    for step in 0..10u32 {
+        for n in 1..=CARDS {
+            let end = format!("2026-11-10T{:02}:{:02}:00+08:00", step, n % 60);
+            writeln!(
+                usage,
+                "{}",
+                json!({"record_id": format!("r-{n}-{step}"), "iccid": iccid(n), "end": end,
+                    "bytes_up": 0, "bytes_down": 3 * 1_048_576})
+            )
+            .unwrap();
+        }
+    }
+}
+
+fn flowcap(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "-q",
+        "--json",
+        "--shards",
+        "2",
+        "--snapshot-every",
+        "500",
+    ])
+    .arg("--config")
+    .arg(dir.join("flowcap.toml"))
+    .arg("--input")
+    .arg(dir.join("usage.jsonl"))
+    .arg("--commands")
+    .arg(dir.join("commands.jsonl"))
+    .arg("--out")
+    .arg(dir.join("out"))
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    cmd
+}
+
+/// (rule, card) of every firing a webhook body carries.
+fn carried(body: &Value) -> Vec<String> {
+    let lists: Vec<&Value> = match body.get("templateParamsList") {
+        Some(list) => list.as_array().unwrap().iter().collect(),
+        None => vec![body],
+    };
+    lists
+        .iter()
+        .map(|e| e["templateParams"][0]["value"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn kill_9_with_undelivered_notifications_then_restart_delivers_every_one_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Failing until the end of the test's kills.
+    let receiver = HttpReceiver::start(vec![Reply::status(503); 1_000_000]);
+    write_inputs(dir.path(), &receiver.url());
+    std::fs::write(
+        dir.path().join("flowcap.toml"),
+        "[notify]\nmax_attempts = 100000\nbackoff_initial_ms = 20\nbackoff_max_ms = 50\n\
+         request_timeout_ms = 2000\nmerge_interval_ms = 100\ndrain_timeout_ms = 120000\n",
+    )
+    .unwrap();
+
+    // Kill 1: while inputs are processed (after the first snapshot).
+    // Kill 2 and 3: in the final drain, notifications queued and failing.
+    let snapshots = dir.path().join("out/snapshots");
+    for kill in 0..3 {
+        let mut child = flowcap(dir.path()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let seen = receiver.requests().len();
+        loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "flowcap exited before kill {kill}"
+            );
+            assert!(Instant::now() < deadline, "no progress before kill {kill}");
+            let snapshot = std::fs::read_dir(&snapshots).is_ok_and(|mut d| d.next().is_some());
+            let attempts = receiver.requests().len();
+            if (kill == 0 && snapshot) || (kill > 0 && attempts > seen + 50) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let failed_attempts = receiver.requests().len();
+    assert!(
+        failed_attempts > 100,
+        "{failed_attempts} attempts before recovery"
+    );
+
+    receiver.set_script(vec![]);
+    let out = flowcap(dir.path()).output().unwrap();
+    assert!(out.status.success());
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        summary["summary"]["notifications"]["pending"], 0,
+        "{summary}"
+    );
+
+    // Every delivered message: one body per webhook-id, signed.
+    let requests = receiver.requests();
+    let mut bodies: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let signer = flowcap_rules::Signer::new(SECRET).unwrap();
+    for r in requests.iter().filter(|r| r.answered == Some(200)) {
+        let id = r.header("webhook-id").unwrap().to_owned();
+        let ts: i64 = r.header("webhook-timestamp").unwrap().parse().unwrap();
+        signer
+            .verify(
+                &id,
+                ts,
+                &r.body,
+                r.header("webhook-signature").unwrap(),
+                ts,
+                0,
+            )
+            .unwrap();
+        let previous = bodies.insert(id.clone(), r.body.clone());
+        assert!(
+            previous.is_none_or(|p| p == r.body),
+            "{id}: a repeat with another body"
+        );
+    }
+    // Each (rule, card) in exactly one message id.
+    let mut single = BTreeSet::new();
+    let mut merged = BTreeSet::new();
+    for body in bodies.values() {
+        let body: Value = serde_json::from_slice(body).unwrap();
+        let target = if body.get("templateParamsList").is_some() {
+            &mut merged
+        } else {
+            &mut single
+        };
+        for card in carried(&body) {
+            assert!(target.insert(card.clone()), "{card} notified under two ids");
+        }
+    }
+    let all: BTreeSet<String> = (1..=CARDS).map(iccid).collect();
+    assert_eq!(single, all, "one single message per card");
+    assert_eq!(merged, all, "every card in one merged message");
+
+    // The history's explanation: one execution per firing, all webhooks.
+    let rows = sql_rows(
+        &dir.path().join("out"),
+        "SELECT rule, COUNT(*) AS n, COUNT(DISTINCT execution_id) AS ids, \
+         COUNT(DISTINCT iccid) AS cards FROM rule_executions GROUP BY rule ORDER BY rule",
+    );
+    assert_eq!(
+        rows,
+        [
+            json!({"rule": "merged", "n": CARDS, "ids": CARDS, "cards": CARDS}),
+            json!({"rule": "single", "n": CARDS, "ids": CARDS, "cards": CARDS}),
+        ]
+    );
+}

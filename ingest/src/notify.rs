@@ -1,0 +1,81 @@
+//! The pipeline's side of rule notifications: it starts the delivery
+//! service of `flowcap-rules` on the data directory's outbox, with the
+//! webhook endpoints the engine has registered, and says where delivery
+//! reports go: push-failure alerts (`push_failed` action events) are
+//! appended to `alerts.jsonl` as they happen, and every outcome is
+//! counted in metrics and logged.
+//!
+//! Alerts are not part of the engine's replayable output (they depend on
+//! receivers and the wall clock), so `alerts.jsonl` is never rewound; its
+//! events have deterministic ids for the rare repeat after a crash.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use flowcap_engine::Engine;
+use flowcap_rules::delivery::{
+    Done, Final, Message, Notifier, NotifyConfig, PushFailedEvent, Reports,
+};
+use flowcap_rules::TemplateOptions;
+
+use crate::embedded::{IngestError, ALERTS_FILE, OUTBOX_DIR};
+
+struct PipelineReports {
+    alerts: Mutex<std::fs::File>,
+}
+
+impl Reports for PipelineReports {
+    fn outcome(&self, message: &Message, done: &Done) {
+        match done.outcome {
+            Final::Delivered => tracing::debug!(
+                id = %message.id, destination = %message.destination(), attempts = done.attempts,
+                "notification delivered"
+            ),
+            Final::Failed => tracing::warn!(
+                id = %message.id, destination = %message.destination(), attempts = done.attempts,
+                error = done.error.as_deref().unwrap_or(""), "notification failed"
+            ),
+        }
+    }
+
+    fn push_failed(&self, event: &PushFailedEvent) {
+        let Ok(mut line) = serde_json::to_vec(event) else {
+            return;
+        };
+        line.push(b'\n');
+        let mut file = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
+            tracing::error!(error = %e, "writing {ALERTS_FILE}");
+        }
+    }
+}
+
+/// Starts delivery for the pipeline in `dir`, resuming what its outbox
+/// still holds.
+pub(crate) fn start(
+    dir: &Path,
+    config: &NotifyConfig,
+    engine: &Engine,
+) -> Result<Arc<Notifier>, IngestError> {
+    let path = dir.join(ALERTS_FILE);
+    let alerts = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|source| IngestError::Directory { path, source })?;
+    let options = TemplateOptions {
+        utc_offset_secs: engine.config().calendar.utc_offset_secs,
+    };
+    let notifier = Notifier::start(
+        &dir.join(OUTBOX_DIR),
+        config.clone(),
+        engine.webhooks().cloned(),
+        options,
+        Arc::new(PipelineReports {
+            alerts: Mutex::new(alerts),
+        }),
+    )
+    .map_err(|e| IngestError::Writer(e.to_string()))?;
+    Ok(Arc::new(notifier))
+}
