@@ -12,6 +12,7 @@
 
 mod ops;
 mod sql;
+mod whatif;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,24 @@ enum Command {
     Export(sql::ExportArgs),
     /// Serve `POST /sql` over the history (JSON, CSV or Arrow IPC).
     Serve(sql::ServeArgs),
+    /// Automation rules: `replay` a draft rule over the history (what-if).
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Replay the usage history and command journal through a draft rule,
+    /// sending nothing, and report which cards or pools it would have fired
+    /// for, and when.
+    Replay {
+        #[command(flatten)]
+        args: whatif::ReplayArgs,
+        /// Configuration file whose `[engine]` table the history was made
+        /// with (time zone, lateness).
+        #[arg(long, env = "FLOWCAP_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -305,6 +324,9 @@ fn main() -> Result<()> {
         Command::Query(args) => sql::query(args),
         Command::Export(args) => sql::export(args),
         Command::Serve(args) => sql::serve(args),
+        Command::Rules(RulesCommand::Replay { args, config }) => {
+            whatif::replay(args, load_config(config.as_deref())?.engine)
+        }
     }
 }
 

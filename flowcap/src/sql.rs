@@ -37,12 +37,12 @@ pub(crate) struct Target {
         env = "FLOWCAP_DATA",
         global = true
     )]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     /// The history itself, instead of `<data>/history`: a directory or an
     /// `s3://bucket/prefix` URL (credentials and endpoint from the AWS_*
     /// environment variables).
     #[arg(long, env = "FLOWCAP_HISTORY", global = true, value_name = "LOCATION")]
-    history: Option<String>,
+    pub(crate) history: Option<String>,
     /// Output format (default: a table, or from the --output extension).
     #[arg(long, short, value_enum, global = true)]
     format: Option<Format>,
@@ -327,7 +327,7 @@ fn format_of(target: &Target) -> Result<Format> {
 }
 
 /// Writes query results in the target's format.
-fn emit(batches: &[RecordBatch], target: &Target) -> Result<()> {
+pub(crate) fn emit(batches: &[RecordBatch], target: &Target) -> Result<()> {
     let format = format_of(target)?;
     let mut out: Box<dyn Write + Send> = match &target.output {
         Some(path) => Box::new(std::io::BufWriter::new(
@@ -540,7 +540,7 @@ pub(crate) struct ServeArgs {
     /// The pipeline's output directory (its `history/`), or a history
     /// directory.
     #[arg(long, short, default_value = "flowcap-data", env = "FLOWCAP_DATA")]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     /// The history itself, instead of `<data>/history`: a directory or an
     /// `s3://bucket/prefix` URL.
     #[arg(long, env = "FLOWCAP_HISTORY", value_name = "LOCATION")]

@@ -291,7 +291,7 @@ fn a_dead_receiver_raises_the_push_failure_alert_with_the_payload() {
     assert_eq!(dead_event.kind, "push_failed");
     assert_eq!(dead_event.attempts, 4, "every attempt used");
     let used20 = fired.iter().find(|f| f.rule == "used20").unwrap();
-    assert_eq!(dead_event.firings, [used20.id.clone()]);
+    assert_eq!(dead_event.firings, std::slice::from_ref(&used20.id));
     assert_eq!(dead_event.payload["templateName"], "api_rule_flow_usage");
     assert_eq!(dead_event.payload["cid"], iccid(1));
     let gone = events

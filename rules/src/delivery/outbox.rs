@@ -125,6 +125,9 @@ pub struct Buffered {
 }
 
 /// A log line.
+// One value lives at a time (a line being written or read): its size is
+// of no consequence.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Entry {
