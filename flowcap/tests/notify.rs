@@ -222,4 +222,26 @@ fn kill_9_with_undelivered_notifications_then_restart_delivers_every_one_once() 
             json!({"rule": "single", "n": CARDS, "ids": CARDS, "cards": CARDS}),
         ]
     );
+    // And every delivery's outcome, once per execution.
+    let rows = sql_rows(
+        &dir.path().join("out"),
+        "SELECT COUNT(*) AS n, COUNT(DISTINCT d.execution_id) AS ids, \
+         SUM(CASE WHEN CAST(d.outcome AS VARCHAR) = 'delivered' THEN 1 ELSE 0 END) AS delivered \
+         FROM rule_deliveries d JOIN rule_executions e ON d.execution_id = e.execution_id",
+    );
+    let n = 2 * CARDS;
+    assert_eq!(rows, [json!({"n": n, "ids": n, "delivered": n})]);
+    let out = std::process::Command::new(BIN)
+        .args(["query", "rule-executions", "--format", "json", "--data"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(first["outcome"], "delivered", "{first}");
 }

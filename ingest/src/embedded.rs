@@ -399,6 +399,8 @@ pub(crate) struct Writer {
     kafka: Option<KafkaOut>,
     metrics: OutputMetrics,
     notifier: Option<Arc<Notifier>>,
+    /// Per notification destination: outcomes in the history so far.
+    reported: BTreeMap<String, u64>,
 }
 
 impl Writer {
@@ -610,6 +612,18 @@ impl Writer {
         &mut self,
         cut: Option<Box<HistoryCut>>,
     ) -> Result<BTreeMap<String, u64>, WriteError> {
+        // Notification outcomes join this window; the snapshot records how
+        // far (a restart offers the rest again).
+        if let Some(n) = &self.notifier {
+            let rows = n.take_outcomes();
+            for r in &rows {
+                let at = self.reported.entry(r.destination.clone()).or_default();
+                *at = (*at).max(r.index + 1);
+            }
+            if let Some(h) = &mut self.history {
+                h.deliveries(rows)?;
+            }
+        }
         if let (Some(h), Some(cut)) = (&mut self.history, cut) {
             h.snapshot(
                 cut.through,
@@ -619,7 +633,11 @@ impl Writer {
                 cut.compact_through,
             )?;
         }
-        let mut lengths = BTreeMap::new();
+        let mut lengths: BTreeMap<String, u64> = self
+            .reported
+            .iter()
+            .map(|(d, n)| (format!("{}{d}", crate::notify::REPORTED_PREFIX), *n))
+            .collect();
         for (name, sink) in &mut self.sinks {
             sink.sync()?;
             lengths.insert(format!("out.{name}"), sink.len());
@@ -874,8 +892,9 @@ impl Pipeline {
             None => None,
         };
         let history = history_writer.is_some();
+        let reported = crate::notify::reported(&restored_positions);
         let notifier = match notify {
-            Some(config) => Some(crate::notify::start(dir, config, &engine)?),
+            Some(config) => Some(crate::notify::start(dir, config, &engine, &reported)?),
             None => None,
         };
         let writer = Writer {
@@ -885,6 +904,7 @@ impl Pipeline {
             kafka,
             metrics: OutputMetrics::new(),
             notifier: notifier.clone(),
+            reported,
         };
         let (sharded, outputs) = ShardedEngine::start(engine, 64);
         let (side, side_rx) = bounded::<Side>(1024);
@@ -977,6 +997,28 @@ impl Pipeline {
         tracing::debug!(seq, bytes = bytes.len(), "snapshot written");
         metrics::snapshot_written(started.elapsed());
         Ok(started.elapsed())
+    }
+
+    /// Waits (up to the drain timeout) for the notifications queued so far,
+    /// so that their outcomes join the history at the next snapshot: the
+    /// writer first takes every output already produced and makes the
+    /// outbox durable.
+    pub(crate) fn settle_notifications(&mut self) -> Result<(), IngestError> {
+        let Some(n) = self.notifier.clone() else {
+            return Ok(());
+        };
+        self.sharded.engine();
+        let (reply_tx, reply_rx) = bounded(1);
+        self.side
+            .send(Side::Barrier(reply_tx, None))
+            .map_err(|_| IngestError::Writer("writer is gone".into()))?;
+        reply_rx
+            .recv()
+            .map_err(|_| IngestError::Writer("writer did not answer the barrier".into()))?
+            .map_err(IngestError::Writer)?;
+        n.drain(self.drain_timeout)
+            .map_err(|e| IngestError::Writer(e.to_string()))?;
+        Ok(())
     }
 
     /// Stops the shards and the writer; the summary and the final engine.
@@ -1097,6 +1139,10 @@ pub fn run(
     pipeline.sharded.engine();
     pipeline.dump_cards = true;
     if since_snapshot > 0 || pipeline.snapshots == 0 {
+        // Delivered before the last snapshot, so their outcomes are in it.
+        // (A run with no new input takes no snapshot: outcomes it reaches
+        // join the history at the next run's first snapshot.)
+        pipeline.settle_notifications()?;
         pipeline.snapshot(last_seq, &no_positions)?;
     }
     driver_metrics.sample(

@@ -9,6 +9,7 @@
 //! receivers and the wall clock), so `alerts.jsonl` is never rewound; its
 //! events have deterministic ids for the rare repeat after a crash.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -51,12 +52,30 @@ impl Reports for PipelineReports {
     }
 }
 
+/// Snapshot position prefix: `notify.<destination>` = how many of that
+/// destination's outcomes the history has.
+pub(crate) const REPORTED_PREFIX: &str = "notify.";
+
+/// The reported cursors recorded in a snapshot's positions.
+pub(crate) fn reported(positions: &BTreeMap<String, i64>) -> BTreeMap<String, u64> {
+    positions
+        .iter()
+        .filter_map(|(k, v)| {
+            Some((
+                k.strip_prefix(REPORTED_PREFIX)?.to_owned(),
+                u64::try_from(*v).ok()?,
+            ))
+        })
+        .collect()
+}
+
 /// Starts delivery for the pipeline in `dir`, resuming what its outbox
-/// still holds.
+/// still holds; outcomes past `reported` are offered to the history again.
 pub(crate) fn start(
     dir: &Path,
     config: &NotifyConfig,
     engine: &Engine,
+    reported: &BTreeMap<String, u64>,
 ) -> Result<Arc<Notifier>, IngestError> {
     let path = dir.join(ALERTS_FILE);
     let alerts = std::fs::OpenOptions::new()
@@ -75,6 +94,7 @@ pub(crate) fn start(
         Arc::new(PipelineReports {
             alerts: Mutex::new(alerts),
         }),
+        reported,
     )
     .map_err(|e| IngestError::Writer(e.to_string()))?;
     Ok(Arc::new(notifier))

@@ -159,12 +159,23 @@ fn fast() -> NotifyConfig {
 }
 
 fn start(dir: &Path, config: NotifyConfig, sim: &Sim, reports: Arc<Captured>) -> Notifier {
+    start_reported(dir, config, sim, reports, &BTreeMap::new())
+}
+
+fn start_reported(
+    dir: &Path,
+    config: NotifyConfig,
+    sim: &Sim,
+    reports: Arc<Captured>,
+    reported: &BTreeMap<String, u64>,
+) -> Notifier {
     Notifier::start(
         dir,
         config,
         sim.webhooks(),
         TemplateOptions::default(),
         reports,
+        reported,
     )
     .unwrap()
 }
@@ -438,6 +449,31 @@ fn a_restart_resends_undelivered_under_the_same_id_and_a_replay_queues_nothing_t
     assert_eq!(n.drain(WAIT).unwrap().queued, 0);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(receiver.requests().len(), got.len());
+    // Outcomes for the history: the four, in done-file order; a start
+    // told the history has three of them offers the fourth again.
+    let rows = n.take_outcomes();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(
+        rows.iter().map(|r| r.index).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r.destination == "webhook:hook" && r.done.outcome == Final::Delivered));
+    assert!(n.take_outcomes().is_empty(), "taken once");
+    drop(n);
+    let reported = BTreeMap::from([("webhook:hook".to_owned(), 3)]);
+    let n = start_reported(
+        dir.path(),
+        fast(),
+        &sim,
+        Arc::new(Captured::default()),
+        &reported,
+    );
+    let again = n.take_outcomes();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].index, 3);
+    assert_eq!(again[0].message.id, rows[3].message.id);
 }
 
 #[test]

@@ -412,21 +412,31 @@ impl ConsoleQuery {
             ConsoleQuery::RuleExecutions { rule, iccid, limit } => {
                 let mut filters = Vec::new();
                 if let Some(r) = rule {
-                    filters.push(format!("rule = {}", quote(r)));
+                    filters.push(format!("e.rule = {}", quote(r)));
                 }
                 if let Some(i) = iccid {
                     check_iccid(i)?;
-                    filters.push(format!("iccid = {}", quote(i)));
+                    filters.push(format!("e.iccid = {}", quote(i)));
                 }
                 let filter = if filters.is_empty() {
                     String::new()
                 } else {
                     format!("WHERE {}", filters.join(" AND "))
                 };
+                // The decided row, with the delivery's outcome once there
+                // is one (a resend after a machine crash may add a second
+                // row: "delivered" wins, attempts add up).
                 format!(
-                    "SELECT fired_at, rule, rule_type, iccid, pool_id, condition, observed, \
-                     channel, outcome, attempts FROM rule_executions {filter} \
-                     ORDER BY fired_at DESC LIMIT {limit}"
+                    "SELECT e.fired_at, e.rule, e.rule_type, e.iccid, e.pool_id, e.condition, \
+                     e.observed, e.channel, e.endpoint, \
+                     COALESCE(d.outcome, CAST(e.outcome AS VARCHAR)) AS outcome, \
+                     COALESCE(d.attempts, e.attempts) AS attempts, d.error, d.done_at \
+                     FROM rule_executions e LEFT JOIN \
+                     (SELECT execution_id, MIN(CAST(outcome AS VARCHAR)) AS outcome, \
+                      CAST(SUM(attempts) AS INT) AS attempts, MAX(error) AS error, \
+                      MAX(done_at) AS done_at FROM rule_deliveries GROUP BY execution_id) d \
+                     ON d.execution_id = e.execution_id {filter} \
+                     ORDER BY e.fired_at DESC LIMIT {limit}"
                 )
             }
         })

@@ -237,6 +237,23 @@ impl Reports for NoReports {
     fn push_failed(&self, _: &PushFailedEvent) {}
 }
 
+/// One message's outcome, for the history (`rule_deliveries`): the
+/// pipeline takes these at snapshot barriers ([`Notifier::take_outcomes`])
+/// and records in its snapshot, per destination, how many done lines the
+/// history has (`index + 1`); a restart hands that back to
+/// [`Notifier::start`], which reports again what came after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRow {
+    /// The destination (`webhook:<id>`, `email`, `sms`).
+    pub destination: String,
+    /// Position of the outcome in the destination's done file (0-based).
+    pub index: u64,
+    /// The message.
+    pub message: Message,
+    /// Its outcome.
+    pub done: Done,
+}
+
 /// Totals since start, for summaries and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryTotals {
@@ -289,6 +306,7 @@ struct Shared {
     buffered: AtomicU64,
     destinations: RwLock<BTreeMap<String, Arc<Destination>>>,
     stopping: AtomicBool,
+    outcomes: std::sync::Mutex<Vec<DeliveryRow>>,
 }
 
 impl Shared {
@@ -348,19 +366,22 @@ impl Notifier {
     /// Opens the outbox in `dir` (created if missing), resumes every
     /// message a previous run left undelivered, and starts delivering.
     /// `endpoints` are the webhook endpoints registered now (later changes
-    /// come through [`Notifier::upsert_endpoint`]).
+    /// come through [`Notifier::upsert_endpoint`]). `reported`: per
+    /// destination, how many outcomes the history already has (see
+    /// [`DeliveryRow`]); the later ones are offered again.
     pub fn start(
         dir: &Path,
         config: NotifyConfig,
         endpoints: impl IntoIterator<Item = WebhookSpec>,
         options: TemplateOptions,
         reports: Arc<dyn Reports>,
+        reported: &BTreeMap<String, u64>,
     ) -> Result<Notifier, DeliveryError> {
         std::fs::create_dir_all(dir).map_err(|source| DeliveryError::Io {
             path: dir.to_owned(),
             source,
         })?;
-        let loaded = outbox::load(dir)?;
+        let loaded = outbox::load(dir, reported)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .max_blocking_threads(4)
@@ -384,6 +405,7 @@ impl Notifier {
             buffered: AtomicU64::new(0),
             destinations: RwLock::new(BTreeMap::new()),
             stopping: AtomicBool::new(false),
+            outcomes: std::sync::Mutex::new(Vec::new()),
         });
         for spec in endpoints {
             shared.set_endpoint(spec);
@@ -402,10 +424,24 @@ impl Notifier {
         let resumed: u64 = loaded
             .destinations
             .values()
-            .map(|(queued, done)| queued.saturating_sub(done.len() as u64))
+            .map(|d| d.queued.saturating_sub(d.done.len() as u64))
             .sum();
-        for (name, (queued, done)) in loaded.destinations {
-            state.open_destination(&name, queued, done)?;
+        for (name, d) in loaded.destinations {
+            shared
+                .outcomes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(
+                    d.unreported
+                        .into_iter()
+                        .map(|(index, message, done)| DeliveryRow {
+                            destination: name.clone(),
+                            index,
+                            message,
+                            done,
+                        }),
+                );
+            state.open_destination(&name, d.queued, d.done, d.done_lines)?;
         }
         for b in loaded.buffered {
             state.buffer(b, true)?;
@@ -502,6 +538,18 @@ impl Notifier {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(self.totals())
+    }
+
+    /// The outcomes reached since the last call (in done-file order per
+    /// destination), for the history.
+    pub fn take_outcomes(&self) -> Vec<DeliveryRow> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .outcomes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     /// Totals so far.
@@ -673,6 +721,7 @@ impl OutboxThread {
         name: &str,
         queued: u64,
         done: HashSet<String>,
+        done_lines: u64,
     ) -> Result<(), DeliveryError> {
         if self.logs.contains_key(name) {
             return Ok(());
@@ -700,13 +749,13 @@ impl OutboxThread {
         let done_path = outbox::done_path(&self.dir, name);
         let shared = self.shared.clone();
         self.runtime
-            .spawn(async move { worker(dest, done_path, done, shared).await });
+            .spawn(async move { worker(dest, done_path, done, done_lines, shared).await });
         Ok(())
     }
 
     fn append(&mut self, destination: &str, entry: &Entry) -> Result<(), DeliveryError> {
         if !self.logs.contains_key(destination) {
-            self.open_destination(destination, 0, HashSet::new())?;
+            self.open_destination(destination, 0, HashSet::new(), 0)?;
         }
         if let Some(log) = self.logs.get_mut(destination) {
             log.append(entry)?;
@@ -935,10 +984,11 @@ async fn worker(
     dest: Arc<Destination>,
     done_path: PathBuf,
     already_done: HashSet<String>,
+    done_lines: u64,
     shared: Arc<Shared>,
 ) {
     let name = dest.name.clone();
-    if let Err(e) = run_worker(&dest, done_path, already_done, &shared).await {
+    if let Err(e) = run_worker(&dest, done_path, already_done, done_lines, &shared).await {
         tracing::error!(destination = %name, error = %e, "notification delivery stopped for this destination");
     }
 }
@@ -947,6 +997,7 @@ async fn run_worker(
     dest: &Destination,
     done_path: PathBuf,
     already_done: HashSet<String>,
+    mut done_lines: u64,
     shared: &Shared,
 ) -> Result<(), DeliveryError> {
     let io = |source| DeliveryError::Io {
@@ -1005,6 +1056,17 @@ async fn run_worker(
         dest.completed.fetch_add(1, Ordering::AcqRel);
         dest.gauge();
         shared.reports.outcome(&message, &done);
+        shared
+            .outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(DeliveryRow {
+                destination: dest.name.clone(),
+                index: done_lines,
+                message,
+                done,
+            });
+        done_lines += 1;
     }
 }
 

@@ -300,13 +300,27 @@ impl Appender {
     }
 }
 
+/// A destination as a restart finds it.
+#[derive(Debug, Default)]
+pub(crate) struct LoadedDestination {
+    /// Messages queued.
+    pub(crate) queued: u64,
+    /// Ids of the messages done.
+    pub(crate) done: HashSet<String>,
+    /// Lines of the done file.
+    pub(crate) done_lines: u64,
+    /// Outcomes past the `reported` cursor, with their messages, in order:
+    /// (done line index, message, outcome).
+    pub(crate) unreported: Vec<(u64, Message, Done)>,
+}
+
 /// What a restart finds in the outbox.
 #[derive(Debug, Default)]
 pub(crate) struct Loaded {
     /// Every execution already queued (messages and merge buffers).
     pub(crate) seen: HashSet<u128>,
-    /// Per destination: messages queued and messages done.
-    pub(crate) destinations: BTreeMap<String, (u64, HashSet<String>)>,
+    /// Per destination.
+    pub(crate) destinations: BTreeMap<String, LoadedDestination>,
     /// Firings of merge buffers not yet in a message.
     pub(crate) buffered: Vec<Buffered>,
 }
@@ -315,8 +329,9 @@ pub(crate) fn execution_key(execution: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(execution.as_bytes())
 }
 
-/// Loads every destination's log and done file in `dir`.
-pub(crate) fn load(dir: &Path) -> Result<Loaded, DeliveryError> {
+/// Loads every destination's log and done file in `dir`; `reported`
+/// says, per destination, how many done lines the history already has.
+pub(crate) fn load(dir: &Path, reported: &BTreeMap<String, u64>) -> Result<Loaded, DeliveryError> {
     let mut loaded = Loaded::default();
     let entries = std::fs::read_dir(dir).map_err(io(dir))?;
     let mut logs: Vec<PathBuf> = entries
@@ -330,6 +345,7 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded, DeliveryError> {
         let mut bufs = Vec::new();
         let mut destination = None;
         let mut queued = 0u64;
+        let mut messages = Vec::new();
         for entry in lines {
             match entry {
                 Entry::Msg(m) => {
@@ -340,6 +356,7 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded, DeliveryError> {
                         covered.insert(k);
                         loaded.seen.insert(k);
                     }
+                    messages.push(m);
                 }
                 Entry::Buf(b) => {
                     destination.get_or_insert_with(|| destination_of_key(&b.key));
@@ -354,8 +371,26 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded, DeliveryError> {
         );
         if let Some(d) = destination {
             let done: Vec<Done> = read_lines(&done_path(dir, &d))?;
-            let ids = done.into_iter().map(|d| d.id).collect();
-            loaded.destinations.insert(d, (queued, ids));
+            let from = reported.get(&d).copied().unwrap_or(0);
+            let mut by_id: BTreeMap<&str, &Message> = BTreeMap::new();
+            if (done.len() as u64) > from {
+                by_id = messages.iter().map(|m| (m.id.as_str(), m)).collect();
+            }
+            let mut entry = LoadedDestination {
+                queued,
+                ..LoadedDestination::default()
+            };
+            for (i, outcome) in done.into_iter().enumerate() {
+                let i = i as u64;
+                if i >= from {
+                    if let Some(m) = by_id.get(outcome.id.as_str()) {
+                        entry.unreported.push((i, (*m).clone(), outcome.clone()));
+                    }
+                }
+                entry.done.insert(outcome.id);
+                entry.done_lines = i + 1;
+            }
+            loaded.destinations.insert(d, entry);
         }
     }
     // A buffered firing written twice (two barriers) is one firing.
@@ -414,10 +449,19 @@ mod tests {
             .unwrap()
             .write_all(b"{\"t\":\"msg\",\"id\":\"m3")
             .unwrap();
-        let loaded = load(dir.path()).unwrap();
-        let (queued, done) = &loaded.destinations[d];
-        assert_eq!(*queued, 2);
-        assert!(done.contains("m1") && !done.contains("m2"));
+        let loaded = load(dir.path(), &BTreeMap::new()).unwrap();
+        let dest = &loaded.destinations[d];
+        assert_eq!(dest.queued, 2);
+        assert!(dest.done.contains("m1") && !dest.done.contains("m2"));
+        assert_eq!(
+            dest.unreported.len(),
+            1,
+            "m1's outcome is not in the history yet"
+        );
+        let reported = BTreeMap::from([(d.to_owned(), 1)]);
+        assert!(load(dir.path(), &reported).unwrap().destinations[d]
+            .unreported
+            .is_empty());
         assert!(loaded.seen.contains(&execution_key("e2")));
         let text = std::fs::read_to_string(log_path(dir.path(), d)).unwrap();
         assert!(text.ends_with("}\n"), "torn line cut off: {text}");

@@ -303,6 +303,7 @@ fn merge_sql(table: &str) -> Option<&'static str> {
         schema::RULE_EXECUTIONS => {
             "SELECT * FROM t ORDER BY COALESCE(iccid, pool_id), fired_at, execution_id"
         }
+        schema::RULE_DELIVERIES => "SELECT * FROM t ORDER BY done_at, execution_id",
         schema::COMMAND_JOURNAL => "SELECT * FROM t ORDER BY input_seq",
         _ => return None,
     })

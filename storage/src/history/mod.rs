@@ -63,6 +63,7 @@ use flowcap_engine::event::{Accounted, ActionEvent, Cause};
 use flowcap_engine::{
     CardView, Carrier, Command, CycleCalendar, CycleId, Iccid, PoolView, Reasons, Timestamp,
 };
+use flowcap_rules::delivery::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
 use serde::Serialize;
 
@@ -234,6 +235,7 @@ pub struct HistoryWriter {
     changes: HashMap<i64, Vec<StateChange>>,
     journal: HashMap<i64, Vec<JournalRow>>,
     executions: HashMap<i64, Vec<ExecutionRecord>>,
+    deliveries: HashMap<i64, Vec<DeliveryRow>>,
     buffered: usize,
     /// Day of the last `cards` dump.
     cards_day: Option<i64>,
@@ -287,6 +289,7 @@ impl HistoryWriter {
             changes: HashMap::new(),
             journal: HashMap::new(),
             executions: HashMap::new(),
+            deliveries: HashMap::new(),
             buffered: 0,
             cards_day: None,
             files_written: 0,
@@ -364,6 +367,17 @@ impl HistoryWriter {
             event: event.clone(),
         });
         self.buffered += 1;
+        self.roll_if_full()
+    }
+
+    /// Notification outcomes (taken from the notifier at a snapshot
+    /// barrier): one `rule_deliveries` row per execution a message carried.
+    pub fn deliveries(&mut self, rows: Vec<DeliveryRow>) -> Result<(), HistoryError> {
+        for row in rows {
+            let day = self.day(Timestamp(row.done.at_ms));
+            self.buffered += row.message.executions.len().max(1);
+            self.deliveries.entry(day).or_default().push(row);
+        }
         self.roll_if_full()
     }
 
@@ -557,6 +571,18 @@ impl HistoryWriter {
             let batch = executions_batch(&rows)?;
             self.write(
                 schema::RULE_EXECUTIONS,
+                Partitioning::Date,
+                &date_value(day),
+                &name,
+                &batch,
+            )?;
+        }
+        let deliveries = std::mem::take(&mut self.deliveries);
+        for (day, mut rows) in deliveries {
+            rows.sort_by(|a, b| (a.done.at_ms, &a.message.id).cmp(&(b.done.at_ms, &b.message.id)));
+            let batch = deliveries_batch(&rows)?;
+            self.write(
+                schema::RULE_DELIVERIES,
                 Partitioning::Date,
                 &date_value(day),
                 &name,
@@ -1041,6 +1067,37 @@ fn executions_batch(rows: &[ExecutionRecord]) -> Result<RecordBatch, ArrowError>
     c.dict(rows.iter().map(|r| Some(r.outcome.as_str())));
     c.ts(rows.iter().map(|r| Some(r.fired_at.0)));
     c.dict(rows.iter().map(|r| Some(r.cycle.as_str())));
+    c.finish()
+}
+
+fn deliveries_batch(rows: &[DeliveryRow]) -> Result<RecordBatch, ArrowError> {
+    // One row per execution the message carried (an alert carries one).
+    let flat: Vec<(&DeliveryRow, &str)> = rows
+        .iter()
+        .flat_map(|r| r.message.executions.iter().map(move |e| (r, e.as_str())))
+        .collect();
+    let recipients: Vec<String> = flat.iter().map(|(r, _)| r.message.to.join(",")).collect();
+    let mut c = Columns::new(table_schema(schema::RULE_DELIVERIES));
+    c.utf8(flat.iter().map(|(_, e)| Some(*e)));
+    c.utf8(flat.iter().map(|(r, _)| Some(r.message.id.as_str())));
+    c.dict(flat.iter().map(|(r, _)| Some(r.message.channel.as_str())));
+    c.dict(flat.iter().map(|(r, _)| Some(r.destination.as_str())));
+    c.utf8(
+        recipients
+            .iter()
+            .map(|t| (!t.is_empty()).then_some(t.as_str())),
+    );
+    c.utf8(flat.iter().map(|(r, _)| r.message.rule.as_deref()));
+    c.bool(flat.iter().map(|(r, _)| r.message.alert_for.is_some()));
+    c.i32(
+        flat.iter()
+            .map(|(r, _)| Some(i32::try_from(r.done.attempts).unwrap_or(i32::MAX))),
+    );
+    c.dict(flat.iter().map(|(r, _)| Some(r.done.outcome.as_str())));
+    c.i32(flat.iter().map(|(r, _)| r.done.status.map(i32::from)));
+    c.utf8(flat.iter().map(|(r, _)| r.done.error.as_deref()));
+    c.ts(flat.iter().map(|(r, _)| Some(r.message.queued_ms)));
+    c.ts(flat.iter().map(|(r, _)| Some(r.done.at_ms)));
     c.finish()
 }
 

@@ -109,6 +109,12 @@ pub fn tables() -> Vec<TableDef> {
             schema: rule_executions_schema(),
         },
         TableDef {
+            name: RULE_DELIVERIES,
+            about: "the outcome of every notification: execution, message (webhook-id), channel, attempts, outcome, last status and error (local day of the outcome)",
+            partitioning: Partitioning::Date,
+            schema: rule_deliveries_schema(),
+        },
+        TableDef {
             name: COMMAND_JOURNAL,
             about: "every command with its result",
             partitioning: Partitioning::Date,
@@ -137,6 +143,8 @@ pub const POOL_CYCLE_USAGE: &str = "pool_cycle_usage";
 pub const STATE_CHANGES: &str = "state_changes";
 /// Rule firings.
 pub const RULE_EXECUTIONS: &str = "rule_executions";
+/// Notification outcomes.
+pub const RULE_DELIVERIES: &str = "rule_deliveries";
 /// Commands and results.
 pub const COMMAND_JOURNAL: &str = "command_journal";
 /// Card attributes and state.
@@ -258,6 +266,24 @@ fn rule_executions_schema() -> SchemaRef {
         field("outcome", dict(), false),
         field("fired_at", ts(), false),
         field("cycle", dict(), false),
+    ]))
+}
+
+fn rule_deliveries_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        field("execution_id", DataType::Utf8, false),
+        field("message_id", DataType::Utf8, false),
+        field("channel", dict(), false),
+        field("destination", dict(), false),
+        field("recipients", DataType::Utf8, true),
+        field("rule", DataType::Utf8, true),
+        field("alert", DataType::Boolean, false),
+        field("attempts", DataType::Int32, false),
+        field("outcome", dict(), false),
+        field("status", DataType::Int32, true),
+        field("error", DataType::Utf8, true),
+        field("queued_at", ts(), false),
+        field("done_at", ts(), false),
     ]))
 }
 
