@@ -746,3 +746,106 @@ fn a_second_instance_stands_by_and_takes_over_on_release() {
     }
     kill9(&mut second);
 }
+
+/// A webhook endpoint where nothing listens: the firing's notification
+/// fails (one attempt allowed) and its `push_failed` event, with the failed
+/// payload, goes to the actions topic beside the `rule_fired` event.
+#[test]
+fn a_dead_webhook_endpoint_puts_push_failed_on_the_actions_topic() {
+    let broker = broker(Storage::Memory);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("data");
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", l.local_addr().unwrap())
+    };
+    let iccid = "89860412340000000001";
+    let at = "2026-12-01T00:00:00+08:00";
+    let commands = [
+        serde_json::json!({"id": "c1", "type": "upsert_plan", "at": at,
+            "plan": {"id": "p", "name": "P 100MB", "carrier": "cmcc", "allowance_mb": 100,
+                     "traffic": "directed"}}),
+        serde_json::json!({"id": "c2", "type": "upsert_webhook", "at": at,
+            "webhook": {"id": "dead", "url": dead}}),
+        serde_json::json!({"id": "c3", "type": "upsert_card", "at": at,
+            "card": {"iccid": iccid, "carrier": "cmcc", "plan": "p", "state": "active",
+                     "activated_at": "2026-01-05T00:00:00+08:00",
+                     "expires_at": "2027-01-05T00:00:00+08:00"}}),
+        serde_json::json!({"id": "c4", "type": "upsert_rule", "at": at,
+            "rule": {"id": "used1", "type": 2, "condition": {"used_mb_gte": 1},
+                     "actions": [{"type": "webhook", "endpoint": "dead"}]}}),
+    ];
+    let commands: Vec<Vec<u8>> = commands
+        .iter()
+        .map(|c| c.to_string().into_bytes())
+        .collect();
+    produce(
+        &broker,
+        "flowcap.commands",
+        commands.iter().map(|c| Record::new(c)),
+    )
+    .unwrap();
+    let config = work.path().join("flowcap.toml");
+    std::fs::write(
+        &config,
+        "[notify]\nmax_attempts = 1\nrequest_timeout_ms = 2000\n",
+    )
+    .unwrap();
+    let config_arg = ["--config", config.to_str().unwrap()];
+    // The set-up first: records and commands of two topics interleave by
+    // arrival, not by time.
+    run_until_idle(&broker, &dir, &config_arg);
+    let end = "2026-12-01T10:00:00+08:00";
+    let record = serde_json::json!({"record_id": "r1", "iccid": iccid, "end": end,
+        "bytes_up": 0, "bytes_down": 2 * 1_048_576})
+    .to_string();
+    let ts = flowcap_engine::Timestamp::parse_rfc3339(end).unwrap().0 + 60_000;
+    produce(
+        &broker,
+        "flowcap.usage",
+        [Record::new(record.as_bytes())
+            .key(iccid.as_bytes())
+            .timestamp_ms(ts)]
+        .into_iter(),
+    )
+    .unwrap();
+    let summary = run_until_idle(&broker, &dir, &config_arg);
+    assert_eq!(
+        summary["summary"]["notifications"]["failed"], 1,
+        "{summary}"
+    );
+
+    let msgs = consume_all(&broker, "flowcap.actions", 1000, Duration::from_secs(5)).unwrap();
+    let events: Vec<serde_json::Value> = msgs
+        .iter()
+        .map(|m| serde_json::from_slice(&m.value).unwrap())
+        .collect();
+    let fired: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "rule_fired")
+        .collect();
+    let failed: Vec<_> = msgs
+        .iter()
+        .zip(&events)
+        .filter(|(_, e)| e["kind"] == "push_failed")
+        .collect();
+    assert_eq!(fired.len(), 1, "{events:?}");
+    assert_eq!(failed.len(), 1, "{events:?}");
+    let (m, e) = failed[0];
+    assert_eq!(e["endpoint"], "dead");
+    assert_eq!(e["firings"], serde_json::json!([fired[0]["id"]]));
+    assert_eq!(e["payload"]["cid"], iccid);
+    assert_eq!(e["payload"]["templateName"], "api_rule_flow_usage");
+    let header = |k: &str| {
+        m.headers
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("flowcap.event-id").as_deref(), e["id"].as_str());
+    assert_eq!(header("flowcap.kind").as_deref(), Some("push_failed"));
+    // The same event in the data directory's alerts file.
+    let alerts = lines(&dir.join("alerts.jsonl"));
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0]["id"], e["id"]);
+}

@@ -387,6 +387,9 @@ pub(crate) struct KafkaOut {
     pub(crate) actions: String,
     pub(crate) dlq: String,
     pub(crate) results: String,
+    /// The producer's settings (push-failure alerts get a producer of
+    /// their own: they come from the delivery threads, not the writer).
+    pub(crate) producer_config: rdkafka::ClientConfig,
     /// Set when the process is asked to stop: a barrier then gives up
     /// waiting for an unreachable broker instead of hanging shutdown.
     pub(crate) give_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -894,7 +897,15 @@ impl Pipeline {
         let history = history_writer.is_some();
         let reported = crate::notify::reported(&restored_positions);
         let notifier = match notify {
-            Some(config) => Some(crate::notify::start(dir, config, &engine, &reported)?),
+            Some(config) => {
+                let alerts = kafka.as_ref().map(|k| crate::notify::AlertTopic {
+                    config: k.producer_config.clone(),
+                    topic: k.actions.clone(),
+                });
+                Some(crate::notify::start(
+                    dir, config, &engine, &reported, alerts,
+                )?)
+            }
             None => None,
         };
         let writer = Writer {

@@ -2,8 +2,9 @@
 //! service of `flowcap-rules` on the data directory's outbox, with the
 //! webhook endpoints the engine has registered, and says where delivery
 //! reports go: push-failure alerts (`push_failed` action events) are
-//! appended to `alerts.jsonl` as they happen, and every outcome is
-//! counted in metrics and logged.
+//! appended to `alerts.jsonl` as they happen (and, in Kafka mode, produced
+//! to the actions topic), and every outcome is counted in metrics and
+//! logged.
 //!
 //! Alerts are not part of the engine's replayable output (they depend on
 //! receivers and the wall clock), so `alerts.jsonl` is never rewound; its
@@ -22,8 +23,31 @@ use flowcap_rules::TemplateOptions;
 
 use crate::embedded::{IngestError, ALERTS_FILE, OUTBOX_DIR};
 
+/// Where `push_failed` events go in Kafka mode: the actions topic, keyed
+/// by endpoint (or recipients), with the same headers as the engine's
+/// action events.
+pub(crate) struct AlertTopic {
+    pub(crate) config: rdkafka::ClientConfig,
+    pub(crate) topic: String,
+}
+
 struct PipelineReports {
     alerts: Mutex<std::fs::File>,
+    kafka: Option<(
+        rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+        String,
+    )>,
+}
+
+impl Drop for PipelineReports {
+    fn drop(&mut self) {
+        if let Some((producer, _)) = &self.kafka {
+            use rdkafka::producer::Producer;
+            if let Err(e) = producer.flush(std::time::Duration::from_secs(10)) {
+                tracing::error!(error = %e, "push_failed events not acknowledged by the broker");
+            }
+        }
+    }
 }
 
 impl Reports for PipelineReports {
@@ -48,6 +72,26 @@ impl Reports for PipelineReports {
         let mut file = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
             tracing::error!(error = %e, "writing {ALERTS_FILE}");
+        }
+        if let Some((producer, topic)) = &self.kafka {
+            use rdkafka::message::{Header, OwnedHeaders};
+            let key = event.endpoint.clone().unwrap_or_else(|| event.to.join(","));
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "flowcap.event-id",
+                    value: Some(event.id.as_bytes()),
+                })
+                .insert(Header {
+                    key: "flowcap.kind",
+                    value: Some(b"push_failed".as_slice()),
+                });
+            let record = rdkafka::producer::BaseRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(&line[..line.len() - 1])
+                .headers(headers);
+            if let Err((e, _)) = producer.send(record) {
+                tracing::error!(error = %e, id = %event.id, "producing a push_failed event");
+            }
         }
     }
 }
@@ -76,7 +120,17 @@ pub(crate) fn start(
     config: &NotifyConfig,
     engine: &Engine,
     reported: &BTreeMap<String, u64>,
+    kafka: Option<AlertTopic>,
 ) -> Result<Arc<Notifier>, IngestError> {
+    let kafka = match kafka {
+        Some(a) => Some((
+            a.config
+                .create()
+                .map_err(|e| IngestError::Writer(format!("alert producer: {e}")))?,
+            a.topic,
+        )),
+        None => None,
+    };
     let path = dir.join(ALERTS_FILE);
     let alerts = std::fs::OpenOptions::new()
         .create(true)
@@ -93,6 +147,7 @@ pub(crate) fn start(
         options,
         Arc::new(PipelineReports {
             alerts: Mutex::new(alerts),
+            kafka,
         }),
         reported,
     )

@@ -337,6 +337,7 @@ pub fn run(
         actions: options.topics.actions.clone(),
         dlq: options.topics.dlq.clone(),
         results: options.topics.results.clone(),
+        producer_config: producer_config.clone(),
         give_up: Arc::clone(&give_up),
     };
     let pipeline = Pipeline::start(

@@ -65,7 +65,10 @@ pub(crate) fn client(timeout: Duration, ca_pem: Option<&str>) -> Result<reqwest:
             .map_err(|e| format!("CA certificate: {e}"))?;
         builder = builder.add_root_certificate(cert);
     }
-    builder.build().map_err(|e| e.to_string())
+    builder.build().map_err(|e| match ca_pem {
+        Some(_) => format!("CA certificate or TLS client: {}", error_chain(&e)),
+        None => error_chain(&e),
+    })
 }
 
 impl Endpoint {
@@ -232,5 +235,36 @@ fn send_email(relay: &SmtpRelay, message: &Message, timeout: Duration) -> Attemp
             status: e.status().map(u16::from),
             error: Some(error_chain(&e)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(secret: Option<&str>, ca: Option<&str>) -> WebhookSpec {
+        WebhookSpec {
+            id: "hook".into(),
+            url: "https://127.0.0.1:1/hook".into(),
+            secret: secret.map(str::to_owned),
+            ca_cert: ca.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn an_endpoint_with_a_bad_secret_or_ca_certificate_is_refused_with_the_reason() {
+        let t = Duration::from_secs(1);
+        assert!(Endpoint::new(spec(None, None), t).is_ok());
+        let e = Endpoint::new(spec(Some("not base64!"), None), t).unwrap_err();
+        assert!(!e.is_empty());
+        let e = Endpoint::new(
+            spec(
+                None,
+                Some("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n"),
+            ),
+            t,
+        )
+        .unwrap_err();
+        assert!(e.contains("CA certificate"), "{e}");
     }
 }
