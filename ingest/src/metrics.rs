@@ -29,6 +29,7 @@ use std::time::Duration;
 use ::metrics::{counter, gauge, histogram, Counter, Gauge};
 use flowcap_engine::event::{ActionEvent, Output};
 use flowcap_engine::Timestamp;
+use flowcap_rules::delivery;
 
 /// Records read by a pipeline (label `source`: `file`, `generator` or `kafka`).
 pub const RECORDS_IN: &str = "flowcap_records_in_total";
@@ -198,6 +199,36 @@ pub const CATALOG: &[(&str, Kind, &str, &str)] = &[
         "",
         "Output deliveries that failed for good.",
     ),
+    (
+        delivery::METRIC_QUEUED,
+        Kind::Counter,
+        "channel",
+        "Rule notifications queued in the outbox (webhook, email, sms).",
+    ),
+    (
+        delivery::METRIC_DONE,
+        Kind::Counter,
+        "channel, outcome",
+        "Rule notifications delivered or failed for good.",
+    ),
+    (
+        delivery::METRIC_ATTEMPTS,
+        Kind::Counter,
+        "channel, result",
+        "Notification attempts: delivered, retry, refused.",
+    ),
+    (
+        delivery::METRIC_BACKLOG,
+        Kind::Gauge,
+        "destination",
+        "Notifications on disk not yet delivered or failed.",
+    ),
+    (
+        delivery::METRIC_PUSH_FAILED,
+        Kind::Counter,
+        "channel",
+        "Push-failure alerts raised (push_failed events).",
+    ),
     (ENGINE_CARDS, Kind::Gauge, "", "Cards known to the engine."),
     (
         EVENT_CLOCK,
@@ -295,6 +326,7 @@ pub struct OutputMetrics {
     commands_failed: Counter,
     card_actions: Counter,
     pool_actions: Counter,
+    rule_actions: Counter,
     /// One series per reason code seen so far (a handful: a linear scan).
     rejects: Vec<(String, Counter)>,
 }
@@ -317,6 +349,7 @@ impl OutputMetrics {
             commands_failed: counter!(COMMANDS, "outcome" => "failed"),
             card_actions: counter!(ACTIONS_OUT, "kind" => "card_state"),
             pool_actions: counter!(ACTIONS_OUT, "kind" => "pool_state"),
+            rule_actions: counter!(ACTIONS_OUT, "kind" => "rule_fired"),
             rejects: Vec::new(),
         }
     }
@@ -338,8 +371,7 @@ impl OutputMetrics {
             Output::Rejected(_) => {}
             Output::Action(ActionEvent::CardState(_)) => self.card_actions.increment(1),
             Output::Action(ActionEvent::PoolState(_)) => self.pool_actions.increment(1),
-            // Rule firings get their metrics with delivery (issue #6).
-            Output::Action(ActionEvent::RuleFired(_)) => {}
+            Output::Action(ActionEvent::RuleFired(_)) => self.rule_actions.increment(1),
             Output::Journal(entry) => self.command(entry.result.ok),
         }
     }

@@ -54,6 +54,18 @@ pub use outbox::{Done, Final, Message, MessageChannel};
 pub use retry::RetryPolicy;
 
 use outbox::{Appender, Buffered, Entry, MergeKey};
+
+/// Metric: messages queued, by `channel`.
+pub const METRIC_QUEUED: &str = "flowcap_notifications_queued_total";
+/// Metric: messages at their outcome, by `channel` and `outcome`.
+pub const METRIC_DONE: &str = "flowcap_notifications_total";
+/// Metric: attempts, by `channel` and `result` (delivered, retry, refused).
+pub const METRIC_ATTEMPTS: &str = "flowcap_notification_attempts_total";
+/// Metric: messages queued on disk and not yet at an outcome, by
+/// `destination`.
+pub const METRIC_BACKLOG: &str = "flowcap_notification_backlog";
+/// Metric: push-failure alerts raised, by `channel`.
+pub const METRIC_PUSH_FAILED: &str = "flowcap_push_failed_total";
 use retry::Verdict;
 
 /// Delivery settings (`[notify]` in flowcap's configuration).
@@ -287,7 +299,7 @@ impl Destination {
     }
 
     fn gauge(&self) {
-        metrics::gauge!("flowcap_notification_backlog", "destination" => self.name.clone())
+        metrics::gauge!(METRIC_BACKLOG, "destination" => self.name.clone())
             .set(self.backlog() as f64);
     }
 }
@@ -766,8 +778,7 @@ impl OutboxThread {
 
     fn queue(&mut self, message: Message) -> Result<(), DeliveryError> {
         let name = message.destination();
-        metrics::counter!("flowcap_notifications_queued_total", "channel" => message.channel.as_str())
-            .increment(1);
+        metrics::counter!(METRIC_QUEUED, "channel" => message.channel.as_str()).increment(1);
         self.append(&name, &Entry::Msg(message))?;
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
         if let Some(d) = self.destination(&name) {
@@ -924,8 +935,7 @@ impl OutboxThread {
         if !self.seen.insert(outbox::execution_key(&execution)) {
             return Ok(());
         }
-        metrics::counter!("flowcap_push_failed_total", "channel" => event.channel.as_str())
-            .increment(1);
+        metrics::counter!(METRIC_PUSH_FAILED, "channel" => event.channel.as_str()).increment(1);
         self.shared.reports.push_failed(event);
         let body =
             serde_json::to_string(event).map_err(|e| DeliveryError::Encode(e.to_string()))?;
@@ -1050,7 +1060,7 @@ async fn run_worker(
             Final::Delivered => shared.delivered.fetch_add(1, Ordering::AcqRel),
             Final::Failed => shared.failed.fetch_add(1, Ordering::AcqRel),
         };
-        metrics::counter!("flowcap_notifications_total",
+        metrics::counter!(METRIC_DONE,
             "channel" => message.channel.as_str(), "outcome" => done.outcome.as_str())
         .increment(1);
         dest.completed.fetch_add(1, Ordering::AcqRel);
@@ -1096,7 +1106,7 @@ async fn deliver(shared: &Shared, message: &Message) -> Done {
             Verdict::Retry(_) => "retry",
             Verdict::Refused => "refused",
         };
-        metrics::counter!("flowcap_notification_attempts_total",
+        metrics::counter!(METRIC_ATTEMPTS,
             "channel" => message.channel.as_str(), "result" => result)
         .increment(1);
         let done = |outcome| Done {

@@ -949,22 +949,8 @@ struct ChangeText {
 }
 
 fn cause_text(c: &Cause) -> (&'static str, String, Option<String>) {
-    {
-        match c {
-            Cause::Record { iccid, record_id } => (
-                "record",
-                record_id.as_str().to_owned(),
-                Some(iccid.to_string()),
-            ),
-            Cause::Command { command_id } => ("command", command_id.as_str().to_owned(), None),
-            Cause::Rollover { cycle } => ("rollover", cycle.to_string(), None),
-            Cause::Deadline { kind, at } => (
-                "deadline",
-                format!("{}@{}", serde_name(kind), at.to_rfc3339(0)),
-                None,
-            ),
-        }
-    }
+    // The same split as `rule_executions`.
+    flowcap_rules::execution::cause_parts(c)
 }
 
 fn change_text(e: &ActionEvent) -> ChangeText {
