@@ -805,8 +805,7 @@ fn a_dead_webhook_endpoint_puts_push_failed_on_the_actions_topic() {
         "flowcap.usage",
         [Record::new(record.as_bytes())
             .key(iccid.as_bytes())
-            .timestamp_ms(ts)]
-        .into_iter(),
+            .timestamp_ms(ts)],
     )
     .unwrap();
     let summary = run_until_idle(&broker, &dir, &config_arg);
