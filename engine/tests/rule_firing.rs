@@ -413,6 +413,15 @@ fn type3_backward_pool_used_with_suspend_cuts_and_fires() {
         let f = firings(&out);
         assert_eq!(fired(&out), [("bp-cut".to_owned(), "fp".to_owned())]);
         assert_eq!(channels(&f[0]), [(Channel::Webhook, Reminder::Cycle)]);
+        // Lifted at the next cycle.
+        s.tick(&dec(1, 0, 5));
+        for n in [1, 2] {
+            assert_eq!(
+                s.state(n),
+                ("active".into(), Vec::<String>::new()),
+                "card {n}"
+            );
+        }
     });
 }
 

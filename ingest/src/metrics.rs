@@ -486,7 +486,7 @@ mod tests {
             assert!(!help.is_empty());
             assert!(seen.insert(name), "{name} listed twice");
         }
-        assert_eq!(seen.len(), 21);
+        assert_eq!(seen.len(), 26);
     }
 
     #[test]
