@@ -328,15 +328,10 @@ pub(crate) fn replay(args: ReplayArgs, config: EngineConfig) -> Result<()> {
         }
         // Bring the clock to the end of the window: day starts and
         // deadlines up to `to` fire (expiry reminders need no record).
-        let last = Timestamp(to.0 - 1);
-        let tick = serde_json::json!({"id": "flowcap-whatif-end", "type": "set_attribute_names",
-            "at": last.to_rfc3339(0), "names": []});
-        if let Ok(c) = parse_command(tick.to_string().as_bytes()) {
-            replay
-                .engine
-                .process_command(c, u64::MAX - 1, &mut replay.out);
-            replay.collect();
-        }
+        replay
+            .engine
+            .advance_clock(Timestamp(to.0 - 1), &mut replay.out);
+        replay.collect();
         anyhow::Ok(replay.found)
     })?;
     eprintln!(

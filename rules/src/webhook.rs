@@ -42,21 +42,20 @@ pub struct WebhookMessage {
     pub firing_ids: Vec<String>,
 }
 
+/// What a single body is about: `"cid"` for card templates, `"poolId"`
+/// for pool templates.
 #[derive(Serialize)]
-struct CardBody<'a> {
-    cid: &'a str,
-    #[serde(rename = "ruleType")]
-    rule_type: u8,
-    #[serde(rename = "templateName")]
-    template_name: &'static str,
-    #[serde(rename = "templateParams")]
-    template_params: &'a [Param],
+enum Subject<'a> {
+    #[serde(rename = "cid")]
+    Card(&'a str),
+    #[serde(rename = "poolId")]
+    Pool(&'a str),
 }
 
 #[derive(Serialize)]
-struct PoolBody<'a> {
-    #[serde(rename = "poolId")]
-    pool_id: &'a str,
+struct SingleBody<'a> {
+    #[serde(flatten)]
+    subject: Subject<'a>,
     #[serde(rename = "ruleType")]
     rule_type: u8,
     #[serde(rename = "templateName")]
@@ -81,15 +80,26 @@ struct MergedBody<'a> {
     template_params_list: Vec<Entry<'a>>,
 }
 
-fn message_id(endpoint: &str, firing_ids: &[&str]) -> String {
-    let mut key = String::with_capacity(16 + endpoint.len() + firing_ids.len() * 33);
-    key.push_str("webhook|");
-    key.push_str(endpoint);
-    for id in firing_ids {
-        key.push('|');
-        key.push_str(id);
+/// `msg_` + 32 hex digits of xxh3-128 over `parts` joined by `|`: the
+/// deterministic id of every outbox message (webhooks:
+/// `webhook|<endpoint>|<firing id>...`).
+pub(crate) fn message_id<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut key = String::new();
+    for (i, part) in parts.into_iter().enumerate() {
+        if i > 0 {
+            key.push('|');
+        }
+        key.push_str(part);
     }
     format!("msg_{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes()))
+}
+
+fn webhook_id(endpoint: &str, firing_ids: &[&str]) -> String {
+    message_id(
+        ["webhook", endpoint]
+            .into_iter()
+            .chain(firing_ids.iter().copied()),
+    )
 }
 
 fn to_json(value: &impl Serialize) -> String {
@@ -104,23 +114,19 @@ pub fn single_body(
     options: TemplateOptions,
 ) -> WebhookMessage {
     let t = template(firing, options);
-    let body = if t.name.is_pool() {
-        to_json(&PoolBody {
-            pool_id: &t.subject,
-            rule_type: t.rule_type,
-            template_name: t.name.as_str(),
-            template_params: &t.params,
-        })
+    let subject = if t.name.is_pool() {
+        Subject::Pool(&t.subject)
     } else {
-        to_json(&CardBody {
-            cid: &t.subject,
-            rule_type: t.rule_type,
-            template_name: t.name.as_str(),
-            template_params: &t.params,
-        })
+        Subject::Card(&t.subject)
     };
+    let body = to_json(&SingleBody {
+        subject,
+        rule_type: t.rule_type,
+        template_name: t.name.as_str(),
+        template_params: &t.params,
+    });
     WebhookMessage {
-        id: message_id(endpoint, &[&firing.id]),
+        id: webhook_id(endpoint, &[&firing.id]),
         endpoint: endpoint.to_owned(),
         body,
         firing_ids: vec![firing.id.clone()],
@@ -162,7 +168,7 @@ pub fn merged_bodies(
                     .collect(),
             });
             WebhookMessage {
-                id: message_id(endpoint, &ids),
+                id: webhook_id(endpoint, &ids),
                 endpoint: endpoint.to_owned(),
                 body,
                 firing_ids: ids.into_iter().map(str::to_owned).collect(),

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::execution::execution_id;
 use crate::template::{template, TemplateOptions};
-use crate::webhook::{merged_bodies, single_body, MAX_MERGED};
+use crate::webhook::{merged_bodies, message_id, single_body, MAX_MERGED};
 pub use outbox::{Done, Final, Message, MessageChannel};
 pub use retry::RetryPolicy;
 
@@ -625,13 +625,6 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn message_id(parts: &[&str]) -> String {
-    format!(
-        "msg_{:032x}",
-        xxhash_rust::xxh3::xxh3_128(parts.join("|").as_bytes())
-    )
-}
-
 impl OutboxThread {
     fn run(&mut self, rx: &Receiver<Request>) -> Result<(), DeliveryError> {
         let tick = self
@@ -739,7 +732,7 @@ impl OutboxThread {
             return Ok(());
         }
         let path = outbox::log_path(&self.dir, name);
-        let log = Appender::open(path.clone())?;
+        let mut log = Appender::open(path.clone())?;
         let dest = Arc::new(Destination {
             name: name.to_owned(),
             log: path,
@@ -749,7 +742,6 @@ impl OutboxThread {
             wake: tokio::sync::Notify::new(),
         });
         // What is on disk already is durable.
-        let mut log = log;
         dest.synced.store(log.sync()?, Ordering::Release);
         dest.gauge();
         self.logs.insert(name.to_owned(), log);
@@ -837,14 +829,14 @@ impl OutboxThread {
                 Channel::Email => {
                     let e = crate::text::email(&firing, self.options);
                     let mut m = base(MessageChannel::Email, e.body);
-                    m.id = message_id(&["email", &execution]);
+                    m.id = message_id(["email", execution.as_str()]);
                     m.subject = Some(e.subject);
                     m.to = action.to.clone();
                     self.queue(m)?;
                 }
                 Channel::Sms => {
                     let mut m = base(MessageChannel::Sms, crate::text::sms(&firing, self.options));
-                    m.id = message_id(&["sms", &execution]);
+                    m.id = message_id(["sms", execution.as_str()]);
                     m.to = action.to.clone();
                     self.queue(m)?;
                 }
@@ -886,8 +878,14 @@ impl OutboxThread {
             .buffered
             .fetch_sub(buffer.firings.len() as u64, Ordering::AcqRel);
         let firings: Vec<&RuleFiredEvent> = buffer.firings.iter().map(|(f, _)| f).collect();
-        let Ok(messages) = merged_bodies(&firings, &key.endpoint, self.options) else {
-            return Ok(()); // empty, or mixed templates (the key prevents both)
+        let messages = match merged_bodies(&firings, &key.endpoint, self.options) {
+            Ok(m) => m,
+            // Empty, or mixed templates: the merge key rules both out.
+            Err(e) => {
+                tracing::error!(endpoint = %key.endpoint, rule = %key.rule, firings = firings.len(),
+                    error = %e, "merged webhook could not be built; its firings are not sent");
+                return Ok(());
+            }
         };
         for (w, chunk) in messages.into_iter().zip(buffer.firings.chunks(MAX_MERGED)) {
             self.queue(Message {
@@ -954,14 +952,14 @@ impl OutboxThread {
         };
         if let Some(endpoint) = self.shared.config.alert_webhook.clone() {
             let mut m = base.clone();
-            m.id = message_id(&["alert", "webhook", &event.message_id]);
+            m.id = message_id(["alert", "webhook", event.message_id.as_str()]);
             m.endpoint = Some(endpoint);
             m.body = body.clone();
             self.queue(m)?;
         }
         if !self.shared.config.alert_email.is_empty() {
             let mut m = base;
-            m.id = message_id(&["alert", "email", &event.message_id]);
+            m.id = message_id(["alert", "email", event.message_id.as_str()]);
             m.channel = MessageChannel::Email;
             m.to = self.shared.config.alert_email.clone();
             let target = event
