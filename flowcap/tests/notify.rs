@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{sql_rows, BIN};
+use common::{json_lines, sql_rows, stdout_of, BIN};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const CARDS: u32 = 300;
@@ -231,17 +231,12 @@ fn kill_9_with_undelivered_notifications_then_restart_delivers_every_one_once() 
     );
     let n = 2 * CARDS;
     assert_eq!(rows, [json!({"n": n, "ids": n, "delivered": n})]);
-    let out = std::process::Command::new(BIN)
-        .args(["query", "rule-executions", "--format", "json", "--data"])
-        .arg(dir.path().join("out"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let first: Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let executions = json_lines(&stdout_of(
+        Command::new(BIN)
+            .args(["query", "rule-executions", "--format", "json", "--data"])
+            .arg(dir.path().join("out")),
+        "flowcap query rule-executions",
+    ));
+    let first = &executions[0];
     assert_eq!(first["outcome"], "delivered", "{first}");
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{sql_rows, BIN};
+use common::{json_lines, sql_rows, stdout_of, BIN};
 
 const CARDS: u32 = 40;
 
@@ -51,27 +51,23 @@ fn run_live(dir: &Path) {
             writeln!(usage, "{r}").unwrap();
         }
     }
-    let res = Command::new(BIN)
-        .args([
-            "run",
-            "-q",
-            "--json",
-            "--no-notify",
-            "--snapshot-every",
-            "100",
-        ])
-        .arg("--input")
-        .arg(dir.join("usage.jsonl"))
-        .arg("--commands")
-        .arg(dir.join("commands.jsonl"))
-        .arg("--out")
-        .arg(dir.join("out"))
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
+    stdout_of(
+        Command::new(BIN)
+            .args([
+                "run",
+                "-q",
+                "--json",
+                "--no-notify",
+                "--snapshot-every",
+                "100",
+            ])
+            .arg("--input")
+            .arg(dir.join("usage.jsonl"))
+            .arg("--commands")
+            .arg(dir.join("commands.jsonl"))
+            .arg("--out")
+            .arg(dir.join("out")),
+        "flowcap run",
     );
 }
 
@@ -79,23 +75,14 @@ fn run_live(dir: &Path) {
 fn replay(dir: &Path, draft: &str, from: &str, to: &str) -> Vec<Value> {
     let path = dir.join("draft.toml");
     std::fs::write(&path, draft).unwrap();
-    let res = Command::new(BIN)
-        .args(["rules", "replay", "--format", "json", "--rule"])
-        .arg(&path)
-        .args(["--from", from, "--to", to, "--data"])
-        .arg(dir.join("out"))
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    String::from_utf8(res.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines(&stdout_of(
+        Command::new(BIN)
+            .args(["rules", "replay", "--format", "json", "--rule"])
+            .arg(&path)
+            .args(["--from", from, "--to", to, "--data"])
+            .arg(dir.join("out")),
+        "flowcap rules replay",
+    ))
 }
 
 fn pairs(rows: &[Value]) -> Vec<(String, String)> {

@@ -1,5 +1,5 @@
-//! Helpers the integration tests share: queries over a run's Parquet
-//! history through the real `flowcap sql`.
+//! Helpers the integration tests share: running the real binary, and
+//! queries over a run's Parquet history through `flowcap sql`.
 
 #![allow(dead_code)] // each test file uses some of them
 
@@ -9,45 +9,52 @@ use std::process::Command;
 /// The binary under test.
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
 
-/// `flowcap sql --format FORMAT --data OUT QUERY`'s standard output;
-/// panics with its standard error when it fails.
-pub(crate) fn sql_text(out: &Path, format: &str, query: &str) -> String {
-    let res = Command::new(BIN)
-        .args(["sql", "--format", format, "--data"])
-        .arg(out)
-        .arg(query)
-        .output()
-        .unwrap();
+/// Runs `cmd`; its standard output. Panics with `what` and the standard
+/// error when it fails.
+pub(crate) fn stdout_of(cmd: &mut Command, what: &str) -> String {
+    let res = cmd.output().unwrap();
     assert!(
         res.status.success(),
-        "{query}: {}",
+        "{what}: {}",
         String::from_utf8_lossy(&res.stderr)
     );
     String::from_utf8(res.stdout).unwrap()
 }
 
-/// A query's rows as JSON objects.
-pub(crate) fn sql_rows(out: &Path, query: &str) -> Vec<serde_json::Value> {
-    sql_text(out, "json", query)
-        .lines()
+/// JSON lines as values.
+pub(crate) fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// `flowcap sql --format FORMAT --data OUT QUERY`'s standard output;
+/// panics with its standard error when it fails.
+pub(crate) fn sql_text(out: &Path, format: &str, query: &str) -> String {
+    stdout_of(
+        Command::new(BIN)
+            .args(["sql", "--format", format, "--data"])
+            .arg(out)
+            .arg(query),
+        query,
+    )
+}
+
+/// A query's rows as JSON objects.
+pub(crate) fn sql_rows(out: &Path, query: &str) -> Vec<serde_json::Value> {
+    json_lines(&sql_text(out, "json", query))
 }
 
 /// `flowcap run -q --json ARGS --out OUT` on the built-in generator; the
 /// printed summary. Panics with its standard error when it fails.
 pub(crate) fn run_generator(out: &Path, args: &[&str]) -> serde_json::Value {
-    let res = Command::new(BIN)
-        .args(["run", "-q", "--json"])
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
+    let text = stdout_of(
+        Command::new(BIN)
+            .args(["run", "-q", "--json"])
+            .args(args)
+            .arg("--out")
+            .arg(out),
+        "flowcap run",
     );
-    serde_json::from_slice(&res.stdout).unwrap()
+    serde_json::from_str(&text).unwrap()
 }
