@@ -852,6 +852,13 @@ impl Pipeline {
                     source,
                 })?;
             }
+            let alerts = dir.join(ALERTS_FILE);
+            if !resume && alerts.exists() {
+                std::fs::remove_file(&alerts).map_err(|source| IngestError::Directory {
+                    path: alerts.clone(),
+                    source,
+                })?;
+            }
         }
         let store = SnapshotStore::open(&snapshots_dir)?;
         // The driver's own position, not the engine's: inputs that never
