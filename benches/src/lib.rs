@@ -270,3 +270,32 @@ fn record_id(seq: u64) -> RecordId {
     }
     RecordId::new(std::str::from_utf8(&buf).unwrap_or("rec")).unwrap_or_else(|| unreachable!())
 }
+
+/// The TrueType font the report plots write their text with.
+pub const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Registers [`PLOT_FONT`] as plotters' `sans-serif`. `false` when the file
+/// is missing (the plots are then drawn without text); an error when it is
+/// there but not usable.
+pub fn register_plot_font() -> Result<bool, String> {
+    match std::fs::read(PLOT_FONT) {
+        Ok(bytes) => {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+                .map_err(|_| format!("font {PLOT_FONT} not usable"))?;
+            Ok(true)
+        }
+        Err(_) => Ok(false),
+    }
+}
+
+/// The median of `values` (0 for none).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}

@@ -264,7 +264,6 @@ mod plot {
 
     use plotters::prelude::*;
 
-    const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
     struct Point {
         cards: f64,
@@ -307,15 +306,7 @@ mod plot {
             return Err(format!("no measurements in {input}").into());
         }
         // Text needs a TrueType font; without one the plot has no labels.
-        let text = match std::fs::read(FONT) {
-            Ok(bytes) => {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-                    .map_err(|_| "font not usable")?;
-                true
-            }
-            Err(_) => false,
-        };
+        let text = flowcap_benches::register_plot_font()?;
         let root = BitMapBackend::new(output, (900, 560)).into_drawing_area();
         root.fill(&WHITE)?;
         let ymax = pts

@@ -61,6 +61,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
+use flowcap_benches::median;
 use flowcap_engine::{Iccid, RecordId, Timestamp, Usage};
 use flowcap_loadgen::{
     to_json_line, GeneratedRecord, Payload, RecordKind, Workload, WorkloadConfig,
@@ -2078,16 +2079,6 @@ fn newest_snapshot_len(dir: &Path) -> u64 {
         .map_or(0, |(_, len)| len)
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
@@ -2129,8 +2120,6 @@ mod plot {
     use plotters::prelude::*;
     use serde_json::Value;
 
-    const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
     fn newest(lines: &[Value], phase: &str, measure: &str) -> Option<Value> {
         lines
             .iter()
@@ -2140,15 +2129,7 @@ mod plot {
     }
 
     fn font() -> Result<bool> {
-        match std::fs::read(FONT) {
-            Ok(bytes) => {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-                    .map_err(|_| anyhow::anyhow!("font {FONT} not usable"))?;
-                Ok(true)
-            }
-            Err(_) => Ok(false),
-        }
+        flowcap_benches::register_plot_font().map_err(anyhow::Error::msg)
     }
 
     pub(super) fn draw(input: &Path, dir: &Path) -> Result<()> {
