@@ -1,6 +1,12 @@
-//! Shared helpers for the criterion benches and the `engine_report` binary:
+//! Shared helpers for the criterion benches and the report binaries:
 //! CPU-time and RSS probes (Linux `/proc`), engine setup from a loadgen
-//! workload, and a generator of fresh, already-decoded usage records.
+//! workload, a generator of fresh, already-decoded usage records, the
+//! plots' font, and [`history_check`] (exactness and overshoot of a run,
+//! from its history).
+
+pub mod history_check;
+
+pub use history_check::{batch_rows, check_history, HistoryCheck};
 
 use std::time::{Duration, Instant};
 

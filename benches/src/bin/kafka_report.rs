@@ -61,7 +61,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use flowcap_benches::median;
+use flowcap_benches::{check_history, median};
 use flowcap_engine::{Iccid, RecordId, Timestamp, Usage};
 use flowcap_loadgen::{
     to_json_line, GeneratedRecord, Payload, RecordKind, Workload, WorkloadConfig,
@@ -454,6 +454,8 @@ fn throughput(args: &Args, bin: &Path, work: &Path, report: &mut Report) -> Resu
         raw_cpu.push(raw.records as f64 / raw.cpu.max(0.01));
         raw_rates.push(raw_rate);
 
+        // The first repetition's history is checked against the
+        // generator's expectation (exactness, overshoot of every cut).
         let (rate, per_cpu) = flowcap_rep(
             args,
             bin,
@@ -463,6 +465,7 @@ fn throughput(args: &Args, bin: &Path, work: &Path, report: &mut Report) -> Resu
             rep,
             records,
             &[],
+            (rep == 0).then_some(&workload),
             report,
         )?;
         fc_rates.push(rate);
@@ -477,6 +480,7 @@ fn throughput(args: &Args, bin: &Path, work: &Path, report: &mut Report) -> Resu
                 rep,
                 records,
                 &["--no-history"],
+                None,
                 report,
             )?;
             nh_rates.push(rate);
@@ -551,6 +555,7 @@ fn flowcap_rep(
     rep: usize,
     records: u64,
     extra: &[&str],
+    check: Option<&Workload>,
     report: &mut Report,
 ) -> Result<(f64, f64)> {
     let label = if extra.is_empty() {
@@ -623,10 +628,62 @@ fn flowcap_rep(
                    "wall_secs": run.total.as_secs_f64(),
                    "idle_secs": args.idle_secs,
                    "rate": rate,
+                   "timeline": run.timeline(first.at, last.at, inputs),
                    "summary": run.summary}),
     )?;
+    if let Some(workload) = check {
+        check_run(&dir, workload, report)?;
+    }
     fs::remove_dir_all(&dir).ok();
     Ok((rate, inputs as f64 / cpu.max(0.01)))
+}
+
+/// Exactness and overshoot of one run, from its history (report rows and a
+/// JSON line).
+fn check_run(dir: &Path, workload: &Workload, report: &mut Report) -> Result<()> {
+    let bar = bar(None, "checking the history: exactness, overshoot");
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let check = check_history(&dir.join("history"), &workload.expected())?;
+    bar.finish_and_clear();
+    eprintln!("history check: {check:?}");
+    report.line("throughput", "check", serde_json::to_value(&check)?)?;
+    report.row(
+        "exactness: card cycle totals in the history vs the generator's expectation",
+        format!(
+            "{} of {} (card, cycle) differ{}",
+            check.mismatched,
+            check.cards_cycles_checked,
+            check
+                .first_mismatch
+                .as_ref()
+                .map_or(String::new(), |m| format!(" (first: {m})"))
+        ),
+        "0",
+        yes(check.mismatched == 0),
+    );
+    report.row(
+        format!(
+            "overshoot: records accounted after the limit and before the cut, {} card cuts",
+            check.cuts
+        ),
+        format!(
+            "{} (most in one cut: {}; cuts without their record: {})",
+            check.overshoot_records, check.max_overshoot_records, check.cuts_without_cause
+        ),
+        "0",
+        yes(check.overshoot_records == 0 && check.cuts_without_cause == 0),
+    );
+    report.row(
+        "overshoot bytes: the crossing record's bytes above the limit (mean / max per cut)",
+        format!(
+            "{:.0} / {} bytes",
+            check.overshoot_bytes as f64 / check.cuts.max(1) as f64,
+            check.max_overshoot_bytes
+        ),
+        "",
+        "",
+    );
+    Ok(())
 }
 
 struct RawResult {
@@ -1779,6 +1836,39 @@ impl Finished {
     /// From the first message the driver took (first order log growth
     /// after `after`) to the last accounted record written before
     /// `before` (last `usage.jsonl` growth): the processing window.
+    /// Records accounted per second over `from..to`, in half-second steps:
+    /// `usage.jsonl` grows by the same line per accounted record, so its
+    /// size, scaled by `records` over its growth in the window, counts
+    /// them. `[[seconds since from, records/s], ...]`.
+    fn timeline(&self, from: Duration, to: Duration, records: u64) -> Value {
+        let in_window: Vec<&Sample> = self
+            .files
+            .iter()
+            .filter(|s| s.at >= from && s.at <= to)
+            .collect();
+        let (Some(a), Some(b)) = (in_window.first(), in_window.last()) else {
+            return json!([]);
+        };
+        let per_byte = records as f64 / (b.usage.saturating_sub(a.usage)).max(1) as f64;
+        let step = Duration::from_millis(500);
+        let mut out = Vec::new();
+        let mut t = from;
+        let mut prev = a.usage;
+        while t < to {
+            let next = t + step;
+            let usage = in_window
+                .iter()
+                .rev()
+                .find(|s| s.at <= next)
+                .map_or(prev, |s| s.usage);
+            let rate = (usage.saturating_sub(prev)) as f64 * per_byte / step.as_secs_f64();
+            out.push(json!([(t - from).as_secs_f64(), rate.round()]));
+            prev = usage;
+            t = next;
+        }
+        json!(out)
+    }
+
     fn processing_window(&self, before: Duration) -> Option<(Sample, Sample)> {
         let base = self.files.first()?;
         let first = *self.files.iter().find(|s| s.order > base.order)?;
@@ -2145,6 +2235,16 @@ mod plot {
             let path = dir.join("kafka_throughput.png");
             throughput(&summary, &path, labels)?;
             println!("wrote {}", path.display());
+            let run = summary["run"].clone();
+            let reps: Vec<&Value> = lines
+                .iter()
+                .filter(|l| l["run"] == run && l["phase"] == "throughput" && l["measure"] == "flowcap")
+                .collect();
+            if !reps.is_empty() {
+                let path = dir.join("kafka_throughput_over_time.png");
+                over_time(&reps, summary["raw_median"].as_f64().unwrap_or(0.0), &path, labels)?;
+                println!("wrote {}", path.display());
+            }
         }
         if let Some(newest) = newest(&lines, "latency", "summary") {
             // Every latency measurement of that run: flowcap and the broker
@@ -2162,6 +2262,64 @@ mod plot {
             latency(&of_run, &path, labels)?;
             println!("wrote {}", path.display());
         }
+        Ok(())
+    }
+
+    /// flowcap's records/s over each repetition, with the raw consume
+    /// median as a line.
+    fn over_time(reps: &[&Value], raw: f64, path: &Path, labels: bool) -> Result<()> {
+        let series: Vec<Vec<(f64, f64)>> = reps
+            .iter()
+            .map(|r| {
+                r["timeline"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()? / 1000.0)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let xmax = series
+            .iter()
+            .flat_map(|s| s.iter().map(|p| p.0))
+            .fold(1.0f64, f64::max);
+        let ymax = series
+            .iter()
+            .flat_map(|s| s.iter().map(|p| p.1))
+            .fold(raw / 1000.0, f64::max)
+            * 1.1;
+        let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(20);
+        if labels {
+            builder
+                .caption(
+                    "flowcap end to end over time, thousand records/s (one line per repetition; blue: raw consume median)",
+                    ("sans-serif", 16).into_font(),
+                )
+                .x_label_area_size(35)
+                .y_label_area_size(60);
+        }
+        let mut chart = builder.build_cartesian_2d(0.0..xmax, 0.0..ymax.max(1.0))?;
+        if labels {
+            chart
+                .configure_mesh()
+                .x_desc("seconds since the first message")
+                .y_desc("thousand records / s")
+                .label_style(("sans-serif", 13))
+                .draw()?;
+        }
+        for s in series {
+            chart.draw_series(LineSeries::new(s, RED.stroke_width(1)))?;
+        }
+        chart.draw_series(LineSeries::new(
+            [(0.0, raw / 1000.0), (xmax, raw / 1000.0)],
+            BLUE.stroke_width(2),
+        ))?;
+        root.present()?;
         Ok(())
     }
 

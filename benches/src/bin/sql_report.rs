@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use flowcap_benches::{median, register_plot_font};
+use flowcap_benches::{batch_rows, median, register_plot_font};
 use flowcap_storage::sql::{self, ConsoleQuery, Latest};
 use flowcap_storage::HistoryLocation;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -223,20 +223,7 @@ fn queries(args: &Args) -> Result<Timings> {
         .len();
     let run = |q: &str| -> Result<Vec<Vec<String>>> {
         let batches = rt.block_on(sql::query(&ctx, q))?;
-        let mut rows = Vec::new();
-        for b in &batches {
-            for r in 0..b.num_rows() {
-                let mut row = Vec::new();
-                for c in b.columns() {
-                    row.push(
-                        datafusion::arrow::util::display::array_value_to_string(c, r)
-                            .unwrap_or_default(),
-                    );
-                }
-                rows.push(row);
-            }
-        }
-        Ok(rows)
+        Ok(batch_rows(&batches))
     };
     let usage_rows: u64 = run("SELECT COUNT(*) FROM usage_records")?[0][0].parse()?;
     let newest = ConsoleQuery::TopCards {
