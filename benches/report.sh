@@ -5,9 +5,10 @@
 #
 #   benches/report.sh [--scenario quick|standard] [--out DIR]
 #
-#   quick     ~15 minutes on 2 cores: small workloads, one repetition; to
-#             check the suite end to end, not for figures.
-#   standard  1-2 hours on 2 cores: the figures of docs/BENCHMARKS.md.
+#   quick     small workloads, one repetition: to check the suite end to
+#             end, not for figures.
+#   standard  the sizes of docs/BENCHMARKS.md (hours on 2 cores: a year
+#             of history is generated once, 10M cards are set up).
 #
 # Steps (each prints its progress on stderr; the broker is started by the
 # report binaries, Tansu on a free loopback port):

@@ -128,7 +128,10 @@ pub fn check_history(history: &Path, expected: &Expected) -> Result<HistoryCheck
             if got != e.bytes {
                 check.mismatched += 1;
                 check.first_mismatch.get_or_insert_with(|| {
-                    format!("card {} cycle {}: written {got}, expected {}", key.0, key.1, e.bytes)
+                    format!(
+                        "card {} cycle {}: written {got}, expected {}",
+                        key.0, key.1, e.bytes
+                    )
                 });
             }
         }
@@ -207,9 +210,11 @@ mod tests {
                 .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
                 .collect::<Vec<_>>(),
         ));
-        let batch =
-            RecordBatch::try_new(schema.clone(), columns.into_iter().map(|(_, a)| a).collect())
-                .unwrap();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            columns.into_iter().map(|(_, a)| a).collect(),
+        )
+        .unwrap();
         Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())
     }
 
@@ -240,10 +245,19 @@ mod tests {
             ("subject", text(&["card", "card", "card", "pool"])),
             ("iccid", text(&["a", "b", "c", "a"])),
             ("cycle", text(&["2026-11"; 4])),
-            ("old_state", text(&["active", "active", "active", "available"])),
-            ("new_state", text(&["suspended", "suspended", "suspended", "exhausted"])),
+            (
+                "old_state",
+                text(&["active", "active", "active", "available"]),
+            ),
+            (
+                "new_state",
+                text(&["suspended", "suspended", "suspended", "exhausted"]),
+            ),
             ("cause", text(&["record"; 4])),
-            ("reasons", text(&["over_quota", "general_cap", "over_quota", ""])),
+            (
+                "reasons",
+                text(&["over_quota", "general_cap", "over_quota", ""]),
+            ),
             ("cause_id", text(&["a3", "b2", "c9", "a1"])),
             ("limit_bytes", ints(&[100, 100, 100, 1])),
             ("overshoot_bytes", ints(&[20, 10, 5, 59])),

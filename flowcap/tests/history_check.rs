@@ -20,10 +20,8 @@ fn workload(seed: u64) -> Workload {
 fn an_exact_run_passes_and_a_wrong_expectation_fails() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let summary = common::run_generator(
-        &out,
-        &["--cards", "1000", "--hours", "80", "--seed", "11"],
-    );
+    let summary =
+        common::run_generator(&out, &["--cards", "1000", "--hours", "80", "--seed", "11"]);
     assert_eq!(summary["exactness"]["mismatched"], 0, "{summary}");
     let history = out.join("history");
 

@@ -279,6 +279,65 @@ struct BadCommand<'a> {
     result: &'a CommandResult,
 }
 
+/// Most failed cards a results-topic message lists, and most bytes of a
+/// bad command's raw text it repeats.
+const RESULT_MESSAGE_FAILED_CARDS: usize = 1_000;
+const RESULT_MESSAGE_RAW_BYTES: usize = 64 * 1024;
+
+/// What `flowcap.command-results` carries for one command: the answer, not
+/// the command again. A batch of 20k cards echoed with one outcome per card
+/// passed librdkafka's 1 MB message limit and stopped the pipeline; this
+/// stays far below it whatever the command: successes are counted, failed
+/// cards listed up to [`RESULT_MESSAGE_FAILED_CARDS`], a bad command's
+/// raw text cut at [`RESULT_MESSAGE_RAW_BYTES`]. The whole command and
+/// result are in the journal (`journal.jsonl`, `command_journal`).
+#[derive(Serialize)]
+struct ResultMessage<'a> {
+    seq: u64,
+    command_id: &'a CommandId,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a flowcap_engine::command::CommandError>,
+    repeat: bool,
+    cards_ok: usize,
+    cards_failed: usize,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    failed: Vec<&'a flowcap_engine::command::CardResult>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    failed_truncated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    raw_truncated: bool,
+}
+
+impl<'a> ResultMessage<'a> {
+    fn new(seq: u64, result: &'a CommandResult, repeat: bool, raw: Option<&'a str>) -> Self {
+        let failed_all = result.results.iter().filter(|r| !r.ok);
+        let cards_failed = failed_all.clone().count();
+        let raw_cut = raw.map(|r| {
+            let mut end = r.len().min(RESULT_MESSAGE_RAW_BYTES);
+            while !r.is_char_boundary(end) {
+                end -= 1;
+            }
+            &r[..end]
+        });
+        ResultMessage {
+            seq,
+            command_id: &result.command_id,
+            ok: result.ok,
+            error: result.error.as_ref(),
+            repeat,
+            cards_ok: result.results.len() - cards_failed,
+            cards_failed,
+            failed: failed_all.take(RESULT_MESSAGE_FAILED_CARDS).collect(),
+            failed_truncated: cards_failed > RESULT_MESSAGE_FAILED_CARDS,
+            raw_truncated: raw_cut.map(str::len) != raw.map(str::len),
+            raw: raw_cut,
+        }
+    }
+}
+
 pub(crate) enum Side {
     DeadLetter {
         seq: u64,
@@ -488,7 +547,9 @@ impl Writer {
                         )?;
                     }
                     if let Some(k) = &mut self.kafka {
-                        let payload = serde_json::to_vec(&entry)?;
+                        let message =
+                            ResultMessage::new(entry.seq, &entry.result, entry.repeat, None);
+                        let payload = serde_json::to_vec(&message)?;
                         let id = entry.result.command_id.as_str().as_bytes();
                         k.outbox.send(&k.results, Some(id), &payload, &[])?;
                     }
@@ -566,7 +627,8 @@ impl Writer {
                 };
                 self.sink(JOURNAL_FILE).write(&line)?;
                 if let Some(k) = &mut self.kafka {
-                    let payload = serde_json::to_vec(&line)?;
+                    let message = ResultMessage::new(seq, &result, false, Some(&line.raw));
+                    let payload = serde_json::to_vec(&message)?;
                     let id = result.command_id.as_str().as_bytes();
                     k.outbox.send(&k.results, Some(id), &payload, &[])?;
                     let message = result.error.as_ref().map_or("", |e| e.message.as_str());
@@ -928,7 +990,15 @@ impl Pipeline {
         let (side, side_rx) = bounded::<Side>(1024);
         let writer_thread = std::thread::Builder::new()
             .name("flowcap-writer".into())
-            .spawn(move || run_writer(writer, outputs, side_rx))
+            .spawn(move || {
+                let result = run_writer(writer, outputs, side_rx);
+                // The pipeline only sees a closed channel ("writer is
+                // gone"): the cause is logged here.
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "output writer stopped");
+                }
+                result
+            })
             .map_err(|e| IngestError::Writer(e.to_string()))?;
         Ok(Pipeline {
             sharded,
@@ -1181,4 +1251,54 @@ fn command_id_of(bytes: &[u8]) -> CommandId {
         .ok()
         .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(CommandId::from))
         .unwrap_or_else(|| CommandId::from(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use flowcap_engine::command::{CardResult, CommandError, ErrorCode};
+    use flowcap_engine::Iccid;
+
+    use super::*;
+
+    /// A batch of 100,000 cards with 3,000 failures: the results-topic
+    /// message counts the successes, lists the first 1,000 failures, and
+    /// stays far under librdkafka's 1 MB message limit; a bad command's
+    /// raw text is cut at 64 KiB on a character boundary.
+    #[test]
+    fn result_messages_stay_small_whatever_the_batch() {
+        let results: Vec<CardResult> = (0..100_000u64)
+            .map(|k| CardResult {
+                iccid: Iccid::parse(&format!("8986010000{k:010}")).unwrap(),
+                ok: k % 100 >= 3,
+                error: (k % 100 < 3)
+                    .then(|| CommandError::new(ErrorCode::UnknownCard, "no such card")),
+            })
+            .collect();
+        let result = CommandResult {
+            command_id: CommandId("batch-1".into()),
+            ok: false,
+            error: None,
+            results,
+        };
+        let message = ResultMessage::new(7, &result, false, None);
+        assert_eq!((message.cards_ok, message.cards_failed), (97_000, 3_000));
+        assert_eq!(message.failed.len(), RESULT_MESSAGE_FAILED_CARDS);
+        assert!(message.failed_truncated);
+        let bytes = serde_json::to_vec(&message).unwrap();
+        assert!(bytes.len() < 200_000, "{} bytes", bytes.len());
+        assert!(serde_json::to_vec(&result).unwrap().len() > 1_000_000);
+
+        let raw = "é".repeat(40_000); // 80,000 bytes, 2 bytes a character
+        let bad = CommandResult::rejected(
+            CommandId("bad".into()),
+            CommandError::new(ErrorCode::Malformed, "not JSON"),
+        );
+        let message = ResultMessage::new(8, &bad, false, Some(&raw));
+        let cut = message.raw.unwrap();
+        assert!(message.raw_truncated);
+        assert_eq!(cut.len(), RESULT_MESSAGE_RAW_BYTES);
+        assert!(raw.starts_with(cut));
+        let small = ResultMessage::new(9, &bad, true, Some("{}"));
+        assert!(!small.raw_truncated && small.repeat);
+    }
 }

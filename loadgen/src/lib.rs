@@ -78,4 +78,4 @@ pub use config::{
 pub use error::LoadgenError;
 pub use expected::{CardCycleUsage, Expected, KindCounts};
 pub use records::{to_json_line, Defect, GeneratedRecord, Payload, RecordKind, Records};
-pub use workload::{carrier_code, Workload, FLEET_TAGS, OPERATOR, UTC_OFFSET_SECS};
+pub use workload::{carrier_code, Workload, FLEET_TAGS, OPERATOR, SETUP_BATCH, UTC_OFFSET_SECS};

@@ -24,6 +24,14 @@ pub const OPERATOR: &str = "loadgen";
 /// Number of fleet tags (`lg-fleet-0` ...); each card carries one.
 pub const FLEET_TAGS: u64 = 4;
 
+/// Most cards in one generated batch command (`add_pool_members`,
+/// `set_threshold`), below the engine's [`MAX_BATCH`]: 20,000 ICCIDs are
+/// ~470 KB of JSON, under Kafka's default 1 MB message limit, so the setup
+/// can be produced to the commands topic as it is (a 100,000-card batch
+/// is ~2.3 MB and a producer refuses it).
+pub const SETUP_BATCH: usize = 20_000;
+const _: () = assert!(SETUP_BATCH <= MAX_BATCH);
+
 /// ICCID prefix used for cards that are not in the setup (see
 /// [`RecordKind::UnknownCard`](crate::RecordKind::UnknownCard)): no carrier
 /// code is `99`.
@@ -323,8 +331,8 @@ impl Workload {
     ///    before start at local midnight, expiring after the plan's term,
     ///    with MSISDN, IMSI, IMEI and one fleet tag;
     /// 4. per pool, `create_pool` then `add_pool_members` in batches of at
-    ///    most 100,000 (forward pools: one carrier and plan);
-    /// 5. `set_threshold` in batches, one value per batch (only `ctcc` cards
+    ///    most [`SETUP_BATCH`] (forward pools: one carrier and plan);
+    /// 5. `set_threshold` in batches of at most [`SETUP_BATCH`], one value per batch (only `ctcc` cards
     ///    and `cmcc`/`cucc` cards in forward pools);
     /// 6. `add_on` for cards outside forward pools, then for forward pools.
     ///
@@ -350,7 +358,7 @@ impl Workload {
             };
             let adds =
                 pool.members
-                    .chunks(MAX_BATCH)
+                    .chunks(SETUP_BATCH)
                     .map(move |chunk| CommandKind::AddPoolMembers {
                         pool: pool.spec.id.clone(),
                         iccids: self.iccids_of(chunk),
@@ -363,7 +371,7 @@ impl Workload {
             .zip(&self.config.threshold_mb)
             .flat_map(move |(members, &mb)| {
                 members
-                    .chunks(MAX_BATCH)
+                    .chunks(SETUP_BATCH)
                     .map(move |chunk| CommandKind::SetThreshold {
                         iccids: self.iccids_of(chunk),
                         mb,

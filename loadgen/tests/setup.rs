@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use common::quiet;
 use flowcap_engine::command::{parse_command, PoolKind, MAX_BATCH, MAX_TAGS_PER_CARD};
 use flowcap_engine::{CardState, Carrier, CommandKind, Iccid, PlanId, PoolId, TagId};
+use flowcap_loadgen::SETUP_BATCH;
 use flowcap_loadgen::{Workload, WorkloadConfig};
 
 #[test]
@@ -171,20 +172,17 @@ fn large_pools_are_split_into_batches() {
         match &command.kind {
             CommandKind::AddPoolMembers { pool, iccids } => adds.push((pool.clone(), iccids.len())),
             CommandKind::SetThreshold { iccids, .. } => {
-                assert!(iccids.len() <= MAX_BATCH);
+                assert!(iccids.len() <= SETUP_BATCH);
                 threshold_batches += 1;
             }
             _ => {}
         }
+        // Every setup command fits a Kafka message of the default 1 MB.
+        let json = serde_json::to_vec(&command).unwrap();
+        assert!(json.len() < 1_000_000, "{} bytes", json.len());
     }
-    assert_eq!(
-        adds,
-        vec![
-            (PoolId::from("fp-000001"), 100_000),
-            (PoolId::from("fp-000001"), 100_000),
-            (PoolId::from("fp-000001"), 40_000),
-            (PoolId::from("fp-000002"), 10_000),
-        ]
-    );
-    assert!(threshold_batches >= 5);
+    let mut expected = vec![(PoolId::from("fp-000001"), SETUP_BATCH); 12];
+    expected.push((PoolId::from("fp-000002"), 10_000));
+    assert_eq!(adds, expected);
+    assert!(threshold_batches >= 10, "{threshold_batches}");
 }

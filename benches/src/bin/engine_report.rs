@@ -264,7 +264,6 @@ mod plot {
 
     use plotters::prelude::*;
 
-
     struct Point {
         cards: f64,
         lean: bool,

@@ -24,10 +24,13 @@
 //!    reads the whole usage topic with a plain rdkafka consumer (flowcap's
 //!    consumer settings, payloads touched, nothing else: the baseline), then
 //!    runs flowcap on a copy of the template until idle. flowcap's rate is
-//!    its summary's `inputs` over the time from its `consuming` log line to
-//!    its `Stopping` log line less the idle wait (`--exit-when-idle`):
-//!    startup (connect, lease, restore) and the final snapshot are excluded
-//!    and reported separately. The median of the repetitions is reported.
+//!    its summary's `inputs` over the time from the first message it took
+//!    (its order log grows) to the last record accounted (its `/metrics`,
+//!    polled every 5 ms): startup (connect, lease, restore) and the final
+//!    snapshot are excluded and reported separately. The median of the
+//!    repetitions is reported. The first repetition's history is then
+//!    checked against the generator's expectation: every (card, cycle)
+//!    total, and the overshoot of every cut (`flowcap_benches::history_check`).
 //! 2. **latency**: a fresh setup whose event times are now; flowcap runs
 //!    live while a paced producer sends records at half the measured flowcap
 //!    rate with `CreateTime` = send time. A share of the records is huge
@@ -586,7 +589,7 @@ fn flowcap_rep(
         .at("Stopping")
         .context("flowcap did not log its Stopping status")?;
     // Primary: first message taken (order log) to last record accounted
-    // (history file) before the Stopping status. Cross-check: from the
+    // (the metrics count) before the Stopping status. Cross-check: from the
     // `consuming` line to Stopping less the idle wait (this one ends at
     // the last message *taken*, not accounted, and starts before the
     // first fetch arrived).
@@ -1716,7 +1719,7 @@ struct Finished {
     summary: Value,
     total: Duration,
     lines: Vec<(Duration, String)>,
-    /// Changes of the order log and usage.jsonl, with CPU times.
+    /// Changes of the order log and of the accounted count, with CPU times.
     files: Vec<Sample>,
 }
 
@@ -1727,19 +1730,21 @@ struct Sample {
     at: Duration,
     /// Bytes in the order log (all segments).
     order: u64,
-    /// Bytes in `usage.jsonl`.
+    /// Records accounted so far (counted, duplicates, history only), from
+    /// flowcap's `/metrics`.
     usage: u64,
     /// CPU time of the flowcap process and of the broker, clock ticks.
     cpu: u64,
     broker_cpu: u64,
 }
 
-/// Polls the data directory every 5 ms: the order log grows (one `write`
-/// per run of messages, before the run is processed) when the driver takes
-/// a message; `usage.jsonl` grows (64 KiB buffered: every ~160 records)
-/// when accounted records leave the shards. Together they bracket the
-/// processing from outside the process. Each change is kept with the CPU
-/// time of flowcap and of the broker at that moment.
+/// Polls every 5 ms: the order log in the data directory grows (one
+/// `write` per run of messages, before the run is processed) when the
+/// driver takes a message; flowcap's Prometheus `/metrics` (`--http`)
+/// counts records as their outputs leave the shards (`flowcap_records_*`,
+/// `flowcap_duplicates_total`). Together they bracket the processing from
+/// outside the process. Each change is kept with the CPU time of flowcap
+/// and of the broker at that moment.
 struct FileWatch {
     stop: Arc<AtomicBool>,
     changes: Arc<Mutex<Vec<Sample>>>,
@@ -1747,11 +1752,16 @@ struct FileWatch {
 }
 
 impl FileWatch {
-    fn start(dir: &Path, spawned: Instant, pid: u32, broker_pid: Option<u32>) -> FileWatch {
+    fn start(
+        dir: &Path,
+        metrics: String,
+        spawned: Instant,
+        pid: u32,
+        broker_pid: Option<u32>,
+    ) -> FileWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let changes: Arc<Mutex<Vec<Sample>>> = Arc::default();
         let order = dir.join("order");
-        let usage = dir.join("usage.jsonl");
         let thread = {
             let (stop, changes) = (stop.clone(), changes.clone());
             thread::spawn(move || {
@@ -1774,7 +1784,7 @@ impl FileWatch {
                             .filter_map(|p| fs::metadata(p).ok())
                             .map(|m| m.len())
                             .sum(),
-                        fs::metadata(&usage).map_or(0, |m| m.len()),
+                        accounted(&metrics).unwrap_or(last.map_or(0, |l| l.1)),
                     );
                     if last != Some(now) {
                         last = Some(now);
@@ -1812,6 +1822,36 @@ impl FileWatch {
     }
 }
 
+/// Records accounted so far by the flowcap serving `/metrics` at `addr`
+/// (`None` before it listens).
+fn accounted(addr: &str) -> Option<u64> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    let mut total = 0.0;
+    for line in body.lines() {
+        let counts = [
+            "flowcap_records_counted_total",
+            "flowcap_records_history_only_total",
+            "flowcap_duplicates_total",
+        ]
+        .iter()
+        .any(|name| line.starts_with(name));
+        if counts {
+            total += line.rsplit(' ').next()?.parse::<f64>().ok()?;
+        }
+    }
+    Some(total as u64)
+}
+
+/// A free port on loopback (bound, then released for the child to take).
+fn free_addr() -> Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
 /// User + system CPU time of a process, in clock ticks (1/100 s).
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -1833,13 +1873,9 @@ fn broker_pid(broker: &Broker) -> Option<u32> {
 }
 
 impl Finished {
-    /// From the first message the driver took (first order log growth
-    /// after `after`) to the last accounted record written before
-    /// `before` (last `usage.jsonl` growth): the processing window.
     /// Records accounted per second over `from..to`, in half-second steps:
-    /// `usage.jsonl` grows by the same line per accounted record, so its
-    /// size, scaled by `records` over its growth in the window, counts
-    /// them. `[[seconds since from, records/s], ...]`.
+    /// the accounted count, scaled by `records` over its growth in the
+    /// window (rejects are not in it). `[[seconds since from, records/s], ...]`.
     fn timeline(&self, from: Duration, to: Duration, records: u64) -> Value {
         let in_window: Vec<&Sample> = self
             .files
@@ -1869,6 +1905,9 @@ impl Finished {
         json!(out)
     }
 
+    /// From the first message the driver took (first order log growth
+    /// after `after`) to the last accounted record written before
+    /// `before` (last growth of the accounted count): the processing window.
     fn processing_window(&self, before: Duration) -> Option<(Sample, Sample)> {
         let base = self.files.first()?;
         let first = *self.files.iter().find(|s| s.order > base.order)?;
@@ -1908,13 +1947,18 @@ impl Flowcap {
     ) -> Result<Flowcap> {
         let mut cmd = Command::new(bin);
         let bootstrap = broker.bootstrap();
+        let metrics = free_addr()?;
         cmd.args([
-            "run", "--kafka", &bootstrap, "--group", group, "-q", "--json", "--out",
+            "run", "--kafka", &bootstrap, "--group", group, "-q", "--json", "--http", &metrics,
+            "--out",
         ])
         .arg(dir)
         .args(extra)
         .env("FLOWCAP_LOG", "info")
         .env("NO_COLOR", "1")
+        // An error's message, not its backtrace, ends the log tail.
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -1928,7 +1972,7 @@ impl Flowcap {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning {}", bin.display()))?;
-        let watch = FileWatch::start(dir, spawned, child.id(), broker_pid(broker));
+        let watch = FileWatch::start(dir, metrics, spawned, child.id(), broker_pid(broker));
         let lines: Arc<Mutex<Vec<(Duration, String)>>> = Arc::default();
         let stderr = child.stderr.take().context("stderr")?;
         let stderr = {
@@ -2238,11 +2282,18 @@ mod plot {
             let run = summary["run"].clone();
             let reps: Vec<&Value> = lines
                 .iter()
-                .filter(|l| l["run"] == run && l["phase"] == "throughput" && l["measure"] == "flowcap")
+                .filter(|l| {
+                    l["run"] == run && l["phase"] == "throughput" && l["measure"] == "flowcap"
+                })
                 .collect();
             if !reps.is_empty() {
                 let path = dir.join("kafka_throughput_over_time.png");
-                over_time(&reps, summary["raw_median"].as_f64().unwrap_or(0.0), &path, labels)?;
+                over_time(
+                    &reps,
+                    summary["raw_median"].as_f64().unwrap_or(0.0),
+                    &path,
+                    labels,
+                )?;
                 println!("wrote {}", path.display());
             }
         }

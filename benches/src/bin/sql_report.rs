@@ -46,7 +46,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
-#[command(about = "DataFusion vs DuckDB over flowcap's history, and the ingest cost of the history")]
+#[command(
+    about = "DataFusion vs DuckDB over flowcap's history, and the ingest cost of the history"
+)]
 struct Args {
     /// Phases to run, comma-separated: queries, history-cost.
     #[arg(long, value_delimiter = ',', default_value = "queries,history-cost")]
@@ -283,8 +285,16 @@ fn queries(args: &Args) -> Result<Timings> {
             days: 365,
         },
     )?;
-    add("daily-totals, 30 days", false, ConsoleQuery::DailyTotals { days: 30 })?;
-    add("daily-totals, 365 days", false, ConsoleQuery::DailyTotals { days: 365 })?;
+    add(
+        "daily-totals, 30 days",
+        false,
+        ConsoleQuery::DailyTotals { days: 30 },
+    )?;
+    add(
+        "daily-totals, 365 days",
+        false,
+        ConsoleQuery::DailyTotals { days: 365 },
+    )?;
     add(
         "top-cards, newest cycle, 20",
         false,
@@ -303,7 +313,11 @@ fn queries(args: &Args) -> Result<Timings> {
             },
         )?;
     }
-    add("pool-usage, every pool", false, ConsoleQuery::PoolUsage { pool: None })?;
+    add(
+        "pool-usage, every pool",
+        false,
+        ConsoleQuery::PoolUsage { pool: None },
+    )?;
     add("state-counts", false, ConsoleQuery::StateCounts)?;
     add("expiring", false, ConsoleQuery::Expiring)?;
     let has_rules = !rt
@@ -375,7 +389,11 @@ fn queries(args: &Args) -> Result<Timings> {
     let duck = duckdb(&args.duckdb_script, &root, &texts, args.reps)?;
     bar.finish_and_clear();
     let duck_results = duck["results"].as_array().context("duckdb results")?;
-    ensure!(duck_results.len() == timed.len(), "duckdb answered {} queries", duck_results.len());
+    ensure!(
+        duck_results.len() == timed.len(),
+        "duckdb answered {} queries",
+        duck_results.len()
+    );
     for (t, d) in timed.iter_mut().zip(duck_results) {
         let rows = d["rows"].as_u64().unwrap_or(u64::MAX) as usize;
         ensure!(
@@ -421,7 +439,10 @@ fn generate_history(args: &Args) -> Result<()> {
         .status()
         .context("starting flowcap run")?;
     ensure!(status.success(), "flowcap run failed: {status}");
-    eprintln!("history generated in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "history generated in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -492,9 +513,18 @@ fn markdown_queries(md: &mut String, args: &Args, t: &Timings) -> Result<()> {
     for q in &t.queries {
         let df = median(&q.datafusion_ms);
         let ratio = q.ratio();
-        let mut goal = if ratio <= 1.0 { "<= 1.0x: yes" } else { "<= 1.0x: no" }.to_owned();
+        let mut goal = if ratio <= 1.0 {
+            "<= 1.0x: yes"
+        } else {
+            "<= 1.0x: no"
+        }
+        .to_owned();
         if q.per_card {
-            goal += if df < 100.0 { ", < 100 ms: yes" } else { ", < 100 ms: no" };
+            goal += if df < 100.0 {
+                ", < 100 ms: yes"
+            } else {
+                ", < 100 ms: no"
+            };
         }
         writeln!(
             md,
@@ -598,7 +628,10 @@ fn markdown_cost(md: &mut String, args: &Args, rounds: &[CostRound]) -> Result<(
          with and without `--no-history`, alternating ({} rounds).\n",
         args.cost_cards, args.cost_hours, args.cost_rounds
     )?;
-    writeln!(md, "| round | history on, inputs/s | history off, inputs/s | on / off |")?;
+    writeln!(
+        md,
+        "| round | history on, inputs/s | history off, inputs/s | on / off |"
+    )?;
     writeln!(md, "| --- | --- | --- | --- |")?;
     for r in rounds {
         writeln!(
@@ -652,8 +685,7 @@ mod plot {
                 .x_label_area_size(30)
                 .y_label_area_size(330);
         }
-        let mut chart =
-            builder.build_cartesian_2d((0.1f64..max).log_scale(), 0.0..n as f64)?;
+        let mut chart = builder.build_cartesian_2d((0.1f64..max).log_scale(), 0.0..n as f64)?;
         if labels {
             let names: Vec<String> = t.queries.iter().map(|q| q.name.clone()).collect();
             chart
@@ -674,9 +706,12 @@ mod plot {
         }
         for (i, q) in t.queries.iter().enumerate() {
             let y = (n - 1 - i) as f64;
-            for (k, (ms, color)) in [(median(&q.datafusion_ms), RED), (median(&q.duckdb_ms), BLUE)]
-                .into_iter()
-                .enumerate()
+            for (k, (ms, color)) in [
+                (median(&q.datafusion_ms), RED),
+                (median(&q.duckdb_ms), BLUE),
+            ]
+            .into_iter()
+            .enumerate()
             {
                 let y0 = y + 0.1 + 0.4 * k as f64;
                 chart.draw_series([Rectangle::new(
@@ -693,7 +728,11 @@ mod plot {
         Ok(())
     }
 
-    pub(super) fn history_cost(rounds: &[super::CostRound], path: &Path, labels: bool) -> Result<()> {
+    pub(super) fn history_cost(
+        rounds: &[super::CostRound],
+        path: &Path,
+        labels: bool,
+    ) -> Result<()> {
         let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
         root.fill(&WHITE)?;
         let max = rounds
