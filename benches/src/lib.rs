@@ -1,8 +1,8 @@
 //! Shared helpers for the criterion benches and the report binaries:
 //! CPU-time and RSS probes (Linux `/proc`), engine setup from a loadgen
 //! workload, a generator of fresh, already-decoded usage records, the
-//! plots' font, and [`history_check`] (exactness and overshoot of a run,
-//! from its history).
+//! plots' font, progress bars, the DuckDB side of the SQL comparisons, and
+//! [`history_check`] (exactness and overshoot of a run, from its history).
 
 pub mod history_check;
 
@@ -304,4 +304,78 @@ pub fn median(values: &[f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// A progress bar of `total` steps, or a spinner when the total is unknown,
+/// showing `what`.
+pub fn progress(total: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = match total {
+        Some(n) => ProgressBar::new(n).with_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {human_pos}/{human_len} {msg} ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// The CPU model of this machine (`/proc/cpuinfo`), empty when unknown.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// The Python script that runs SQL over a flowcap history with DuckDB (its
+/// request and answer formats are in its docstring).
+pub const DUCKDB_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../flowcap/tests/support/duckdb_queries.py"
+);
+
+/// Runs `script` (see [`DUCKDB_SCRIPT`]) with `request` on its standard
+/// input; its JSON answer, or what went wrong with its standard error.
+pub fn duckdb(
+    script: &std::path::Path,
+    request: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting python3 (DuckDB: python3 -m pip install duckdb): {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin for the DuckDB script")?
+        .write_all(request.to_string().as_bytes())
+        .map_err(|e| format!("writing the DuckDB request: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for the DuckDB script: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "DuckDB failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("the DuckDB answer is not JSON: {e}"))
 }

@@ -5,7 +5,6 @@
 //! Needs Python with `duckdb` (`.ci/run` installs it from PyPI). Without it
 //! the test fails with the install command, unless FLOWCAP_SKIP_DUCKDB=1.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -40,31 +39,10 @@ fn datafusion_rows(out: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
 }
 
 fn duckdb_rows(root: &Path, queries: &[String]) -> Vec<Vec<Vec<serde_json::Value>>> {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/support/duckdb_queries.py"
-    );
-    let mut child = Command::new("python3")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let request = serde_json::json!({ "root": root, "queries": queries });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let res = child.wait_with_output().unwrap();
-    assert!(
-        res.status.success(),
-        "duckdb: {}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    serde_json::from_slice(&res.stdout).unwrap()
+    let answer = flowcap_benches::duckdb(Path::new(flowcap_benches::DUCKDB_SCRIPT), &request)
+        .unwrap_or_else(|e| panic!("duckdb: {e}"));
+    serde_json::from_value(answer).unwrap()
 }
 
 #[test]

@@ -304,8 +304,9 @@ fn check_iccid(iccid: &str) -> Result<(), SqlError> {
         .map_err(|e| SqlError::BadArgument(format!("ICCID {iccid:?}: {e}")))
 }
 
-/// `YYYY-MM-DD` minus `days` days.
-fn days_before(date: &str, days: u32) -> Result<String, SqlError> {
+/// `YYYY-MM-DD` minus `days` days (the console queries' "the last N
+/// days" counts back from the newest day this way).
+pub fn days_before(date: &str, days: u32) -> Result<String, SqlError> {
     let bad = || SqlError::BadArgument(format!("not a date: {date:?}"));
     let mut parts = date.splitn(3, '-').map(str::parse::<i64>);
     let (Some(Ok(y)), Some(Ok(m)), Some(Ok(d))) = (parts.next(), parts.next(), parts.next()) else {

@@ -64,14 +64,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use flowcap_benches::{check_history, median};
+use flowcap_benches::{check_history, cpu_model, median, progress};
 use flowcap_engine::{Iccid, RecordId, Timestamp, Usage};
 use flowcap_loadgen::{
     to_json_line, GeneratedRecord, Payload, RecordKind, Workload, WorkloadConfig,
 };
 use flowcap_testkit::{Broker, Storage};
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -348,15 +347,7 @@ impl Report {
 
     fn machine(&mut self) -> Result<()> {
         let nproc = thread::available_parallelism().map_or(0, |n| n.get());
-        let cpu = fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|s| s.trim().to_owned())
-            })
-            .unwrap_or_default();
+        let cpu = cpu_model();
         let tansu = Command::new("tansu")
             .arg("--version")
             .output()
@@ -644,7 +635,7 @@ fn flowcap_rep(
 /// Exactness and overshoot of one run, from its history (report rows and a
 /// JSON line).
 fn check_run(dir: &Path, workload: &Workload, report: &mut Report) -> Result<()> {
-    let bar = bar(None, "checking the history: exactness, overshoot");
+    let bar = progress(None, "checking the history: exactness, overshoot");
     bar.enable_steady_tick(Duration::from_millis(200));
     let check = check_history(&dir.join("history"), &workload.expected())?;
     bar.finish_and_clear();
@@ -799,7 +790,7 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
     let mut sent_us: Vec<i64> = Vec::with_capacity(expected);
     let mut sent_ms: Vec<i64> = Vec::with_capacity(expected);
     let mut sender = Sender::new(&broker, USAGE, args.latency_linger_ms)?;
-    let bar = bar(Some(rate as u64 * args.latency_secs), "paced records");
+    let bar = progress(Some(rate as u64 * args.latency_secs), "paced records");
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut huge = 0u64;
     let mut line = String::new();
@@ -1631,7 +1622,7 @@ impl Sender {
 
 fn produce_commands(broker: &Broker, workload: &Workload) -> Result<u64> {
     let total = workload.setup_commands().count() as u64;
-    let bar = bar(Some(total), "setup commands produced");
+    let bar = progress(Some(total), "setup commands produced");
     let mut sender = Sender::new(broker, COMMANDS, 5)?;
     let mut buf = Vec::new();
     for (i, command) in workload.setup_commands().enumerate() {
@@ -1651,7 +1642,7 @@ fn produce_commands(broker: &Broker, workload: &Workload) -> Result<u64> {
 /// message timestamp (as `flowcap/tests/kafka.rs` does); returns how many.
 fn produce_workload_records(broker: &Broker, workload: &Workload) -> Result<u64> {
     let total = workload.total_records();
-    let bar = bar(Some(total), "records produced");
+    let bar = progress(Some(total), "records produced");
     let mut sender = Sender::new(broker, USAGE, 5)?;
     let mut line = String::new();
     let mut key = String::new();
@@ -2041,7 +2032,7 @@ impl Flowcap {
 
     /// Waits for a stderr line containing `needle`; its time since spawn.
     fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<Duration> {
-        let bar = bar(None, &format!("flowcap: waiting for `{needle}`"));
+        let bar = progress(None, &format!("flowcap: waiting for `{needle}`"));
         loop {
             if let Some(t) = self.at(needle) {
                 bar.finish_and_clear();
@@ -2081,7 +2072,7 @@ impl Flowcap {
     }
 
     fn wait(mut self, what: &str) -> Result<Finished> {
-        let bar = bar(None, &format!("flowcap: {what}"));
+        let bar = progress(None, &format!("flowcap: {what}"));
         let status = loop {
             if let Some(status) = self.child.try_wait()? {
                 break status;
@@ -2165,23 +2156,6 @@ fn run_to_idle_with(
 
 // ---------------------------------------------------------------------------
 // Small helpers.
-
-fn bar(total: Option<u64>, what: &str) -> ProgressBar {
-    let bar = match total {
-        Some(n) => ProgressBar::new(n).with_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {human_pos}/{human_len} {msg} ({per_sec}, eta {eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        ),
-        None => ProgressBar::new_spinner().with_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        ),
-    };
-    bar.set_message(what.to_owned());
-    bar
-}
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     fs::create_dir_all(to)?;

@@ -32,17 +32,15 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use flowcap_benches::{batch_rows, median, register_plot_font};
+use flowcap_benches::{batch_rows, cpu_model, duckdb, median, progress, register_plot_font};
 use flowcap_storage::sql::{self, ConsoleQuery, Latest};
 use flowcap_storage::HistoryLocation;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
@@ -73,7 +71,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// DuckDB's side: a Python script with the timing mode.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../flowcap/tests/support/duckdb_queries.py"))]
+    #[arg(long, default_value = flowcap_benches::DUCKDB_SCRIPT)]
     duckdb_script: PathBuf,
     /// Cards of the history-cost workload.
     #[arg(long, default_value_t = 20_000)]
@@ -131,26 +129,13 @@ fn main() -> Result<()> {
 }
 
 fn machine() -> String {
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
+    format!("{}, {cores} cores", cpu_model())
 }
 
-fn spinner(what: &str) -> ProgressBar {
-    let bar = ProgressBar::new_spinner().with_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
+fn spinner(what: &str) -> indicatif::ProgressBar {
+    let bar = progress(None, what);
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar.set_message(what.to_owned());
     bar
 }
 
@@ -177,6 +162,7 @@ impl QueryTiming {
     }
 }
 
+#[derive(serde::Serialize)]
 struct Timings {
     history_bytes: u64,
     history_files: u64,
@@ -186,18 +172,6 @@ struct Timings {
     duckdb_open_ms: f64,
     duckdb_threads: String,
     queries: Vec<QueryTiming>,
-}
-
-impl serde::Serialize for Timings {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        json!({
-            "history_bytes": self.history_bytes, "history_files": self.history_files,
-            "usage_rows": self.usage_rows, "days": self.days,
-            "datafusion_open_ms": self.datafusion_open_ms, "duckdb_open_ms": self.duckdb_open_ms,
-            "duckdb_threads": self.duckdb_threads, "queries": self.queries,
-        })
-        .serialize(s)
-    }
 }
 
 fn queries(args: &Args) -> Result<Timings> {
@@ -239,15 +213,7 @@ fn queries(args: &Args) -> Result<Timings> {
         latest.cards_date.clone().context("no cards dump")?
     ))?;
     let middle_card = cards[cards.len() / 2][0].clone();
-    let from_30 = {
-        let newest = latest.day.clone().context("no usage")?;
-        // The card-days query's own arithmetic gives the first day of 30.
-        let text = ConsoleQuery::DailyTotals { days: 30 }.sql(&latest)?;
-        let at = text.find("date >= '").context("daily totals SQL")? + 9;
-        let from = text[at..at + 10].to_owned();
-        ensure!(from <= newest, "30 days back from {newest}: {from}");
-        from
-    };
+    let from_30 = sql::days_before(&latest.day.clone().context("no usage")?, 29)?;
     let mut list: Vec<(String, bool, String)> = Vec::new();
     let mut add = |name: &str, per_card: bool, q: ConsoleQuery| -> Result<()> {
         list.push((name.to_owned(), per_card, q.sql(&latest)?));
@@ -354,19 +320,18 @@ fn queries(args: &Args) -> Result<Timings> {
     ));
 
     // DataFusion, in this process.
-    let bar = ProgressBar::new((list.len() * (args.reps + 1)) as u64).with_style(
-        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} DataFusion: {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = progress(Some((list.len() * (args.reps + 1)) as u64), "DataFusion");
     let mut timed = Vec::new();
     for (name, per_card, q) in &list {
-        bar.set_message(name.clone());
+        bar.set_message(format!("DataFusion: {name}"));
         let mut ms = Vec::new();
         let mut rows = 0;
         for _ in 0..=args.reps {
+            // Only the query: its rows are counted, not turned into text.
             let t = Instant::now();
-            rows = run(q)?.len();
+            let batches = rt.block_on(sql::query(&ctx, q))?;
             ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            rows = batches.iter().map(|b| b.num_rows()).sum();
             bar.inc(1);
         }
         timed.push(QueryTiming {
@@ -386,7 +351,8 @@ fn queries(args: &Args) -> Result<Timings> {
     // DuckDB, in one Python process, after DataFusion (the same page cache).
     let bar = spinner("DuckDB: the same queries");
     let texts: Vec<&String> = list.iter().map(|(_, _, q)| q).collect();
-    let duck = duckdb(&args.duckdb_script, &root, &texts, args.reps)?;
+    let request = json!({ "root": root, "queries": texts, "reps": args.reps });
+    let duck = duckdb(&args.duckdb_script, &request).map_err(anyhow::Error::msg)?;
     bar.finish_and_clear();
     let duck_results = duck["results"].as_array().context("duckdb results")?;
     ensure!(
@@ -444,31 +410,6 @@ fn generate_history(args: &Args) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn duckdb(script: &Path, root: &Path, queries: &[&String], reps: usize) -> Result<Value> {
-    let mut child = Command::new("python3")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting python3 (DuckDB: python3 -m pip install duckdb)")?;
-    let request = json!({ "root": root, "queries": queries, "reps": reps });
-    child
-        .stdin
-        .take()
-        .context("duckdb stdin")?
-        .write_all(request.to_string().as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "DuckDB failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 fn dir_size(dir: &Path) -> Result<(u64, u64)> {
