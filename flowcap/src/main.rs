@@ -220,6 +220,7 @@ struct KafkaSection {
     snapshot_interval_secs: u64,
     max_run: usize,
     max_queued_records: usize,
+    pause_after_ms: u64,
     lease_timeout_secs: u64,
     /// librdkafka properties for every client.
     properties: std::collections::BTreeMap<String, String>,
@@ -239,6 +240,7 @@ impl Default for KafkaSection {
             snapshot_interval_secs: d.snapshot_interval.as_secs(),
             max_run: d.max_run,
             max_queued_records: d.max_queued_records,
+            pause_after_ms: u64::try_from(d.pause_after.as_millis()).unwrap_or(u64::MAX),
             lease_timeout_secs: d.lease_timeout.as_secs(),
             properties: Default::default(),
             consumer: Default::default(),
@@ -430,6 +432,7 @@ fn run(args: RunArgs) -> Result<()> {
         options.notify = (!args.no_notify).then(|| file.notify.clone());
         options.max_run = file.kafka.max_run;
         options.max_queued_records = file.kafka.max_queued_records;
+        options.pause_after = std::time::Duration::from_millis(file.kafka.pause_after_ms);
         options.lease_timeout = std::time::Duration::from_secs(file.kafka.lease_timeout_secs);
         options.exit_when_idle = args
             .kafka

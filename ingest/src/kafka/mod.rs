@@ -122,9 +122,15 @@ pub struct KafkaOptions {
     /// Messages processed between two looks at the lease, backpressure and
     /// the snapshot schedule.
     pub max_run: usize,
-    /// Records queued in the shards above which the partitions are paused
-    /// (resumed below half of it).
+    /// Records queued in the shards above which, sustained for
+    /// `pause_after`, the partitions are paused (resumed below half of it).
     pub max_queued_records: usize,
+    /// How long the shards must stay above `max_queued_records` before the
+    /// partitions are paused. A pause makes librdkafka drop what it has
+    /// prefetched (fetched again on resume), so a short stall (a history
+    /// chunk, a snapshot) is better absorbed by the bounded queues and
+    /// the bounded prefetch (`queued.max.messages.kbytes`) than by a pause.
+    pub pause_after: Duration,
     /// A holder silent for this long loses the lease to a stand-by.
     pub lease_timeout: Duration,
     /// Stop (snapshot, commit, exit) after no input arrived for this long
@@ -152,6 +158,7 @@ impl KafkaOptions {
             limits: DecodeLimits::default(),
             max_run: 4096,
             max_queued_records: 1 << 16,
+            pause_after: Duration::from_secs(1),
             lease_timeout: Duration::from_secs(10),
             exit_when_idle: None,
         }
@@ -247,6 +254,14 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.max.bytes", "52428800"),
     ("max.partition.fetch.bytes", "8388608"),
     ("queued.max.messages.kbytes", "65536"),
+    // When the prefetch queue is full (the engine is slower than the
+    // fetcher, i.e. always under a backlog), librdkafka waits this long
+    // before fetching that partition again. At its default (1,000 ms) the
+    // driver drained the queue and then starved for most of a second: the
+    // Kafka pipeline ran at 120 k records/s in bursts with gaps at zero. A
+    // consumer spending 4 us per message went from 123 k/s to 224 k/s at
+    // 10 ms (docs/BENCHMARKS.md §8).
+    ("fetch.queue.backoff.ms", "10"),
     ("session.timeout.ms", "10000"),
     // A request a restarted broker never answers is abandoned (and the
     // connection re-established) after this, not after the default minute.
@@ -477,6 +492,7 @@ pub fn run(
     );
     let mut last_input = Instant::now();
     let mut paused = false;
+    let mut over_since: Option<Instant> = None;
     let all = tpl;
     let mut wait = Duration::ZERO;
     'run: while !stop.load(Ordering::SeqCst) {
@@ -515,9 +531,15 @@ pub fn run(
         } else {
             last_input = Instant::now();
         }
-        // Backpressure: pause fetching while the shards are far behind.
+        // Backpressure: pause fetching while the shards stay far behind.
         let queued: usize = driver.pipeline.sharded.queue_depths().iter().sum();
-        if !paused && queued > options.max_queued_records {
+        if queued > options.max_queued_records {
+            over_since.get_or_insert_with(Instant::now);
+        } else if queued <= options.max_queued_records / 2 {
+            over_since = None;
+        }
+        let sustained = over_since.is_some_and(|t| t.elapsed() >= options.pause_after);
+        if !paused && sustained {
             data.pause(&all)?;
             paused = true;
             m::backpressure_pause();

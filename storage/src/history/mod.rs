@@ -47,6 +47,7 @@
 //! snapshots.
 
 pub mod compact;
+mod encoder;
 pub mod schema;
 
 use std::collections::{BTreeSet, HashMap};
@@ -69,6 +70,7 @@ use serde::Serialize;
 
 use crate::location::{HistoryFiles, HistoryLocation, LocationError, StoredFile};
 use compact::{CompactionPolicy, CompactionStats, Compactor};
+use encoder::{ChunkEncoder, ChunkRows, Written};
 use schema::{Columns, Partitioning};
 
 /// Errors of the history writer.
@@ -98,6 +100,9 @@ pub enum HistoryError {
          restore a newer snapshot or start without --resume"
     )]
     MergedPastSnapshot(String, u64),
+    /// The thread that encodes chunks could not start or has stopped.
+    #[error("history encoder thread: {0}")]
+    EncoderStopped(String),
 }
 
 /// How the writer sizes its files.
@@ -232,15 +237,11 @@ pub struct HistoryWriter {
     chunk: u32,
     /// Latest event time seen (names partitions of rows without a time).
     clock: Option<Timestamp>,
-    usage: HashMap<i64, Vec<Accounted>>,
-    daily: HashMap<(i64, Iccid), UsageSums>,
-    cycle: HashMap<(CycleId, Iccid), (Option<Carrier>, UsageSums)>,
-    quarantine: HashMap<i64, Vec<Quarantined>>,
-    changes: HashMap<i64, Vec<StateChange>>,
-    journal: HashMap<i64, Vec<JournalRow>>,
-    executions: HashMap<i64, Vec<ExecutionRecord>>,
-    deliveries: HashMap<i64, Vec<DeliveryRow>>,
+    /// Rows of the current chunk.
+    rows: ChunkRows,
     buffered: usize,
+    /// Encodes and stores full chunks on its own thread.
+    encoder: ChunkEncoder,
     /// Day of the last `cards` dump.
     cards_day: Option<i64>,
     files_written: u64,
@@ -273,6 +274,7 @@ impl HistoryWriter {
             None => files.clear()?,
             Some(after) => crowded = recover(&files, after)?,
         }
+        let encoder = ChunkEncoder::start(location.clone(), options)?;
         let compactor = if options.compaction.min_files >= 2 {
             Some(Compactor::start(location, options, crowded)?)
         } else {
@@ -286,15 +288,9 @@ impl HistoryWriter {
             window_from: resume_after.map_or(0, |s| s + 1),
             chunk: 0,
             clock: None,
-            usage: HashMap::new(),
-            daily: HashMap::new(),
-            cycle: HashMap::new(),
-            quarantine: HashMap::new(),
-            changes: HashMap::new(),
-            journal: HashMap::new(),
-            executions: HashMap::new(),
-            deliveries: HashMap::new(),
+            rows: ChunkRows::default(),
             buffered: 0,
+            encoder,
             cards_day: None,
             files_written: 0,
         })
@@ -328,9 +324,14 @@ impl HistoryWriter {
     pub fn accounted(&mut self, a: &Accounted) -> Result<(), HistoryError> {
         let day = self.day(a.usage.end);
         self.clock = Some(self.clock.map_or(a.usage.end, |c| c.max(a.usage.end)));
-        self.usage.entry(day).or_default().push(*a);
-        self.daily.entry((day, a.usage.iccid)).or_default().add(a);
+        self.rows.usage.entry(day).or_default().push(*a);
+        self.rows
+            .daily
+            .entry((day, a.usage.iccid))
+            .or_default()
+            .add(a);
         let entry = self
+            .rows
             .cycle
             .entry((a.cycle, a.usage.iccid))
             .or_insert((a.usage.carrier, UsageSums::default()));
@@ -346,7 +347,7 @@ impl HistoryWriter {
             None if q.clock != Timestamp::MIN => self.day(q.clock),
             None => self.clock_day(),
         };
-        self.quarantine.entry(day).or_default().push(q);
+        self.rows.quarantine.entry(day).or_default().push(q);
         self.buffered += 1;
         self.roll_if_full()
     }
@@ -362,12 +363,12 @@ impl HistoryWriter {
                 let day = self.day(f.event_time);
                 let rows = flowcap_rules::execution::records(f);
                 self.buffered += rows.len();
-                self.executions.entry(day).or_default().extend(rows);
+                self.rows.executions.entry(day).or_default().extend(rows);
                 return self.roll_if_full();
             }
         };
         let day = self.day(t);
-        self.changes.entry(day).or_default().push(StateChange {
+        self.rows.changes.entry(day).or_default().push(StateChange {
             event: event.clone(),
         });
         self.buffered += 1;
@@ -380,7 +381,7 @@ impl HistoryWriter {
         for row in rows {
             let day = self.day(Timestamp(row.done.at_ms));
             self.buffered += row.message.executions.len().max(1);
-            self.deliveries.entry(day).or_default().push(row);
+            self.rows.deliveries.entry(day).or_default().push(row);
         }
         self.roll_if_full()
     }
@@ -431,7 +432,7 @@ impl HistoryWriter {
             command: text,
             result: serde_json::to_string(result).unwrap_or_default(),
         };
-        self.journal.entry(day).or_default().push(row);
+        self.rows.journal.entry(day).or_default().push(row);
         self.buffered += 1;
         self.roll_if_full()
     }
@@ -457,6 +458,7 @@ impl HistoryWriter {
         compact_through: Option<u64>,
     ) -> Result<(), HistoryError> {
         self.write_chunk()?;
+        self.settle_chunks()?;
         if clock != Timestamp::MIN {
             self.write_pools(through, clock, pools)?;
             if let Some(cards) = cards {
@@ -481,133 +483,31 @@ impl HistoryWriter {
         format!("part-{:020}-{:04}.parquet", self.window_from, self.chunk)
     }
 
+    /// Hands the buffered rows to the encoder as the window's next chunk
+    /// (it waits while the encoder still has a chunk queued).
     fn write_chunk(&mut self) -> Result<(), HistoryError> {
         if self.buffered == 0 {
             return Ok(());
         }
         let name = self.part_name();
-        let usage = std::mem::take(&mut self.usage);
-        for (day, mut rows) in usage {
-            rows.sort_unstable_by_key(|a| (a.usage.iccid, a.usage.end, a.seq));
-            let batch = usage_batch(&rows)?;
-            self.write(
-                schema::USAGE_RECORDS,
-                Partitioning::Date,
-                &date_value(day),
-                &name,
-                &batch,
-            )?;
-        }
-        let daily = std::mem::take(&mut self.daily);
-        let mut by_day: HashMap<i64, Vec<(Iccid, UsageSums)>> = HashMap::new();
-        for ((day, iccid), sums) in daily {
-            by_day.entry(day).or_default().push((iccid, sums));
-        }
-        for (day, mut rows) in by_day {
-            rows.sort_unstable_by_key(|r| r.0);
-            let batch = daily_batch(day, &rows)?;
-            self.write(
-                schema::CARD_DAILY_USAGE_PARTS,
-                Partitioning::Date,
-                &date_value(day),
-                &name,
-                &batch,
-            )?;
-        }
-        let cycles = std::mem::take(&mut self.cycle);
-        let mut by_cycle: HashMap<CycleId, Vec<(Iccid, Option<Carrier>, UsageSums)>> =
-            HashMap::new();
-        for ((cycle, iccid), (carrier, sums)) in cycles {
-            by_cycle
-                .entry(cycle)
-                .or_default()
-                .push((iccid, carrier, sums));
-        }
-        for (cycle, mut rows) in by_cycle {
-            rows.sort_unstable_by_key(|r| r.0);
-            let batch = cycle_batch(&rows)?;
-            self.write(
-                schema::CARD_CYCLE_USAGE_PARTS,
-                Partitioning::Cycle,
-                &cycle.to_string(),
-                &name,
-                &batch,
-            )?;
-        }
-        let quarantine = std::mem::take(&mut self.quarantine);
-        for (day, mut rows) in quarantine {
-            rows.sort_by_key(|q| q.seq);
-            let batch = quarantine_batch(&rows)?;
-            self.write(
-                schema::QUARANTINE,
-                Partitioning::Date,
-                &date_value(day),
-                &name,
-                &batch,
-            )?;
-        }
-        let changes = std::mem::take(&mut self.changes);
-        for (day, mut rows) in changes {
-            rows.sort_by_cached_key(|r| change_key(&r.event));
-            let batch = changes_batch(&rows)?;
-            self.write(
-                schema::STATE_CHANGES,
-                Partitioning::Date,
-                &date_value(day),
-                &name,
-                &batch,
-            )?;
-        }
-        let executions = std::mem::take(&mut self.executions);
-        for (day, mut rows) in executions {
-            rows.sort_by(|a, b| {
-                (
-                    a.iccid.as_ref().or(a.pool_id.as_ref()),
-                    a.fired_at,
-                    &a.execution_id,
-                )
-                    .cmp(&(
-                        b.iccid.as_ref().or(b.pool_id.as_ref()),
-                        b.fired_at,
-                        &b.execution_id,
-                    ))
-            });
-            let batch = executions_batch(&rows)?;
-            self.write(
-                schema::RULE_EXECUTIONS,
-                Partitioning::Date,
-                &date_value(day),
-                &name,
-                &batch,
-            )?;
-        }
-        let deliveries = std::mem::take(&mut self.deliveries);
-        for (day, mut rows) in deliveries {
-            rows.sort_by(|a, b| (a.done.at_ms, &a.message.id).cmp(&(b.done.at_ms, &b.message.id)));
-            let batch = deliveries_batch(&rows)?;
-            self.write(
-                schema::RULE_DELIVERIES,
-                Partitioning::Date,
-                &date_value(day),
-                &name,
-                &batch,
-            )?;
-        }
-        let journal = std::mem::take(&mut self.journal);
-        for (day, mut rows) in journal {
-            rows.sort_by_key(|r| r.seq);
-            let batch = journal_batch(&rows)?;
-            self.write(
-                schema::COMMAND_JOURNAL,
-                Partitioning::Date,
-                &date_value(day),
-                &name,
-                &batch,
-            )?;
-        }
+        let rows = std::mem::take(&mut self.rows);
+        let written = self.encoder.submit(name, rows)?;
+        self.note_written(written);
         self.buffered = 0;
         self.chunk += 1;
         Ok(())
+    }
+
+    /// Waits until every chunk handed to the encoder is durable.
+    fn settle_chunks(&mut self) -> Result<(), HistoryError> {
+        let written = self.encoder.settle()?;
+        self.note_written(written);
+        Ok(())
+    }
+
+    fn note_written(&mut self, written: Written) {
+        self.files_written += written.files;
+        self.touched.extend(written.dirs);
     }
 
     fn write_pools(
@@ -675,14 +575,37 @@ impl HistoryWriter {
         name: &str,
         batch: &RecordBatch,
     ) -> Result<(), HistoryError> {
-        let dir = format!("{table}/{}={value}", partitioning.column());
-        let rel = format!("{dir}/{name}");
-        let bytes = encode_parquet(batch, &self.options, &rel)?;
-        self.files.put(&rel, bytes)?;
+        let dir = write_file(
+            &self.files,
+            &self.options,
+            table,
+            partitioning,
+            value,
+            name,
+            batch,
+        )?;
         self.touched.insert(dir);
         self.files_written += 1;
         Ok(())
     }
+}
+
+/// Encodes `batch` and stores it as `<table>/<column>=<value>/<name>`
+/// atomically (see [`HistoryFiles::put`]); returns the partition directory.
+fn write_file(
+    files: &HistoryFiles,
+    options: &HistoryOptions,
+    table: &str,
+    partitioning: Partitioning,
+    value: &str,
+    name: &str,
+    batch: &RecordBatch,
+) -> Result<String, HistoryError> {
+    let dir = format!("{table}/{}={value}", partitioning.column());
+    let rel = format!("{dir}/{name}");
+    let bytes = encode_parquet(batch, options, &rel)?;
+    files.put(&rel, bytes)?;
+    Ok(dir)
 }
 
 /// One batch as a Parquet file: zstd, page statistics, row groups of
