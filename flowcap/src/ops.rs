@@ -58,6 +58,11 @@ pub(crate) fn prometheus() -> Result<PrometheusHandle> {
             names::SNAPSHOT_DURATION_BUCKETS,
         )
         .context("metric buckets")?
+        .set_buckets_for_metric(
+            Matcher::Full(names::SNAPSHOT_PAUSE.to_owned()),
+            names::SNAPSHOT_DURATION_BUCKETS,
+        )
+        .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     names::describe();
@@ -279,6 +284,7 @@ mod tests {
         outputs.reject("unknown_card");
         outputs.reject("not_json");
         names::snapshot_written(Duration::from_millis(20));
+        names::snapshot_paused(Duration::from_millis(3));
         names::consumer_lag("usage", 3, 42);
 
         let (status, text) = get(addr, "/metrics");
@@ -293,6 +299,7 @@ mod tests {
             r#"flowcap_consumer_lag{topic="usage",partition="3"} 42"#,
             "flowcap_snapshots_total 1",
             r#"flowcap_snapshot_duration_seconds_bucket{le="0.025"} 1"#,
+            r#"flowcap_snapshot_pause_seconds_bucket{le="0.005"} 1"#,
             "# HELP flowcap_records_in_total",
             "# TYPE flowcap_snapshot_duration_seconds histogram",
         ] {

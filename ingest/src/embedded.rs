@@ -6,14 +6,23 @@
 //! ```
 //!
 //! Every input has a sequence number: its position in the input. Every
-//! `snapshot_every` inputs, and at the end, the driver takes a snapshot:
+//! `snapshot_every` inputs, and at the end, the driver takes a snapshot in
+//! two phases. The *cut* holds the inputs back:
 //!
 //! 1. the engine takes every shard home (all queued records accounted);
-//! 2. the writer drains every output and fsyncs every file, and reports
-//!    each file's length;
+//! 2. the writer drains every output, reports each file's length, closes
+//!    the history window (its last chunk and the state dumps go to the
+//!    history thread) and closes the producer's epoch;
 //! 3. the lengths go into the engine's positions, the dedupe store is made
-//!    durable through the last input, and the snapshot is written
-//!    atomically.
+//!    durable through the last input, and the engine is encoded.
+//!
+//! Then inputs flow again while the *commit* completes on the writer
+//! thread: once the window's history files are stored and every Kafka
+//! output of the epoch is acknowledged, the output files and the
+//! notification outbox are fsynced and the snapshot is written atomically.
+//! Until then the previous snapshot is the newest: a crash rewinds to it,
+//! which deletes the history files and cuts the output files back exactly
+//! as before. One commit is in flight at a time (the next cut waits).
 //!
 //! On start, if the directory holds a snapshot, the engine is restored from
 //! it, every output file is cut back to the length the snapshot recorded,
@@ -39,7 +48,7 @@ use flowcap_engine::{CardView, PoolView};
 use flowcap_engine::{CommandId, Engine, EngineConfig, ShardedEngine, Timestamp};
 use flowcap_storage::history::compact::CompactionPolicy;
 pub(crate) use flowcap_storage::history::wall_clock;
-use flowcap_storage::history::{Quarantined, SourcePosition as HistorySource};
+use flowcap_storage::history::{Quarantined, SourcePosition as HistorySource, StoredTicket};
 use flowcap_storage::HistoryLocation;
 use flowcap_storage::{
     DiskIdStore, HistoryError, HistoryOptions, HistoryWriter, JsonlError, JsonlSink, SnapshotStore,
@@ -364,6 +373,33 @@ pub(crate) enum Side {
         Sender<Result<BTreeMap<String, u64>, String>>,
         Option<Box<HistoryCut>>,
     ),
+    /// The first phase of a snapshot: close the window and the producer's
+    /// epoch, answer with the output lengths at once (nothing waits for
+    /// durability yet).
+    Cut(
+        Sender<Result<BTreeMap<String, u64>, String>>,
+        Option<Box<HistoryCut>>,
+    ),
+    /// The second phase: write the encoded snapshot once everything before
+    /// the cut is durable.
+    Commit(Box<Commit>),
+}
+
+/// A snapshot waiting for the outputs before its cut to be durable.
+pub(crate) struct Commit {
+    seq: u64,
+    bytes: Vec<u8>,
+    /// When the cut began (the snapshot's duration is measured from it).
+    started: Instant,
+    /// Told once the snapshot is written (or why it could not be).
+    done: Sender<Result<(), String>>,
+}
+
+/// What a cut closed and its commit waits for.
+#[derive(Debug, Default, Clone, Copy)]
+struct CutMark {
+    history: Option<StoredTicket>,
+    epoch: Option<u64>,
 }
 
 /// What the history needs at a snapshot: the inputs it covers and the
@@ -463,6 +499,12 @@ pub(crate) struct Writer {
     notifier: Option<Arc<Notifier>>,
     /// Per notification destination: outcomes in the history so far.
     reported: BTreeMap<String, u64>,
+    /// Where commits write snapshots.
+    store: SnapshotStore,
+    /// The last cut, until its commit arrives.
+    last_cut: Option<CutMark>,
+    /// The commit in flight.
+    commit: Option<(CutMark, Box<Commit>)>,
 }
 
 impl Writer {
@@ -664,8 +706,128 @@ impl Writer {
                 }
                 Ok(())
             }
-            Side::Barrier(..) => Ok(()),
+            Side::Barrier(..) | Side::Cut(..) | Side::Commit(..) => Ok(()),
         }
+    }
+
+    /// The cut of a snapshot (see the module docs): the output lengths now;
+    /// durability comes with the commit.
+    fn cut(&mut self, cut: Option<Box<HistoryCut>>) -> Result<BTreeMap<String, u64>, WriteError> {
+        self.take_outcomes()?;
+        let mut mark = CutMark::default();
+        if let (Some(h), Some(cut)) = (&mut self.history, cut) {
+            let HistoryCut {
+                through,
+                clock,
+                pools,
+                cards,
+                compact_through,
+            } = *cut;
+            mark.history = Some(h.cut(through, clock, pools, cards, compact_through)?);
+        }
+        if let Some(k) = &mut self.kafka {
+            mark.epoch = Some(k.outbox.close_epoch());
+        }
+        self.last_cut = Some(mark);
+        Ok(self.lengths())
+    }
+
+    /// Starts waiting to write `commit` (for the last cut).
+    fn begin_commit(&mut self, commit: Box<Commit>) {
+        let mark = self.last_cut.take().unwrap_or_default();
+        self.commit = Some((mark, commit));
+    }
+
+    /// Writes the snapshot in flight once everything before its cut is
+    /// durable (with `wait`, waits for that). True when none is left.
+    fn advance_commit(&mut self, wait: bool) -> Result<bool, WriteError> {
+        let Some((mark, _)) = &self.commit else {
+            return Ok(true);
+        };
+        let mark = *mark;
+        let result = self.try_commit(mark, wait);
+        match result {
+            Ok(false) => Ok(false),
+            Ok(true) => {
+                if let Some((_, commit)) = self.commit.take() {
+                    metrics::snapshot_written(commit.started.elapsed());
+                    let _ = commit.done.send(Ok(()));
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                if let Some((_, commit)) = self.commit.take() {
+                    let _ = commit.done.send(Err(e.to_string()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn try_commit(&mut self, mark: CutMark, wait: bool) -> Result<bool, WriteError> {
+        if let (Some(h), Some(ticket)) = (&mut self.history, mark.history) {
+            if wait {
+                h.wait_stored(ticket)?;
+            } else if !h.is_stored(ticket)? {
+                return Ok(false);
+            }
+        }
+        if let (Some(k), Some(epoch)) = (&mut self.kafka, mark.epoch) {
+            if wait {
+                let give_up = &k.give_up;
+                k.outbox
+                    .settle(&|| give_up.load(std::sync::atomic::Ordering::Relaxed))?;
+            } else if !k.outbox.settled_through(epoch)? {
+                return Ok(false);
+            }
+        }
+        // Every file at least as long as the cut reported (appends since
+        // are made durable too: harmless, a restart cuts them off).
+        for sink in self.sinks.values_mut() {
+            sink.sync()?;
+        }
+        if let Some(n) = &self.notifier {
+            n.sync()?;
+        }
+        if let Some((_, commit)) = &self.commit {
+            self.store.write(commit.seq, &commit.bytes)?;
+            tracing::debug!(
+                seq = commit.seq,
+                bytes = commit.bytes.len(),
+                "snapshot written"
+            );
+        }
+        Ok(true)
+    }
+
+    /// Notification outcomes join this window; the snapshot records how
+    /// far (a restart offers the rest again).
+    fn take_outcomes(&mut self) -> Result<(), WriteError> {
+        if let Some(n) = &self.notifier {
+            let rows = n.take_outcomes();
+            for r in &rows {
+                let at = self.reported.entry(r.destination.clone()).or_default();
+                *at = (*at).max(r.index + 1);
+            }
+            if let Some(h) = &mut self.history {
+                h.deliveries(rows)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The positions a snapshot records for the outputs: every file's
+    /// length and the notification cursors.
+    fn lengths(&self) -> BTreeMap<String, u64> {
+        let mut lengths: BTreeMap<String, u64> = self
+            .reported
+            .iter()
+            .map(|(d, n)| (format!("{}{d}", crate::notify::REPORTED_PREFIX), *n))
+            .collect();
+        for (name, sink) in &self.sinks {
+            lengths.insert(format!("out.{name}"), sink.len());
+        }
+        lengths
     }
 
     fn sink(&mut self, name: &'static str) -> &mut JsonlSink {
@@ -677,18 +839,8 @@ impl Writer {
         &mut self,
         cut: Option<Box<HistoryCut>>,
     ) -> Result<BTreeMap<String, u64>, WriteError> {
-        // Notification outcomes join this window; the snapshot records how
-        // far (a restart offers the rest again).
-        if let Some(n) = &self.notifier {
-            let rows = n.take_outcomes();
-            for r in &rows {
-                let at = self.reported.entry(r.destination.clone()).or_default();
-                *at = (*at).max(r.index + 1);
-            }
-            if let Some(h) = &mut self.history {
-                h.deliveries(rows)?;
-            }
-        }
+        self.advance_commit(true)?;
+        self.take_outcomes()?;
         if let (Some(h), Some(cut)) = (&mut self.history, cut) {
             h.snapshot(
                 cut.through,
@@ -698,15 +850,10 @@ impl Writer {
                 cut.compact_through,
             )?;
         }
-        let mut lengths: BTreeMap<String, u64> = self
-            .reported
-            .iter()
-            .map(|(d, n)| (format!("{}{d}", crate::notify::REPORTED_PREFIX), *n))
-            .collect();
-        for (name, sink) in &mut self.sinks {
+        for sink in self.sinks.values_mut() {
             sink.sync()?;
-            lengths.insert(format!("out.{name}"), sink.len());
         }
+        let lengths = self.lengths();
         if let Some(n) = &self.notifier {
             n.sync()?;
         }
@@ -732,6 +879,8 @@ pub(crate) enum WriteError {
     History(#[from] HistoryError),
     #[error("{0}")]
     Notify(#[from] flowcap_rules::delivery::DeliveryError),
+    #[error("writing a snapshot: {0}")]
+    Snapshot(#[from] SnapshotStoreError),
 }
 
 fn history_source(s: SourcePosition) -> HistorySource {
@@ -792,20 +941,36 @@ fn run_writer(
     outputs: Receiver<Vec<Output>>,
     side: Receiver<Side>,
 ) -> Result<Summary, String> {
+    let fail = |e: WriteError| e.to_string();
     loop {
+        // A commit in flight is looked at between messages and every
+        // millisecond while idle.
+        let tick = if writer.commit.is_some() {
+            crossbeam_channel::after(Duration::from_millis(1))
+        } else {
+            crossbeam_channel::never()
+        };
         select! {
             recv(outputs) -> batch => match batch {
-                Ok(batch) => writer.write_outputs(batch).map_err(|e| e.to_string())?,
+                Ok(batch) => writer.write_outputs(batch).map_err(fail)?,
                 Err(_) => {
                     // The engine is gone: drain the side channel and stop.
                     while let Ok(s) = side.try_recv() {
-                        if let Side::Barrier(reply, cut) = s {
-                            let _ = reply.send(writer.sync_all(cut).map_err(|e| e.to_string()));
-                        } else {
-                            writer.write_side(s).map_err(|e| e.to_string())?;
+                        match s {
+                            Side::Barrier(reply, cut) => {
+                                let _ = reply.send(writer.sync_all(cut).map_err(fail));
+                            }
+                            Side::Cut(reply, cut) => {
+                                let _ = reply.send(writer.cut(cut).map_err(fail));
+                            }
+                            Side::Commit(commit) => {
+                                writer.begin_commit(commit);
+                                writer.advance_commit(true).map_err(fail)?;
+                            }
+                            other => writer.write_side(other).map_err(fail)?,
                         }
                     }
-                    writer.sync_all(None).map_err(|e| e.to_string())?;
+                    writer.sync_all(None).map_err(fail)?;
                     return Ok(writer.summary);
                 }
             },
@@ -814,13 +979,24 @@ fn run_writer(
                     // Everything the engine produced before the barrier is
                     // already queued: drain it, then make it durable.
                     while let Ok(batch) = outputs.try_recv() {
-                        writer.write_outputs(batch).map_err(|e| e.to_string())?;
+                        writer.write_outputs(batch).map_err(fail)?;
                     }
-                    let _ = reply.send(writer.sync_all(cut).map_err(|e| e.to_string()));
+                    let _ = reply.send(writer.sync_all(cut).map_err(fail));
                 }
-                Ok(other) => writer.write_side(other).map_err(|e| e.to_string())?,
+                Ok(Side::Cut(reply, cut)) => {
+                    while let Ok(batch) = outputs.try_recv() {
+                        writer.write_outputs(batch).map_err(fail)?;
+                    }
+                    let _ = reply.send(writer.cut(cut).map_err(fail));
+                }
+                Ok(Side::Commit(commit)) => writer.begin_commit(commit),
+                Ok(other) => writer.write_side(other).map_err(fail)?,
                 Err(_) => {}
             },
+            recv(tick) -> _ => {}
+        }
+        if writer.commit.is_some() {
+            writer.advance_commit(false).map_err(fail)?;
         }
     }
 }
@@ -868,6 +1044,9 @@ pub(crate) struct Pipeline {
     notifier: Option<Arc<Notifier>>,
     /// How long `finish` waits for queued notifications.
     drain_timeout: Duration,
+    /// The snapshot being committed by the writer: its sequence number
+    /// and the answer to wait for.
+    committing: Option<(u64, Receiver<Result<(), String>>)>,
 }
 
 impl Pipeline {
@@ -985,6 +1164,9 @@ impl Pipeline {
             metrics: OutputMetrics::new(),
             notifier: notifier.clone(),
             reported,
+            store: SnapshotStore::open(&snapshots_dir)?,
+            last_cut: None,
+            commit: None,
         };
         let (sharded, outputs) = ShardedEngine::start(engine, 64);
         let (side, side_rx) = bounded::<Side>(1024);
@@ -1014,6 +1196,7 @@ impl Pipeline {
             dump_cards: false,
             notifier,
             drain_timeout: Duration::from_millis(notify.map_or(0, |n| n.drain_timeout_ms)),
+            committing: None,
         })
     }
 
@@ -1028,11 +1211,27 @@ impl Pipeline {
             .map_err(|_| IngestError::Writer("writer is gone".into()))
     }
 
-    /// Takes a snapshot covering inputs through `last_seq`: every shard
-    /// home, every output written and durable (files fsynced, Kafka
-    /// acknowledged), then the engine with `positions` and the output
-    /// lengths, written atomically. Returns the wall time it took.
+    /// Takes a snapshot covering inputs through `last_seq` and waits until
+    /// it is durable (see [`Pipeline::begin_snapshot`]). Returns the wall
+    /// time it took.
     pub(crate) fn snapshot(
+        &mut self,
+        last_seq: Option<u64>,
+        positions: &BTreeMap<String, i64>,
+    ) -> Result<Duration, IngestError> {
+        let started = Instant::now();
+        self.begin_snapshot(last_seq, positions)?;
+        self.wait_snapshot()?;
+        Ok(started.elapsed())
+    }
+
+    /// The cut of a snapshot covering inputs through `last_seq` (see the
+    /// module docs): every shard home, every output so far handed to the
+    /// writer and its length recorded, then the engine with `positions`
+    /// and those lengths encoded and handed to the writer, which writes it
+    /// once everything before the cut is durable. Waits for the previous
+    /// snapshot's commit first. Returns how long inputs were held.
+    pub(crate) fn begin_snapshot(
         &mut self,
         last_seq: Option<u64>,
         positions: &BTreeMap<String, i64>,
@@ -1040,6 +1239,7 @@ impl Pipeline {
         let Some(seq) = last_seq else {
             return Ok(Duration::ZERO);
         };
+        self.wait_snapshot()?;
         let started = Instant::now();
         // Whichever snapshot a restart falls back to keeps every history
         // file up to the oldest one kept: those may be merged.
@@ -1066,11 +1266,11 @@ impl Pipeline {
         });
         let (reply_tx, reply_rx) = bounded(1);
         self.side
-            .send(Side::Barrier(reply_tx, cut))
+            .send(Side::Cut(reply_tx, cut))
             .map_err(|_| IngestError::Writer("writer is gone".into()))?;
         let lengths = reply_rx
             .recv()
-            .map_err(|_| IngestError::Writer("writer did not answer the snapshot barrier".into()))?
+            .map_err(|_| IngestError::Writer("writer did not answer the snapshot cut".into()))?
             .map_err(IngestError::Writer)?;
         for (name, len) in lengths {
             engine.set_position(name, i64::try_from(len).unwrap_or(i64::MAX));
@@ -1080,11 +1280,55 @@ impl Pipeline {
         }
         engine.set_position(INPUT_POSITION, i64::try_from(seq).unwrap_or(i64::MAX));
         let bytes = engine.durable_snapshot()?;
-        self.store.write(seq, &bytes)?;
+        let (done, done_rx) = bounded(1);
+        self.side
+            .send(Side::Commit(Box::new(Commit {
+                seq,
+                bytes,
+                started,
+                done,
+            })))
+            .map_err(|_| IngestError::Writer("writer is gone".into()))?;
+        self.committing = Some((seq, done_rx));
+        let held = started.elapsed();
+        metrics::snapshot_paused(held);
+        Ok(held)
+    }
+
+    /// True while a snapshot is being committed; never waits.
+    pub(crate) fn snapshot_pending(&mut self) -> Result<bool, IngestError> {
+        let Some((_, done)) = &self.committing else {
+            return Ok(false);
+        };
+        match done.try_recv() {
+            Ok(result) => {
+                self.finish_commit(result)?;
+                Ok(false)
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => Ok(true),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Err(IngestError::Writer(
+                "writer stopped before writing the snapshot".into(),
+            )),
+        }
+    }
+
+    /// Waits until the snapshot being committed (if any) is written.
+    pub(crate) fn wait_snapshot(&mut self) -> Result<(), IngestError> {
+        let Some((_, done)) = &self.committing else {
+            return Ok(());
+        };
+        let result = done.recv().map_err(|_| {
+            IngestError::Writer("writer stopped before writing the snapshot".into())
+        })?;
+        self.finish_commit(result)
+    }
+
+    fn finish_commit(&mut self, result: Result<(), String>) -> Result<(), IngestError> {
+        let seq = self.committing.take().map(|(seq, _)| seq);
+        result.map_err(IngestError::Writer)?;
         self.snapshots += 1;
-        tracing::debug!(seq, bytes = bytes.len(), "snapshot written");
-        metrics::snapshot_written(started.elapsed());
-        Ok(started.elapsed())
+        tracing::debug!(seq, "snapshot committed");
+        Ok(())
     }
 
     /// Waits (up to the drain timeout) for the notifications queued so far,
@@ -1095,6 +1339,7 @@ impl Pipeline {
         let Some(n) = self.notifier.clone() else {
             return Ok(());
         };
+        self.wait_snapshot()?;
         self.sharded.engine();
         let (reply_tx, reply_rx) = bounded(1);
         self.side
@@ -1110,7 +1355,8 @@ impl Pipeline {
     }
 
     /// Stops the shards and the writer; the summary and the final engine.
-    pub(crate) fn finish(self) -> Result<(Summary, Engine), IngestError> {
+    pub(crate) fn finish(mut self) -> Result<(Summary, Engine), IngestError> {
+        self.wait_snapshot()?;
         let engine = self.sharded.finish();
         drop(self.side);
         let mut summary = self
@@ -1218,7 +1464,8 @@ pub fn run(
         last_seq = Some(seq);
         since_snapshot += 1;
         if options.snapshot_every > 0 && since_snapshot >= options.snapshot_every {
-            pipeline.snapshot(last_seq, &no_positions)?;
+            // Committed while the next inputs flow.
+            pipeline.begin_snapshot(last_seq, &no_positions)?;
             since_snapshot = 0;
         }
     }
@@ -1226,6 +1473,7 @@ pub fn run(
     // (deadlines, rollovers); their outputs go through the writer.
     pipeline.sharded.engine();
     pipeline.dump_cards = true;
+    pipeline.wait_snapshot()?;
     if since_snapshot > 0 || pipeline.snapshots == 0 {
         // Delivered before the last snapshot, so their outcomes are in it.
         // (A run with no new input takes no snapshot: outcomes it reaches

@@ -53,8 +53,13 @@ pub const SHARD_QUEUE_DEPTH: &str = "flowcap_shard_queue_depth";
 pub const SNAPSHOT_AGE: &str = "flowcap_snapshot_age_seconds";
 /// Unix time in seconds of the last snapshot written by this process.
 pub const LAST_SNAPSHOT_TIMESTAMP: &str = "flowcap_last_snapshot_timestamp_seconds";
-/// Seconds a snapshot took: recall, fsync of every output, encode, atomic write.
+/// Seconds a snapshot took from its cut until it was durable: recall, cut,
+/// encode, then (while inputs flow again) the history files, the producer's
+/// acknowledgements, fsync of every output and the atomic write.
 pub const SNAPSHOT_DURATION: &str = "flowcap_snapshot_duration_seconds";
+/// Seconds a snapshot's cut held the inputs back: recall of the shards,
+/// the writer's cut, the dedupe index made durable, the engine encoded.
+pub const SNAPSHOT_PAUSE: &str = "flowcap_snapshot_pause_seconds";
 /// Snapshots written.
 pub const SNAPSHOTS: &str = "flowcap_snapshots_total";
 /// Messages between a partition's committed position and its high watermark (labels `topic`, `partition`).
@@ -74,7 +79,7 @@ pub const ENGINE_CARDS: &str = "flowcap_engine_cards";
 /// The engine's event clock, in unix seconds.
 pub const EVENT_CLOCK: &str = "flowcap_event_clock_seconds";
 
-/// The buckets of [`SNAPSHOT_DURATION`], in seconds.
+/// The buckets of [`SNAPSHOT_DURATION`] and [`SNAPSHOT_PAUSE`], in seconds.
 pub const SNAPSHOT_DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
@@ -161,6 +166,12 @@ pub const CATALOG: &[(&str, Kind, &str, &str)] = &[
         Kind::Histogram,
         "",
         "Seconds a snapshot took.",
+    ),
+    (
+        SNAPSHOT_PAUSE,
+        Kind::Histogram,
+        "",
+        "Seconds a snapshot's cut held the inputs back.",
     ),
     (SNAPSHOTS, Kind::Counter, "", "Snapshots written."),
     (
@@ -413,6 +424,11 @@ pub fn pipeline_started() {
     LAST_DURABLE_MS.store(unix_ms(), Ordering::Relaxed);
 }
 
+/// A snapshot's cut held the inputs back for `held`.
+pub fn snapshot_paused(held: Duration) {
+    histogram!(SNAPSHOT_PAUSE).record(held.as_secs_f64());
+}
+
 /// A snapshot was written and took `took`.
 pub fn snapshot_written(took: Duration) {
     let now = unix_ms();
@@ -486,7 +502,7 @@ mod tests {
             assert!(!help.is_empty());
             assert!(seen.insert(name), "{name} listed twice");
         }
-        assert_eq!(seen.len(), 26);
+        assert_eq!(seen.len(), 27);
     }
 
     #[test]

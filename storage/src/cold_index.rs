@@ -25,7 +25,7 @@
 //! restore doing it again.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -404,12 +404,74 @@ fn write_segment(
     Segment::open(&path, id).map(Some)
 }
 
+/// Ids not yet in a segment: entries in arrival order, indexed by their
+/// fingerprint (the index's hash: it is already xxh3). Both keep their
+/// capacity across flushes: the buffer is filled and emptied every
+/// `flush_entries` ids, and a `HashMap<(Iccid, RecordId), _>` that grew
+/// from empty each time (SipHash over the 65-byte record id, rehash copies,
+/// fresh pages zeroed by the kernel) was a fifth of the Kafka driver's
+/// time.
+#[derive(Debug, Default)]
+struct Buffer {
+    entries: Vec<Entry>,
+    index: hashbrown::HashTable<u32>,
+}
+
+impl Buffer {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn find(&self, fp: u64, iccid: u128, record_id: &RecordId) -> Option<usize> {
+        let entries = &self.entries;
+        self.index
+            .find(fp, |&i| {
+                let e = &entries[i as usize];
+                e.iccid == iccid && e.record_id == *record_id
+            })
+            .map(|&i| i as usize)
+    }
+
+    /// Adds `entry`; an id already buffered keeps the smaller sequence.
+    fn insert(&mut self, entry: Entry) {
+        match self.find(entry.fp, entry.iccid, &entry.record_id) {
+            Some(i) => self.entries[i].seq = self.entries[i].seq.min(entry.seq),
+            None => {
+                let Buffer { entries, index } = self;
+                // `flush_entries` is at most `u32::MAX` (`open_with`).
+                let i = entries.len() as u32;
+                entries.push(entry);
+                index.insert_unique(entry.fp, i, |&j| entries[j as usize].fp);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.index.clear();
+    }
+
+    /// Keeps the entries `keep` accepts (the index is rebuilt).
+    fn retain(&mut self, keep: impl Fn(&Entry) -> bool) {
+        self.entries.retain(keep);
+        self.index.clear();
+        let Buffer { entries, index } = self;
+        for (i, e) in entries.iter().enumerate() {
+            index.insert_unique(e.fp, i as u32, |&j| entries[j as usize].fp);
+        }
+    }
+}
+
 /// An exact, disk-backed [`IdStore`]. See the module docs.
 #[derive(Debug)]
 pub struct DiskIdStore {
     dir: PathBuf,
     options: DiskIdStoreOptions,
-    buffer: HashMap<(Iccid, RecordId), (u64, i64)>,
+    buffer: Buffer,
     buffer_min_seq: u64,
     segments: Vec<Segment>,
     next_id: u64,
@@ -452,11 +514,11 @@ impl DiskIdStore {
         Ok(DiskIdStore {
             dir,
             options: DiskIdStoreOptions {
-                flush_entries: options.flush_entries.max(1),
+                flush_entries: options.flush_entries.clamp(1, u32::MAX as usize),
                 max_segments: options.max_segments.max(2),
                 ..options
             },
-            buffer: HashMap::new(),
+            buffer: Buffer::default(),
             buffer_min_seq: u64::MAX,
             segments,
             next_id,
@@ -495,23 +557,16 @@ impl DiskIdStore {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let mut entries: Vec<Entry> = self
-            .buffer
-            .iter()
-            .map(|((iccid, record_id), &(seq, end))| Entry {
-                fp: fingerprint(*iccid, record_id),
-                iccid: iccid.to_bits(),
-                record_id: *record_id,
-                seq,
-                end,
-            })
-            .collect();
-        entries.sort_unstable();
+        // The index is cleared below: sorting in place is fine.
+        self.buffer.entries.sort_unstable();
         let id = self.take_id();
-        let mut it = entries.into_iter();
-        let n = it.len() as u64;
+        let entries = &self.buffer.entries;
+        let n = entries.len() as u64;
+        let mut next = 0;
         if let Some(seg) = write_segment(&self.dir, id, n, self.options.bloom_bits_per_key, || {
-            Ok(it.next())
+            let e = entries.get(next).copied();
+            next += 1;
+            Ok(e)
         })? {
             self.segments.push(seg);
         }
@@ -538,11 +593,12 @@ impl DiskIdStore {
     /// rewritten). Call on restore from a snapshot taken at `seq`, before
     /// any other call. Idempotent.
     pub fn truncate_after(&mut self, seq: u64) -> Result<(), IdStoreError> {
-        self.buffer.retain(|_, (s, _)| *s <= seq);
+        self.buffer.retain(|e| e.seq <= seq);
         self.buffer_min_seq = self
             .buffer
-            .values()
-            .map(|(s, _)| *s)
+            .entries
+            .iter()
+            .map(|e| e.seq)
             .min()
             .unwrap_or(u64::MAX);
         let mut old = std::mem::take(&mut self.segments).into_iter();
@@ -705,10 +761,10 @@ impl DiskIdStore {
 
 impl IdStore for DiskIdStore {
     fn contains(&mut self, iccid: Iccid, record_id: &RecordId) -> Result<bool, IdStoreError> {
-        if self.buffer.contains_key(&(iccid, *record_id)) {
+        let fp = fingerprint(iccid, record_id);
+        if self.buffer.find(fp, iccid.to_bits(), record_id).is_some() {
             return Ok(true);
         }
-        let fp = fingerprint(iccid, record_id);
         for s in (0..self.segments.len()).rev() {
             if self.segment_contains(s, fp, iccid.to_bits(), record_id)? {
                 return Ok(true);
@@ -724,11 +780,13 @@ impl IdStore for DiskIdStore {
         end: Timestamp,
         seq: u64,
     ) -> Result<(), IdStoreError> {
-        let slot = self
-            .buffer
-            .entry((iccid, *record_id))
-            .or_insert((seq, end.0));
-        slot.0 = slot.0.min(seq);
+        self.buffer.insert(Entry {
+            fp: fingerprint(iccid, record_id),
+            iccid: iccid.to_bits(),
+            record_id: *record_id,
+            seq,
+            end: end.0,
+        });
         self.buffer_min_seq = self.buffer_min_seq.min(seq);
         if self.buffer.len() >= self.options.flush_entries {
             self.flush()?;

@@ -202,6 +202,11 @@ struct Args {
     /// repeatable), e.g. `debug=cgrp` to see the lease's group protocol.
     #[arg(long)]
     flowcap_x: Vec<String>,
+    /// Argument added to every flowcap run (repeatable, after the phase's
+    /// own), e.g. `--flowcap-arg=--snapshot-every=0` to see the latency
+    /// between snapshots.
+    #[arg(long, allow_hyphen_values = true)]
+    flowcap_arg: Vec<String>,
     /// The flowcap binary (default: target/release/flowcap of this workspace).
     #[arg(long)]
     flowcap: Option<PathBuf>,
@@ -791,6 +796,7 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
     let mut sent_us: Vec<i64> = Vec::with_capacity(expected);
     let mut sent_ms: Vec<i64> = Vec::with_capacity(expected);
     let mut sender = Sender::new(&broker, USAGE, args.latency_linger_ms)?;
+    let snapshots_before = snapshots_so_far(&fc.metrics);
     let bar = progress(Some(rate as u64 * args.latency_secs), "paced records");
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut huge = 0u64;
@@ -861,6 +867,12 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
     reader
         .join()
         .map_err(|_| anyhow!("actions reader panicked"))??;
+    // Snapshot barriers hold every record that arrives meanwhile: they are
+    // where the latency's tail comes from.
+    let snapshots_after = snapshots_so_far(&fc.metrics);
+    let snapshots = snapshots_after.0 - snapshots_before.0;
+    let snapshot_secs = snapshots_after.1 - snapshots_before.1;
+    eprintln!("{snapshots:.0} snapshots during the paced phase, {snapshot_secs:.2} s in all");
     fc.terminate()?;
     let fin = fc.wait("stopping (SIGTERM)")?;
     if !fin.status.success() {
@@ -947,6 +959,7 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
                "observed_p999_ms": q(&observed, 0.999),
                "observed_max_ms": observed.max() as f64 / 1000.0,
                "per_second": per_second,
+               "snapshots": snapshots, "snapshot_secs": snapshot_secs,
                "cdf": cdf(&at_action), "observed_cdf": cdf(&observed)}),
     )?;
     report.row(
@@ -965,6 +978,12 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
         ),
         "p99 <= 10 ms",
         yes(samples > 0 && q(&at_action, 0.99) <= 10.0),
+    );
+    report.row(
+        format!("snapshots during the paced phase at {achieved:.0}/s (all inputs wait meanwhile)"),
+        format!("{snapshots:.0}, {snapshot_secs:.2} s in all"),
+        "",
+        "",
     );
     report.row(
         format!("latency produce -> action received by a consumer at {achieved:.0}/s, p50 / p99 / p99.9"),
@@ -1704,6 +1723,8 @@ struct Flowcap {
     stderr: Option<JoinHandle<()>>,
     stdout: Option<JoinHandle<String>>,
     watch: Option<FileWatch>,
+    /// Where its `/metrics` is served.
+    metrics: String,
 }
 
 struct Finished {
@@ -1819,6 +1840,20 @@ impl FileWatch {
 /// Records accounted so far by the flowcap serving `/metrics` at `addr`
 /// (`None` before it listens).
 fn accounted(addr: &str) -> Option<u64> {
+    let total = metric_sum(
+        addr,
+        &[
+            "flowcap_records_counted_total",
+            "flowcap_records_history_only_total",
+            "flowcap_duplicates_total",
+        ],
+    )?;
+    Some(total as u64)
+}
+
+/// The sum of every sample (all label sets) of the metrics `names` that
+/// the flowcap serving `/metrics` at `addr` exports now.
+fn metric_sum(addr: &str, names: &[&str]) -> Option<f64> {
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
     write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
@@ -1826,18 +1861,20 @@ fn accounted(addr: &str) -> Option<u64> {
     stream.read_to_string(&mut body).ok()?;
     let mut total = 0.0;
     for line in body.lines() {
-        let counts = [
-            "flowcap_records_counted_total",
-            "flowcap_records_history_only_total",
-            "flowcap_duplicates_total",
-        ]
-        .iter()
-        .any(|name| line.starts_with(name));
-        if counts {
+        let name = line.split([' ', '{']).next().unwrap_or("");
+        if names.contains(&name) {
             total += line.rsplit(' ').next()?.parse::<f64>().ok()?;
         }
     }
-    Some(total as u64)
+    Some(total)
+}
+
+/// Snapshots written so far and the seconds they took, from `/metrics`.
+fn snapshots_so_far(addr: &str) -> (f64, f64) {
+    (
+        metric_sum(addr, &["flowcap_snapshots_total"]).unwrap_or(0.0),
+        metric_sum(addr, &["flowcap_snapshot_duration_seconds_sum"]).unwrap_or(0.0),
+    )
 }
 
 /// A free port on loopback (bound, then released for the child to take).
@@ -1962,11 +1999,18 @@ impl Flowcap {
         for property in &args.flowcap_x {
             cmd.args(["-X", property]);
         }
+        cmd.args(&args.flowcap_arg);
         let spawned = Instant::now();
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning {}", bin.display()))?;
-        let watch = FileWatch::start(dir, metrics, spawned, child.id(), broker_pid(broker));
+        let watch = FileWatch::start(
+            dir,
+            metrics.clone(),
+            spawned,
+            child.id(),
+            broker_pid(broker),
+        );
         let lines: Arc<Mutex<Vec<(Duration, String)>>> = Arc::default();
         let stderr = child.stderr.take().context("stderr")?;
         let stderr = {
@@ -1993,6 +2037,7 @@ impl Flowcap {
             stderr: Some(stderr),
             stdout: Some(stdout),
             watch: Some(watch),
+            metrics,
         })
     }
 

@@ -18,11 +18,14 @@
 //!   results keyed by command id) go through an idempotent producer; a
 //!   message whose delivery fails is sent again, never dropped.
 //! - **Snapshots** (every `snapshot_every` inputs, every
-//!   `snapshot_interval`, and on shutdown): all shards home, every output
-//!   acknowledged by the broker and every local file fsynced, then the
-//!   engine with the input positions is written atomically; only then are
+//!   `snapshot_interval`, and on shutdown): at the *cut* all shards come
+//!   home, the outputs so far are closed into an epoch and the engine with
+//!   the input positions is encoded; messages then flow again while the
+//!   writer *commits* it: once every output of the epoch is acknowledged
+//!   by the broker, the window's history files are stored and every local
+//!   file is fsynced, the snapshot is written atomically; only then are
 //!   offsets committed to the broker (for lag tools; flowcap itself does
-//!   not read them).
+//!   not read them) and old order-log segments dropped.
 //! - **Restart**: restore the newest snapshot, seek every partition to its
 //!   recorded position, replay the logged order, then go on. Records
 //!   replayed after the snapshot are new to the restored dedupe state, so
@@ -435,6 +438,7 @@ pub fn run(
         inputs: 0,
         lag_positions,
         metrics: DriverMetrics::new(Source::Kafka, shards),
+        committing: None,
     };
     m::pipeline_started();
 
@@ -559,6 +563,7 @@ pub fn run(
     status(&Status::Stopping);
     driver.pipeline.sharded.engine();
     driver.snapshot(&cursors, &data)?;
+    driver.after_commit(&data, true)?;
     lease.release();
     stop.store(true, Ordering::SeqCst);
     let _ = lag_thread.join();
@@ -864,6 +869,9 @@ struct Driver {
     inputs: u64,
     lag_positions: Arc<Vec<AtomicI64>>,
     metrics: DriverMetrics,
+    /// The positions of the snapshot being committed, to commit as offsets
+    /// once it is written.
+    committing: Option<Vec<(String, i32, i64)>>,
 }
 
 impl Driver {
@@ -955,6 +963,7 @@ impl Driver {
         cursors: &[Cursor],
         consumer: &BaseConsumer,
     ) -> Result<(), KafkaRunError> {
+        self.after_commit(consumer, false)?;
         let by_count = options.snapshot_every > 0 && self.since_snapshot >= options.snapshot_every;
         let by_time =
             self.since_snapshot > 0 && self.last_snapshot.elapsed() >= options.snapshot_interval;
@@ -964,29 +973,57 @@ impl Driver {
         Ok(())
     }
 
-    /// Snapshot, then rotate the order log, then commit offsets.
+    /// The cut of a snapshot and a new order-log segment; the pipeline
+    /// commits it while messages flow ([`Driver::after_commit`]).
     fn snapshot(
         &mut self,
         cursors: &[Cursor],
         consumer: &BaseConsumer,
     ) -> Result<(), KafkaRunError> {
+        // One commit at a time: the previous one finishes first.
+        self.after_commit(consumer, true)?;
         let last_seq = self.next_seq.checked_sub(1);
         let positions: BTreeMap<String, i64> =
             cursors.iter().map(|c| (c.position_key(), c.next)).collect();
-        self.pipeline.snapshot(last_seq, &positions)?;
+        self.pipeline.begin_snapshot(last_seq, &positions)?;
         if let Some(seq) = last_seq {
             let current = self.current_run.map(|s| (s, cursors[s as usize].next));
             self.log
                 .rotate(seq, current)
                 .map_err(KafkaRunError::OrderLog)?;
+            self.committing = Some(
+                cursors
+                    .iter()
+                    .map(|c| (c.topic.clone(), c.partition, c.next))
+                    .collect(),
+            );
         }
         self.since_snapshot = 0;
         self.last_snapshot = Instant::now();
+        Ok(())
+    }
+
+    /// Once the snapshot in flight is written (with `wait`, waits for it):
+    /// drops the order-log segments no kept snapshot needs and commits its
+    /// positions as the group's offsets.
+    fn after_commit(&mut self, consumer: &BaseConsumer, wait: bool) -> Result<(), KafkaRunError> {
+        if self.committing.is_none() {
+            return Ok(());
+        }
+        if wait {
+            self.pipeline.wait_snapshot()?;
+        } else if self.pipeline.snapshot_pending()? {
+            return Ok(());
+        }
+        let Some(offsets) = self.committing.take() else {
+            return Ok(());
+        };
+        self.log.prune().map_err(KafkaRunError::OrderLog)?;
         // Informational: lag tools read committed offsets; flowcap restarts
         // from its snapshot, so a failed commit loses nothing.
         let mut tpl = TopicPartitionList::new();
-        for c in cursors {
-            tpl.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.next))?;
+        for (topic, partition, next) in &offsets {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
         }
         if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
             tracing::warn!(error = %e, "committing offsets failed (informational only)");

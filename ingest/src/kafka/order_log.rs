@@ -87,11 +87,12 @@ impl OrderLog {
         self.file.write_all(&buf)
     }
 
-    /// Makes the log durable and starts a new segment after a snapshot
-    /// covering inputs through `seq`; drops segments no kept snapshot needs.
-    /// `current` is the run in progress (its source and the offset of its
-    /// next message): it is restated at the head of the new segment, so a
-    /// run longer than every kept segment is never lost with them.
+    /// Makes the log durable and starts a new segment at the cut of a
+    /// snapshot covering inputs through `seq` ([`OrderLog::prune`] once
+    /// that snapshot is written). `current` is the run in progress (its
+    /// source and the offset of its next message): it is restated at the
+    /// head of the new segment, so a run longer than every kept segment is
+    /// never lost with them.
     pub(crate) fn rotate(&mut self, seq: u64, current: Option<(u32, i64)>) -> std::io::Result<()> {
         self.file.sync_data()?;
         self.file = Self::segment(&self.dir, Some(seq))?;
@@ -102,6 +103,12 @@ impl OrderLog {
                 offset,
             })?;
         }
+        Ok(())
+    }
+
+    /// Drops the segments no kept snapshot needs (call after a snapshot is
+    /// written: until then the previous one may be the newest).
+    pub(crate) fn prune(&self) -> std::io::Result<()> {
         let mut segments = list_segments(&self.dir)?;
         if segments.len() > KEEP_SEGMENTS {
             segments.truncate(segments.len() - KEEP_SEGMENTS);
@@ -280,6 +287,9 @@ mod tests {
             log.append(run(s * 10, 0)).unwrap();
             log.rotate(s * 10 + 5, Some((0, 1))).unwrap();
         }
+        // Until the snapshot is written nothing goes.
+        assert_eq!(list_segments(dir.path()).unwrap().len(), 11);
+        log.prune().unwrap();
         assert_eq!(list_segments(dir.path()).unwrap().len(), KEEP_SEGMENTS);
         // The run in progress is restated after every rotation.
         let runs = read_all(dir.path()).unwrap();

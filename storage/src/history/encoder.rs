@@ -7,24 +7,30 @@
 //! blocked on its full channel, the driver on the shards, and the Kafka
 //! pipeline's throughput fell to zero every few seconds (and every action
 //! emitted meanwhile waited). Here the writer hands the chunk over and
-//! goes on buffering the next one; it waits only when one more chunk is
-//! already queued (memory stays bounded: at most three chunks exist) and
-//! at a snapshot, which must not be written before its window's files are
-//! durable ([`ChunkEncoder::settle`]).
+//! goes on buffering the next one; it waits only when two jobs are still
+//! outstanding (memory stays bounded: at most three chunks wait here).
+//! A snapshot's cut hands over the window's last chunk and the state dumps
+//! (pools, cards) without waiting and takes a [`StoredTicket`]; the
+//! snapshot itself is written once the ticket's jobs are durable, while
+//! the pipeline goes on.
 
-use std::collections::HashMap;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use datafusion::arrow::record_batch::RecordBatch;
 use flowcap_engine::event::Accounted;
-use flowcap_engine::{Carrier, CycleId, Iccid};
+use flowcap_engine::{CardView, Carrier, CycleId, Iccid, PoolView, Timestamp};
 use flowcap_rules::delivery::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
+// foldhash, not SipHash: three lookups per accounted record on the writer
+// thread.
+use hashbrown::HashMap;
 
 use super::{
-    change_key, changes_batch, cycle_batch, daily_batch, date_value, deliveries_batch,
-    executions_batch, journal_batch, quarantine_batch, schema, usage_batch, write_file,
-    HistoryError, HistoryOptions, JournalRow, Partitioning, Quarantined, StateChange, UsageSums,
+    cards_batch, change_key, changes_batch, cycle_batch, daily_batch, date_value, deliveries_batch,
+    executions_batch, journal_batch, pools_batch, quarantine_batch, remove_older_than, schema,
+    usage_batch, write_file, HistoryError, HistoryOptions, JournalRow, Partitioning, Quarantined,
+    StateChange, UsageSums,
 };
 use crate::location::{HistoryFiles, HistoryLocation};
 
@@ -56,17 +62,32 @@ impl Written {
     }
 }
 
-struct Job {
-    name: String,
-    rows: ChunkRows,
+enum Job {
+    /// One chunk of rows, stored as the file `name` of each partition.
+    Chunk { name: String, rows: ChunkRows },
+    /// The state dumps of a snapshot through `through`: every pool, and
+    /// (when `cards`) every card, in the partition of local day `day`.
+    State {
+        through: u64,
+        clock: Timestamp,
+        day: i64,
+        pools: Vec<PoolView>,
+        cards: Option<Vec<CardView>>,
+    },
 }
+
+/// Everything handed to the encoder up to some point: [`ChunkEncoder::ticket`]
+/// then, [`ChunkEncoder::is_stored`] later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StoredTicket(u64);
 
 /// The encoder thread and its two channels.
 pub(super) struct ChunkEncoder {
     jobs: Option<Sender<Job>>,
     done: Receiver<Result<Written, HistoryError>>,
-    /// Chunks handed over and not yet reported back.
-    pending: usize,
+    /// Jobs handed over, and jobs reported back (in order: one thread).
+    submitted: u64,
+    completed: u64,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -77,15 +98,24 @@ impl ChunkEncoder {
         options: HistoryOptions,
     ) -> Result<ChunkEncoder, HistoryError> {
         let files = HistoryFiles::new(location)?;
-        // One chunk queued while one is encoded: the writer blocks on a
-        // third, so memory holds at most three chunks.
-        let (jobs, job_rx) = bounded::<Job>(1);
-        let (done_tx, done) = bounded(2);
+        // Unbounded: the writer bounds it itself (`submit_chunk` waits
+        // while two jobs are outstanding; a snapshot's cut never waits).
+        let (jobs, job_rx) = unbounded::<Job>();
+        let (done_tx, done) = unbounded();
         let thread = std::thread::Builder::new()
             .name("flowcap-history".into())
             .spawn(move || {
                 for job in job_rx {
-                    let result = store_chunk(&files, &options, &job.name, job.rows);
+                    let result = match job {
+                        Job::Chunk { name, rows } => store_chunk(&files, &options, &name, rows),
+                        Job::State {
+                            through,
+                            clock,
+                            day,
+                            pools,
+                            cards,
+                        } => store_state(&files, &options, through, clock, day, &pools, cards),
+                    };
                     if done_tx.send(result).is_err() {
                         return;
                     }
@@ -95,36 +125,90 @@ impl ChunkEncoder {
         Ok(ChunkEncoder {
             jobs: Some(jobs),
             done,
-            pending: 0,
+            submitted: 0,
+            completed: 0,
             thread: Some(thread),
         })
     }
 
-    /// Hands `rows` over as the file `name` of each partition. Returns
-    /// what earlier chunks stored since the last call, or the first error.
-    pub(super) fn submit(
+    /// Hands `rows` over as the file `name` of each partition. With
+    /// `wait_for_room`, first waits while two jobs are outstanding (so
+    /// memory holds at most three chunks besides the one being filled).
+    /// Returns what earlier jobs stored since the last call, or the first
+    /// error.
+    pub(super) fn submit_chunk(
         &mut self,
         name: String,
         rows: ChunkRows,
+        wait_for_room: bool,
     ) -> Result<Written, HistoryError> {
-        let mut written = Written::default();
-        while let Ok(result) = self.done.try_recv() {
-            self.pending -= 1;
-            written.add(result?);
+        let mut written = self.poll()?;
+        while wait_for_room && self.submitted - self.completed >= 2 {
+            written.add(self.recv()?);
         }
-        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
-        jobs.send(Job { name, rows }).map_err(|_| stopped())?;
-        self.pending += 1;
+        self.send(Job::Chunk { name, rows })?;
         Ok(written)
     }
 
-    /// Waits until every chunk handed over is stored (durable).
-    pub(super) fn settle(&mut self) -> Result<Written, HistoryError> {
+    /// Hands a snapshot's state dumps over (never waits).
+    pub(super) fn submit_state(
+        &mut self,
+        through: u64,
+        clock: Timestamp,
+        day: i64,
+        pools: Vec<PoolView>,
+        cards: Option<Vec<CardView>>,
+    ) -> Result<Written, HistoryError> {
+        let written = self.poll()?;
+        self.send(Job::State {
+            through,
+            clock,
+            day,
+            pools,
+            cards,
+        })?;
+        Ok(written)
+    }
+
+    fn send(&mut self, job: Job) -> Result<(), HistoryError> {
+        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
+        jobs.send(job).map_err(|_| stopped())?;
+        self.submitted += 1;
+        Ok(())
+    }
+
+    fn recv(&mut self) -> Result<Written, HistoryError> {
+        let result = self.done.recv().map_err(|_| stopped())?;
+        self.completed += 1;
+        result
+    }
+
+    /// What finished jobs stored, without waiting.
+    pub(super) fn poll(&mut self) -> Result<Written, HistoryError> {
         let mut written = Written::default();
-        while self.pending > 0 {
-            let result = self.done.recv().map_err(|_| stopped())?;
-            self.pending -= 1;
+        while let Ok(result) = self.done.try_recv() {
+            self.completed += 1;
             written.add(result?);
+        }
+        Ok(written)
+    }
+
+    /// Names everything handed over so far.
+    pub(super) fn ticket(&self) -> StoredTicket {
+        StoredTicket(self.submitted)
+    }
+
+    /// True once every job up to `ticket` is stored (durable). Call
+    /// [`ChunkEncoder::poll`] first.
+    pub(super) fn is_stored(&self, ticket: StoredTicket) -> bool {
+        self.completed >= ticket.0
+    }
+
+    /// Waits until every job up to `ticket` is stored (durable).
+    pub(super) fn wait(&mut self, ticket: StoredTicket) -> Result<Written, HistoryError> {
+        let mut written = self.poll()?;
+        while self.completed < ticket.0 {
+            written.add(self.recv()?);
         }
         Ok(written)
     }
@@ -133,12 +217,7 @@ impl ChunkEncoder {
 impl Drop for ChunkEncoder {
     fn drop(&mut self) {
         self.jobs = None;
-        // Unblock a thread waiting to report, then let it finish.
-        while self.done.try_recv().is_ok() {}
-        drop(std::mem::replace(
-            &mut self.done,
-            crossbeam_channel::never(),
-        ));
+        // Let the thread finish what it has (its reports are dropped).
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -147,6 +226,75 @@ impl Drop for ChunkEncoder {
 
 fn stopped() -> HistoryError {
     HistoryError::EncoderStopped("the thread is gone".into())
+}
+
+/// The state dumps of a snapshot: `pool_cycle_usage` (one file per cycle,
+/// superseding older ones), `cards` when given (superseding older dumps of
+/// the day).
+fn store_state(
+    files: &HistoryFiles,
+    options: &HistoryOptions,
+    through: u64,
+    clock: Timestamp,
+    day: i64,
+    pools: &[PoolView],
+    cards: Option<Vec<CardView>>,
+) -> Result<Written, HistoryError> {
+    let mut written = Written::default();
+    let mut store = |table: &str,
+                     partitioning: Partitioning,
+                     value: &str,
+                     name: &str,
+                     batch: &RecordBatch|
+     -> Result<(), HistoryError> {
+        written.dirs.push(write_file(
+            files,
+            options,
+            table,
+            partitioning,
+            value,
+            name,
+            batch,
+        )?);
+        written.files += 1;
+        Ok(())
+    };
+    let mut by_cycle: HashMap<CycleId, Vec<&PoolView>> = HashMap::new();
+    for p in pools {
+        by_cycle.entry(p.cycle).or_default().push(p);
+    }
+    let name = format!("part-{through:020}-pools.parquet");
+    for (cycle, rows) in by_cycle {
+        let batch = pools_batch(&rows, through, clock)?;
+        let dir = format!("{}/cycle={cycle}", schema::POOL_CYCLE_USAGE);
+        store(
+            schema::POOL_CYCLE_USAGE,
+            Partitioning::Cycle,
+            &cycle.to_string(),
+            &name,
+            &batch,
+        )?;
+        // Only the newest state per cycle is kept: it supersedes the
+        // older ones (a pool's usage only grows within a cycle).
+        remove_older_than(files, &files.list_dir(&dir)?, &name)?;
+    }
+    if let Some(cards) = cards {
+        let name = format!("part-{through:020}-cards.parquet");
+        for (i, chunk) in cards.chunks(options.roll_rows.max(1)).enumerate() {
+            let batch = cards_batch(chunk, through, clock)?;
+            let chunk_name = format!("part-{through:020}-cards-{i:04}.parquet");
+            store(
+                schema::CARDS,
+                Partitioning::Date,
+                &date_value(day),
+                &chunk_name,
+                &batch,
+            )?;
+        }
+        let dir = format!("{}/date={}", schema::CARDS, date_value(day));
+        remove_older_than(files, &files.list_dir(&dir)?, &name)?;
+    }
+    Ok(written)
 }
 
 /// Sorts, encodes and stores one chunk: one file per table and partition.

@@ -59,10 +59,11 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::errors::ParquetError;
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use datafusion::parquet::schema::types::ColumnPath;
 use flowcap_engine::command::CommandResult;
 use flowcap_engine::event::{Accounted, ActionEvent, Cause};
 use flowcap_engine::{
-    CardView, Carrier, Command, CycleCalendar, CycleId, Iccid, PoolView, Reasons, Timestamp,
+    CardView, Carrier, Command, CycleCalendar, Iccid, PoolView, Reasons, Timestamp,
 };
 use flowcap_rules::delivery::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
@@ -70,6 +71,7 @@ use serde::Serialize;
 
 use crate::location::{HistoryFiles, HistoryLocation, LocationError, StoredFile};
 use compact::{CompactionPolicy, CompactionStats, Compactor};
+pub use encoder::StoredTicket;
 use encoder::{ChunkEncoder, ChunkRows, Written};
 use schema::{Columns, Partitioning};
 
@@ -439,7 +441,7 @@ impl HistoryWriter {
 
     fn roll_if_full(&mut self) -> Result<(), HistoryError> {
         if self.buffered >= self.options.roll_rows {
-            self.write_chunk()?;
+            self.write_chunk(true)?;
         }
         Ok(())
     }
@@ -457,19 +459,61 @@ impl HistoryWriter {
         cards: Option<&[CardView]>,
         compact_through: Option<u64>,
     ) -> Result<(), HistoryError> {
-        self.write_chunk()?;
-        self.settle_chunks()?;
-        if clock != Timestamp::MIN {
-            self.write_pools(through, clock, pools)?;
-            if let Some(cards) = cards {
-                self.write_cards(through, clock, cards)?;
+        let ticket = self.cut(
+            through,
+            clock,
+            pools.to_vec(),
+            cards.map(<[CardView]>::to_vec),
+            compact_through,
+        )?;
+        self.wait_stored(ticket)
+    }
+
+    /// [`HistoryWriter::snapshot`] without the wait: closes the window and
+    /// hands its last chunk and the state dumps to the encoder thread.
+    /// The window's files are durable once [`HistoryWriter::is_stored`]
+    /// says so for the ticket returned; rows given meanwhile belong to the
+    /// next window.
+    pub fn cut(
+        &mut self,
+        through: u64,
+        clock: Timestamp,
+        pools: Vec<PoolView>,
+        cards: Option<Vec<CardView>>,
+        compact_through: Option<u64>,
+    ) -> Result<StoredTicket, HistoryError> {
+        self.write_chunk(false)?;
+        if clock != Timestamp::MIN && (!pools.is_empty() || cards.is_some()) {
+            let day = self.day(clock);
+            if cards.is_some() {
+                self.cards_day = Some(day);
             }
+            let written = self
+                .encoder
+                .submit_state(through, clock, day, pools, cards)?;
+            self.note_written(written);
         }
+        let ticket = self.encoder.ticket();
         self.window_from = through + 1;
         self.chunk = 0;
         if let (Some(compactor), Some(limit)) = (&self.compactor, compact_through) {
             compactor.request(limit, std::mem::take(&mut self.touched));
         }
+        Ok(ticket)
+    }
+
+    /// True once every file handed over up to `ticket` is durable (or the
+    /// first error of the encoder thread). Never waits.
+    pub fn is_stored(&mut self, ticket: StoredTicket) -> Result<bool, HistoryError> {
+        let written = self.encoder.poll()?;
+        self.note_written(written);
+        Ok(self.encoder.is_stored(ticket))
+    }
+
+    /// Waits until every file handed over up to `ticket` is durable.
+    pub fn wait_stored(&mut self, ticket: StoredTicket) -> Result<(), HistoryError> {
+        let written = self.encoder.wait(ticket)?;
+        self.note_written(written);
         Ok(())
     }
 
@@ -484,109 +528,23 @@ impl HistoryWriter {
     }
 
     /// Hands the buffered rows to the encoder as the window's next chunk
-    /// (it waits while the encoder still has a chunk queued).
-    fn write_chunk(&mut self) -> Result<(), HistoryError> {
+    /// (with `wait_for_room`, it waits while two jobs are outstanding).
+    fn write_chunk(&mut self, wait_for_room: bool) -> Result<(), HistoryError> {
         if self.buffered == 0 {
             return Ok(());
         }
         let name = self.part_name();
         let rows = std::mem::take(&mut self.rows);
-        let written = self.encoder.submit(name, rows)?;
+        let written = self.encoder.submit_chunk(name, rows, wait_for_room)?;
         self.note_written(written);
         self.buffered = 0;
         self.chunk += 1;
         Ok(())
     }
 
-    /// Waits until every chunk handed to the encoder is durable.
-    fn settle_chunks(&mut self) -> Result<(), HistoryError> {
-        let written = self.encoder.settle()?;
-        self.note_written(written);
-        Ok(())
-    }
-
     fn note_written(&mut self, written: Written) {
         self.files_written += written.files;
         self.touched.extend(written.dirs);
-    }
-
-    fn write_pools(
-        &mut self,
-        through: u64,
-        clock: Timestamp,
-        pools: &[PoolView],
-    ) -> Result<(), HistoryError> {
-        if pools.is_empty() {
-            return Ok(());
-        }
-        let mut by_cycle: HashMap<CycleId, Vec<&PoolView>> = HashMap::new();
-        for p in pools {
-            by_cycle.entry(p.cycle).or_default().push(p);
-        }
-        let name = format!("part-{through:020}-pools.parquet");
-        for (cycle, rows) in by_cycle {
-            let batch = pools_batch(&rows, through, clock)?;
-            let dir = format!("{}/cycle={cycle}", schema::POOL_CYCLE_USAGE);
-            self.write(
-                schema::POOL_CYCLE_USAGE,
-                Partitioning::Cycle,
-                &cycle.to_string(),
-                &name,
-                &batch,
-            )?;
-            // Only the newest state per cycle is kept: it supersedes the
-            // older ones (a pool's usage only grows within a cycle).
-            remove_older_than(&self.files, &self.files.list_dir(&dir)?, &name)?;
-        }
-        Ok(())
-    }
-
-    fn write_cards(
-        &mut self,
-        through: u64,
-        clock: Timestamp,
-        cards: &[CardView],
-    ) -> Result<(), HistoryError> {
-        let day = self.day(clock);
-        let name = format!("part-{through:020}-cards.parquet");
-        for (i, chunk) in cards.chunks(self.options.roll_rows.max(1)).enumerate() {
-            let batch = cards_batch(chunk, through, clock)?;
-            let chunk_name = format!("part-{through:020}-cards-{i:04}.parquet");
-            self.write(
-                schema::CARDS,
-                Partitioning::Date,
-                &date_value(day),
-                &chunk_name,
-                &batch,
-            )?;
-        }
-        let dir = format!("{}/date={}", schema::CARDS, date_value(day));
-        remove_older_than(&self.files, &self.files.list_dir(&dir)?, &name)?;
-        self.cards_day = Some(day);
-        Ok(())
-    }
-
-    /// Writes one file atomically (see [`HistoryFiles::put`]).
-    fn write(
-        &mut self,
-        table: &str,
-        partitioning: Partitioning,
-        value: &str,
-        name: &str,
-        batch: &RecordBatch,
-    ) -> Result<(), HistoryError> {
-        let dir = write_file(
-            &self.files,
-            &self.options,
-            table,
-            partitioning,
-            value,
-            name,
-            batch,
-        )?;
-        self.touched.insert(dir);
-        self.files_written += 1;
-        Ok(())
     }
 }
 
@@ -621,6 +579,10 @@ fn encode_parquet(
         ))
         .set_max_row_group_row_count(Some(options.row_group_rows))
         .set_statistics_enabled(EnabledStatistics::Page)
+        // One value per row: a dictionary only costs the interning (it
+        // falls back to plain pages once the dictionary is full anyway).
+        .set_column_dictionary_enabled(ColumnPath::from("record_id"), false)
+        .set_column_dictionary_enabled(ColumnPath::from("seq"), false)
         .build();
     let parquet_err = |source| HistoryError::Parquet {
         path: rel.to_owned(),
@@ -1109,7 +1071,7 @@ fn cards_batch(
 mod tests {
     use super::*;
     use flowcap_engine::record::Usage;
-    use flowcap_engine::RecordId;
+    use flowcap_engine::{CycleId, RecordId};
     use std::path::Path;
     use std::sync::atomic::Ordering;
 
@@ -1162,7 +1124,7 @@ mod tests {
         }
         // A chunk of the next window reaches the disk, then the process dies
         // (a temporary file too).
-        w.write_chunk().unwrap();
+        w.write_chunk(true).unwrap();
         let usage_dir = root.join("usage_records").join(format!(
             "date={}",
             date_value(CycleCalendar::default().local_day(Timestamp(DAY)))
@@ -1193,6 +1155,44 @@ mod tests {
         // Starting empty clears everything.
         let _w = HistoryWriter::open(local(&root), None, HistoryOptions::default()).unwrap();
         assert!(files(&root).is_empty());
+    }
+
+    #[test]
+    fn a_cut_closes_the_window_at_once_and_its_ticket_says_when_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("history");
+        let mut w = HistoryWriter::open(local(&root), None, HistoryOptions::default()).unwrap();
+        for seq in 0..10 {
+            w.accounted(&accounted(seq, seq % 3, DAY)).unwrap();
+        }
+        let first = w.cut(9, Timestamp(DAY), Vec::new(), None, None).unwrap();
+        // Rows given after the cut belong to the next window.
+        for seq in 10..12 {
+            w.accounted(&accounted(seq, 1, DAY)).unwrap();
+        }
+        w.wait_stored(first).unwrap();
+        assert!(w.is_stored(first).unwrap());
+        let stored = files(&root);
+        assert!(stored
+            .iter()
+            .any(|f| f.ends_with("part-00000000000000000000-0000.parquet")));
+        assert!(
+            !stored
+                .iter()
+                .any(|f| f.contains("part-00000000000000000010-")),
+            "{stored:?}"
+        );
+        let second = w.cut(11, Timestamp(DAY), Vec::new(), None, None).unwrap();
+        assert!(second > first);
+        w.wait_stored(second).unwrap();
+        assert!(files(&root)
+            .iter()
+            .any(|f| f.ends_with("part-00000000000000000010-0000.parquet")));
+        assert_eq!(
+            sums(&root).last(),
+            Some(&("raw".to_owned(), 12, 12)),
+            "every row once"
+        );
     }
 
     #[test]
