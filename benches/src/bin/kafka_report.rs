@@ -602,13 +602,14 @@ fn flowcap_rep(
         .saturating_sub(secs(args.idle_secs));
     let rate_by_log = inputs as f64 / by_log.as_secs_f64();
     eprintln!(
-            "rep {rep}: {label} {inputs} inputs, {rate:.0}/s (first message to last accounted {:.2} s; by log lines {rate_by_log:.0}/s; startup to first message {:.2} s, final snapshot + exit {:.2} s); CPU: flowcap {:.2} cores ({:.0} records per CPU-s), broker {:.2} cores",
+            "rep {rep}: {label} {inputs} inputs, {rate:.0}/s (first message to last accounted {:.2} s; by log lines {rate_by_log:.0}/s; startup to first message {:.2} s, final snapshot + exit {:.2} s); CPU: flowcap {:.2} cores ({:.0} records per CPU-s), broker {:.2} cores; peak RSS {:.0} MiB",
             processing.as_secs_f64(),
             first.at.as_secs_f64(),
             run.total.saturating_sub(stopping).as_secs_f64(),
             cpu / processing.as_secs_f64(),
             inputs as f64 / cpu.max(0.01),
             broker_cpu / processing.as_secs_f64(),
+            run.peak_rss_kb as f64 / 1024.0,
         );
     report.line(
         "throughput",
@@ -628,9 +629,18 @@ fn flowcap_rep(
                    "wall_secs": run.total.as_secs_f64(),
                    "idle_secs": args.idle_secs,
                    "rate": rate,
+                   "peak_rss_mib": run.peak_rss_kb as f64 / 1024.0,
                    "timeline": run.timeline(first.at, last.at, inputs),
                    "summary": run.summary}),
     )?;
+    // The whole backlog is in the topic before flowcap starts: it consumes
+    // as fast as it can, the burst case of bounded memory.
+    report.row(
+        format!("{label} peak RSS, rep {rep} ({inputs} records backlogged)"),
+        format!("{:.0} MiB", run.peak_rss_kb as f64 / 1024.0),
+        "",
+        "",
+    );
     if let Some(workload) = check {
         check_run(&dir, workload, report)?;
     }
@@ -872,7 +882,10 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
     let snapshots_after = snapshots_so_far(&fc.metrics);
     let snapshots = snapshots_after.0 - snapshots_before.0;
     let snapshot_secs = snapshots_after.1 - snapshots_before.1;
-    eprintln!("{snapshots:.0} snapshots during the paced phase, {snapshot_secs:.2} s in all");
+    let snapshot_pause_secs = snapshots_after.2 - snapshots_before.2;
+    eprintln!(
+        "{snapshots:.0} snapshots during the paced phase: {snapshot_secs:.2} s from cut to durable, inputs held {snapshot_pause_secs:.3} s"
+    );
     fc.terminate()?;
     let fin = fc.wait("stopping (SIGTERM)")?;
     if !fin.status.success() {
@@ -960,6 +973,7 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
                "observed_max_ms": observed.max() as f64 / 1000.0,
                "per_second": per_second,
                "snapshots": snapshots, "snapshot_secs": snapshot_secs,
+               "snapshot_pause_secs": snapshot_pause_secs,
                "cdf": cdf(&at_action), "observed_cdf": cdf(&observed)}),
     )?;
     report.row(
@@ -980,8 +994,8 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
         yes(samples > 0 && q(&at_action, 0.99) <= 10.0),
     );
     report.row(
-        format!("snapshots during the paced phase at {achieved:.0}/s (all inputs wait meanwhile)"),
-        format!("{snapshots:.0}, {snapshot_secs:.2} s in all"),
+        format!("snapshots during the paced phase at {achieved:.0}/s: cut to durable; inputs held by the cut"),
+        format!("{snapshots:.0}: {snapshot_secs:.2} s; {snapshot_pause_secs:.3} s"),
         "",
         "",
     );
@@ -1731,6 +1745,8 @@ struct Finished {
     status: ExitStatus,
     summary: Value,
     total: Duration,
+    /// Peak resident memory of the process (VmHWM), KiB.
+    peak_rss_kb: u64,
     lines: Vec<(Duration, String)>,
     /// Changes of the order log and of the accounted count, with CPU times.
     files: Vec<Sample>,
@@ -1869,11 +1885,13 @@ fn metric_sum(addr: &str, names: &[&str]) -> Option<f64> {
     Some(total)
 }
 
-/// Snapshots written so far and the seconds they took, from `/metrics`.
-fn snapshots_so_far(addr: &str) -> (f64, f64) {
+/// Snapshots written so far, the seconds they took from cut to durable,
+/// and the seconds their cuts held the inputs, from `/metrics`.
+fn snapshots_so_far(addr: &str) -> (f64, f64, f64) {
     (
         metric_sum(addr, &["flowcap_snapshots_total"]).unwrap_or(0.0),
         metric_sum(addr, &["flowcap_snapshot_duration_seconds_sum"]).unwrap_or(0.0),
+        metric_sum(addr, &["flowcap_snapshot_pause_seconds_sum"]).unwrap_or(0.0),
     )
 }
 
@@ -1881,6 +1899,13 @@ fn snapshots_so_far(addr: &str) -> (f64, f64) {
 fn free_addr() -> Result<String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.to_string())
+}
+
+/// The peak resident set (VmHWM) of a live process, KiB.
+fn peak_rss_kb_of(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// User + system CPU time of a process, in clock ticks (1/100 s).
@@ -2121,7 +2146,10 @@ impl Flowcap {
 
     fn wait(mut self, what: &str) -> Result<Finished> {
         let bar = progress(None, &format!("flowcap: {what}"));
+        let mut peak_rss_kb = 0;
         let status = loop {
+            // The kernel's high-water mark, read until the process is gone.
+            peak_rss_kb = peak_rss_kb.max(peak_rss_kb_of(self.child.id()).unwrap_or(0));
             if let Some(status) = self.child.try_wait()? {
                 break status;
             }
@@ -2147,6 +2175,7 @@ impl Flowcap {
             status,
             summary,
             total,
+            peak_rss_kb,
             lines,
             files,
         })
