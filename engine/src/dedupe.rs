@@ -52,6 +52,7 @@
 //! because those records are replayed and must be seen as fresh again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +77,10 @@ pub enum IdStoreError {
     /// External: stored data failed validation (bad checksum or format).
     #[error("id store data is corrupt: {0}")]
     Corrupt(String),
+    /// External: a write the store did in the background failed (the
+    /// store's own error, as text: it was reported on another thread).
+    #[error("id store background write failed: {0}")]
+    Background(String),
 }
 
 /// Why [`Deduper::observe`] failed. The record was not accepted and the
@@ -111,9 +116,107 @@ pub trait IdStore: Send {
     /// publishing an engine snapshot taken at `seq`.
     fn durable_through(&mut self, seq: u64) -> Result<(), IdStoreError>;
 
+    /// Starts making every entry with sequence <= `seq` durable and returns
+    /// at once: the [`Durability`] settles when they are. A snapshot taken
+    /// at `seq` may be published only after it settled without error. The
+    /// store keeps answering lookups meanwhile. The default waits
+    /// ([`IdStore::durable_through`]) and returns a settled one.
+    fn durable_through_later(&mut self, seq: u64) -> Result<Durability, IdStoreError> {
+        self.durable_through(seq)?;
+        Ok(Durability::settled())
+    }
+
     /// Forgets every entry with sequence > `seq`. Call on restore from a
     /// snapshot taken at `seq`, before replaying input after it.
     fn truncate_after(&mut self, seq: u64) -> Result<(), IdStoreError>;
+}
+
+/// A promise that an [`IdStore`]'s entries up to some sequence number are
+/// (or will be) durable: what a snapshot's commit waits for before the
+/// snapshot is published, while the inputs after its cut already flow.
+/// Clones share the outcome.
+#[derive(Debug, Clone, Default)]
+pub struct Durability(Option<Arc<DurabilityCell>>);
+
+#[derive(Debug, Default)]
+struct DurabilityCell {
+    outcome: Mutex<Option<Result<(), String>>>,
+    settled: Condvar,
+}
+
+/// The store's side of a pending [`Durability`]: settled once. Dropped
+/// without settling, it settles as a failure (the writing thread died).
+#[derive(Debug)]
+pub struct DurabilitySettler(Arc<DurabilityCell>);
+
+impl Durability {
+    /// Already durable.
+    pub fn settled() -> Durability {
+        Durability(None)
+    }
+
+    /// A promise and the handle that settles it.
+    pub fn pending() -> (Durability, DurabilitySettler) {
+        let cell = Arc::new(DurabilityCell::default());
+        (Durability(Some(cell.clone())), DurabilitySettler(cell))
+    }
+
+    /// `Ok(true)` once durable, `Ok(false)` while pending, the failure
+    /// once it failed. Never waits.
+    pub fn poll(&self) -> Result<bool, IdStoreError> {
+        let Some(cell) = &self.0 else {
+            return Ok(true);
+        };
+        let outcome = cell.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        match &*outcome {
+            None => Ok(false),
+            Some(Ok(())) => Ok(true),
+            Some(Err(e)) => Err(IdStoreError::Background(e.clone())),
+        }
+    }
+
+    /// Waits until settled.
+    pub fn wait(&self) -> Result<(), IdStoreError> {
+        let Some(cell) = &self.0 else {
+            return Ok(());
+        };
+        let mut outcome = cell.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match &*outcome {
+                None => {
+                    outcome = cell
+                        .settled
+                        .wait(outcome)
+                        .unwrap_or_else(|p| p.into_inner())
+                }
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => return Err(IdStoreError::Background(e.clone())),
+            }
+        }
+    }
+}
+
+impl DurabilitySettler {
+    /// Settles the promise: durable, or why not.
+    pub fn settle(self, outcome: Result<(), String>) {
+        self.set(outcome);
+    }
+
+    fn set(&self, outcome: Result<(), String>) {
+        let mut slot = self.0.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(outcome);
+        }
+        self.0.settled.notify_all();
+    }
+}
+
+impl Drop for DurabilitySettler {
+    fn drop(&mut self) {
+        self.set(Err(
+            "the writing thread stopped before the ids were durable".into(),
+        ));
+    }
 }
 
 /// An exact, in-memory [`IdStore`] (tests and small embedded runs; it
@@ -620,6 +723,29 @@ impl TryFrom<DeduperRepr> for Deduper {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durability_settles_once_and_reports_a_lost_writer() {
+        let settled = Durability::settled();
+        assert!(settled.poll().unwrap());
+        settled.wait().unwrap();
+
+        let (d, settler) = Durability::pending();
+        let other = d.clone();
+        assert!(!d.poll().unwrap());
+        let waiter = std::thread::spawn(move || other.wait());
+        settler.settle(Ok(()));
+        waiter.join().unwrap().unwrap();
+        assert!(d.poll().unwrap());
+
+        let (d, settler) = Durability::pending();
+        settler.settle(Err("disk full".into()));
+        assert!(matches!(d.poll(), Err(IdStoreError::Background(m)) if m == "disk full"));
+
+        let (d, settler) = Durability::pending();
+        drop(settler);
+        assert!(matches!(d.wait(), Err(IdStoreError::Background(_))));
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashSet;

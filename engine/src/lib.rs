@@ -55,7 +55,9 @@ pub mod time;
 pub use command::{Command, CommandKind, CommandResult};
 pub use config::EngineConfig;
 pub use cycle::{CycleCalendar, CycleId};
-pub use dedupe::{DedupeConfig, DedupeError, Deduper, IdStore, IdStoreError, MemIdStore, Sighting};
+pub use dedupe::{
+    DedupeConfig, DedupeError, Deduper, Durability, IdStore, IdStoreError, MemIdStore, Sighting,
+};
 pub use domain::{CardState, Carrier, Reason, Reasons, ThresholdMb, TrafficType, MB};
 pub use engine::{CardView, Engine, EngineError, PoolView};
 pub use event::{ActionEvent, Output};

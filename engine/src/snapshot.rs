@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::EngineConfig;
-use crate::dedupe::{Deduper, IdStore};
+use crate::dedupe::{Deduper, Durability, IdStore};
 use crate::engine::{Engine, EngineError, Loc, Registry};
 use crate::shard::Shard;
 use crate::time::Timestamp;
@@ -104,10 +104,65 @@ pub fn check(bytes: &[u8]) -> Result<SnapshotHeader, EngineError> {
     })
 }
 
+/// The engine's state copied at one input position, to be encoded on
+/// another thread: copying is a few memory copies (cards are plain
+/// 64-byte records), encoding walks every field. A snapshot's cut takes
+/// the copy and its commit encodes it, so the inputs wait only for the
+/// copy. [`SnapshotCopy::encode`] gives exactly [`Engine::snapshot`]'s
+/// bytes.
+#[derive(Debug, Clone)]
+pub struct SnapshotCopy {
+    config: EngineConfig,
+    shards: Vec<Shard>,
+    deduper: Deduper,
+    registry_json: String,
+    results: crate::engine::StoredResults,
+    clock: Timestamp,
+    last_seq: Option<u64>,
+    positions: BTreeMap<String, i64>,
+}
+
+impl SnapshotCopy {
+    /// The last input the copy covers.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// Serializes the copy (versioned, checksummed), as
+    /// [`Engine::snapshot`] would have at the copy's position.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(&StateRef {
+            config: &self.config,
+            shards: &self.shards,
+            deduper: &self.deduper,
+            registry_json: self.registry_json.clone(),
+            results: self.results.clone(),
+            clock: self.clock,
+            last_seq: self.last_seq,
+            positions: &self.positions,
+        })
+    }
+}
+
+/// Frames the state: magic, version, length, CRC-32, bincode payload.
+fn encode(state: &StateRef<'_>) -> Vec<u8> {
+    // Serializing plain in-memory data into a Vec cannot fail; an error
+    // here would be a bug in a Serialize impl, reported as an empty payload
+    // that `restore` then rejects.
+    let payload = bincode::serialize(state).unwrap_or_default();
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
 impl Engine {
     /// Serializes the complete state (versioned, checksummed).
     pub fn snapshot(&self) -> Vec<u8> {
-        let state = StateRef {
+        encode(&StateRef {
             config: &self.config,
             shards: &self.shards,
             deduper: &self.deduper,
@@ -116,18 +171,21 @@ impl Engine {
             clock: self.clock,
             last_seq: self.last_seq,
             positions: &self.positions,
-        };
-        // Serializing plain in-memory data into a Vec cannot fail; an error
-        // here would be a bug in a Serialize impl, reported as an empty payload
-        // that `restore` then rejects.
-        let payload = bincode::serialize(&state).unwrap_or_default();
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-        out
+        })
+    }
+
+    /// Copies the complete state for [`SnapshotCopy::encode`] elsewhere.
+    pub fn snapshot_copy(&self) -> SnapshotCopy {
+        SnapshotCopy {
+            config: self.config.clone(),
+            shards: self.shards.clone(),
+            deduper: self.deduper.clone(),
+            registry_json: serde_json::to_string(&self.registry).unwrap_or_default(),
+            results: self.registry.results.to_stored(),
+            clock: self.clock,
+            last_seq: self.last_seq,
+            positions: self.positions.clone(),
+        }
     }
 
     /// Makes the dedupe id store durable through the last input processed,
@@ -140,6 +198,23 @@ impl Engine {
                 .map_err(crate::dedupe::DedupeError::from)?;
         }
         Ok(self.snapshot())
+    }
+
+    /// Copies the state ([`Engine::snapshot_copy`]) and starts making the
+    /// dedupe id store durable through the last input processed, without
+    /// waiting for it: publish the copy's bytes only once the returned
+    /// [`Durability`] has settled without error. The engine may go on
+    /// processing meanwhile (a snapshot's commit then overlaps the next
+    /// inputs).
+    pub fn snapshot_durable_later(&mut self) -> Result<(SnapshotCopy, Durability), EngineError> {
+        let durability = match self.last_seq {
+            Some(seq) => self
+                .id_store
+                .durable_through_later(seq)
+                .map_err(crate::dedupe::DedupeError::from)?,
+            None => Durability::settled(),
+        };
+        Ok((self.snapshot_copy(), durability))
     }
 
     /// Rebuilds an engine from [`Engine::snapshot`] bytes. `id_store` must be

@@ -128,6 +128,8 @@ proptest! {
             let before = state(&engine);
             prop_assert_eq!(&before, &reference_states[k]);
             let bytes = engine.snapshot();
+            // The copy a snapshot's cut takes encodes to the same bytes.
+            prop_assert!(engine.snapshot_copy().encode() == bytes, "copy encodes differently");
             drop(engine);
             engine = Engine::restore(&bytes, Box::new(ids.clone())).unwrap();
             prop_assert_eq!(state(&engine), before, "state right after restore {}", k);

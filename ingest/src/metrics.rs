@@ -58,7 +58,7 @@ pub const LAST_SNAPSHOT_TIMESTAMP: &str = "flowcap_last_snapshot_timestamp_secon
 /// acknowledgements, fsync of every output and the atomic write.
 pub const SNAPSHOT_DURATION: &str = "flowcap_snapshot_duration_seconds";
 /// Seconds a snapshot's cut held the inputs back: recall of the shards,
-/// the writer's cut, the dedupe index made durable, the engine encoded.
+/// the writer's cut, the dedupe buffer sealed, the engine encoded.
 pub const SNAPSHOT_PAUSE: &str = "flowcap_snapshot_pause_seconds";
 /// Snapshots written.
 pub const SNAPSHOTS: &str = "flowcap_snapshots_total";
