@@ -761,37 +761,35 @@ impl Writer {
         } = *commit;
         let (go, go_rx) = bounded::<()>(1);
         let store = Arc::clone(&self.store);
-        std::thread::Builder::new()
-            .name("flowcap-snapshot".into())
-            .spawn(move || {
-                let encoding = Instant::now();
-                let bytes = state.encode();
-                drop(state);
-                let encoded = encoding.elapsed();
-                if go_rx.recv().is_err() {
-                    let _ = done.send(Err(
-                        "the writer stopped before the snapshot's outputs were durable".into(),
-                    ));
-                    return;
-                }
-                let writing = Instant::now();
-                let result = store
-                    .write(seq, &bytes)
-                    .map(|_| ())
-                    .map_err(|e| WriteError::from(e).to_string());
-                tracing::debug!(
-                    seq,
-                    bytes = bytes.len(),
-                    encode_ms = ms(encoded),
-                    write_ms = ms(writing.elapsed()),
-                    "snapshot written"
-                );
-                if result.is_ok() {
-                    metrics::snapshot_written(started.elapsed());
-                }
-                let _ = done.send(result);
-            })
-            .map_err(WriteError::Thread)?;
+        flowcap_storage::background::spawn("flowcap-snapshot", move || {
+            let encoding = Instant::now();
+            let bytes = state.encode();
+            drop(state);
+            let encoded = encoding.elapsed();
+            if go_rx.recv().is_err() {
+                let _ = done.send(Err(
+                    "the writer stopped before the snapshot's outputs were durable".into(),
+                ));
+                return;
+            }
+            let writing = Instant::now();
+            let result = store
+                .write(seq, &bytes)
+                .map(|_| ())
+                .map_err(|e| WriteError::from(e).to_string());
+            tracing::debug!(
+                seq,
+                bytes = bytes.len(),
+                encode_ms = ms(encoded),
+                write_ms = ms(writing.elapsed()),
+                "snapshot written"
+            );
+            if result.is_ok() {
+                metrics::snapshot_written(started.elapsed());
+            }
+            let _ = done.send(result);
+        })
+        .map_err(WriteError::Thread)?;
         self.commit = Some((mark, InFlight { dedupe, go }));
         Ok(())
     }

@@ -631,17 +631,15 @@ impl DiskIdStore {
             self.options.bloom_bits_per_key,
         );
         let sealed = Arc::clone(&buffer);
-        let job = std::thread::Builder::new()
-            .name("flowcap-dedupe".into())
-            .spawn(move || {
-                let written = write_sorted(&dir, id, &sealed, bits);
-                // The store takes the buffer's allocation back once this
-                // is gone.
-                drop(sealed);
-                settler.settle(written.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                written
-            })
-            .map_err(io("starting the id store's background writer"))?;
+        let job = crate::background::spawn("flowcap-dedupe", move || {
+            let written = write_sorted(&dir, id, &sealed, bits);
+            // The store takes the buffer's allocation back once this
+            // is gone.
+            drop(sealed);
+            settler.settle(written.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            written
+        })
+        .map_err(io("starting the id store's background writer"))?;
         self.sealed = Some(Sealed {
             buffer,
             durable,
@@ -702,10 +700,10 @@ impl DiskIdStore {
             let segments = self.segments.clone();
             let n = self.options.max_segments / 2 + 1;
             self.merging = Some(
-                std::thread::Builder::new()
-                    .name("flowcap-dedupe".into())
-                    .spawn(move || merge_smallest(&dir, id, &segments, n, bits))
-                    .map_err(io("starting the id store's background merge"))?,
+                crate::background::spawn("flowcap-dedupe", move || {
+                    merge_smallest(&dir, id, &segments, n, bits)
+                })
+                .map_err(io("starting the id store's background merge"))?,
             );
         }
         Ok(())

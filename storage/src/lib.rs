@@ -19,6 +19,7 @@
 //! - [`sql`]: SQL over the history with DataFusion: the tables, the views
 //!   and the console's named queries.
 
+pub mod background;
 pub mod cold_index;
 pub mod history;
 pub mod jsonl;

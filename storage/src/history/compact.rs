@@ -111,10 +111,10 @@ impl Compactor {
         let stats = Arc::new(CompactionStats::default());
         let files = HistoryFiles::new(location)?;
         let thread_stats = Arc::clone(&stats);
-        let thread = std::thread::Builder::new()
-            .name("flowcap-compact".into())
-            .spawn(move || run(files, options, dirs, rx, &thread_stats))
-            .map_err(|e| HistoryError::Compaction(e.to_string()))?;
+        let thread = crate::background::spawn("flowcap-compact", move || {
+            run(files, options, dirs, rx, &thread_stats)
+        })
+        .map_err(|e| HistoryError::Compaction(e.to_string()))?;
         Ok(Compactor {
             jobs: Some(tx),
             thread: Some(thread),

@@ -64,7 +64,7 @@ impl Written {
 
 enum Job {
     /// One chunk of rows, stored as the file `name` of each partition.
-    Chunk { name: String, rows: ChunkRows },
+    Chunk { name: String, rows: Box<ChunkRows> },
     /// The state dumps of a snapshot through `through`: every pool, and
     /// (when `cards`) every card, in the partition of local day `day`.
     State {
@@ -102,26 +102,24 @@ impl ChunkEncoder {
         // while two jobs are outstanding; a snapshot's cut never waits).
         let (jobs, job_rx) = unbounded::<Job>();
         let (done_tx, done) = unbounded();
-        let thread = std::thread::Builder::new()
-            .name("flowcap-history".into())
-            .spawn(move || {
-                for job in job_rx {
-                    let result = match job {
-                        Job::Chunk { name, rows } => store_chunk(&files, &options, &name, rows),
-                        Job::State {
-                            through,
-                            clock,
-                            day,
-                            pools,
-                            cards,
-                        } => store_state(&files, &options, through, clock, day, &pools, cards),
-                    };
-                    if done_tx.send(result).is_err() {
-                        return;
-                    }
+        let thread = crate::background::spawn("flowcap-history", move || {
+            for job in job_rx {
+                let result = match job {
+                    Job::Chunk { name, rows } => store_chunk(&files, &options, &name, *rows),
+                    Job::State {
+                        through,
+                        clock,
+                        day,
+                        pools,
+                        cards,
+                    } => store_state(&files, &options, through, clock, day, &pools, cards),
+                };
+                if done_tx.send(result).is_err() {
+                    return;
                 }
-            })
-            .map_err(|e| HistoryError::EncoderStopped(e.to_string()))?;
+            }
+        })
+        .map_err(|e| HistoryError::EncoderStopped(e.to_string()))?;
         Ok(ChunkEncoder {
             jobs: Some(jobs),
             done,
@@ -146,7 +144,10 @@ impl ChunkEncoder {
         while wait_for_room && self.submitted - self.completed >= 2 {
             written.add(self.recv()?);
         }
-        self.send(Job::Chunk { name, rows })?;
+        self.send(Job::Chunk {
+            name,
+            rows: Box::new(rows),
+        })?;
         Ok(written)
     }
 

@@ -1,0 +1,108 @@
+//! Threads that do a pipeline's deferred work at a lower CPU priority.
+//!
+//! Some work only has to be done *eventually*, before a snapshot is
+//! committed: encoding history chunks, writing dedupe segments and
+//! merging them, encoding and writing engine snapshots, compacting
+//! history files. On two cores shared with the broker, that work arriving
+//! all at once at a snapshot took the CPU from the threads every record
+//! passes through (driver, shards, writer), and the actions of records
+//! that arrived meanwhile waited: the latency spiked for a second around
+//! each snapshot although the inputs were held for only ~0.1 s.
+//!
+//! So these threads run at nice [`BACKGROUND_NICE`]: the scheduler gives
+//! the record path the CPU first, and the deferred work takes whatever is
+//! left (on a saturated machine it still progresses: the writer waits for
+//! a history chunk when two are outstanding, and a snapshot's commit
+//! waits for its files, so the record path makes room by itself). Raising
+//! a thread's nice value needs no privilege; where it fails the thread
+//! runs at normal priority and a debug line says why.
+
+use std::io;
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+
+use thread_priority::{ThreadPriority, ThreadPriorityValue};
+
+/// The nice value deferred work runs at by default (0 is normal, 19 the
+/// lowest).
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// The environment variable that overrides [`BACKGROUND_NICE`] (0 to 19;
+/// 0 runs deferred work at normal priority).
+pub const BACKGROUND_NICE_ENV: &str = "FLOWCAP_BACKGROUND_NICE";
+
+/// The nice value in force: [`BACKGROUND_NICE_ENV`] when set to 0..=19,
+/// else [`BACKGROUND_NICE`]. Read once per process.
+pub fn background_nice() -> i32 {
+    static NICE: OnceLock<i32> = OnceLock::new();
+    *NICE.get_or_init(|| {
+        std::env::var(BACKGROUND_NICE_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|n| (0..=19).contains(n))
+            .unwrap_or(BACKGROUND_NICE)
+    })
+}
+
+/// Spawns a named thread that runs `work` at nice [`background_nice`].
+pub fn spawn<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            lower_priority();
+            work()
+        })
+}
+
+/// Lowers the calling thread's priority to nice [`background_nice`].
+fn lower_priority() {
+    let nice = background_nice();
+    if nice == 0 {
+        return;
+    }
+    // thread-priority maps 0..=99 linearly onto nice 19..=-20.
+    let level = (19 - nice) * 99 / 39;
+    let priority = ThreadPriorityValue::try_from(level as u8)
+        .map(ThreadPriority::Crossplatform)
+        .unwrap_or(ThreadPriority::Min);
+    if let Err(e) = thread_priority::set_current_thread_priority(priority) {
+        tracing::debug!(error = ?e, "background thread keeps normal priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The thread's nice value, from `/proc` (Linux).
+    fn nice_of_current_thread() -> Option<i32> {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+        // Fields after the command (which may hold spaces) in parentheses;
+        // nice is field 19, the 17th after it.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        rest.split(' ').nth(16)?.parse().ok()
+    }
+
+    #[test]
+    fn background_threads_run_at_a_lower_priority() {
+        let Some(normal) = nice_of_current_thread() else {
+            return; // not Linux
+        };
+        if background_nice() == 0 {
+            return; // switched off in this environment
+        }
+        let nice = spawn("test-background", nice_of_current_thread)
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        assert!(nice > normal, "background nice {nice}, normal {normal}");
+        let want = background_nice();
+        assert!((want - 1..=want + 1).contains(&(nice - normal)) || nice == 19);
+        // The spawning thread is untouched.
+        assert_eq!(nice_of_current_thread(), Some(normal));
+    }
+}
