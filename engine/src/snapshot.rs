@@ -49,8 +49,15 @@ struct StateRef<'a> {
     positions: &'a BTreeMap<String, i64>,
 }
 
-#[derive(Deserialize)]
-struct State {
+/// The engine's state copied at one input position, to be encoded on
+/// another thread: copying is a few memory copies (cards are plain
+/// 64-byte records), encoding walks every field. A snapshot's cut takes
+/// the copy and its commit encodes it, so the inputs wait only for the
+/// copy. Field for field what [`StateRef`] borrows, so
+/// [`SnapshotCopy::encode`] gives exactly [`Engine::snapshot`]'s bytes;
+/// also what a snapshot decodes into.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotCopy {
     config: EngineConfig,
     shards: Vec<Shard>,
     deduper: Deduper,
@@ -104,24 +111,6 @@ pub fn check(bytes: &[u8]) -> Result<SnapshotHeader, EngineError> {
     })
 }
 
-/// The engine's state copied at one input position, to be encoded on
-/// another thread: copying is a few memory copies (cards are plain
-/// 64-byte records), encoding walks every field. A snapshot's cut takes
-/// the copy and its commit encodes it, so the inputs wait only for the
-/// copy. [`SnapshotCopy::encode`] gives exactly [`Engine::snapshot`]'s
-/// bytes.
-#[derive(Debug, Clone)]
-pub struct SnapshotCopy {
-    config: EngineConfig,
-    shards: Vec<Shard>,
-    deduper: Deduper,
-    registry_json: String,
-    results: crate::engine::StoredResults,
-    clock: Timestamp,
-    last_seq: Option<u64>,
-    positions: BTreeMap<String, i64>,
-}
-
 impl SnapshotCopy {
     /// The last input the copy covers.
     pub fn last_seq(&self) -> Option<u64> {
@@ -131,21 +120,12 @@ impl SnapshotCopy {
     /// Serializes the copy (versioned, checksummed), as
     /// [`Engine::snapshot`] would have at the copy's position.
     pub fn encode(&self) -> Vec<u8> {
-        encode(&StateRef {
-            config: &self.config,
-            shards: &self.shards,
-            deduper: &self.deduper,
-            registry_json: self.registry_json.clone(),
-            results: self.results.clone(),
-            clock: self.clock,
-            last_seq: self.last_seq,
-            positions: &self.positions,
-        })
+        encode(self)
     }
 }
 
 /// Frames the state: magic, version, length, CRC-32, bincode payload.
-fn encode(state: &StateRef<'_>) -> Vec<u8> {
+fn encode(state: &impl Serialize) -> Vec<u8> {
     // Serializing plain in-memory data into a Vec cannot fail; an error
     // here would be a bug in a Serialize impl, reported as an empty payload
     // that `restore` then rejects.
@@ -223,7 +203,7 @@ impl Engine {
     /// will be replayed and must not look like duplicates.
     pub fn restore(bytes: &[u8], mut id_store: Box<dyn IdStore>) -> Result<Engine, EngineError> {
         check(bytes)?;
-        let state: State = bincode::deserialize(&bytes[HEADER_LEN..])
+        let state: SnapshotCopy = bincode::deserialize(&bytes[HEADER_LEN..])
             .map_err(|e| EngineError::Snapshot(format!("snapshot payload does not decode: {e}")))?;
         let mut registry: Registry = serde_json::from_str(&state.registry_json).map_err(|e| {
             EngineError::Snapshot(format!("snapshot registry does not decode: {e}"))
