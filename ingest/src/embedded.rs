@@ -748,8 +748,9 @@ impl Writer {
 
     /// Starts waiting to write `commit` (for the last cut): its own
     /// thread encodes the state meanwhile and writes the snapshot once
-    /// told, so neither holds up the outputs (encoding is tens of
-    /// milliseconds at 100k cards and seconds at 10M; the write fsyncs it).
+    /// told, so neither holds up the outputs (encoding took 0.3-0.5 s at
+    /// 100k cards, BENCHMARKS §8, and takes seconds at 10M; the write
+    /// fsyncs it).
     fn begin_commit(&mut self, commit: Box<Commit>) -> Result<(), WriteError> {
         let mark = self.last_cut.take().unwrap_or_default();
         let Commit {
