@@ -112,11 +112,6 @@ pub fn check(bytes: &[u8]) -> Result<SnapshotHeader, EngineError> {
 }
 
 impl SnapshotCopy {
-    /// The last input the copy covers.
-    pub fn last_seq(&self) -> Option<u64> {
-        self.last_seq
-    }
-
     /// Serializes the copy (versioned, checksummed), as
     /// [`Engine::snapshot`] would have at the copy's position.
     pub fn encode(&self) -> Vec<u8> {
@@ -166,18 +161,6 @@ impl Engine {
             last_seq: self.last_seq,
             positions: self.positions.clone(),
         }
-    }
-
-    /// Makes the dedupe id store durable through the last input processed,
-    /// then serializes the state. Publish the bytes only after this returns:
-    /// a snapshot must never remember an id its store could forget.
-    pub fn durable_snapshot(&mut self) -> Result<Vec<u8>, EngineError> {
-        if let Some(seq) = self.last_seq {
-            self.id_store
-                .durable_through(seq)
-                .map_err(crate::dedupe::DedupeError::from)?;
-        }
-        Ok(self.snapshot())
     }
 
     /// Copies the state ([`Engine::snapshot_copy`]) and starts making the

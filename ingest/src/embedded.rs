@@ -1344,7 +1344,7 @@ impl Pipeline {
             engine.set_position(name.clone(), *position);
         }
         engine.set_position(INPUT_POSITION, i64::try_from(seq).unwrap_or(i64::MAX));
-        let written = started.elapsed();
+        let writer_done = started.elapsed();
         let (state, dedupe) = engine.snapshot_durable_later()?;
         let (done, done_rx) = bounded(1);
         self.side
@@ -1362,8 +1362,8 @@ impl Pipeline {
             seq,
             recall_ms = ms(recalled),
             views_ms = ms(viewed - recalled),
-            writer_ms = ms(written - viewed),
-            copy_ms = ms(held - written),
+            writer_ms = ms(writer_done - viewed),
+            copy_ms = ms(held - writer_done),
             "snapshot cut"
         );
         metrics::snapshot_paused(held);

@@ -504,7 +504,7 @@ pub struct DiskIdStore {
 struct Sealed {
     buffer: Arc<Buffer>,
     durable: Durability,
-    /// The sealed buffer's segment (none when it held no entry).
+    /// Answers the sealed buffer's segment (none when it held no entry).
     job: JoinHandle<Result<Option<Segment>, IdStoreError>>,
 }
 
@@ -717,12 +717,17 @@ impl DiskIdStore {
         let merged = job
             .join()
             .map_err(|_| IdStoreError::Background("the id store's merge panicked".into()))??;
+        self.take_in_merge(merged);
+        self.maybe_merge()
+    }
+
+    /// Swaps a merge's segment in for the segments it merged away.
+    fn take_in_merge(&mut self, merged: Option<Merged>) {
         if let Some((removed, merged)) = merged {
             self.segments.retain(|s| !removed.contains(&s.id));
             self.segments.extend(merged);
             self.segments.sort_by_key(|s| s.id);
         }
-        self.maybe_merge()
     }
 
     /// Forgets every entry with sequence > `seq`, in memory and on disk
@@ -796,17 +801,14 @@ impl DiskIdStore {
         self.settle()?;
         let id = self.take_id();
         let n = self.segments.len();
-        if let Some((removed, merged)) = merge_smallest(
+        let merged = merge_smallest(
             &self.dir,
             id,
             &self.segments,
             n,
             self.options.bloom_bits_per_key,
-        )? {
-            self.segments.retain(|s| !removed.contains(&s.id));
-            self.segments.extend(merged);
-            self.segments.sort_by_key(|s| s.id);
-        }
+        )?;
+        self.take_in_merge(merged);
         Ok(())
     }
 
