@@ -129,6 +129,14 @@ pub trait IdStore: Send {
     /// Forgets every entry with sequence > `seq`. Call on restore from a
     /// snapshot taken at `seq`, before replaying input after it.
     fn truncate_after(&mut self, seq: u64) -> Result<(), IdStoreError>;
+
+    /// Loads what inserting the id of fingerprint `fp` ([`fingerprint`])
+    /// will read, and returns a value made of it (see
+    /// [`crate::Engine::warm`]). Reads only; the default loads nothing.
+    fn warm(&self, fp: u64, iccid: Iccid, record_id: &RecordId) -> u64 {
+        let _ = (fp, iccid, record_id);
+        0
+    }
 }
 
 /// A promise that an [`IdStore`]'s entries up to some sequence number are
@@ -507,6 +515,13 @@ impl Deduper {
 
     fn bucket_of(&self, t: Timestamp) -> i64 {
         t.0.div_euclid(self.config.bucket_ms)
+    }
+
+    /// Loads the slot a lookup of fingerprint `fp` ([`fingerprint`])
+    /// starts at and returns it, for [`crate::Engine::warm`].
+    pub(crate) fn warm_slot(&self, fp: u64) -> u64 {
+        let at = home(fp56(fp) << 8, self.home_slots);
+        self.table.get(at).copied().unwrap_or(0)
     }
 
     fn hot_contains(&self, fp: u64) -> bool {

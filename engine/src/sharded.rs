@@ -155,6 +155,12 @@ impl ShardedEngine {
         Ok(rejected)
     }
 
+    /// [`Engine::warm`] for records about to be processed: call it with a
+    /// batch (tens of records), then process them one by one as usual.
+    pub fn warm<'a>(&self, usages: impl Iterator<Item = &'a Usage> + Clone) {
+        std::hint::black_box(self.engine.warm(usages));
+    }
+
     /// Processes one command with every shard recalled.
     pub fn process_command(&mut self, command: Command, seq: u64) {
         self.recall();

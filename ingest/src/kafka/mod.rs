@@ -40,7 +40,7 @@ mod lease;
 mod order_log;
 mod producer;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -439,6 +439,7 @@ pub fn run(
         lag_positions,
         metrics: DriverMetrics::new(Source::Kafka, shards),
         committing: None,
+        decoded: Vec::with_capacity(WARM_BATCH),
     };
     m::pipeline_started();
 
@@ -499,6 +500,7 @@ pub fn run(
     let mut over_since: Option<Instant> = None;
     let all = tpl;
     let mut wait = Duration::ZERO;
+    let mut batch = Vec::with_capacity(WARM_BATCH);
     'run: while !stop.load(Ordering::SeqCst) {
         if lease.lost() {
             give_up.store(true, Ordering::SeqCst);
@@ -506,12 +508,21 @@ pub fn run(
         }
         let mut got = 0usize;
         while got < options.max_run {
-            let Some((i, message)) = inputs.next_any(&data, wait) else {
+            // What is already fetched, up to a warm batch; never waits for
+            // more than the first message.
+            batch.clear();
+            while batch.len() < WARM_BATCH && got + batch.len() < options.max_run {
+                let Some(next) = inputs.next_any(&data, wait) else {
+                    break;
+                };
+                wait = Duration::ZERO;
+                batch.push(next);
+            }
+            if batch.is_empty() {
                 break;
-            };
-            wait = Duration::ZERO;
-            driver.process(i as u32, &mut cursors[i], &message)?;
-            got += 1;
+            }
+            got += batch.len();
+            driver.process_batch(&mut cursors, &batch)?;
         }
         if got == 0 {
             // Nothing waiting: push partial batches so quiet periods do not
@@ -588,7 +599,7 @@ struct Inputs {
     paused: Vec<Option<TopicPartitionList>>,
     /// Topic and partition of each source.
     sources: Vec<(String, i32)>,
-    index: HashMap<(String, i32), usize>,
+    index: SourceIndex,
 }
 
 /// Stashed messages (all partitions together) above which every partition
@@ -608,19 +619,12 @@ impl Inputs {
                 .map(|c| (c.topic.clone(), c.partition))
                 .collect(),
             paused: cursors.iter().map(|_| None).collect(),
-            index: cursors
-                .iter()
-                .enumerate()
-                .map(|(i, c)| ((c.topic.clone(), c.partition), i))
-                .collect(),
+            index: SourceIndex::new(cursors),
         }
     }
 
     fn source_of(&self, m: &BorrowedMessage<'_>) -> Option<usize> {
-        let source = self
-            .index
-            .get(&(m.topic().to_owned(), m.partition()))
-            .copied();
+        let source = self.index.get(m.topic(), m.partition());
         if source.is_none() {
             tracing::warn!(
                 topic = m.topic(),
@@ -712,6 +716,41 @@ impl Inputs {
             }
             None => None,
         }
+    }
+}
+
+/// The source of each (topic, partition), grouped by topic: found per
+/// message without allocating or hashing (a `(String, i32)` map key cost
+/// an allocation per message).
+struct SourceIndex(Vec<(String, Vec<Option<usize>>)>);
+
+impl SourceIndex {
+    fn new(cursors: &[Cursor]) -> SourceIndex {
+        let mut index: Vec<(String, Vec<Option<usize>>)> = Vec::new();
+        for (i, c) in cursors.iter().enumerate() {
+            let Ok(p) = usize::try_from(c.partition) else {
+                continue;
+            };
+            let at = match index.iter().position(|(t, _)| *t == c.topic) {
+                Some(at) => at,
+                None => {
+                    index.push((c.topic.clone(), Vec::new()));
+                    index.len() - 1
+                }
+            };
+            let partitions = &mut index[at].1;
+            if partitions.len() <= p {
+                partitions.resize(p + 1, None);
+            }
+            partitions[p] = Some(i);
+        }
+        SourceIndex(index)
+    }
+
+    fn get(&self, topic: &str, partition: i32) -> Option<usize> {
+        let p = usize::try_from(partition).ok()?;
+        let (_, partitions) = self.0.iter().find(|(t, _)| t == topic)?;
+        partitions.get(p).copied().flatten()
     }
 }
 
@@ -856,6 +895,11 @@ fn spawn_lag_reporter(
         .expect("spawning a thread")
 }
 
+/// Messages decoded and warmed together ([`Driver::process_batch`]):
+/// enough for the cache misses of routing to overlap, few enough that
+/// the batch's directory and dedupe lines stay cached until routed.
+const WARM_BATCH: usize = 64;
+
 /// The driver's state between messages.
 struct Driver {
     pipeline: Pipeline,
@@ -872,9 +916,44 @@ struct Driver {
     /// The positions of the snapshot being committed, to commit as offsets
     /// once it is written.
     committing: Option<Vec<(String, i32, i64)>>,
+    /// [`Driver::process_batch`]'s decoded records (kept for its capacity).
+    decoded: Vec<Option<Decoded>>,
 }
 
+type Decoded = Result<flowcap_engine::Usage, flowcap_engine::decode::DecodeError>;
+
 impl Driver {
+    /// Processes messages in order, as [`Driver::process`] does one by
+    /// one; the usage records among them are decoded first and the
+    /// engine warmed for all of them ([`ShardedEngine::warm`]), which
+    /// changes nothing but the time routing takes.
+    ///
+    /// [`ShardedEngine::warm`]: flowcap_engine::sharded::ShardedEngine::warm
+    fn process_batch(
+        &mut self,
+        cursors: &mut [Cursor],
+        batch: &[(usize, OwnedOrBorrowed<'_>)],
+    ) -> Result<(), KafkaRunError> {
+        let mut decoded = std::mem::take(&mut self.decoded);
+        decoded.clear();
+        decoded.extend(batch.iter().map(|(i, m)| {
+            let usage = !cursors[*i].commands && m.offset() >= cursors[*i].next;
+            usage.then(|| decode(m.payload(), &self.limits))
+        }));
+        self.pipeline
+            .sharded
+            .warm(decoded.iter().filter_map(|d| d.as_ref()?.as_ref().ok()));
+        let done = batch
+            .iter()
+            .zip(decoded.iter_mut())
+            .try_for_each(|((i, m), d)| {
+                self.process_decoded(*i as u32, &mut cursors[*i], m, d.take())
+                    .map(|_| ())
+            });
+        self.decoded = decoded;
+        done
+    }
+
     /// Processes one message; false when it was already covered (a
     /// message before the cursor, which a seek can deliver again).
     fn process(
@@ -882,6 +961,18 @@ impl Driver {
         source: u32,
         cursor: &mut Cursor,
         message: &OwnedOrBorrowed<'_>,
+    ) -> Result<bool, KafkaRunError> {
+        self.process_decoded(source, cursor, message, None)
+    }
+
+    /// [`Driver::process`] with a usage message's payload already decoded
+    /// (`None`: decoded here, if it is one).
+    fn process_decoded(
+        &mut self,
+        source: u32,
+        cursor: &mut Cursor,
+        message: &OwnedOrBorrowed<'_>,
+        decoded: Option<Decoded>,
     ) -> Result<bool, KafkaRunError> {
         let offset = message.offset();
         if offset < cursor.next {
@@ -932,7 +1023,7 @@ impl Driver {
                 sharded.clock(),
             );
         }
-        match decode(payload, &self.limits) {
+        match decoded.unwrap_or_else(|| decode(payload, &self.limits)) {
             Ok(usage) => {
                 let received = received.map(Timestamp);
                 if let Some(r) = self
@@ -1042,5 +1133,37 @@ fn decode(
         decode_binary(payload, limits)
     } else {
         decode_json(payload, limits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursor(topic: &str, partition: i32) -> Cursor {
+        Cursor {
+            topic: topic.to_owned(),
+            partition,
+            commands: topic == "cmd",
+            next: 0,
+        }
+    }
+
+    #[test]
+    fn source_index_finds_every_cursor_by_topic_and_partition() {
+        let index = SourceIndex::new(&[
+            cursor("usage", 0),
+            cursor("usage", 3),
+            cursor("cmd", 0),
+            cursor("usage", 1),
+        ]);
+        assert_eq!(index.get("usage", 0), Some(0));
+        assert_eq!(index.get("usage", 3), Some(1));
+        assert_eq!(index.get("cmd", 0), Some(2));
+        assert_eq!(index.get("usage", 1), Some(3));
+        assert_eq!(index.get("usage", 2), None);
+        assert_eq!(index.get("usage", 4), None);
+        assert_eq!(index.get("usage", -1), None);
+        assert_eq!(index.get("other", 0), None);
     }
 }

@@ -16,14 +16,13 @@
 
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use datafusion::arrow::record_batch::RecordBatch;
 use flowcap_engine::event::Accounted;
 use flowcap_engine::{CardView, Carrier, CycleId, Iccid, PoolView, Timestamp};
 use flowcap_rules::delivery::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
-// foldhash, not SipHash: three lookups per accounted record on the writer
-// thread.
+// foldhash, not SipHash: a lookup per accounted record.
 use hashbrown::HashMap;
 
 use super::{
@@ -37,9 +36,11 @@ use crate::location::{HistoryFiles, HistoryLocation};
 /// The rows of one chunk, per table and partition.
 #[derive(Default)]
 pub(super) struct ChunkRows {
+    /// Accounted records by local day. The per-card daily and cycle sums
+    /// are derived from them here, on the encoder's thread: summing on the
+    /// writer (two map updates per record, mostly cache misses) was two
+    /// fifths of the writer's time, on the record path.
     pub(super) usage: HashMap<i64, Vec<Accounted>>,
-    pub(super) daily: HashMap<(i64, Iccid), UsageSums>,
-    pub(super) cycle: HashMap<(CycleId, Iccid), (Option<Carrier>, UsageSums)>,
     pub(super) quarantine: HashMap<i64, Vec<Quarantined>>,
     pub(super) changes: HashMap<i64, Vec<StateChange>>,
     pub(super) journal: HashMap<i64, Vec<JournalRow>>,
@@ -81,8 +82,17 @@ enum Job {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StoredTicket(u64);
 
-/// The encoder thread and its two channels.
+/// Emptied usage vectors the encoder keeps for the writer. A day's vector
+/// of a full chunk is tens of MB; allocated fresh for every chunk, its
+/// pages were zeroed by the kernel on first touch, which was 30 % of the
+/// writer's time (BENCHMARKS §8). A chunk usually spans one day, two at
+/// midnight; at most this many more vectors than before are alive.
+const RECYCLED_VECS: usize = 2;
+
+/// The encoder thread and its channels.
 pub(super) struct ChunkEncoder {
+    /// Usage vectors back from stored chunks.
+    recycled: Receiver<Vec<Accounted>>,
     jobs: Option<Sender<Job>>,
     done: Receiver<Result<Written, HistoryError>>,
     /// Jobs handed over, and jobs reported back (in order: one thread).
@@ -102,10 +112,13 @@ impl ChunkEncoder {
         // while two jobs are outstanding; a snapshot's cut never waits).
         let (jobs, job_rx) = unbounded::<Job>();
         let (done_tx, done) = unbounded();
+        let (recycle_tx, recycled) = bounded(RECYCLED_VECS);
         let thread = crate::background::spawn("flowcap-history", move || {
             for job in job_rx {
                 let result = match job {
-                    Job::Chunk { name, rows } => store_chunk(&files, &options, &name, *rows),
+                    Job::Chunk { name, rows } => {
+                        store_chunk(&files, &options, &name, *rows, &recycle_tx)
+                    }
                     Job::State {
                         through,
                         clock,
@@ -121,6 +134,7 @@ impl ChunkEncoder {
         })
         .map_err(|e| HistoryError::EncoderStopped(e.to_string()))?;
         Ok(ChunkEncoder {
+            recycled,
             jobs: Some(jobs),
             done,
             submitted: 0,
@@ -149,6 +163,12 @@ impl ChunkEncoder {
             rows: Box::new(rows),
         })?;
         Ok(written)
+    }
+
+    /// An empty vector for a day's usage rows: one a stored chunk held,
+    /// while there is one.
+    pub(super) fn usage_rows(&self) -> Vec<Accounted> {
+        self.recycled.try_recv().unwrap_or_default()
     }
 
     /// Hands a snapshot's state dumps over (never waits).
@@ -298,16 +318,35 @@ fn store_state(
     Ok(written)
 }
 
+/// One day's sums per card, from its rows sorted by card.
+fn daily_sums(sorted: &[Accounted]) -> Vec<(Iccid, UsageSums)> {
+    let mut sums: Vec<(Iccid, UsageSums)> = Vec::new();
+    for a in sorted {
+        match sums.last_mut() {
+            Some((iccid, s)) if *iccid == a.usage.iccid => s.add(a),
+            _ => {
+                let mut s = UsageSums::default();
+                s.add(a);
+                sums.push((a.usage.iccid, s));
+            }
+        }
+    }
+    sums
+}
+
 /// Sorts, encodes and stores one chunk: one file per table and partition.
 fn store_chunk(
     files: &HistoryFiles,
     options: &HistoryOptions,
     name: &str,
     rows: ChunkRows,
+    recycle: &Sender<Vec<Accounted>>,
 ) -> Result<Written, HistoryError> {
     let mut written = Written::default();
-    let usage = rows.usage;
-    for (day, mut rows) in usage {
+    // Per (cycle, card): the carrier of its earliest record in the chunk
+    // (as the seq says), and the sums.
+    let mut cycles: HashMap<(CycleId, Iccid), (u64, Option<Carrier>, UsageSums)> = HashMap::new();
+    for (day, mut rows) in rows.usage {
         rows.sort_unstable_by_key(|a| (a.usage.iccid, a.usage.end, a.seq));
         let batch = usage_batch(&rows)?;
         written.dirs.push(write_file(
@@ -320,15 +359,7 @@ fn store_chunk(
             &batch,
         )?);
         written.files += 1;
-    }
-    let daily = rows.daily;
-    let mut by_day: HashMap<i64, Vec<(Iccid, UsageSums)>> = HashMap::new();
-    for ((day, iccid), sums) in daily {
-        by_day.entry(day).or_default().push((iccid, sums));
-    }
-    for (day, mut rows) in by_day {
-        rows.sort_unstable_by_key(|r| r.0);
-        let batch = daily_batch(day, &rows)?;
+        let batch = daily_batch(day, &daily_sums(&rows))?;
         written.dirs.push(write_file(
             files,
             options,
@@ -339,10 +370,23 @@ fn store_chunk(
             &batch,
         )?);
         written.files += 1;
+        for a in &rows {
+            let (first, carrier, sums) = cycles.entry((a.cycle, a.usage.iccid)).or_insert((
+                a.seq,
+                a.usage.carrier,
+                UsageSums::default(),
+            ));
+            if a.seq < *first {
+                (*first, *carrier) = (a.seq, a.usage.carrier);
+            }
+            sums.add(a);
+        }
+        rows.clear();
+        // Full: the writer has enough; this one is freed.
+        let _ = recycle.try_send(rows);
     }
-    let cycles = rows.cycle;
     let mut by_cycle: HashMap<CycleId, Vec<(Iccid, Option<Carrier>, UsageSums)>> = HashMap::new();
-    for ((cycle, iccid), (carrier, sums)) in cycles {
+    for ((cycle, iccid), (_, carrier, sums)) in cycles {
         by_cycle
             .entry(cycle)
             .or_default()

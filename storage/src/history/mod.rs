@@ -326,18 +326,12 @@ impl HistoryWriter {
     pub fn accounted(&mut self, a: &Accounted) -> Result<(), HistoryError> {
         let day = self.day(a.usage.end);
         self.clock = Some(self.clock.map_or(a.usage.end, |c| c.max(a.usage.end)));
-        self.rows.usage.entry(day).or_default().push(*a);
+        let encoder = &self.encoder;
         self.rows
-            .daily
-            .entry((day, a.usage.iccid))
-            .or_default()
-            .add(a);
-        let entry = self
-            .rows
-            .cycle
-            .entry((a.cycle, a.usage.iccid))
-            .or_insert((a.usage.carrier, UsageSums::default()));
-        entry.1.add(a);
+            .usage
+            .entry(day)
+            .or_insert_with(|| encoder.usage_rows())
+            .push(*a);
         self.buffered += 1;
         self.roll_if_full()
     }
