@@ -1588,6 +1588,88 @@ mod tests {
 
     use super::*;
 
+    /// A writer with no outputs, history, broker or notifier: only the
+    /// snapshot store in `dir`.
+    fn bare_writer(dir: &Path) -> Writer {
+        Writer {
+            sinks: BTreeMap::new(),
+            history: None,
+            summary: Summary::default(),
+            kafka: None,
+            metrics: OutputMetrics::new(),
+            notifier: None,
+            reported: BTreeMap::new(),
+            store: Arc::new(SnapshotStore::open(dir).unwrap()),
+            last_cut: None,
+            commit: None,
+        }
+    }
+
+    /// Starts a commit of an empty engine's state at `seq` whose dedupe
+    /// ids are durable once `dedupe` settles.
+    fn begin(writer: &mut Writer, seq: u64, dedupe: Durability) -> Receiver<Result<(), String>> {
+        let (state, _) = Engine::new(EngineConfig::default())
+            .snapshot_durable_later()
+            .unwrap();
+        let (done, done_rx) = bounded(1);
+        writer
+            .begin_commit(Box::new(Commit {
+                seq,
+                state,
+                dedupe,
+                started: Instant::now(),
+                done,
+            }))
+            .unwrap();
+        done_rx
+    }
+
+    /// The snapshot of a cut is written only once the dedupe ids before
+    /// the cut are durable: a snapshot published before them would, after
+    /// a crash, skip inputs whose ids the cold index never stored, so a
+    /// resend of them would count twice.
+    #[test]
+    fn a_commit_waits_for_the_dedupe_ids_of_its_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = bare_writer(dir.path());
+        let (dedupe, settler) = Durability::pending();
+        let done = begin(&mut writer, 5, dedupe);
+        for _ in 0..3 {
+            assert!(!writer.advance_commit(false).unwrap());
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        assert!(
+            done.try_recv().is_err(),
+            "written before the ids were durable"
+        );
+        assert!(writer.store.list().unwrap().is_empty());
+
+        settler.settle(Ok(()));
+        assert!(writer.advance_commit(false).unwrap());
+        done.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+        let written: Vec<u64> = writer
+            .store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(written, [5]);
+    }
+
+    /// Ids that could not be made durable fail the commit: no snapshot.
+    #[test]
+    fn a_commit_whose_dedupe_ids_failed_writes_no_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = bare_writer(dir.path());
+        let (dedupe, settler) = Durability::pending();
+        let done = begin(&mut writer, 9, dedupe);
+        settler.settle(Err("disk full".into()));
+        assert!(writer.advance_commit(true).is_err());
+        assert!(done.recv_timeout(Duration::from_secs(30)).unwrap().is_err());
+        assert!(writer.store.list().unwrap().is_empty());
+    }
+
     /// A batch of 100,000 cards with 3,000 failures: the results-topic
     /// message counts the successes, lists the first 1,000 failures, and
     /// stays far under librdkafka's 1 MB message limit; a bad command's
