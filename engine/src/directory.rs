@@ -12,8 +12,8 @@
 //! removed) rather than `hashbrown`'s so the router can *warm* it for a
 //! batch of records: load every record's slot first, then every key and
 //! location, so the cache misses of a batch overlap instead of being paid
-//! one dependent chain per record ([`Directory::warm_slot`],
-//! [`Directory::get_hashed`]; BENCHMARKS §8).
+//! one dependent chain per record ([`Directory::warm_slot`]; BENCHMARKS
+//! §8).
 
 use crate::engine::Loc;
 use crate::ids::Iccid;
@@ -71,12 +71,7 @@ impl Directory {
 
     /// Where a card lives.
     pub(crate) fn get(&self, iccid: &Iccid) -> Option<Loc> {
-        self.get_hashed(hash(*iccid), iccid)
-    }
-
-    /// [`Directory::get`] with the card's [`hash`] supplied.
-    pub(crate) fn get_hashed(&self, h: u64, iccid: &Iccid) -> Option<Loc> {
-        self.find(h, iccid).map(|i| self.locs[i])
+        self.find(hash(*iccid), iccid).map(|i| self.locs[i])
     }
 
     /// Loads the slot a lookup of hash `h` starts at and returns it (the

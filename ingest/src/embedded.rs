@@ -1584,14 +1584,25 @@ fn command_id_of(bytes: &[u8]) -> CommandId {
 #[cfg(test)]
 mod tests {
     use flowcap_engine::command::{CardResult, CommandError, ErrorCode};
+    use flowcap_engine::dedupe::DurabilitySettler;
     use flowcap_engine::Iccid;
 
     use super::*;
 
-    /// A writer with no outputs, history, broker or notifier: only the
-    /// snapshot store in `dir`.
-    fn bare_writer(dir: &Path) -> Writer {
-        Writer {
+    /// A writer with no outputs, history, broker or notifier (only a
+    /// snapshot store in a temporary directory), committing an empty
+    /// engine's state at `seq` whose dedupe ids are durable once the
+    /// returned settler says so; and the commit's `done` channel.
+    fn pending_commit(
+        seq: u64,
+    ) -> (
+        tempfile::TempDir,
+        Writer,
+        DurabilitySettler,
+        Receiver<Result<(), String>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = Writer {
             sinks: BTreeMap::new(),
             history: None,
             summary: Summary::default(),
@@ -1599,15 +1610,11 @@ mod tests {
             metrics: OutputMetrics::new(),
             notifier: None,
             reported: BTreeMap::new(),
-            store: Arc::new(SnapshotStore::open(dir).unwrap()),
+            store: Arc::new(SnapshotStore::open(dir.path()).unwrap()),
             last_cut: None,
             commit: None,
-        }
-    }
-
-    /// Starts a commit of an empty engine's state at `seq` whose dedupe
-    /// ids are durable once `dedupe` settles.
-    fn begin(writer: &mut Writer, seq: u64, dedupe: Durability) -> Receiver<Result<(), String>> {
+        };
+        let (dedupe, settler) = Durability::pending();
         let (state, _) = Engine::new(EngineConfig::default())
             .snapshot_durable_later()
             .unwrap();
@@ -1621,7 +1628,7 @@ mod tests {
                 done,
             }))
             .unwrap();
-        done_rx
+        (dir, writer, settler, done_rx)
     }
 
     /// The snapshot of a cut is written only once the dedupe ids before
@@ -1630,10 +1637,7 @@ mod tests {
     /// resend of them would count twice.
     #[test]
     fn a_commit_waits_for_the_dedupe_ids_of_its_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut writer = bare_writer(dir.path());
-        let (dedupe, settler) = Durability::pending();
-        let done = begin(&mut writer, 5, dedupe);
+        let (_dir, mut writer, settler, done) = pending_commit(5);
         for _ in 0..3 {
             assert!(!writer.advance_commit(false).unwrap());
             std::thread::sleep(Duration::from_millis(30));
@@ -1660,10 +1664,7 @@ mod tests {
     /// Ids that could not be made durable fail the commit: no snapshot.
     #[test]
     fn a_commit_whose_dedupe_ids_failed_writes_no_snapshot() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut writer = bare_writer(dir.path());
-        let (dedupe, settler) = Durability::pending();
-        let done = begin(&mut writer, 9, dedupe);
+        let (_dir, mut writer, settler, done) = pending_commit(9);
         settler.settle(Err("disk full".into()));
         assert!(writer.advance_commit(true).is_err());
         assert!(done.recv_timeout(Duration::from_secs(30)).unwrap().is_err());

@@ -431,7 +431,7 @@ fn write_segment(
 /// times in a run's first buffers, 4 % of the Kafka driver's time. The
 /// entries still grow as they come (their pages are what a fresh
 /// buffer costs).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Buffer {
     entries: Vec<Entry>,
     index: hashbrown::HashTable<u32>,
@@ -612,9 +612,7 @@ impl DiskIdStore {
     /// buffer if it holds any) and waits for the background job. Call
     /// before publishing an engine snapshot taken at `seq`.
     pub fn durable_through(&mut self, seq: u64) -> Result<(), IdStoreError> {
-        if self.buffer_min_seq <= seq {
-            self.seal()?;
-        }
+        self.durable_through_later(seq)?;
         self.settle()
     }
 
