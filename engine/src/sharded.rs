@@ -56,6 +56,13 @@ struct Worker {
     depth: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+impl Worker {
+    /// Records sent to the shard and not yet applied, plus its partial batch.
+    fn queued(&self) -> usize {
+        self.depth.load(std::sync::atomic::Ordering::Relaxed) + self.pending.len()
+    }
+}
+
 /// The sharded, threaded engine. See the module docs.
 pub struct ShardedEngine {
     engine: Engine,
@@ -180,10 +187,13 @@ impl ShardedEngine {
 
     /// Records queued per shard (for the queue-depth metric).
     pub fn queue_depths(&self) -> Vec<usize> {
-        self.workers
-            .iter()
-            .map(|w| w.depth.load(std::sync::atomic::Ordering::Relaxed) + w.pending.len())
-            .collect()
+        self.workers.iter().map(Worker::queued).collect()
+    }
+
+    /// Records queued in all shards together (for backpressure: once per
+    /// driver iteration, so no allocation).
+    pub fn queued_records(&self) -> usize {
+        self.workers.iter().map(Worker::queued).sum()
     }
 
     /// The event clock as the router sees it (no recall: for metrics).

@@ -132,6 +132,10 @@ struct RunArgs {
     /// windows covered by every kept snapshot (0: never; default 8).
     #[arg(long, value_name = "N")]
     history_compact_files: Option<usize>,
+    /// zstd level of the history's Parquet files, 1 (least CPU) to 22
+    /// (smallest files); default 1.
+    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(1..=22))]
+    history_zstd_level: Option<i32>,
     /// Ignore snapshots in the output directory and start over.
     #[arg(long)]
     fresh: bool,
@@ -262,6 +266,8 @@ struct RunSection {
     history_location: Option<String>,
     /// Merge a partition's small files once it has this many (0: never).
     history_compact_files: usize,
+    /// zstd level of the Parquet files (1-22).
+    history_zstd_level: i32,
     /// Address of the operations HTTP server (off when absent).
     http: Option<SocketAddr>,
 }
@@ -274,6 +280,7 @@ impl Default for RunSection {
             history: true,
             history_location: None,
             history_compact_files: CompactionPolicy::default().min_files,
+            history_zstd_level: HistoryConfig::default().zstd_level,
             http: None,
         }
     }
@@ -358,8 +365,13 @@ fn history_config(args: &RunArgs, run: &RunSection) -> Result<Option<HistoryConf
         Some(text) => Some(HistoryLocation::parse(text)?),
         None => None,
     };
+    let zstd_level = args.history_zstd_level.unwrap_or(run.history_zstd_level);
+    if !(1..=22).contains(&zstd_level) {
+        bail!("history_zstd_level {zstd_level} in the [run] table: zstd levels are 1 to 22");
+    }
     let defaults = HistoryConfig::default();
     Ok(Some(HistoryConfig {
+        zstd_level,
         location,
         roll_rows: args.history_roll_rows.unwrap_or(defaults.roll_rows),
         compaction: CompactionPolicy {

@@ -58,6 +58,39 @@ fn help_lists_the_subcommands_and_run_flags() {
 }
 
 #[test]
+fn a_zstd_level_out_of_range_is_refused_from_the_flag_and_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-q", "--history-zstd-level", "23", "--out"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--history-zstd-level") && err.contains("23"),
+        "{err}"
+    );
+
+    let config = dir.path().join("zstd.toml");
+    std::fs::write(&config, "[run]\nhistory_zstd_level = 0\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-q", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("history_zstd_level 0"), "{err}");
+    assert!(
+        !dir.path().join("out").exists(),
+        "nothing runs with a bad level"
+    );
+}
+
+#[test]
 fn the_example_config_is_valid_and_unknown_keys_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../flowcap.example.toml");

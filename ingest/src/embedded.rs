@@ -230,6 +230,9 @@ pub struct HistoryConfig {
     pub roll_rows: usize,
     /// When small files are merged.
     pub compaction: CompactionPolicy,
+    /// zstd level of the Parquet files (1-22; [`HistoryOptions`]' default
+    /// 1, the least CPU).
+    pub zstd_level: i32,
 }
 
 impl Default for HistoryConfig {
@@ -238,6 +241,7 @@ impl Default for HistoryConfig {
             location: None,
             roll_rows: HistoryOptions::default().roll_rows,
             compaction: CompactionPolicy::default(),
+            zstd_level: HistoryOptions::default().zstd_level,
         }
     }
 }
@@ -1200,6 +1204,7 @@ impl Pipeline {
                     calendar: engine.config().calendar,
                     roll_rows: h.roll_rows.max(1),
                     compaction: h.compaction,
+                    zstd_level: h.zstd_level,
                     ..HistoryOptions::default()
                 },
             )?),

@@ -892,11 +892,21 @@ fn write_sorted(
     bloom_bits_per_key: u32,
 ) -> Result<Option<Segment>, IdStoreError> {
     let entries = &buffer.entries;
-    let mut order: Vec<u32> = (0..entries.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| entries[a as usize].cmp(&entries[b as usize]));
+    // Entries order by fingerprint first: sorting (fingerprint, index)
+    // pairs compares in the cache, where sorting indexes alone fetched two
+    // ~100-byte entries from all over the buffer for every comparison (a
+    // quarter of this thread's time). Equal fingerprints, rare, fall back
+    // to the whole entries.
+    let mut order: Vec<(u64, u32)> = (0..entries.len() as u32)
+        .map(|i| (entries[i as usize].fp, i))
+        .collect();
+    order.sort_unstable_by(|&(fa, a), &(fb, b)| {
+        fa.cmp(&fb)
+            .then_with(|| entries[a as usize].cmp(&entries[b as usize]))
+    });
     let mut next = order.iter();
     write_segment(dir, id, entries.len() as u64, bloom_bits_per_key, || {
-        Ok(next.next().map(|&i| entries[i as usize]))
+        Ok(next.next().map(|&(_, i)| entries[i as usize]))
     })
 }
 

@@ -547,7 +547,7 @@ pub fn run(
             last_input = Instant::now();
         }
         // Backpressure: pause fetching while the shards stay far behind.
-        let queued: usize = driver.pipeline.sharded.queue_depths().iter().sum();
+        let queued = driver.pipeline.sharded.queued_records();
         if queued > options.max_queued_records {
             over_since.get_or_insert_with(Instant::now);
         } else if queued <= options.max_queued_records / 2 {

@@ -119,7 +119,10 @@ pub struct HistoryOptions {
     /// one group per file on a year of history (docs/BENCHMARKS.md §10),
     /// and whole-table scans do not mind.
     pub row_group_rows: usize,
-    /// zstd level.
+    /// zstd level (1-22). 1 by default: on the generator's workload it
+    /// made files 1.6 % smaller than level 3 (the columns without a
+    /// dictionary compress as well at either level) and took 7 % less of
+    /// the encoder thread (docs/BENCHMARKS.md §8).
     pub zstd_level: i32,
     /// The billing calendar (its UTC offset names the `date` partitions).
     pub calendar: CycleCalendar,
@@ -132,7 +135,7 @@ impl Default for HistoryOptions {
         HistoryOptions {
             roll_rows: 262_144,
             row_group_rows: 8_192,
-            zstd_level: 3,
+            zstd_level: 1,
             calendar: CycleCalendar::default(),
             compaction: CompactionPolicy::default(),
         }
@@ -560,6 +563,23 @@ fn write_file(
     Ok(dir)
 }
 
+/// Columns of (nearly) one value per row, written without a dictionary.
+/// A row group's dictionary (8192 rows) never fills up, so Parquet keeps
+/// one for every column: for these it interns (hashes) every value, then
+/// compresses a dictionary page as large as the plain values besides the
+/// indexes: a fifth of the history encoder's time (docs/BENCHMARKS.md
+/// §8, "Less CPU beside the driver"). The card, cycle and carrier columns
+/// keep theirs: few values, or long runs of one (rows are sorted by card).
+const PLAIN_COLUMNS: [&str; 7] = [
+    "record_id",
+    "input_seq",
+    "start_time",
+    "end_time",
+    "bytes_up",
+    "bytes_down",
+    "bytes",
+];
+
 /// One batch as a Parquet file: zstd, page statistics, row groups of
 /// [`HistoryOptions::row_group_rows`]. `rel` names it in errors.
 fn encode_parquet(
@@ -572,11 +592,12 @@ fn encode_parquet(
             ZstdLevel::try_new(options.zstd_level).unwrap_or_default(),
         ))
         .set_max_row_group_row_count(Some(options.row_group_rows))
-        .set_statistics_enabled(EnabledStatistics::Page)
-        // One value per row: a dictionary only costs the interning (it
-        // falls back to plain pages once the dictionary is full anyway).
-        .set_column_dictionary_enabled(ColumnPath::from("record_id"), false)
-        .set_column_dictionary_enabled(ColumnPath::from("seq"), false)
+        .set_statistics_enabled(EnabledStatistics::Page);
+    let props = PLAIN_COLUMNS
+        .iter()
+        .fold(props, |props, column| {
+            props.set_column_dictionary_enabled(ColumnPath::from(*column), false)
+        })
         .build();
     let parquet_err = |source| HistoryError::Parquet {
         path: rel.to_owned(),
@@ -734,11 +755,31 @@ fn reasons_text(r: Reasons) -> String {
     r.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
 }
 
+/// `keys` as text, formatted once per run of equal neighbours (a chunk's
+/// usage rows are sorted by card, so a card's rows and their cycle come
+/// together): the texts, and the index of each key's among them.
+fn run_texts<K: PartialEq + std::fmt::Display>(
+    keys: impl Iterator<Item = K>,
+) -> (Vec<String>, Vec<u32>) {
+    let (mut texts, mut at, mut last) = (Vec::new(), Vec::new(), None);
+    for key in keys {
+        if last.as_ref() != Some(&key) {
+            texts.push(key.to_string());
+            last = Some(key);
+        }
+        at.push(u32::try_from(texts.len() - 1).unwrap_or(u32::MAX));
+    }
+    (texts, at)
+}
+
 fn usage_batch(rows: &[Accounted]) -> Result<RecordBatch, ArrowError> {
-    let iccids: Vec<String> = rows.iter().map(|a| a.usage.iccid.to_string()).collect();
-    let cycles: Vec<String> = rows.iter().map(|a| a.cycle.to_string()).collect();
+    let (iccids, iccid_at) = run_texts(rows.iter().map(|a| a.usage.iccid));
+    let (cycles, cycle_at) = run_texts(rows.iter().map(|a| a.cycle));
+    fn text(texts: &[String], i: u32) -> Option<&str> {
+        texts.get(i as usize).map(String::as_str)
+    }
     let mut c = Columns::new(table_schema(schema::USAGE_RECORDS));
-    c.utf8(iccids.iter().map(|s| Some(s.as_str())));
+    c.utf8(iccid_at.iter().map(|&i| text(&iccids, i)));
     c.utf8(rows.iter().map(|a| Some(a.usage.record_id.as_str())));
     c.ts(rows.iter().map(|a| a.usage.start.map(|t| t.0)));
     c.ts(rows.iter().map(|a| Some(a.usage.end.0)));
@@ -746,7 +787,7 @@ fn usage_batch(rows: &[Accounted]) -> Result<RecordBatch, ArrowError> {
     c.i64(rows.iter().map(|a| Some(to_i64(a.usage.bytes_down))));
     c.i64(rows.iter().map(|a| Some(to_i64(a.usage.bytes()))));
     c.dict(rows.iter().map(|a| a.usage.carrier.map(Carrier::as_str)));
-    c.dict(cycles.iter().map(|s| Some(s.as_str())));
+    c.dict(cycle_at.iter().map(|&i| text(&cycles, i)));
     c.bool(rows.iter().map(|a| a.counted));
     c.bool(rows.iter().map(|a| a.late));
     c.i64(rows.iter().map(|a| Some(to_i64(a.seq))));
@@ -1102,6 +1143,40 @@ mod tests {
     }
 
     const DAY: i64 = 1_795_000_000_000;
+
+    #[test]
+    fn run_texts_formats_each_run_of_equal_keys_once() {
+        let (texts, at) = run_texts([7, 7, 8, 7, 7].into_iter());
+        assert_eq!(texts, ["7", "8", "7"]);
+        assert_eq!(at, [0, 0, 1, 2, 2]);
+        assert_eq!(run_texts(std::iter::empty::<u8>()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn one_value_per_row_columns_are_written_without_a_dictionary() {
+        use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let rows: Vec<Accounted> = (0..100)
+            .map(|i| accounted(i, i % 7, DAY + i as i64))
+            .collect();
+        let batch = usage_batch(&rows).unwrap();
+        let bytes = encode_parquet(&batch, &HistoryOptions::default(), "test").unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
+        let group = reader.metadata().row_group(0);
+        let dictionary = |name: &str| {
+            let column = (0..group.num_columns())
+                .map(|i| group.column(i))
+                .find(|c| c.column_path().string() == name)
+                .unwrap_or_else(|| panic!("no column {name}"));
+            column.dictionary_page_offset().is_some()
+        };
+        for name in PLAIN_COLUMNS {
+            assert!(!dictionary(name), "{name} has a dictionary");
+        }
+        for name in ["iccid", "cycle", "carrier"] {
+            assert!(dictionary(name), "{name} lost its dictionary");
+        }
+        assert_eq!(reader.build().unwrap().next().unwrap().unwrap(), batch);
+    }
 
     #[test]
     fn restart_keeps_the_snapshotted_windows_and_drops_the_rest() {
