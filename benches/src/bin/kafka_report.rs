@@ -631,6 +631,11 @@ fn flowcap_rep(
                    "rate": rate,
                    "peak_rss_mib": run.peak_rss_kb as f64 / 1024.0,
                    "timeline": run.timeline(first.at, last.at, inputs),
+                   // (seconds since the first message, MiB); from the spawn
+                   // to the exit, so negative times are the start-up.
+                   "rss_timeline": run.rss.iter().map(|(at, kb)| {
+                       json!([at.as_secs_f64() - first.at.as_secs_f64(), *kb as f64 / 1024.0])
+                   }).collect::<Vec<_>>(),
                    "summary": run.summary}),
     )?;
     // The whole backlog is in the topic before flowcap starts: it consumes
@@ -1747,6 +1752,8 @@ struct Finished {
     total: Duration,
     /// Peak resident memory of the process (VmHWM), KiB.
     peak_rss_kb: u64,
+    /// Resident memory (VmRSS) every [`RSS_EVERY`]: (since the spawn, KiB).
+    rss: Vec<(Duration, u64)>,
     lines: Vec<(Duration, String)>,
     /// Changes of the order log and of the accounted count, with CPU times.
     files: Vec<Sample>,
@@ -1903,10 +1910,18 @@ fn free_addr() -> Result<String> {
 
 /// The peak resident set (VmHWM) of a live process, KiB.
 fn peak_rss_kb_of(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmHWM:")
+}
+
+/// A `/proc/<pid>/status` figure in KiB (`VmHWM:`, `VmRSS:`).
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// How often a waited-for flowcap's resident memory is sampled.
+const RSS_EVERY: Duration = Duration::from_millis(250);
 
 /// User + system CPU time of a process, in clock ticks (1/100 s).
 fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -2147,9 +2162,16 @@ impl Flowcap {
     fn wait(mut self, what: &str) -> Result<Finished> {
         let bar = progress(None, &format!("flowcap: {what}"));
         let mut peak_rss_kb = 0;
+        let mut rss = Vec::new();
         let status = loop {
             // The kernel's high-water mark, read until the process is gone.
             peak_rss_kb = peak_rss_kb.max(peak_rss_kb_of(self.child.id()).unwrap_or(0));
+            let at = self.spawned.elapsed();
+            if rss.last().is_none_or(|(last, _)| at >= *last + RSS_EVERY) {
+                if let Some(kb) = status_kb(self.child.id(), "VmRSS:") {
+                    rss.push((at, kb));
+                }
+            }
             if let Some(status) = self.child.try_wait()? {
                 break status;
             }
@@ -2176,6 +2198,7 @@ impl Flowcap {
             summary,
             total,
             peak_rss_kb,
+            rss,
             lines,
             files,
         })
@@ -2346,6 +2369,9 @@ mod plot {
                     labels,
                 )?;
                 println!("wrote {}", path.display());
+                let path = dir.join("kafka_rss_over_time.png");
+                rss_over_time(&reps, &path, labels)?;
+                println!("wrote {}", path.display());
             }
         }
         if let Some(newest) = newest(&lines, "latency", "summary") {
@@ -2421,6 +2447,55 @@ mod plot {
             [(0.0, raw / 1000.0), (xmax, raw / 1000.0)],
             BLUE.stroke_width(2),
         ))?;
+        root.present()?;
+        Ok(())
+    }
+
+    /// flowcap's resident memory over each repetition (its whole life:
+    /// start-up before 0, the final snapshot after the last record).
+    fn rss_over_time(reps: &[&Value], path: &Path, labels: bool) -> Result<()> {
+        let series: Vec<Vec<(f64, f64)>> = reps
+            .iter()
+            .map(|r| {
+                r["rss_timeline"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let points = || series.iter().flat_map(|s| s.iter());
+        let xmin = points().map(|p| p.0).fold(0.0f64, f64::min);
+        let xmax = points().map(|p| p.0).fold(1.0f64, f64::max);
+        let ymax = points().map(|p| p.1).fold(1.0f64, f64::max) * 1.1;
+        let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(20);
+        if labels {
+            builder
+                .caption(
+                    "flowcap resident memory (VmRSS) over time, MiB (one line per repetition)",
+                    ("sans-serif", 16).into_font(),
+                )
+                .x_label_area_size(35)
+                .y_label_area_size(60);
+        }
+        let mut chart = builder.build_cartesian_2d(xmin..xmax, 0.0..ymax)?;
+        if labels {
+            chart
+                .configure_mesh()
+                .x_desc("seconds since the first message")
+                .y_desc("MiB")
+                .label_style(("sans-serif", 13))
+                .draw()?;
+        }
+        for s in series {
+            chart.draw_series(LineSeries::new(s, RED.stroke_width(1)))?;
+        }
         root.present()?;
         Ok(())
     }
