@@ -2396,108 +2396,90 @@ mod plot {
     /// flowcap's records/s over each repetition, with the raw consume
     /// median as a line.
     fn over_time(reps: &[&Value], raw: f64, path: &Path, labels: bool) -> Result<()> {
-        let series: Vec<Vec<(f64, f64)>> = reps
-            .iter()
-            .map(|r| {
-                r["timeline"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()? / 1000.0)))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            })
-            .collect();
-        let xmax = series
-            .iter()
-            .flat_map(|s| s.iter().map(|p| p.0))
-            .fold(1.0f64, f64::max);
-        let ymax = series
-            .iter()
-            .flat_map(|s| s.iter().map(|p| p.1))
-            .fold(raw / 1000.0, f64::max)
-            * 1.1;
-        let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(20);
-        if labels {
-            builder
-                .caption(
-                    "flowcap end to end over time, thousand records/s (one line per repetition; blue: raw consume median)",
-                    ("sans-serif", 16).into_font(),
-                )
-                .x_label_area_size(35)
-                .y_label_area_size(60);
-        }
-        let mut chart = builder.build_cartesian_2d(0.0..xmax, 0.0..ymax.max(1.0))?;
-        if labels {
-            chart
-                .configure_mesh()
-                .x_desc("seconds since the first message")
-                .y_desc("thousand records / s")
-                .label_style(("sans-serif", 13))
-                .draw()?;
-        }
-        for s in series {
-            chart.draw_series(LineSeries::new(s, RED.stroke_width(1)))?;
-        }
-        chart.draw_series(LineSeries::new(
-            [(0.0, raw / 1000.0), (xmax, raw / 1000.0)],
-            BLUE.stroke_width(2),
-        ))?;
-        root.present()?;
-        Ok(())
+        let chart = LineChart {
+            caption: "flowcap end to end over time, thousand records/s (one line per repetition; blue: raw consume median)",
+            y_desc: "thousand records / s",
+            reference: Some(raw / 1000.0),
+        };
+        chart.draw(&series_of(reps, "timeline", 1000.0), path, labels)
     }
 
     /// flowcap's resident memory over each repetition (its whole life:
     /// start-up before 0, the final snapshot after the last record).
     fn rss_over_time(reps: &[&Value], path: &Path, labels: bool) -> Result<()> {
-        let series: Vec<Vec<(f64, f64)>> = reps
-            .iter()
+        let chart = LineChart {
+            caption: "flowcap resident memory (VmRSS) over time, MiB (one line per repetition)",
+            y_desc: "MiB",
+            reference: None,
+        };
+        chart.draw(&series_of(reps, "rss_timeline", 1.0), path, labels)
+    }
+
+    /// Each repetition's `key` array of `[seconds, value]` pairs, values
+    /// divided by `unit`.
+    fn series_of(reps: &[&Value], key: &str, unit: f64) -> Vec<Vec<(f64, f64)>> {
+        reps.iter()
             .map(|r| {
-                r["rss_timeline"]
+                r[key]
                     .as_array()
                     .map(|a| {
                         a.iter()
-                            .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                            .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()? / unit)))
                             .collect()
                     })
                     .unwrap_or_default()
             })
-            .collect();
-        let points = || series.iter().flat_map(|s| s.iter());
-        let xmin = points().map(|p| p.0).fold(0.0f64, f64::min);
-        let xmax = points().map(|p| p.0).fold(1.0f64, f64::max);
-        let ymax = points().map(|p| p.1).fold(1.0f64, f64::max) * 1.1;
-        let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(20);
-        if labels {
-            builder
-                .caption(
-                    "flowcap resident memory (VmRSS) over time, MiB (one line per repetition)",
-                    ("sans-serif", 16).into_font(),
-                )
-                .x_label_area_size(35)
-                .y_label_area_size(60);
+            .collect()
+    }
+
+    /// Red lines over "seconds since the first message", and a blue
+    /// horizontal `reference` line.
+    struct LineChart {
+        caption: &'static str,
+        y_desc: &'static str,
+        reference: Option<f64>,
+    }
+
+    impl LineChart {
+        fn draw(&self, series: &[Vec<(f64, f64)>], path: &Path, labels: bool) -> Result<()> {
+            let points = || series.iter().flat_map(|s| s.iter());
+            let xmin = points().map(|p| p.0).fold(0.0f64, f64::min);
+            let xmax = points().map(|p| p.0).fold(1.0f64, f64::max);
+            let ymax = points()
+                .map(|p| p.1)
+                .fold(self.reference.unwrap_or(0.0), f64::max)
+                * 1.1;
+            let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let mut builder = ChartBuilder::on(&root);
+            builder.margin(20);
+            if labels {
+                builder
+                    .caption(self.caption, ("sans-serif", 16).into_font())
+                    .x_label_area_size(35)
+                    .y_label_area_size(60);
+            }
+            let mut chart = builder.build_cartesian_2d(xmin..xmax, 0.0..ymax.max(1.0))?;
+            if labels {
+                chart
+                    .configure_mesh()
+                    .x_desc("seconds since the first message")
+                    .y_desc(self.y_desc)
+                    .label_style(("sans-serif", 13))
+                    .draw()?;
+            }
+            for s in series {
+                chart.draw_series(LineSeries::new(s.iter().copied(), RED.stroke_width(1)))?;
+            }
+            if let Some(y) = self.reference {
+                chart.draw_series(LineSeries::new(
+                    [(xmin, y), (xmax, y)],
+                    BLUE.stroke_width(2),
+                ))?;
+            }
+            root.present()?;
+            Ok(())
         }
-        let mut chart = builder.build_cartesian_2d(xmin..xmax, 0.0..ymax)?;
-        if labels {
-            chart
-                .configure_mesh()
-                .x_desc("seconds since the first message")
-                .y_desc("MiB")
-                .label_style(("sans-serif", 13))
-                .draw()?;
-        }
-        for s in series {
-            chart.draw_series(LineSeries::new(s, RED.stroke_width(1)))?;
-        }
-        root.present()?;
-        Ok(())
     }
 
     fn rates(v: &Value) -> Vec<f64> {
