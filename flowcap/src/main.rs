@@ -34,9 +34,9 @@ use serde::Deserialize;
 
 /// jemalloc, not glibc's malloc: under a long backlog glibc's per-thread
 /// arenas kept what the history encoder, the compactor and librdkafka had
-/// freed, and the resident set climbed past 2.5 GB over 20M records; with
-/// jemalloc it stays within 1.0-1.6 GB (docs/DECISIONS.md, *Kafka*:
-/// "jemalloc as the binary's allocator").
+/// freed, and the resident set climbed to 2.5 GB over 20M records; with
+/// jemalloc it stays at 1.0-1.35 GB, with peaks of 1.8 GB at the end
+/// (docs/DECISIONS.md, *Kafka*: "jemalloc as the binary's allocator").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
