@@ -3,8 +3,10 @@
 //! An [`Iccid`] is packed into a `u128` so that the per-card maps on the hot
 //! path hash and compare one machine word pair instead of a string, and so
 //! that a card's key costs 16 bytes of memory rather than a heap string.
+//! It still *orders* as its text does: the history's files are sorted by
+//! card with this order and merged, and read by SQL, by the text's.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -28,8 +30,15 @@ pub enum IccidError {
 /// A SIM card's ICCID: 19-20 characters, digits with at most a trailing
 /// ASCII letter. Stored packed: digit value in the low 67 bits, the digit
 /// count in bits 72..80 and the trailing letter (0 = none) in bits 80..88.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Ordered as the texts are (byte by byte, as SQL's `ORDER BY iccid`):
+/// `"0898…"` before `"8986…"`, a 19-digit ICCID before the 20-digit ones it
+/// is a prefix of.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Iccid(u128);
+
+/// The longest ICCID text.
+const MAX_TEXT: usize = 20;
 
 const DIGIT_BITS: u32 = 72;
 const LETTER_SHIFT: u32 = 80;
@@ -102,6 +111,42 @@ impl Iccid {
         xxhash_rust::xxh3::xxh3_64(&self.0.to_le_bytes())
     }
 
+    /// The text, rendered into a stack buffer: the first `len` bytes.
+    fn text(self) -> ([u8; MAX_TEXT], usize) {
+        let mut out = [b'0'; MAX_TEXT];
+        let digits = self.digit_count().min(MAX_TEXT);
+        // value < 10^20: two halves of ten digits, each fits a u64, so
+        // one u128 division and then cheap 64-bit ones.
+        let value = self.value();
+        let halves = [
+            (value / 10_000_000_000) as u64,
+            (value % 10_000_000_000) as u64,
+        ];
+        let mut at = MAX_TEXT;
+        for mut half in halves.into_iter().rev() {
+            for _ in 0..10 {
+                at -= 1;
+                out[at] = b'0' + (half % 10) as u8;
+                half /= 10;
+            }
+        }
+        // The 20-digit rendering ends in the value's digits: keep the last
+        // `digits` of them.
+        out.copy_within(MAX_TEXT - digits.., 0);
+        let mut len = digits;
+        if self.letter() != 0 && len < MAX_TEXT {
+            out[len] = self.letter();
+            len += 1;
+        }
+        (out, len)
+    }
+
+    /// Digit count and letter: ICCIDs of one class have texts of one
+    /// length and shape, ordered as their values.
+    fn class(self) -> u128 {
+        self.0 >> DIGIT_BITS
+    }
+
     fn digit_count(self) -> usize {
         ((self.0 >> DIGIT_BITS) & 0xff) as usize
     }
@@ -115,12 +160,33 @@ impl Iccid {
     }
 }
 
+impl Ord for Iccid {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        if self.class() == other.class() {
+            // Same length and letter: the values order as the texts.
+            return self.0.cmp(&other.0);
+        }
+        let (a, a_len) = self.text();
+        let (b, b_len) = other.text();
+        a[..a_len].cmp(&b[..b_len]).then(self.0.cmp(&other.0))
+    }
+}
+
+impl PartialOrd for Iccid {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 impl fmt::Display for Iccid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:0width$}", self.value(), width = self.digit_count())?;
+        let (text, _) = self.text();
+        let digits = self.digit_count().min(MAX_TEXT);
+        // ASCII digits: always UTF-8.
+        f.write_str(std::str::from_utf8(&text[..digits]).map_err(|_| fmt::Error)?)?;
         match self.letter() {
             0 => Ok(()),
-            l => write!(f, "{}", char::from(l)),
+            l => f.write_char(char::from(l)),
         }
     }
 }
@@ -308,6 +374,42 @@ mod tests {
             let bits = value | digits << DIGIT_BITS | letter << LETTER_SHIFT | high;
             assert_eq!(Iccid::from_bits(bits), reference(bits), "{bits:#x}");
         }
+    }
+
+    use proptest::strategy::Strategy;
+
+    fn iccid_text() -> impl Strategy<Value = String> {
+        // Mixed lengths, leading zeros, letters and (from few digits) long
+        // shared prefixes: where the packed order and the text order part.
+        proptest::string::string_regex("[089]?[01]{17,18}[019Fa]?")
+            .expect("regex")
+            .prop_filter("19 or 20 characters", |s| (19..=20).contains(&s.len()))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn orders_as_the_text(a in iccid_text(), b in iccid_text()) {
+            let (x, y) = (Iccid::parse(&a).unwrap(), Iccid::parse(&b).unwrap());
+            proptest::prop_assert_eq!(x.cmp(&y), a.cmp(&b), "{} vs {}", a, b);
+            proptest::prop_assert_eq!(x.to_string(), a);
+        }
+    }
+
+    #[test]
+    fn a_prefix_orders_first_and_leading_zeros_count() {
+        let texts = [
+            "0898604123456789012",
+            "8986041234567890123",
+            "89860412345678901230",
+            "89860412345678901231",
+            "8986041234567890123F",
+            "8986041234567890124",
+        ];
+        let mut iccids: Vec<Iccid> = texts.iter().map(|t| Iccid::parse(t).unwrap()).collect();
+        iccids.reverse();
+        iccids.sort();
+        let back: Vec<String> = iccids.iter().map(Iccid::to_string).collect();
+        assert_eq!(back, texts);
     }
 
     #[test]

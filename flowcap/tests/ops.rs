@@ -93,6 +93,12 @@ fn run_with_http_exports_what_the_summary_says() {
             "2",
             "--shards",
             "2",
+            // Many small history windows, merged as soon as two are old
+            // enough: the compaction counters have something to show.
+            "--snapshot-every",
+            "300",
+            "--history-compact-files",
+            "2",
             "--http",
             "127.0.0.1:0",
             "--linger",
@@ -192,6 +198,15 @@ fn run_with_http_exports_what_the_summary_says() {
             0.0
         );
     }
+    // Copied from the compactor at each snapshot: what it had done by the
+    // last one. Every merge takes at least two files, none of the
+    // writer's files needs sorting again, and none fails.
+    let merges = value("flowcap_history_compactions_total");
+    assert!(value("flowcap_history_compacted_files_total") >= 2.0 * merges);
+    assert!(value("flowcap_history_compacted_rows_total") >= merges);
+    assert!(value("flowcap_history_compaction_milliseconds_total") >= 0.0);
+    assert_eq!(value("flowcap_history_compaction_sorted_again_total"), 0.0);
+    assert_eq!(value("flowcap_history_compaction_failures_total"), 0.0);
     assert!(value("flowcap_last_snapshot_timestamp_seconds") > 1.5e9);
     assert!(value("flowcap_snapshot_age_seconds") >= 0.0);
     assert_eq!(

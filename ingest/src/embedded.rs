@@ -742,6 +742,9 @@ impl Writer {
                 compact_through,
             } = *cut;
             mark.history = Some(h.cut(through, clock, pools, cards, compact_through)?);
+            if let Some(stats) = h.compaction_stats() {
+                metrics::history_compaction(&stats);
+            }
         }
         if let Some(k) = &mut self.kafka {
             mark.epoch = Some(k.outbox.close_epoch());

@@ -28,7 +28,9 @@
 //!    (its order log grows) to the last record accounted (its `/metrics`,
 //!    polled every 5 ms): startup (connect, lease, restore) and the final
 //!    snapshot are excluded and reported separately. The median of the
-//!    repetitions is reported. The first repetition's history is then
+//!    repetitions is reported. Every 250 ms the process's resident set and
+//!    each thread's CPU time are read from `/proc` (`rss_timeline`,
+//!    `thread_cpu_secs`: where the CPU went, by thread name). The first repetition's history is then
 //!    checked against the generator's expectation: every (card, cycle)
 //!    total, and the overshoot of every cut (`flowcap_benches::history_check`).
 //! 2. **latency**: a fresh setup whose event times are now; flowcap runs
@@ -51,7 +53,7 @@
 //! `target/kafka_report.jsonl` (`--out`), a Markdown table on stdout, and
 //! with `--plot DIR` two PNGs (throughput bars, latency CDF).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write as _};
@@ -611,6 +613,21 @@ fn flowcap_rep(
             broker_cpu / processing.as_secs_f64(),
             run.peak_rss_kb as f64 / 1024.0,
         );
+    let compactor = run
+        .thread_cpu
+        .get("flowcap-compact")
+        .copied()
+        .unwrap_or(0.0);
+    eprintln!(
+        "rep {rep}: CPU-s by thread: {}; history compactor {compactor:.2} CPU-s ({:.3} per 1M records)",
+        run.thread_cpu
+            .iter()
+            .filter(|(_, secs)| **secs >= 0.1)
+            .map(|(name, secs)| format!("{name} {secs:.1}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        compactor * 1e6 / (inputs.max(1) as f64),
+    );
     report.line(
         "throughput",
         label,
@@ -630,6 +647,7 @@ fn flowcap_rep(
                    "idle_secs": args.idle_secs,
                    "rate": rate,
                    "peak_rss_mib": run.peak_rss_kb as f64 / 1024.0,
+                   "thread_cpu_secs": run.thread_cpu,
                    "timeline": run.timeline(first.at, last.at, inputs),
                    // (seconds since the first message, MiB); from the spawn
                    // to the exit, so negative times are the start-up.
@@ -1754,6 +1772,9 @@ struct Finished {
     peak_rss_kb: u64,
     /// Resident memory (VmRSS) every [`RSS_EVERY`]: (since the spawn, KiB).
     rss: Vec<(Duration, u64)>,
+    /// CPU-seconds by thread name (threads of one name summed), as last
+    /// read, at most [`RSS_EVERY`] before the exit.
+    thread_cpu: BTreeMap<String, f64>,
     lines: Vec<(Duration, String)>,
     /// Changes of the order log and of the accounted count, with CPU times.
     files: Vec<Sample>,
@@ -1909,15 +1930,29 @@ fn free_addr() -> Result<String> {
 }
 
 /// The peak resident set (VmHWM) of a live process, KiB.
-fn peak_rss_kb_of(pid: u32) -> Option<u64> {
-    status_kb(pid, "VmHWM:")
-}
-
-/// A `/proc/<pid>/status` figure in KiB (`VmHWM:`, `VmRSS:`).
-fn status_kb(pid: u32, key: &str) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+/// A figure in KiB of a `/proc/<pid>/status` text (`VmHWM:`, `VmRSS:`).
+fn status_kb(status: &str, key: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(key))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Records the CPU ticks so far of every thread of `pid` (by thread id:
+/// its name and ticks); a thread that has ended keeps its last reading.
+fn thread_ticks(pid: u32, threads: &mut BTreeMap<u32, (String, u64)>) {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        if let Some(reading) = fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| stat_ticks(&stat))
+        {
+            threads.insert(tid, reading);
+        }
+    }
 }
 
 /// How often a waited-for flowcap's resident memory is sampled.
@@ -1926,10 +1961,17 @@ const RSS_EVERY: Duration = Duration::from_millis(250);
 /// User + system CPU time of a process, in clock ticks (1/100 s).
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may contain spaces) in parentheses.
+    Some(stat_ticks(&stat)?.1)
+}
+
+/// The name and CPU ticks (user + system) of a `/proc/.../stat` text.
+fn stat_ticks(stat: &str) -> Option<(String, u64)> {
+    // The name is in parentheses (and may contain spaces); fields follow.
+    let name = &stat[stat.find('(')? + 1..stat.rfind(')')?];
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((name.to_owned(), ticks))
 }
 
 /// The pid of the `tansu` process listening on this broker's port.
@@ -2163,14 +2205,18 @@ impl Flowcap {
         let bar = progress(None, &format!("flowcap: {what}"));
         let mut peak_rss_kb = 0;
         let mut rss = Vec::new();
+        let mut threads = BTreeMap::new();
+        let pid = self.child.id();
         let status = loop {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
             // The kernel's high-water mark, read until the process is gone.
-            peak_rss_kb = peak_rss_kb.max(peak_rss_kb_of(self.child.id()).unwrap_or(0));
+            peak_rss_kb = peak_rss_kb.max(status_kb(&status, "VmHWM:").unwrap_or(0));
             let at = self.spawned.elapsed();
             if rss.last().is_none_or(|(last, _)| at >= *last + RSS_EVERY) {
-                if let Some(kb) = status_kb(self.child.id(), "VmRSS:") {
+                if let Some(kb) = status_kb(&status, "VmRSS:") {
                     rss.push((at, kb));
                 }
+                thread_ticks(pid, &mut threads);
             }
             if let Some(status) = self.child.try_wait()? {
                 break status;
@@ -2193,12 +2239,17 @@ impl Flowcap {
         let summary = serde_json::from_str::<Value>(&stdout)
             .map(|v| v["summary"].clone())
             .unwrap_or(Value::Null);
+        let mut thread_cpu: BTreeMap<String, f64> = BTreeMap::new();
+        for (name, ticks) in threads.into_values() {
+            *thread_cpu.entry(name).or_default() += ticks as f64 / 100.0;
+        }
         Ok(Finished {
             status,
             summary,
             total,
             peak_rss_kb,
             rss,
+            thread_cpu,
             lines,
             files,
         })

@@ -29,16 +29,38 @@
 //!
 //! A run of files to merge is contiguous in window order: a big file in the
 //! middle of a partition ends a run, so that a merged range never contains
-//! a file that was not merged into it.
+//! a file that was not merged into it. A merged file is merged again only
+//! with at least as many bytes of new files, so a row is rewritten a few
+//! times on its way to a full-size file, not once per merge.
+//!
+//! # Merged, not sorted again
+//!
+//! The encoder writes every file of a raw table already sorted (usage by
+//! ICCID, end time and input sequence; quarantine and the command journal
+//! by input sequence; deliveries by time and execution id), so those are
+//! merged k ways, comparing the sort columns in Arrow's row format, and
+//! their rows gathered in that order: no sort. Each input's order is
+//! checked as it is merged; a file out of order (one written by an older
+//! build, say) sends the whole merge to the SQL sort instead, so the merged
+//! file is sorted either way. The ICCID is compared as text on both sides:
+//! [`flowcap_engine::Iccid`] orders as its text does. The delta tables
+//! (sorted by card) are merged the same way, the rows of one card and day
+//! (or cycle and carrier) summed as they meet. Only the state changes and
+//! rule firings, ordered by an expression, go through DataFusion.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array};
+use datafusion::arrow::compute::{cast, concat_batches, interleave, interleave_record_batch};
+use datafusion::arrow::datatypes::{Int64Type, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::datasource::MemTable;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::prelude::SessionContext;
@@ -76,6 +98,14 @@ pub struct CompactionStats {
     pub files_merged: AtomicU64,
     /// Merges that failed (logged; the inputs stay and are retried).
     pub failures: AtomicU64,
+    /// Rows written into merged files.
+    pub rows_written: AtomicU64,
+    /// Wall-clock time spent merging, in nanoseconds (reading, merging and
+    /// writing files).
+    pub busy_nanos: AtomicU64,
+    /// Merges of already-sorted tables that found an input out of order
+    /// and sorted with SQL instead.
+    pub sorted_again: AtomicU64,
 }
 
 struct Job {
@@ -169,11 +199,23 @@ fn run(
         }
         let mut done = BTreeSet::new();
         for dir in &watch {
+            let started = Instant::now();
             match compact_dir(&files, &runtime, dir, through, &options) {
-                Ok(Outcome { merged, settled }) => {
+                Ok(Outcome {
+                    merged,
+                    rows,
+                    sorted_again,
+                    settled,
+                }) => {
                     if merged > 0 {
                         stats.merges.fetch_add(1, Ordering::Relaxed);
                         stats.files_merged.fetch_add(merged, Ordering::Relaxed);
+                        stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+                        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        stats.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
+                    }
+                    if sorted_again {
+                        stats.sorted_again.fetch_add(1, Ordering::Relaxed);
                     }
                     if settled {
                         done.insert(dir.clone());
@@ -195,11 +237,25 @@ fn run(
     }
 }
 
+#[derive(Default)]
 struct Outcome {
     /// Files merged.
     merged: u64,
+    /// Rows in the merged file.
+    rows: u64,
+    /// Inputs of a sorted table were out of order: SQL sorted them.
+    sorted_again: bool,
     /// Nothing left to do in this partition until it is written to again.
     settled: bool,
+}
+
+impl Outcome {
+    fn nothing(settled: bool) -> Outcome {
+        Outcome {
+            settled,
+            ..Outcome::default()
+        }
+    }
 }
 
 fn compact_dir(
@@ -210,11 +266,8 @@ fn compact_dir(
     options: &HistoryOptions,
 ) -> Result<Outcome, HistoryError> {
     let table = dir.split('/').next().unwrap_or("");
-    let Some(sql) = merge_sql(table) else {
-        return Ok(Outcome {
-            merged: 0,
-            settled: true,
-        });
+    let Some(how) = merge_of(table) else {
+        return Ok(Outcome::nothing(true));
     };
     let listed = files.list_dir(dir)?;
     let pending = listed
@@ -222,37 +275,32 @@ fn compact_dir(
         .filter_map(|f| file_range(f.name()))
         .any(|(from, _)| from > through);
     let Some(run) = plan(&listed, through, &options.compaction) else {
-        return Ok(Outcome {
-            merged: 0,
-            settled: !pending,
-        });
+        return Ok(Outcome::nothing(!pending));
     };
     let first = run.first().and_then(|f| file_range(f.name()));
     let last = run.last().and_then(|f| file_range(f.name()));
     let (Some((from, _)), Some((_, to))) = (first, last) else {
-        return Ok(Outcome {
-            merged: 0,
-            settled: true,
-        });
+        return Ok(Outcome::nothing(true));
     };
-    let mut batches = Vec::new();
-    for file in &run {
-        let bytes = bytes_of(files.get(&file.rel)?);
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .and_then(|b| b.build())
-            .map_err(|source| HistoryError::Parquet {
-                path: file.rel.clone(),
-                source,
-            })?;
-        for batch in reader {
-            batches.push(batch?);
-        }
-    }
     let def = schema::tables()
         .into_iter()
         .find(|t| t.name == table)
         .ok_or_else(|| HistoryError::Compaction(format!("unknown table {table}")))?;
-    let merged = runtime.block_on(merge(def.schema.clone(), batches, sql))?;
+    let mut inputs = Vec::with_capacity(run.len());
+    for file in &run {
+        inputs.push(read_file(files, file, &def.schema)?);
+    }
+    let (merged, sql) = match how {
+        Merge::Sorted { keys, sql } => (merge_sorted(&inputs, keys)?, sql),
+        Merge::Summed { keys, max, sql } => (merge_summed(&inputs, keys, max)?, sql),
+        Merge::Sql(sql) => (None, sql),
+    };
+    let sorted_again = merged.is_none() && !matches!(how, Merge::Sql(_));
+    let merged = match merged {
+        Some(merged) => merged,
+        None => runtime.block_on(merge_sql(&def.schema, inputs, sql))?,
+    };
+    let merged = conform(&def.schema, &merged)?;
     let name = format!("part-{from:020}-m{to:020}.parquet");
     let rel = format!("{dir}/{name}");
     files.put(&rel, encode_parquet(&merged, options, &rel)?)?;
@@ -265,11 +313,40 @@ fn compact_dir(
         dir,
         files = run.len(),
         rows = merged.num_rows(),
+        sorted_again,
         "compacted"
     );
     Ok(Outcome {
         merged: run.len() as u64,
+        rows: merged.num_rows() as u64,
+        sorted_again,
         settled: false,
+    })
+}
+
+/// One file's rows as one batch (files are a few MB; the merge holds all
+/// of a run's in memory either way).
+fn read_file(
+    files: &HistoryFiles,
+    file: &StoredFile,
+    schema: &SchemaRef,
+) -> Result<RecordBatch, HistoryError> {
+    let parquet_err = |source| HistoryError::Parquet {
+        path: file.rel.clone(),
+        source,
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes_of(files.get(&file.rel)?))
+        .map_err(parquet_err)?;
+    let rows = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
+    let reader = builder
+        .with_batch_size(rows.max(1))
+        .build()
+        .map_err(parquet_err)?;
+    let mut batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok(match batches.len() {
+        0 => RecordBatch::new_empty(schema.clone()),
+        1 => batches.swap_remove(0),
+        _ => concat_batches(&batches[0].schema(), &batches)?,
     })
 }
 
@@ -277,42 +354,215 @@ fn bytes_of(v: Vec<u8>) -> bytes::Bytes {
     bytes::Bytes::from(v)
 }
 
-/// The query that merges a table's rows (from `t`), or `None` for tables
-/// that are never merged.
-fn merge_sql(table: &str) -> Option<&'static str> {
+/// How a table's files are merged.
+#[derive(Debug, Clone, Copy)]
+enum Merge {
+    /// Each file is sorted by `keys` (ascending): merged k ways, with `sql`
+    /// (the same order) if an input is not.
+    Sorted {
+        keys: &'static [&'static str],
+        sql: &'static str,
+    },
+    /// Each file is sorted by `keys`: merged k ways and the rows of equal
+    /// keys combined (`max` columns by their maximum, the others summed),
+    /// with `sql` (the same) if an input is not sorted.
+    Summed {
+        keys: &'static [&'static str],
+        max: &'static [&'static str],
+        sql: &'static str,
+    },
+    /// Ordered by an expression: the query over `t`.
+    Sql(&'static str),
+}
+
+/// How a table is merged, or `None` for tables that are never merged.
+fn merge_of(table: &str) -> Option<Merge> {
     Some(match table {
-        schema::USAGE_RECORDS => "SELECT * FROM t ORDER BY iccid, end_time, input_seq",
-        schema::QUARANTINE => "SELECT * FROM t ORDER BY input_seq",
-        schema::CARD_DAILY_USAGE_PARTS => {
-            "SELECT iccid, day, SUM(records) AS records, SUM(bytes_up) AS bytes_up, \
+        schema::USAGE_RECORDS => Merge::Sorted {
+            keys: &["iccid", "end_time", "input_seq"],
+            sql: "SELECT * FROM t ORDER BY iccid, end_time, input_seq",
+        },
+        schema::QUARANTINE => Merge::Sorted {
+            keys: &["input_seq"],
+            sql: "SELECT * FROM t ORDER BY input_seq",
+        },
+        schema::COMMAND_JOURNAL => Merge::Sorted {
+            keys: &["input_seq"],
+            sql: "SELECT * FROM t ORDER BY input_seq",
+        },
+        schema::RULE_DELIVERIES => Merge::Sorted {
+            keys: &["done_at", "execution_id"],
+            sql: "SELECT * FROM t ORDER BY done_at, execution_id",
+        },
+        schema::CARD_DAILY_USAGE_PARTS => Merge::Summed {
+            keys: &["iccid", "day"],
+            max: &["through_seq"],
+            sql: "SELECT iccid, day, SUM(records) AS records, SUM(bytes_up) AS bytes_up, \
              SUM(bytes_down) AS bytes_down, SUM(bytes) AS bytes, \
              SUM(late_records) AS late_records, SUM(late_bytes) AS late_bytes, \
              MAX(through_seq) AS through_seq \
-             FROM t GROUP BY iccid, day ORDER BY iccid, day"
-        }
-        schema::CARD_CYCLE_USAGE_PARTS => {
-            "SELECT iccid, carrier, SUM(records) AS records, SUM(bytes_up) AS bytes_up, \
+             FROM t GROUP BY iccid, day ORDER BY iccid, day",
+        },
+        schema::CARD_CYCLE_USAGE_PARTS => Merge::Summed {
+            keys: &["iccid", "carrier"],
+            max: &["through_seq"],
+            sql: "SELECT iccid, carrier, SUM(records) AS records, SUM(bytes_up) AS bytes_up, \
              SUM(bytes_down) AS bytes_down, SUM(bytes) AS bytes, \
              SUM(late_records) AS late_records, SUM(late_bytes) AS late_bytes, \
              MAX(through_seq) AS through_seq \
-             FROM t GROUP BY iccid, carrier ORDER BY iccid"
-        }
+             FROM t GROUP BY iccid, carrier ORDER BY iccid, carrier",
+        },
         schema::STATE_CHANGES => {
-            "SELECT * FROM t ORDER BY COALESCE(iccid, pool_id), event_time, event_id"
+            Merge::Sql("SELECT * FROM t ORDER BY COALESCE(iccid, pool_id), event_time, event_id")
         }
         schema::RULE_EXECUTIONS => {
-            "SELECT * FROM t ORDER BY COALESCE(iccid, pool_id), fired_at, execution_id"
+            Merge::Sql("SELECT * FROM t ORDER BY COALESCE(iccid, pool_id), fired_at, execution_id")
         }
-        schema::RULE_DELIVERIES => "SELECT * FROM t ORDER BY done_at, execution_id",
-        schema::COMMAND_JOURNAL => "SELECT * FROM t ORDER BY input_seq",
         _ => return None,
     })
 }
 
-/// Runs `sql` over `batches` and casts the result back to the table's
-/// schema (aggregates and dictionaries may come out typed otherwise).
-async fn merge(
-    schema: datafusion::arrow::datatypes::SchemaRef,
+/// Merges inputs that are each sorted by `keys` into one sorted batch, or
+/// `None` when an input is not sorted (the caller sorts instead).
+fn merge_sorted(
+    inputs: &[RecordBatch],
+    keys: &[&str],
+) -> Result<Option<RecordBatch>, HistoryError> {
+    let Some(MergeOrder { order, .. }) = merge_order(inputs, keys)? else {
+        return Ok(None);
+    };
+    let batches: Vec<&RecordBatch> = inputs.iter().collect();
+    Ok(Some(interleave_record_batch(&batches, &order)?))
+}
+
+/// Merges inputs that are each sorted by `keys` and combines the rows of
+/// equal keys: the `max` columns by their maximum, every other column
+/// (each an `Int64` without nulls) summed. `None` when an input is not
+/// sorted or not of that shape (the caller runs the SQL instead).
+fn merge_summed(
+    inputs: &[RecordBatch],
+    keys: &[&str],
+    max: &[&str],
+) -> Result<Option<RecordBatch>, HistoryError> {
+    let Some(MergeOrder { keys: rows, order }) = merge_order(inputs, keys)? else {
+        return Ok(None);
+    };
+    // Where each run of equal keys starts in `order`.
+    let mut starts = Vec::new();
+    for (i, &(input, at)) in order.iter().enumerate() {
+        let continues = i > 0 && {
+            let (prev_input, prev_at) = order[i - 1];
+            rows[prev_input].row(prev_at) == rows[input].row(at)
+        };
+        if !continues {
+            starts.push(i);
+        }
+    }
+    let firsts: Vec<(usize, usize)> = starts.iter().map(|&i| order[i]).collect();
+    let schema = inputs[0].schema();
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for (c, field) in schema.fields().iter().enumerate() {
+        let arrays: Vec<&dyn Array> = inputs.iter().map(|b| b.column(c).as_ref()).collect();
+        if keys.contains(&field.name().as_str()) {
+            columns.push(interleave(&arrays, &firsts)?);
+            continue;
+        }
+        let mut values = Vec::with_capacity(arrays.len());
+        for array in &arrays {
+            match array.as_primitive_opt::<Int64Type>() {
+                Some(v) if v.null_count() == 0 => values.push(v.values()),
+                _ => return Ok(None),
+            }
+        }
+        let take_max = max.contains(&field.name().as_str());
+        let mut out = Vec::with_capacity(starts.len());
+        for (run, &start) in starts.iter().enumerate() {
+            let end = starts.get(run + 1).copied().unwrap_or(order.len());
+            let mut acc = if take_max { i64::MIN } else { 0 };
+            for &(input, at) in &order[start..end] {
+                let v = values[input][at];
+                acc = if take_max {
+                    acc.max(v)
+                } else {
+                    match acc.checked_add(v) {
+                        Some(sum) => sum,
+                        // SQL decides what an overflowing sum is.
+                        None => return Ok(None),
+                    }
+                };
+            }
+            out.push(acc);
+        }
+        columns.push(Arc::new(Int64Array::from(out)) as ArrayRef);
+    }
+    Ok(Some(RecordBatch::try_new(schema, columns)?))
+}
+
+/// The k-way merge of sorted inputs.
+struct MergeOrder {
+    /// Each input's sort keys in Arrow's row format.
+    keys: Vec<Rows>,
+    /// Every row as (input, row), in order.
+    order: Vec<(usize, usize)>,
+}
+
+/// The k-way merge of inputs each sorted by `keys`; `None` when an input
+/// is not sorted or has another schema than the first.
+fn merge_order(inputs: &[RecordBatch], keys: &[&str]) -> Result<Option<MergeOrder>, HistoryError> {
+    let Some(first) = inputs.first() else {
+        return Ok(None);
+    };
+    let schema = first.schema();
+    let mut fields = Vec::with_capacity(keys.len());
+    for key in keys {
+        fields.push(SortField::new(
+            schema.field_with_name(key)?.data_type().clone(),
+        ));
+    }
+    let converter = RowConverter::new(fields)?;
+    let mut rows: Vec<Rows> = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        if input.schema() != schema {
+            // A file of an older layout: let SQL line the columns up.
+            return Ok(None);
+        }
+        let mut columns = Vec::with_capacity(keys.len());
+        for key in keys {
+            let column = input.column_by_name(key).ok_or_else(|| {
+                HistoryError::Compaction(format!("merge input has no column {key}"))
+            })?;
+            columns.push(Arc::clone(column));
+        }
+        let converted = converter.convert_columns(&columns)?;
+        if (1..converted.num_rows()).any(|i| converted.row(i - 1) > converted.row(i)) {
+            return Ok(None);
+        }
+        rows.push(converted);
+    }
+    let total: usize = inputs.iter().map(RecordBatch::num_rows).sum();
+    let mut order = Vec::with_capacity(total);
+    // The smallest next row of each input; ties go to the earlier file.
+    let mut heads = BinaryHeap::with_capacity(inputs.len());
+    for (input, r) in rows.iter().enumerate() {
+        if r.num_rows() > 0 {
+            heads.push(Reverse((r.row(0), input, 0usize)));
+        }
+    }
+    while let Some(mut head) = heads.peek_mut() {
+        let Reverse((_, input, at)) = *head;
+        order.push((input, at));
+        if at + 1 < rows[input].num_rows() {
+            *head = Reverse((rows[input].row(at + 1), input, at + 1));
+        } else {
+            std::collections::binary_heap::PeekMut::pop(head);
+        }
+    }
+    Ok(Some(MergeOrder { keys: rows, order }))
+}
+
+/// Runs `sql` over `batches` (as table `t`).
+async fn merge_sql(
+    schema: &SchemaRef,
     batches: Vec<RecordBatch>,
     sql: &str,
 ) -> Result<RecordBatch, HistoryError> {
@@ -323,15 +573,20 @@ async fn merge(
     let out = ctx.sql(sql).await.map_err(df_err)?;
     let out = out.collect().await.map_err(df_err)?;
     let out_schema = out.first().map_or_else(|| schema.clone(), |b| b.schema());
-    let one = datafusion::arrow::compute::concat_batches(&out_schema, &out)?;
+    Ok(concat_batches(&out_schema, &out)?)
+}
+
+/// `batch` cast to the table's schema (aggregates and dictionaries may
+/// come out typed otherwise).
+fn conform(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch, HistoryError> {
     let mut columns = Vec::with_capacity(schema.fields().len());
     for field in schema.fields() {
-        let column = one.column_by_name(field.name()).ok_or_else(|| {
+        let column = batch.column_by_name(field.name()).ok_or_else(|| {
             HistoryError::Compaction(format!("merge lost column {}", field.name()))
         })?;
         columns.push(cast(column, field.data_type())?);
     }
-    Ok(RecordBatch::try_new(schema, columns)?)
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 /// The files of one partition to merge now: the first contiguous run (in
@@ -361,19 +616,22 @@ fn plan(listed: &[StoredFile], through: u64, policy: &CompactionPolicy) -> Optio
     let eligible = |range: (u64, u64), files: &[&StoredFile]| {
         range.1 <= through && files.iter().all(|f| f.size < policy.target_bytes)
     };
+    let enough =
+        |run: &[&[&StoredFile]]| run.iter().map(|g| g.len()).sum::<usize>() >= policy.min_files;
     for (range, files) in &groups {
         if eligible(*range, files) {
             run.push(files);
             continue;
         }
-        if run.iter().map(|g| g.len()).sum::<usize>() >= policy.min_files {
-            best = Some(std::mem::take(&mut run));
+        let trimmed = without_big_head(std::mem::take(&mut run));
+        if enough(&trimmed) {
+            best = Some(trimmed);
             break;
         }
-        run.clear();
     }
-    if best.is_none() && run.iter().map(|g| g.len()).sum::<usize>() >= policy.min_files {
-        best = Some(run);
+    if best.is_none() {
+        let trimmed = without_big_head(run);
+        best = enough(&trimmed).then_some(trimmed);
     }
     let best = best?;
     let mut out = Vec::new();
@@ -388,6 +646,27 @@ fn plan(listed: &[StoredFile], through: u64, policy: &CompactionPolicy) -> Optio
         }
     }
     (out.len() >= 2).then_some(out)
+}
+
+/// `run` without its leading window groups that are larger than the rest
+/// of the run together: a merged file is merged again only with at least
+/// as many bytes of new rows, so each row is rewritten a logarithmic number
+/// of times (at most ~log2 of the target over a window's size), not once
+/// per merge until the file reaches the target.
+fn without_big_head<'a, 'f>(mut run: Vec<&'a [&'f StoredFile]>) -> Vec<&'a [&'f StoredFile]> {
+    let size = |group: &[&StoredFile]| group.iter().map(|f| f.size).sum::<u64>();
+    let mut rest: u64 = run.iter().map(|g| size(g)).sum();
+    let mut skip = 0;
+    while skip + 1 < run.len() {
+        let head = size(run[skip]);
+        rest -= head;
+        if head <= rest {
+            break;
+        }
+        skip += 1;
+    }
+    run.drain(..skip);
+    run
 }
 
 #[cfg(test)]
@@ -473,5 +752,171 @@ mod tests {
         ];
         let run = plan(&listed, 100, &small).unwrap();
         assert_eq!(run.len(), 3, "{:?}", names(&run));
+    }
+
+    #[test]
+    fn a_merged_file_waits_for_as_many_new_bytes() {
+        let merged = |to: u64, size| file(&format!("part-{:020}-m{to:020}.parquet", 0), size);
+        let listed = vec![
+            merged(30, 40),
+            plain(40, 0, 10),
+            plain(50, 0, 10),
+            plain(60, 0, 10),
+        ];
+        // 40 bytes merged, 30 new: only the new files are merged.
+        let run = plan(&listed, 100, &POLICY).unwrap();
+        assert_eq!(
+            names(&run),
+            vec![
+                "part-00000000000000000040-0000.parquet",
+                "part-00000000000000000050-0000.parquet",
+                "part-00000000000000000060-0000.parquet",
+            ]
+        );
+        // 40 merged and 40 new: all together.
+        let mut more = listed.clone();
+        more.push(plain(70, 0, 10));
+        assert_eq!(plan(&more, 100, &POLICY).unwrap().len(), 5);
+        // Too few new files once the merged one is left out.
+        assert!(plan(&listed[..3], 100, &POLICY).is_none());
+    }
+
+    /// A usage-shaped batch of (iccid, end_time, input_seq) rows.
+    fn usage(rows: &[(&str, i64, i64)]) -> RecordBatch {
+        use datafusion::arrow::array::{Int64Array, StringArray};
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("iccid", DataType::Utf8, false),
+            Field::new("end_time", DataType::Int64, false),
+            Field::new("input_seq", DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .unwrap()
+    }
+
+    const KEYS: &[&str] = &["iccid", "end_time", "input_seq"];
+
+    fn sql_sorted(inputs: Vec<RecordBatch>) -> RecordBatch {
+        let schema = inputs[0].schema();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(merge_sql(
+                &schema,
+                inputs,
+                "SELECT * FROM t ORDER BY iccid, end_time, input_seq",
+            ))
+            .unwrap()
+    }
+
+    #[test]
+    fn sorted_inputs_merge_to_what_the_sql_sort_gives() {
+        // Mixed 19- and 20-digit ICCIDs, one card in several files, equal
+        // end times told apart by the input sequence, an empty input.
+        let inputs = vec![
+            usage(&[
+                ("8986000000000000000", 5, 1),
+                ("89860000000000000001", 3, 2),
+                ("8986000000000000002", 1, 3),
+            ]),
+            usage(&[]),
+            usage(&[
+                ("0986000000000000009", 9, 9),
+                ("8986000000000000000", 5, 0),
+                ("8986000000000000000", 7, 4),
+                ("8986000000000000002", 1, 5),
+            ]),
+            usage(&[
+                ("89860000000000000001", 1, 6),
+                ("8986000000000000003", 2, 7),
+            ]),
+        ];
+        let merged = merge_sorted(&inputs, KEYS)
+            .unwrap()
+            .expect("inputs are sorted");
+        assert_eq!(merged, sql_sorted(inputs));
+        assert_eq!(merged.num_rows(), 9);
+    }
+
+    /// A delta-shaped batch of (iccid, day, records, through_seq) rows.
+    fn deltas(rows: &[(&str, i64, i64, i64)]) -> RecordBatch {
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("iccid", DataType::Utf8, false),
+            Field::new("day", DataType::Int64, false),
+            Field::new("records", DataType::Int64, false),
+            Field::new("through_seq", DataType::Int64, false),
+        ]));
+        let ints = |f: fn(&(&str, i64, i64, i64)) -> i64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(f)))
+        };
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+                    rows.iter().map(|r| r.0),
+                )),
+                ints(|r| r.1),
+                ints(|r| r.2),
+                ints(|r| r.3),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sorted_deltas_merge_to_what_the_sql_sum_gives() {
+        let inputs = vec![
+            deltas(&[
+                ("8986000000000000000", 1, 2, 10),
+                ("89860000000000000001", 1, 1, 11),
+                ("8986000000000000002", 1, 5, 12),
+            ]),
+            deltas(&[
+                ("8986000000000000000", 1, 3, 20),
+                ("8986000000000000002", 1, 1, 9),
+                ("8986000000000000002", 2, 4, 21),
+            ]),
+            deltas(&[("89860000000000000001", 1, 7, 30)]),
+        ];
+        let merged = merge_summed(&inputs, &["iccid", "day"], &["through_seq"])
+            .unwrap()
+            .expect("inputs are sorted");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let sql = runtime
+            .block_on(merge_sql(
+                &inputs[0].schema(),
+                inputs.clone(),
+                "SELECT iccid, day, SUM(records) AS records, MAX(through_seq) AS through_seq \
+                 FROM t GROUP BY iccid, day ORDER BY iccid, day",
+            ))
+            .unwrap();
+        assert_eq!(merged, conform(&inputs[0].schema(), &sql).unwrap());
+        // Four (card, day) rows: 5, 8, 6 and 4 records.
+        let records = merged.column(2).as_primitive::<Int64Type>();
+        assert_eq!(records.values().to_vec(), vec![5, 8, 6, 4]);
+    }
+
+    #[test]
+    fn an_input_out_of_order_is_left_to_the_sql_sort() {
+        let inputs = vec![
+            usage(&[("8986000000000000000", 5, 1)]),
+            // Ordered by the ICCID's number, not its text.
+            usage(&[
+                ("8986000000000000002", 1, 3),
+                ("89860000000000000001", 3, 2),
+            ]),
+        ];
+        assert!(merge_sorted(&inputs, KEYS).unwrap().is_none());
     }
 }

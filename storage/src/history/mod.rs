@@ -1110,12 +1110,22 @@ mod tests {
     use std::path::Path;
     use std::sync::atomic::Ordering;
 
+    /// Card `n`'s ICCID: 19 digits for even `n`, 20 for odd, so that the
+    /// text order (`…0`, `…01`, `…2`) is not the order of the numbers.
+    fn card_text(n: u64) -> String {
+        if n % 2 == 1 {
+            format!("8986{n:016}")
+        } else {
+            format!("8986{n:015}")
+        }
+    }
+
     fn accounted(seq: u64, iccid: u64, end_ms: i64) -> Accounted {
         Accounted {
             seq,
             usage: Usage {
                 record_id: RecordId::new(&format!("r{seq}")).unwrap(),
-                iccid: Iccid::parse(&format!("8986{iccid:015}")).unwrap(),
+                iccid: Iccid::parse(&card_text(iccid)).unwrap(),
                 start: None,
                 end: Timestamp(end_ms),
                 bytes_up: 10,
@@ -1354,6 +1364,10 @@ mod tests {
         assert!(write(&plain_root, off).is_none());
         let stats = write(&root, on).unwrap();
         assert!(stats.merges.load(Ordering::Relaxed) > 0);
+        assert!(stats.rows_written.load(Ordering::Relaxed) > 0);
+        // The encoder's files are in the merge's order (ICCIDs of 19 and
+        // 20 digits among them): merged without sorting again.
+        assert_eq!(stats.sorted_again.load(Ordering::Relaxed), 0);
         let listed = files(&root);
         let usage: Vec<&String> = listed
             .iter()
