@@ -664,6 +664,20 @@ fn flowcap_rep(
         "",
         "",
     );
+    // Records judged late (their cycle closed by the event clock): the
+    // workload's own late records, plus those of partitions consumed
+    // behind the others (the clock is the latest `end` over all of them;
+    // DECISIONS, *Kafka*).
+    let late = run.summary["late"].as_u64().unwrap_or(0);
+    report.row(
+        format!("{label} records classified late, rep {rep}"),
+        format!(
+            "{late} of {inputs} ({:.1} %)",
+            late as f64 * 100.0 / inputs.max(1) as f64
+        ),
+        "",
+        "",
+    );
     if let Some(workload) = check {
         check_run(&dir, workload, report)?;
     }
