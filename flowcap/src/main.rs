@@ -28,6 +28,7 @@ use flowcap_ingest::metrics::Source;
 use flowcap_ingest::{Health, HistoryConfig};
 use flowcap_loadgen::{Expected, Workload, WorkloadConfig};
 use flowcap_storage::history::compact::CompactionPolicy;
+use flowcap_storage::history::ZSTD_LEVELS;
 use flowcap_storage::HistoryLocation;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
@@ -142,7 +143,12 @@ struct RunArgs {
     history_compact_files: Option<usize>,
     /// zstd level of the history's Parquet files, 1 (least CPU) to 22
     /// (smallest files); default 1.
-    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(1..=22))]
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        value_parser = clap::value_parser!(i32)
+            .range(i64::from(*ZSTD_LEVELS.start())..=i64::from(*ZSTD_LEVELS.end()))
+    )]
     history_zstd_level: Option<i32>,
     /// Ignore snapshots in the output directory and start over.
     #[arg(long)]
@@ -374,8 +380,12 @@ fn history_config(args: &RunArgs, run: &RunSection) -> Result<Option<HistoryConf
         None => None,
     };
     let zstd_level = args.history_zstd_level.unwrap_or(run.history_zstd_level);
-    if !(1..=22).contains(&zstd_level) {
-        bail!("history_zstd_level {zstd_level} in the [run] table: zstd levels are 1 to 22");
+    if !ZSTD_LEVELS.contains(&zstd_level) {
+        bail!(
+            "history_zstd_level {zstd_level} in the [run] table: zstd levels are {} to {}",
+            ZSTD_LEVELS.start(),
+            ZSTD_LEVELS.end()
+        );
     }
     let defaults = HistoryConfig::default();
     Ok(Some(HistoryConfig {

@@ -563,6 +563,10 @@ fn write_file(
     Ok(dir)
 }
 
+/// The zstd levels the history's files may be written at (what Parquet's
+/// `ZstdLevel` accepts): one range for the CLI, the config check and here.
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=22;
+
 /// Columns of (nearly) one value per row, written without a dictionary.
 /// A row group's dictionary (8192 rows) never fills up, so Parquet keeps
 /// one for every column: for these it interns (hashes) every value, then
