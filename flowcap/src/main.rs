@@ -239,6 +239,9 @@ struct KafkaSection {
     max_run: usize,
     max_queued_records: usize,
     pause_after_ms: u64,
+    partition_skew_ms: u64,
+    partition_idle_ms: u64,
+    partition_max_hold_ms: u64,
     lease_timeout_secs: u64,
     /// librdkafka properties for every client.
     properties: std::collections::BTreeMap<String, String>,
@@ -258,13 +261,20 @@ impl Default for KafkaSection {
             snapshot_interval_secs: d.snapshot_interval.as_secs(),
             max_run: d.max_run,
             max_queued_records: d.max_queued_records,
-            pause_after_ms: u64::try_from(d.pause_after.as_millis()).unwrap_or(u64::MAX),
+            pause_after_ms: millis(d.pause_after),
+            partition_skew_ms: millis(d.align.skew),
+            partition_idle_ms: millis(d.align.idle),
+            partition_max_hold_ms: millis(d.align.max_hold),
             lease_timeout_secs: d.lease_timeout.as_secs(),
             properties: Default::default(),
             consumer: Default::default(),
             producer: Default::default(),
         }
     }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, Deserialize)]
@@ -463,6 +473,11 @@ fn run(args: RunArgs) -> Result<()> {
         options.max_run = file.kafka.max_run;
         options.max_queued_records = file.kafka.max_queued_records;
         options.pause_after = std::time::Duration::from_millis(file.kafka.pause_after_ms);
+        options.align = flowcap_ingest::kafka::AlignSettings {
+            skew: std::time::Duration::from_millis(file.kafka.partition_skew_ms),
+            idle: std::time::Duration::from_millis(file.kafka.partition_idle_ms),
+            max_hold: std::time::Duration::from_millis(file.kafka.partition_max_hold_ms),
+        };
         options.lease_timeout = std::time::Duration::from_secs(file.kafka.lease_timeout_secs);
         options.exit_when_idle = args
             .kafka

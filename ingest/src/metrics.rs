@@ -69,6 +69,17 @@ pub const CONSUMER_LAG: &str = "flowcap_consumer_lag";
 pub const PARTITION_PAUSED: &str = "flowcap_partition_paused";
 /// Times the consumer paused partitions because the pipeline fell behind.
 pub const BACKPRESSURE_PAUSES: &str = "flowcap_backpressure_pauses_total";
+/// Newest message timestamp read from a usage partition, unix seconds
+/// (labels `topic`, `partition`): how far apart partitions are in time.
+pub const PARTITION_TIME: &str = "flowcap_partition_time_seconds";
+/// Times a usage partition was held back for running ahead of the
+/// slowest (`kafka::align`).
+pub const PARTITION_HOLDS: &str = "flowcap_partition_holds_total";
+/// Times a partition held back for `max_hold` was read anyway.
+pub const PARTITION_HOLD_RELEASES: &str = "flowcap_partition_hold_releases_total";
+/// Times the slowest partition delivered nothing for `partition_idle` and
+/// stopped holding the others back.
+pub const PARTITION_SILENCES: &str = "flowcap_partition_silences_total";
 /// Messages sent to the dead-letter topic (label `reason`).
 pub const DLQ: &str = "flowcap_dlq_total";
 /// Output deliveries retried after a transient failure.
@@ -204,6 +215,30 @@ pub const CATALOG: &[(&str, Kind, &str, &str)] = &[
         Kind::Counter,
         "",
         "Times partitions were paused for backpressure.",
+    ),
+    (
+        PARTITION_TIME,
+        Kind::Gauge,
+        "topic, partition",
+        "Newest message timestamp read from the partition (unix seconds).",
+    ),
+    (
+        PARTITION_HOLDS,
+        Kind::Counter,
+        "",
+        "Times a usage partition was held back for running ahead of the slowest.",
+    ),
+    (
+        PARTITION_HOLD_RELEASES,
+        Kind::Counter,
+        "",
+        "Times a partition held back too long was read anyway.",
+    ),
+    (
+        PARTITION_SILENCES,
+        Kind::Counter,
+        "",
+        "Times the slowest partition went silent and stopped holding the others back.",
     ),
     (
         DLQ,
@@ -521,6 +556,12 @@ pub fn partition_paused(topic: &str, partition: i32, paused: bool) {
         .set(if paused { 1.0 } else { 0.0 });
 }
 
+/// Sets a partition's newest message timestamp (ms since the epoch).
+pub fn partition_time(topic: &str, partition: i32, millis: i64) {
+    gauge!(PARTITION_TIME, "topic" => topic.to_owned(), "partition" => partition.to_string())
+        .set(millis as f64 / 1000.0);
+}
+
 /// Counts one backpressure pause (of one or more partitions).
 pub fn backpressure_pause() {
     counter!(BACKPRESSURE_PAUSES).increment(1);
@@ -563,7 +604,7 @@ mod tests {
             assert!(!help.is_empty());
             assert!(seen.insert(name), "{name} listed twice");
         }
-        assert_eq!(seen.len(), 33);
+        assert_eq!(seen.len(), 37);
     }
 
     #[test]

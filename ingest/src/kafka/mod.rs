@@ -14,6 +14,9 @@
 //!   before the messages are processed, so a replay after a crash feeds
 //!   the engine the same sequence and emits the same events with the same
 //!   ids.
+//! - **Alignment**: each input has a queue of its own, and the usage
+//!   partitions are read together in message time, the one furthest
+//!   behind first (`align.rs`): one event clock serves them all.
 //! - **Outputs** (actions keyed by ICCID or pool id, dead letters, command
 //!   results keyed by command id) go through an idempotent producer; a
 //!   message whose delivery fails is sent again, never dropped.
@@ -36,28 +39,33 @@
 //!   Pools must be summed in one place, so until pools are repartitioned
 //!   (a later step) a second instance must never process.
 
+mod align;
 mod lease;
 mod order_log;
 mod producer;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ::metrics::Counter;
 use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
 use flowcap_engine::{EngineConfig, Timestamp};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::embedded::{IngestError, KafkaOut, Pipeline, Side, SourcePosition, Summary};
 use crate::metrics::{self as m, DriverMetrics, Source};
+pub use align::AlignSettings;
+use align::Alignment;
 use order_log::{OrderLog, ReplayRun, RunStart};
 pub(crate) use producer::Outbox;
 
@@ -134,6 +142,8 @@ pub struct KafkaOptions {
     /// chunk, a snapshot) is better absorbed by the bounded queues and
     /// the bounded prefetch (`queued.max.messages.kbytes`) than by a pause.
     pub pause_after: Duration,
+    /// How usage partitions are kept together in time (`kafka::align`).
+    pub align: AlignSettings,
     /// A holder silent for this long loses the lease to a stand-by.
     pub lease_timeout: Duration,
     /// Stop (snapshot, commit, exit) after no input arrived for this long
@@ -162,6 +172,7 @@ impl KafkaOptions {
             max_run: 4096,
             max_queued_records: 1 << 16,
             pause_after: Duration::from_secs(1),
+            align: AlignSettings::default(),
             lease_timeout: Duration::from_secs(10),
             exit_when_idle: None,
         }
@@ -206,6 +217,25 @@ pub enum KafkaRunError {
     /// The order log could not be read or written.
     #[error("order log: {0}")]
     OrderLog(std::io::Error),
+    /// librdkafka would not give a partition a queue of its own.
+    #[error("could not split partition {1} of {0:?} into a queue of its own")]
+    Split(String, i32),
+    /// A message arrived on the consumer's shared queue although every
+    /// input has a queue of its own: the driver could no longer keep the
+    /// partition's order, so it stops (a restart resumes exactly).
+    #[error("message {topic}/{partition}@{offset} arrived on the consumer's shared queue; partition queues are not split as expected")]
+    Unsplit {
+        /// Its topic.
+        topic: String,
+        /// Its partition.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+    },
+    /// The runs a batch started differ from those logged before it: the
+    /// order log would not replay it (a bug; a restart resumes exactly).
+    #[error("the order log's entries for a batch differ from the runs it started")]
+    RunsDisagree,
     /// The lease was lost while processing: another instance may now be
     /// active, so this one stops without a snapshot.
     #[error("lost the lease on {0:?} to another instance: stopping without processing further")]
@@ -256,7 +286,15 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.min.bytes", "1"),
     ("fetch.max.bytes", "52428800"),
     ("max.partition.fetch.bytes", "8388608"),
-    ("queued.max.messages.kbytes", "65536"),
+    // Per partition: every input has a queue of its own (`split_queues`),
+    // and librdkafka then bounds each one's prefetch by itself, by count
+    // (fetching stops above queued.min.messages) and by payload bytes.
+    // 25 k messages each is 100 k over 4 partitions, what the one shared
+    // queue held before the split (its default, 100 k per partition, cost
+    // 150 MB more at 4 partitions: librdkafka's per-message overhead is not
+    // in the byte count).
+    ("queued.min.messages", "25000"),
+    ("queued.max.messages.kbytes", "16384"),
     // When the prefetch queue is full (the engine is slower than the
     // fetcher, i.e. always under a backlog), librdkafka waits this long
     // before fetching that partition again. At its default (1,000 ms) the
@@ -395,7 +433,6 @@ pub fn run(
         };
         tpl.add_partition_offset(&c.topic, c.partition, offset)?;
     }
-    let mut inputs = Inputs::new(&cursors);
 
     let order_dir = options.data_dir.join("order");
     let runs = order_log::read_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
@@ -415,16 +452,21 @@ pub fn run(
         }
         _ => None,
     };
+    let queues = split_queues(&data, &cursors)?;
     data.assign(&tpl)?;
 
     let lag_positions: Arc<Vec<AtomicI64>> =
         Arc::new(cursors.iter().map(|c| AtomicI64::new(c.next)).collect());
+    let times: Arc<Vec<AtomicI64>> =
+        Arc::new(cursors.iter().map(|_| AtomicI64::new(i64::MIN)).collect());
     let lag_thread = spawn_lag_reporter(
         lag_client,
         cursors.clone(),
         Arc::clone(&lag_positions),
+        Arc::clone(&times),
         Arc::clone(&stop),
     );
+    let mut inputs = Inputs::new(&queues, &cursors, options.align, times);
 
     let shards = pipeline.sharded.shard_count();
     let mut driver = Driver {
@@ -432,6 +474,8 @@ pub fn run(
         pipeline,
         log,
         current_run: None,
+        staged: Vec::new(),
+        staged_at: 0,
         limits: options.limits,
         since_snapshot: 0,
         last_snapshot: Instant::now(),
@@ -472,14 +516,7 @@ pub fn run(
             // A slow broker shows here (a replay waits on one partition).
             if last_report.elapsed() >= Duration::from_secs(5) {
                 last_report = Instant::now();
-                tracing::info!(
-                    source,
-                    taken,
-                    next = cursors[i].next,
-                    stashed = inputs.stashed,
-                    paused = inputs.paused.iter().filter(|p| p.is_some()).count(),
-                    "replay in progress"
-                );
+                tracing::info!(source, taken, next = cursors[i].next, "replay in progress");
             }
             if let Some(message) = inputs.next_of(&data, i, Duration::from_millis(100))? {
                 taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
@@ -487,7 +524,6 @@ pub fn run(
         }
         driver.maybe_snapshot(options, &cursors, &data)?;
     }
-    inputs.resume_all(&data)?;
 
     status(&Status::Running);
     tracing::info!(
@@ -508,19 +544,15 @@ pub fn run(
         }
         let mut got = 0usize;
         while got < options.max_run {
-            // What is already fetched, up to a warm batch; never waits for
-            // more than the first message.
+            // What is already fetched and due, up to a warm batch; never
+            // waits for more than the first message.
             batch.clear();
-            while batch.len() < WARM_BATCH && got + batch.len() < options.max_run {
-                let Some(next) = inputs.next_any(&data, wait) else {
-                    break;
-                };
-                wait = Duration::ZERO;
-                batch.push(next);
-            }
+            let max = WARM_BATCH.min(options.max_run - got);
+            inputs.fill(&data, &mut batch, max, wait)?;
             if batch.is_empty() {
                 break;
             }
+            wait = Duration::ZERO;
             got += batch.len();
             driver.process_batch(&mut cursors, &batch)?;
         }
@@ -529,7 +561,8 @@ pub fn run(
             // hold records back, then wait briefly.
             driver.pipeline.sharded.flush();
             if let Some(idle) = options.exit_when_idle {
-                if last_input.elapsed() >= idle && !paused {
+                // A held message is input waiting for its turn, not idleness.
+                if last_input.elapsed() >= idle && !paused && !inputs.holding() {
                     // Fetching stops while the watermarks are asked for: a
                     // broker busy answering empty fetches (Tansu's durable
                     // storage) can starve those queries.
@@ -563,6 +596,7 @@ pub fn run(
             }
         } else if paused && queued <= options.max_queued_records / 2 {
             data.resume(&all)?;
+            inputs.restart();
             paused = false;
             for c in &cursors {
                 m::partition_paused(&c.topic, c.partition, false);
@@ -572,6 +606,12 @@ pub fn run(
     }
 
     status(&Status::Stopping);
+    tracing::info!(
+        holds = inputs.align.holds,
+        releases = inputs.align.releases,
+        silences = inputs.align.silences,
+        "partition alignment"
+    );
     driver.pipeline.sharded.engine();
     driver.snapshot(&cursors, &data)?;
     driver.after_commit(&data, true)?;
@@ -587,201 +627,241 @@ pub fn run(
     Ok(summary)
 }
 
-/// The consumer's one queue, in fetch order, plus a stash per partition
-/// for the replay: replaying the logged order needs one partition's
-/// messages while the broker delivers others too; those are kept (owned
-/// copies) until their turn; while too many wait, only the awaited
-/// partition is fetched. Outside a replay nothing is copied.
-struct Inputs {
-    stash: Vec<VecDeque<OwnedMessage>>,
-    /// Messages in all stashes.
-    stashed: usize,
-    paused: Vec<Option<TopicPartitionList>>,
-    /// Topic and partition of each source.
-    sources: Vec<(String, i32)>,
-    index: SourceIndex,
+/// A partition's own queue of fetched messages.
+type Queue = PartitionQueue<DefaultConsumerContext>;
+
+/// Gives every input its own queue ([`BaseConsumer::split_partition_queue`]),
+/// before the assignment starts fetching: the driver then chooses which
+/// partition to read ([`Inputs::fill`], [`Inputs::next_of`]) instead of
+/// taking the broker's fetch order, and librdkafka bounds each partition's
+/// prefetch on its own (`queued.min.messages`, `queued.max.messages.kbytes`
+/// apply per partition to split queues). librdkafka marks a split queue as
+/// forwarded by the application, so the assignment's fetch start does not
+/// forward it back to the consumer's queue.
+fn split_queues(data: &Arc<BaseConsumer>, cursors: &[Cursor]) -> Result<Vec<Queue>, KafkaRunError> {
+    cursors
+        .iter()
+        .map(|c| {
+            data.split_partition_queue(&c.topic, c.partition)
+                .ok_or_else(|| KafkaRunError::Split(c.topic.clone(), c.partition))
+        })
+        .collect()
 }
 
-/// Stashed messages (all partitions together) above which every partition
-/// but the one the replay waits for is paused until its turn: memory stays
-/// bounded whatever the number of partitions, and the broker serves the
-/// awaited partition alone (a broker that fills each fetch from one
-/// partition, as Tansu does, otherwise serves it once per round of all).
-const STASH_LIMIT: usize = 50_000;
+/// Reading the inputs: the commands partition whenever it has messages,
+/// then the usage partitions in the order [`Alignment`] plans (the one
+/// furthest behind first), each while its messages' timestamps stay
+/// within the plan's limit. A message past the limit is held as the
+/// source's *head* (taken from librdkafka, not yet handed out: its offset
+/// is not processed, so a snapshot never covers it) until the others
+/// catch up. During a replay, exactly the awaited partition.
+struct Inputs<'a> {
+    queues: &'a [Queue],
+    align: Alignment,
+    commands: Vec<usize>,
+    /// Each source's held message.
+    heads: Vec<Option<BorrowedMessage<'a>>>,
+    /// Each source's newest timestamp handed out (ms; `i64::MIN` before
+    /// the first), also read by the lag reporter.
+    times: Arc<Vec<AtomicI64>>,
+    /// The current plan (kept for its capacity).
+    order: Vec<usize>,
+    holds: Counter,
+    releases: Counter,
+    silences: Counter,
+    published: (u64, u64, u64),
+}
 
-impl Inputs {
-    fn new(cursors: &[Cursor]) -> Inputs {
+impl<'a> Inputs<'a> {
+    fn new(
+        queues: &'a [Queue],
+        cursors: &[Cursor],
+        settings: AlignSettings,
+        times: Arc<Vec<AtomicI64>>,
+    ) -> Inputs<'a> {
+        let usage = (0..cursors.len())
+            .filter(|&i| !cursors[i].commands)
+            .collect();
         Inputs {
-            stash: cursors.iter().map(|_| VecDeque::new()).collect(),
-            stashed: 0,
-            sources: cursors
-                .iter()
-                .map(|c| (c.topic.clone(), c.partition))
+            queues,
+            align: Alignment::new(settings, cursors.len(), usage, Instant::now()),
+            commands: (0..cursors.len())
+                .filter(|&i| cursors[i].commands)
                 .collect(),
-            paused: cursors.iter().map(|_| None).collect(),
-            index: SourceIndex::new(cursors),
+            heads: cursors.iter().map(|_| None).collect(),
+            times,
+            order: Vec::new(),
+            holds: ::metrics::counter!(m::PARTITION_HOLDS),
+            releases: ::metrics::counter!(m::PARTITION_HOLD_RELEASES),
+            silences: ::metrics::counter!(m::PARTITION_SILENCES),
+            published: (0, 0, 0),
         }
     }
 
-    fn source_of(&self, m: &BorrowedMessage<'_>) -> Option<usize> {
-        let source = self.index.get(m.topic(), m.partition());
-        if source.is_none() {
-            tracing::warn!(
-                topic = m.topic(),
-                partition = m.partition(),
-                "message from an unassigned partition"
-            );
-        }
-        source
-    }
-
-    /// The next message of source `i` (replay), stashing others.
-    fn next_of<'a>(
+    /// The next message of source `i` (replay). The others wait in their
+    /// own queues, whose prefetch librdkafka bounds.
+    fn next_of(
         &mut self,
-        data: &'a BaseConsumer,
+        data: &BaseConsumer,
         i: usize,
         timeout: Duration,
-    ) -> Result<Option<OwnedOrBorrowed<'a>>, KafkaRunError> {
-        if let Some(m) = self.stash[i].pop_front() {
-            self.stashed -= 1;
-            return Ok(Some(OwnedOrBorrowed::Owned(m)));
+    ) -> Result<Option<BorrowedMessage<'a>>, KafkaRunError> {
+        serve(data)?;
+        let message = match self.heads[i].take() {
+            Some(m) => Some(m),
+            None => take(&self.queues[i], timeout),
+        };
+        if let Some(m) = &message {
+            self.handed_out(i, m);
+            self.align.taken(i, Instant::now());
         }
-        if let Some(tpl) = self.paused[i].take() {
-            data.resume(&tpl)?;
-        }
-        match data.poll(timeout) {
-            Some(Ok(m)) => match self.source_of(&m) {
-                Some(s) if s == i => Ok(Some(OwnedOrBorrowed::Borrowed(m))),
-                Some(s) => {
-                    self.stash[s].push_back(m.detach());
-                    self.stashed += 1;
-                    if self.stashed > STASH_LIMIT {
-                        for j in (0..self.stash.len()).filter(|&j| j != i) {
-                            self.pause(data, j)?;
-                        }
-                    }
-                    Ok(None)
-                }
-                None => Ok(None),
-            },
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "consumer error");
-                Ok(None)
-            }
-            None => Ok(None),
-        }
+        Ok(message)
     }
 
-    /// Pauses source `j` (its fetched but unread messages are dropped by
-    /// librdkafka and fetched again when it resumes).
-    fn pause(&mut self, data: &BaseConsumer, j: usize) -> Result<(), KafkaRunError> {
-        if self.paused[j].is_none() {
-            let (topic, partition) = &self.sources[j];
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(topic, *partition);
-            data.pause(&tpl)?;
-            self.paused[j] = Some(tpl);
-        }
-        Ok(())
-    }
-
-    /// Resumes partitions paused during the replay.
-    fn resume_all(&mut self, data: &BaseConsumer) -> Result<(), KafkaRunError> {
-        for tpl in self.paused.iter_mut().filter_map(Option::take) {
-            data.resume(&tpl)?;
-        }
-        Ok(())
-    }
-
-    /// The next message of any source: stashed ones first (they were
-    /// fetched before anything still in the queue), then the queue.
-    fn next_any<'a>(
+    /// Appends up to `max` messages to `batch`: the commands partition's
+    /// if it has any, else the usage partitions' as planned. When there is
+    /// nothing to hand out, waits up to `wait` on the slowest partition.
+    fn fill(
         &mut self,
-        data: &'a BaseConsumer,
-        timeout: Duration,
-    ) -> Option<(usize, OwnedOrBorrowed<'a>)> {
-        if let Some(i) = self.stash.iter().position(|s| !s.is_empty()) {
-            let m = self.stash[i].pop_front()?;
-            self.stashed -= 1;
-            return Some((i, OwnedOrBorrowed::Owned(m)));
+        data: &BaseConsumer,
+        batch: &mut Vec<(usize, BorrowedMessage<'a>)>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), KafkaRunError> {
+        serve(data)?;
+        for k in 0..self.commands.len() {
+            self.take_run(self.commands[k], i64::MAX, batch, max);
         }
-        match data.poll(timeout) {
-            Some(Ok(m)) => {
-                let i = self.source_of(&m)?;
-                Some((i, OwnedOrBorrowed::Borrowed(m)))
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "consumer error");
-                None
-            }
-            None => None,
+        if !batch.is_empty() {
+            return Ok(());
         }
-    }
-}
-
-/// The source of each (topic, partition), grouped by topic: found per
-/// message without allocating or hashing (a `(String, i32)` map key cost
-/// an allocation per message).
-struct SourceIndex(Vec<(String, Vec<Option<usize>>)>);
-
-impl SourceIndex {
-    fn new(cursors: &[Cursor]) -> SourceIndex {
-        let mut index: Vec<(String, Vec<Option<usize>>)> = Vec::new();
-        for (i, c) in cursors.iter().enumerate() {
-            let Ok(p) = usize::try_from(c.partition) else {
-                continue;
-            };
-            let at = match index.iter().position(|(t, _)| *t == c.topic) {
-                Some(at) => at,
-                None => {
-                    index.push((c.topic.clone(), Vec::new()));
-                    index.len() - 1
+        let mut order = std::mem::take(&mut self.order);
+        // Plan again while the last plan handed something out: a source
+        // stops at the limit, and the floor moves as the slowest is read.
+        let floor = loop {
+            let now = Instant::now();
+            let (heads, times) = (&self.heads, &self.times);
+            let plan = self.align.plan(
+                now,
+                |i| match &heads[i] {
+                    Some(m) => m.timestamp().to_millis().unwrap_or(i64::MIN),
+                    None => times[i].load(Ordering::Relaxed),
+                },
+                &mut order,
+            );
+            let floor = plan.floor.or(order.first().copied());
+            let before = batch.len();
+            for &i in &order {
+                if batch.len() >= max {
+                    break;
                 }
-            };
-            let partitions = &mut index[at].1;
-            if partitions.len() <= p {
-                partitions.resize(p + 1, None);
+                let limit = self.align.limit(&plan, i);
+                if self.take_run(i, limit, batch, max) > 0 {
+                    self.align.taken(i, now);
+                }
             }
-            partitions[p] = Some(i);
+            if batch.len() == before || batch.len() >= max {
+                break floor;
+            }
+        };
+        self.publish();
+        self.order = order;
+        if batch.is_empty() && !wait.is_zero() {
+            if let Some(i) = floor {
+                if let Some(m) = take(&self.queues[i], wait) {
+                    // Back to the head: the next plan decides.
+                    self.heads[i] = Some(m);
+                }
+            }
         }
-        SourceIndex(index)
+        Ok(())
     }
 
-    fn get(&self, topic: &str, partition: i32) -> Option<usize> {
-        let p = usize::try_from(partition).ok()?;
-        let (_, partitions) = self.0.iter().find(|(t, _)| t == topic)?;
-        partitions.get(p).copied().flatten()
+    /// Whether a message is held for its turn.
+    fn holding(&self) -> bool {
+        self.heads.iter().any(Option::is_some)
+    }
+
+    /// After a (backpressure) pause of every partition: nothing could
+    /// deliver meanwhile, so none counts as silent.
+    fn restart(&mut self) {
+        self.align.restart(Instant::now());
+    }
+
+    /// Appends source `i`'s messages up to timestamp `limit` (a message
+    /// without one passes), at most `max` in `batch`; how many.
+    fn take_run(
+        &mut self,
+        i: usize,
+        limit: i64,
+        batch: &mut Vec<(usize, BorrowedMessage<'a>)>,
+        max: usize,
+    ) -> usize {
+        let before = batch.len();
+        while batch.len() < max {
+            let Some(m) = self.heads[i]
+                .take()
+                .or_else(|| take(&self.queues[i], Duration::ZERO))
+            else {
+                break;
+            };
+            if m.timestamp().to_millis().is_some_and(|ts| ts > limit) {
+                self.heads[i] = Some(m);
+                break;
+            }
+            self.handed_out(i, &m);
+            batch.push((i, m));
+        }
+        batch.len() - before
+    }
+
+    fn handed_out(&self, i: usize, m: &BorrowedMessage<'_>) {
+        if let Some(ts) = m.timestamp().to_millis() {
+            // One writer (the driver's thread).
+            let time = &self.times[i];
+            if ts > time.load(Ordering::Relaxed) {
+                time.store(ts, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let a = &self.align;
+        let now = (a.holds, a.releases, a.silences);
+        if now != self.published {
+            self.holds.increment(now.0 - self.published.0);
+            self.releases.increment(now.1 - self.published.1);
+            self.silences.increment(now.2 - self.published.2);
+            self.published = now;
+        }
     }
 }
 
-/// A message from the stash or straight from a queue (no copy).
-enum OwnedOrBorrowed<'a> {
-    Owned(OwnedMessage),
-    Borrowed(BorrowedMessage<'a>),
+/// Serves the consumer's own queue (errors, commit results). No message
+/// can arrive there: every input has a queue of its own.
+fn serve(data: &BaseConsumer) -> Result<(), KafkaRunError> {
+    match data.poll(Duration::ZERO) {
+        Some(Ok(m)) => Err(KafkaRunError::Unsplit {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+        }),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "consumer error");
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }
 
-impl OwnedOrBorrowed<'_> {
-    fn offset(&self) -> i64 {
-        match self {
-            OwnedOrBorrowed::Owned(m) => m.offset(),
-            OwnedOrBorrowed::Borrowed(m) => m.offset(),
+/// The next message of a queue, waiting up to `timeout`.
+fn take(queue: &Queue, timeout: Duration) -> Option<BorrowedMessage<'_>> {
+    match queue.poll(timeout)? {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "consumer error");
+            None
         }
-    }
-
-    fn payload(&self) -> &[u8] {
-        match self {
-            OwnedOrBorrowed::Owned(m) => m.payload(),
-            OwnedOrBorrowed::Borrowed(m) => m.payload(),
-        }
-        .unwrap_or_default()
-    }
-
-    fn timestamp_ms(&self) -> Option<i64> {
-        match self {
-            OwnedOrBorrowed::Owned(m) => m.timestamp(),
-            OwnedOrBorrowed::Borrowed(m) => m.timestamp(),
-        }
-        .to_millis()
     }
 }
 
@@ -872,6 +952,7 @@ fn spawn_lag_reporter(
     consumer: BaseConsumer,
     cursors: Vec<Cursor>,
     positions: Arc<Vec<AtomicI64>>,
+    times: Arc<Vec<AtomicI64>>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -882,6 +963,12 @@ fn spawn_lag_reporter(
                     for (i, (c, high)) in cursors.iter().zip(highs).enumerate() {
                         let next = positions[i].load(Ordering::Relaxed);
                         m::consumer_lag(&c.topic, c.partition, high - next);
+                    }
+                }
+                for (c, time) in cursors.iter().zip(times.iter()) {
+                    let time = time.load(Ordering::Relaxed);
+                    if time != i64::MIN && !c.commands {
+                        m::partition_time(&c.topic, c.partition, time);
                     }
                 }
                 for _ in 0..10 {
@@ -906,6 +993,10 @@ struct Driver {
     log: OrderLog,
     /// Source of the run in progress.
     current_run: Option<u32>,
+    /// The runs [`Driver::log_runs`] logged for the batch in progress,
+    /// and how many of them processing has started.
+    staged: Vec<RunStart>,
+    staged_at: usize,
     next_seq: u64,
     limits: DecodeLimits,
     since_snapshot: u64,
@@ -932,13 +1023,14 @@ impl Driver {
     fn process_batch(
         &mut self,
         cursors: &mut [Cursor],
-        batch: &[(usize, OwnedOrBorrowed<'_>)],
+        batch: &[(usize, BorrowedMessage<'_>)],
     ) -> Result<(), KafkaRunError> {
+        self.log_runs(cursors, batch)?;
         let mut decoded = std::mem::take(&mut self.decoded);
         decoded.clear();
         decoded.extend(batch.iter().map(|(i, m)| {
             let usage = !cursors[*i].commands && m.offset() >= cursors[*i].next;
-            usage.then(|| decode(m.payload(), &self.limits))
+            usage.then(|| decode(m.payload().unwrap_or_default(), &self.limits))
         }));
         self.pipeline
             .sharded
@@ -951,7 +1043,55 @@ impl Driver {
                     .map(|_| ())
             });
         self.decoded = decoded;
-        done
+        let logged = std::mem::take(&mut self.staged);
+        let unmatched = logged.len() - self.staged_at;
+        self.staged = logged;
+        self.staged.clear();
+        self.staged_at = 0;
+        done?;
+        if unmatched > 0 {
+            return Err(KafkaRunError::RunsDisagree);
+        }
+        Ok(())
+    }
+
+    /// Writes the order-log entries of the runs `batch` will start, in
+    /// one `write`, before any of its messages is processed (an output
+    /// must never leave before the entry that replays its input). Runs
+    /// are short when partitions are read together in time, so one write
+    /// per run would be one per few messages. [`Driver::process_decoded`]
+    /// checks each run it starts against these.
+    fn log_runs(
+        &mut self,
+        cursors: &[Cursor],
+        batch: &[(usize, BorrowedMessage<'_>)],
+    ) -> Result<(), KafkaRunError> {
+        let mut seq = self.next_seq;
+        let mut run = self.current_run;
+        for (i, m) in batch {
+            let offset = m.offset();
+            // As in `process_decoded`: offsets rise within a partition,
+            // so the cursor at the batch's start decides.
+            if offset < cursors[*i].next {
+                continue;
+            }
+            let source = *i as u32;
+            if run != Some(source) {
+                self.staged.push(RunStart {
+                    seq,
+                    source,
+                    offset,
+                });
+                run = Some(source);
+            }
+            seq += 1;
+        }
+        if !self.staged.is_empty() {
+            self.log
+                .append_all(&self.staged)
+                .map_err(KafkaRunError::OrderLog)?;
+        }
+        Ok(())
     }
 
     /// Processes one message; false when it was already covered (a
@@ -960,7 +1100,7 @@ impl Driver {
         &mut self,
         source: u32,
         cursor: &mut Cursor,
-        message: &OwnedOrBorrowed<'_>,
+        message: &BorrowedMessage<'_>,
     ) -> Result<bool, KafkaRunError> {
         self.process_decoded(source, cursor, message, None)
     }
@@ -971,7 +1111,7 @@ impl Driver {
         &mut self,
         source: u32,
         cursor: &mut Cursor,
-        message: &OwnedOrBorrowed<'_>,
+        message: &BorrowedMessage<'_>,
         decoded: Option<Decoded>,
     ) -> Result<bool, KafkaRunError> {
         let offset = message.offset();
@@ -979,13 +1119,18 @@ impl Driver {
             return Ok(false);
         }
         if self.current_run != Some(source) {
-            self.log
-                .append(RunStart {
-                    seq: self.next_seq,
-                    source,
-                    offset,
-                })
-                .map_err(KafkaRunError::OrderLog)?;
+            let run = RunStart {
+                seq: self.next_seq,
+                source,
+                offset,
+            };
+            if self.staged.is_empty() {
+                self.log.append(run).map_err(KafkaRunError::OrderLog)?;
+            } else if self.staged.get(self.staged_at) == Some(&run) {
+                self.staged_at += 1;
+            } else {
+                return Err(KafkaRunError::RunsDisagree);
+            }
             self.current_run = Some(source);
         }
         let seq = self.next_seq;
@@ -994,8 +1139,8 @@ impl Driver {
         self.lag_positions[source as usize].store(cursor.next, Ordering::Relaxed);
         self.inputs += 1;
         self.since_snapshot += 1;
-        let payload = message.payload();
-        let received = message.timestamp_ms();
+        let payload = message.payload().unwrap_or_default();
+        let received = message.timestamp().to_millis();
         let position = || SourcePosition {
             topic: cursor.topic.clone(),
             partition: cursor.partition,
@@ -1133,37 +1278,5 @@ fn decode(
         decode_binary(payload, limits)
     } else {
         decode_json(payload, limits)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cursor(topic: &str, partition: i32) -> Cursor {
-        Cursor {
-            topic: topic.to_owned(),
-            partition,
-            commands: topic == "cmd",
-            next: 0,
-        }
-    }
-
-    #[test]
-    fn source_index_finds_every_cursor_by_topic_and_partition() {
-        let index = SourceIndex::new(&[
-            cursor("usage", 0),
-            cursor("usage", 3),
-            cursor("cmd", 0),
-            cursor("usage", 1),
-        ]);
-        assert_eq!(index.get("usage", 0), Some(0));
-        assert_eq!(index.get("usage", 3), Some(1));
-        assert_eq!(index.get("cmd", 0), Some(2));
-        assert_eq!(index.get("usage", 1), Some(3));
-        assert_eq!(index.get("usage", 2), None);
-        assert_eq!(index.get("usage", 4), None);
-        assert_eq!(index.get("usage", -1), None);
-        assert_eq!(index.get("other", 0), None);
     }
 }

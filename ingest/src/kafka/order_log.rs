@@ -50,11 +50,25 @@ pub(crate) struct ReplayRun {
     pub(crate) count: Option<u64>,
 }
 
+/// An entry as stored: seq, source, offset (little-endian), CRC32 of
+/// those 20 bytes.
+fn encode(run: RunStart) -> [u8; ENTRY_LEN] {
+    let mut buf = [0u8; ENTRY_LEN];
+    buf[0..8].copy_from_slice(&run.seq.to_le_bytes());
+    buf[8..12].copy_from_slice(&run.source.to_le_bytes());
+    buf[12..20].copy_from_slice(&run.offset.to_le_bytes());
+    let check = crc32fast::hash(&buf[..20]);
+    buf[20..24].copy_from_slice(&check.to_le_bytes());
+    buf
+}
+
 /// Appends run starts to the current segment.
 #[derive(Debug)]
 pub(crate) struct OrderLog {
     dir: PathBuf,
     file: File,
+    /// [`OrderLog::append_all`]'s buffer (kept for its capacity).
+    scratch: Vec<u8>,
 }
 
 impl OrderLog {
@@ -65,6 +79,7 @@ impl OrderLog {
         Ok(OrderLog {
             dir: dir.to_owned(),
             file,
+            scratch: Vec::new(),
         })
     }
 
@@ -78,13 +93,17 @@ impl OrderLog {
 
     /// Records the start of a run (one `write` call).
     pub(crate) fn append(&mut self, run: RunStart) -> std::io::Result<()> {
-        let mut buf = [0u8; ENTRY_LEN];
-        buf[0..8].copy_from_slice(&run.seq.to_le_bytes());
-        buf[8..12].copy_from_slice(&run.source.to_le_bytes());
-        buf[12..20].copy_from_slice(&run.offset.to_le_bytes());
-        let check = crc32fast::hash(&buf[..20]);
-        buf[20..24].copy_from_slice(&check.to_le_bytes());
-        self.file.write_all(&buf)
+        self.file.write_all(&encode(run))
+    }
+
+    /// Records the starts of several runs in one `write` call (a batch's
+    /// runs, before any of its messages is processed).
+    pub(crate) fn append_all(&mut self, runs: &[RunStart]) -> std::io::Result<()> {
+        self.scratch.clear();
+        for &run in runs {
+            self.scratch.extend_from_slice(&encode(run));
+        }
+        self.file.write_all(&self.scratch)
     }
 
     /// Makes the log durable and starts a new segment at the cut of a
