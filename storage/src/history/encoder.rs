@@ -61,11 +61,40 @@ impl Written {
         self.files += other.files;
         self.dirs.extend(other.dirs);
     }
+
+    /// Stores `batch` as the file `name` of a table's partition and notes
+    /// it.
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &mut self,
+        files: &HistoryFiles,
+        options: &HistoryOptions,
+        table: &str,
+        partitioning: Partitioning,
+        value: &str,
+        name: &str,
+        batch: &RecordBatch,
+    ) -> Result<(), HistoryError> {
+        self.dirs.push(write_file(
+            files,
+            options,
+            table,
+            partitioning,
+            value,
+            name,
+            batch,
+        )?);
+        self.files += 1;
+        Ok(())
+    }
 }
 
 enum Job {
     /// One chunk of rows, stored as the file `name` of each partition.
     Chunk { name: String, rows: Box<ChunkRows> },
+    /// The window's last job before its state dumps: its per-card sums,
+    /// stored as the file `name` of each partition.
+    CloseWindow { name: String },
     /// The state dumps of a snapshot through `through`: every pool, and
     /// (when `cards`) every card, in the partition of local day `day`.
     State {
@@ -116,11 +145,13 @@ impl ChunkEncoder {
         let (done_tx, done) = unbounded();
         let (recycle_tx, recycled) = bounded(RECYCLED_VECS);
         let thread = crate::background::spawn("flowcap-history", move || {
+            let mut sums = WindowSums::default();
             for job in job_rx {
                 let result = match job {
                     Job::Chunk { name, rows } => {
-                        store_chunk(&files, &options, &name, *rows, &recycle_tx)
+                        store_chunk(&files, &options, &name, *rows, &mut sums, &recycle_tx)
                     }
+                    Job::CloseWindow { name } => store_sums(&files, &options, &name, &mut sums),
                     Job::State {
                         through,
                         clock,
@@ -165,6 +196,14 @@ impl ChunkEncoder {
             name,
             rows: Box::new(rows),
         })?;
+        Ok(written)
+    }
+
+    /// Closes the window: its per-card sums are stored as the files
+    /// `name` (never waits).
+    pub(super) fn close_window(&mut self, name: String) -> Result<Written, HistoryError> {
+        let written = self.poll()?;
+        self.send(Job::CloseWindow { name })?;
         Ok(written)
     }
 
@@ -278,17 +317,7 @@ fn store_state(
                      name: &str,
                      batch: &RecordBatch|
      -> Result<(), HistoryError> {
-        written.dirs.push(write_file(
-            files,
-            options,
-            table,
-            partitioning,
-            value,
-            name,
-            batch,
-        )?);
-        written.files += 1;
-        Ok(())
+        written.store(files, options, table, partitioning, value, name, batch)
     };
     let mut by_cycle: HashMap<CycleId, Vec<&PoolView>> = HashMap::new();
     for p in pools {
@@ -328,6 +357,52 @@ fn store_state(
     Ok(written)
 }
 
+/// Stores a window's per-card sums as the file `name` of each day and
+/// cycle partition, sorted by card, and empties them.
+fn store_sums(
+    files: &HistoryFiles,
+    options: &HistoryOptions,
+    name: &str,
+    sums: &mut WindowSums,
+) -> Result<Written, HistoryError> {
+    let mut written = Written::default();
+    let mut by_day: HashMap<i64, Vec<(Iccid, UsageSums)>> = HashMap::new();
+    for ((day, iccid), s) in sums.daily.drain() {
+        by_day.entry(day).or_default().push((iccid, s));
+    }
+    for (day, mut rows) in by_day {
+        rows.sort_unstable_by_key(|r| r.0);
+        let batch = daily_batch(day, &rows)?;
+        written.store(
+            files,
+            options,
+            schema::CARD_DAILY_USAGE_PARTS,
+            Partitioning::Date,
+            &date_value(day),
+            name,
+            &batch,
+        )?;
+    }
+    let mut by_cycle: HashMap<CycleId, Vec<(Iccid, Option<Carrier>, UsageSums)>> = HashMap::new();
+    for ((cycle, iccid), (_, carrier, s)) in sums.cycles.drain() {
+        by_cycle.entry(cycle).or_default().push((iccid, carrier, s));
+    }
+    for (cycle, mut rows) in by_cycle {
+        rows.sort_unstable_by_key(|r| r.0);
+        let batch = cycle_batch(&rows)?;
+        written.store(
+            files,
+            options,
+            schema::CARD_CYCLE_USAGE_PARTS,
+            Partitioning::Cycle,
+            &cycle.to_string(),
+            name,
+            &batch,
+        )?;
+    }
+    Ok(written)
+}
+
 /// One day's sums per card, from its rows sorted by card.
 fn daily_sums(sorted: &[Accounted]) -> Vec<(Iccid, UsageSums)> {
     let mut sums: Vec<(Iccid, UsageSums)> = Vec::new();
@@ -344,22 +419,45 @@ fn daily_sums(sorted: &[Accounted]) -> Vec<(Iccid, UsageSums)> {
     sums
 }
 
-/// Sorts, encodes and stores one chunk: one file per table and partition.
+/// A window's per-card sums, added up over its chunks and stored when it
+/// closes ([`store_sums`]): `card_daily_usage_parts` and
+/// `card_cycle_usage_parts` then get a row per card and day (cycle) per
+/// *window*, not per chunk. Per chunk, a chunk of records interleaved
+/// from every partition touches nearly every card: the aggregate rows were
+/// then almost as many as the records, and encoding them took a quarter
+/// more of the encoder's time than when partitions came in long runs
+/// (docs/BENCHMARKS.md §8). Stored early, with a chunk, once they hold
+/// `roll_rows` entries (memory stays bounded whatever the window's length).
+#[derive(Default)]
+struct WindowSums {
+    daily: HashMap<(i64, Iccid), UsageSums>,
+    /// Per (cycle, card): the seq and carrier of its earliest record in
+    /// the window, and the sums.
+    cycles: HashMap<(CycleId, Iccid), (u64, Option<Carrier>, UsageSums)>,
+}
+
+impl WindowSums {
+    fn len(&self) -> usize {
+        self.daily.len() + self.cycles.len()
+    }
+}
+
+/// Sorts, encodes and stores one chunk: one file per table and partition;
+/// its per-card sums go to `sums` (stored with this chunk only when they
+/// have grown to `roll_rows`).
 fn store_chunk(
     files: &HistoryFiles,
     options: &HistoryOptions,
     name: &str,
     rows: ChunkRows,
+    sums: &mut WindowSums,
     recycle: &Sender<Vec<Accounted>>,
 ) -> Result<Written, HistoryError> {
     let mut written = Written::default();
-    // Per (cycle, card): the carrier of its earliest record in the chunk
-    // (as the seq says), and the sums.
-    let mut cycles: HashMap<(CycleId, Iccid), (u64, Option<Carrier>, UsageSums)> = HashMap::new();
     for (day, mut rows) in rows.usage {
         rows.sort_unstable_by_key(|a| (a.usage.iccid, a.usage.end, a.seq));
         let batch = usage_batch(&rows)?;
-        written.dirs.push(write_file(
+        written.store(
             files,
             options,
             schema::USAGE_RECORDS,
@@ -367,60 +465,42 @@ fn store_chunk(
             &date_value(day),
             name,
             &batch,
-        )?);
-        written.files += 1;
-        let batch = daily_batch(day, &daily_sums(&rows))?;
-        written.dirs.push(write_file(
-            files,
-            options,
-            schema::CARD_DAILY_USAGE_PARTS,
-            Partitioning::Date,
-            &date_value(day),
-            name,
-            &batch,
-        )?);
-        written.files += 1;
-        for a in &rows {
-            let (first, carrier, sums) = cycles.entry((a.cycle, a.usage.iccid)).or_insert((
-                a.seq,
-                a.usage.carrier,
-                UsageSums::default(),
-            ));
-            if a.seq < *first {
-                (*first, *carrier) = (a.seq, a.usage.carrier);
+        )?;
+        // Summed per card over the sorted rows first: one map update per
+        // card of the chunk, not per record.
+        for (iccid, s) in daily_sums(&rows) {
+            sums.daily.entry((day, iccid)).or_default().merge(&s);
+        }
+        for run in rows.chunk_by(|a, b| (a.cycle, a.usage.iccid) == (b.cycle, b.usage.iccid)) {
+            let mut chunk_sums = UsageSums::default();
+            let mut earliest = &run[0];
+            for a in run {
+                chunk_sums.add(a);
+                if a.seq < earliest.seq {
+                    earliest = a;
+                }
             }
-            sums.add(a);
+            let (first, carrier, window) = sums
+                .cycles
+                .entry((earliest.cycle, earliest.usage.iccid))
+                .or_insert((earliest.seq, earliest.usage.carrier, UsageSums::default()));
+            if earliest.seq < *first {
+                (*first, *carrier) = (earliest.seq, earliest.usage.carrier);
+            }
+            window.merge(&chunk_sums);
         }
         rows.clear();
         // Full: the writer has enough; this one is freed.
         let _ = recycle.try_send(rows);
     }
-    let mut by_cycle: HashMap<CycleId, Vec<(Iccid, Option<Carrier>, UsageSums)>> = HashMap::new();
-    for ((cycle, iccid), (_, carrier, sums)) in cycles {
-        by_cycle
-            .entry(cycle)
-            .or_default()
-            .push((iccid, carrier, sums));
-    }
-    for (cycle, mut rows) in by_cycle {
-        rows.sort_unstable_by_key(|r| r.0);
-        let batch = cycle_batch(&rows)?;
-        written.dirs.push(write_file(
-            files,
-            options,
-            schema::CARD_CYCLE_USAGE_PARTS,
-            Partitioning::Cycle,
-            &cycle.to_string(),
-            name,
-            &batch,
-        )?);
-        written.files += 1;
+    if sums.len() >= options.roll_rows {
+        written.add(store_sums(files, options, name, sums)?);
     }
     let quarantine = rows.quarantine;
     for (day, mut rows) in quarantine {
         rows.sort_by_key(|q| q.seq);
         let batch = quarantine_batch(&rows)?;
-        written.dirs.push(write_file(
+        written.store(
             files,
             options,
             schema::QUARANTINE,
@@ -428,14 +508,13 @@ fn store_chunk(
             &date_value(day),
             name,
             &batch,
-        )?);
-        written.files += 1;
+        )?;
     }
     let changes = rows.changes;
     for (day, mut rows) in changes {
         rows.sort_by_cached_key(|r| change_key(&r.event));
         let batch = changes_batch(&rows)?;
-        written.dirs.push(write_file(
+        written.store(
             files,
             options,
             schema::STATE_CHANGES,
@@ -443,8 +522,7 @@ fn store_chunk(
             &date_value(day),
             name,
             &batch,
-        )?);
-        written.files += 1;
+        )?;
     }
     let executions = rows.executions;
     for (day, mut rows) in executions {
@@ -461,7 +539,7 @@ fn store_chunk(
                 ))
         });
         let batch = executions_batch(&rows)?;
-        written.dirs.push(write_file(
+        written.store(
             files,
             options,
             schema::RULE_EXECUTIONS,
@@ -469,14 +547,13 @@ fn store_chunk(
             &date_value(day),
             name,
             &batch,
-        )?);
-        written.files += 1;
+        )?;
     }
     let deliveries = rows.deliveries;
     for (day, mut rows) in deliveries {
         rows.sort_by(|a, b| (a.done.at_ms, &a.message.id).cmp(&(b.done.at_ms, &b.message.id)));
         let batch = deliveries_batch(&rows)?;
-        written.dirs.push(write_file(
+        written.store(
             files,
             options,
             schema::RULE_DELIVERIES,
@@ -484,14 +561,13 @@ fn store_chunk(
             &date_value(day),
             name,
             &batch,
-        )?);
-        written.files += 1;
+        )?;
     }
     let journal = rows.journal;
     for (day, mut rows) in journal {
         rows.sort_by_key(|r| r.seq);
         let batch = journal_batch(&rows)?;
-        written.dirs.push(write_file(
+        written.store(
             files,
             options,
             schema::COMMAND_JOURNAL,
@@ -499,8 +575,7 @@ fn store_chunk(
             &date_value(day),
             name,
             &batch,
-        )?);
-        written.files += 1;
+        )?;
     }
     Ok(written)
 }

@@ -37,10 +37,11 @@
 //!
 //! # Aggregates
 //!
-//! `card_daily_usage_parts` and `card_cycle_usage_parts` hold, per window
-//! (chunk), the usage each card added to each day and cycle: a few rows per
-//! card per window instead of one per record, so console queries never
-//! scan raw records. The SQL views `card_daily_usage` and
+//! `card_daily_usage_parts` and `card_cycle_usage_parts` hold, per window,
+//! the usage each card added to each day and cycle: a few rows per card
+//! per window instead of one per record, so console queries never scan
+//! raw records. They are written when the window closes (or earlier, with
+//! a chunk, once they hold [`HistoryOptions::roll_rows`] entries). The SQL views `card_daily_usage` and
 //! `card_cycle_usage` sum them. A late record lands in its own (closed)
 //! day and cycle and is counted in `late_records` / `late_bytes` there.
 //! `pool_cycle_usage` and `cards` are written from the engine's state at
@@ -209,6 +210,15 @@ struct UsageSums {
 }
 
 impl UsageSums {
+    fn merge(&mut self, o: &UsageSums) {
+        self.records += o.records;
+        self.bytes_up = self.bytes_up.saturating_add(o.bytes_up);
+        self.bytes_down = self.bytes_down.saturating_add(o.bytes_down);
+        self.late_records += o.late_records;
+        self.late_bytes = self.late_bytes.saturating_add(o.late_bytes);
+        self.through_seq = self.through_seq.max(o.through_seq);
+    }
+
     fn add(&mut self, a: &Accounted) {
         let up = to_i64(a.usage.bytes_up);
         let down = to_i64(a.usage.bytes_down);
@@ -480,6 +490,8 @@ impl HistoryWriter {
         compact_through: Option<u64>,
     ) -> Result<StoredTicket, HistoryError> {
         self.write_chunk(false)?;
+        let written = self.encoder.close_window(self.part_name())?;
+        self.note_written(written);
         if clock != Timestamp::MIN && (!pools.is_empty() || cards.is_some()) {
             let day = self.day(clock);
             if cards.is_some() {
@@ -1297,6 +1309,68 @@ mod tests {
             .collect();
         assert_eq!(usage.len(), 3, "{usage:?}");
         assert!(usage[2].ends_with("part-00000000000000000000-0002.parquet"));
+    }
+
+    #[test]
+    fn card_sums_are_written_once_per_window_unless_they_grow_to_a_chunk() {
+        let parts = |root: &Path| {
+            files(root)
+                .into_iter()
+                .filter(|f| {
+                    f.starts_with("card_daily_usage_parts/")
+                        || f.starts_with("card_cycle_usage_parts/")
+                })
+                .collect::<Vec<_>>()
+        };
+        // Two cards over three chunks: one daily and one cycle file for the
+        // window, named after it (its next chunk number), with both cards.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("history");
+        let options = HistoryOptions {
+            roll_rows: 5,
+            ..HistoryOptions::default()
+        };
+        let mut w = HistoryWriter::open(local(&root), None, options).unwrap();
+        for seq in 0..12 {
+            w.accounted(&accounted(seq, seq % 2, DAY + seq as i64))
+                .unwrap();
+        }
+        w.snapshot(11, Timestamp(DAY), &[], None, None).unwrap();
+        let written = parts(&root);
+        assert_eq!(written.len(), 2, "{written:?}");
+        assert!(written
+            .iter()
+            .all(|f| f.ends_with("part-00000000000000000000-0003.parquet")));
+        let got = sums(&root);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(
+            got.iter()
+                .filter(|r| r.0 != "raw")
+                .map(|r| r.1)
+                .sum::<i64>(),
+            12
+        );
+
+        // Five cards, chunks of 5 rows: the sums reach roll_rows with the
+        // first chunk and go out with it; every record is still summed once.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("history");
+        let mut w = HistoryWriter::open(local(&root), None, options).unwrap();
+        for seq in 0..12 {
+            w.accounted(&accounted(seq, seq % 5, DAY + seq as i64))
+                .unwrap();
+        }
+        w.snapshot(11, Timestamp(DAY), &[], None, None).unwrap();
+        assert!(parts(&root).len() > 2, "{:?}", parts(&root));
+        let got = sums(&root);
+        assert_eq!(
+            got.iter()
+                .filter(|r| r.0 != "raw")
+                .map(|r| r.1)
+                .sum::<i64>(),
+            12
+        );
+        assert_eq!(got.last(), Some(&("raw".to_owned(), 12, 12)));
     }
 
     fn sums(root: &Path) -> Vec<(String, i64, i64)> {
