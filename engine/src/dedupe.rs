@@ -667,20 +667,24 @@ struct BucketRepr {
 
 impl From<Deduper> for DeduperRepr {
     fn from(d: Deduper) -> Self {
-        let mut buckets: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+        // Indexed by bucket - low (a bucket's tag fixes it), so in bucket
+        // order: a BTreeMap lookup per entry was a third of the snapshot
+        // thread's time with the window full (docs/BENCHMARKS.md §8).
+        let mut by_offset: Vec<Vec<u64>> = vec![Vec::new(); TAG_SPAN as usize];
         let low = d.low.unwrap_or(0);
         for &e in d.table.iter().filter(|&&e| e != 0) {
             let tag = (e & 0xff) as i64;
-            let bucket = low + (tag - low).rem_euclid(TAG_SPAN);
-            buckets.entry(bucket).or_default().push(e >> 8);
+            by_offset[(tag - low).rem_euclid(TAG_SPAN) as usize].push(e >> 8);
         }
         DeduperRepr {
             config: d.config,
             low: d.low,
             home_slots: d.home_slots as u64,
-            buckets: buckets
+            buckets: by_offset
                 .into_iter()
-                .map(|(bucket, fingerprints)| BucketRepr {
+                .zip(low..)
+                .filter(|(fingerprints, _)| !fingerprints.is_empty())
+                .map(|(fingerprints, bucket)| BucketRepr {
                     bucket,
                     fingerprints,
                 })
@@ -931,6 +935,16 @@ mod tests {
         let back: Deduper = serde_json::from_str(&json).unwrap();
         assert_eq!(back, d);
         assert_eq!(back.len(), d.len());
+        // Buckets are stored in ascending order, each once.
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let buckets: Vec<i64> = value["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["bucket"].as_i64().unwrap())
+            .collect();
+        assert!(buckets.len() > 1, "{buckets:?}");
+        assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{buckets:?}");
         let empty = Deduper::new(cfg());
         let back: Deduper = serde_json::from_str(&serde_json::to_string(&empty).unwrap()).unwrap();
         assert_eq!(back, empty);

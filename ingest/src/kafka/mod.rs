@@ -561,7 +561,11 @@ pub fn run(
             // hold records back, then wait briefly.
             driver.pipeline.sharded.flush();
             if let Some(idle) = options.exit_when_idle {
-                // A held message is input waiting for its turn, not idleness.
+                // Input waiting for its turn is not idleness. And the check
+                // pauses every partition: a partition held back then
+                // fetches again from inside a batch on resume, which Tansu's
+                // memory storage answers by skipping records (one of 20M
+                // was lost that way before this condition).
                 if last_input.elapsed() >= idle && !paused && !inputs.holding() {
                     // Fetching stops while the watermarks are asked for: a
                     // broker busy answering empty fetches (Tansu's durable
@@ -666,6 +670,8 @@ struct Inputs<'a> {
     times: Arc<Vec<AtomicI64>>,
     /// The current plan (kept for its capacity).
     order: Vec<usize>,
+    /// Sources the last plan held back.
+    held: usize,
     holds: Counter,
     releases: Counter,
     silences: Counter,
@@ -691,6 +697,7 @@ impl<'a> Inputs<'a> {
             heads: cursors.iter().map(|_| None).collect(),
             times,
             order: Vec::new(),
+            held: 0,
             holds: ::metrics::counter!(m::PARTITION_HOLDS),
             releases: ::metrics::counter!(m::PARTITION_HOLD_RELEASES),
             silences: ::metrics::counter!(m::PARTITION_SILENCES),
@@ -749,6 +756,7 @@ impl<'a> Inputs<'a> {
                 },
                 &mut order,
             );
+            self.held = plan.held;
             let floor = plan.floor.or(order.first().copied());
             let before = batch.len();
             for &i in &order {
@@ -777,9 +785,10 @@ impl<'a> Inputs<'a> {
         Ok(())
     }
 
-    /// Whether a message is held for its turn.
+    /// Whether input waits for its turn: a message held, or a partition
+    /// held back by the last plan (it has messages, not taken yet).
     fn holding(&self) -> bool {
-        self.heads.iter().any(Option::is_some)
+        self.held > 0 || self.heads.iter().any(Option::is_some)
     }
 
     /// After a (backpressure) pause of every partition: nothing could
