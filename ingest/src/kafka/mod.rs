@@ -719,7 +719,7 @@ impl<'a> Inputs<'a> {
             None => take(&self.queues[i], timeout),
         };
         if let Some(m) = &message {
-            self.handed_out(i, m);
+            self.handed_out(i, m.timestamp().to_millis());
             self.align.taken(i, Instant::now());
         }
         Ok(message)
@@ -814,18 +814,20 @@ impl<'a> Inputs<'a> {
             else {
                 break;
             };
-            if m.timestamp().to_millis().is_some_and(|ts| ts > limit) {
+            let ts = m.timestamp().to_millis();
+            if ts.is_some_and(|ts| ts > limit) {
                 self.heads[i] = Some(m);
                 break;
             }
-            self.handed_out(i, &m);
+            self.handed_out(i, ts);
             batch.push((i, m));
         }
         batch.len() - before
     }
 
-    fn handed_out(&self, i: usize, m: &BorrowedMessage<'_>) {
-        if let Some(ts) = m.timestamp().to_millis() {
+    /// Notes source `i`'s message of timestamp `ts` handed out.
+    fn handed_out(&self, i: usize, ts: Option<i64>) {
+        if let Some(ts) = ts {
             // One writer (the driver's thread).
             let time = &self.times[i];
             if ts > time.load(Ordering::Relaxed) {
@@ -1034,7 +1036,11 @@ impl Driver {
         cursors: &mut [Cursor],
         batch: &[(usize, BorrowedMessage<'_>)],
     ) -> Result<(), KafkaRunError> {
-        self.log_runs(cursors, batch)?;
+        self.log_runs(
+            batch
+                .iter()
+                .map(|(i, m)| (*i, m.offset(), cursors[*i].next)),
+        )?;
         let mut decoded = std::mem::take(&mut self.decoded);
         decoded.clear();
         decoded.extend(batch.iter().map(|(i, m)| {
@@ -1052,39 +1058,30 @@ impl Driver {
                     .map(|_| ())
             });
         self.decoded = decoded;
-        let logged = std::mem::take(&mut self.staged);
-        let unmatched = logged.len() - self.staged_at;
-        self.staged = logged;
-        self.staged.clear();
-        self.staged_at = 0;
         done?;
-        if unmatched > 0 {
-            return Err(KafkaRunError::RunsDisagree);
-        }
-        Ok(())
+        self.runs_done()
     }
 
-    /// Writes the order-log entries of the runs `batch` will start, in
-    /// one `write`, before any of its messages is processed (an output
-    /// must never leave before the entry that replays its input). Runs
-    /// are short when partitions are read together in time, so one write
-    /// per run would be one per few messages. [`Driver::process_decoded`]
-    /// checks each run it starts against these.
+    /// Writes the order-log entries of the runs the messages about to be
+    /// processed start, given as (source, offset, the source's cursor), in
+    /// one `write`, before any of them is processed (an output must never
+    /// leave before the entry that replays its input). Runs are short when
+    /// partitions are read together in time, so one write per run would be
+    /// one per few messages. [`Driver::process_decoded`] checks each run
+    /// it starts against these, [`Driver::runs_done`] that all started.
     fn log_runs(
         &mut self,
-        cursors: &[Cursor],
-        batch: &[(usize, BorrowedMessage<'_>)],
+        messages: impl Iterator<Item = (usize, i64, i64)>,
     ) -> Result<(), KafkaRunError> {
         let mut seq = self.next_seq;
         let mut run = self.current_run;
-        for (i, m) in batch {
-            let offset = m.offset();
+        for (i, offset, next) in messages {
             // As in `process_decoded`: offsets rise within a partition,
-            // so the cursor at the batch's start decides.
-            if offset < cursors[*i].next {
+            // so the cursor before the first message decides.
+            if offset < next {
                 continue;
             }
-            let source = *i as u32;
+            let source = i as u32;
             if run != Some(source) {
                 self.staged.push(RunStart {
                     seq,
@@ -1103,6 +1100,18 @@ impl Driver {
         Ok(())
     }
 
+    /// After the messages of [`Driver::log_runs`]: every run logged must
+    /// have started.
+    fn runs_done(&mut self) -> Result<(), KafkaRunError> {
+        let unmatched = self.staged.len() - self.staged_at;
+        self.staged.clear();
+        self.staged_at = 0;
+        if unmatched > 0 {
+            return Err(KafkaRunError::RunsDisagree);
+        }
+        Ok(())
+    }
+
     /// Processes one message; false when it was already covered (a
     /// message before the cursor, which a seek can deliver again).
     fn process(
@@ -1111,7 +1120,14 @@ impl Driver {
         cursor: &mut Cursor,
         message: &BorrowedMessage<'_>,
     ) -> Result<bool, KafkaRunError> {
-        self.process_decoded(source, cursor, message, None)
+        self.log_runs(std::iter::once((
+            source as usize,
+            message.offset(),
+            cursor.next,
+        )))?;
+        let processed = self.process_decoded(source, cursor, message, None)?;
+        self.runs_done()?;
+        Ok(processed)
     }
 
     /// [`Driver::process`] with a usage message's payload already decoded
@@ -1133,13 +1149,10 @@ impl Driver {
                 source,
                 offset,
             };
-            if self.staged.is_empty() {
-                self.log.append(run).map_err(KafkaRunError::OrderLog)?;
-            } else if self.staged.get(self.staged_at) == Some(&run) {
-                self.staged_at += 1;
-            } else {
+            if self.staged.get(self.staged_at) != Some(&run) {
                 return Err(KafkaRunError::RunsDisagree);
             }
+            self.staged_at += 1;
             self.current_run = Some(source);
         }
         let seq = self.next_seq;

@@ -27,9 +27,9 @@ use hashbrown::HashMap;
 
 use super::{
     cards_batch, change_key, changes_batch, cycle_batch, daily_batch, date_value, deliveries_batch,
-    executions_batch, journal_batch, pools_batch, quarantine_batch, remove_older_than, schema,
-    usage_batch, write_file, HistoryError, HistoryOptions, JournalRow, Partitioning, Quarantined,
-    StateChange, UsageSums,
+    encode_parquet, executions_batch, journal_batch, pools_batch, quarantine_batch,
+    remove_older_than, schema, usage_batch, HistoryError, HistoryOptions, JournalRow, Partitioning,
+    Quarantined, StateChange, UsageSums,
 };
 use crate::location::{HistoryFiles, HistoryLocation};
 
@@ -62,8 +62,9 @@ impl Written {
         self.dirs.extend(other.dirs);
     }
 
-    /// Stores `batch` as the file `name` of a table's partition and notes
-    /// it.
+    /// Encodes `batch` and stores it as `<table>/<column>=<value>/<name>`
+    /// atomically (see [`HistoryFiles::put`]), and notes the file and its
+    /// partition directory.
     #[allow(clippy::too_many_arguments)]
     fn store(
         &mut self,
@@ -75,15 +76,11 @@ impl Written {
         name: &str,
         batch: &RecordBatch,
     ) -> Result<(), HistoryError> {
-        self.dirs.push(write_file(
-            files,
-            options,
-            table,
-            partitioning,
-            value,
-            name,
-            batch,
-        )?);
+        let dir = format!("{table}/{}={value}", partitioning.column());
+        let rel = format!("{dir}/{name}");
+        let bytes = encode_parquet(batch, options, &rel)?;
+        files.put(&rel, bytes)?;
+        self.dirs.push(dir);
         self.files += 1;
         Ok(())
     }
@@ -403,22 +400,6 @@ fn store_sums(
     Ok(written)
 }
 
-/// One day's sums per card, from its rows sorted by card.
-fn daily_sums(sorted: &[Accounted]) -> Vec<(Iccid, UsageSums)> {
-    let mut sums: Vec<(Iccid, UsageSums)> = Vec::new();
-    for a in sorted {
-        match sums.last_mut() {
-            Some((iccid, s)) if *iccid == a.usage.iccid => s.add(a),
-            _ => {
-                let mut s = UsageSums::default();
-                s.add(a);
-                sums.push((a.usage.iccid, s));
-            }
-        }
-    }
-    sums
-}
-
 /// A window's per-card sums, added up over its chunks and stored when it
 /// closes ([`store_sums`]): `card_daily_usage_parts` and
 /// `card_cycle_usage_parts` then get a row per card and day (cycle) per
@@ -466,11 +447,9 @@ fn store_chunk(
             name,
             &batch,
         )?;
-        // Summed per card over the sorted rows first: one map update per
-        // card of the chunk, not per record.
-        for (iccid, s) in daily_sums(&rows) {
-            sums.daily.entry((day, iccid)).or_default().merge(&s);
-        }
+        // Summed per run of one card and cycle in the sorted rows first
+        // (a card's rows of a day are one run, two across a cycle's end):
+        // one update of each map per run, not per record.
         for run in rows.chunk_by(|a, b| (a.cycle, a.usage.iccid) == (b.cycle, b.usage.iccid)) {
             let mut chunk_sums = UsageSums::default();
             let mut earliest = &run[0];
@@ -480,6 +459,10 @@ fn store_chunk(
                     earliest = a;
                 }
             }
+            sums.daily
+                .entry((day, earliest.usage.iccid))
+                .or_default()
+                .merge(&chunk_sums);
             let (first, carrier, window) = sums
                 .cycles
                 .entry((earliest.cycle, earliest.usage.iccid))

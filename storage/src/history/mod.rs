@@ -557,24 +557,6 @@ impl HistoryWriter {
     }
 }
 
-/// Encodes `batch` and stores it as `<table>/<column>=<value>/<name>`
-/// atomically (see [`HistoryFiles::put`]); returns the partition directory.
-fn write_file(
-    files: &HistoryFiles,
-    options: &HistoryOptions,
-    table: &str,
-    partitioning: Partitioning,
-    value: &str,
-    name: &str,
-    batch: &RecordBatch,
-) -> Result<String, HistoryError> {
-    let dir = format!("{table}/{}={value}", partitioning.column());
-    let rel = format!("{dir}/{name}");
-    let bytes = encode_parquet(batch, options, &rel)?;
-    files.put(&rel, bytes)?;
-    Ok(dir)
-}
-
 /// The zstd levels the history's files may be written at (what Parquet's
 /// `ZstdLevel` accepts): one range for the CLI, the config check and here.
 pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=22;
