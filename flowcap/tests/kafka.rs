@@ -102,7 +102,12 @@ fn ready_with(
     per_hour: f64,
     tweak: impl FnOnce(&mut WorkloadConfig),
 ) -> Ready {
-    let work = tempfile::tempdir().unwrap();
+    let mut work = tempfile::tempdir().unwrap();
+    if std::env::var_os("FLOWCAP_TEST_KEEP").is_some() {
+        // For a post-mortem of a failed run: the data directory stays.
+        work.disable_cleanup(true);
+        eprintln!("keeping {}", work.path().display());
+    }
     let dir = work.path().join("kafka");
     let w = workload(cards, hours, per_hour, tweak);
     produce_commands(&broker, &w);
@@ -147,9 +152,13 @@ fn flowcap(broker: &Broker, dir: &Path, extra: &[&str]) -> Command {
         .arg(dir)
         .args(["-q", "--json", "--shards", "2"])
         .args(extra)
-        .env("FLOWCAP_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("FLOWCAP_LOG", "info");
+    // For a post-mortem: librdkafka's own debug contexts, e.g. `fetch,topic`.
+    if let Ok(contexts) = std::env::var("FLOWCAP_TEST_RDKAFKA_DEBUG") {
+        cmd.args(["-X", &format!("debug={contexts}")])
+            .env("FLOWCAP_LOG", "info,librdkafka=debug");
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 
@@ -204,24 +213,89 @@ fn history_totals(dir: &Path) -> BTreeMap<(String, u32), u64> {
     .collect()
 }
 
-fn assert_exact(dir: &Path, workload: &Workload) {
+fn assert_exact(broker: &Broker, dir: &Path, workload: &Workload) {
     let expected: BTreeMap<(String, u32), u64> = workload
         .expected()
         .entries()
         .map(|e| ((e.iccid.to_string(), e.cycle.0), e.bytes))
         .collect();
     let got = history_totals(dir);
-    let missing: Vec<_> = expected
+    let differing: Vec<_> = expected
         .iter()
         .filter(|(k, v)| got.get(*k) != Some(v))
-        .take(5)
+        .take(3)
+        .map(|(k, v)| (k.clone(), *v, got.get(k).copied()))
         .collect();
     assert!(
-        missing.is_empty() && got.len() == expected.len(),
-        "history differs from the generator: {} card-cycles expected, {} got; first differences {missing:?}",
+        differing.is_empty() && got.len() == expected.len(),
+        "history differs from the generator: {} card-cycles expected, {} got; \
+         first differences (card, cycle, expected, got) {differing:?}\n{}",
         expected.len(),
-        got.len()
+        got.len(),
+        explain_missing(broker, dir, workload, &differing)
     );
+}
+
+/// For each differing card: the generator's counted records of it that the
+/// history lacks, with where they sit on the usage topic (or that the topic
+/// lacks them too: then the broker lost them, not flowcap).
+fn explain_missing(
+    broker: &Broker,
+    dir: &Path,
+    workload: &Workload,
+    differing: &[((String, u32), u64, Option<u64>)],
+) -> String {
+    let cards: BTreeSet<&str> = differing.iter().map(|((c, _), ..)| c.as_str()).collect();
+    let on_topic: HashMap<String, (i32, i64)> = consume_all(
+        broker,
+        "flowcap.usage",
+        workload.total_records() as usize,
+        Duration::from_secs(5),
+    )
+    .unwrap_or_default()
+    .into_iter()
+    .filter_map(|m| {
+        let value: serde_json::Value = serde_json::from_slice(&m.value).ok()?;
+        Some((
+            value["record_id"].as_str()?.to_owned(),
+            (m.partition, m.offset),
+        ))
+    })
+    .collect();
+    let mut out = String::new();
+    for card in cards {
+        let in_history: BTreeSet<String> = common::sql_rows(
+            dir,
+            &format!("SELECT record_id FROM usage_records WHERE iccid = '{card}'"),
+        )
+        .into_iter()
+        .filter_map(|row| row["record_id"].as_str().map(str::to_owned))
+        .collect();
+        for r in workload.records() {
+            let flowcap_loadgen::Payload::Valid(u) = &r.payload else {
+                continue;
+            };
+            if u.iccid.to_string() != card
+                || !r.kind.counts_usage()
+                || in_history.contains(u.record_id.as_str())
+            {
+                continue;
+            }
+            let place = on_topic.get(u.record_id.as_str()).map_or_else(
+                || "NOT on the topic".to_owned(),
+                |(p, o)| format!("on the topic at partition {p} offset {o}"),
+            );
+            out.push_str(&format!(
+                "card {card}: record {} (seq {}, {:?}, {} bytes, end {}) missing from history, {place}\n",
+                u.record_id,
+                r.seq,
+                r.kind,
+                u.bytes(),
+                u.end
+            ));
+        }
+    }
+    out
 }
 
 /// Every action on the topic is one of the final decisions; a repeated id
@@ -298,7 +372,7 @@ fn scenario_end_to_end_exact_with_the_embedded_decisions() {
     produce_records(&broker, &w, 0..w.total_records());
     let second = run_until_idle(&broker, &dir, &[]);
     assert!(second["summary"]["resumed_after_seq"].is_u64(), "{second}");
-    assert_exact(&dir, &w);
+    assert_exact(&broker, &dir, &w);
     let actions = assert_actions_match_events(&broker, &dir);
     assert!(actions > 0, "the scenario cuts some cards");
 
@@ -355,7 +429,7 @@ fn malformed_and_unknown_storm_dead_letters_exactly() {
     .unwrap();
     produce_records(&broker, &w, 0..w.total_records());
     let summary = run_until_idle(&broker, &dir, &[]);
-    assert_exact(&dir, &w);
+    assert_exact(&broker, &dir, &w);
     let counts = w.expected().counts();
     let bad = counts.get(RecordKind::Malformed) + counts.get(RecordKind::UnknownCard);
     let dlq = consume_all(&broker, "flowcap.dlq", 1_000_000, Duration::from_secs(5)).unwrap();
@@ -408,7 +482,7 @@ fn duplicate_storm_counts_each_record_once() {
     });
     produce_records(&broker, &w, 0..w.total_records());
     let summary = run_until_idle(&broker, &dir, &[]);
-    assert_exact(&dir, &w);
+    assert_exact(&broker, &dir, &w);
     assert_eq!(
         summary["summary"]["duplicates"].as_u64(),
         Some(w.expected().counts().get(RecordKind::Duplicate)),
@@ -622,7 +696,7 @@ fn kill_9_loop(cards: u64, hours: u32, snapshot_every: u64) {
         "{summary}"
     );
     eprintln!("final run done after {:?}", started.elapsed());
-    assert_exact(&dir, &w);
+    assert_exact(&broker, &dir, &w);
     assert_actions_match_events(&broker, &dir);
     eprintln!("checked after {:?}", started.elapsed());
     // The broker still works after all that (and the test owns it to the end).
@@ -674,7 +748,7 @@ fn broker_restart_mid_run_is_exact() {
         "flowcap failed across the broker restart: {}",
         tail(&log(), 4000)
     );
-    assert_exact(&dir, &w);
+    assert_exact(&broker, &dir, &w);
     assert_actions_match_events(&broker, &dir);
 }
 
@@ -874,7 +948,7 @@ fn a_backlog_is_read_across_partitions_in_time_order() {
     )
     .unwrap();
     let kafka = run_until_idle(&broker, &dir, &["--config", settings.to_str().unwrap()]);
-    assert_exact(&dir, &w);
+    assert_exact(&broker, &dir, &w);
 
     let config = work.path().join("workload.json");
     std::fs::write(&config, serde_json::to_vec(w.config()).unwrap()).unwrap();

@@ -40,6 +40,7 @@
 //!   (a later step) a second instance must never process.
 
 mod align;
+mod inputs;
 mod lease;
 mod order_log;
 mod producer;
@@ -50,7 +51,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::metrics::Counter;
 use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
 use flowcap_engine::{EngineConfig, Timestamp};
@@ -65,7 +65,7 @@ use serde::{Deserialize, Serialize};
 use crate::embedded::{IngestError, KafkaOut, Pipeline, Side, SourcePosition, Summary};
 use crate::metrics::{self as m, DriverMetrics, Source};
 pub use align::AlignSettings;
-use align::Alignment;
+use inputs::Inputs;
 use order_log::{OrderLog, ReplayRun, RunStart};
 pub(crate) use producer::Outbox;
 
@@ -466,7 +466,10 @@ pub fn run(
         Arc::clone(&times),
         Arc::clone(&stop),
     );
-    let mut inputs = Inputs::new(&queues, &cursors, options.align, times);
+    let commands = (0..cursors.len())
+        .filter(|&i| cursors[i].commands)
+        .collect();
+    let mut inputs = Inputs::new(&queues, commands, options.align, times, Instant::now());
 
     let shards = pipeline.sharded.shard_count();
     let mut driver = Driver {
@@ -518,7 +521,8 @@ pub fn run(
                 last_report = Instant::now();
                 tracing::info!(source, taken, next = cursors[i].next, "replay in progress");
             }
-            if let Some(message) = inputs.next_of(&data, i, Duration::from_millis(100))? {
+            serve(&data)?;
+            if let Some(message) = inputs.next_of(i, Duration::from_millis(100), Instant::now()) {
                 taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
             }
         }
@@ -548,7 +552,8 @@ pub fn run(
             // waits for more than the first message.
             batch.clear();
             let max = WARM_BATCH.min(options.max_run - got);
-            inputs.fill(&data, &mut batch, max, wait)?;
+            serve(&data)?;
+            inputs.fill(&mut batch, max, wait, Instant::now());
             if batch.is_empty() {
                 break;
             }
@@ -561,11 +566,8 @@ pub fn run(
             // hold records back, then wait briefly.
             driver.pipeline.sharded.flush();
             if let Some(idle) = options.exit_when_idle {
-                // Input waiting for its turn is not idleness. And the check
-                // pauses every partition: a partition held back then
-                // fetches again from inside a batch on resume, which Tansu's
-                // memory storage answers by skipping records (one of 20M
-                // was lost that way before this condition).
+                // Input waiting for its turn (a parked message, a partition
+                // held back) is not idleness.
                 if last_input.elapsed() >= idle && !paused && !inputs.holding() {
                     // Fetching stops while the watermarks are asked for: a
                     // broker busy answering empty fetches (Tansu's durable
@@ -600,7 +602,7 @@ pub fn run(
             }
         } else if paused && queued <= options.max_queued_records / 2 {
             data.resume(&all)?;
-            inputs.restart();
+            inputs.restart(Instant::now());
             paused = false;
             for c in &cursors {
                 m::partition_paused(&c.topic, c.partition, false);
@@ -652,199 +654,16 @@ fn split_queues(data: &Arc<BaseConsumer>, cursors: &[Cursor]) -> Result<Vec<Queu
         .collect()
 }
 
-/// Reading the inputs: the commands partition whenever it has messages,
-/// then the usage partitions in the order [`Alignment`] plans (the one
-/// furthest behind first), each while its messages' timestamps stay
-/// within the plan's limit. A message past the limit is held as the
-/// source's *head* (taken from librdkafka, not yet handed out: its offset
-/// is not processed, so a snapshot never covers it) until the others
-/// catch up. During a replay, exactly the awaited partition.
-struct Inputs<'a> {
-    queues: &'a [Queue],
-    align: Alignment,
-    commands: Vec<usize>,
-    /// Each source's held message.
-    heads: Vec<Option<BorrowedMessage<'a>>>,
-    /// Each source's newest timestamp handed out (ms; `i64::MIN` before
-    /// the first), also read by the lag reporter.
-    times: Arc<Vec<AtomicI64>>,
-    /// The current plan (kept for its capacity).
-    order: Vec<usize>,
-    /// Sources the last plan held back.
-    held: usize,
-    holds: Counter,
-    releases: Counter,
-    silences: Counter,
-    published: (u64, u64, u64),
+impl<'a> inputs::Feed<'a> for Queue {
+    type Message = BorrowedMessage<'a>;
+    fn next(&'a self, timeout: Duration) -> Option<BorrowedMessage<'a>> {
+        take(self, timeout)
+    }
 }
 
-impl<'a> Inputs<'a> {
-    fn new(
-        queues: &'a [Queue],
-        cursors: &[Cursor],
-        settings: AlignSettings,
-        times: Arc<Vec<AtomicI64>>,
-    ) -> Inputs<'a> {
-        let usage = (0..cursors.len())
-            .filter(|&i| !cursors[i].commands)
-            .collect();
-        Inputs {
-            queues,
-            align: Alignment::new(settings, cursors.len(), usage, Instant::now()),
-            commands: (0..cursors.len())
-                .filter(|&i| cursors[i].commands)
-                .collect(),
-            heads: cursors.iter().map(|_| None).collect(),
-            times,
-            order: Vec::new(),
-            held: 0,
-            holds: ::metrics::counter!(m::PARTITION_HOLDS),
-            releases: ::metrics::counter!(m::PARTITION_HOLD_RELEASES),
-            silences: ::metrics::counter!(m::PARTITION_SILENCES),
-            published: (0, 0, 0),
-        }
-    }
-
-    /// The next message of source `i` (replay). The others wait in their
-    /// own queues, whose prefetch librdkafka bounds.
-    fn next_of(
-        &mut self,
-        data: &BaseConsumer,
-        i: usize,
-        timeout: Duration,
-    ) -> Result<Option<BorrowedMessage<'a>>, KafkaRunError> {
-        serve(data)?;
-        let message = match self.heads[i].take() {
-            Some(m) => Some(m),
-            None => take(&self.queues[i], timeout),
-        };
-        if let Some(m) = &message {
-            self.handed_out(i, m.timestamp().to_millis());
-            self.align.taken(i, Instant::now());
-        }
-        Ok(message)
-    }
-
-    /// Appends up to `max` messages to `batch`: the commands partition's
-    /// if it has any, else the usage partitions' as planned. When there is
-    /// nothing to hand out, waits up to `wait` on the slowest partition.
-    fn fill(
-        &mut self,
-        data: &BaseConsumer,
-        batch: &mut Vec<(usize, BorrowedMessage<'a>)>,
-        max: usize,
-        wait: Duration,
-    ) -> Result<(), KafkaRunError> {
-        serve(data)?;
-        for k in 0..self.commands.len() {
-            self.take_run(self.commands[k], i64::MAX, batch, max);
-        }
-        if !batch.is_empty() {
-            return Ok(());
-        }
-        let mut order = std::mem::take(&mut self.order);
-        // Plan again while the last plan handed something out: a source
-        // stops at the limit, and the floor moves as the slowest is read.
-        let floor = loop {
-            let now = Instant::now();
-            let (heads, times) = (&self.heads, &self.times);
-            let plan = self.align.plan(
-                now,
-                |i| match &heads[i] {
-                    Some(m) => m.timestamp().to_millis().unwrap_or(i64::MIN),
-                    None => times[i].load(Ordering::Relaxed),
-                },
-                &mut order,
-            );
-            self.held = plan.held;
-            let floor = plan.floor.or(order.first().copied());
-            let before = batch.len();
-            for &i in &order {
-                if batch.len() >= max {
-                    break;
-                }
-                let limit = self.align.limit(&plan, i);
-                if self.take_run(i, limit, batch, max) > 0 {
-                    self.align.taken(i, now);
-                }
-            }
-            if batch.len() == before || batch.len() >= max {
-                break floor;
-            }
-        };
-        self.publish();
-        self.order = order;
-        if batch.is_empty() && !wait.is_zero() {
-            if let Some(i) = floor {
-                if let Some(m) = take(&self.queues[i], wait) {
-                    // Back to the head: the next plan decides.
-                    self.heads[i] = Some(m);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether input waits for its turn: a message held, or a partition
-    /// held back by the last plan (it has messages, not taken yet).
-    fn holding(&self) -> bool {
-        self.held > 0 || self.heads.iter().any(Option::is_some)
-    }
-
-    /// After a (backpressure) pause of every partition: nothing could
-    /// deliver meanwhile, so none counts as silent.
-    fn restart(&mut self) {
-        self.align.restart(Instant::now());
-    }
-
-    /// Appends source `i`'s messages up to timestamp `limit` (a message
-    /// without one passes), at most `max` in `batch`; how many.
-    fn take_run(
-        &mut self,
-        i: usize,
-        limit: i64,
-        batch: &mut Vec<(usize, BorrowedMessage<'a>)>,
-        max: usize,
-    ) -> usize {
-        let before = batch.len();
-        while batch.len() < max {
-            let Some(m) = self.heads[i]
-                .take()
-                .or_else(|| take(&self.queues[i], Duration::ZERO))
-            else {
-                break;
-            };
-            let ts = m.timestamp().to_millis();
-            if ts.is_some_and(|ts| ts > limit) {
-                self.heads[i] = Some(m);
-                break;
-            }
-            self.handed_out(i, ts);
-            batch.push((i, m));
-        }
-        batch.len() - before
-    }
-
-    /// Notes source `i`'s message of timestamp `ts` handed out.
-    fn handed_out(&self, i: usize, ts: Option<i64>) {
-        if let Some(ts) = ts {
-            // One writer (the driver's thread).
-            let time = &self.times[i];
-            if ts > time.load(Ordering::Relaxed) {
-                time.store(ts, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn publish(&mut self) {
-        let a = &self.align;
-        let now = (a.holds, a.releases, a.silences);
-        if now != self.published {
-            self.holds.increment(now.0 - self.published.0);
-            self.releases.increment(now.1 - self.published.1);
-            self.silences.increment(now.2 - self.published.2);
-            self.published = now;
-        }
+impl inputs::Stamped for BorrowedMessage<'_> {
+    fn timestamp_ms(&self) -> Option<i64> {
+        self.timestamp().to_millis()
     }
 }
 
