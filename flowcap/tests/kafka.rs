@@ -748,6 +748,10 @@ fn broker_restart_mid_run_is_exact() {
         "flowcap failed across the broker restart: {}",
         tail(&log(), 4000)
     );
+    assert!(
+        !log().contains("offsets skipped"),
+        "an input partition skipped offsets across the broker restart"
+    );
     assert_exact(&broker, &dir, &w);
     assert_actions_match_events(&broker, &dir);
 }

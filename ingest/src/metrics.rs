@@ -80,6 +80,10 @@ pub const PARTITION_HOLD_RELEASES: &str = "flowcap_partition_hold_releases_total
 /// Times the slowest partition delivered nothing for `partition_idle` and
 /// stopped holding the others back.
 pub const PARTITION_SILENCES: &str = "flowcap_partition_silences_total";
+/// Offsets skipped between consecutive messages of an input partition
+/// (labels `topic`, `partition`): transaction markers or compaction, else
+/// records the broker or the client lost. 0 on a plain topic.
+pub const OFFSET_GAPS: &str = "flowcap_offset_gaps_total";
 /// Messages sent to the dead-letter topic (label `reason`).
 pub const DLQ: &str = "flowcap_dlq_total";
 /// Output deliveries retried after a transient failure.
@@ -239,6 +243,12 @@ pub const CATALOG: &[(&str, Kind, &str, &str)] = &[
         Kind::Counter,
         "",
         "Times the slowest partition went silent and stopped holding the others back.",
+    ),
+    (
+        OFFSET_GAPS,
+        Kind::Counter,
+        "topic, partition",
+        "Offsets skipped between consecutive messages of an input partition (transaction markers, compaction, or records lost before flowcap).",
     ),
     (
         DLQ,
@@ -556,6 +566,12 @@ pub fn partition_paused(topic: &str, partition: i32, paused: bool) {
         .set(if paused { 1.0 } else { 0.0 });
 }
 
+/// Counts `skipped` offsets missing between two messages of a partition.
+pub fn offset_gap(topic: &str, partition: i32, skipped: u64) {
+    counter!(OFFSET_GAPS, "topic" => topic.to_owned(), "partition" => partition.to_string())
+        .increment(skipped);
+}
+
 /// Sets a partition's newest message timestamp (ms since the epoch).
 pub fn partition_time(topic: &str, partition: i32, millis: i64) {
     gauge!(PARTITION_TIME, "topic" => topic.to_owned(), "partition" => partition.to_string())
@@ -604,7 +620,7 @@ mod tests {
             assert!(!help.is_empty());
             assert!(seen.insert(name), "{name} listed twice");
         }
-        assert_eq!(seen.len(), 37);
+        assert_eq!(seen.len(), 38);
     }
 
     #[test]

@@ -250,11 +250,62 @@ struct Cursor {
     commands: bool,
     /// Offset of the next message to process.
     next: i64,
+    /// Whether `next` is known to be the next offset on the topic (a
+    /// restored position, or one after a message): a message past it
+    /// means offsets were skipped. Not at a start from the beginning,
+    /// where retention may have removed the first offsets.
+    exact: bool,
+    /// Offsets skipped so far (the first gap is a warning, the rest debug).
+    skipped: u64,
 }
 
 impl Cursor {
+    fn new(topic: &str, partition: i32, commands: bool) -> Cursor {
+        Cursor {
+            topic: topic.to_owned(),
+            partition,
+            commands,
+            next: 0,
+            exact: false,
+            skipped: 0,
+        }
+    }
+
     fn position_key(&self) -> String {
         position_key(&self.topic, self.partition)
+    }
+
+    /// Notes that the message at `offset` is the next one there is;
+    /// counts the offsets skipped before it. On a plain topic (no
+    /// transactions, no compaction) a gap is a record lost before flowcap
+    /// saw it (by the broker or the client), which exact accounting must
+    /// not hide.
+    fn advance_to(&mut self, offset: i64) {
+        if self.exact && offset > self.next {
+            let skipped = u64::try_from(offset - self.next).unwrap_or(0);
+            if self.skipped == 0 {
+                tracing::warn!(
+                    topic = self.topic,
+                    partition = self.partition,
+                    expected = self.next,
+                    got = offset,
+                    "offsets skipped in an input partition (transaction markers or compaction, \
+                     else records lost before flowcap; counted in flowcap_offset_gaps_total)"
+                );
+            } else {
+                tracing::debug!(
+                    topic = self.topic,
+                    partition = self.partition,
+                    expected = self.next,
+                    got = offset,
+                    "offsets skipped"
+                );
+            }
+            self.skipped += skipped;
+            m::offset_gap(&self.topic, self.partition, skipped);
+        }
+        self.next = offset + 1;
+        self.exact = true;
     }
 }
 
@@ -408,25 +459,17 @@ pub fn run(
     // Sources: the commands partition, then the usage partitions, at the
     // snapshot's positions. Indices are stable: they name sources in the
     // order log.
-    let mut cursors = vec![Cursor {
-        topic: options.topics.commands.clone(),
-        partition: 0,
-        commands: true,
-        next: 0,
-    }];
+    let mut cursors = vec![Cursor::new(&options.topics.commands, 0, true)];
     for p in 0..usage_partitions {
-        cursors.push(Cursor {
-            topic: options.topics.usage.clone(),
-            partition: i32::try_from(p).unwrap_or(i32::MAX),
-            commands: false,
-            next: 0,
-        });
+        let partition = i32::try_from(p).unwrap_or(i32::MAX);
+        cursors.push(Cursor::new(&options.topics.usage, partition, false));
     }
     let mut tpl = TopicPartitionList::new();
     for c in &mut cursors {
         let offset = match pipeline.restored_positions.get(&c.position_key()) {
             Some(&next) => {
                 c.next = next;
+                c.exact = true;
                 Offset::Offset(next)
             }
             None => Offset::Beginning,
@@ -976,7 +1019,7 @@ impl Driver {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        cursor.next = offset + 1;
+        cursor.advance_to(offset);
         self.lag_positions[source as usize].store(cursor.next, Ordering::Relaxed);
         self.inputs += 1;
         self.since_snapshot += 1;
@@ -1119,5 +1162,27 @@ fn decode(
         decode_binary(payload, limits)
     } else {
         decode_json(payload, limits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_counts_skipped_offsets_only_where_it_knows_the_next_one() {
+        // From the beginning: the first offset may be anything (retention).
+        let mut c = Cursor::new("usage", 0, false);
+        c.advance_to(40);
+        assert_eq!((c.next, c.skipped), (41, 0));
+        c.advance_to(41);
+        c.advance_to(44);
+        assert_eq!((c.next, c.skipped), (45, 2));
+        // A restored position is exact: a first message past it is a gap.
+        let mut restored = Cursor::new("usage", 1, false);
+        restored.next = 10;
+        restored.exact = true;
+        restored.advance_to(12);
+        assert_eq!((restored.next, restored.skipped), (13, 2));
     }
 }
