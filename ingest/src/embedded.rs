@@ -1310,8 +1310,13 @@ impl Pipeline {
         let Some(seq) = last_seq else {
             return Ok(Duration::ZERO);
         };
+        // The inputs are held from here: waiting for the previous commit
+        // (when snapshots come faster than the writer commits them) is part
+        // of the pause.
+        let waiting = Instant::now();
         self.wait_snapshot()?;
         let started = Instant::now();
+        let waited = started - waiting;
         // Whichever snapshot a restart falls back to keeps every history
         // file up to the oldest one kept: those may be merged.
         let compact_through = if self.history {
@@ -1365,13 +1370,14 @@ impl Pipeline {
             })))
             .map_err(|_| IngestError::Writer("writer is gone".into()))?;
         self.committing = Some((seq, done_rx));
-        let held = started.elapsed();
+        let held = waiting.elapsed();
         tracing::debug!(
             seq,
+            wait_ms = ms(waited),
             recall_ms = ms(recalled),
             views_ms = ms(viewed - recalled),
             writer_ms = ms(writer_done - viewed),
-            copy_ms = ms(held - writer_done),
+            copy_ms = ms(held - waited - writer_done),
             "snapshot cut"
         );
         metrics::snapshot_paused(held);

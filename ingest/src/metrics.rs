@@ -58,8 +58,10 @@ pub const LAST_SNAPSHOT_TIMESTAMP: &str = "flowcap_last_snapshot_timestamp_secon
 /// encode, then (while inputs flow again) the history files, the producer's
 /// acknowledgements, fsync of every output and the atomic write.
 pub const SNAPSHOT_DURATION: &str = "flowcap_snapshot_duration_seconds";
-/// Seconds a snapshot's cut held the inputs back: recall of the shards,
-/// the writer's cut, the dedupe buffer sealed, the engine encoded.
+/// Seconds a snapshot's cut held the inputs back: the wait for the
+/// previous snapshot's commit (when it is still being written), recall of
+/// the shards, the writer's cut, the dedupe buffer sealed, the engine
+/// copied.
 pub const SNAPSHOT_PAUSE: &str = "flowcap_snapshot_pause_seconds";
 /// Snapshots written.
 pub const SNAPSHOTS: &str = "flowcap_snapshots_total";
