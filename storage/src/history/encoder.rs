@@ -186,8 +186,18 @@ impl ChunkEncoder {
         wait_for_room: bool,
     ) -> Result<Written, HistoryError> {
         let mut written = self.poll()?;
+        let waiting = std::time::Instant::now();
+        let mut waited = false;
         while wait_for_room && self.submitted - self.completed >= 2 {
             written.add(self.recv()?);
+            waited = true;
+        }
+        if waited {
+            // While it waits no output leaves the writer (the shards block).
+            tracing::debug!(
+                waited_ms = waiting.elapsed().as_secs_f64() * 1e3,
+                "writer waited for the history encoder"
+            );
         }
         self.send(Job::Chunk {
             name,
