@@ -285,25 +285,39 @@ mod tests {
         }
     }
 
-    /// Fills until `expected` messages came out or `rounds` fills passed,
-    /// virtual time advancing `step` per fill; what came out.
-    fn drain(
-        inputs: &mut Inputs<'_, Queue>,
-        t0: Instant,
+    /// How a test fills: at most `max` a batch, waiting `wait` when
+    /// nothing is due, virtual time advancing `step` per fill, at most
+    /// `rounds` fills.
+    #[derive(Clone, Copy)]
+    struct Pace {
         max: usize,
         wait: Duration,
         step: Duration,
-        expected: usize,
         rounds: u32,
-    ) -> Vec<Msg> {
+    }
+
+    impl Pace {
+        fn new(max: usize, step_ms: u64) -> Pace {
+            Pace {
+                max,
+                wait: Duration::from_millis(1),
+                step: Duration::from_millis(step_ms),
+                rounds: 1_000,
+            }
+        }
+    }
+
+    /// Fills until `expected` messages came out or the rounds ran out,
+    /// from virtual time `t0`; what came out.
+    fn drain(inputs: &mut Inputs<'_, Queue>, t0: Instant, pace: Pace, expected: usize) -> Vec<Msg> {
         let mut out = Vec::new();
         let mut batch = Vec::new();
-        for round in 0..rounds {
+        for round in 0..pace.rounds {
             if out.len() == expected {
                 break;
             }
             batch.clear();
-            inputs.fill(&mut batch, max, wait, t0 + step * round);
+            inputs.fill(&mut batch, pace.max, pace.wait, t0 + pace.step * round);
             out.extend(batch.iter().map(|(i, m)| {
                 assert_eq!(*i, m.source, "handed out under the wrong source");
                 *m
@@ -332,15 +346,7 @@ mod tests {
         }
         let t0 = Instant::now();
         let mut inputs = Inputs::new(&queues, vec![0], settings(), times(2), t0);
-        let out = drain(
-            &mut inputs,
-            t0,
-            1,
-            Duration::from_millis(1),
-            Duration::from_millis(1),
-            3,
-            100,
-        );
+        let out = drain(&mut inputs, t0, Pace::new(1, 1), 3);
         let offsets: Vec<i64> = out.iter().map(|m| m.offset).collect();
         assert_eq!(offsets, vec![0, 1, 2]);
     }
@@ -361,35 +367,18 @@ mod tests {
         };
         push(1, 0, 0);
         push(2, 0, 1_000);
-        let first = drain(
-            &mut inputs,
-            t0,
-            10,
-            Duration::from_millis(1),
-            Duration::ZERO,
-            2,
-            10,
-        );
+        let first = drain(&mut inputs, t0, Pace::new(10, 0), 2);
         assert_eq!(first.len(), 2);
         // Source 1 is the floor (time 0); its next messages are an hour on.
         push(1, 1, 3_600_000);
         push(1, 2, 3_600_001);
         push(2, 1, 2_000);
-        let rest = drain(
-            &mut inputs,
-            t0,
-            10,
-            Duration::from_millis(1),
-            Duration::from_millis(100),
-            3,
-            1_000,
-        );
-        let mut of_1: Vec<i64> = rest
+        let rest = drain(&mut inputs, t0, Pace::new(10, 100), 3);
+        let of_1: Vec<i64> = rest
             .iter()
             .filter(|m| m.source == 1)
             .map(|m| m.offset)
             .collect();
-        of_1.sort_unstable();
         assert_eq!(of_1, vec![1, 2]);
         assert_eq!(rest.len(), 3, "{rest:?}");
     }
@@ -467,7 +456,8 @@ mod tests {
                 arrive(source, usize::MAX);
             }
             let left = total - out.len();
-            out.extend(drain(&mut inputs, t0 + step * round, max, wait, step, left, 20_000));
+            let pace = Pace { max, wait, step, rounds: 20_000 };
+            out.extend(drain(&mut inputs, t0 + step * round, pace, left));
             prop_assert_eq!(out.len(), total, "handed out {} of {}", out.len(), total);
             for source in 0..n {
                 let offsets: Vec<i64> =
