@@ -275,6 +275,12 @@ impl Cursor {
         position_key(&self.topic, self.partition)
     }
 
+    /// Starts at a restored position: `next` is exact.
+    fn resume_at(&mut self, next: i64) {
+        self.next = next;
+        self.exact = true;
+    }
+
     /// Notes that the message at `offset` is the next one there is;
     /// counts the offsets skipped before it. On a plain topic (no
     /// transactions, no compaction) a gap is a record lost before flowcap
@@ -468,8 +474,7 @@ pub fn run(
     for c in &mut cursors {
         let offset = match pipeline.restored_positions.get(&c.position_key()) {
             Some(&next) => {
-                c.next = next;
-                c.exact = true;
+                c.resume_at(next);
                 Offset::Offset(next)
             }
             None => Offset::Beginning,
@@ -700,7 +705,13 @@ fn split_queues(data: &Arc<BaseConsumer>, cursors: &[Cursor]) -> Result<Vec<Queu
 impl<'a> inputs::Feed<'a> for Queue {
     type Message = BorrowedMessage<'a>;
     fn next(&'a self, timeout: Duration) -> Option<BorrowedMessage<'a>> {
-        take(self, timeout)
+        match self.poll(timeout)? {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                None
+            }
+        }
     }
 }
 
@@ -724,17 +735,6 @@ fn serve(data: &BaseConsumer) -> Result<(), KafkaRunError> {
             Ok(())
         }
         None => Ok(()),
-    }
-}
-
-/// The next message of a queue, waiting up to `timeout`.
-fn take(queue: &Queue, timeout: Duration) -> Option<BorrowedMessage<'_>> {
-    match queue.poll(timeout)? {
-        Ok(m) => Some(m),
-        Err(e) => {
-            tracing::warn!(error = %e, "consumer error");
-            None
-        }
     }
 }
 
@@ -1180,8 +1180,7 @@ mod tests {
         assert_eq!((c.next, c.skipped), (45, 2));
         // A restored position is exact: a first message past it is a gap.
         let mut restored = Cursor::new("usage", 1, false);
-        restored.next = 10;
-        restored.exact = true;
+        restored.resume_at(10);
         restored.advance_to(12);
         assert_eq!((restored.next, restored.skipped), (13, 2));
     }

@@ -41,9 +41,10 @@
 //! the usage each card added to each day and cycle: a few rows per card
 //! per window instead of one per record, so console queries never scan
 //! raw records. They are written when the window closes (or earlier, with
-//! a chunk, once they hold [`HistoryOptions::roll_rows`] entries). The SQL views `card_daily_usage` and
-//! `card_cycle_usage` sum them. A late record lands in its own (closed)
-//! day and cycle and is counted in `late_records` / `late_bytes` there.
+//! a chunk, once they hold [`HistoryOptions::roll_rows`] entries). The
+//! SQL views `card_daily_usage` and `card_cycle_usage` sum them. A late
+//! record lands in its own (closed) day and cycle and is counted in
+//! `late_records` / `late_bytes` there.
 //! `pool_cycle_usage` and `cards` are written from the engine's state at
 //! snapshots.
 
