@@ -300,7 +300,8 @@ pub fn fingerprint(iccid: Iccid, record_id: &RecordId) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DedupeConfig {
     /// How far behind the clock (max event time) a record's `end` may be and
-    /// still be checked in memory. Default 48 h.
+    /// still be checked in memory (at least; buckets are evicted an eighth
+    /// of the window at a time, see [`Deduper::advance`]). Default 48 h.
     pub window_ms: i64,
     /// Eviction granularity: records are grouped by `end` into buckets of
     /// this width, dropped whole. Default 1 h.
@@ -453,8 +454,19 @@ impl Deduper {
     }
 
     /// Drops buckets older than `clock - window` (whole buckets only: a
-    /// bucket goes once its entire span is older). A clock older than a
+    /// bucket goes once its entire span is older), a few at a time: only
+    /// once [`Deduper::evict_step`] buckets are due, so the window holds
+    /// between `window` and `window` plus that step. A clock older than a
     /// previous one is ignored.
+    ///
+    /// Why in steps: eviction is a pass over the whole table, and a backlog
+    /// replayed at full speed moves the clock by hours a second. Evicting
+    /// bucket by bucket, every id was passed over once per bucket of the
+    /// window (48 times by default), 7-8 % of the Kafka driver's time over
+    /// a 200-hour backlog (docs/BENCHMARKS.md §8); in steps of an eighth
+    /// of the window, 8 times, for at most an eighth more ids in memory.
+    /// Exactness does not depend on when buckets go: the table holds every
+    /// id of the buckets from `low` on, whatever `low` is.
     pub fn advance(&mut self, clock: Timestamp) {
         let new_low = self.bucket_of(Timestamp(clock.0.saturating_sub(self.config.window_ms)));
         let old_low = match self.low {
@@ -462,7 +474,7 @@ impl Deduper {
                 self.low = Some(new_low);
                 return;
             }
-            Some(l) if new_low <= l => return,
+            Some(l) if new_low < l.saturating_add(self.evict_step()) => return,
             Some(l) => l,
         };
         self.low = Some(new_low);
@@ -511,6 +523,11 @@ impl Deduper {
     /// the far map's nodes).
     pub fn heap_bytes(&self) -> usize {
         self.table.capacity() * 8 + self.far.len() * 48
+    }
+
+    /// Buckets evicted together: an eighth of the window's (at least one).
+    fn evict_step(&self) -> i64 {
+        (self.config.window_ms / self.config.bucket_ms / 8).max(1)
     }
 
     fn bucket_of(&self, t: Timestamp) -> i64 {
@@ -880,6 +897,50 @@ mod tests {
         // Older clocks are ignored.
         d.advance(Timestamp(0));
         assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn eviction_goes_in_steps_of_an_eighth_of_the_window() {
+        // 48 one-hour buckets: evicted six at a time.
+        let mut d = Deduper::new(DedupeConfig::default());
+        let mut s = MemIdStore::new();
+        let per_hour = 10u32;
+        let mut evictions = 0;
+        let mut before = 0;
+        for h in 0..200u32 {
+            let t = Timestamp(1000 * H + i64::from(h) * H + 5);
+            for i in 0..per_hour {
+                let id = h * 1000 + i;
+                d.observe(card(i), &rid(id), t, id.into(), t, &mut s)
+                    .unwrap();
+            }
+            let buckets = d.len() / per_hour as usize;
+            if h >= 48 {
+                // The window's 49 buckets (48 h behind the current one),
+                // and at most five more waiting for the next step.
+                assert!((49..=54).contains(&buckets), "hour {h}: {buckets}");
+            }
+            if d.len() < before {
+                evictions += 1;
+            }
+            before = d.len();
+        }
+        // The low bucket moves every sixth hour (952, 958, ...); it first
+        // drops ids at hour 54 (low 1006 > the first bucket, 1000), then
+        // every sixth hour to hour 198.
+        assert_eq!(evictions, 25);
+        // Every id of the buckets still held is caught without the store.
+        let lookups = s.lookups();
+        let clock = Timestamp(1199 * H + 5);
+        for h in 200 - 49..200u32 {
+            let t = Timestamp(1000 * H + i64::from(h) * H + 5);
+            let id = h * 1000;
+            assert_eq!(
+                d.observe(card(0), &rid(id), t, 0, clock, &mut s).unwrap(),
+                Sighting::Duplicate
+            );
+        }
+        assert_eq!(s.lookups(), lookups + 49, "one verification per hit");
     }
 
     #[test]

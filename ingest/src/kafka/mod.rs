@@ -40,6 +40,7 @@
 //!   (a later step) a second instance must never process.
 
 mod align;
+mod feed;
 mod inputs;
 mod lease;
 mod order_log;
@@ -55,10 +56,11 @@ use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
 use flowcap_engine::{EngineConfig, Timestamp};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::Message;
+
+use feed::{Fetched, PartitionFeed};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -682,7 +684,7 @@ pub fn run(
 }
 
 /// A partition's own queue of fetched messages.
-type Queue = PartitionQueue<DefaultConsumerContext>;
+type Queue = PartitionFeed;
 
 /// Gives every input its own queue ([`BaseConsumer::split_partition_queue`]),
 /// before the assignment starts fetching: the driver then chooses which
@@ -696,28 +698,22 @@ fn split_queues(data: &Arc<BaseConsumer>, cursors: &[Cursor]) -> Result<Vec<Queu
     cursors
         .iter()
         .map(|c| {
-            data.split_partition_queue(&c.topic, c.partition)
+            PartitionFeed::split(data, &c.topic, c.partition)
                 .ok_or_else(|| KafkaRunError::Split(c.topic.clone(), c.partition))
         })
         .collect()
 }
 
 impl<'a> inputs::Feed<'a> for Queue {
-    type Message = BorrowedMessage<'a>;
-    fn next(&'a self, timeout: Duration) -> Option<BorrowedMessage<'a>> {
-        match self.poll(timeout)? {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::warn!(error = %e, "consumer error");
-                None
-            }
-        }
+    type Message = Fetched<'a>;
+    fn next(&'a self, timeout: Duration) -> Option<Fetched<'a>> {
+        PartitionFeed::next(self, timeout)
     }
 }
 
-impl inputs::Stamped for BorrowedMessage<'_> {
+impl inputs::Stamped for Fetched<'_> {
     fn timestamp_ms(&self) -> Option<i64> {
-        self.timestamp().to_millis()
+        Fetched::timestamp_ms(self)
     }
 }
 
@@ -896,7 +892,7 @@ impl Driver {
     fn process_batch(
         &mut self,
         cursors: &mut [Cursor],
-        batch: &[(usize, BorrowedMessage<'_>)],
+        batch: &[(usize, Fetched<'_>)],
     ) -> Result<(), KafkaRunError> {
         self.log_runs(
             batch
@@ -907,7 +903,7 @@ impl Driver {
         decoded.clear();
         decoded.extend(batch.iter().map(|(i, m)| {
             let usage = !cursors[*i].commands && m.offset() >= cursors[*i].next;
-            usage.then(|| decode(m.payload().unwrap_or_default(), &self.limits))
+            usage.then(|| decode(m.payload(), &self.limits))
         }));
         self.pipeline
             .sharded
@@ -980,7 +976,7 @@ impl Driver {
         &mut self,
         source: u32,
         cursor: &mut Cursor,
-        message: &BorrowedMessage<'_>,
+        message: &Fetched<'_>,
     ) -> Result<bool, KafkaRunError> {
         self.log_runs(std::iter::once((
             source as usize,
@@ -998,7 +994,7 @@ impl Driver {
         &mut self,
         source: u32,
         cursor: &mut Cursor,
-        message: &BorrowedMessage<'_>,
+        message: &Fetched<'_>,
         decoded: Option<Decoded>,
     ) -> Result<bool, KafkaRunError> {
         let offset = message.offset();
@@ -1023,8 +1019,8 @@ impl Driver {
         self.lag_positions[source as usize].store(cursor.next, Ordering::Relaxed);
         self.inputs += 1;
         self.since_snapshot += 1;
-        let payload = message.payload().unwrap_or_default();
-        let received = message.timestamp().to_millis();
+        let payload = message.payload();
+        let received = message.timestamp_ms();
         let position = || SourcePosition {
             topic: cursor.topic.clone(),
             partition: cursor.partition,
