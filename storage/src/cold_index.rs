@@ -168,18 +168,16 @@ impl Bloom {
     }
 
     fn positions(&self, fp: u64) -> impl Iterator<Item = usize> {
-        let nbits = self.words.len() as u64 * 64;
-        let h1 = fp;
-        let h2 = fp.rotate_left(29) | 1;
-        (0..BLOOM_HASHES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) % nbits) as usize)
+        bloom_positions(self.words.len(), fp)
     }
 
     fn insert(&mut self, fp: u64) {
         if self.words.is_empty() {
             return;
         }
-        let ps: Vec<usize> = self.positions(fp).collect();
-        for p in ps {
+        // Positions computed from the length alone, so that no list of
+        // them is collected first (that was an allocation per id written).
+        for p in bloom_positions(self.words.len(), fp) {
             self.words[p / 64] |= 1 << (p % 64);
         }
     }
@@ -190,6 +188,15 @@ impl Bloom {
                 .positions(fp)
                 .all(|p| self.words[p / 64] & (1 << (p % 64)) != 0)
     }
+}
+
+/// The bits of `fp` in a filter of `words` 64-bit words (double hashing;
+/// part of the segment format).
+fn bloom_positions(words: usize, fp: u64) -> impl Iterator<Item = usize> {
+    let nbits = words as u64 * 64;
+    let h1 = fp;
+    let h2 = fp.rotate_left(29) | 1;
+    (0..BLOOM_HASHES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) % nbits) as usize)
 }
 
 /// An open, immutable segment file and its in-memory index.
