@@ -107,6 +107,9 @@ pub enum HistoryError {
     /// The thread that encodes chunks could not start or has stopped.
     #[error("history encoder thread: {0}")]
     EncoderStopped(String),
+    /// [`HistoryOptions::zstd_level`] is outside [`ZSTD_LEVELS`].
+    #[error("history zstd level {0}: levels are 1 to 22")]
+    ZstdLevel(i32),
 }
 
 /// How the writer sizes its files.
@@ -284,6 +287,9 @@ impl HistoryWriter {
         resume_after: Option<u64>,
         options: HistoryOptions,
     ) -> Result<HistoryWriter, HistoryError> {
+        if !ZSTD_LEVELS.contains(&options.zstd_level) {
+            return Err(HistoryError::ZstdLevel(options.zstd_level));
+        }
         let files = HistoryFiles::new(location.clone())?;
         let mut crowded = BTreeSet::new();
         match resume_after {
@@ -587,6 +593,7 @@ fn encode_parquet(
     rel: &str,
 ) -> Result<Vec<u8>, HistoryError> {
     let props = WriterProperties::builder()
+        // A level outside the range never gets here (`HistoryWriter::open`).
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(options.zstd_level).unwrap_or_default(),
         ))
@@ -1185,6 +1192,22 @@ mod tests {
             assert!(dictionary(name), "{name} lost its dictionary");
         }
         assert_eq!(reader.build().unwrap().next().unwrap().unwrap(), batch);
+    }
+
+    #[test]
+    fn a_zstd_level_out_of_range_is_refused_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("history");
+        for level in [0, 23, -1] {
+            let options = HistoryOptions {
+                zstd_level: level,
+                ..HistoryOptions::default()
+            };
+            let err = HistoryWriter::open(local(&root), None, options).unwrap_err();
+            assert!(matches!(err, HistoryError::ZstdLevel(l) if l == level), "{err}");
+        }
+        // Nothing was touched by the refused opens.
+        assert!(!root.exists() || files(&root).is_empty());
     }
 
     #[test]
