@@ -206,3 +206,47 @@ impl Drop for Fetched<'_> {
         unsafe { rdsys::rd_kafka_message_destroy(self.message.as_ptr()) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    use super::PartitionFeed;
+
+    /// A consumer of a broker that is not there: librdkafka creates the
+    /// partition's queue on assignment, and nothing ever arrives.
+    fn consumer() -> Arc<BaseConsumer> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "feed-test")
+            .set("log_level", "0")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        Arc::new(consumer)
+    }
+
+    /// The handles are taken and given back without a broker (the Kafka
+    /// tests in `flowcap/tests/kafka.rs` read real messages through it);
+    /// an empty queue answers `None` at once, or after the timeout when
+    /// one is given, never sooner.
+    #[test]
+    fn an_empty_partition_feed_waits_at_most_its_timeout() {
+        let consumer = consumer();
+        let feed = PartitionFeed::split(&consumer, "t", 0).expect("an assigned partition");
+        assert!(feed.next(Duration::ZERO).is_none());
+        let started = Instant::now();
+        assert!(feed.next(Duration::from_millis(30)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(25));
+        drop(feed);
+        // Once given back, the partition can be split again.
+        assert!(PartitionFeed::split(&consumer, "t", 0).is_some());
+    }
+}
