@@ -1204,7 +1204,10 @@ mod tests {
                 ..HistoryOptions::default()
             };
             let err = HistoryWriter::open(local(&root), None, options).unwrap_err();
-            assert!(matches!(err, HistoryError::ZstdLevel(l) if l == level), "{err}");
+            assert!(
+                matches!(err, HistoryError::ZstdLevel(l) if l == level),
+                "{err}"
+            );
         }
         // Nothing was touched by the refused opens.
         assert!(!root.exists() || files(&root).is_empty());
