@@ -362,8 +362,12 @@ fn fp56(fp: u64) -> u64 {
 }
 
 /// The per-shard hot window of fingerprints. See the module docs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "DeduperRepr", into = "DeduperRepr")]
+///
+/// Serialized through [`DeduperRepr`], built from a reference: serde's
+/// `into` would clone the whole table first (tens of MB on the snapshot
+/// thread at every snapshot).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "DeduperRepr")]
 pub struct Deduper {
     config: DedupeConfig,
     /// Oldest live bucket; `None` before the first clock.
@@ -682,8 +686,14 @@ struct BucketRepr {
     fingerprints: Vec<u64>,
 }
 
-impl From<Deduper> for DeduperRepr {
-    fn from(d: Deduper) -> Self {
+impl Serialize for Deduper {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        DeduperRepr::from(self).serialize(serializer)
+    }
+}
+
+impl From<&Deduper> for DeduperRepr {
+    fn from(d: &Deduper) -> Self {
         // Indexed by bucket - low (a bucket's tag fixes it), so in bucket
         // order: a BTreeMap lookup per entry was a third of the snapshot
         // thread's time with the window full (docs/BENCHMARKS.md §8).
@@ -706,7 +716,7 @@ impl From<Deduper> for DeduperRepr {
                     fingerprints,
                 })
                 .collect(),
-            far: d.far.into_iter().collect(),
+            far: d.far.iter().map(|(&fp, &bucket)| (fp, bucket)).collect(),
         }
     }
 }
