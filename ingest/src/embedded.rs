@@ -390,6 +390,9 @@ pub(crate) enum Side {
     /// The second phase: write the encoded snapshot once everything before
     /// the cut is durable.
     Commit(Box<Commit>),
+    /// Dead letters and bad commands sent together ([`Pipeline::side_later`]):
+    /// one send and one wake-up of the writer per batch, not per letter.
+    Letters(Vec<Side>),
 }
 
 /// A snapshot waiting for the outputs before its cut to be durable.
@@ -724,6 +727,9 @@ impl Writer {
                 }
                 Ok(())
             }
+            Side::Letters(letters) => letters
+                .into_iter()
+                .try_for_each(|letter| self.write_side(letter)),
             Side::Barrier(..) | Side::Cut(..) | Side::Commit(..) => Ok(()),
         }
     }
@@ -1096,6 +1102,8 @@ fn clear_dir(dir: &Path) -> Result<(), IngestError> {
 pub(crate) struct Pipeline {
     pub(crate) sharded: ShardedEngine,
     pub(crate) side: Sender<Side>,
+    /// Letters of [`Pipeline::side_later`] not sent yet.
+    letters: Vec<Side>,
     writer_thread: std::thread::JoinHandle<Result<Summary, String>>,
     store: SnapshotStore,
     /// Sequence number of the last input the restored snapshot covers.
@@ -1256,6 +1264,7 @@ impl Pipeline {
         Ok(Pipeline {
             sharded,
             side,
+            letters: Vec::new(),
             writer_thread,
             store,
             resumed_after,
@@ -1272,11 +1281,40 @@ impl Pipeline {
     }
 
     /// Sends a side output (dead letter, bad command) to the writer.
-    pub(crate) fn side(&self, mut side: Side) -> Result<(), IngestError> {
+    pub(crate) fn side(&self, side: Side) -> Result<(), IngestError> {
+        let side = self.stamped(side);
+        self.send_side(side)
+    }
+
+    /// Like [`Pipeline::side`], but kept until [`Pipeline::flush_side`]
+    /// (a driver calls it after each batch of inputs) or the next cut,
+    /// barrier or finish, which flush first: a letter always reaches the
+    /// writer before anything that follows it.
+    pub(crate) fn side_later(&mut self, side: Side) {
+        let side = self.stamped(side);
+        self.letters.push(side);
+    }
+
+    /// Sends the letters kept by [`Pipeline::side_later`], in one message.
+    pub(crate) fn flush_side(&mut self) -> Result<(), IngestError> {
+        if self.letters.is_empty() {
+            return Ok(());
+        }
+        let letters = std::mem::take(&mut self.letters);
+        self.send_side(Side::Letters(letters))
+    }
+
+    /// `side` with the router's event clock (it names the history
+    /// partition of a letter).
+    fn stamped(&self, mut side: Side) -> Side {
         let now = self.sharded.clock();
         if let Side::DeadLetter { clock, .. } | Side::BadCommand { clock, .. } = &mut side {
             *clock = now;
         }
+        side
+    }
+
+    fn send_side(&self, side: Side) -> Result<(), IngestError> {
         self.side
             .send(side)
             .map_err(|_| IngestError::Writer("writer is gone".into()))
@@ -1307,6 +1345,8 @@ impl Pipeline {
         last_seq: Option<u64>,
         positions: &BTreeMap<String, i64>,
     ) -> Result<Duration, IngestError> {
+        // Letters of the inputs before the cut go before it.
+        self.flush_side()?;
         let Some(seq) = last_seq else {
             return Ok(Duration::ZERO);
         };
@@ -1429,6 +1469,7 @@ impl Pipeline {
             return Ok(());
         };
         self.wait_snapshot()?;
+        self.flush_side()?;
         self.sharded.engine();
         let (reply_tx, reply_rx) = bounded(1);
         self.side
@@ -1446,6 +1487,7 @@ impl Pipeline {
     /// Stops the shards and the writer; the summary and the final engine.
     pub(crate) fn finish(mut self) -> Result<(Summary, Engine), IngestError> {
         self.wait_snapshot()?;
+        self.flush_side()?;
         let engine = self.sharded.finish();
         drop(self.side);
         let mut summary = self

@@ -917,6 +917,7 @@ impl Driver {
             });
         self.decoded = decoded;
         done?;
+        self.pipeline.flush_side()?;
         self.runs_done()
     }
 
@@ -984,6 +985,7 @@ impl Driver {
             cursor.next,
         )))?;
         let processed = self.process_decoded(source, cursor, message, None)?;
+        self.pipeline.flush_side()?;
         self.runs_done()?;
         Ok(processed)
     }
@@ -1030,12 +1032,12 @@ impl Driver {
         if cursor.commands {
             match parse_command(payload) {
                 Ok(command) => self.pipeline.sharded.process_command(command, seq),
-                Err(error) => self.pipeline.side(Side::bad_command(
+                Err(error) => self.pipeline.side_later(Side::bad_command(
                     seq,
                     error,
                     payload.to_vec(),
                     Some(position()),
-                ))?,
+                )),
             }
             return Ok(true);
         }
@@ -1058,16 +1060,16 @@ impl Driver {
                     .map_err(IngestError::from)?
                 {
                     self.pipeline
-                        .side(Side::rejected(r, payload.to_vec(), Some(position())))?;
+                        .side_later(Side::rejected(r, payload.to_vec(), Some(position())));
                 }
             }
             Err(e) => {
-                self.pipeline.side(Side::undecodable(
+                self.pipeline.side_later(Side::undecodable(
                     seq,
                     &e,
                     payload.to_vec(),
                     Some(position()),
-                ))?;
+                ));
             }
         }
         Ok(true)
