@@ -14,7 +14,7 @@
 //!
 //! # Safety
 //!
-//! The only unsafe code of the crate is here, kept small:
+//! The only unsafe code of the workspace is here, kept small:
 //! - [`PartitionFeed`] owns a reference to the partition's fetch queue
 //!   (`rd_kafka_queue_get_partition`) and destroys it on drop, after the
 //!   messages it still holds. It also keeps rust-rdkafka's split queue
