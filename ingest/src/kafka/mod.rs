@@ -59,14 +59,13 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-
-use feed::{Fetched, PartitionFeed};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::embedded::{IngestError, KafkaOut, Pipeline, Side, SourcePosition, Summary};
 use crate::metrics::{self as m, DriverMetrics, Source};
 pub use align::AlignSettings;
+use feed::{Fetched, PartitionFeed};
 use inputs::Inputs;
 use order_log::{OrderLog, ReplayRun, RunStart};
 pub(crate) use producer::Outbox;
