@@ -167,16 +167,13 @@ impl Bloom {
         }
     }
 
-    fn positions(&self, fp: u64) -> impl Iterator<Item = usize> {
-        bloom_positions(self.words.len(), fp)
-    }
-
     fn insert(&mut self, fp: u64) {
         if self.words.is_empty() {
             return;
         }
-        // Positions computed from the length alone, so that no list of
-        // them is collected first (that was an allocation per id written).
+        // Positions from the length alone, so the words can be written
+        // while they are computed (collecting them first was an
+        // allocation per id written).
         for p in bloom_positions(self.words.len(), fp) {
             self.words[p / 64] |= 1 << (p % 64);
         }
@@ -184,8 +181,7 @@ impl Bloom {
 
     fn may_contain(&self, fp: u64) -> bool {
         self.words.is_empty()
-            || self
-                .positions(fp)
+            || bloom_positions(self.words.len(), fp)
                 .all(|p| self.words[p / 64] & (1 << (p % 64)) != 0)
     }
 }

@@ -238,7 +238,7 @@ mod tests {
     /// an empty queue answers `None` at once, or after the timeout when
     /// one is given, never sooner.
     #[test]
-    fn an_empty_partition_feed_waits_at_most_its_timeout() {
+    fn an_empty_partition_feed_waits_out_its_timeout() {
         let consumer = consumer();
         let feed = PartitionFeed::split(&consumer, "t", 0).expect("an assigned partition");
         assert!(feed.next(Duration::ZERO).is_none());

@@ -682,9 +682,6 @@ pub fn run(
     Ok(summary)
 }
 
-/// A partition's own queue of fetched messages.
-type Queue = PartitionFeed;
-
 /// Gives every input its own queue ([`BaseConsumer::split_partition_queue`]),
 /// before the assignment starts fetching: the driver then chooses which
 /// partition to read ([`Inputs::fill`], [`Inputs::next_of`]) instead of
@@ -693,7 +690,10 @@ type Queue = PartitionFeed;
 /// apply per partition to split queues). librdkafka marks a split queue as
 /// forwarded by the application, so the assignment's fetch start does not
 /// forward it back to the consumer's queue.
-fn split_queues(data: &Arc<BaseConsumer>, cursors: &[Cursor]) -> Result<Vec<Queue>, KafkaRunError> {
+fn split_queues(
+    data: &Arc<BaseConsumer>,
+    cursors: &[Cursor],
+) -> Result<Vec<PartitionFeed>, KafkaRunError> {
     cursors
         .iter()
         .map(|c| {
@@ -703,7 +703,7 @@ fn split_queues(data: &Arc<BaseConsumer>, cursors: &[Cursor]) -> Result<Vec<Queu
         .collect()
 }
 
-impl<'a> inputs::Feed<'a> for Queue {
+impl<'a> inputs::Feed<'a> for PartitionFeed {
     type Message = Fetched<'a>;
     fn next(&'a self, timeout: Duration) -> Option<Fetched<'a>> {
         PartitionFeed::next(self, timeout)

@@ -108,7 +108,11 @@ pub enum HistoryError {
     #[error("history encoder thread: {0}")]
     EncoderStopped(String),
     /// [`HistoryOptions::zstd_level`] is outside [`ZSTD_LEVELS`].
-    #[error("history zstd level {0}: levels are 1 to 22")]
+    #[error(
+        "history zstd level {0}: levels are {low} to {high}",
+        low = ZSTD_LEVELS.start(),
+        high = ZSTD_LEVELS.end()
+    )]
     ZstdLevel(i32),
 }
 
