@@ -14,8 +14,9 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use flowcap_engine::decode::encode_binary;
 use flowcap_engine::CycleId;
-use flowcap_loadgen::{RecordKind, Workload, WorkloadConfig};
+use flowcap_loadgen::{Payload, RecordKind, Workload, WorkloadConfig};
 use flowcap_testkit::{consume_all, produce, Broker, Record, Storage};
 
 const TOPICS: [(&str, i32); 6] = [
@@ -122,23 +123,41 @@ fn ready_with(
 }
 
 /// Produces the records keyed by ICCID with their arrival as the message
-/// timestamp (the receive time flowcap judges "far future" by).
+/// timestamp (the receive time flowcap judges "far future" by), as JSON.
 fn produce_records(broker: &Broker, workload: &Workload, range: std::ops::Range<u64>) -> usize {
-    let mut lines = Vec::new();
+    produce_records_encoded(broker, workload, range, |_| false)
+}
+
+/// [`produce_records`], with the valid records whose stream position
+/// `binary` picks in the compact binary encoding instead of JSON.
+fn produce_records_encoded(
+    broker: &Broker,
+    workload: &Workload,
+    range: std::ops::Range<u64>,
+    binary: impl Fn(u64) -> bool,
+) -> usize {
+    let mut messages = Vec::new();
     for r in workload
         .records()
         .skip(range.start as usize)
         .take((range.end - range.start) as usize)
     {
-        let mut line = String::new();
-        r.to_json_line(&mut line);
-        lines.push((r.iccid().to_string(), line, r.arrival.millis()));
+        let mut bytes = Vec::new();
+        match &r.payload {
+            Payload::Valid(u) if binary(r.seq) => encode_binary(u, &mut bytes),
+            _ => {
+                let mut line = String::new();
+                r.to_json_line(&mut line);
+                bytes = line.into_bytes();
+            }
+        }
+        messages.push((r.iccid().to_string(), bytes, r.arrival.millis()));
     }
     produce(
         broker,
         "flowcap.usage",
-        lines.iter().map(|(key, line, ts)| {
-            Record::new(line.as_bytes())
+        messages.iter().map(|(key, bytes, ts)| {
+            Record::new(bytes.as_slice())
                 .key(key.as_bytes())
                 .timestamp_ms(*ts)
         }),
@@ -427,11 +446,29 @@ fn malformed_and_unknown_storm_dead_letters_exactly() {
         )],
     )
     .unwrap();
-    produce_records(&broker, &w, 0..w.total_records());
+    // Half the messages binary (the unknown cards among them), and one
+    // binary record cut short: a dead letter of its own reason.
+    produce_records_encoded(&broker, &w, 0..w.total_records(), |seq| seq % 2 == 0);
+    let first = w
+        .records()
+        .find_map(|r| match r.payload {
+            Payload::Valid(u) => Some(u),
+            Payload::Malformed { .. } => None,
+        })
+        .expect("a valid record");
+    let mut cut_short = Vec::new();
+    encode_binary(&first, &mut cut_short);
+    cut_short.truncate(30);
+    produce(
+        &broker,
+        "flowcap.usage",
+        [Record::new(&cut_short).key(first.iccid.to_string().as_bytes())],
+    )
+    .unwrap();
     let summary = run_until_idle(&broker, &dir, &[]);
     assert_exact(&broker, &dir, &w);
     let counts = w.expected().counts();
-    let bad = counts.get(RecordKind::Malformed) + counts.get(RecordKind::UnknownCard);
+    let bad = counts.get(RecordKind::Malformed) + counts.get(RecordKind::UnknownCard) + 1;
     let dlq = consume_all(&broker, "flowcap.dlq", 1_000_000, Duration::from_secs(5)).unwrap();
     assert_eq!(
         dlq.len() as u64,
@@ -457,6 +494,7 @@ fn malformed_and_unknown_storm_dead_letters_exactly() {
         counts.get(RecordKind::UnknownCard)
     );
     assert_eq!(by_reason.get("unknown_command_type").copied(), Some(1));
+    assert_eq!(by_reason.get("binary_truncated").copied(), Some(1));
     let results = consume_all(
         &broker,
         "flowcap.command-results",
@@ -480,7 +518,9 @@ fn duplicate_storm_counts_each_record_once() {
         c.seed = 13;
         c.duplicate_pct = 30.0;
     });
-    produce_records(&broker, &w, 0..w.total_records());
+    // Every other message in the binary encoding: a resend may come in the
+    // other encoding than its original, and must still be caught.
+    produce_records_encoded(&broker, &w, 0..w.total_records(), |seq| seq % 2 == 1);
     let summary = run_until_idle(&broker, &dir, &[]);
     assert_exact(&broker, &dir, &w);
     assert_eq!(

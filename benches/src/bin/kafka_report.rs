@@ -49,6 +49,10 @@
 //!    `consuming` log line (replay done), with the lease wait and the
 //!    snapshot restore as logged.
 //!
+//! `--encoding binary` writes the usage records in flowcap's compact binary
+//! encoding instead of JSON (every phase; the baseline reads the same
+//! messages), to show what decoding JSON costs end to end.
+//!
 //! Output: one JSON line per measurement appended to
 //! `target/kafka_report.jsonl` (`--out`), a Markdown table on stdout, and
 //! with `--plot DIR` two PNGs (throughput bars, latency CDF).
@@ -67,6 +71,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use flowcap_benches::{check_history, cpu_model, median, progress};
+use flowcap_engine::decode::encode_binary;
 use flowcap_engine::{Iccid, RecordId, Timestamp, Usage};
 use flowcap_loadgen::{
     to_json_line, GeneratedRecord, Payload, RecordKind, Workload, WorkloadConfig,
@@ -108,6 +113,37 @@ const RESULTS: &str = "flowcap.command-results";
 /// members x 2 GiB + add-on), below the decoder's 1 TiB per field.
 const HUGE_BYTES: u64 = 500 << 30;
 
+/// How a usage record is written into the usage topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Encoding {
+    Json,
+    Binary,
+}
+
+impl Encoding {
+    /// Replaces `out` with `record` in this encoding (a malformed record:
+    /// its raw bytes either way).
+    fn write(self, record: &GeneratedRecord, out: &mut Vec<u8>) {
+        out.clear();
+        match (self, &record.payload) {
+            (Encoding::Binary, Payload::Valid(usage)) => encode_binary(usage, out),
+            _ => {
+                // Empty after the clear, so valid UTF-8: the buffer is reused.
+                let mut line = String::from_utf8(std::mem::take(out)).unwrap_or_default();
+                to_json_line(record, &mut line);
+                *out = line.into_bytes();
+            }
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Binary => "binary",
+        }
+    }
+}
+
 /// Kafka pipeline benchmark: raw consume vs flowcap, latency, recovery.
 #[derive(Debug, Parser)]
 #[command(name = "kafka_report")]
@@ -133,6 +169,12 @@ struct Args {
     /// cards x hours x this).
     #[arg(long, default_value_t = 1.0)]
     per_card_hour: f64,
+    /// How usage records are written into the usage topic: `json` (SPEC
+    /// section 4) or `binary` (flowcap's compact encoding; malformed
+    /// records stay the raw bytes they are). Every phase uses it; the raw
+    /// consume baseline reads the same messages.
+    #[arg(long, value_enum, default_value_t = Encoding::Json)]
+    encoding: Encoding,
     /// Repetitions of the throughput pair (median reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -411,12 +453,13 @@ fn throughput(args: &Args, bin: &Path, work: &Path, report: &mut Report) -> Resu
         "setup: {commands} commands applied in {:.1} s",
         setup.total.as_secs_f64()
     );
-    let records = produce_workload_records(&broker, &workload)?;
+    let records = produce_workload_records(&broker, &workload, args.encoding)?;
     report.line(
         "throughput",
         "workload",
         json!({"cards": args.cards, "records": records, "commands": commands,
-               "partitions": args.partitions, "record_bytes_mean": average_record_len(&workload)}),
+               "partitions": args.partitions, "encoding": args.encoding.name(),
+               "record_bytes_mean": average_record_len(&workload, args.encoding)}),
     )?;
 
     let mut raw_rates = Vec::new();
@@ -847,7 +890,7 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
     let bar = progress(Some(rate as u64 * args.latency_secs), "paced records");
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut huge = 0u64;
-    let mut line = String::new();
+    let mut message = Vec::new();
     let began = Instant::now();
     let length = Duration::from_secs(args.latency_secs);
     let mut k = 0u64;
@@ -873,13 +916,8 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
                 bytes_down: bytes - bytes / 8,
                 carrier: workload.carrier(card),
             };
-            line.clear();
-            record_line(usage, k, &mut line);
-            sender.send(
-                Some(iccid.to_string().as_bytes()),
-                line.as_bytes(),
-                Some(now_ms),
-            )?;
+            args.encoding.write(&valid_record(usage, k), &mut message);
+            sender.send(Some(iccid.to_string().as_bytes()), &message, Some(now_ms))?;
             sent_us.push(now_us);
             sent_ms.push(now_ms);
             k += 1;
@@ -1236,7 +1274,7 @@ fn recovery(args: &Args, bin: &Path, work: &Path, cards: u64, report: &mut Repor
         "{commands} commands produced in {produce_commands_secs:.1} s, applied by flowcap in {:.1} s",
         setup.total.as_secs_f64()
     );
-    let records = produce_workload_records(&broker, &workload)?;
+    let records = produce_workload_records(&broker, &workload, args.encoding)?;
     let accounted = run_to_idle(bin, &broker, &dir, &group, args, "accounting records")?;
     let snapshot_bytes = newest_snapshot_len(&dir);
     eprintln!(
@@ -1274,6 +1312,7 @@ fn recovery(args: &Args, bin: &Path, work: &Path, cards: u64, report: &mut Repor
             end,
             next_record,
             next_record + args.recovery_backlog,
+            args.encoding,
         )?;
         next_record += args.recovery_backlog;
         thread::sleep(secs(args.recovery_kill_after));
@@ -1289,6 +1328,7 @@ fn recovery(args: &Args, bin: &Path, work: &Path, cards: u64, report: &mut Repor
             end,
             next_record,
             next_record + args.recovery_backlog,
+            args.encoding,
         )?;
         next_record += args.recovery_backlog;
 
@@ -1443,10 +1483,11 @@ fn produce_backlog(
     end: Timestamp,
     from: u64,
     to: u64,
+    encoding: Encoding,
 ) -> Result<()> {
     let mut sender = Sender::new(broker, USAGE, 5)?;
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ from;
-    let mut line = String::new();
+    let mut message = Vec::new();
     let n = workload.card_count();
     for k in from..to {
         rng = xorshift(rng);
@@ -1468,11 +1509,10 @@ fn produce_backlog(
             bytes_down: 1000 + (rng >> 20) % 100_000,
             carrier,
         };
-        line.clear();
-        record_line(usage, k, &mut line);
+        encoding.write(&valid_record(usage, k), &mut message);
         sender.send(
             Some(iccid.to_string().as_bytes()),
-            line.as_bytes(),
+            &message,
             Some(end.millis()),
         )?;
     }
@@ -1711,23 +1751,22 @@ fn produce_commands(broker: &Broker, workload: &Workload) -> Result<u64> {
 
 /// Produces the workload's records keyed by ICCID with their arrival as the
 /// message timestamp (as `flowcap/tests/kafka.rs` does); returns how many.
-fn produce_workload_records(broker: &Broker, workload: &Workload) -> Result<u64> {
+fn produce_workload_records(
+    broker: &Broker,
+    workload: &Workload,
+    encoding: Encoding,
+) -> Result<u64> {
     let total = workload.total_records();
     let bar = progress(Some(total), "records produced");
     let mut sender = Sender::new(broker, USAGE, 5)?;
-    let mut line = String::new();
+    let mut message = Vec::new();
     let mut key = String::new();
     let began = Instant::now();
     for (i, r) in workload.records().enumerate() {
-        line.clear();
-        r.to_json_line(&mut line);
+        encoding.write(&r, &mut message);
         key.clear();
         let _ = write!(key, "{}", r.iccid());
-        sender.send(
-            Some(key.as_bytes()),
-            line.as_bytes(),
-            Some(r.arrival.millis()),
-        )?;
+        sender.send(Some(key.as_bytes()), &message, Some(r.arrival.millis()))?;
         if i % 4096 == 0 {
             bar.set_position(i as u64);
         }
@@ -1742,27 +1781,25 @@ fn produce_workload_records(broker: &Broker, workload: &Workload) -> Result<u64>
     Ok(n)
 }
 
-fn average_record_len(workload: &Workload) -> f64 {
-    let mut line = String::new();
+fn average_record_len(workload: &Workload, encoding: Encoding) -> f64 {
+    let mut message = Vec::new();
     let (mut n, mut len) = (0usize, 0usize);
     for r in workload.records().take(10_000) {
-        line.clear();
-        r.to_json_line(&mut line);
+        encoding.write(&r, &mut message);
         n += 1;
-        len += line.len();
+        len += message.len();
     }
     len as f64 / n.max(1) as f64
 }
 
-/// One usage record as flowcap receives it (loadgen's JSON format).
-fn record_line(usage: Usage, seq: u64, out: &mut String) {
-    let record = GeneratedRecord {
+/// A valid usage record as the generator would make it, to encode.
+fn valid_record(usage: Usage, seq: u64) -> GeneratedRecord {
+    GeneratedRecord {
         seq,
         arrival: usage.end,
         kind: RecordKind::Fresh,
         payload: Payload::Valid(usage),
-    };
-    to_json_line(&record, out);
+    }
 }
 
 /// A running `flowcap run --kafka`, its stderr lines timestamped on arrival
