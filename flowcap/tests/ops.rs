@@ -207,6 +207,10 @@ fn run_with_http_exports_what_the_summary_says() {
     assert!(value("flowcap_history_compaction_milliseconds_total") >= 0.0);
     assert_eq!(value("flowcap_history_compaction_sorted_again_total"), 0.0);
     assert_eq!(value("flowcap_history_compaction_failures_total"), 0.0);
+    // Requests queued for the compaction thread at the last snapshot
+    // (it runs on idle CPU only): at most the snapshots taken.
+    let waiting = value("flowcap_history_compaction_requests_waiting");
+    assert!(waiting >= 0.0 && waiting <= value("flowcap_snapshots_total"));
     assert!(value("flowcap_last_snapshot_timestamp_seconds") > 1.5e9);
     assert!(value("flowcap_snapshot_age_seconds") >= 0.0);
     assert_eq!(

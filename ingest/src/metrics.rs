@@ -104,6 +104,9 @@ pub const COMPACTION_MILLISECONDS: &str = "flowcap_history_compaction_millisecon
 pub const COMPACTION_FAILURES: &str = "flowcap_history_compaction_failures_total";
 /// Merges of a sorted table whose inputs were out of order (sorted again).
 pub const COMPACTION_SORTED_AGAIN: &str = "flowcap_history_compaction_sorted_again_total";
+/// Compaction requests (one per snapshot) waiting for the compaction
+/// thread, which runs on idle CPU only: how far behind it is.
+pub const COMPACTION_REQUESTS_WAITING: &str = "flowcap_history_compaction_requests_waiting";
 /// Cards known to the engine.
 pub const ENGINE_CARDS: &str = "flowcap_engine_cards";
 /// The engine's event clock, in unix seconds.
@@ -336,6 +339,12 @@ pub const CATALOG: &[(&str, Kind, &str, &str)] = &[
         "",
         "History merges whose inputs were out of order and were sorted again.",
     ),
+    (
+        COMPACTION_REQUESTS_WAITING,
+        Kind::Gauge,
+        "",
+        "Compaction requests (one per snapshot) waiting for the compaction thread, which runs on idle CPU only.",
+    ),
     (ENGINE_CARDS, Kind::Gauge, "", "Cards known to the engine."),
     (
         EVENT_CLOCK,
@@ -554,6 +563,7 @@ pub fn history_compaction(stats: &CompactionStats) {
     counter!(COMPACTION_MILLISECONDS).absolute(get(&stats.busy_nanos) / 1_000_000);
     counter!(COMPACTION_FAILURES).absolute(get(&stats.failures));
     counter!(COMPACTION_SORTED_AGAIN).absolute(get(&stats.sorted_again));
+    gauge!(COMPACTION_REQUESTS_WAITING).set(get(&stats.requests_waiting) as f64);
 }
 
 /// Sets a partition's consumer lag (messages behind the high watermark).

@@ -16,6 +16,10 @@
 //! waits for its files, so the record path makes room by itself). Raising
 //! a thread's nice value needs no privilege; where it fails the thread
 //! runs at normal priority and a debug line says why.
+//!
+//! Compaction goes further ([`spawn_when_idle`]): no commit waits for a
+//! merge, so it runs under `SCHED_IDLE` and takes only CPU nothing else
+//! wants. Under a backlog it waits for the backlog, then catches up.
 
 use std::io;
 use std::sync::OnceLock;
@@ -57,6 +61,49 @@ pub fn spawn<T: Send + 'static>(
         })
 }
 
+/// Spawns a named thread that runs `work` only on CPU nothing else wants:
+/// `SCHED_IDLE` on Linux (elsewhere, or where that fails, nice
+/// [`background_nice`]). For work that may wait out a backlog: nothing
+/// on the record path or a commit waits for it. With
+/// [`BACKGROUND_NICE_ENV`]` = 0` it runs at normal priority like the rest.
+pub fn spawn_when_idle<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            if background_nice() != 0 && !idle_policy() {
+                lower_priority();
+            }
+            work()
+        })
+}
+
+/// Puts the calling thread under `SCHED_IDLE`; false where it cannot.
+fn idle_policy() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::{
+            set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+            ThreadSchedulePolicy,
+        };
+        match set_thread_priority_and_policy(
+            thread_native_id(),
+            ThreadPriority::Min,
+            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = ?e, "no SCHED_IDLE: the thread runs at the background nice");
+                false
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
 /// Lowers the calling thread's priority to nice [`background_nice`].
 fn lower_priority() {
     let nice = background_nice();
@@ -84,6 +131,33 @@ mod tests {
         // nice is field 19, the 17th after it.
         let rest = &stat[stat.rfind(')')? + 2..];
         rest.split(' ').nth(16)?.parse().ok()
+    }
+
+    /// The thread's scheduling policy, from `/proc` (Linux): field 41.
+    fn policy_of_current_thread() -> Option<u32> {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        rest.split(' ').nth(38)?.parse().ok()
+    }
+
+    #[test]
+    fn work_that_waits_for_idle_cpu_runs_under_sched_idle() {
+        let Some(normal) = policy_of_current_thread() else {
+            return; // not Linux
+        };
+        assert_eq!(normal, 0, "the test thread runs under SCHED_OTHER");
+        let policy = spawn_when_idle("test-idle", policy_of_current_thread)
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        const SCHED_IDLE: u32 = 5;
+        if background_nice() == 0 {
+            assert_eq!(policy, 0, "switched off: normal priority");
+        } else {
+            assert_eq!(policy, SCHED_IDLE);
+        }
+        assert_eq!(policy_of_current_thread(), Some(normal));
     }
 
     #[test]

@@ -78,6 +78,11 @@ pub struct CompactionPolicy {
     /// Files at least this large are left alone, and a merge takes files
     /// until their sizes add up to this.
     pub target_bytes: u64,
+    /// A merge stops reading inputs once they hold this many bytes decoded
+    /// (Arrow memory), at the end of the window it is in, and merges what
+    /// it has read: `target_bytes` counts compressed bytes, and a run of
+    /// well-compressed files can decode to ten times as much.
+    pub max_merge_bytes: usize,
 }
 
 impl Default for CompactionPolicy {
@@ -85,6 +90,7 @@ impl Default for CompactionPolicy {
         CompactionPolicy {
             min_files: 8,
             target_bytes: 64 << 20,
+            max_merge_bytes: 256 << 20,
         }
     }
 }
@@ -106,6 +112,9 @@ pub struct CompactionStats {
     /// Merges of already-sorted tables that found an input out of order
     /// and sorted with SQL instead.
     pub sorted_again: AtomicU64,
+    /// Requests (one per snapshot) the thread has not taken up yet: how far
+    /// compaction is behind while it waits for idle CPU.
+    pub requests_waiting: AtomicU64,
 }
 
 struct Job {
@@ -141,7 +150,8 @@ impl Compactor {
         let stats = Arc::new(CompactionStats::default());
         let files = HistoryFiles::new(location)?;
         let thread_stats = Arc::clone(&stats);
-        let thread = crate::background::spawn("flowcap-compact", move || {
+        // Nothing waits for a merge but a shutdown: it runs on idle CPU.
+        let thread = crate::background::spawn_when_idle("flowcap-compact", move || {
             run(files, options, dirs, rx, &thread_stats)
         })
         .map_err(|e| HistoryError::Compaction(e.to_string()))?;
@@ -158,6 +168,9 @@ impl Compactor {
         if let Some(tx) = &self.jobs {
             // The thread only goes away on drop.
             let _ = tx.send(Job { through, dirs });
+            self.stats
+                .requests_waiting
+                .store(tx.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -197,6 +210,9 @@ fn run(
             through = through.max(job.through);
             watch.extend(job.dirs);
         }
+        stats
+            .requests_waiting
+            .store(jobs.len() as u64, Ordering::Relaxed);
         let mut done = BTreeSet::new();
         for dir in &watch {
             let started = Instant::now();
@@ -277,19 +293,19 @@ fn compact_dir(
     let Some(run) = plan(&listed, through, &options.compaction) else {
         return Ok(Outcome::nothing(!pending));
     };
+    let def = schema::tables()
+        .into_iter()
+        .find(|t| t.name == table)
+        .ok_or_else(|| HistoryError::Compaction(format!("unknown table {table}")))?;
+    let inputs = read_inputs(&run, options.compaction.max_merge_bytes, |file| {
+        read_file(files, file, &def.schema)
+    })?;
+    let run = &run[..inputs.len()];
     let first = run.first().and_then(|f| file_range(f.name()));
     let last = run.last().and_then(|f| file_range(f.name()));
     let (Some((from, _)), Some((_, to))) = (first, last) else {
         return Ok(Outcome::nothing(true));
     };
-    let def = schema::tables()
-        .into_iter()
-        .find(|t| t.name == table)
-        .ok_or_else(|| HistoryError::Compaction(format!("unknown table {table}")))?;
-    let mut inputs = Vec::with_capacity(run.len());
-    for file in &run {
-        inputs.push(read_file(files, file, &def.schema)?);
-    }
     let (merged, sql) = match how {
         Merge::Sorted { keys, sql } => (merge_sorted(&inputs, keys)?, sql),
         Merge::Summed { keys, max, sql } => (merge_summed(&inputs, keys, max)?, sql),
@@ -304,7 +320,7 @@ fn compact_dir(
     let name = format!("part-{from:020}-m{to:020}.parquet");
     let rel = format!("{dir}/{name}");
     files.put(&rel, encode_parquet(&merged, options, &rel)?)?;
-    for file in &run {
+    for file in run {
         if file.rel != rel {
             files.delete(&file.rel)?;
         }
@@ -324,8 +340,33 @@ fn compact_dir(
     })
 }
 
+/// The first files of `run` one merge reads, read by `read`: all of them,
+/// or fewer once at least two are read and they hold `max_bytes` decoded.
+/// It stops only where a window ends: the merged file is named by the
+/// windows it covers, and a restart deletes every file inside that range,
+/// so a window's chunks are merged together or not at all.
+fn read_inputs(
+    run: &[StoredFile],
+    max_bytes: usize,
+    mut read: impl FnMut(&StoredFile) -> Result<RecordBatch, HistoryError>,
+) -> Result<Vec<RecordBatch>, HistoryError> {
+    let mut inputs = Vec::with_capacity(run.len());
+    let mut decoded = 0usize;
+    for (i, file) in run.iter().enumerate() {
+        let window_ends_here = i > 0 && file_range(file.name()) != file_range(run[i - 1].name());
+        if inputs.len() >= 2 && decoded >= max_bytes && window_ends_here {
+            break;
+        }
+        let batch = read(file)?;
+        decoded = decoded.saturating_add(batch.get_array_memory_size());
+        inputs.push(batch);
+    }
+    Ok(inputs)
+}
+
 /// One file's rows as one batch (files are a few MB; the merge holds all
-/// of a run's in memory either way).
+/// of a run's in memory either way, up to
+/// [`CompactionPolicy::max_merge_bytes`]).
 fn read_file(
     files: &HistoryFiles,
     file: &StoredFile,
@@ -691,6 +732,7 @@ mod tests {
     const POLICY: CompactionPolicy = CompactionPolicy {
         min_files: 3,
         target_bytes: 100,
+        max_merge_bytes: usize::MAX,
     };
 
     #[test]
@@ -741,8 +783,8 @@ mod tests {
         );
         // Cut at the target size, but never inside a window.
         let small = CompactionPolicy {
-            min_files: 3,
             target_bytes: 25,
+            ..POLICY
         };
         let listed = vec![
             plain(0, 0, 20),
@@ -779,6 +821,41 @@ mod tests {
         assert_eq!(plan(&more, 100, &POLICY).unwrap().len(), 5);
         // Too few new files once the merged one is left out.
         assert!(plan(&listed[..3], 100, &POLICY).is_none());
+    }
+
+    #[test]
+    fn a_merge_reads_up_to_its_memory_bound_and_never_splits_a_window() {
+        let run = vec![
+            plain(0, 0, 10),
+            plain(10, 0, 10),
+            plain(10, 1, 10),
+            plain(10, 2, 10),
+            plain(20, 0, 10),
+            plain(30, 0, 10),
+        ];
+        let one = usage(&[("8986", 1, 1), ("8987", 2, 2)]);
+        let size = one.get_array_memory_size();
+        let taken = |max_bytes: usize| {
+            let mut read = Vec::new();
+            let inputs = read_inputs(&run, max_bytes, |f| {
+                read.push(f.name().to_owned());
+                Ok(one.clone())
+            })
+            .unwrap();
+            assert_eq!(inputs.len(), read.len(), "reads only what it merges");
+            inputs.len()
+        };
+        assert_eq!(taken(usize::MAX), 6, "no bound: the whole run");
+        // Two files hold the bound, but the second window has two more
+        // chunks: all of it, not a file more.
+        assert_eq!(taken(2 * size), 4);
+        // Always at least two files.
+        assert_eq!(taken(0), 4, "the second file's window is read whole");
+        let singles = [plain(0, 0, 10), plain(10, 0, 10), plain(20, 0, 10)];
+        let inputs = read_inputs(&singles, 0, |_| Ok(one.clone())).unwrap();
+        assert_eq!(inputs.len(), 2);
+        // The bound reached with the fifth file, at a window's end.
+        assert_eq!(taken(5 * size), 5);
     }
 
     /// A usage-shaped batch of (iccid, end_time, input_seq) rows.

@@ -1429,6 +1429,7 @@ mod tests {
             compaction: CompactionPolicy {
                 min_files: 4,
                 target_bytes: 1 << 20,
+                ..CompactionPolicy::default()
             },
             ..HistoryOptions::default()
         };
