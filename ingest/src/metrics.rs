@@ -632,7 +632,7 @@ mod tests {
             assert!(!help.is_empty());
             assert!(seen.insert(name), "{name} listed twice");
         }
-        assert_eq!(seen.len(), 38);
+        assert_eq!(seen.len(), 39);
     }
 
     #[test]

@@ -53,12 +53,7 @@ pub fn spawn<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> io::Result<JoinHandle<T>> {
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            lower_priority();
-            work()
-        })
+    spawn_lowered(name, lower_priority, work)
 }
 
 /// Spawns a named thread that runs `work` only on CPU nothing else wants:
@@ -70,12 +65,24 @@ pub fn spawn_when_idle<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> io::Result<JoinHandle<T>> {
+    let lower = || {
+        if background_nice() != 0 && !idle_policy() {
+            lower_priority();
+        }
+    };
+    spawn_lowered(name, lower, work)
+}
+
+/// A named thread that calls `lower` (its own priority) and then `work`.
+fn spawn_lowered<T: Send + 'static>(
+    name: &str,
+    lower: fn(),
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<JoinHandle<T>> {
     std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
-            if background_nice() != 0 && !idle_policy() {
-                lower_priority();
-            }
+            lower();
             work()
         })
 }
