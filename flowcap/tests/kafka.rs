@@ -14,7 +14,6 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use flowcap_engine::decode::encode_binary;
 use flowcap_engine::CycleId;
 use flowcap_loadgen::{Payload, RecordKind, Workload, WorkloadConfig};
 use flowcap_testkit::{consume_all, produce, Broker, Record, Storage};
@@ -128,8 +127,9 @@ fn produce_records(broker: &Broker, workload: &Workload, range: std::ops::Range<
     produce_records_encoded(broker, workload, range, |_| false)
 }
 
-/// [`produce_records`], with the valid records whose stream position
-/// `binary` picks in the compact binary encoding instead of JSON.
+/// [`produce_records`], with the records whose stream position `binary`
+/// picks in the compact binary encoding instead of JSON (malformed ones
+/// are their raw bytes either way).
 fn produce_records_encoded(
     broker: &Broker,
     workload: &Workload,
@@ -143,13 +143,12 @@ fn produce_records_encoded(
         .take((range.end - range.start) as usize)
     {
         let mut bytes = Vec::new();
-        match &r.payload {
-            Payload::Valid(u) if binary(r.seq) => encode_binary(u, &mut bytes),
-            _ => {
-                let mut line = String::new();
-                r.to_json_line(&mut line);
-                bytes = line.into_bytes();
-            }
+        if binary(r.seq) {
+            r.to_binary(&mut bytes);
+        } else {
+            let mut line = String::new();
+            r.to_json_line(&mut line);
+            bytes = line.into_bytes();
         }
         messages.push((r.iccid().to_string(), bytes, r.arrival.millis()));
     }
@@ -451,18 +450,15 @@ fn malformed_and_unknown_storm_dead_letters_exactly() {
     produce_records_encoded(&broker, &w, 0..w.total_records(), |seq| seq % 2 == 0);
     let first = w
         .records()
-        .find_map(|r| match r.payload {
-            Payload::Valid(u) => Some(u),
-            Payload::Malformed { .. } => None,
-        })
+        .find(|r| matches!(r.payload, Payload::Valid(_)))
         .expect("a valid record");
     let mut cut_short = Vec::new();
-    encode_binary(&first, &mut cut_short);
+    first.to_binary(&mut cut_short);
     cut_short.truncate(30);
     produce(
         &broker,
         "flowcap.usage",
-        [Record::new(&cut_short).key(first.iccid.to_string().as_bytes())],
+        [Record::new(&cut_short).key(first.iccid().to_string().as_bytes())],
     )
     .unwrap();
     let summary = run_until_idle(&broker, &dir, &[]);

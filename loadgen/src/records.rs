@@ -142,6 +142,17 @@ impl GeneratedRecord {
     pub fn to_json_line(&self, out: &mut String) {
         to_json_line(self, out);
     }
+
+    /// Appends the record as one Kafka message value in flowcap's compact
+    /// binary encoding ([`flowcap_engine::decode::encode_binary`]) for
+    /// valid records, the raw bytes (the same as [`to_json_line`]'s) for
+    /// malformed ones.
+    pub fn to_binary(&self, out: &mut Vec<u8>) {
+        match &self.payload {
+            Payload::Valid(u) => flowcap_engine::decode::encode_binary(u, out),
+            Payload::Malformed { bytes, .. } => out.extend_from_slice(bytes),
+        }
+    }
 }
 
 /// Appends the record as one line (no newline) to `out`: SPEC section 4

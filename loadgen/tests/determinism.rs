@@ -79,3 +79,34 @@ fn different_seed_gives_different_output() {
     .unwrap();
     assert_ne!(all_lines(&qa), all_lines(&qb));
 }
+
+#[test]
+fn binary_messages_decode_to_the_records_and_malformed_ones_stay_raw() {
+    use flowcap_engine::decode::{decode_binary, DecodeLimits};
+    use flowcap_loadgen::Payload;
+    let w = Workload::new(config(9)).unwrap();
+    let (mut valid, mut malformed) = (0, 0);
+    for record in w.records() {
+        let mut message = Vec::new();
+        record.to_binary(&mut message);
+        let mut line = String::new();
+        record.to_json_line(&mut line);
+        match &record.payload {
+            Payload::Valid(u) => {
+                assert_eq!(
+                    decode_binary(&message, &DecodeLimits::default()).as_ref(),
+                    Ok(u)
+                );
+                valid += 1;
+            }
+            Payload::Malformed { .. } => {
+                assert_eq!(message, line.into_bytes(), "raw bytes in either encoding");
+                malformed += 1;
+            }
+        }
+    }
+    assert!(
+        valid > 0 && malformed > 0,
+        "{valid} valid, {malformed} malformed"
+    );
+}

@@ -71,7 +71,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use flowcap_benches::{check_history, cpu_model, median, progress};
-use flowcap_engine::decode::encode_binary;
 use flowcap_engine::{Iccid, RecordId, Timestamp, Usage};
 use flowcap_loadgen::{
     to_json_line, GeneratedRecord, Payload, RecordKind, Workload, WorkloadConfig,
@@ -125,9 +124,9 @@ impl Encoding {
     /// its raw bytes either way).
     fn write(self, record: &GeneratedRecord, out: &mut Vec<u8>) {
         out.clear();
-        match (self, &record.payload) {
-            (Encoding::Binary, Payload::Valid(usage)) => encode_binary(usage, out),
-            _ => {
+        match self {
+            Encoding::Binary => record.to_binary(out),
+            Encoding::Json => {
                 // Empty after the clear, so valid UTF-8: the buffer is reused.
                 let mut line = String::from_utf8(std::mem::take(out)).unwrap_or_default();
                 to_json_line(record, &mut line);
