@@ -131,20 +131,24 @@ fn lower_priority() {
 mod tests {
     use super::*;
 
-    /// The thread's nice value, from `/proc` (Linux).
-    fn nice_of_current_thread() -> Option<i32> {
+    /// Field `field` (1-based, as in proc(5)) of the calling thread's
+    /// `/proc/thread-self/stat` (Linux), from field 3 on.
+    fn thread_stat<T: std::str::FromStr>(field: usize) -> Option<T> {
         let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
-        // Fields after the command (which may hold spaces) in parentheses;
-        // nice is field 19, the 17th after it.
+        // Fields 3 on follow the command (which may hold spaces) in
+        // parentheses.
         let rest = &stat[stat.rfind(')')? + 2..];
-        rest.split(' ').nth(16)?.parse().ok()
+        rest.split(' ').nth(field.checked_sub(3)?)?.parse().ok()
     }
 
-    /// The thread's scheduling policy, from `/proc` (Linux): field 41.
+    /// The thread's nice value (field 19).
+    fn nice_of_current_thread() -> Option<i32> {
+        thread_stat(19)
+    }
+
+    /// The thread's scheduling policy (field 41).
     fn policy_of_current_thread() -> Option<u32> {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
-        let rest = &stat[stat.rfind(')')? + 2..];
-        rest.split(' ').nth(38)?.parse().ok()
+        thread_stat(41)
     }
 
     #[test]

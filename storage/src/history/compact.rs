@@ -352,11 +352,14 @@ fn read_inputs(
 ) -> Result<Vec<RecordBatch>, HistoryError> {
     let mut inputs = Vec::with_capacity(run.len());
     let mut decoded = 0usize;
-    for (i, file) in run.iter().enumerate() {
-        let window_ends_here = i > 0 && file_range(file.name()) != file_range(run[i - 1].name());
-        if inputs.len() >= 2 && decoded >= max_bytes && window_ends_here {
+    let mut window = None;
+    for file in run {
+        let range = file_range(file.name());
+        let new_window = window.is_some_and(|w| w != range);
+        if inputs.len() >= 2 && decoded >= max_bytes && new_window {
             break;
         }
+        window = Some(range);
         let batch = read(file)?;
         decoded = decoded.saturating_add(batch.get_array_memory_size());
         inputs.push(batch);
