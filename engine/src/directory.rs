@@ -143,6 +143,7 @@ impl Directory {
     }
 
     /// Every card and its location, in insertion order.
+    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = (Iccid, Loc)> + '_ {
         self.keys.iter().copied().zip(self.locs.iter().copied())
     }

@@ -1634,43 +1634,21 @@ impl Engine {
     }
 
     fn view_at(&self, loc: Loc) -> CardView {
-        let shard = &self.shards[loc.shard as usize];
-        let card = &shard.cards[loc.slot as usize];
-        let (state, reasons) = shard.visible_state(loc.slot);
-        CardView {
-            iccid: card.iccid,
-            carrier: card.carrier,
-            plan: self
-                .registry
-                .plan_ids
-                .get(usize::from(card.plan))
-                .cloned()
-                .flatten(),
-            state,
-            reasons,
-            usage_bytes: card.usage,
-            cycle: shard.cycle(card.carrier),
-            threshold_mb: i64::from(card.threshold_mb),
-            addon_mb: u64::from(card.addon_mb),
-            pool: (card.pool != NO_POOL).then(|| shard.pools[card.pool as usize].id.clone()),
-            tags: shard
-                .tags_of(loc.slot)
-                .iter()
-                .filter_map(|t| self.registry.tag_names.get(*t as usize).cloned().flatten())
-                .collect(),
-            activated_at: (card.activated_at != Timestamp::MIN).then_some(card.activated_at),
-            expires_at: (card.expires_at != Timestamp::MAX).then_some(card.expires_at),
-            msisdn: shard.ident(loc.slot, 0),
-            imsi: shard.ident(loc.slot, 1),
-            imei: shard.ident(loc.slot, 2),
-        }
+        card_view(
+            &self.shards[loc.shard as usize],
+            loc.slot,
+            &self.registry.plan_ids,
+            &self.registry.tag_names,
+        )
     }
 
     /// Every card's view, ordered by ICCID.
     pub fn card_views(&self) -> Vec<CardView> {
-        let mut locs: Vec<(Iccid, Loc)> = self.directory.iter().collect();
-        locs.sort_unstable_by_key(|(i, _)| *i);
-        locs.into_iter().map(|(_, loc)| self.view_at(loc)).collect()
+        card_views(
+            &self.shards,
+            &self.registry.plan_ids,
+            &self.registry.tag_names,
+        )
     }
 
     /// One pool's view, if known.
@@ -1775,4 +1753,62 @@ fn backward_suspend_threshold(rule: &RuleSpec) -> Option<u64> {
         .get("used_mb_gte")
         .and_then(serde_json::Value::as_u64)
         .map(|mb| mb.saturating_mul(MB))
+}
+
+/// The view of the card in `slot` of `shard`; plans and tags are named
+/// through the registry's tables.
+fn card_view(
+    shard: &Shard,
+    slot: u32,
+    plan_ids: &[Option<PlanId>],
+    tag_names: &[Option<TagId>],
+) -> CardView {
+    let card = &shard.cards[slot as usize];
+    let (state, reasons) = shard.visible_state(slot);
+    CardView {
+        iccid: card.iccid,
+        carrier: card.carrier,
+        plan: plan_ids.get(usize::from(card.plan)).cloned().flatten(),
+        state,
+        reasons,
+        usage_bytes: card.usage,
+        cycle: shard.cycle(card.carrier),
+        threshold_mb: i64::from(card.threshold_mb),
+        addon_mb: u64::from(card.addon_mb),
+        pool: (card.pool != NO_POOL).then(|| shard.pools[card.pool as usize].id.clone()),
+        tags: shard
+            .tags_of(slot)
+            .iter()
+            .filter_map(|t| tag_names.get(*t as usize).cloned().flatten())
+            .collect(),
+        activated_at: (card.activated_at != Timestamp::MIN).then_some(card.activated_at),
+        expires_at: (card.expires_at != Timestamp::MAX).then_some(card.expires_at),
+        msisdn: shard.ident(slot, 0),
+        imsi: shard.ident(slot, 1),
+        imei: shard.ident(slot, 2),
+    }
+}
+
+/// Every live card's view over `shards`, ordered by ICCID: the engine's
+/// own and a snapshot copy's ([`crate::SnapshotCopy::card_views`]) are the
+/// same function of the same state.
+pub(crate) fn card_views(
+    shards: &[Shard],
+    plan_ids: &[Option<PlanId>],
+    tag_names: &[Option<TagId>],
+) -> Vec<CardView> {
+    let mut slots: Vec<(Iccid, u32, u32)> = shards
+        .iter()
+        .enumerate()
+        .flat_map(|(s, shard)| {
+            shard
+                .live_slots()
+                .map(move |slot| (shard.cards[slot as usize].iccid, s as u32, slot))
+        })
+        .collect();
+    slots.sort_unstable_by_key(|&(iccid, ..)| iccid);
+    slots
+        .into_iter()
+        .map(|(_, s, slot)| card_view(&shards[s as usize], slot, plan_ids, tag_names))
+        .collect()
 }

@@ -129,7 +129,10 @@ proptest! {
             prop_assert_eq!(&before, &reference_states[k]);
             let bytes = engine.snapshot();
             // The copy a snapshot's cut takes encodes to the same bytes.
-            prop_assert!(engine.snapshot_copy().encode() == bytes, "copy encodes differently");
+            let copy = engine.snapshot_copy();
+            prop_assert!(copy.encode() == bytes, "copy encodes differently");
+            // ... and views every card as the engine does (the cards dump).
+            prop_assert_eq!(copy.card_views(), engine.card_views());
             drop(engine);
             engine = Engine::restore(&bytes, Box::new(ids.clone())).unwrap();
             prop_assert_eq!(state(&engine), before, "state right after restore {}", k);

@@ -1270,6 +1270,32 @@ fn a_card_holds_at_most_10_tags() {
 }
 
 #[test]
+fn a_snapshot_copy_views_every_card_as_the_engine_did_at_the_copy() {
+    // A snapshot's cut builds the cards dump from its copy, off the
+    // inputs' path: plans, tags, pools and usage must be the engine's.
+    scenario(|s| {
+        s.ok("upsert_tag", json!({"tag": {"name": "fleet"}}));
+        s.card_with(1, "cmcc-30m", "active", json!({"tags": ["fleet"]}));
+        s.active(2, "cmcc-50m");
+        s.active(3, "ctcc-30m");
+        s.rec(2, "r1", "2026-03-10T10:00:00+08:00", 40 << 20);
+        let copy = s.engine.snapshot_copy();
+        let at_copy = s.engine.card_views();
+        assert_eq!(copy.card_views(), at_copy);
+        assert_eq!(at_copy[0].tags, vec![flowcap_engine::TagId::from("fleet")]);
+        assert!(at_copy.iter().all(|v| v.plan.is_some()));
+        // The engine goes on; the copy stays at its position.
+        s.rec(3, "r2", "2026-03-10T10:01:00+08:00", 1 << 20);
+        s.ok(
+            "unbind_tags",
+            json!({"iccids": iccids(&[1]), "tags": ["fleet"]}),
+        );
+        assert_ne!(s.engine.card_views(), at_copy);
+        assert_eq!(copy.card_views(), at_copy);
+    });
+}
+
+#[test]
 fn an_operator_has_at_most_10_000_tags() {
     scenario(|s| {
         for t in 0..10_000 {

@@ -47,11 +47,13 @@ use flowcap_engine::command::{parse_command, CommandKind, CommandResult};
 use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::event::{ActionEvent, Output};
 use flowcap_engine::snapshot::SnapshotCopy;
-use flowcap_engine::{CardView, PoolView};
+use flowcap_engine::PoolView;
 use flowcap_engine::{CommandId, Durability, Engine, EngineConfig, ShardedEngine, Timestamp};
 use flowcap_storage::history::compact::CompactionPolicy;
 pub(crate) use flowcap_storage::history::wall_clock;
-use flowcap_storage::history::{Quarantined, SourcePosition as HistorySource, StoredTicket};
+use flowcap_storage::history::{
+    CardsDump, Quarantined, SourcePosition as HistorySource, StoredTicket,
+};
 use flowcap_storage::HistoryLocation;
 use flowcap_storage::{
     DiskIdStore, HistoryError, HistoryOptions, HistoryWriter, JsonlError, JsonlSink, SnapshotStore,
@@ -389,7 +391,7 @@ pub(crate) enum Side {
     ),
     /// The second phase: write the encoded snapshot once everything before
     /// the cut is durable.
-    Commit(Box<Commit>),
+    Commit(Commit),
     /// Dead letters and bad commands sent together ([`Pipeline::side_later`]):
     /// one send and one wake-up of the writer per batch, not per letter.
     Letters(Vec<Side>),
@@ -399,8 +401,9 @@ pub(crate) enum Side {
 pub(crate) struct Commit {
     seq: u64,
     /// The engine's state at the cut, encoded and written by the
-    /// snapshot's own thread (the inputs waited only for the copy).
-    state: SnapshotCopy,
+    /// snapshot's own thread (the inputs waited only for the copy); shared
+    /// with the thread building the cards dump from it.
+    state: Arc<SnapshotCopy>,
     /// The dedupe ids through `seq`, written by the id store's own thread.
     dedupe: Durability,
     /// When the cut began (the snapshot's duration is measured from it).
@@ -429,7 +432,7 @@ pub(crate) struct HistoryCut {
     through: u64,
     clock: Timestamp,
     pools: Vec<PoolView>,
-    cards: Option<Vec<CardView>>,
+    cards: Option<CardsDump>,
     /// The oldest snapshot kept covers inputs through this: windows up to
     /// it may be compacted.
     compact_through: Option<u64>,
@@ -764,7 +767,7 @@ impl Writer {
     /// told, so neither holds up the outputs (encoding took 0.3-0.5 s at
     /// 100k cards, BENCHMARKS §8, and takes seconds at 10M; the write
     /// fsyncs it).
-    fn begin_commit(&mut self, commit: Box<Commit>) -> Result<(), WriteError> {
+    fn begin_commit(&mut self, commit: Commit) -> Result<(), WriteError> {
         let mark = self.last_cut.take().unwrap_or_default();
         let Commit {
             seq,
@@ -772,7 +775,7 @@ impl Writer {
             dedupe,
             started,
             done,
-        } = *commit;
+        } = commit;
         let (go, go_rx) = bounded::<()>(1);
         let store = Arc::clone(&self.store);
         flowcap_storage::background::spawn("flowcap-snapshot", move || {
@@ -914,13 +917,15 @@ impl Writer {
         self.advance_commit(true)?;
         self.take_outcomes()?;
         if let (Some(h), Some(cut)) = (&mut self.history, cut) {
-            h.snapshot(
-                cut.through,
-                cut.clock,
-                &cut.pools,
-                cut.cards.as_deref(),
-                cut.compact_through,
-            )?;
+            let HistoryCut {
+                through,
+                clock,
+                pools,
+                cards,
+                compact_through,
+            } = *cut;
+            let ticket = h.cut(through, clock, pools, cards, compact_through)?;
+            h.wait_stored(ticket)?;
         }
         for sink in self.sinks.values_mut() {
             sink.sync()?;
@@ -1366,12 +1371,18 @@ impl Pipeline {
         };
         let engine = self.sharded.engine();
         let recalled = started.elapsed();
+        // The cards dump (once per event day) is built from the state's
+        // copy on a thread of its own: built here, it held the inputs
+        // ~0.6 µs a card (80 ms at 100k cards, seconds at 10M).
+        let mut views_to = None;
         let cut = self.history.then(|| {
             let clock = engine.clock();
             let day = engine.config().calendar.local_day(clock);
             let cards = (self.dump_cards || self.cards_day != Some(day)).then(|| {
                 self.cards_day = Some(day);
-                engine.card_views()
+                let (tx, rx) = bounded(1);
+                views_to = Some(tx);
+                CardsDump::Later(rx)
             });
             Box::new(HistoryCut {
                 through: seq,
@@ -1399,15 +1410,41 @@ impl Pipeline {
         engine.set_position(INPUT_POSITION, i64::try_from(seq).unwrap_or(i64::MAX));
         let writer_done = started.elapsed();
         let (state, dedupe) = engine.snapshot_durable_later()?;
+        let state = Arc::new(state);
+        if let Some(views_to) = views_to {
+            let copy = Arc::clone(&state);
+            // At normal priority, as when the inputs waited for it: the
+            // history's encoder waits for these views and the writer for
+            // the encoder (at nice 10, a 2M-record backlog ran ~8 % slower,
+            // BENCHMARKS §8). A failed spawn drops the sender: the dump,
+            // and so this snapshot's commit, fails.
+            let spawned = std::thread::Builder::new()
+                .name("flowcap-cards".into())
+                .spawn(move || {
+                    let building = Instant::now();
+                    let views = copy.card_views();
+                    tracing::debug!(
+                        seq,
+                        cards = views.len(),
+                        build_ms = ms(building.elapsed()),
+                        since_cut_ms = ms(started.elapsed()),
+                        "cards dump built"
+                    );
+                    let _ = views_to.send(views);
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "could not start the cards dump's thread");
+            }
+        }
         let (done, done_rx) = bounded(1);
         self.side
-            .send(Side::Commit(Box::new(Commit {
+            .send(Side::Commit(Commit {
                 seq,
                 state,
                 dedupe,
                 started,
                 done,
-            })))
+            }))
             .map_err(|_| IngestError::Writer("writer is gone".into()))?;
         self.committing = Some((seq, done_rx));
         let held = waiting.elapsed();
@@ -1676,13 +1713,13 @@ mod tests {
             .unwrap();
         let (done, done_rx) = bounded(1);
         writer
-            .begin_commit(Box::new(Commit {
+            .begin_commit(Commit {
                 seq,
-                state,
+                state: Arc::new(state),
                 dedupe,
                 started: Instant::now(),
                 done,
-            }))
+            })
             .unwrap();
         (dir, writer, settler, done_rx)
     }

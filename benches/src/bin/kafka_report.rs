@@ -981,8 +981,7 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
     let mut observed: Histogram<u64> = Histogram::new(3)?;
     let (mut negative, mut warm) = (0u64, 0u64);
     // Per second of the phase: is latency flat or does a backlog build up?
-    let t0 = sent_us.first().copied().unwrap_or(0);
-    let mut per_second: Vec<Histogram<u64>> = Vec::new();
+    let mut per_second = PerSecond::new(sent_us.first().copied().unwrap_or(0));
     for (&k, &(ts_ms, recv_us)) in &by_cause {
         let Some(&send_us) = sent_us.get(k as usize) else {
             continue;
@@ -997,22 +996,9 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
         }
         at_action.record((ms.max(0) * 1000) as u64)?;
         observed.record((recv_us - send_us).max(0) as u64)?;
-        let second = ((send_us - t0) / 1_000_000) as usize;
-        while per_second.len() <= second {
-            per_second.push(Histogram::new(3)?);
-        }
-        per_second[second].record((ms.max(0) * 1000) as u64)?;
+        per_second.record(send_us, (ms.max(0) * 1000) as u64)?;
     }
-    let per_second: Vec<[f64; 3]> = per_second
-        .iter()
-        .map(|h| {
-            [
-                h.len() as f64,
-                h.value_at_quantile(0.5) as f64 / 1000.0,
-                h.value_at_quantile(0.99) as f64 / 1000.0,
-            ]
-        })
-        .collect();
+    let per_second = per_second.summary();
     eprintln!("per second of the phase [samples, p50 ms, p99 ms]: {per_second:?}");
     let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let samples = at_action.len();
@@ -1085,6 +1071,45 @@ fn latency(args: &Args, bin: &Path, work: &Path, rate: f64, report: &mut Report)
         "",
     );
     Ok(())
+}
+
+/// Latency samples by the second of the paced phase they were sent in:
+/// shows whether latency stays flat or a backlog builds up.
+struct PerSecond {
+    start_us: i64,
+    seconds: Vec<Histogram<u64>>,
+}
+
+impl PerSecond {
+    fn new(start_us: i64) -> PerSecond {
+        PerSecond {
+            start_us,
+            seconds: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, sent_us: i64, latency_us: u64) -> Result<()> {
+        let second = ((sent_us - self.start_us).max(0) / 1_000_000) as usize;
+        while self.seconds.len() <= second {
+            self.seconds.push(Histogram::new(3)?);
+        }
+        self.seconds[second].record(latency_us)?;
+        Ok(())
+    }
+
+    /// `[samples, p50 ms, p99 ms]` per second.
+    fn summary(&self) -> Vec<[f64; 3]> {
+        self.seconds
+            .iter()
+            .map(|h| {
+                [
+                    h.len() as f64,
+                    h.value_at_quantile(0.5) as f64 / 1000.0,
+                    h.value_at_quantile(0.99) as f64 / 1000.0,
+                ]
+            })
+            .collect()
+    }
 }
 
 /// The broker alone: the same paced production, read back by a plain
@@ -1161,14 +1186,19 @@ fn broker_latency(args: &Args, rate: f64, report: &mut Report) -> Result<()> {
     let warmup =
         sent_us.first().copied().unwrap_or(0) + args.latency_warmup_secs as i64 * 1_000_000;
     let mut h: Histogram<u64> = Histogram::new(3)?;
+    let mut per_second = PerSecond::new(sent_us.first().copied().unwrap_or(0));
     let received = received.lock().map_err(|_| anyhow!("poisoned"))?;
     for &(k, recv) in received.iter() {
         if let Some(&send) = sent_us.get(k as usize) {
             if send >= warmup {
-                h.record((recv - send).max(0) as u64)?;
+                let us = (recv - send).max(0) as u64;
+                h.record(us)?;
+                per_second.record(send, us)?;
             }
         }
     }
+    let per_second = per_second.summary();
+    eprintln!("broker alone per second of the phase [samples, p50 ms, p99 ms]: {per_second:?}");
     let q = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     eprintln!(
         "broker alone: {} of {k} received; p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
@@ -1183,7 +1213,7 @@ fn broker_latency(args: &Args, rate: f64, report: &mut Report) -> Result<()> {
         "summary",
         json!({"rate": rate, "sent": k, "received": received.len(), "samples": h.len(),
                "p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999),
-               "max_ms": h.max() as f64 / 1000.0,
+               "max_ms": h.max() as f64 / 1000.0, "per_second": per_second,
                "cdf": h.iter_quantiles(4)
                    .map(|v| [v.value_iterated_to() as f64 / 1000.0, v.quantile_iterated_to()])
                    .collect::<Vec<_>>()}),

@@ -99,8 +99,30 @@ enum Job {
         clock: Timestamp,
         day: i64,
         pools: Vec<PoolView>,
-        cards: Option<Vec<CardView>>,
+        cards: Option<CardsDump>,
     },
+}
+
+/// The cards a snapshot dumps into the `cards` table.
+#[derive(Debug)]
+pub enum CardsDump {
+    /// The views, built before the cut was handed over.
+    Views(Vec<CardView>),
+    /// Views still being built elsewhere (from the snapshot's copy of the
+    /// state, so that the inputs do not wait for them): the encoder takes
+    /// them when it comes to the dump. A sender dropped without sending
+    /// fails the dump, and with it the snapshot
+    /// ([`HistoryError::CardViewsMissing`]).
+    Later(Receiver<Vec<CardView>>),
+}
+
+impl CardsDump {
+    fn views(self) -> Result<Vec<CardView>, HistoryError> {
+        match self {
+            CardsDump::Views(views) => Ok(views),
+            CardsDump::Later(views) => views.recv().map_err(|_| HistoryError::CardViewsMissing),
+        }
+    }
 }
 
 /// Everything handed to the encoder up to some point: [`ChunkEncoder::ticket`]
@@ -234,7 +256,7 @@ impl ChunkEncoder {
         clock: Timestamp,
         day: i64,
         pools: Vec<PoolView>,
-        cards: Option<Vec<CardView>>,
+        cards: Option<CardsDump>,
     ) -> Result<Written, HistoryError> {
         let written = self.poll()?;
         self.send(Job::State {
@@ -315,7 +337,7 @@ fn store_state(
     clock: Timestamp,
     day: i64,
     pools: &[PoolView],
-    cards: Option<Vec<CardView>>,
+    cards: Option<CardsDump>,
 ) -> Result<Written, HistoryError> {
     let mut written = Written::default();
     let mut store = |table: &str,
@@ -346,6 +368,7 @@ fn store_state(
         remove_older_than(files, &files.list_dir(&dir)?, &name)?;
     }
     if let Some(cards) = cards {
+        let cards = cards.views()?;
         let name = format!("part-{through:020}-cards.parquet");
         for (i, chunk) in cards.chunks(options.roll_rows.max(1)).enumerate() {
             let batch = cards_batch(chunk, through, clock)?;

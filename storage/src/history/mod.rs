@@ -73,7 +73,7 @@ use serde::Serialize;
 
 use crate::location::{HistoryFiles, HistoryLocation, LocationError, StoredFile};
 use compact::{CompactionPolicy, CompactionStats, Compactor};
-pub use encoder::StoredTicket;
+pub use encoder::{CardsDump, StoredTicket};
 use encoder::{ChunkEncoder, ChunkRows, Written};
 use schema::{Columns, Partitioning};
 
@@ -107,6 +107,10 @@ pub enum HistoryError {
     /// The thread that encodes chunks could not start or has stopped.
     #[error("history encoder thread: {0}")]
     EncoderStopped(String),
+    /// A cards dump's views were to come from another thread
+    /// ([`CardsDump::Later`]), which stopped without sending them.
+    #[error("history cards dump: the thread building the card views stopped before sending them")]
+    CardViewsMissing,
     /// [`HistoryOptions::zstd_level`] is outside [`ZSTD_LEVELS`].
     #[error(
         "history zstd level {0}: levels are {low} to {high}",
@@ -481,7 +485,7 @@ impl HistoryWriter {
             through,
             clock,
             pools.to_vec(),
-            cards.map(<[CardView]>::to_vec),
+            cards.map(|cards| CardsDump::Views(cards.to_vec())),
             compact_through,
         )?;
         self.wait_stored(ticket)
@@ -497,7 +501,7 @@ impl HistoryWriter {
         through: u64,
         clock: Timestamp,
         pools: Vec<PoolView>,
-        cards: Option<Vec<CardView>>,
+        cards: Option<CardsDump>,
         compact_through: Option<u64>,
     ) -> Result<StoredTicket, HistoryError> {
         self.write_chunk(false)?;
@@ -1301,6 +1305,64 @@ mod tests {
             Some(&("raw".to_owned(), 12, 12)),
             "every row once"
         );
+    }
+
+    /// The view of one card made by an engine from commands.
+    fn one_card_view() -> CardView {
+        let mut engine = flowcap_engine::Engine::new(flowcap_engine::EngineConfig::default());
+        let lines = [
+            r#"{"id":"c1","type":"upsert_plan","at":"2026-11-10T00:00:00+08:00","plan":{"id":"p","name":"p","carrier":"cmcc","allowance_mb":30,"traffic":"directed","term_months":12}}"#,
+            r#"{"id":"c2","type":"upsert_card","at":"2026-11-10T00:00:00+08:00","card":{"iccid":"89860400000000000001","carrier":"cmcc","plan":"p","state":"testable"}}"#,
+        ];
+        for (seq, line) in lines.iter().enumerate() {
+            let command = flowcap_engine::command::parse_command(line.as_bytes()).unwrap();
+            engine.process_command(command, seq as u64 + 1, &mut Vec::new());
+        }
+        engine.card_views().pop().expect("the card exists")
+    }
+
+    #[test]
+    fn a_cards_dump_built_after_the_cut_is_stored_with_it_or_fails_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("history");
+        let mut w = HistoryWriter::open(local(&root), None, HistoryOptions::default()).unwrap();
+        w.accounted(&accounted(0, 1, DAY)).unwrap();
+        // The views come after the cut was handed over (as from a
+        // snapshot's copy): the ticket covers them.
+        let (views, later) = crossbeam_channel::bounded(1);
+        let ticket = w
+            .cut(
+                0,
+                Timestamp(DAY),
+                Vec::new(),
+                Some(CardsDump::Later(later)),
+                None,
+            )
+            .unwrap();
+        views.send(vec![one_card_view()]).unwrap();
+        w.wait_stored(ticket).unwrap();
+        assert!(
+            files(&root).iter().any(|f| f.starts_with("cards/")
+                && f.ends_with("part-00000000000000000000-cards-0000.parquet")),
+            "{:?}",
+            files(&root)
+        );
+        // Views that never come fail the dump, not silently skip it.
+        let (views, later) = crossbeam_channel::bounded::<Vec<CardView>>(1);
+        drop(views);
+        let ticket = w
+            .cut(
+                1,
+                Timestamp(DAY),
+                Vec::new(),
+                Some(CardsDump::Later(later)),
+                None,
+            )
+            .unwrap();
+        assert!(matches!(
+            w.wait_stored(ticket),
+            Err(HistoryError::CardViewsMissing)
+        ));
     }
 
     #[test]
