@@ -2520,6 +2520,9 @@ mod plot {
             let path = dir.join("kafka_latency_cdf.png");
             latency(&of_run, &path, labels)?;
             println!("wrote {}", path.display());
+            let path = dir.join("kafka_latency_per_second.png");
+            latency_per_second(&of_run, &path, labels)?;
+            println!("wrote {}", path.display());
         }
         Ok(())
     }
@@ -2529,10 +2532,45 @@ mod plot {
     fn over_time(reps: &[&Value], raw: f64, path: &Path, labels: bool) -> Result<()> {
         let chart = LineChart {
             caption: "flowcap end to end over time, thousand records/s (one line per repetition; blue: raw consume median)",
+            x_desc: "seconds since the first message",
             y_desc: "thousand records / s",
             reference: Some(raw / 1000.0),
         };
-        chart.draw(&series_of(reps, "timeline", 1000.0), path, labels)
+        chart.draw(&red(series_of(reps, "timeline", 1000.0)), path, labels)
+    }
+
+    /// The p99 of each second of the paced phase: flowcap's (red) and the
+    /// broker's alone (blue). A snapshot's cut shows as a peak.
+    fn latency_per_second(summaries: &[&Value], path: &Path, labels: bool) -> Result<()> {
+        let series = summaries
+            .iter()
+            .map(|s| {
+                let color = if s["phase"] == "latency" { RED } else { BLUE };
+                let p99s = s["per_second"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .enumerate()
+                            // Seconds without samples (the warm-up) are left out.
+                            .filter(|(_, p)| p[0].as_f64().unwrap_or(0.0) > 0.0)
+                            .filter_map(|(i, p)| Some((i as f64, p[2].as_f64()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (color, p99s)
+            })
+            .collect::<Vec<_>>();
+        let chart = LineChart {
+            caption: "p99 latency per second of the paced phase, ms (red: flowcap produce -> action; blue: the broker alone)",
+            x_desc: "second of the paced phase",
+            y_desc: "p99, ms",
+            reference: None,
+        };
+        chart.draw(&series, path, labels)
+    }
+
+    fn red(series: Vec<Vec<(f64, f64)>>) -> Vec<(RGBColor, Vec<(f64, f64)>)> {
+        series.into_iter().map(|s| (RED, s)).collect()
     }
 
     /// flowcap's resident memory over each repetition (its whole life:
@@ -2540,10 +2578,11 @@ mod plot {
     fn rss_over_time(reps: &[&Value], path: &Path, labels: bool) -> Result<()> {
         let chart = LineChart {
             caption: "flowcap resident memory (VmRSS) over time, MiB (one line per repetition)",
+            x_desc: "seconds since the first message",
             y_desc: "MiB",
             reference: None,
         };
-        chart.draw(&series_of(reps, "rss_timeline", 1.0), path, labels)
+        chart.draw(&red(series_of(reps, "rss_timeline", 1.0)), path, labels)
     }
 
     /// Each repetition's `key` array of `[seconds, value]` pairs, values
@@ -2563,17 +2602,23 @@ mod plot {
             .collect()
     }
 
-    /// Red lines over "seconds since the first message", and a blue
-    /// horizontal `reference` line.
+    /// Lines of their own colors over `x_desc`, and a blue horizontal
+    /// `reference` line.
     struct LineChart {
         caption: &'static str,
+        x_desc: &'static str,
         y_desc: &'static str,
         reference: Option<f64>,
     }
 
     impl LineChart {
-        fn draw(&self, series: &[Vec<(f64, f64)>], path: &Path, labels: bool) -> Result<()> {
-            let points = || series.iter().flat_map(|s| s.iter());
+        fn draw(
+            &self,
+            series: &[(RGBColor, Vec<(f64, f64)>)],
+            path: &Path,
+            labels: bool,
+        ) -> Result<()> {
+            let points = || series.iter().flat_map(|(_, s)| s.iter());
             let xmin = points().map(|p| p.0).fold(0.0f64, f64::min);
             let xmax = points().map(|p| p.0).fold(1.0f64, f64::max);
             let ymax = points()
@@ -2594,13 +2639,13 @@ mod plot {
             if labels {
                 chart
                     .configure_mesh()
-                    .x_desc("seconds since the first message")
+                    .x_desc(self.x_desc)
                     .y_desc(self.y_desc)
                     .label_style(("sans-serif", 13))
                     .draw()?;
             }
-            for s in series {
-                chart.draw_series(LineSeries::new(s.iter().copied(), RED.stroke_width(1)))?;
+            for (color, s) in series {
+                chart.draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(1)))?;
             }
             if let Some(y) = self.reference {
                 chart.draw_series(LineSeries::new(

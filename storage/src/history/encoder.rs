@@ -120,7 +120,18 @@ impl CardsDump {
     fn views(self) -> Result<Vec<CardView>, HistoryError> {
         match self {
             CardsDump::Views(views) => Ok(views),
-            CardsDump::Later(views) => views.recv().map_err(|_| HistoryError::CardViewsMissing),
+            CardsDump::Later(views) => {
+                let waiting = std::time::Instant::now();
+                let views = views.recv().map_err(|_| HistoryError::CardViewsMissing)?;
+                // Time this thread stood idle for them (it may hold the
+                // writer up meanwhile).
+                tracing::debug!(
+                    cards = views.len(),
+                    waited_ms = waiting.elapsed().as_secs_f64() * 1e3,
+                    "cards dump: views received"
+                );
+                Ok(views)
+            }
         }
     }
 }
