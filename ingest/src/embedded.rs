@@ -377,11 +377,9 @@ pub(crate) enum Side {
         result: CommandResult,
         clock: Timestamp,
     },
-    /// Make everything durable; `cut` closes the history window.
-    Barrier(
-        Sender<Result<BTreeMap<String, u64>, String>>,
-        Option<Box<HistoryCut>>,
-    ),
+    /// Make everything written so far durable (snapshots cut with
+    /// [`Side::Cut`] instead).
+    Barrier(Sender<Result<BTreeMap<String, u64>, String>>),
     /// The first phase of a snapshot: close the window and the producer's
     /// epoch, answer with the output lengths at once (nothing waits for
     /// durability yet).
@@ -910,23 +908,9 @@ impl Writer {
         self.sinks.get_mut(name).expect("sink opened at start")
     }
 
-    fn sync_all(
-        &mut self,
-        cut: Option<Box<HistoryCut>>,
-    ) -> Result<BTreeMap<String, u64>, WriteError> {
+    fn sync_all(&mut self) -> Result<BTreeMap<String, u64>, WriteError> {
         self.advance_commit(true)?;
         self.take_outcomes()?;
-        if let (Some(h), Some(cut)) = (&mut self.history, cut) {
-            let HistoryCut {
-                through,
-                clock,
-                pools,
-                cards,
-                compact_through,
-            } = *cut;
-            let ticket = h.cut(through, clock, pools, cards, compact_through)?;
-            h.wait_stored(ticket)?;
-        }
         for sink in self.sinks.values_mut() {
             sink.sync()?;
         }
@@ -1038,8 +1022,8 @@ fn run_writer(
                     // The engine is gone: drain the side channel and stop.
                     while let Ok(s) = side.try_recv() {
                         match s {
-                            Side::Barrier(reply, cut) => {
-                                let _ = reply.send(writer.sync_all(cut).map_err(fail));
+                            Side::Barrier(reply) => {
+                                let _ = reply.send(writer.sync_all().map_err(fail));
                             }
                             Side::Cut(reply, cut) => {
                                 let _ = reply.send(writer.cut(cut).map_err(fail));
@@ -1051,18 +1035,18 @@ fn run_writer(
                             other => writer.write_side(other).map_err(fail)?,
                         }
                     }
-                    writer.sync_all(None).map_err(fail)?;
+                    writer.sync_all().map_err(fail)?;
                     return Ok(writer.summary);
                 }
             },
             recv(side) -> msg => match msg {
-                Ok(Side::Barrier(reply, cut)) => {
+                Ok(Side::Barrier(reply)) => {
                     // Everything the engine produced before the barrier is
                     // already queued: drain it, then make it durable.
                     while let Ok(batch) = outputs.try_recv() {
                         writer.write_outputs(batch).map_err(fail)?;
                     }
-                    let _ = reply.send(writer.sync_all(cut).map_err(fail));
+                    let _ = reply.send(writer.sync_all().map_err(fail));
                 }
                 Ok(Side::Cut(reply, cut)) => {
                     while let Ok(batch) = outputs.try_recv() {
@@ -1510,7 +1494,7 @@ impl Pipeline {
         self.sharded.engine();
         let (reply_tx, reply_rx) = bounded(1);
         self.side
-            .send(Side::Barrier(reply_tx, None))
+            .send(Side::Barrier(reply_tx))
             .map_err(|_| IngestError::Writer("writer is gone".into()))?;
         reply_rx
             .recv()

@@ -1327,18 +1327,15 @@ mod tests {
         let root = dir.path().join("history");
         let mut w = HistoryWriter::open(local(&root), None, HistoryOptions::default()).unwrap();
         w.accounted(&accounted(0, 1, DAY)).unwrap();
-        // The views come after the cut was handed over (as from a
-        // snapshot's copy): the ticket covers them.
-        let (views, later) = crossbeam_channel::bounded(1);
-        let ticket = w
-            .cut(
-                0,
-                Timestamp(DAY),
-                Vec::new(),
-                Some(CardsDump::Later(later)),
-                None,
-            )
-            .unwrap();
+        // A cut whose cards views come later (as from a snapshot's copy).
+        let cut_with_views_later = |w: &mut HistoryWriter, through: u64| {
+            let (views, later) = crossbeam_channel::bounded::<Vec<CardView>>(1);
+            let dump = Some(CardsDump::Later(later));
+            let ticket = w.cut(through, Timestamp(DAY), Vec::new(), dump, None);
+            (views, ticket.unwrap())
+        };
+        // The ticket covers the views sent after the cut.
+        let (views, ticket) = cut_with_views_later(&mut w, 0);
         views.send(vec![one_card_view()]).unwrap();
         w.wait_stored(ticket).unwrap();
         assert!(
@@ -1348,17 +1345,8 @@ mod tests {
             files(&root)
         );
         // Views that never come fail the dump, not silently skip it.
-        let (views, later) = crossbeam_channel::bounded::<Vec<CardView>>(1);
+        let (views, ticket) = cut_with_views_later(&mut w, 1);
         drop(views);
-        let ticket = w
-            .cut(
-                1,
-                Timestamp(DAY),
-                Vec::new(),
-                Some(CardsDump::Later(later)),
-                None,
-            )
-            .unwrap();
         assert!(matches!(
             w.wait_stored(ticket),
             Err(HistoryError::CardViewsMissing)
