@@ -19,7 +19,10 @@
 //!    `accounting_heap_bytes()`;
 //! 3. one fresh record per card (uniform, one hour of event time): apply
 //!    rate at this card count, dedupe hot window bytes per id;
-//! 4. `snapshot()` and `restore()`: bytes, seconds, MB/s.
+//! 4. `snapshot()` and `restore()`: bytes, seconds, MB/s;
+//! 5. what a snapshot's cut holds the inputs for: `snapshot_copy()`
+//!    (twice: the second reuses the first's freed memory), and what the
+//!    day's cards dump builds beside them, `card_views()`.
 
 use std::io::Write;
 use std::time::Instant;
@@ -175,6 +178,20 @@ fn main() {
     assert_eq!(restored.card_count(), engine.card_count());
     let snap_bytes = snapshot.len() as f64;
 
+    // 5. The cut's copy, and the cards dump's views.
+    let t = Instant::now();
+    let copy = engine.snapshot_copy();
+    let copy_s = t.elapsed().as_secs_f64();
+    drop(copy);
+    let t = Instant::now();
+    let copy = engine.snapshot_copy();
+    let copy_again_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let views = copy.card_views();
+    let views_s = t.elapsed().as_secs_f64();
+    assert_eq!(views.len(), engine.card_count());
+    drop((views, copy));
+
     let setup_s = stats.elapsed.as_secs_f64();
     let cards_s = stats.cards_elapsed.as_secs_f64();
     println!("engine_report: {n} cards ({shape} card specs), 1 shard, NullStore dedupe");
@@ -223,12 +240,23 @@ fn main() {
         "| snapshot restore | {restore_s:.2} s, {:.0} MB/s |",
         snap_bytes / restore_s / 1e6
     );
+    println!(
+        "| state copy at a cut (first / again) | {:.0} ms / {:.0} ms |",
+        copy_s * 1e3,
+        copy_again_s * 1e3
+    );
+    println!(
+        "| every card's view (the cards dump) | {:.0} ms, {:.2} µs/card |",
+        views_s * 1e3,
+        views_s * 1e6 / cards
+    );
 
     let line = format!(
         concat!(
             "{{\"cards\":{},\"shape\":\"{}\",\"commands\":{},\"setup_s\":{:.3},\"cards_s\":{:.3},",
             "\"rss_delta\":{},\"per_command\":{:.1},\"heap\":{},\"apply_cpu_ns\":{},\"apply_wall_s\":{:.4},",
-            "\"dedupe_ids\":{},\"dedupe_bytes\":{},\"snapshot_bytes\":{},\"snapshot_s\":{:.4},\"restore_s\":{:.4}}}"
+            "\"dedupe_ids\":{},\"dedupe_bytes\":{},\"snapshot_bytes\":{},\"snapshot_s\":{:.4},\"restore_s\":{:.4},",
+            "\"copy_s\":{:.4},\"copy_again_s\":{:.4},\"card_views_s\":{:.4}}}"
         ),
         n,
         shape,
@@ -244,7 +272,10 @@ fn main() {
         dedupe_bytes,
         snapshot.len(),
         snap_s,
-        restore_s
+        restore_s,
+        copy_s,
+        copy_again_s,
+        views_s
     );
     match std::fs::OpenOptions::new()
         .create(true)
