@@ -116,11 +116,36 @@ fn slot_hash(key: u128) -> u64 {
     (key >> 64) as u64
 }
 
-/// The remembered results, as snapshots store them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The remembered results, as snapshots store them: keys and failures
+/// sorted, so that equal results encode equally whatever order they came
+/// in. Sorted when serialized, not when copied: a snapshot's cut copies
+/// them while the inputs wait, and its own thread encodes the copy
+/// (sorting a million keys was a third of the copy at 1M cards).
+#[derive(Debug, Clone, Default, Deserialize)]
 pub(crate) struct StoredResults {
     keys: Vec<u128>,
     failures: Vec<(u128, String)>,
+}
+
+impl Serialize for StoredResults {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        fn sorted<T: Ord + Clone>(items: &[T]) -> std::borrow::Cow<'_, [T]> {
+            if items.is_sorted() {
+                std::borrow::Cow::Borrowed(items)
+            } else {
+                let mut items = items.to_vec();
+                items.sort_unstable();
+                std::borrow::Cow::Owned(items)
+            }
+        }
+        // Field for field what `derive(Serialize)` wrote (a slice encodes
+        // as the `Vec` it came from).
+        let mut state = serializer.serialize_struct("StoredResults", 2)?;
+        state.serialize_field("keys", &*sorted(&self.keys))?;
+        state.serialize_field("failures", &*sorted(&self.failures))?;
+        state.end()
+    }
 }
 
 impl CommandResults {
@@ -197,16 +222,16 @@ impl CommandResults {
     }
 
     /// The snapshot form (sorted: deterministic bytes).
+    /// A copy as snapshots store it (sorted when serialized).
     pub(crate) fn to_stored(&self) -> StoredResults {
-        let mut keys = self.keys.clone();
-        keys.sort_unstable();
-        let mut failures: Vec<(u128, String)> = self
-            .failures
-            .iter()
-            .map(|(k, v)| (*k, v.to_string()))
-            .collect();
-        failures.sort_unstable();
-        StoredResults { keys, failures }
+        StoredResults {
+            keys: self.keys.clone(),
+            failures: self
+                .failures
+                .iter()
+                .map(|(k, v)| (*k, v.to_string()))
+                .collect(),
+        }
     }
 
     /// Rebuilds from [`CommandResults::to_stored`].
@@ -1811,4 +1836,27 @@ pub(crate) fn card_views(
         .into_iter()
         .map(|(_, s, slot)| card_view(&shards[s as usize], slot, plan_ids, tag_names))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_results_encode_sorted_whatever_order_they_came_in() {
+        let key = |n: u128| n << 2;
+        let unsorted = StoredResults {
+            keys: vec![key(3), key(1) | RESULT_FAILED, key(2)],
+            failures: vec![(key(9), "b".into()), (key(1), "a".into())],
+        };
+        let sorted = StoredResults {
+            keys: vec![key(1) | RESULT_FAILED, key(2), key(3)],
+            failures: vec![(key(1), "a".into()), (key(9), "b".into())],
+        };
+        let bytes = bincode::serialize(&unsorted).unwrap();
+        assert_eq!(bytes, bincode::serialize(&sorted).unwrap());
+        let back: StoredResults = bincode::deserialize(&bytes).unwrap();
+        assert_eq!(back.keys, sorted.keys);
+        assert_eq!(back.failures, sorted.failures);
+    }
 }
