@@ -221,7 +221,6 @@ impl CommandResults {
         });
     }
 
-    /// The snapshot form (sorted: deterministic bytes).
     /// A copy as snapshots store it (sorted when serialized).
     pub(crate) fn to_stored(&self) -> StoredResults {
         StoredResults {

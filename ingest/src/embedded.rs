@@ -1364,9 +1364,9 @@ impl Pipeline {
             let day = engine.config().calendar.local_day(clock);
             let cards = (self.dump_cards || self.cards_day != Some(day)).then(|| {
                 self.cards_day = Some(day);
-                let (tx, rx) = bounded(1);
-                views_to = Some(tx);
-                CardsDump::Later(rx)
+                let (views, dump) = CardsDump::later();
+                views_to = Some(views);
+                dump
             });
             Box::new(HistoryCut {
                 through: seq,

@@ -103,36 +103,32 @@ enum Job {
     },
 }
 
-/// The cards a snapshot dumps into the `cards` table.
+/// The cards a snapshot dumps into the `cards` table: every card's view,
+/// still being built elsewhere (from the snapshot's copy of the state, so
+/// that the inputs do not wait for them). The encoder takes them when it
+/// comes to the dump; a sender dropped without sending fails the dump, and
+/// with it the snapshot ([`HistoryError::CardViewsMissing`]).
 #[derive(Debug)]
-pub enum CardsDump {
-    /// The views, built before the cut was handed over.
-    Views(Vec<CardView>),
-    /// Views still being built elsewhere (from the snapshot's copy of the
-    /// state, so that the inputs do not wait for them): the encoder takes
-    /// them when it comes to the dump. A sender dropped without sending
-    /// fails the dump, and with it the snapshot
-    /// ([`HistoryError::CardViewsMissing`]).
-    Later(Receiver<Vec<CardView>>),
-}
+pub struct CardsDump(Receiver<Vec<CardView>>);
 
 impl CardsDump {
+    /// A dump, and where its views are to be sent.
+    pub fn later() -> (Sender<Vec<CardView>>, CardsDump) {
+        let (views, dump) = bounded(1);
+        (views, CardsDump(dump))
+    }
+
     fn views(self) -> Result<Vec<CardView>, HistoryError> {
-        match self {
-            CardsDump::Views(views) => Ok(views),
-            CardsDump::Later(views) => {
-                let waiting = std::time::Instant::now();
-                let views = views.recv().map_err(|_| HistoryError::CardViewsMissing)?;
-                // Time this thread stood idle for them (it may hold the
-                // writer up meanwhile).
-                tracing::debug!(
-                    cards = views.len(),
-                    waited_ms = waiting.elapsed().as_secs_f64() * 1e3,
-                    "cards dump: views received"
-                );
-                Ok(views)
-            }
-        }
+        let waiting = std::time::Instant::now();
+        let views = self.0.recv().map_err(|_| HistoryError::CardViewsMissing)?;
+        // Time this thread stood idle for them (it may hold the writer up
+        // meanwhile).
+        tracing::debug!(
+            cards = views.len(),
+            waited_ms = waiting.elapsed().as_secs_f64() * 1e3,
+            "cards dump: views received"
+        );
+        Ok(views)
     }
 }
 

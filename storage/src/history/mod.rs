@@ -108,7 +108,7 @@ pub enum HistoryError {
     #[error("history encoder thread: {0}")]
     EncoderStopped(String),
     /// A cards dump's views were to come from another thread
-    /// ([`CardsDump::Later`]), which stopped without sending them.
+    /// ([`CardsDump`]), which stopped without sending them.
     #[error("history cards dump: the thread building the card views stopped before sending them")]
     CardViewsMissing,
     /// [`HistoryOptions::zstd_level`] is outside [`ZSTD_LEVELS`].
@@ -469,8 +469,8 @@ impl HistoryWriter {
     }
 
     /// Closes the window at a snapshot covering inputs through `through`:
-    /// writes every buffered row, the pools' state, and (once per event
-    /// day, or when `final_cards`) every card's; all durable on return.
+    /// writes every buffered row and the pools' state; all durable on
+    /// return (a cards dump goes through [`HistoryWriter::cut`]).
     /// `compact_through` is the oldest snapshot still kept (through which
     /// input): windows up to it may be merged in the background.
     pub fn snapshot(
@@ -478,16 +478,9 @@ impl HistoryWriter {
         through: u64,
         clock: Timestamp,
         pools: &[PoolView],
-        cards: Option<&[CardView]>,
         compact_through: Option<u64>,
     ) -> Result<(), HistoryError> {
-        let ticket = self.cut(
-            through,
-            clock,
-            pools.to_vec(),
-            cards.map(|cards| CardsDump::Views(cards.to_vec())),
-            compact_through,
-        )?;
+        let ticket = self.cut(through, clock, pools.to_vec(), None, compact_through)?;
         self.wait_stored(ticket)
     }
 
@@ -1230,7 +1223,7 @@ mod tests {
             w.accounted(&accounted(seq, seq % 3, DAY + seq as i64))
                 .unwrap();
         }
-        w.snapshot(9, Timestamp(DAY), &[], None, None).unwrap();
+        w.snapshot(9, Timestamp(DAY), &[], None).unwrap();
         for seq in 10..15 {
             w.accounted(&accounted(seq, 1, DAY + seq as i64)).unwrap();
         }
@@ -1329,9 +1322,8 @@ mod tests {
         w.accounted(&accounted(0, 1, DAY)).unwrap();
         // A cut whose cards views come later (as from a snapshot's copy).
         let cut_with_views_later = |w: &mut HistoryWriter, through: u64| {
-            let (views, later) = crossbeam_channel::bounded::<Vec<CardView>>(1);
-            let dump = Some(CardsDump::Later(later));
-            let ticket = w.cut(through, Timestamp(DAY), Vec::new(), dump, None);
+            let (views, dump) = CardsDump::later();
+            let ticket = w.cut(through, Timestamp(DAY), Vec::new(), Some(dump), None);
             (views, ticket.unwrap())
         };
         // The ticket covers the views sent after the cut.
@@ -1365,7 +1357,7 @@ mod tests {
         for seq in 0..10 {
             w.accounted(&accounted(seq, seq, DAY)).unwrap();
         }
-        w.snapshot(9, Timestamp(DAY), &[], None, None).unwrap();
+        w.snapshot(9, Timestamp(DAY), &[], None).unwrap();
         let usage: Vec<String> = files(&root)
             .into_iter()
             .filter(|f| f.starts_with("usage_records/"))
@@ -1398,7 +1390,7 @@ mod tests {
             w.accounted(&accounted(seq, seq % 2, DAY + seq as i64))
                 .unwrap();
         }
-        w.snapshot(11, Timestamp(DAY), &[], None, None).unwrap();
+        w.snapshot(11, Timestamp(DAY), &[], None).unwrap();
         let written = parts(&root);
         assert_eq!(written.len(), 2, "{written:?}");
         assert!(written
@@ -1423,7 +1415,7 @@ mod tests {
             w.accounted(&accounted(seq, seq % 5, DAY + seq as i64))
                 .unwrap();
         }
-        w.snapshot(11, Timestamp(DAY), &[], None, None).unwrap();
+        w.snapshot(11, Timestamp(DAY), &[], None).unwrap();
         assert!(parts(&root).len() > 2, "{:?}", parts(&root));
         let got = sums(&root);
         assert_eq!(
@@ -1495,8 +1487,7 @@ mod tests {
                 // The oldest snapshot kept lags three windows behind.
                 let through = window * 3 + 2;
                 let kept = window.checked_sub(3).map(|w| w * 3 + 2);
-                w.snapshot(through, Timestamp(DAY), &[], None, kept)
-                    .unwrap();
+                w.snapshot(through, Timestamp(DAY), &[], kept).unwrap();
             }
             let stats = w.compaction_stats();
             drop(w);
