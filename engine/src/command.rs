@@ -539,6 +539,9 @@ pub enum ErrorCode {
     InvalidState,
     /// A field's value is out of range (e.g. add-on of 0 MB, bad URL).
     InvalidValue,
+    /// `at` is further ahead of the event clock (and of the receive time)
+    /// than `max_future_ms`: refused as a whole, the clock unmoved.
+    FutureAt,
 }
 
 /// The outcome for one card of a batch.

@@ -19,6 +19,12 @@ pub struct EngineConfig {
     /// Records whose end is further than this ahead of the event clock are
     /// rejected as "time far in the future", in ms.
     pub max_future_ms: i64,
+    /// How many of the cards furthest ahead in event time the clock
+    /// listens to: it is the time a majority of them have all reached
+    /// (`engine::watermark`), so fewer than `clock_quorum / 2 + 1` cards
+    /// can never move time for the rest. 1 makes the clock the latest
+    /// `end` seen (one card moves time for all).
+    pub clock_quorum: usize,
     /// Number of shards (0 = one per available core).
     pub shards: usize,
     /// Hot window of the dedupe: records whose end is within this of the
@@ -40,6 +46,7 @@ impl Default for EngineConfig {
             calendar: CycleCalendar::default(),
             allowed_lateness_ms: 2 * MS_PER_HOUR,
             max_future_ms: MS_PER_DAY,
+            clock_quorum: 16,
             shards: 0,
             dedupe_window_ms: 48 * MS_PER_HOUR,
             dedupe_verify_misses: false,

@@ -321,6 +321,8 @@ pub struct Engine {
     pub(crate) id_store: Box<dyn IdStore>,
     pub(crate) registry: Registry,
     pub(crate) clock: Timestamp,
+    /// The cards furthest ahead, which move `clock` together.
+    pub(crate) watermark: crate::watermark::Watermark,
     pub(crate) last_seq: Option<u64>,
     pub(crate) positions: BTreeMap<String, i64>,
 }
@@ -361,6 +363,7 @@ impl Engine {
             id_store,
             registry: Registry::default(),
             clock: Timestamp::MIN,
+            watermark: crate::watermark::Watermark::default(),
             last_seq: None,
             positions: BTreeMap::new(),
         }
@@ -376,7 +379,9 @@ impl Engine {
         self.shards.len()
     }
 
-    /// The event clock: the latest event time seen.
+    /// The event clock: the latest time a majority of the cards furthest
+    /// ahead have reached (`EngineConfig::clock_quorum`), or a command's
+    /// `at`.
     pub fn clock(&self) -> Timestamp {
         self.clock
     }
@@ -529,8 +534,11 @@ impl Engine {
             }
             Sighting::First => {}
         }
-        if usage.end > self.clock {
-            self.clock = usage.end;
+        let agreed = self
+            .watermark
+            .observe(usage.iccid, usage.end, self.config.clock_quorum);
+        if agreed > self.clock {
+            self.clock = agreed;
             self.deduper.advance(self.clock);
         }
         Ok(Some(Dispatch {
@@ -554,6 +562,25 @@ impl Engine {
 
     /// Processes one command: validates, applies, answers, journals.
     pub fn process_command(&mut self, command: Command, seq: u64, out: &mut Vec<Output>) {
+        self.process_command_received(command, None, seq, out);
+    }
+
+    /// [`Engine::process_command`] for a command that came with a receive
+    /// time (the Kafka message timestamp, the time a file line was read):
+    /// a command whose `at` is more than `max_future_ms` ahead of the later
+    /// of the event clock and that time is refused as a whole
+    /// (`future_at`) and moves nothing, so no command can carry the clock
+    /// into the future. An accepted command moves the clock to its `at`
+    /// (the operator's time), also when it then fails for another reason.
+    /// Without a receive time (tests, the what-if replay) the caller vouches
+    /// for `at`: it is not bounded.
+    pub fn process_command_received(
+        &mut self,
+        command: Command,
+        received_at: Option<Timestamp>,
+        seq: u64,
+        out: &mut Vec<Output>,
+    ) {
         self.last_seq = Some(seq);
         if let Some(result) = self.registry.results.first_result(&command) {
             out.push(Output::Journal(Box::new(JournalEntry {
@@ -564,8 +591,30 @@ impl Engine {
             })));
             return;
         }
-        self.advance_clock(command.at, out);
-        let result = self.apply(&command, out);
+        let result = if received_at.is_some_and(|received| {
+            command.at
+                > self
+                    .clock
+                    .max(received)
+                    .plus_millis(self.config.max_future_ms)
+        }) {
+            CommandResult::rejected(
+                command.id.clone(),
+                err(
+                    ErrorCode::FutureAt,
+                    format!(
+                        "at {} is more than {} ms ahead of the event clock {} (received {})",
+                        command.at,
+                        self.config.max_future_ms,
+                        self.clock,
+                        received_at.map_or_else(|| "-".to_owned(), |t| t.to_string())
+                    ),
+                ),
+            )
+        } else {
+            self.advance_clock(command.at, out);
+            self.apply(&command, out)
+        };
         self.registry.results.remember(&command.id, &result);
         out.push(Output::Journal(Box::new(JournalEntry {
             seq,

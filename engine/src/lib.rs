@@ -51,6 +51,7 @@ mod shard_rules;
 pub mod sharded;
 pub mod snapshot;
 pub mod time;
+mod watermark;
 
 pub use command::{Command, CommandKind, CommandResult};
 pub use config::EngineConfig;

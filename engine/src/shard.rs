@@ -84,6 +84,10 @@ pub(crate) struct CardExtra {
     pub(crate) test_allowance_mb: Option<u64>,
     pub(crate) test_used: u64,
     pub(crate) silent_ends_at: Option<Timestamp>,
+    /// Records of a later cycle than the shard's current one, with their
+    /// sequence numbers: the card got there before the fleet's clock did
+    /// (see [`Shard::account`]). Counted when the clock reaches their cycle.
+    pub(crate) ahead: Vec<(u64, Usage)>,
 }
 
 impl CardExtra {
@@ -435,6 +439,45 @@ impl Shard {
             self.rules_rollover(carrier);
         }
         self.finish(&Cause::Rollover { cycle }, start, out);
+        // Records of the new cycle that came before the clock got here are
+        // counted now, in input order, each as its own cause: exactly as
+        // if they had come after the rollover.
+        for (_, slot, usage) in self.take_ahead(carriers) {
+            self.count(slot, &usage, out);
+        }
+    }
+
+    /// Takes the records kept for the cycle the `carriers` just started.
+    fn take_ahead(&mut self, carriers: &[Carrier]) -> Vec<(u64, u32, Usage)> {
+        let mut due = Vec::new();
+        let mut emptied = Vec::new();
+        for (&slot, extra) in &mut self.extras {
+            if extra.ahead.is_empty() {
+                continue;
+            }
+            let carrier = self.cards[slot as usize].carrier;
+            if !carriers.contains(&carrier) {
+                continue;
+            }
+            let Some(cycles) = self.cycles else { continue };
+            let current = cycles[carrier.index()];
+            let cal = self.config.calendar;
+            extra.ahead.retain(|(seq, usage)| {
+                let cycle = cal.cycle_of(carrier, usage.end);
+                if cycle == current {
+                    due.push((*seq, slot, *usage));
+                }
+                cycle > current
+            });
+            if extra.ahead.is_empty() {
+                emptied.push(slot);
+            }
+        }
+        for slot in emptied {
+            self.drop_empty_extra(slot);
+        }
+        due.sort_unstable_by_key(|&(seq, _, _)| seq);
+        due
     }
 
     // ----- usage --------------------------------------------------------
@@ -475,8 +518,27 @@ impl Shard {
             counted: true,
             late: false,
         }));
+        if cycle > current {
+            // A record of a later cycle than the fleet's clock has reached
+            // (its device's clock runs ahead, or it is simply early) counts
+            // for its own cycle once the clock gets there. It neither adds
+            // to this cycle nor closes it for the card: one wrong clock must
+            // not lift a cut.
+            self.extra_mut(slot).ahead.push((seq, *usage));
+            return;
+        }
+        self.count(slot, usage, out);
+    }
+
+    /// Counts a record of the current cycle: usage, reasons, events.
+    fn count(&mut self, slot: u32, usage: &Usage, out: &mut Vec<Output>) {
         let bytes = usage.bytes();
-        let lifecycle = card.lifecycle;
+        let lifecycle = self.cards[slot as usize].lifecycle;
+        if lifecycle == CardState::Deregistered {
+            // Deregistered while its record waited for its cycle: history
+            // only, as it would have been had it come now.
+            return;
+        }
         self.touch(slot);
         match lifecycle {
             CardState::Activatable => self.activate(slot, usage.end),

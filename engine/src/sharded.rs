@@ -170,8 +170,20 @@ impl ShardedEngine {
 
     /// Processes one command with every shard recalled.
     pub fn process_command(&mut self, command: Command, seq: u64) {
+        self.process_command_received(command, None, seq);
+    }
+
+    /// [`ShardedEngine::process_command`] with a receive time; see
+    /// [`Engine::process_command_received`].
+    pub fn process_command_received(
+        &mut self,
+        command: Command,
+        received_at: Option<Timestamp>,
+        seq: u64,
+    ) {
         self.recall();
-        self.engine.process_command(command, seq, &mut self.local);
+        self.engine
+            .process_command_received(command, received_at, seq, &mut self.local);
         self.flush_local();
     }
 

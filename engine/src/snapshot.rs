@@ -29,11 +29,12 @@ use crate::engine::{card_views, CardView, Engine, EngineError, Loc, Registry};
 use crate::ids::{PlanId, TagId};
 use crate::shard::Shard;
 use crate::time::Timestamp;
+use crate::watermark::Watermark;
 
 /// Magic bytes opening every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"FLOWCAPS";
 /// Current snapshot format version. Bump on any change of the state layout.
-pub const SNAPSHOT_VERSION: u32 = 2;
+pub const SNAPSHOT_VERSION: u32 = 3;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 
 #[derive(Serialize)]
@@ -46,6 +47,7 @@ struct StateRef<'a> {
     registry_json: String,
     results: crate::engine::StoredResults,
     clock: Timestamp,
+    watermark: &'a Watermark,
     last_seq: Option<u64>,
     positions: &'a BTreeMap<String, i64>,
 }
@@ -65,6 +67,7 @@ pub struct SnapshotCopy {
     registry_json: String,
     results: crate::engine::StoredResults,
     clock: Timestamp,
+    watermark: Watermark,
     last_seq: Option<u64>,
     positions: BTreeMap<String, i64>,
     /// The registry's names of plans and tags, for
@@ -161,6 +164,7 @@ impl Engine {
             registry_json: serde_json::to_string(&self.registry).unwrap_or_default(),
             results: self.registry.results.to_stored(),
             clock: self.clock,
+            watermark: &self.watermark,
             last_seq: self.last_seq,
             positions: &self.positions,
         })
@@ -175,6 +179,7 @@ impl Engine {
             registry_json: serde_json::to_string(&self.registry).unwrap_or_default(),
             results: self.registry.results.to_stored(),
             clock: self.clock,
+            watermark: self.watermark.clone(),
             last_seq: self.last_seq,
             positions: self.positions.clone(),
             plan_ids: self.registry.plan_ids.clone(),
@@ -240,6 +245,7 @@ impl Engine {
             id_store,
             registry,
             clock: state.clock,
+            watermark: state.watermark,
             last_seq: state.last_seq,
             positions: state.positions,
         };

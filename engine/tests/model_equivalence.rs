@@ -6,7 +6,8 @@
 //! per-card sequence of `card_state` events (and, between 1 and 3 shards, on
 //! the full event set including ids).
 //!
-//! `PROPTEST_CASES` raises the case count (default 64).
+//! `PROPTEST_CASES` raises the case count (default 64); `MODEL_DEBUG=1`
+//! prints both states when the rule firings differ.
 
 mod model;
 
@@ -146,7 +147,8 @@ fn card_events(events: &[ActionEvent]) -> BTreeMap<Iccid, Vec<ModelEvent>> {
 
 /// Runs the inputs through the model and both engines, comparing as it goes.
 fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
-    let mut model = Model::new(EngineConfig::default().max_future_ms);
+    let defaults = EngineConfig::default();
+    let mut model = Model::new(defaults.max_future_ms, defaults.clock_quorum);
     let mut one = engine(1);
     let mut three = engine(3);
     let mut events_one = Vec::new();
@@ -183,6 +185,13 @@ fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
             fired.sort();
             let mut want_fired = model.firings.clone();
             want_fired.sort();
+            if std::env::var("MODEL_DEBUG").is_ok() && fired != want_fired {
+                eprintln!(
+                    "model {:#?}\nengine {:#?}",
+                    model_snapshot(&model),
+                    engine_snapshot_sorted(e)
+                );
+            }
             prop_assert_eq!(
                 &fired,
                 &want_fired,
@@ -258,6 +267,16 @@ fn plans_setup() -> Vec<Op> {
         .collect()
 }
 
+/// A command that changes nothing but moves the clock to its `at`: the
+/// tri plan upserted again as it is.
+fn tick() -> Op {
+    Op::UpsertPlan {
+        plan: 4,
+        allowance_mb: PLANS[4].2,
+        general: PLANS[4].3 == TrafficType::General,
+    }
+}
+
 fn at(dt_ms: i64, op: Op) -> Step {
     Step { dt_ms, op }
 }
@@ -287,11 +306,13 @@ fn carrierless_backward_pool_usage_follows_cucc_member_rollover() {
     }
     setup.push(Op::AddMembers(2, vec![3, 0]));
     // Start is 2026-10-20; the cucc cycle ends on the 27th, cmcc on the 1st.
-    // Records of the cmcc card walk the clock in 20 h steps (a larger gap
-    // would be rejected as far future) past the 27th, then past the 1st.
+    // The operator's commands walk the clock in 20 h steps (one card's
+    // records cannot move it for the other), each followed by a record of
+    // the cmcc card, past the 27th, then past the 1st.
     let mut steps = vec![at(HOUR, record(3, 5_000_000))];
     for _ in 0..9 {
-        steps.push(at(20 * HOUR, record(0, 1_000_000)));
+        steps.push(at(20 * HOUR, tick()));
+        steps.push(at(0, record(0, 1_000_000)));
     }
     steps.push(at(HOUR, record(3, 2_000_000)));
     let inputs = concretize(&setup, &steps);
@@ -308,7 +329,8 @@ fn carrierless_backward_pool_usage_follows_cucc_member_rollover() {
     let cmcc_usage = e.card_view(iccid(0)).unwrap().usage_bytes;
     assert_eq!(pool.usage_bytes, 2_000_000 + cmcc_usage);
     for _ in 0..6 {
-        steps.push(at(20 * HOUR, record(3, 1_000_000)));
+        steps.push(at(20 * HOUR, tick()));
+        steps.push(at(0, record(3, 1_000_000)));
     }
     steps.push(at(HOUR, Op::RemoveMembers(2, vec![3])));
     check(&concretize(&setup, &steps)).unwrap();
@@ -333,10 +355,12 @@ fn rollover_reaches_every_shard_on_the_crossing_record() {
         .iter()
         .map(|&c| at(HOUR, record(c, 40_000_000)))
         .collect();
-    // Walk card 0's clock in 20 h steps (a larger gap would be rejected as
-    // far future) until 2026-11-02 12:00, a new cmcc cycle.
+    // Walk the clock in 20 h steps (commands: one card's records cannot
+    // move it for the others) until 2026-11-02 12:00, a new cmcc cycle,
+    // card 0 reporting after each.
     for _ in 0..16 {
-        steps.push(at(20 * HOUR, record(0, 1)));
+        steps.push(at(20 * HOUR, tick()));
+        steps.push(at(0, record(0, 1)));
     }
     check(&concretize(&setup, &steps)).unwrap();
     let mut e = engine(3);

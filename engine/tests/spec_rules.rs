@@ -545,12 +545,15 @@ fn backward_pool_threshold_is_lifted_next_cycle() {
         for n in [1, 2] {
             assert_eq!(s.state(n), active_suspended(&["backward_pool_threshold"]));
         }
-        let out = s.rec(2, "b1", &dec(1, 0, 30), mb(1));
+        // The fleet's clock reaches December (one of two cards cannot move
+        // it alone: see tests/clock.rs).
+        let out = s.tick(&dec(1, 0, 20));
         for n in [1, 2] {
             let e = event_of(&out, n);
             assert_eq!(states(&e), st("suspended", "active"));
             assert!(matches!(e.cause, Cause::Rollover { .. }), "{e:?}");
         }
+        s.rec(2, "b1", &dec(1, 0, 30), mb(1));
         assert_eq!(s.pool("bp").usage_bytes, mb(1));
     });
 }
@@ -603,8 +606,8 @@ fn plan_expired_is_set_when_event_time_passes_expiry_and_lifted_by_renewal() {
         s.active(2, "cmcc-30m");
         let out = s.rec(1, "r1", &nov(10, 11, 59), 100);
         assert!(card_events(&out).is_empty());
-        // Another card's record moves the event clock past the expiry.
-        let out = s.rec(2, "x1", &nov(10, 12, 30), 100);
+        // The fleet's clock passes the expiry.
+        let out = s.tick(&nov(10, 12, 30));
         let e = event_of(&out, 1);
         assert_eq!(states(&e), st("active", "suspended"));
         assert_eq!(reasons(&e), ["plan_expired"]);
@@ -927,6 +930,10 @@ fn calendar_month_cycles_for_cmcc_ctcc_and_tri() {
             let acc = accounted(&out);
             assert_eq!(acc[0].cycle, CycleId::new(2026, 12));
             assert!(acc[0].counted);
+        }
+        // Two of the three cards in December move the clock there; the
+        // first card's record, ahead of it until then, counts then.
+        for n in [1, 2, 3] {
             let v = s.view(n);
             assert_eq!(v.cycle, CycleId::new(2026, 12), "card {n}");
             assert_eq!(v.usage_bytes, mb(2), "card {n}: counters restart at zero");
@@ -950,6 +957,9 @@ fn cucc_cycle_ends_on_the_26th_at_24_00() {
         assert_eq!(reasons(&event_of(&out, 1)), ["over_quota"]);
         s.rec(2, "a", "2026-11-26T23:59:59+08:00", mb(31));
         assert_eq!(s.state(2), active_suspended(&["over_quota"]));
+        // The cmcc card reaches the 27th first (still its November); the
+        // cucc card's record then moves the clock: both cards agree.
+        s.rec(2, "b", "2026-11-27T00:00:00+08:00", 1);
         let out = s.rec(1, "b", "2026-11-27T00:00:00+08:00", mb(1));
         let acc = accounted(&out);
         assert_eq!(
@@ -977,56 +987,61 @@ fn cucc_cycle_ends_on_the_26th_at_24_00() {
 
 #[test]
 fn rollover_lifts_next_cycle_reasons_for_every_card_and_emits_resume_events() {
-    scenario(|s| {
-        // Cards 1..=6 suspended in different ways; card 7 only moves the
-        // clock (and lives, depending on the shard count, elsewhere).
-        for n in [1, 2, 3, 5, 6, 7] {
-            s.active(n, "cmcc-30m");
-        }
-        s.active(4, "ctcc-30m");
-        s.tick(&nov(30, 12, 0));
-        s.ok("set_threshold", json!({"iccids": iccids(&[4]), "mb": 0}));
-        s.ok("suspend", json!({"iccids": iccids(&[2, 3])}));
-        s.ok("report_violation", json!({"iccids": iccids(&[6])}));
-        s.rec(1, "r", &nov(30, 13, 0), mb(31)); // over_quota
-        s.rec(3, "r", &nov(30, 13, 0), mb(31)); // manual + over_quota
-        s.rec(4, "r", &nov(30, 13, 0), 1); // over_threshold
-        s.rec(5, "r", &nov(30, 13, 0), mb(30)); // exactly at the allowance
-        s.rec(7, "r", &nov(30, 23, 30), 1);
-        assert_eq!(s.state(3), active_suspended(&["over_quota", "manual"]));
-        let out = s.rec(7, "first-dec", &dec(1, 0, 10), 1);
-        let rollover = Cause::Rollover {
-            cycle: CycleId::new(2026, 12),
-        };
-        for n in [1, 4] {
-            let e = event_of(&out, n);
-            assert_eq!(states(&e), st("suspended", "active"), "card {n}");
-            assert_eq!(e.cause, rollover);
-            assert_eq!(e.event_time, ts(&dec(1, 0, 0)));
-            assert_eq!(e.cycle, CycleId::new(2026, 12));
-        }
-        let e = event_of(&out, 3);
-        assert_eq!(states(&e), st("suspended", "suspended"));
-        assert_eq!(reasons(&e), ["manual"]);
-        for n in [2, 5, 6, 7] {
-            no_event_of(&out, n);
-        }
-        assert_eq!(s.state(2), active_suspended(&["manual"]));
-        assert_eq!(s.state(6), active_suspended(&["violation"]));
-        // Right after the record that crossed the boundary, every card is in
-        // the new cycle with zero usage, whichever shard holds it.
-        for n in 1..=6 {
-            let v = s.view(n);
-            assert_eq!(v.cycle, CycleId::new(2026, 12), "card {n}");
-            assert_eq!(v.usage_bytes, 0, "card {n}");
-        }
-        // The resume events come before the record that crossed is accounted.
-        let first_accounted = out
-            .iter()
-            .position(|o| matches!(o, Output::Accounted(_)))
-            .expect("accounted");
-        assert_eq!(first_accounted, out.len() - 1, "{out:#?}");
-    });
+    // One card moves time here (quorum 1): this is about the rollover on
+    // the record that crosses, not about who may move the clock.
+    scenario_with(
+        |c| c.clock_quorum = 1,
+        |s| {
+            // Cards 1..=6 suspended in different ways; card 7 only moves the
+            // clock (and lives, depending on the shard count, elsewhere).
+            for n in [1, 2, 3, 5, 6, 7] {
+                s.active(n, "cmcc-30m");
+            }
+            s.active(4, "ctcc-30m");
+            s.tick(&nov(30, 12, 0));
+            s.ok("set_threshold", json!({"iccids": iccids(&[4]), "mb": 0}));
+            s.ok("suspend", json!({"iccids": iccids(&[2, 3])}));
+            s.ok("report_violation", json!({"iccids": iccids(&[6])}));
+            s.rec(1, "r", &nov(30, 13, 0), mb(31)); // over_quota
+            s.rec(3, "r", &nov(30, 13, 0), mb(31)); // manual + over_quota
+            s.rec(4, "r", &nov(30, 13, 0), 1); // over_threshold
+            s.rec(5, "r", &nov(30, 13, 0), mb(30)); // exactly at the allowance
+            s.rec(7, "r", &nov(30, 23, 30), 1);
+            assert_eq!(s.state(3), active_suspended(&["over_quota", "manual"]));
+            let out = s.rec(7, "first-dec", &dec(1, 0, 10), 1);
+            let rollover = Cause::Rollover {
+                cycle: CycleId::new(2026, 12),
+            };
+            for n in [1, 4] {
+                let e = event_of(&out, n);
+                assert_eq!(states(&e), st("suspended", "active"), "card {n}");
+                assert_eq!(e.cause, rollover);
+                assert_eq!(e.event_time, ts(&dec(1, 0, 0)));
+                assert_eq!(e.cycle, CycleId::new(2026, 12));
+            }
+            let e = event_of(&out, 3);
+            assert_eq!(states(&e), st("suspended", "suspended"));
+            assert_eq!(reasons(&e), ["manual"]);
+            for n in [2, 5, 6, 7] {
+                no_event_of(&out, n);
+            }
+            assert_eq!(s.state(2), active_suspended(&["manual"]));
+            assert_eq!(s.state(6), active_suspended(&["violation"]));
+            // Right after the record that crossed the boundary, every card is in
+            // the new cycle with zero usage, whichever shard holds it.
+            for n in 1..=6 {
+                let v = s.view(n);
+                assert_eq!(v.cycle, CycleId::new(2026, 12), "card {n}");
+                assert_eq!(v.usage_bytes, 0, "card {n}");
+            }
+            // The resume events come before the record that crossed is accounted.
+            let first_accounted = out
+                .iter()
+                .position(|o| matches!(o, Output::Accounted(_)))
+                .expect("accounted");
+            assert_eq!(first_accounted, out.len() - 1, "{out:#?}");
+        },
+    );
 }
 
 #[test]

@@ -108,6 +108,9 @@ pub enum Input {
     ReceivedRecord(Vec<u8>, Timestamp),
     /// A control command (one JSON object).
     Command(Vec<u8>),
+    /// A control command with the time it was received: its `at` is
+    /// bounded by it (`future_at`), as a record's `end` is.
+    ReceivedCommand(Vec<u8>, Timestamp),
 }
 
 /// How to run.
@@ -1597,10 +1600,11 @@ pub fn run(
             Input::Record(bytes) => Some((bytes, None)),
             Input::ReceivedRecord(bytes, received) => Some((bytes, Some(received))),
             Input::Command(bytes) => {
-                match parse_command(&bytes) {
-                    Ok(command) => pipeline.sharded.process_command(command, seq),
-                    Err(error) => pipeline.side(Side::bad_command(seq, error, bytes, None))?,
-                }
+                run_command(&mut pipeline, bytes, None, seq)?;
+                None
+            }
+            Input::ReceivedCommand(bytes, received) => {
+                run_command(&mut pipeline, bytes, Some(received), seq)?;
                 None
             }
         };
@@ -1648,6 +1652,25 @@ pub fn run(
     summary.inputs_per_sec = summary.inputs as f64 / summary.elapsed_secs.max(1e-9);
     summary.out_dir = dir.clone();
     Ok((summary, engine))
+}
+
+/// Parses and runs one command line: a line that does not parse is
+/// answered (journal, dead letter) without reaching the engine.
+fn run_command(
+    pipeline: &mut Pipeline,
+    bytes: Vec<u8>,
+    received: Option<Timestamp>,
+    seq: u64,
+) -> Result<(), IngestError> {
+    match parse_command(&bytes) {
+        Ok(command) => {
+            pipeline
+                .sharded
+                .process_command_received(command, received, seq);
+            Ok(())
+        }
+        Err(error) => pipeline.side(Side::bad_command(seq, error, bytes, None)),
+    }
 }
 
 /// The `id` of a command that did not parse, if it has one.

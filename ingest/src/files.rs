@@ -81,18 +81,24 @@ pub fn merged_inputs(
                     *slot.borrow_mut() = Some(e);
                     return None;
                 }
-                None => return pending.pop_front().map(|(_, c)| Input::Command(c)),
+                None => return pending.pop_front().map(|(_, c)| received_command(c)),
             }
         }
         let record = held.as_ref()?;
         let end = decode_json(record, &limits).map_or(Timestamp::MIN, |u| u.end);
         if pending.front().is_some_and(|(at, _)| *at <= end) {
-            return pending.pop_front().map(|(_, c)| Input::Command(c));
+            return pending.pop_front().map(|(_, c)| received_command(c));
         }
         held.take()
             .map(|bytes| Input::ReceivedRecord(bytes, wall_clock()))
     });
     Ok((iter, error))
+}
+
+/// A command line with the time it was read: its `at` may be no further
+/// ahead of that (and of the event clock) than `max_future_ms`.
+fn received_command(line: Vec<u8>) -> Input {
+    Input::ReceivedCommand(line, wall_clock())
 }
 
 #[cfg(test)]
@@ -134,7 +140,9 @@ mod tests {
                         .take(16)
                         .collect::<String>()
                 ),
-                Input::Command(b) => format!("C:{}", String::from_utf8_lossy(&b)),
+                Input::Command(b) | Input::ReceivedCommand(b, _) => {
+                    format!("C:{}", String::from_utf8_lossy(&b))
+                }
             })
             .collect();
         assert!(err.borrow().is_none());

@@ -357,8 +357,15 @@ pub(crate) fn accounted(out: &[Output]) -> Vec<flowcap_engine::event::Accounted>
 /// and with three, and checks that both reach the same card and pool views
 /// and emitted the same outputs (order across shards aside).
 pub(crate) fn scenario(f: impl Fn(&mut Sim)) {
+    scenario_with(|_| {}, f);
+}
+
+/// [`scenario`] with a configuration changed by `tweak`.
+pub(crate) fn scenario_with(tweak: impl Fn(&mut EngineConfig), f: impl Fn(&mut Sim)) {
     let run = |shards: usize| {
-        let mut sim = Sim::new(shards);
+        let mut config = config(shards);
+        tweak(&mut config);
+        let mut sim = Sim::with_config(config);
         sim.setup();
         f(&mut sim);
         sim

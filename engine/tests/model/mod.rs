@@ -9,7 +9,10 @@
 //! Covered: upsert_plan, upsert_card, create_pool (forward and backward),
 //! add/remove_pool_members, set/clear_threshold, add_on (card and pool),
 //! suspend, resume, deregister, freeze/unfreeze, activate; usage records
-//! (unknown cards, duplicates, far future, late, cycle rollovers).
+//! (unknown cards, duplicates, far future, late, cycle rollovers), the
+//! fleet's clock (a majority of the cards furthest ahead, every card's
+//! latest time sorted) and records ahead of it (counted at their cycle's
+//! start, in input order).
 //! Rules: the four rules of `gen::RULES` (no filter, cycle windows for the
 //! usage rules, every transition for the state rule), checked the obvious
 //! way: after each input, every live card and pool inside a usage condition
@@ -119,7 +122,14 @@ pub struct ModelEvent {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub max_future_ms: i64,
+    /// How many of the cards furthest ahead the clock listens to.
+    pub quorum: usize,
     pub clock: Option<Timestamp>,
+    /// Every card's latest accepted `end`.
+    pub latest: BTreeMap<Iccid, Timestamp>,
+    /// Records of a later cycle than the clock's (card, cycle, bytes), in
+    /// input order: counted when their cycle starts.
+    pub ahead: Vec<(Iccid, i64, u64)>,
     pub plans: BTreeMap<String, ModelPlan>,
     pub cards: BTreeMap<Iccid, ModelCard>,
     pub pools: BTreeMap<String, ModelPool>,
@@ -136,10 +146,13 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(max_future_ms: i64) -> Model {
+    pub fn new(max_future_ms: i64, quorum: usize) -> Model {
         Model {
             max_future_ms,
+            quorum,
             clock: None,
+            latest: BTreeMap::new(),
+            ahead: Vec::new(),
             plans: BTreeMap::new(),
             cards: BTreeMap::new(),
             pools: BTreeMap::new(),
@@ -382,7 +395,9 @@ impl Model {
                     .push((carrier, cycle));
             }
         }
-        for (_, group) in starts {
+        for (start, group) in starts {
+            // Rules evaluated at this cycle start see its cycles.
+            self.clock = Some(start);
             for &(carrier, _) in &group {
                 for card in self.cards.values_mut() {
                     if card.carrier == carrier {
@@ -398,10 +413,26 @@ impl Model {
                 }
             }
             self.end_cause();
-            for (carrier, cycle) in group {
+            for &(carrier, cycle) in &group {
                 self.rules_at_cycle_start(carrier, cycle);
             }
+            // The records that came ahead of the clock for the cycles just
+            // started count now, in input order, one cause each.
+            let started = |iccid: &Iccid, cycle: i64, cards: &BTreeMap<Iccid, ModelCard>| {
+                group.contains(&(cards[iccid].carrier, cycle))
+            };
+            let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ahead)
+                .into_iter()
+                .partition(|(i, c, _)| started(i, *c, &self.cards));
+            self.ahead = kept;
+            for (iccid, _, bytes) in due {
+                self.count(iccid, bytes);
+                // The engine looks at rules after every cause: a later
+                // cycle start in the same input must not hide a firing.
+                self.check_rules();
+            }
         }
+        self.clock = Some(t);
     }
 
     // ----- records ---------------------------------------------------------
@@ -425,24 +456,53 @@ impl Model {
         if !self.seen.insert((u.iccid, u.record_id.as_str().to_owned())) {
             return RecordOutcome::Duplicate;
         }
-        self.advance(u.end);
+        let latest = self.latest.entry(u.iccid).or_insert(u.end);
+        *latest = (*latest).max(u.end);
+        let agreed = self.agreed();
+        self.advance(agreed);
         let current = self.current_cycle(self.cards[&u.iccid].carrier);
         let card = self.cards.get_mut(&u.iccid).unwrap();
-        if card.lifecycle == CardState::Deregistered || cycle_of(card.carrier, u.end) < current {
+        let cycle = cycle_of(card.carrier, u.end);
+        if card.lifecycle == CardState::Deregistered || cycle < current {
             return RecordOutcome::NotCounted;
+        }
+        if cycle > current {
+            self.ahead.push((u.iccid, cycle, u.bytes_up + u.bytes_down));
+        } else {
+            self.count(u.iccid, u.bytes_up + u.bytes_down);
+        }
+        RecordOutcome::Counted
+    }
+
+    /// Counts a record of the card's current cycle (one cause).
+    fn count(&mut self, iccid: Iccid, bytes: u64) {
+        let card = self.cards.get_mut(&iccid).unwrap();
+        if card.lifecycle == CardState::Deregistered {
+            return;
         }
         if card.lifecycle == CardState::Activatable {
             card.lifecycle = CardState::Active;
         }
-        card.usage += u.bytes_up + u.bytes_down;
+        card.usage += bytes;
         self.end_cause();
-        RecordOutcome::Counted
     }
 
     // ----- commands --------------------------------------------------------
 
+    /// The time a majority of the `quorum` cards furthest ahead have all
+    /// reached: every card's latest time, sorted.
+    fn agreed(&self) -> Timestamp {
+        let mut times: Vec<(Timestamp, Iccid)> =
+            self.latest.iter().map(|(i, t)| (*t, *i)).collect();
+        times.sort_by(|a, b| b.cmp(a));
+        times.truncate(self.quorum.max(1));
+        times[times.len() / 2].0
+    }
+
     pub fn command(&mut self, c: &Command) -> CommandOutcome {
         self.firings.clear();
+        // Commands here have no receive time: their `at` is not bounded
+        // (`Engine::process_command`).
         self.advance(c.at);
         let outcome = self.apply(c);
         self.end_cause();

@@ -1030,7 +1030,11 @@ impl Driver {
         };
         if cursor.commands {
             match parse_command(payload) {
-                Ok(command) => self.pipeline.sharded.process_command(command, seq),
+                Ok(command) => self.pipeline.sharded.process_command_received(
+                    command,
+                    received.map(Timestamp),
+                    seq,
+                ),
                 Err(error) => self.pipeline.side_later(Side::bad_command(
                     seq,
                     error,
