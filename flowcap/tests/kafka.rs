@@ -1007,3 +1007,28 @@ fn a_backlog_is_read_across_partitions_in_time_order() {
         assert_eq!(k[field], e[field], "{field}: kafka {k}\nembedded {e}");
     }
 }
+
+/// Commands and the whole record backlog produced before flowcap starts
+/// (issue #23): the commands topic is read to its end before any usage, so
+/// no record of a card whose creating command was produced before it is
+/// dead-lettered as unknown, however the broker serves the partitions.
+#[test]
+fn commands_produced_before_the_records_are_applied_before_them() {
+    let broker = broker_with(Storage::Memory, 4);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("kafka");
+    let w = workload(1000, 24, 1.0, |c| {
+        c.seed = 23;
+        c.unknown_card_pct = 0.0;
+    });
+    produce_commands(&broker, &w);
+    produce_records(&broker, &w, 0..w.total_records());
+    let run = run_until_idle(&broker, &dir, &[]);
+    assert_eq!(run["summary"]["commands_failed"], 0, "{run}");
+    let unknown = lines(&dir.join("rejects.jsonl"))
+        .iter()
+        .filter(|r| r["code"] == "unknown_card")
+        .count();
+    assert_eq!(unknown, 0, "records dead-lettered as unknown cards: {run}");
+    assert_exact(&broker, &dir, &w);
+}

@@ -578,6 +578,32 @@ pub fn run(
         driver.maybe_snapshot(options, &cursors, &data)?;
     }
 
+    // Commands produced before this start are applied before any usage
+    // read now, so a card's first records never meet a commands topic that
+    // was simply fetched later (they would be dead-lettered as unknown).
+    if let Some(i) = cursors.iter().position(|c| c.commands) {
+        if let Some(high) = high_watermark(&meta, &cursors[i], &stop) {
+            let (mut last_report, mut last_message) = (Instant::now(), Instant::now());
+            // Offsets past the last message (a transaction marker) are never
+            // delivered: a partition silent for 10 s is read to its end.
+            while cursors[i].next < high
+                && last_message.elapsed() < Duration::from_secs(10)
+                && !stop.load(Ordering::SeqCst)
+            {
+                if last_report.elapsed() >= Duration::from_secs(5) {
+                    last_report = Instant::now();
+                    tracing::info!(next = cursors[i].next, high, "reading the commands first");
+                }
+                serve(&data)?;
+                if let Some(message) = inputs.next_of(i, Duration::from_millis(100), Instant::now())
+                {
+                    last_message = Instant::now();
+                    driver.process(i as u32, &mut cursors[i], &message)?;
+                }
+            }
+        }
+    }
+
     status(&Status::Running);
     tracing::info!(
         partitions = usage_partitions,
