@@ -482,6 +482,8 @@ pub enum ErrorCode {
     Malformed,
     /// `type` names no known command.
     UnknownType,
+    /// Larger than the configured maximum command size: not read.
+    TooLarge,
     /// Batch with no card.
     EmptyBatch,
     /// Batch above 100,000 cards.

@@ -25,7 +25,7 @@ use clap::{Args, Parser, Subcommand};
 use flowcap_engine::EngineConfig;
 use flowcap_ingest::embedded::{self, EmbeddedOptions, Input, Summary};
 use flowcap_ingest::metrics::Source;
-use flowcap_ingest::{Health, HistoryConfig};
+use flowcap_ingest::{Health, HistoryConfig, SizeLimits};
 use flowcap_loadgen::{Expected, Workload, WorkloadConfig};
 use flowcap_storage::history::compact::CompactionPolicy;
 use flowcap_storage::history::ZSTD_LEVELS;
@@ -150,6 +150,15 @@ struct RunArgs {
             .range(i64::from(*ZSTD_LEVELS.start())..=i64::from(*ZSTD_LEVELS.end()))
     )]
     history_zstd_level: Option<i32>,
+    /// Largest usage record read, in bytes (a records-file line or a usage
+    /// message); a larger one is dead-lettered as `too_large`. Default
+    /// 65536.
+    #[arg(long, env = "FLOWCAP_MAX_RECORD_SIZE", value_name = "BYTES")]
+    max_record_size: Option<usize>,
+    /// Largest command read, in bytes (a commands-file line or a commands
+    /// message); a larger one is refused as `too_large`. Default 67108864.
+    #[arg(long, env = "FLOWCAP_MAX_COMMAND_SIZE", value_name = "BYTES")]
+    max_command_size: Option<usize>,
     /// Ignore snapshots in the output directory and start over.
     #[arg(long)]
     fresh: bool,
@@ -224,6 +233,8 @@ struct FileConfig {
     run: RunSection,
     /// Kafka settings (Kafka mode when `bootstrap` is set).
     kafka: KafkaSection,
+    /// The largest record and command read (`too_large` above).
+    limits: SizeLimits,
     /// Rule notification delivery: retries, SMTP relay, SMS gateway,
     /// push-failure alert channels.
     notify: flowcap_rules::NotifyConfig,
@@ -411,8 +422,25 @@ fn history_config(args: &RunArgs, run: &RunSection) -> Result<Option<HistoryConf
     }))
 }
 
+/// The size limits of a run: flags over the `[limits]` table.
+fn size_limits(args: &RunArgs, file: &SizeLimits) -> Result<SizeLimits> {
+    let sizes = SizeLimits {
+        max_record_size: args.max_record_size.unwrap_or(file.max_record_size),
+        max_command_size: args.max_command_size.unwrap_or(file.max_command_size),
+    };
+    if sizes.max_record_size == 0 || sizes.max_command_size == 0 {
+        bail!(
+            "max_record_size ({}) and max_command_size ({}) must be at least 1 byte",
+            sizes.max_record_size,
+            sizes.max_command_size
+        );
+    }
+    Ok(sizes)
+}
+
 fn run(args: RunArgs) -> Result<()> {
     let file = load_config(args.config.as_deref())?;
+    let sizes = size_limits(&args, &file.limits)?;
     let mut engine = file.engine;
     if let Some(shards) = args.shards {
         engine.shards = shards;
@@ -449,6 +477,7 @@ fn run(args: RunArgs) -> Result<()> {
         }
         let mut options = flowcap_ingest::kafka::KafkaOptions::new(bootstrap, out);
         options.engine = engine;
+        options.sizes = sizes;
         options.group = args.kafka.group.clone().unwrap_or(file.kafka.group);
         options.topics = file.kafka.topics;
         options.properties = file.kafka.properties;
@@ -495,6 +524,7 @@ fn run(args: RunArgs) -> Result<()> {
         history,
         resume: !args.fresh,
         limits: Default::default(),
+        sizes,
         progress_every: 10_000,
         source: match args.input {
             Some(_) => Source::File,
@@ -510,7 +540,7 @@ fn run(args: RunArgs) -> Result<()> {
     let (summary, engine, expected, workload) = match &args.input {
         Some(input) => {
             let (inputs, read_error) =
-                flowcap_ingest::files::merged_inputs(Some(input), args.commands.as_deref())
+                flowcap_ingest::files::merged_inputs(Some(input), args.commands.as_deref(), &sizes)
                     .with_context(|| format!("opening {}", input.display()))?;
             let bar = progress_bar(None, args.quiet);
             let (summary, engine) =

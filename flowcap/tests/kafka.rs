@@ -1032,3 +1032,136 @@ fn commands_produced_before_the_records_are_applied_before_them() {
     assert_eq!(unknown, 0, "records dead-lettered as unknown cards: {run}");
     assert_exact(&broker, &dir, &w);
 }
+
+/// The dead letters on the DLQ topic with `reason`, as (value size,
+/// envelope).
+fn dead_letters(broker: &Broker, reason: &str) -> Vec<(usize, serde_json::Value)> {
+    consume_all(broker, "flowcap.dlq", 1_000_000, Duration::from_secs(5))
+        .unwrap()
+        .into_iter()
+        .filter(|m| {
+            m.headers
+                .iter()
+                .any(|(k, v)| k == "flowcap.reason" && v == reason.as_bytes())
+        })
+        .map(|m| (m.value.len(), serde_json::from_slice(&m.value).unwrap()))
+        .collect()
+}
+
+/// Bad input bounded, in Kafka mode: usage messages of megabytes are
+/// dead-lettered as `too_large` with their first 4 KiB (one of them would
+/// have made a dead letter over the producer's 1 MB limit, which stopped
+/// the pipeline at every start); the records around them count. With a
+/// raised record limit and a producer limit of 100 kB, a bad message of
+/// 1.2 MB still fits its dead letter (its raw cut, marked truncated), and a
+/// command over its limit is refused as `too_large`.
+#[test]
+fn multi_megabyte_messages_are_dead_lettered_and_the_pipeline_goes_on() {
+    let Ready {
+        broker,
+        work,
+        dir,
+        w,
+    } = ready(Storage::Memory, 1000, 6, 1.0, |c| {
+        c.seed = 31;
+        c.malformed_pct = 0.0;
+    });
+    let total = w.total_records();
+    let half = total / 2;
+    produce_records(&broker, &w, 0..half / 2);
+    let next = w.records().nth((half / 2) as usize).unwrap();
+    let key = next.iccid().to_string();
+    let at = next.arrival.millis();
+    let huge = [
+        format!(r#"{{"record_id":"huge","pad":"{}"}}"#, "x".repeat(3 << 20)),
+        // Quotes and backslashes double as JSON: a letter embedding it
+        // whole is over 2 MB.
+        "\"\\".repeat(500_000),
+    ];
+    produce(
+        &broker,
+        "flowcap.usage",
+        huge.iter().map(|m| {
+            Record::new(m.as_bytes())
+                .key(key.as_bytes())
+                .timestamp_ms(at)
+        }),
+    )
+    .unwrap();
+    produce_records(&broker, &w, half / 2..half);
+    let first = run_until_idle(&broker, &dir, &[]);
+    assert_eq!(first["summary"]["rejected"]["too_large"], 2, "{first}");
+    let letters = dead_letters(&broker, "too_large");
+    assert_eq!(letters.len(), 2);
+    for ((size, letter), input) in letters.iter().zip(&huge) {
+        assert!(*size < 20_000, "{size} bytes");
+        assert_eq!(letter["raw_truncated"], true, "{letter}");
+        assert_eq!(letter["raw_len"], input.len() as u64);
+        assert_eq!(letter["raw"], input[..4096], "{letter}");
+        assert_eq!(
+            letter["message"],
+            format!(
+                "record of {} bytes exceeds the limit of 65536 bytes",
+                input.len()
+            )
+        );
+        assert!(letter["source"]["offset"].is_i64(), "{letter}");
+    }
+
+    // A raised record limit, a small producer limit, a small command limit.
+    let settings = work.path().join("limits.toml");
+    std::fs::write(
+        &settings,
+        "[limits]\nmax_record_size = 2000000\nmax_command_size = 100000\n\
+         [kafka.producer]\n\"message.max.bytes\" = \"100000\"\n",
+    )
+    .unwrap();
+    // Control characters are six bytes each as JSON: 64 KiB of them, the
+    // most a letter keeps, are cut further to fit 100 kB. (Not starting
+    // with 0x01, the binary encoding's version byte.)
+    let bad = format!("x{}", "\u{1}".repeat(1_200_000));
+    produce(
+        &broker,
+        "flowcap.usage",
+        [Record::new(bad.as_bytes())
+            .key(key.as_bytes())
+            .timestamp_ms(at)],
+    )
+    .unwrap();
+    let iccids: Vec<String> = (0..10_000).map(|_| format!("\"{key}\"")).collect();
+    let command = format!(
+        r#"{{"id":"too-big","type":"set_threshold","at":"2026-11-01T00:00:00+08:00","iccids":[{}],"mb":1}}"#,
+        iccids.join(",")
+    );
+    produce(
+        &broker,
+        "flowcap.commands",
+        [Record::new(command.as_bytes())],
+    )
+    .unwrap();
+    produce_records(&broker, &w, half..total);
+    let second = run_until_idle(&broker, &dir, &["--config", settings.to_str().unwrap()]);
+    assert_eq!(second["summary"]["rejected"]["not_json"], 1, "{second}");
+    assert_eq!(second["summary"]["commands_failed"], 1, "{second}");
+    assert_exact(&broker, &dir, &w);
+
+    let letters = dead_letters(&broker, "not_json");
+    assert_eq!(letters.len(), 1);
+    let (size, letter) = &letters[0];
+    assert!(*size < 100_000 - 8192, "{size} bytes");
+    assert_eq!(letter["raw_truncated"], true);
+    assert_eq!(letter["raw_len"], bad.len() as u64);
+    let kept = letter["raw"].as_str().unwrap();
+    assert!(!kept.is_empty() && bad.starts_with(kept), "{}", kept.len());
+    let refused = dead_letters(&broker, "too_large");
+    assert_eq!(refused.len(), 3);
+    let (_, refused) = &refused[2];
+    assert_eq!(
+        refused["message"],
+        format!(
+            "command of {} bytes exceeds the limit of 100000 bytes",
+            command.len()
+        )
+    );
+    assert_eq!(refused["raw"], command[..4096]);
+}

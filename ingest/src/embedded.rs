@@ -64,6 +64,7 @@ use serde::Serialize;
 use flowcap_rules::delivery::{Notifier, NotifyConfig};
 
 use crate::health::Health;
+use crate::limits::{cut_str, fit, text, InputKind, Oversized, SizeLimits, MESSAGE_KEPT, RAW_KEPT};
 use crate::metrics::{self, DriverMetrics, OutputMetrics, Source};
 
 /// Errors that stop the embedded pipeline. Bad input never does: it is
@@ -111,6 +112,9 @@ pub enum Input {
     /// A control command with the time it was received: its `at` is
     /// bounded by it (`future_at`), as a record's `end` is.
     ReceivedCommand(Vec<u8>, Timestamp),
+    /// A record or command over its size limit, never read whole: it is
+    /// dead-lettered as `too_large` ([`crate::limits`]).
+    Oversized(Oversized),
 }
 
 /// How to run.
@@ -130,6 +134,8 @@ pub struct EmbeddedOptions {
     pub resume: bool,
     /// Limits for record decoding.
     pub limits: DecodeLimits,
+    /// Largest record and command read ([`crate::limits`]).
+    pub sizes: SizeLimits,
     /// Report progress every this many inputs.
     pub progress_every: u64,
     /// Where the records come from (the `source` label of the records-in metric).
@@ -151,6 +157,7 @@ impl EmbeddedOptions {
             history: Some(HistoryConfig::default()),
             resume: true,
             limits: DecodeLimits::default(),
+            sizes: SizeLimits::default(),
             progress_every: 100_000,
             source: Source::File,
             health: None,
@@ -291,12 +298,78 @@ pub(crate) struct DeadLetter<'a> {
     /// The input as received, hex, when it is not UTF-8 (binary records).
     #[serde(skip_serializing_if = "Option::is_none")]
     raw_hex: Option<String>,
+    /// `raw` (or `raw_hex`) holds only the input's first bytes
+    /// ([`crate::limits`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    raw_truncated: bool,
+    /// The input's full length in bytes, when `raw` is truncated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_len: Option<u64>,
+}
+
+/// What a Kafka dead letter's value may use of the producer's
+/// `message.max.bytes`: the rest is left to its key, its headers (the
+/// message among them, at most [`MESSAGE_KEPT`] bytes) and the record's
+/// framing.
+const DLQ_HEADROOM: usize = 8 * 1024;
+
+impl<'a> DeadLetter<'a> {
+    /// The dead letter of an input, bounded ([`crate::limits`]): of `raw`
+    /// (`raw_len` bytes in full) it keeps at most [`RAW_KEPT`] bytes, of
+    /// the message [`MESSAGE_KEPT`], and with a `budget` (a Kafka
+    /// producer's `message.max.bytes`) fewer raw bytes until the whole
+    /// message fits. The letter and the raw bytes it keeps.
+    #[allow(clippy::too_many_arguments)]
+    fn bounded(
+        seq: u64,
+        code: &'a str,
+        message: &'a str,
+        iccid: Option<&'a str>,
+        record_id: Option<&'a str>,
+        source: Option<&'a SourcePosition>,
+        raw: &'a [u8],
+        raw_len: u64,
+        budget: Option<usize>,
+    ) -> Result<(DeadLetter<'a>, &'a [u8]), serde_json::Error> {
+        let message = cut_str(message, MESSAGE_KEPT);
+        let letter = |keep: usize| {
+            let kept = &raw[..keep];
+            let truncated = (keep as u64) < raw_len;
+            let utf8 = text(kept, truncated);
+            DeadLetter {
+                seq,
+                code,
+                message,
+                iccid,
+                record_id,
+                source,
+                raw: utf8,
+                raw_hex: utf8.is_none().then(|| hex(kept)),
+                raw_truncated: truncated,
+                raw_len: truncated.then_some(raw_len),
+            }
+        };
+        let start = raw.len().min(RAW_KEPT);
+        let keep = match budget {
+            None => start,
+            Some(max) => fit(start, max.saturating_sub(DLQ_HEADROOM), |keep| {
+                serde_json::to_vec(&letter(keep)).map(|v| v.len())
+            })?,
+        };
+        Ok((letter(keep), &raw[..keep]))
+    }
 }
 
 #[derive(Serialize)]
 struct BadCommand<'a> {
     seq: u64,
     raw: String,
+    /// `raw` holds only the first bytes of a command over its size limit.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    raw_truncated: bool,
+    /// The command's full length in bytes, when `raw` is truncated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_len: Option<u64>,
     result: &'a CommandResult,
 }
 
@@ -336,13 +409,7 @@ impl<'a> ResultMessage<'a> {
     fn new(seq: u64, result: &'a CommandResult, repeat: bool, raw: Option<&'a str>) -> Self {
         let failed_all = result.results.iter().filter(|r| !r.ok);
         let cards_failed = failed_all.clone().count();
-        let raw_cut = raw.map(|r| {
-            let mut end = r.len().min(RESULT_MESSAGE_RAW_BYTES);
-            while !r.is_char_boundary(end) {
-                end -= 1;
-            }
-            &r[..end]
-        });
+        let raw_cut = raw.map(|r| cut_str(r, RESULT_MESSAGE_RAW_BYTES));
         ResultMessage {
             seq,
             command_id: &result.command_id,
@@ -367,7 +434,10 @@ pub(crate) enum Side {
         iccid: Option<String>,
         record_id: Option<String>,
         source: Option<SourcePosition>,
+        /// The input, or its first bytes when it is longer ([`crate::limits`]).
         raw: Vec<u8>,
+        /// The input's full length.
+        raw_len: u64,
         /// The router's event clock when it was rejected (stamped by
         /// [`Pipeline::side`]): names the history partition.
         clock: Timestamp,
@@ -376,7 +446,10 @@ pub(crate) enum Side {
         seq: u64,
         code: &'static str,
         source: Option<SourcePosition>,
+        /// The command, or its first bytes when it is over its size limit.
         raw: Vec<u8>,
+        /// The command's full length.
+        raw_len: u64,
         result: CommandResult,
         clock: Timestamp,
     },
@@ -446,6 +519,7 @@ impl Side {
         raw: Vec<u8>,
         source: Option<SourcePosition>,
     ) -> Side {
+        let (raw, raw_len) = kept(raw);
         Side::DeadLetter {
             seq: r.seq,
             code: r.code,
@@ -454,6 +528,7 @@ impl Side {
             record_id: r.record_id.map(|id| id.as_str().to_owned()),
             source,
             raw,
+            raw_len,
             clock: Timestamp::MIN,
         }
     }
@@ -475,6 +550,7 @@ impl Side {
             seq,
             code,
             source,
+            raw_len: raw.len() as u64,
             raw,
             result,
             clock: Timestamp::MIN,
@@ -488,6 +564,7 @@ impl Side {
         raw: Vec<u8>,
         source: Option<SourcePosition>,
     ) -> Side {
+        let (raw, raw_len) = kept(raw);
         Side::DeadLetter {
             seq,
             code: error.code().to_owned(),
@@ -496,9 +573,57 @@ impl Side {
             record_id: None,
             source,
             raw,
+            raw_len,
             clock: Timestamp::MIN,
         }
     }
+
+    /// An input over its size limit, never read: a `too_large` dead letter
+    /// with its first bytes (a command's also a failed result, with no id:
+    /// its id was not read).
+    pub(crate) fn too_large(seq: u64, input: Oversized, source: Option<SourcePosition>) -> Side {
+        let message = input.message();
+        match input.kind {
+            InputKind::Record => Side::DeadLetter {
+                seq,
+                code: Oversized::CODE.to_owned(),
+                message,
+                iccid: None,
+                record_id: None,
+                source,
+                raw: input.head,
+                raw_len: input.len,
+                clock: Timestamp::MIN,
+            },
+            InputKind::Command => Side::BadCommand {
+                seq,
+                code: Oversized::CODE,
+                source,
+                raw: input.head,
+                raw_len: input.len,
+                result: CommandResult::rejected(
+                    CommandId::from(""),
+                    flowcap_engine::command::CommandError::new(
+                        flowcap_engine::command::ErrorCode::TooLarge,
+                        message,
+                    ),
+                ),
+                clock: Timestamp::MIN,
+            },
+        }
+    }
+}
+
+/// What a dead letter can keep of `raw` (its first [`RAW_KEPT`] bytes, see
+/// [`DeadLetter::bounded`]), so a letter waiting for the writer holds no
+/// more; and its full length.
+fn kept(mut raw: Vec<u8>) -> (Vec<u8>, u64) {
+    let len = raw.len() as u64;
+    if raw.len() > RAW_KEPT {
+        raw.truncate(RAW_KEPT);
+        raw.shrink_to_fit();
+    }
+    (raw, len)
 }
 
 /// Kafka topics the writer produces to, besides its local files.
@@ -513,6 +638,17 @@ pub(crate) struct KafkaOut {
     /// Set when the process is asked to stop: a barrier then gives up
     /// waiting for an unreachable broker instead of hanging shutdown.
     pub(crate) give_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KafkaOut {
+    /// The producer's `message.max.bytes` (librdkafka's default when not
+    /// set): no dead letter is larger ([`DeadLetter::bounded`]).
+    fn max_message(&self) -> usize {
+        self.producer_config
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(1_000_000)
+    }
 }
 
 pub(crate) struct Writer {
@@ -627,6 +763,7 @@ impl Writer {
     }
 
     fn write_side(&mut self, side: Side) -> Result<(), WriteError> {
+        let budget = self.kafka.as_ref().map(KafkaOut::max_message);
         match side {
             Side::DeadLetter {
                 seq,
@@ -636,43 +773,41 @@ impl Writer {
                 record_id,
                 source,
                 raw,
+                raw_len,
                 clock,
             } => {
                 self.metrics.reject(&code);
                 *self.summary.rejected.entry(code.clone()).or_default() += 1;
-                let utf8 = std::str::from_utf8(&raw).ok();
-                let letter = DeadLetter {
+                let (letter, kept) = DeadLetter::bounded(
                     seq,
-                    code: &code,
-                    message: &message,
-                    iccid: iccid.as_deref(),
-                    record_id: record_id.as_deref(),
-                    source: source.as_ref(),
-                    raw: utf8,
-                    raw_hex: utf8.is_none().then(|| hex(&raw)),
-                };
+                    &code,
+                    &message,
+                    iccid.as_deref(),
+                    record_id.as_deref(),
+                    source.as_ref(),
+                    &raw,
+                    raw_len,
+                    budget,
+                )?;
                 self.sink(REJECTS_FILE).write(&letter)?;
                 if let Some(k) = &mut self.kafka {
                     let payload = serde_json::to_vec(&letter)?;
                     dead_letter(
                         k,
                         &code,
-                        &message,
+                        letter.message,
                         source.as_ref(),
                         iccid.as_deref(),
                         &payload,
                     )?;
                 }
                 if let Some(h) = &mut self.history {
+                    let quarantined = quarantined(seq, &code, letter.message, kept, raw_len, clock);
                     h.quarantined(Quarantined {
-                        seq,
-                        reason: code,
-                        message,
                         iccid,
                         record_id,
                         source: source.map(history_source),
-                        raw,
-                        clock,
+                        ..quarantined
                     })?;
                 }
                 Ok(())
@@ -682,51 +817,48 @@ impl Writer {
                 code,
                 source,
                 raw,
+                raw_len,
                 result,
                 clock,
             } => {
                 self.metrics.command(false);
                 self.summary.commands_failed += 1;
+                let truncated = raw.len() as u64 != raw_len;
                 let line = BadCommand {
                     seq,
                     raw: String::from_utf8_lossy(&raw).into_owned(),
+                    raw_truncated: truncated,
+                    raw_len: truncated.then_some(raw_len),
                     result: &result,
                 };
                 self.sink(JOURNAL_FILE).write(&line)?;
+                let message = result.error.as_ref().map_or("", |e| e.message.as_str());
+                let (letter, kept) = DeadLetter::bounded(
+                    seq,
+                    code,
+                    message,
+                    None,
+                    None,
+                    source.as_ref(),
+                    &raw,
+                    raw_len,
+                    budget,
+                )?;
                 if let Some(k) = &mut self.kafka {
-                    let message = ResultMessage::new(seq, &result, false, Some(&line.raw));
+                    let mut message = ResultMessage::new(seq, &result, false, Some(&line.raw));
+                    message.raw_truncated |= truncated;
                     let payload = serde_json::to_vec(&message)?;
                     let id = result.command_id.as_str().as_bytes();
                     k.outbox.send(&k.results, Some(id), &payload, &[])?;
-                    let message = result.error.as_ref().map_or("", |e| e.message.as_str());
-                    let utf8 = std::str::from_utf8(&raw).ok();
-                    let letter = DeadLetter {
-                        seq,
-                        code,
-                        message,
-                        iccid: None,
-                        record_id: None,
-                        source: source.as_ref(),
-                        raw: utf8,
-                        raw_hex: utf8.is_none().then(|| hex(&raw)),
-                    };
                     let envelope = serde_json::to_vec(&letter)?;
-                    dead_letter(k, code, message, source.as_ref(), None, &envelope)?;
+                    dead_letter(k, code, letter.message, source.as_ref(), None, &envelope)?;
                 }
                 if let Some(h) = &mut self.history {
                     h.journal(seq, None, &raw, &result, false, clock)?;
+                    let quarantined = quarantined(seq, code, letter.message, kept, raw_len, clock);
                     h.quarantined(Quarantined {
-                        seq,
-                        reason: code.to_owned(),
-                        message: result
-                            .error
-                            .as_ref()
-                            .map_or_else(String::new, |e| e.message.clone()),
-                        iccid: None,
-                        record_id: None,
                         source: source.map(history_source),
-                        raw,
-                        clock,
+                        ..quarantined
                     })?;
                 }
                 Ok(())
@@ -957,6 +1089,36 @@ fn history_source(s: SourcePosition) -> HistorySource {
         partition: s.partition,
         offset: s.offset,
         timestamp_ms: s.timestamp_ms,
+    }
+}
+
+/// The history row of a dead letter: the raw bytes its letter kept, and
+/// when they are not the whole input the message says so.
+fn quarantined(
+    seq: u64,
+    code: &str,
+    message: &str,
+    kept: &[u8],
+    raw_len: u64,
+    clock: Timestamp,
+) -> Quarantined {
+    let message = if kept.len() as u64 == raw_len {
+        message.to_owned()
+    } else {
+        format!(
+            "{message} (raw: the first {} of {raw_len} bytes)",
+            kept.len()
+        )
+    };
+    Quarantined {
+        seq,
+        reason: code.to_owned(),
+        message,
+        iccid: None,
+        record_id: None,
+        source: None,
+        raw: kept.to_vec(),
+        clock,
     }
 }
 
@@ -1596,7 +1758,7 @@ pub fn run(
         if resumed_after.is_some_and(|s| seq <= s) {
             continue;
         }
-        let record = match input {
+        let record = match options.sizes.check(input) {
             Input::Record(bytes) => Some((bytes, None)),
             Input::ReceivedRecord(bytes, received) => Some((bytes, Some(received))),
             Input::Command(bytes) => {
@@ -1605,6 +1767,13 @@ pub fn run(
             }
             Input::ReceivedCommand(bytes, received) => {
                 run_command(&mut pipeline, bytes, Some(received), seq)?;
+                None
+            }
+            Input::Oversized(input) => {
+                if input.kind == InputKind::Record {
+                    driver_metrics.record_in();
+                }
+                pipeline.side(Side::too_large(seq, input, None))?;
                 None
             }
         };
@@ -1769,6 +1938,66 @@ mod tests {
         assert!(writer.advance_commit(true).is_err());
         assert!(done.recv_timeout(Duration::from_secs(30)).unwrap().is_err());
         assert!(writer.store.list().unwrap().is_empty());
+    }
+
+    /// A dead letter is bounded whatever the input: its raw keeps at most
+    /// `RAW_KEPT` bytes, marked truncated with the full length; under a
+    /// producer limit the whole envelope fits it, even when every byte
+    /// takes six as JSON; the same input gives the same bytes.
+    #[test]
+    fn dead_letters_are_bounded_and_fit_the_producer_limit() {
+        let source = SourcePosition {
+            topic: "flowcap.usage".into(),
+            partition: 3,
+            offset: 42,
+            timestamp_ms: Some(1),
+        };
+        let raw = vec![1u8; 1_200_000];
+        let long_message = "m".repeat(10_000);
+        let letter = |budget| {
+            let (letter, kept) = DeadLetter::bounded(
+                7,
+                "not_json",
+                &long_message,
+                None,
+                None,
+                Some(&source),
+                &raw,
+                raw.len() as u64,
+                budget,
+            )
+            .unwrap();
+            (serde_json::to_vec(&letter).unwrap(), kept.len())
+        };
+        let (file, kept) = letter(None);
+        assert_eq!(kept, RAW_KEPT);
+        let v: serde_json::Value = serde_json::from_slice(&file).unwrap();
+        assert_eq!(v["raw_truncated"], true);
+        assert_eq!(v["raw_len"], 1_200_000);
+        assert_eq!(v["message"].as_str().unwrap().len(), MESSAGE_KEPT);
+        assert_eq!(v["raw"].as_str().unwrap().len(), RAW_KEPT);
+
+        let (kafka, kept) = letter(Some(100_000));
+        assert!(kafka.len() <= 100_000 - DLQ_HEADROOM, "{}", kafka.len());
+        assert!(kept > 0 && kept < RAW_KEPT, "{kept}");
+        assert_eq!(letter(Some(100_000)).0, kafka, "not the same bytes");
+
+        // A small input is kept whole and not marked.
+        let (small, _) = DeadLetter::bounded(
+            1,
+            "not_json",
+            "bad",
+            None,
+            None,
+            None,
+            b"\xff\x00",
+            2,
+            Some(1_000_000),
+        )
+        .unwrap();
+        let v = serde_json::to_value(&small).unwrap();
+        assert_eq!(v["raw_hex"], "ff00");
+        assert!(v.get("raw_truncated").is_none() && v.get("raw_len").is_none());
     }
 
     /// A batch of 100,000 cards with 3,000 failures: the results-topic

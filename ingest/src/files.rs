@@ -8,6 +8,11 @@
 //! malformed there). The same files always give the same sequence, so the
 //! sequence number of an input is a stable position to resume from.
 //!
+//! A line longer than its kind's size limit ([`crate::limits`]) is never
+//! held whole: its first bytes and its length become an
+//! [`Input::Oversized`] where the line stands, and the rest is skipped in
+//! pieces to the next newline.
+//!
 //! Records are stamped with the wall-clock time they are read as their
 //! receive time: "far in the future" then means more than `max_future_ms`
 //! ahead of the event clock *and* of the real time, which rejects a device
@@ -17,8 +22,6 @@
 //! longer is at the replay could be judged differently.)
 
 use std::cell::RefCell;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -26,20 +29,10 @@ use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::Timestamp;
 
 use crate::embedded::{wall_clock, Input};
+use crate::limits::{InputKind, SizeLimits};
 
-/// Reads non-empty lines of a JSON-lines file as bytes.
-fn lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<Vec<u8>>>> {
-    let reader = BufReader::with_capacity(1 << 20, File::open(path)?);
-    Ok(reader.split(b'\n').filter_map(|line| match line {
-        Ok(mut l) => {
-            if l.last() == Some(&b'\r') {
-                l.pop();
-            }
-            (!l.iter().all(u8::is_ascii_whitespace)).then_some(Ok(l))
-        }
-        Err(e) => Some(Err(e)),
-    }))
-}
+mod lines;
+use lines::{lines, Line};
 
 #[derive(serde::Deserialize)]
 struct At {
@@ -50,29 +43,47 @@ struct At {
 /// (iterators cannot return errors to the pipeline).
 pub type ReadError = Rc<RefCell<Option<std::io::Error>>>;
 
-/// The merged input of a records file and a commands file.
+/// The merged input of a records file and a commands file. A line over
+/// its kind's limit in `sizes` is an [`Input::Oversized`] where it stands
+/// (an oversized command first, as its `at` cannot be read).
 pub fn merged_inputs(
     records: Option<&Path>,
     commands: Option<&Path>,
+    sizes: &SizeLimits,
 ) -> std::io::Result<(impl Iterator<Item = Input>, ReadError)> {
-    let mut pending: Vec<(Timestamp, Vec<u8>)> = Vec::new();
+    let mut pending: Vec<(Timestamp, Input)> = Vec::new();
     if let Some(path) = commands {
-        for line in lines(path)? {
-            let line = line?;
-            let at = serde_json::from_slice::<At>(&line).map_or(Timestamp::MIN, |a| a.at);
-            pending.push((at, line));
+        for line in lines(path, sizes.max_command_size)? {
+            let at = match line? {
+                Line::Whole(line) => (
+                    serde_json::from_slice::<At>(&line).map_or(Timestamp::MIN, |a| a.at),
+                    // Its `at` may be no further ahead of the time it was
+                    // read (and of the event clock) than `max_future_ms`.
+                    Input::ReceivedCommand(line, wall_clock()),
+                ),
+                oversized => (
+                    Timestamp::MIN,
+                    oversized.into_input(
+                        InputKind::Command,
+                        sizes.max_command_size,
+                        Input::Command,
+                    ),
+                ),
+            };
+            pending.push(at);
         }
     }
     pending.sort_by_key(|(at, _)| *at);
     let mut pending = std::collections::VecDeque::from(pending);
     let error: ReadError = Rc::new(RefCell::new(None));
     let slot = error.clone();
-    let mut record_lines: Box<dyn Iterator<Item = std::io::Result<Vec<u8>>>> = match records {
-        Some(path) => Box::new(lines(path)?),
+    let mut record_lines: Box<dyn Iterator<Item = std::io::Result<Line>>> = match records {
+        Some(path) => Box::new(lines(path, sizes.max_record_size)?),
         None => Box::new(std::iter::empty()),
     };
+    let max_record_size = sizes.max_record_size;
     let limits = DecodeLimits::default();
-    let mut held: Option<Vec<u8>> = None;
+    let mut held: Option<Line> = None;
     let iter = std::iter::from_fn(move || {
         if held.is_none() {
             match record_lines.next() {
@@ -81,29 +92,70 @@ pub fn merged_inputs(
                     *slot.borrow_mut() = Some(e);
                     return None;
                 }
-                None => return pending.pop_front().map(|(_, c)| received_command(c)),
+                None => return pending.pop_front().map(|(_, c)| c),
             }
         }
-        let record = held.as_ref()?;
-        let end = decode_json(record, &limits).map_or(Timestamp::MIN, |u| u.end);
+        let end = match held.as_ref()? {
+            Line::Whole(record) => decode_json(record, &limits).map_or(Timestamp::MIN, |u| u.end),
+            Line::Oversized { .. } => Timestamp::MIN,
+        };
         if pending.front().is_some_and(|(at, _)| *at <= end) {
-            return pending.pop_front().map(|(_, c)| received_command(c));
+            return pending.pop_front().map(|(_, c)| c);
         }
-        held.take()
-            .map(|bytes| Input::ReceivedRecord(bytes, wall_clock()))
+        held.take().map(|line| {
+            line.into_input(InputKind::Record, max_record_size, |bytes| {
+                Input::ReceivedRecord(bytes, wall_clock())
+            })
+        })
     });
     Ok((iter, error))
-}
-
-/// A command line with the time it was read: its `at` may be no further
-/// ahead of that (and of the event clock) than `max_future_ms`.
-fn received_command(line: Vec<u8>) -> Input {
-    Input::ReceivedCommand(line, wall_clock())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::limits::{Oversized, TOO_LARGE_KEPT};
+
+    #[test]
+    fn oversized_lines_stand_where_they_are_an_oversized_command_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |id: &str| {
+            format!(
+                r#"{{"record_id":"{id}","iccid":"89860412345678901234","end":"2026-11-01T01:00:00Z","bytes_up":1,"bytes_down":2}}"#
+            )
+        };
+        let records = dir.path().join("r.jsonl");
+        let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(300));
+        std::fs::write(&records, [rec("a"), big.clone(), rec("b")].join("\n")).unwrap();
+        let commands = dir.path().join("c.jsonl");
+        std::fs::write(
+            &commands,
+            format!("{{\"id\":\"c\",\"at\":\"2026-11-01T00:00:00Z\"}}\n{big}{big}\n"),
+        )
+        .unwrap();
+        let sizes = SizeLimits {
+            max_record_size: 200,
+            max_command_size: 400,
+        };
+        let (inputs, err) = merged_inputs(Some(&records), Some(&commands), &sizes).unwrap();
+        let inputs: Vec<Input> = inputs.collect();
+        assert!(err.borrow().is_none());
+        let oversized = |kind, len: usize, limit| {
+            Input::Oversized(Oversized {
+                kind,
+                head: format!("{big}{big}").as_bytes()[..len.min(TOO_LARGE_KEPT)].to_vec(),
+                len: len as u64,
+                limit,
+            })
+        };
+        assert_eq!(inputs.len(), 5);
+        assert_eq!(inputs[0], oversized(InputKind::Command, 2 * big.len(), 400));
+        assert!(matches!(&inputs[1], Input::Command(c) if c.starts_with(b"{\"id\":\"c\"")));
+        assert!(matches!(&inputs[2], Input::ReceivedRecord(r, _) if r == rec("a").as_bytes()));
+        assert_eq!(inputs[3], oversized(InputKind::Record, big.len(), 200));
+        assert!(matches!(&inputs[4], Input::ReceivedRecord(r, _) if r == rec("b").as_bytes()));
+    }
 
     #[test]
     fn commands_go_before_the_first_record_after_them() {
@@ -130,7 +182,8 @@ mod tests {
             "{\"id\":\"late\",\"at\":\"2026-11-01T02:00:00Z\"}\n\n{\"id\":\"first\",\"at\":\"2026-11-01T00:00:00Z\"}\n{\"id\":\"end\",\"at\":\"2026-11-02T00:00:00Z\"}\nnot json\n",
         )
         .unwrap();
-        let (inputs, err) = merged_inputs(Some(&records), Some(&commands)).unwrap();
+        let (inputs, err) =
+            merged_inputs(Some(&records), Some(&commands), &SizeLimits::default()).unwrap();
         let order: Vec<String> = inputs
             .map(|i| match i {
                 Input::Record(b) | Input::ReceivedRecord(b, _) => format!(
@@ -143,6 +196,7 @@ mod tests {
                 Input::Command(b) | Input::ReceivedCommand(b, _) => {
                     format!("C:{}", String::from_utf8_lossy(&b))
                 }
+                Input::Oversized(o) => format!("X:{}", o.len),
             })
             .collect();
         assert!(err.borrow().is_none());

@@ -13,6 +13,9 @@
 //! - `notify`: starts rule notification delivery (`flowcap_rules::delivery`)
 //!   on the data directory's outbox; the writer feeds it firings and
 //!   syncs it at every snapshot barrier.
+//! - [`limits`]: the largest record and command read, and how much of a
+//!   bad input a dead letter keeps (an oversized input is dead-lettered
+//!   as `too_large`, never read whole).
 //! - [`metrics`]: the metric names and the handles the pipelines record
 //!   them with; [`health`]: readiness the pipelines flip and `/readyz`
 //!   reports.
@@ -24,9 +27,11 @@ pub mod embedded;
 pub mod files;
 pub mod health;
 pub mod kafka;
+pub mod limits;
 pub mod metrics;
 mod notify;
 
 pub use embedded::{run, EmbeddedOptions, HistoryConfig, IngestError, Input, Progress, Summary};
 pub use health::Health;
 pub use kafka::{KafkaOptions, KafkaRunError};
+pub use limits::SizeLimits;

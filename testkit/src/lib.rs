@@ -527,6 +527,8 @@ pub fn produce<'a, R: Into<Record<'a>>>(
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
         .set("message.timeout.ms", "300000")
+        // Tests of oversized input send messages of megabytes.
+        .set("message.max.bytes", "16777216")
         .create_with_context(Deliveries::default())
         .map_err(broker.kafka("creating a producer"))?;
     let deliveries = producer.context().clone();

@@ -63,6 +63,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::embedded::{IngestError, KafkaOut, Pipeline, Side, SourcePosition, Summary};
+use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self as m, DriverMetrics, Source};
 pub use align::AlignSettings;
 use feed::{Fetched, PartitionFeed};
@@ -131,6 +132,9 @@ pub struct KafkaOptions {
     pub notify: Option<flowcap_rules::delivery::NotifyConfig>,
     /// Record decoding limits.
     pub limits: DecodeLimits,
+    /// Largest record and command read (`crate::limits`): a larger message
+    /// is dead-lettered as `too_large`, not decoded.
+    pub sizes: SizeLimits,
     /// Messages processed between two looks at the lease, backpressure and
     /// the snapshot schedule.
     pub max_run: usize,
@@ -170,6 +174,7 @@ impl KafkaOptions {
             history: Some(crate::embedded::HistoryConfig::default()),
             notify: Some(flowcap_rules::delivery::NotifyConfig::default()),
             limits: DecodeLimits::default(),
+            sizes: SizeLimits::default(),
             max_run: 4096,
             max_queued_records: 1 << 16,
             pause_after: Duration::from_secs(1),
@@ -529,6 +534,7 @@ pub fn run(
         staged: Vec::new(),
         staged_at: 0,
         limits: options.limits,
+        sizes: options.sizes,
         since_snapshot: 0,
         last_snapshot: Instant::now(),
         inputs: 0,
@@ -893,6 +899,7 @@ struct Driver {
     staged_at: usize,
     next_seq: u64,
     limits: DecodeLimits,
+    sizes: SizeLimits,
     since_snapshot: u64,
     last_snapshot: Instant,
     inputs: u64,
@@ -927,7 +934,9 @@ impl Driver {
         let mut decoded = std::mem::take(&mut self.decoded);
         decoded.clear();
         decoded.extend(batch.iter().map(|(i, m)| {
-            let usage = !cursors[*i].commands && m.offset() >= cursors[*i].next;
+            let usage = !cursors[*i].commands
+                && m.offset() >= cursors[*i].next
+                && m.payload().len() <= self.sizes.max_record_size;
             usage.then(|| decode(m.payload(), &self.limits))
         }));
         self.pipeline
@@ -1055,6 +1064,12 @@ impl Driver {
             timestamp_ms: received,
         };
         if cursor.commands {
+            if payload.len() > self.sizes.max_command_size {
+                let input = Oversized::of(InputKind::Command, payload, self.sizes.max_command_size);
+                let letter = Side::too_large(seq, input, Some(position()));
+                self.pipeline.side_later(letter);
+                return Ok(true);
+            }
             match parse_command(payload) {
                 Ok(command) => self.pipeline.sharded.process_command_received(
                     command,
@@ -1078,6 +1093,12 @@ impl Driver {
                 sharded.card_count(),
                 sharded.clock(),
             );
+        }
+        if payload.len() > self.sizes.max_record_size {
+            let input = Oversized::of(InputKind::Record, payload, self.sizes.max_record_size);
+            let letter = Side::too_large(seq, input, Some(position()));
+            self.pipeline.side_later(letter);
+            return Ok(true);
         }
         match decoded.unwrap_or_else(|| decode(payload, &self.limits)) {
             Ok(usage) => {

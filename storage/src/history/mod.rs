@@ -126,6 +126,14 @@ pub struct HistoryOptions {
     /// Write a chunk when this many rows are buffered (all tables). Bounds
     /// the writer's memory between snapshots.
     pub roll_rows: usize,
+    /// Also write a chunk once the journal's and the quarantine's buffered
+    /// text and raw bytes reach this. Arrow's string and binary columns
+    /// have 32-bit offsets: a chunk whose column passed 2 GiB (a thousand
+    /// batch commands of 100,000 cards, or one huge bad line) panicked the
+    /// encoder. One row is bounded by the pipeline's size limits
+    /// (`flowcap_ingest::limits`), so a column stays far under 2 GiB.
+    /// Default 256 MiB.
+    pub roll_bytes: usize,
     /// Rows per Parquet row group: the unit of statistics-based pruning.
     /// Files are sorted by ICCID, so a one-card query reads one group per
     /// file: 8192 rows made DuckDB's 61-day card query 2.9x faster than
@@ -147,6 +155,7 @@ impl Default for HistoryOptions {
     fn default() -> Self {
         HistoryOptions {
             roll_rows: 262_144,
+            roll_bytes: 256 << 20,
             row_group_rows: 8_192,
             zstd_level: 1,
             calendar: CycleCalendar::default(),
@@ -267,6 +276,8 @@ pub struct HistoryWriter {
     /// Rows of the current chunk.
     rows: ChunkRows,
     buffered: usize,
+    /// Text and raw bytes of the buffered journal and quarantine rows.
+    buffered_bytes: usize,
     /// Encodes and stores full chunks on its own thread.
     encoder: ChunkEncoder,
     /// Day of the last `cards` dump.
@@ -320,6 +331,7 @@ impl HistoryWriter {
             clock: None,
             rows: ChunkRows::default(),
             buffered: 0,
+            buffered_bytes: 0,
             encoder,
             cards_day: None,
             files_written: 0,
@@ -371,6 +383,7 @@ impl HistoryWriter {
             None if q.clock != Timestamp::MIN => self.day(q.clock),
             None => self.clock_day(),
         };
+        self.buffered_bytes += q.raw.len() + q.message.len();
         self.rows.quarantine.entry(day).or_default().push(q);
         self.buffered += 1;
         self.roll_if_full()
@@ -456,13 +469,17 @@ impl HistoryWriter {
             command: text,
             result: serde_json::to_string(result).unwrap_or_default(),
         };
+        self.buffered_bytes += row.command.len()
+            + row.result.len()
+            + row.error_message.as_ref().map_or(0, String::len);
         self.rows.journal.entry(day).or_default().push(row);
         self.buffered += 1;
         self.roll_if_full()
     }
 
     fn roll_if_full(&mut self) -> Result<(), HistoryError> {
-        if self.buffered >= self.options.roll_rows {
+        if self.buffered >= self.options.roll_rows || self.buffered_bytes >= self.options.roll_bytes
+        {
             self.write_chunk(true)?;
         }
         Ok(())
@@ -555,6 +572,7 @@ impl HistoryWriter {
         let written = self.encoder.submit_chunk(name, rows, wait_for_room)?;
         self.note_written(written);
         self.buffered = 0;
+        self.buffered_bytes = 0;
         self.chunk += 1;
         Ok(())
     }
@@ -1364,6 +1382,38 @@ mod tests {
             .collect();
         assert_eq!(usage.len(), 3, "{usage:?}");
         assert!(usage[2].ends_with("part-00000000000000000000-0002.parquet"));
+    }
+
+    /// Big text and raw rows roll a chunk before their column nears
+    /// Arrow's 2 GiB offsets, however few rows they are.
+    #[test]
+    fn chunks_roll_by_bytes_of_raw_and_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("history");
+        let options = HistoryOptions {
+            roll_bytes: 1000,
+            ..HistoryOptions::default()
+        };
+        let mut w = HistoryWriter::open(local(&root), None, options).unwrap();
+        for seq in 0..3 {
+            w.quarantined(Quarantined {
+                seq,
+                reason: "not_json".into(),
+                message: "not valid JSON".into(),
+                iccid: None,
+                record_id: None,
+                source: None,
+                raw: vec![b'x'; 600],
+                clock: Timestamp(DAY),
+            })
+            .unwrap();
+        }
+        w.snapshot(2, Timestamp(DAY), &[], None).unwrap();
+        let quarantine: Vec<String> = files(&root)
+            .into_iter()
+            .filter(|f| f.starts_with("quarantine/"))
+            .collect();
+        assert_eq!(quarantine.len(), 2, "{quarantine:?}");
     }
 
     #[test]
