@@ -267,3 +267,49 @@ fn the_config_file_can_turn_http_on() {
         "{stderr}"
     );
 }
+
+/// A line over the record size limit is a reject like any other:
+/// `flowcap_rejects_total{reason="too_large"}` and a record read.
+#[test]
+fn an_oversized_line_counts_in_the_rejects_metric() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("usage.jsonl");
+    let small = r#"{"record_id":"r1","iccid":"89860312345678901234","end":"2026-11-01T01:00:00+08:00","bytes_up":1,"bytes_down":0}"#;
+    std::fs::write(&input, format!("{small}\n{}\n", "x".repeat(3 << 20))).unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "-q", "--json", "--no-notify", "--input"])
+        .arg(&input)
+        .args(["--http", "127.0.0.1:0", "--linger", "--out"])
+        .arg(dir.path().join("out"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let listening = line_starting(&mut stderr, "ops: listening on http://");
+    let addr: SocketAddr = listening
+        .trim_start_matches("ops: listening on http://")
+        .parse()
+        .unwrap();
+    line_starting(&mut stderr, "ops: run finished");
+    let (status, text) = get(addr, "/metrics");
+    assert_eq!(status, 200);
+    let m = samples(&text);
+    assert_eq!(
+        m.get(r#"flowcap_rejects_total{reason="too_large"}"#),
+        Some(&1.0),
+        "{text}"
+    );
+    // The other line: a record of a card never created.
+    assert_eq!(
+        m.get(r#"flowcap_rejects_total{reason="unknown_card"}"#),
+        Some(&1.0),
+        "{text}"
+    );
+    assert_eq!(
+        m.get(r#"flowcap_records_in_total{source="file"}"#),
+        Some(&2.0),
+        "{text}"
+    );
+}
