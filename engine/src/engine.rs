@@ -35,7 +35,7 @@ pub enum EngineError {
     Dedupe(#[from] DedupeError),
     /// A snapshot could not be decoded (corrupt or from another version).
     #[error("snapshot: {0}")]
-    Snapshot(String),
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Where a card lives.

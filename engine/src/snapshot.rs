@@ -90,30 +90,72 @@ pub struct SnapshotHeader {
     pub crc32: u32,
 }
 
+/// Why snapshot bytes cannot be restored. Every variant is about the
+/// bytes given (a damaged file or one of another build), none a bug.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// The bytes do not start with [`SNAPSHOT_MAGIC`] and a full header.
+    #[error("not a flowcap snapshot (bad magic or short header)")]
+    BadMagic,
+    /// The payload is shorter or longer than its header says.
+    #[error("truncated: payload has {actual} bytes, header says {expected}")]
+    Truncated {
+        /// Length the header gives.
+        expected: u64,
+        /// Length found.
+        actual: u64,
+    },
+    /// The payload's CRC-32 does not match the header's.
+    #[error("checksum mismatch (corrupt file)")]
+    Checksum,
+    /// Written in a format version this build does not read (no migration
+    /// exists: the layout is `bincode` of the state, see docs/DECISIONS.md,
+    /// "The resume rule").
+    #[error(
+        "format version {found}, this build reads version {readable} only ({})",
+        if *found < *readable { "written by an older flowcap" } else { "written by a newer flowcap" }
+    )]
+    Version {
+        /// The file's version.
+        found: u32,
+        /// [`SNAPSHOT_VERSION`].
+        readable: u32,
+    },
+    /// The checksum holds but the state does not decode (a bug of the
+    /// build that wrote it, or the same version number reused for two
+    /// layouts).
+    #[error("payload does not decode: {0}")]
+    Payload(String),
+}
+
 /// Reads and checks a snapshot's header and checksum.
-pub fn check(bytes: &[u8]) -> Result<SnapshotHeader, EngineError> {
-    let bad = |m: &str| EngineError::Snapshot(m.to_owned());
+pub fn check(bytes: &[u8]) -> Result<SnapshotHeader, SnapshotError> {
     if bytes.len() < HEADER_LEN || &bytes[..8] != SNAPSHOT_MAGIC {
-        return Err(bad("not a flowcap snapshot (bad magic)"));
+        return Err(SnapshotError::BadMagic);
     }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().map_err(|_| bad("short header"))?);
-    let payload_len =
-        u64::from_le_bytes(bytes[12..20].try_into().map_err(|_| bad("short header"))?);
-    let crc32 = u32::from_le_bytes(bytes[20..24].try_into().map_err(|_| bad("short header"))?);
+    let word = |at: usize| -> [u8; 4] { [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]] };
+    let version = u32::from_le_bytes(word(8));
+    let payload_len = u64::from_le_bytes({
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[12..20]);
+        b
+    });
+    let crc32 = u32::from_le_bytes(word(20));
     if version != SNAPSHOT_VERSION {
-        return Err(EngineError::Snapshot(format!(
-            "snapshot format version {version}, this build reads version {SNAPSHOT_VERSION}"
-        )));
+        return Err(SnapshotError::Version {
+            found: version,
+            readable: SNAPSHOT_VERSION,
+        });
     }
     let payload = &bytes[HEADER_LEN..];
     if payload.len() as u64 != payload_len {
-        return Err(EngineError::Snapshot(format!(
-            "snapshot truncated: payload has {} bytes, header says {payload_len}",
-            payload.len()
-        )));
+        return Err(SnapshotError::Truncated {
+            expected: payload_len,
+            actual: payload.len() as u64,
+        });
     }
     if crc32fast::hash(payload) != crc32 {
-        return Err(bad("snapshot checksum mismatch (corrupt file)"));
+        return Err(SnapshotError::Checksum);
     }
     Ok(SnapshotHeader {
         version,
@@ -211,10 +253,9 @@ impl Engine {
     pub fn restore(bytes: &[u8], mut id_store: Box<dyn IdStore>) -> Result<Engine, EngineError> {
         check(bytes)?;
         let state: SnapshotCopy = bincode::deserialize(&bytes[HEADER_LEN..])
-            .map_err(|e| EngineError::Snapshot(format!("snapshot payload does not decode: {e}")))?;
-        let mut registry: Registry = serde_json::from_str(&state.registry_json).map_err(|e| {
-            EngineError::Snapshot(format!("snapshot registry does not decode: {e}"))
-        })?;
+            .map_err(|e| SnapshotError::Payload(e.to_string()))?;
+        let mut registry: Registry = serde_json::from_str(&state.registry_json)
+            .map_err(|e| SnapshotError::Payload(format!("registry: {e}")))?;
         if let Some(seq) = state.last_seq {
             id_store
                 .truncate_after(seq)

@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flowcap_engine::EngineConfig;
 use flowcap_ingest::embedded::{self, EmbeddedOptions, Input, Summary};
+use flowcap_ingest::files::{FileStatus, Role};
 use flowcap_ingest::metrics::Source;
 use flowcap_ingest::{Health, HistoryConfig, SizeLimits};
 use flowcap_loadgen::{Expected, Workload, WorkloadConfig};
@@ -539,16 +540,14 @@ fn run(args: RunArgs) -> Result<()> {
 
     let (summary, engine, expected, workload) = match &args.input {
         Some(input) => {
-            let (inputs, read_error) =
-                flowcap_ingest::files::merged_inputs(Some(input), args.commands.as_deref(), &sizes)
-                    .with_context(|| format!("opening {}", input.display()))?;
             let bar = progress_bar(None, args.quiet);
-            let (summary, engine) =
-                embedded::run(&options, inputs, &mut |p| bar.set_position(p.inputs))?;
+            let (summary, engine) = flowcap_ingest::files::run(
+                &options,
+                Some(input),
+                args.commands.as_deref(),
+                &mut |p| bar.set_position(p.inputs),
+            )?;
             bar.finish_and_clear();
-            if let Some(e) = read_error.borrow_mut().take() {
-                return Err(e).context("reading input");
-            }
             (summary, engine, None, None)
         }
         None => {
@@ -698,6 +697,23 @@ fn print_summary(s: &Summary, check: Option<&Exactness>) {
     println!("flowcap run: {}", s.out_dir.display());
     if let Some(seq) = s.resumed_after_seq {
         println!("  resumed after input #{seq}");
+    }
+    for f in &s.files {
+        let status = match f.status {
+            FileStatus::New => "read".to_owned(),
+            FileStatus::Grown => format!("read from byte {}", f.from),
+            FileStatus::Resumed => format!("interrupted run finished (from byte {})", f.from),
+            FileStatus::Consumed => "skipped: already consumed".to_owned(),
+        };
+        println!(
+            "  {:<13} {} ({} bytes): {status}",
+            match f.role {
+                Role::Records => "input",
+                Role::Commands => "commands",
+            },
+            f.path.display(),
+            f.to
+        );
     }
     println!(
         "  inputs        {:>12}  ({:.0}/s over {:.1}s)",

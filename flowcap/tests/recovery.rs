@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::BIN;
+use common::{sorted_lines as lines, BIN};
 
 fn flowcap(out: &Path) -> Command {
     let mut cmd = Command::new(BIN);
@@ -29,23 +29,6 @@ fn flowcap(out: &Path) -> Command {
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     cmd
-}
-
-/// The lines of an output file, sorted, without the wall-clock field.
-fn lines(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut lines: Vec<String> = text
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            if let Some(o) = v.as_object_mut() {
-                o.remove("processed_at");
-            }
-            v.to_string()
-        })
-        .collect();
-    lines.sort();
-    lines
 }
 
 fn summary(stdout: &[u8]) -> serde_json::Value {

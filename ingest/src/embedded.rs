@@ -97,6 +97,55 @@ pub enum IngestError {
     /// The output writer thread stopped unexpectedly.
     #[error("output writer stopped: {0}")]
     Writer(String),
+    /// The directory has snapshots but none restores (all corrupt, of
+    /// another format version, or unreadable): starting over would delete
+    /// committed outputs and history, so the start is refused (the user's
+    /// to decide: `--fresh`, or the build that wrote them).
+    #[error("{}", no_usable_snapshot(dir, failures))]
+    NoUsableSnapshot {
+        /// The data directory.
+        dir: PathBuf,
+        /// Every snapshot tried, oldest first, with why it failed.
+        failures: Vec<SnapshotFailure>,
+    },
+    /// An input file could not be opened or read (the user's path, or
+    /// external: disk).
+    #[error("input {}: {source}", path.display())]
+    Input {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// An input file's bytes changed under the position a snapshot
+    /// recorded for it (the user's: a file edited or replaced after it was
+    /// read). Nothing is read: counting it again would count twice.
+    #[error(
+        "input {} changed since this directory read it: {why}. A file is known by its path \
+         and the bytes read from it: give new data as a new file (or append to this one); \
+         to count the changed file from scratch, start over with --fresh",
+        path.display()
+    )]
+    InputChanged {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        why: String,
+    },
+    /// A run over files was interrupted by a crash and one of its files
+    /// is not given again (the user's): it must be finished first.
+    #[error(
+        "a run over {} (as {}) was interrupted before it finished; give it again \
+         (with the other files of that run) so that run completes first",
+        path.display(),
+        match role { crate::files::Role::Records => "--input", crate::files::Role::Commands => "--commands" }
+    )]
+    InputMissing {
+        /// The file.
+        path: PathBuf,
+        /// Its role in that run.
+        role: crate::files::Role,
+    },
 }
 
 /// One input line.
@@ -214,6 +263,9 @@ pub struct Summary {
     pub inputs_per_sec: f64,
     /// Output directory.
     pub out_dir: PathBuf,
+    /// Input files (file mode): what the run did with each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<crate::files::InputFile>,
 }
 
 /// Output file names inside the directory.
@@ -1238,8 +1290,11 @@ fn prepare_dir(dir: &Path) -> Result<(), IngestError> {
     })
 }
 
+/// The snapshot directory inside the data directory.
+const SNAPSHOTS_DIR: &str = "snapshots";
+
 fn clear_dir(dir: &Path) -> Result<(), IngestError> {
-    for name in ["snapshots", "dedupe"] {
+    for name in [SNAPSHOTS_DIR, "dedupe"] {
         let path = dir.join(name);
         if path.exists() {
             std::fs::remove_dir_all(&path)
@@ -1247,6 +1302,137 @@ fn clear_dir(dir: &Path) -> Result<(), IngestError> {
         }
     }
     Ok(())
+}
+
+/// Why one snapshot file could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum Unusable {
+    /// The bytes are damaged or of another format version.
+    #[error("{0}")]
+    Snapshot(#[from] flowcap_engine::snapshot::SnapshotError),
+    /// The file could not be read (external: disk).
+    #[error("I/O error reading it: {0}")]
+    Read(std::io::Error),
+    /// The dedupe index could not be brought back to the snapshot
+    /// (external: disk).
+    #[error("I/O error in the dedupe index while restoring it: {0}")]
+    Dedupe(String),
+}
+
+/// One snapshot that was tried and not used.
+#[derive(Debug)]
+pub struct SnapshotFailure {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub why: Unusable,
+}
+
+/// The message of [`IngestError::NoUsableSnapshot`]: one line a file.
+fn no_usable_snapshot(dir: &Path, failures: &[SnapshotFailure]) -> String {
+    let mut text = format!(
+        "{} holds outputs but no usable snapshot to resume them from; refusing to start \
+         (nothing was changed). The snapshots:",
+        dir.display()
+    );
+    for f in failures {
+        let name = f.path.file_name().map_or_else(
+            || f.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        text.push_str(&format!("\n  {name}: {}", f.why));
+    }
+    text.push_str(
+        "\nTo go on: run the flowcap build that wrote them (an upgrade never reads an older \
+         snapshot format: finish with the old build, then upgrade), or start over on purpose \
+         with `flowcap run --fresh`, which clears the outputs and the history (in Kafka mode, \
+         move the data directory and the history aside instead).",
+    );
+    text
+}
+
+/// The directory's state before the pipeline starts: the engine restored
+/// from the newest usable snapshot, or none.
+///
+/// Starting over deletes outputs, so it happens only when nothing
+/// committed is there to lose or when asked for: with `resume` and at
+/// least one snapshot file, some snapshot must restore, else loading
+/// fails with [`IngestError::NoUsableSnapshot`] before anything is
+/// touched. With no snapshot file at all, whatever the directory holds was
+/// written by a first run that never committed a snapshot (a crash):
+/// it is written again from the start, as any crash rewinds to its
+/// snapshot. Without `resume` (`--fresh`) everything is cleared.
+pub(crate) struct Restored {
+    dir: PathBuf,
+    resume: bool,
+    engine: Option<Engine>,
+    started: Instant,
+}
+
+impl Restored {
+    /// Finds and restores the newest usable snapshot of `dir` (when
+    /// `resume`); an unusable one is skipped for the one before it (they
+    /// are kept for that), and if none restores the start is refused.
+    pub(crate) fn load(dir: &Path, resume: bool) -> Result<Restored, IngestError> {
+        let started = Instant::now();
+        prepare_dir(dir)?;
+        let snapshots_dir = dir.join(SNAPSHOTS_DIR);
+        let mut engine = None;
+        if resume && snapshots_dir.exists() {
+            let store = SnapshotStore::open(&snapshots_dir)?;
+            let mut failures = Vec::new();
+            for stored in store.newest_first()? {
+                let outcome = match stored.bytes {
+                    Err(SnapshotStoreError::Io { source, .. }) => Err(Unusable::Read(source)),
+                    Ok(bytes) => DiskIdStore::open(dir.join("dedupe"))
+                        .map_err(|e| Unusable::Dedupe(e.to_string()))
+                        .and_then(|ids| {
+                            Engine::restore(&bytes, Box::new(ids)).map_err(|e| match e {
+                                flowcap_engine::EngineError::Snapshot(e) => Unusable::Snapshot(e),
+                                other => Unusable::Dedupe(other.to_string()),
+                            })
+                        }),
+                };
+                match outcome {
+                    Ok(restored) => {
+                        tracing::info!(seq = stored.seq, "resuming from snapshot");
+                        engine = Some(restored);
+                        break;
+                    }
+                    Err(why) => {
+                        tracing::warn!(
+                            snapshot = %stored.path.display(),
+                            error = %why,
+                            "snapshot unusable, trying an older one"
+                        );
+                        failures.push(SnapshotFailure {
+                            path: stored.path,
+                            why,
+                        });
+                    }
+                }
+            }
+            if engine.is_none() && !failures.is_empty() {
+                failures.reverse(); // oldest first, as listed on disk
+                return Err(IngestError::NoUsableSnapshot {
+                    dir: dir.to_owned(),
+                    failures,
+                });
+            }
+        }
+        Ok(Restored {
+            dir: dir.to_owned(),
+            resume,
+            engine,
+            started,
+        })
+    }
+
+    /// The positions the restored snapshot recorded (none when starting
+    /// empty).
+    pub(crate) fn positions(&self) -> Option<&BTreeMap<String, i64>> {
+        self.engine.as_ref().map(Engine::positions)
+    }
 }
 
 /// The parts every driver shares: the restored (or new) engine on its
@@ -1284,7 +1470,8 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     /// Restores the newest usable snapshot in `dir` (when `resume`), or
     /// starts empty and clears the directory's state; rewinds the output
-    /// files to the snapshot and starts the writer.
+    /// files to the snapshot and starts the writer. See [`Restored::load`]
+    /// for when it refuses to start.
     pub(crate) fn start(
         dir: &Path,
         resume: bool,
@@ -1293,26 +1480,28 @@ impl Pipeline {
         notify: Option<&NotifyConfig>,
         kafka: Option<KafkaOut>,
     ) -> Result<Pipeline, IngestError> {
-        let started = Instant::now();
-        prepare_dir(dir)?;
-        let snapshots_dir = dir.join("snapshots");
-        let mut restored: Option<Engine> = None;
-        if resume && snapshots_dir.exists() {
-            let store = SnapshotStore::open(&snapshots_dir)?;
-            for (seq, bytes) in store.newest_first()? {
-                let id_store = DiskIdStore::open(dir.join("dedupe"))?;
-                match Engine::restore(&bytes, Box::new(id_store)) {
-                    Ok(engine) => {
-                        tracing::info!(seq, "resuming from snapshot");
-                        restored = Some(engine);
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(seq, error = %e, "snapshot unusable, trying an older one")
-                    }
-                }
-            }
-        }
+        let restored = Restored::load(dir, resume)?;
+        Pipeline::start_from(restored, config, history, notify, kafka)
+    }
+
+    /// [`Pipeline::start`] from a snapshot already restored (a driver that
+    /// reads its positions before it commits to running, see
+    /// [`crate::files`]).
+    pub(crate) fn start_from(
+        restored: Restored,
+        config: &EngineConfig,
+        history: Option<&HistoryConfig>,
+        notify: Option<&NotifyConfig>,
+        kafka: Option<KafkaOut>,
+    ) -> Result<Pipeline, IngestError> {
+        let Restored {
+            dir,
+            resume,
+            engine: restored,
+            started,
+        } = restored;
+        let dir = dir.as_path();
+        let snapshots_dir = dir.join(SNAPSHOTS_DIR);
         if restored.is_none() {
             clear_dir(dir)?;
             // The outbox survives a crash before the first snapshot: the
@@ -1711,105 +1900,130 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Runs the embedded pipeline over `inputs` (sequence number = position).
-/// Returns the summary and the final engine (for queries and checks).
+/// Runs the embedded pipeline over `inputs` (sequence number = position;
+/// on resume, inputs up to the snapshot's are skipped: the generator's
+/// input is the same sequence every time). Returns the summary and the
+/// final engine (for queries and checks). Files are read by
+/// [`crate::files::run`], which knows them by identity instead.
 pub fn run(
     options: &EmbeddedOptions,
     inputs: impl IntoIterator<Item = Input>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Summary, Engine), IngestError> {
+    let restored = Restored::load(&options.out_dir, options.resume)?;
+    let segment = Segment {
+        first_seq: Some(0),
+        inputs: Box::new(inputs.into_iter()),
+        positions: Box::new(|_, _| BTreeMap::new()),
+    };
+    drive(options, restored, vec![segment], progress)
+}
+
+/// Where a part of the input goes in the sequence and what a snapshot
+/// inside it records.
+pub(crate) struct Segment<'a> {
+    /// The sequence number of its first input; `None`: right after the
+    /// inputs before it (or the snapshot resumed from).
+    pub(crate) first_seq: Option<u64>,
+    /// Its inputs, in order.
+    pub(crate) inputs: Box<dyn Iterator<Item = Input> + 'a>,
+    /// The positions a snapshot records while in it, given its first
+    /// sequence number and whether every input of it is covered.
+    #[allow(clippy::type_complexity)]
+    pub(crate) positions: Box<dyn Fn(u64, bool) -> BTreeMap<String, i64> + 'a>,
+}
+
+/// Feeds `segments` one after the other through the pipeline started from
+/// `restored`: inputs a snapshot covers already are skipped, a snapshot is
+/// taken every `snapshot_every` inputs and at the end (when anything was
+/// read).
+pub(crate) fn drive(
+    options: &EmbeddedOptions,
+    restored: Restored,
+    segments: Vec<Segment<'_>>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Summary, Engine), IngestError> {
     let started = Instant::now();
     let dir = &options.out_dir;
-    let mut pipeline = Pipeline::start(
-        dir,
-        options.resume,
+    let mut pipeline = Pipeline::start_from(
+        restored,
         &options.engine,
         options.history.as_ref(),
         options.notify.as_ref(),
         None,
     )?;
     let resumed_after = pipeline.resumed_after;
-    let no_positions = BTreeMap::new();
     let driver_metrics = DriverMetrics::new(options.source, pipeline.sharded.shard_count());
     let mut since_snapshot = 0u64;
     let mut last_seq: Option<u64> = resumed_after;
+    let mut next_seq = resumed_after.map_or(0, |s| s + 1);
     let mut read = 0u64;
+    let mut processed = 0u64;
+    let mut positions = BTreeMap::new();
     metrics::pipeline_started();
     if let Some(health) = &options.health {
         health.set_ready();
     }
-    for (position, input) in inputs.into_iter().enumerate() {
-        let seq = position as u64;
-        read += 1;
-        if options.progress_every > 0 && read.is_multiple_of(options.progress_every) {
-            progress(Progress {
-                inputs: read,
-                elapsed_secs: started.elapsed().as_secs_f64(),
-            });
-        }
-        if read.is_multiple_of(metrics::SAMPLE_EVERY) {
-            let depths = pipeline.sharded.queue_depths();
-            driver_metrics.sample(
-                &depths,
-                pipeline.sharded.card_count(),
-                pipeline.sharded.clock(),
-            );
-        }
-        if resumed_after.is_some_and(|s| seq <= s) {
-            continue;
-        }
-        let record = match options.sizes.check(input) {
-            Input::Record(bytes) => Some((bytes, None)),
-            Input::ReceivedRecord(bytes, received) => Some((bytes, Some(received))),
-            Input::Command(bytes) => {
-                run_command(&mut pipeline, bytes, None, seq)?;
-                None
+    for segment in segments {
+        let first_seq = segment.first_seq.unwrap_or(next_seq);
+        let open = (segment.positions)(first_seq, false);
+        let mut inputs = segment.inputs.peekable();
+        let mut seq = first_seq;
+        let mut entered = false;
+        while let Some(input) = inputs.next() {
+            let this = seq;
+            seq += 1;
+            read += 1;
+            if options.progress_every > 0 && read.is_multiple_of(options.progress_every) {
+                progress(Progress {
+                    inputs: read,
+                    elapsed_secs: started.elapsed().as_secs_f64(),
+                });
             }
-            Input::ReceivedCommand(bytes, received) => {
-                run_command(&mut pipeline, bytes, Some(received), seq)?;
-                None
+            if read.is_multiple_of(metrics::SAMPLE_EVERY) {
+                let depths = pipeline.sharded.queue_depths();
+                driver_metrics.sample(
+                    &depths,
+                    pipeline.sharded.card_count(),
+                    pipeline.sharded.clock(),
+                );
             }
-            Input::Oversized(input) => {
-                if input.kind == InputKind::Record {
-                    driver_metrics.record_in();
+            if resumed_after.is_some_and(|s| this <= s) {
+                continue;
+            }
+            feed(&mut pipeline, &driver_metrics, options, this, input)?;
+            if !entered {
+                entered = true;
+                positions.clone_from(&open);
+            }
+            processed += 1;
+            last_seq = Some(this);
+            since_snapshot += 1;
+            if options.snapshot_every > 0 && since_snapshot >= options.snapshot_every {
+                if inputs.peek().is_none() {
+                    positions = (segment.positions)(first_seq, true);
                 }
-                pipeline.side(Side::too_large(seq, input, None))?;
-                None
-            }
-        };
-        if let Some((bytes, received)) = record {
-            driver_metrics.record_in();
-            match decode_json(&bytes, &options.limits) {
-                Ok(usage) => {
-                    if let Some(r) = pipeline
-                        .sharded
-                        .process_usage_received(&usage, received, seq)?
-                    {
-                        pipeline.side(Side::rejected(r, bytes, None))?;
-                    }
-                }
-                Err(e) => pipeline.side(Side::undecodable(seq, &e, bytes, None))?,
+                // Committed while the next inputs flow.
+                pipeline.begin_snapshot(last_seq, &positions)?;
+                since_snapshot = 0;
             }
         }
-        last_seq = Some(seq);
-        since_snapshot += 1;
-        if options.snapshot_every > 0 && since_snapshot >= options.snapshot_every {
-            // Committed while the next inputs flow.
-            pipeline.begin_snapshot(last_seq, &no_positions)?;
-            since_snapshot = 0;
+        if entered {
+            positions = (segment.positions)(first_seq, true);
         }
+        next_seq = next_seq.max(seq);
     }
     // Recalling the shards brings every one up to the final clock
     // (deadlines, rollovers); their outputs go through the writer.
     pipeline.sharded.engine();
     pipeline.dump_cards = true;
     pipeline.wait_snapshot()?;
-    if since_snapshot > 0 || pipeline.snapshots == 0 {
+    if since_snapshot > 0 {
         // Delivered before the last snapshot, so their outcomes are in it.
         // (A run with no new input takes no snapshot: outcomes it reaches
         // join the history at the next run's first snapshot.)
         pipeline.settle_notifications()?;
-        pipeline.snapshot(last_seq, &no_positions)?;
+        pipeline.snapshot(last_seq, &positions)?;
     }
     driver_metrics.sample(
         &pipeline.sharded.queue_depths(),
@@ -1817,10 +2031,47 @@ pub fn run(
         pipeline.sharded.clock(),
     );
     let (mut summary, engine) = pipeline.finish()?;
-    summary.inputs = read - resumed_after.map_or(0, |s| s + 1).min(read);
+    summary.inputs = processed;
     summary.inputs_per_sec = summary.inputs as f64 / summary.elapsed_secs.max(1e-9);
     summary.out_dir = dir.clone();
     Ok((summary, engine))
+}
+
+/// One input into the pipeline at `seq`.
+fn feed(
+    pipeline: &mut Pipeline,
+    driver_metrics: &DriverMetrics,
+    options: &EmbeddedOptions,
+    seq: u64,
+    input: Input,
+) -> Result<(), IngestError> {
+    let (bytes, received) = match options.sizes.check(input) {
+        Input::Record(bytes) => (bytes, None),
+        Input::ReceivedRecord(bytes, received) => (bytes, Some(received)),
+        Input::Command(bytes) => return run_command(pipeline, bytes, None, seq),
+        Input::ReceivedCommand(bytes, received) => {
+            return run_command(pipeline, bytes, Some(received), seq)
+        }
+        Input::Oversized(input) => {
+            if input.kind == InputKind::Record {
+                driver_metrics.record_in();
+            }
+            return pipeline.side(Side::too_large(seq, input, None));
+        }
+    };
+    driver_metrics.record_in();
+    match decode_json(&bytes, &options.limits) {
+        Ok(usage) => {
+            if let Some(r) = pipeline
+                .sharded
+                .process_usage_received(&usage, received, seq)?
+            {
+                pipeline.side(Side::rejected(r, bytes, None))?;
+            }
+        }
+        Err(e) => pipeline.side(Side::undecodable(seq, &e, bytes, None))?,
+    }
+    Ok(())
 }
 
 /// Parses and runs one command line: a line that does not parse is
@@ -1998,6 +2249,119 @@ mod tests {
         let v = serde_json::to_value(&small).unwrap();
         assert_eq!(v["raw_hex"], "ff00");
         assert!(v.get("raw_truncated").is_none() && v.get("raw_len").is_none());
+    }
+
+    /// Every file and directory under `dir`, with the files' bytes.
+    fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+        let mut found = BTreeMap::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                let rel = path.strip_prefix(dir).unwrap().to_owned();
+                if path.is_dir() {
+                    found.insert(rel, None);
+                    stack.push(path);
+                } else {
+                    found.insert(rel, Some(std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        found
+    }
+
+    /// A card set up and 11 records for it, a snapshot every 3 inputs.
+    fn small_run(options: &EmbeddedOptions) -> Result<(Summary, Engine), IngestError> {
+        let iccid = "89860312345678901234";
+        let mut inputs = vec![
+            Input::Command(br#"{"id":"c1","type":"upsert_plan","at":"2026-11-01T00:00:00+08:00","plan":{"id":"ct-30","carrier":"ctcc","allowance_mb":30,"traffic":"directed"}}"#.to_vec()),
+            Input::Command(format!(r#"{{"id":"c2","type":"upsert_card","at":"2026-11-01T00:00:00+08:00","card":{{"iccid":"{iccid}","carrier":"ctcc","plan":"ct-30","state":"active"}}}}"#).into_bytes()),
+        ];
+        for i in 0..11 {
+            inputs.push(Input::Record(format!(
+                r#"{{"record_id":"r{i}","iccid":"{iccid}","end":"2026-11-01T0{}:00:00+08:00","bytes_up":1000,"bytes_down":0}}"#,
+                i % 9 + 1
+            ).into_bytes()));
+        }
+        run(options, inputs, &mut |_| {})
+    }
+
+    fn small_options(dir: &Path) -> EmbeddedOptions {
+        EmbeddedOptions {
+            snapshot_every: 3,
+            notify: None,
+            ..EmbeddedOptions::new(dir)
+        }
+    }
+
+    /// With snapshots present and none usable (one corrupt, one of an
+    /// older format version, one unreadable), the start is refused with
+    /// each named and why, and no file under the directory changes; only
+    /// starting over on purpose (`resume: false`) clears it.
+    #[test]
+    fn no_usable_snapshot_refuses_to_start_and_changes_nothing() {
+        use flowcap_engine::snapshot::SnapshotError;
+        let dir = tempfile::tempdir().unwrap();
+        let options = small_options(dir.path());
+        small_run(&options).unwrap();
+        let store = SnapshotStore::open(dir.path().join(SNAPSHOTS_DIR)).unwrap();
+        let files: Vec<PathBuf> = store.list().unwrap().into_iter().map(|(_, p)| p).collect();
+        assert_eq!(files.len(), 3, "{files:?}");
+        let mut bytes = std::fs::read(&files[0]).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&files[0], bytes).unwrap();
+        let mut bytes = std::fs::read(&files[1]).unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        std::fs::write(&files[1], bytes).unwrap();
+        std::fs::remove_file(&files[2]).unwrap();
+        std::fs::create_dir(&files[2]).unwrap();
+        let before = tree(dir.path());
+
+        let err = small_run(&options).map(|_| ()).unwrap_err();
+        let IngestError::NoUsableSnapshot { failures, .. } = &err else {
+            panic!("{err}");
+        };
+        let paths: Vec<&PathBuf> = failures.iter().map(|f| &f.path).collect();
+        assert_eq!(paths, files.iter().collect::<Vec<_>>());
+        assert!(matches!(
+            failures[0].why,
+            Unusable::Snapshot(SnapshotError::Checksum)
+        ));
+        assert!(matches!(
+            failures[1].why,
+            Unusable::Snapshot(SnapshotError::Version {
+                found: 1,
+                readable: 2
+            })
+        ));
+        assert!(matches!(failures[2].why, Unusable::Read(_)));
+        let text = err.to_string();
+        assert!(text.contains("--fresh"), "{text}");
+        assert!(before == tree(dir.path()), "a file changed");
+
+        let fresh = EmbeddedOptions {
+            resume: false,
+            ..small_options(dir.path())
+        };
+        std::fs::remove_dir(&files[2]).unwrap();
+        let (summary, _) = small_run(&fresh).unwrap();
+        assert_eq!(summary.counted, 11);
+    }
+
+    /// A snapshot that fails is skipped for an older one (kept for that).
+    #[test]
+    fn a_corrupt_newest_snapshot_falls_back_to_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = small_options(dir.path());
+        small_run(&options).unwrap();
+        let store = SnapshotStore::open(dir.path().join(SNAPSHOTS_DIR)).unwrap();
+        let (newest_seq, newest) = store.list().unwrap().pop().unwrap();
+        std::fs::write(&newest, b"FLOWCAPS").unwrap();
+        let restored = Restored::load(dir.path(), true).unwrap();
+        let engine = restored.engine.unwrap();
+        let seq = engine.positions()[INPUT_POSITION];
+        assert!(u64::try_from(seq).unwrap() < newest_seq);
     }
 
     /// A batch of 100,000 cards with 3,000 failures: the results-topic

@@ -31,4 +31,4 @@ pub use cold_index::{DiskIdStore, DiskIdStoreOptions};
 pub use history::{HistoryError, HistoryOptions, HistoryWriter};
 pub use jsonl::{JsonlError, JsonlSink};
 pub use location::{HistoryLocation, LocationError};
-pub use snapshot_store::{SnapshotStore, SnapshotStoreError};
+pub use snapshot_store::{SnapshotStore, SnapshotStoreError, StoredSnapshot};

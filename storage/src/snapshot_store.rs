@@ -90,20 +90,52 @@ impl SnapshotStore {
         Ok(found)
     }
 
-    /// The newest snapshots' bytes, newest first (callers try them in order
-    /// and take the first that decodes).
-    pub fn newest_first(&self) -> Result<Vec<(u64, Vec<u8>)>, SnapshotStoreError> {
-        self.list()?
-            .into_iter()
-            .rev()
-            .map(|(seq, path)| fs::read(&path).map(|b| (seq, b)).map_err(io(&path)))
-            .collect()
+    /// The snapshots, newest first, each read only when the iterator
+    /// reaches it (callers try them in order and take the first that
+    /// restores; a file that cannot be read is an error of its own, not
+    /// of the store, so an older one can still be tried).
+    pub fn newest_first(&self) -> Result<impl Iterator<Item = StoredSnapshot>, SnapshotStoreError> {
+        Ok(self.list()?.into_iter().rev().map(|(seq, path)| {
+            let bytes = fs::read(&path).map_err(io(&path));
+            StoredSnapshot { seq, path, bytes }
+        }))
     }
+}
+
+/// One snapshot file as read by [`SnapshotStore::newest_first`].
+#[derive(Debug)]
+pub struct StoredSnapshot {
+    /// The input sequence it covers.
+    pub seq: u64,
+    /// The file.
+    pub path: PathBuf,
+    /// Its bytes, or why they could not be read.
+    pub bytes: Result<Vec<u8>, SnapshotStoreError>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot that cannot be read (here a directory where the file
+    /// should be) is reported by name; the older ones are still offered.
+    #[test]
+    fn an_unreadable_snapshot_is_reported_and_older_ones_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(dir.path()).unwrap();
+        store.write(1, b"one").unwrap();
+        let newest = store.write(2, b"two").unwrap();
+        fs::remove_file(&newest).unwrap();
+        fs::create_dir(&newest).unwrap();
+        let found: Vec<StoredSnapshot> = store.newest_first().unwrap().collect();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].path, newest);
+        match &found[0].bytes {
+            Err(SnapshotStoreError::Io { path, .. }) => assert_eq!(path, &newest),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(found[1].bytes.as_deref().unwrap(), b"one");
+    }
 
     #[test]
     fn writes_atomically_and_prunes() {
@@ -120,8 +152,9 @@ mod tests {
         let store = SnapshotStore::open(dir.path()).unwrap();
         let seqs: Vec<u64> = store.list().unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(seqs, vec![10, 20, 40]);
-        let newest = store.newest_first().unwrap();
-        assert_eq!(newest[0], (40, b"state 40".to_vec()));
+        let newest = store.newest_first().unwrap().next().unwrap();
+        assert_eq!(newest.seq, 40);
+        assert_eq!(newest.bytes.unwrap(), b"state 40");
         assert!(!dir
             .path()
             .join("snapshot-00000000000000000099.bin.tmp")

@@ -58,3 +58,20 @@ pub(crate) fn run_generator(out: &Path, args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_str(&text).unwrap()
 }
+
+/// The lines of an output file, sorted, without the wall-clock field.
+pub(crate) fn sorted_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("processed_at");
+            }
+            v.to_string()
+        })
+        .collect();
+    lines.sort();
+    lines
+}

@@ -2,7 +2,7 @@
 //! limit held (see [`crate::limits`]).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Take};
 use std::path::Path;
 
 use crate::embedded::Input;
@@ -46,9 +46,17 @@ pub(super) struct Lines<R> {
     limit: usize,
 }
 
-pub(super) fn lines(path: &Path, limit: usize) -> std::io::Result<Lines<BufReader<File>>> {
+/// The lines of bytes `from..to` of the file at `path`.
+pub(super) fn lines(
+    path: &Path,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> std::io::Result<Lines<BufReader<Take<File>>>> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
     Ok(Lines {
-        reader: BufReader::with_capacity(1 << 20, File::open(path)?),
+        reader: BufReader::with_capacity(1 << 20, file.take(to.saturating_sub(from))),
         limit,
     })
 }
