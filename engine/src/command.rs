@@ -21,6 +21,11 @@ pub const MAX_TAGS_PER_CARD: usize = 10;
 pub const MAX_TAGS: usize = 10_000;
 /// Most custom attribute names per operator.
 pub const MAX_ATTRIBUTE_NAMES: usize = 6;
+/// How far a plan term or a renewal may reach, in months from the
+/// command's `at` (SPEC section 2.1: "total renewal may not reach beyond 6
+/// years from now"). It also keeps every month computation from input far
+/// inside the date arithmetic's range.
+pub const MAX_MONTHS_AHEAD: u32 = 72;
 
 /// One command as it arrives (JSON object, one per Kafka message or line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -539,6 +544,9 @@ pub enum ErrorCode {
     InvalidState,
     /// A field's value is out of range (e.g. add-on of 0 MB, bad URL).
     InvalidValue,
+    /// A renewal or plan term that reaches beyond 6 years from the
+    /// command's `at` ([`MAX_MONTHS_AHEAD`]).
+    InvalidMonths,
 }
 
 /// The outcome for one card of a batch.
