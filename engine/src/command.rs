@@ -386,8 +386,9 @@ pub struct TagSpec {
     pub description: String,
 }
 
-/// A webhook endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A webhook endpoint. Its `Debug` shows the secret redacted
+/// ([`crate::redact`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
     /// Id.
@@ -400,6 +401,17 @@ pub struct WebhookSpec {
     /// PEM CA certificate for a private TLS receiver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<String>,
+}
+
+impl std::fmt::Debug for WebhookSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSpec")
+            .field("id", &self.id)
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_deref().map(crate::redact::secret))
+            .field("ca_cert", &self.ca_cert)
+            .finish()
+    }
 }
 
 /// An automation rule's definition (SPEC section 6). The engine keeps the
