@@ -21,6 +21,11 @@ pub const MAX_TAGS_PER_CARD: usize = 10;
 pub const MAX_TAGS: usize = 10_000;
 /// Most custom attribute names per operator.
 pub const MAX_ATTRIBUTE_NAMES: usize = 6;
+/// How far a plan term or a renewal may reach, in months from the
+/// command's `at` (SPEC section 2.1: "total renewal may not reach beyond 6
+/// years from now"). It also keeps every month computation from input far
+/// inside the date arithmetic's range.
+pub const MAX_MONTHS_AHEAD: u32 = 72;
 
 /// One command as it arrives (JSON object, one per Kafka message or line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -381,8 +386,9 @@ pub struct TagSpec {
     pub description: String,
 }
 
-/// A webhook endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A webhook endpoint. Its `Debug` shows the secret redacted
+/// ([`crate::redact`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
     /// Id.
@@ -395,6 +401,17 @@ pub struct WebhookSpec {
     /// PEM CA certificate for a private TLS receiver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<String>,
+}
+
+impl std::fmt::Debug for WebhookSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSpec")
+            .field("id", &self.id)
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_deref().map(crate::redact::secret))
+            .field("ca_cert", &self.ca_cert)
+            .finish()
+    }
 }
 
 /// An automation rule's definition (SPEC section 6). The engine keeps the
@@ -544,6 +561,9 @@ pub enum ErrorCode {
     /// `at` is further ahead of the event clock (and of the receive time)
     /// than `max_future_ms`: refused as a whole, the clock unmoved.
     FutureAt,
+    /// A renewal or plan term that reaches beyond 6 years from the
+    /// command's `at` ([`MAX_MONTHS_AHEAD`]).
+    InvalidMonths,
 }
 
 /// The outcome for one card of a batch.

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{
     CardResult, CardSpec, Command, CommandError, CommandKind, CommandResult, ErrorCode, PlanSpec,
-    PoolKind, PoolSpec, RuleSpec, TagSpec, WebhookSpec, MAX_ATTRIBUTE_NAMES, MAX_BATCH, MAX_TAGS,
-    MAX_TAGS_PER_CARD,
+    PoolKind, PoolSpec, RuleSpec, TagSpec, WebhookSpec, MAX_ATTRIBUTE_NAMES, MAX_BATCH,
+    MAX_MONTHS_AHEAD, MAX_TAGS, MAX_TAGS_PER_CARD,
 };
 use crate::config::EngineConfig;
 use crate::dedupe::{DedupeConfig, DedupeError, Deduper, IdStore, MemIdStore, Sighting};
@@ -339,6 +339,14 @@ impl std::fmt::Debug for Engine {
 
 fn err(code: ErrorCode, message: impl Into<String>) -> CommandError {
     CommandError::new(code, message)
+}
+
+/// `what` (months) above [`MAX_MONTHS_AHEAD`].
+fn months_too_far(what: &str, months: u32) -> CommandError {
+    err(
+        ErrorCode::InvalidMonths,
+        format!("{what} {months}: at most {MAX_MONTHS_AHEAD} (6 years from the command's at)"),
+    )
 }
 
 impl Engine {
@@ -706,7 +714,11 @@ impl Engine {
                 if *months == 0 {
                     return Err(err(ErrorCode::InvalidValue, "renew needs months >= 1"));
                 }
+                if *months > MAX_MONTHS_AHEAD {
+                    return Err(months_too_far("renew months", *months));
+                }
                 let offset = self.config.calendar.utc_offset_secs;
+                let bound = add_months(at, MAX_MONTHS_AHEAD, offset);
                 Ok(self.per_card(iccids, |e, loc| {
                     e.live(loc)?;
                     let card = e.card(loc);
@@ -715,7 +727,21 @@ impl Engine {
                     } else {
                         card.expires_at.max(at)
                     };
-                    let new_expiry = add_months(base, *months, offset);
+                    // `base` past the bound is refused before any month is
+                    // added to it: the sum stays inside the date range.
+                    let new_expiry = (base <= bound)
+                        .then(|| add_months(base, *months, offset))
+                        .filter(|t| *t <= bound)
+                        .ok_or_else(|| {
+                            err(
+                                ErrorCode::InvalidMonths,
+                                format!(
+                                    "renewing {} by {months} months from {base} reaches beyond \
+                                     6 years from {at} ({bound})",
+                                    card.iccid
+                                ),
+                            )
+                        })?;
                     let shard = &mut e.shards[loc.shard as usize];
                     shard.touch(loc.slot);
                     shard.cards[loc.slot as usize].expires_at = new_expiry;
@@ -1087,6 +1113,9 @@ impl Engine {
     fn upsert_plan(&mut self, spec: &PlanSpec) -> Result<(), CommandError> {
         if spec.id.as_str().is_empty() {
             return Err(err(ErrorCode::InvalidValue, "plan id must not be empty"));
+        }
+        if spec.term_months > MAX_MONTHS_AHEAD {
+            return Err(months_too_far("plan term_months", spec.term_months));
         }
         let info = PlanInfo {
             id: spec.id.clone(),

@@ -33,6 +33,7 @@
 //! - [`rule`]: automation rules: validation, conditions, reminder windows;
 //!   shards fire them ([`event::RuleFiredEvent`]).
 //! - [`snapshot`]: versioned, checksummed state.
+//! - [`redact`]: secrets (webhook signing keys) out of what is written.
 
 pub mod command;
 pub mod config;
@@ -45,6 +46,7 @@ pub mod engine;
 pub mod event;
 pub mod ids;
 pub mod record;
+pub mod redact;
 pub mod rule;
 mod shard;
 mod shard_rules;

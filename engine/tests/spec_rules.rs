@@ -1740,3 +1740,127 @@ fn leaving_a_forward_pool_takes_usage_out_and_the_card_is_judged_on_its_own_plan
         assert_eq!(s.view(1).pool, None);
     });
 }
+
+// ===== renewal and plan terms: bounded months ================================
+
+#[test]
+fn renew_with_huge_months_is_refused_and_changes_nothing() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        let before = s.view(1);
+        for months in [1u64 << 31, u64::from(u32::MAX), 73] {
+            let e = s.fails(
+                "renew",
+                json!({"iccids": iccids(&[1]), "months": months}),
+                ErrorCode::InvalidMonths,
+            );
+            assert!(e.message.contains("6 years"), "{}", e.message);
+            assert_eq!(s.view(1), before, "renew {months} changed the card");
+        }
+    });
+}
+
+#[test]
+fn renewal_may_not_reach_beyond_6_years_from_the_command() {
+    scenario(|s| {
+        // Expires 2027-01-05; the command is at 2026-11-10, so 6 years
+        // reach 2032-11-10: 70 months more fit, 71 do not.
+        s.active(1, "cmcc-30m");
+        s.active(2, "cmcc-30m");
+        s.card_fails(
+            "renew",
+            json!({"iccids": iccids(&[1]), "months": 71}),
+            ErrorCode::InvalidMonths,
+        );
+        assert_eq!(s.view(1).expires_at, Some(ts("2027-01-05T00:00:00+08:00")));
+        s.ok("renew", json!({"iccids": iccids(&[1]), "months": 70}));
+        assert_eq!(s.view(1).expires_at, Some(ts("2032-11-05T00:00:00+08:00")));
+        // Renewals add up: the next month would pass the bound.
+        s.card_fails(
+            "renew",
+            json!({"iccids": iccids(&[1]), "months": 1}),
+            ErrorCode::InvalidMonths,
+        );
+        // In a batch, only the card that would pass the bound is refused.
+        let result = s.cmd("renew", json!({"iccids": iccids(&[1, 2]), "months": 12}));
+        let codes: Vec<_> = result
+            .results
+            .iter()
+            .map(|r| r.error.as_ref().map(|e| e.code))
+            .collect();
+        assert_eq!(codes, [Some(ErrorCode::InvalidMonths), None]);
+        assert_eq!(s.view(2).expires_at, Some(ts("2028-01-05T00:00:00+08:00")));
+    });
+}
+
+#[test]
+fn a_plan_term_beyond_6_years_is_refused_and_the_plan_kept() {
+    scenario(|s| {
+        for term in [u64::from(u32::MAX), 1 << 31, 73] {
+            let e = s.fails(
+                "upsert_plan",
+                json!({"plan": {"id": "cmcc-30m", "name": "x", "carrier": "cmcc",
+                    "allowance_mb": 30, "traffic": "directed", "term_months": term}}),
+                ErrorCode::InvalidMonths,
+            );
+            assert!(e.message.contains("term_months"), "{}", e.message);
+        }
+        // The plan keeps its 12 months: a card activated now expires in a year.
+        s.card_with(1, "cmcc-30m", "inactive", json!({}));
+        s.ok("activate", json!({"iccids": iccids(&[1])}));
+        assert_eq!(s.view(1).expires_at, Some(ts("2027-11-10T00:00:00+08:00")));
+        s.ok(
+            "upsert_plan",
+            json!({"plan": {"id": "long", "name": "x", "carrier": "cmcc",
+                "allowance_mb": 30, "traffic": "directed", "term_months": 72}}),
+        );
+    });
+}
+
+mod months_never_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any `months` and `term_months` a command can carry (all of u32,
+        /// and beyond it) is answered, never a panic, and a refused command
+        /// leaves the card as it was.
+        #[test]
+        fn random_months_never_panic(
+            months in prop_oneof![0u64..200, any::<u32>().prop_map(u64::from), any::<u64>()],
+            term in prop_oneof![0u64..200, any::<u32>().prop_map(u64::from)],
+        ) {
+            let mut s = Sim::new(1);
+            s.setup();
+            let plan = s.cmd(
+                "upsert_plan",
+                json!({"plan": {"id": "cmcc-p", "name": "p", "carrier": "cmcc",
+                    "allowance_mb": 30, "traffic": "directed", "term_months": term}}),
+            );
+            prop_assert_eq!(plan.ok, term <= 72);
+            s.card_with(1, "cmcc-30m", "inactive", json!({}));
+            if plan.ok {
+                s.card_with(2, "cmcc-p", "inactive", json!({}));
+                s.ok("activate", json!({"iccids": iccids(&[2])}));
+            }
+            s.active(3, "cmcc-30m");
+            let before = s.view(3);
+            let body = json!({"iccids": iccids(&[3]), "months": months});
+            let line = json!({"id": "r", "type": "renew", "at": s.at}).to_string();
+            let mut command: serde_json::Value = serde_json::from_str(&line).unwrap();
+            command.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+            match parse_command(command.to_string().as_bytes()) {
+                Err(_) => prop_assert!(months > u64::from(u32::MAX)),
+                Ok(_) => {
+                    let result = s.cmd("renew", body);
+                    if !result.ok {
+                        prop_assert_eq!(s.view(3), before);
+                    }
+                    prop_assert_eq!(result.ok, (1..=70).contains(&months));
+                }
+            }
+        }
+    }
+}

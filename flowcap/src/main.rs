@@ -239,6 +239,8 @@ struct FileConfig {
     /// Rule notification delivery: retries, SMTP relay, SMS gateway,
     /// push-failure alert channels.
     notify: flowcap_rules::NotifyConfig,
+    /// `POST /sql`: bearer tokens and limits.
+    sql: sql::SqlConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,12 +457,23 @@ fn run(args: RunArgs) -> Result<()> {
     let health = Arc::new(Health::new());
     let server = match http {
         Some(addr) => {
-            let sql = history.as_ref().map(|h| {
-                Arc::new(sql::SqlService::new(
+            let tokens = sql::Tokens::from_config(&file.sql)?;
+            // /sql needs a token off loopback; the other endpoints stay.
+            let sql_here = sql::sql_allowed_on(addr, &tokens);
+            if history.is_some() && !sql_here {
+                eprintln!(
+                    "ops: /sql is off on {addr}: no token ([sql] token_sha256 or {})",
+                    sql::TOKENS_ENV
+                );
+            }
+            let sql = match history.as_ref().filter(|_| sql_here) {
+                Some(h) => Some(Arc::new(sql::SqlService::new(
                     h.location_in(&out),
-                    sql::SqlLimits::default(),
-                ))
-            });
+                    sql::SqlLimits::of(&file.sql),
+                    tokens,
+                )?)),
+                None => None,
+            };
             let server = ops::serve(addr, health.clone(), sql)?;
             eprintln!("ops: listening on http://{}", server.local_addr());
             Some(server)

@@ -16,7 +16,9 @@
 //! - `POST /sql` (when given a history, see [`crate::sql::SqlService`]): one
 //!   read-only query over the Parquet history; the body is the SQL text (or
 //!   `{"sql": "..."}` as JSON); the answer is JSON, CSV or Arrow IPC by the
-//!   `Accept` header, within a row and a time limit.
+//!   `Accept` header; behind a bearer token when tokens are configured,
+//!   within row, size, time, memory and concurrency limits. The other
+//!   endpoints need no token.
 //!
 //! The runtime has two worker threads, so a long query never delays a
 //! scrape.
@@ -224,12 +226,12 @@ fn router(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::{Read, Write};
 
     /// A plain HTTP/1.1 GET: (status, body).
-    fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    pub(crate) fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))

@@ -4,14 +4,19 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::SessionContext;
 use flowcap_ingest::embedded::HISTORY_DIR;
 use flowcap_storage::sql::{self, ConsoleQuery};
 use flowcap_storage::HistoryLocation;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -364,38 +369,267 @@ pub(crate) fn emit(batches: &[RecordBatch], target: &Target) -> Result<()> {
     Ok(())
 }
 
-/// Limits of `POST /sql`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SqlLimits {
+/// `[sql]` of the configuration file: who may use `POST /sql` and how much
+/// one query may take. `flowcap serve`'s flags override the limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct SqlConfig {
+    /// SHA-256 (64 hex digits) of each bearer token `POST /sql` accepts
+    /// (`printf %s "$TOKEN" | sha256sum`). `FLOWCAP_SQL_TOKENS` adds
+    /// tokens in clear, comma-separated. With none, `/sql` answers only on
+    /// a loopback address.
+    pub(crate) token_sha256: Vec<String>,
     /// Largest result, in rows: a larger one is refused (413).
     pub(crate) max_rows: usize,
-    /// Longest query: a slower one is cancelled (503).
-    pub(crate) timeout: std::time::Duration,
+    /// Largest result, in MB of Arrow memory: a larger one is refused (413).
+    pub(crate) max_result_mb: usize,
+    /// Longest query, in seconds: a slower one is cancelled (503).
+    pub(crate) timeout_secs: u64,
+    /// Memory all running queries may hold together, in MB: a query that
+    /// needs more fails (400); nothing spills to disk.
+    pub(crate) memory_limit_mb: usize,
+    /// Queries running at once: one more is answered 429.
+    pub(crate) max_concurrent: usize,
 }
 
-impl Default for SqlLimits {
+impl Default for SqlConfig {
     fn default() -> Self {
-        SqlLimits {
+        SqlConfig {
+            token_sha256: Vec::new(),
             max_rows: 100_000,
-            timeout: std::time::Duration::from_secs(30),
+            max_result_mb: 64,
+            timeout_secs: 30,
+            memory_limit_mb: 512,
+            max_concurrent: 2,
         }
     }
 }
 
+/// The environment variable with `POST /sql` bearer tokens in clear
+/// (comma-separated), added to the config's `token_sha256`.
+pub(crate) const TOKENS_ENV: &str = "FLOWCAP_SQL_TOKENS";
+
+/// The bearer tokens `POST /sql` accepts, kept as SHA-256 digests only.
+/// A presented token is hashed and compared with every digest in constant
+/// time ([`subtle`]), so neither the comparison nor the stored form tells
+/// a token away.
+#[derive(Clone, Default)]
+pub(crate) struct Tokens(Vec<[u8; 32]>);
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} configured)", self.0.len())
+    }
+}
+
+impl Tokens {
+    /// The config's digests plus the clear tokens of `env` (comma-separated;
+    /// blanks ignored).
+    pub(crate) fn new(sha256_hex: &[String], env: Option<&str>) -> Result<Tokens> {
+        let mut digests = Vec::new();
+        for (i, text) in sha256_hex.iter().enumerate() {
+            let mut digest = [0u8; 32];
+            hex::decode_to_slice(text.trim(), &mut digest).map_err(|_| {
+                anyhow::anyhow!(
+                    "[sql] token_sha256 #{}: not 64 hex digits (the SHA-256 of a token)",
+                    i + 1
+                )
+            })?;
+            digests.push(digest);
+        }
+        for token in env.unwrap_or("").split(',').map(str::trim) {
+            if !token.is_empty() {
+                digests.push(Sha256::digest(token.as_bytes()).into());
+            }
+        }
+        Ok(Tokens(digests))
+    }
+
+    /// From the configuration and [`TOKENS_ENV`].
+    pub(crate) fn from_config(config: &SqlConfig) -> Result<Tokens> {
+        Tokens::new(
+            &config.token_sha256,
+            std::env::var(TOKENS_ENV).ok().as_deref(),
+        )
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `token` is one of them.
+    fn accepts(&self, token: &str) -> bool {
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.0
+            .iter()
+            .fold(subtle::Choice::from(0), |found, d| {
+                found | d.as_slice().ct_eq(presented.as_slice())
+            })
+            .into()
+    }
+}
+
+/// Whether `/sql` may be served on `addr`: anywhere with tokens, only on a
+/// loopback address without (docs/DECISIONS.md, "SQL over HTTP").
+pub(crate) fn sql_allowed_on(addr: std::net::SocketAddr, tokens: &Tokens) -> bool {
+    addr.ip().is_loopback() || !tokens.is_empty()
+}
+
+/// Limits of `POST /sql` (from [`SqlConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SqlLimits {
+    /// Largest result, in rows.
+    pub(crate) max_rows: usize,
+    /// Largest result, in bytes of Arrow memory.
+    pub(crate) max_result_bytes: usize,
+    /// Longest query.
+    pub(crate) timeout: std::time::Duration,
+    /// Memory of all running queries together, in bytes.
+    pub(crate) memory_limit_bytes: usize,
+    /// Queries running at once.
+    pub(crate) max_concurrent: usize,
+}
+
+impl SqlLimits {
+    pub(crate) fn of(config: &SqlConfig) -> SqlLimits {
+        SqlLimits {
+            max_rows: config.max_rows,
+            max_result_bytes: config.max_result_mb.saturating_mul(1 << 20),
+            timeout: std::time::Duration::from_secs(config.timeout_secs),
+            memory_limit_bytes: config.memory_limit_mb.saturating_mul(1 << 20),
+            max_concurrent: config.max_concurrent.max(1),
+        }
+    }
+}
+
+impl Default for SqlLimits {
+    fn default() -> Self {
+        SqlLimits::of(&SqlConfig::default())
+    }
+}
+
 /// `POST /sql` over one history directory: a new session per request (so
-/// every answer sees the files written so far), read-only, limited.
+/// every answer sees the files written so far), read-only, authenticated
+/// when tokens are configured, limited in rows, result size, time, memory
+/// (one pool shared by every session) and queries at once.
 #[derive(Debug)]
 pub(crate) struct SqlService {
     root: HistoryLocation,
     limits: SqlLimits,
+    tokens: Tokens,
+    runtime: Arc<RuntimeEnv>,
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 /// Arrow IPC stream media type.
 const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
+/// Why a request got no rows: its status and message.
+type Refusal = (axum::http::StatusCode, String);
+
 impl SqlService {
-    pub(crate) fn new(root: HistoryLocation, limits: SqlLimits) -> SqlService {
-        SqlService { root, limits }
+    pub(crate) fn new(root: HistoryLocation, limits: SqlLimits, tokens: Tokens) -> Result<Self> {
+        Ok(SqlService {
+            root,
+            limits,
+            tokens,
+            runtime: sql::limited_runtime(limits.memory_limit_bytes)?,
+            running: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent)),
+        })
+    }
+
+    /// Whether the request carries an accepted token (always, without
+    /// tokens configured).
+    fn authorized(&self, headers: &axum::http::HeaderMap) -> Result<(), Refusal> {
+        use axum::http::{header, StatusCode};
+        if self.tokens.is_empty() {
+            return Ok(());
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            });
+        match presented {
+            None => Err((
+                StatusCode::UNAUTHORIZED,
+                "POST /sql needs an `Authorization: Bearer <token>` header".into(),
+            )),
+            Some(token) if !self.tokens.accepts(token) => Err((
+                StatusCode::UNAUTHORIZED,
+                "the bearer token is not accepted".into(),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Plans and runs `text`, collecting at most the row and size limits
+    /// (one row and one batch beyond them, to tell).
+    async fn run(&self, text: &str) -> Result<Vec<RecordBatch>, Refusal> {
+        use axum::http::StatusCode;
+        use futures::StreamExt;
+        let limits = self.limits;
+        // Every failure here is the request's: a 400 with the message.
+        let bad = |e: sql::SqlError| {
+            let message = match &e {
+                sql::SqlError::DataFusion(d)
+                    if matches!(
+                        d.find_root(),
+                        datafusion::error::DataFusionError::ResourcesExhausted(_)
+                    ) =>
+                {
+                    format!(
+                        "the query needs more memory than /sql allows ({} MB for all \
+                         running queries; [sql] memory_limit_mb): {e}",
+                        limits.memory_limit_bytes >> 20
+                    )
+                }
+                _ => e.to_string(),
+            };
+            (StatusCode::BAD_REQUEST, message)
+        };
+        if let HistoryLocation::Local(dir) = &self.root {
+            if !dir.is_dir() {
+                return Err((StatusCode::BAD_REQUEST, "no history yet".into()));
+            }
+        }
+        let ctx = sql::open_in(&self.root, self.runtime.clone())
+            .await
+            .map_err(bad)?;
+        let df = sql::plan(&ctx, text).await.map_err(bad)?;
+        let df = df
+            .limit(0, Some(limits.max_rows.saturating_add(1)))
+            .map_err(|e| bad(e.into()))?;
+        let mut stream = df.execute_stream().await.map_err(|e| bad(e.into()))?;
+        let (mut batches, mut rows, mut bytes) = (Vec::new(), 0usize, 0usize);
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| bad(e.into()))?;
+            rows += batch.num_rows();
+            bytes += batch.get_array_memory_size();
+            batches.push(batch);
+            if rows > limits.max_rows {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the result has more than {} rows: add a LIMIT or aggregate",
+                        limits.max_rows
+                    ),
+                ));
+            }
+            if bytes > limits.max_result_bytes {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the result is larger than {} MB: add a LIMIT, aggregate or select \
+                         fewer columns",
+                        limits.max_result_bytes >> 20
+                    ),
+                ));
+            }
+        }
+        Ok(batches)
     }
 
     /// Answers one request: the SQL is the body, or `{"sql": "..."}` when
@@ -415,7 +649,32 @@ impl SqlService {
                 .to_ascii_lowercase()
         };
         let error = |status: StatusCode, message: String| {
-            (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+            let mut response =
+                (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
+            let extra = match status {
+                StatusCode::UNAUTHORIZED => Some((header::WWW_AUTHENTICATE, "Bearer")),
+                StatusCode::TOO_MANY_REQUESTS => Some((header::RETRY_AFTER, "1")),
+                _ => None,
+            };
+            if let Some((name, value)) = extra {
+                response
+                    .headers_mut()
+                    .insert(name, axum::http::HeaderValue::from_static(value));
+            }
+            response
+        };
+        if let Err((status, message)) = self.authorized(headers) {
+            return error(status, message);
+        }
+        let Ok(_permit) = self.running.clone().try_acquire_owned() else {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{} queries are already running (the limit, [sql] max_concurrent): \
+                     retry later",
+                    self.limits.max_concurrent
+                ),
+            );
         };
         let text = if header_of(header::CONTENT_TYPE).starts_with("application/json") {
             match serde_json::from_str::<serde_json::Value>(&body)
@@ -442,22 +701,7 @@ impl SqlService {
             Some(Format::Json)
         };
         let limits = self.limits;
-        // Every failure here is the request's: a 400 with the message.
-        let run = async {
-            if let HistoryLocation::Local(dir) = &self.root {
-                if !dir.is_dir() {
-                    return Err("no history yet".to_owned());
-                }
-            }
-            let ctx = sql::open(&self.root).await.map_err(|e| e.to_string())?;
-            sql::check_read_only(&ctx, &text).map_err(|e| e.to_string())?;
-            let df = ctx.sql(&text).await.map_err(|e| e.to_string())?;
-            let df = df
-                .limit(0, Some(limits.max_rows + 1))
-                .map_err(|e| e.to_string())?;
-            df.collect().await.map_err(|e| e.to_string())
-        };
-        let batches = match tokio::time::timeout(limits.timeout, run).await {
+        let batches = match tokio::time::timeout(limits.timeout, self.run(&text)).await {
             Err(_) => {
                 return error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -467,19 +711,9 @@ impl SqlService {
                     ),
                 )
             }
-            Ok(Err(message)) => return error(StatusCode::BAD_REQUEST, message),
+            Ok(Err((status, message))) => return error(status, message),
             Ok(Ok(batches)) => batches,
         };
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        if rows > limits.max_rows {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the result has more than {} rows: add a LIMIT or aggregate",
-                    limits.max_rows
-                ),
-            );
-        }
         let encoded = match format {
             None => encode_ipc(&batches).map(|b| (ARROW_STREAM, b)),
             Some(Format::Csv) => {
@@ -545,29 +779,48 @@ pub(crate) struct ServeArgs {
     /// `s3://bucket/prefix` URL.
     #[arg(long, env = "FLOWCAP_HISTORY", value_name = "LOCATION")]
     history: Option<String>,
-    /// Address to listen on (`/sql`, `/livez`, `/readyz`, `/metrics`).
+    /// Configuration file: its `[sql]` table (tokens, limits).
+    #[arg(long, env = "FLOWCAP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (`/sql`, `/livez`, `/readyz`, `/metrics`). A
+    /// non-loopback address needs a token ([sql] token_sha256 or
+    /// FLOWCAP_SQL_TOKENS).
     #[arg(long, default_value = "127.0.0.1:8089")]
     http: std::net::SocketAddr,
-    /// Largest result of `/sql`, in rows.
-    #[arg(long, default_value_t = SqlLimits::default().max_rows)]
-    max_rows: usize,
-    /// Longest `/sql` query, in seconds.
-    #[arg(long, default_value_t = 30)]
-    timeout_secs: u64,
+    /// Largest result of `/sql`, in rows (default [sql] max_rows).
+    #[arg(long)]
+    max_rows: Option<usize>,
+    /// Longest `/sql` query, in seconds (default [sql] timeout_secs).
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+    /// Memory of all running `/sql` queries together, in MB (default [sql]
+    /// memory_limit_mb).
+    #[arg(long)]
+    memory_limit_mb: Option<usize>,
+    /// `/sql` queries running at once (default [sql] max_concurrent).
+    #[arg(long)]
+    max_concurrent: Option<usize>,
 }
 
 /// `flowcap serve`: `POST /sql` over a history until interrupted.
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let root = history_location(&args.data, args.history.as_deref())?;
+    let mut config = crate::load_config(args.config.as_deref())?.sql;
+    config.max_rows = args.max_rows.unwrap_or(config.max_rows);
+    config.timeout_secs = args.timeout_secs.unwrap_or(config.timeout_secs);
+    config.memory_limit_mb = args.memory_limit_mb.unwrap_or(config.memory_limit_mb);
+    config.max_concurrent = args.max_concurrent.unwrap_or(config.max_concurrent);
+    let tokens = Tokens::from_config(&config)?;
+    if !sql_allowed_on(args.http, &tokens) {
+        bail!(
+            "refusing to serve /sql on {} without a token: bind a loopback address \
+             (127.0.0.1) or set [sql] token_sha256 in --config or {TOKENS_ENV}",
+            args.http
+        );
+    }
     let health = std::sync::Arc::new(flowcap_ingest::Health::new());
     health.set_ready();
-    let service = std::sync::Arc::new(SqlService::new(
-        root,
-        SqlLimits {
-            max_rows: args.max_rows,
-            timeout: std::time::Duration::from_secs(args.timeout_secs),
-        },
-    ));
+    let service = std::sync::Arc::new(SqlService::new(root, SqlLimits::of(&config), tokens)?);
     let server = crate::ops::serve(args.http, health, Some(service))?;
     eprintln!(
         "serving POST http://{}/sql until interrupted",
@@ -576,4 +829,233 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     crate::wait_for_interrupt()?;
     server.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    const TOKEN: &str = "s3cret-for-sql";
+
+    fn sha256_hex(text: &str) -> String {
+        hex::encode(Sha256::digest(text.as_bytes()))
+    }
+
+    /// One HTTP/1.1 POST /sql: (status, head, body).
+    fn post(addr: SocketAddr, token: Option<&str>, sql: &str) -> (u16, String, String) {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "POST /sql HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
+             Content-Length: {}\r\n\r\n{sql}",
+            sql.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, head.to_owned(), body.to_owned())
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> u16 {
+        crate::ops::tests::get(addr, path).0
+    }
+
+    /// A server over an empty history, with `TOKEN` (and `other` from the
+    /// environment's form) accepted.
+    fn server(config: SqlConfig) -> (tempfile::TempDir, crate::ops::OpsServer) {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = Tokens::new(&config.token_sha256, Some(" other , ")).unwrap();
+        let service = SqlService::new(
+            HistoryLocation::Local(dir.path().to_owned()),
+            SqlLimits::of(&config),
+            tokens,
+        )
+        .unwrap();
+        let health = Arc::new(flowcap_ingest::Health::new());
+        let server = crate::ops::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            health,
+            Some(Arc::new(service)),
+        )
+        .unwrap();
+        (dir, server)
+    }
+
+    fn with_token() -> SqlConfig {
+        SqlConfig {
+            token_sha256: vec![sha256_hex(TOKEN)],
+            ..SqlConfig::default()
+        }
+    }
+
+    #[test]
+    fn sql_needs_a_right_token_and_the_other_endpoints_none() {
+        let (_dir, server) = server(with_token());
+        let addr = server.local_addr();
+        let (status, head, body) = post(addr, None, "SELECT 1 AS one");
+        assert_eq!(status, 401, "{body}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{head}"
+        );
+        assert!(body.contains("Authorization: Bearer"), "{body}");
+        let (status, _, body) = post(addr, Some("wrong"), "SELECT 1 AS one");
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("not accepted"), "{body}");
+        let (status, _, body) = post(addr, Some(&format!("{TOKEN}x")), "SELECT 1 AS one");
+        assert_eq!(status, 401, "{body}");
+        for token in [TOKEN, "other"] {
+            let (status, _, body) = post(addr, Some(token), "SELECT 1 AS one");
+            assert_eq!((status, body.as_str()), (200, r#"[{"one":1}]"#));
+        }
+        assert_eq!(get(addr, "/livez"), 200);
+        assert_eq!(get(addr, "/metrics"), 200);
+        assert_eq!(get(addr, "/readyz"), 503, "open, and not ready yet");
+    }
+
+    #[test]
+    fn ddl_dml_and_statements_are_refused() {
+        let (_dir, server) = server(with_token());
+        let addr = server.local_addr();
+        for bad in [
+            "CREATE VIEW v AS SELECT 1",
+            "CREATE TABLE t AS SELECT 1",
+            "INSERT INTO cards VALUES (1)",
+            "COPY (SELECT 1) TO '/tmp/flowcap-sql-test.csv'",
+            "SET datafusion.execution.batch_size = 1",
+            "DROP VIEW card_daily_usage",
+        ] {
+            let (status, _, body) = post(addr, Some(TOKEN), bad);
+            assert_eq!(status, 400, "{bad}: {body}");
+            assert!(body.contains("read-only"), "{bad}: {body}");
+        }
+        assert!(!Path::new("/tmp/flowcap-sql-test.csv").exists());
+    }
+
+    #[test]
+    fn a_memory_hungry_query_fails_cleanly_and_the_server_keeps_serving() {
+        let (_dir, server) = server(SqlConfig {
+            memory_limit_mb: 8,
+            max_result_mb: 2,
+            ..with_token()
+        });
+        let addr = server.local_addr();
+        {
+            let hungry =
+                "SELECT value % 3 AS k, array_agg(value) AS all FROM generate_series(1, 5000000) GROUP BY k";
+            let (status, _, body) = post(addr, Some(TOKEN), hungry);
+            assert_eq!(status, 400, "{hungry}: {body}");
+            assert!(body.contains("needs more memory"), "{hungry}: {body}");
+        }
+        // A generated series is not held in the pool: the result limits
+        // stop it.
+        let (status, _, body) = post(
+            addr,
+            Some(TOKEN),
+            "SELECT value FROM generate_series(1, 1000000000000)",
+        );
+        assert_eq!(status, 413, "{body}");
+        assert!(body.contains("more than 100000 rows"), "{body}");
+        let (status, _, body) = post(
+            addr,
+            Some(TOKEN),
+            "SELECT repeat('x', 1000) AS s FROM generate_series(1, 5000)",
+        );
+        assert_eq!(status, 413, "{body}");
+        assert!(body.contains("larger than 2 MB"), "{body}");
+        let (status, _, body) = post(addr, Some(TOKEN), "SELECT 1 AS one");
+        assert_eq!((status, body.as_str()), (200, r#"[{"one":1}]"#));
+    }
+
+    #[tokio::test]
+    async fn a_query_beyond_the_concurrency_limit_is_answered_429() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SqlConfig {
+            max_concurrent: 1,
+            ..SqlConfig::default()
+        };
+        let service = SqlService::new(
+            HistoryLocation::Local(dir.path().to_owned()),
+            SqlLimits::of(&config),
+            Tokens::default(),
+        )
+        .unwrap();
+        let headers = axum::http::HeaderMap::new();
+        let body = |r: axum::response::Response| async move {
+            let status = r.status().as_u16();
+            let retry = r.headers().get("retry-after").cloned();
+            let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, retry, String::from_utf8(bytes.to_vec()).unwrap())
+        };
+        // One query running (its permit held).
+        let running = service.running.clone().try_acquire_owned().unwrap();
+        let (status, retry, text) =
+            body(service.answer(&headers, "SELECT 1 AS one".into()).await).await;
+        assert_eq!(status, 429, "{text}");
+        assert_eq!(retry.unwrap(), "1");
+        assert!(text.contains("1 queries are already running"), "{text}");
+        drop(running);
+        let (status, _, text) =
+            body(service.answer(&headers, "SELECT 1 AS one".into()).await).await;
+        assert_eq!((status, text.as_str()), (200, r#"[{"one":1}]"#));
+    }
+
+    #[tokio::test]
+    async fn the_plan_check_refuses_ddl_dml_and_statements_on_its_own() {
+        let ctx = SessionContext::new();
+        for bad in [
+            "CREATE VIEW v AS SELECT 1",
+            "CREATE TABLE t AS SELECT 1",
+            "SET datafusion.execution.batch_size = 1",
+        ] {
+            let e = ctx
+                .sql_with_options(bad, sql::read_only_options())
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{bad} planned"));
+            assert!(e.to_string().contains("not supported"), "{bad}: {e}");
+        }
+        let ctx = SessionContext::new_with_config(
+            datafusion::prelude::SessionConfig::new().with_information_schema(true),
+        );
+        for ok in ["SELECT 1", "SHOW TABLES", "EXPLAIN SELECT 1"] {
+            sql::plan(&ctx, ok)
+                .await
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn sql_is_served_off_loopback_only_with_a_token() {
+        let none = Tokens::default();
+        let some = Tokens::new(&[], Some("t")).unwrap();
+        let any: SocketAddr = "0.0.0.0:8089".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8089".parse().unwrap();
+        let local6: SocketAddr = "[::1]:8089".parse().unwrap();
+        assert!(!sql_allowed_on(any, &none));
+        assert!(sql_allowed_on(any, &some));
+        assert!(sql_allowed_on(local, &none) && sql_allowed_on(local6, &none));
+        let e = Tokens::new(&["abc".into()], None).unwrap_err();
+        assert!(e.to_string().contains("token_sha256 #1"), "{e}");
+        assert!(Tokens::new(&[], Some(" , ")).unwrap().is_empty());
+        assert_eq!(format!("{some:?}"), "Tokens(1 configured)");
+    }
 }

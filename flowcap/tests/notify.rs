@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{json_lines, sql_rows, stdout_of, BIN};
+use common::{json_lines, sql_rows, sql_text, stdout_of, BIN};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const CARDS: u32 = 300;
@@ -47,6 +47,12 @@ fn write_inputs(dir: &Path, url: &str) {
     cmd(
         "upsert_webhook",
         json!({"webhook": {"id": "hook", "url": url, "secret": SECRET}}),
+    );
+    // Refused as malformed (an unknown field): its raw text, secret
+    // included, would go to the journal and the dead letters.
+    cmd(
+        "upsert_webhook",
+        json!({"webhook": {"id": "hook2", "url": url, "secret": SECRET, "colour": "red"}}),
     );
     for n in 1..=CARDS {
         cmd(
@@ -239,4 +245,55 @@ fn kill_9_with_undelivered_notifications_then_restart_delivers_every_one_once() 
     ));
     let first = &executions[0];
     assert_eq!(first["outcome"], "delivered", "{first}");
+
+    assert_no_secret_written(&dir.path().join("out"));
+}
+
+/// The signing secret (which the deliveries above, across restarts, were
+/// signed with) appears nowhere flowcap writes out: not in a file of the
+/// output directory but the snapshots (which restarts sign with), not in
+/// the history's command journal or quarantine.
+fn assert_no_secret_written(out: &Path) {
+    let redacted = flowcap_engine::redact::secret(SECRET);
+    let mut files = vec![out.to_path_buf()];
+    let mut texts = 0;
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n == "snapshots") {
+                continue;
+            }
+            for entry in std::fs::read_dir(&path).unwrap() {
+                files.push(entry.unwrap().path());
+            }
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "the secret in clear in {}",
+            path.display()
+        );
+        texts += 1;
+    }
+    assert!(texts > 3, "{texts} files read");
+    let journal = std::fs::read_to_string(out.join("journal.jsonl")).unwrap();
+    assert_eq!(journal.matches(&redacted).count(), 2, "{redacted}");
+
+    let commands = sql_rows(out, "SELECT command FROM command_journal");
+    assert!(commands.len() > CARDS as usize, "{}", commands.len());
+    let webhooks: Vec<&str> = commands
+        .iter()
+        .filter_map(|r| r["command"].as_str())
+        .filter(|c| c.contains("upsert_webhook"))
+        .collect();
+    assert_eq!(webhooks.len(), 2, "{webhooks:?}");
+    for c in &webhooks {
+        assert!(!c.contains(SECRET) && c.contains(&redacted), "{c}");
+    }
+    let raw = sql_text(
+        out,
+        "csv",
+        "SELECT CAST(raw AS VARCHAR) AS raw FROM quarantine",
+    );
+    assert!(raw.contains("hook2") && !raw.contains(SECRET), "{raw}");
 }

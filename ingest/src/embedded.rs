@@ -37,6 +37,7 @@
 //! what it writes, the driver counts records in, samples shard queue depths
 //! and times snapshots. They cost nothing when no recorder is installed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,7 +46,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 use flowcap_engine::command::{parse_command, CommandKind, CommandResult};
 use flowcap_engine::decode::{decode_json, DecodeLimits};
-use flowcap_engine::event::{ActionEvent, Output};
+use flowcap_engine::event::{ActionEvent, JournalEntry, Output};
+use flowcap_engine::redact;
 use flowcap_engine::snapshot::SnapshotCopy;
 use flowcap_engine::PoolView;
 use flowcap_engine::{CommandId, Durability, Engine, EngineConfig, ShardedEngine, Timestamp};
@@ -330,6 +332,16 @@ pub(crate) struct SourcePosition {
     pub(crate) offset: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) timestamp_ms: Option<i64>,
+}
+
+/// `raw` with its secrets redacted ([`redact::raw`]): what a dead letter,
+/// the journal and the history keep of an input that is not a command.
+fn without_secrets(raw: Vec<u8>) -> Vec<u8> {
+    let redacted = match redact::raw(&raw) {
+        Cow::Owned(r) => Some(r),
+        Cow::Borrowed(_) => None,
+    };
+    redacted.unwrap_or(raw)
 }
 
 /// One dead letter: `rejects.jsonl` line and DLQ message value.
@@ -790,7 +802,16 @@ impl Writer {
                     } else {
                         self.summary.commands_failed += 1;
                     }
-                    self.sink(JOURNAL_FILE).write(&entry)?;
+                    // Written out with its secret redacted; the notifier
+                    // above and the engine keep it to sign with.
+                    let entry: Cow<'_, JournalEntry> = match redact::command(&entry.command) {
+                        Cow::Borrowed(_) => Cow::Borrowed(&*entry),
+                        Cow::Owned(command) => Cow::Owned(JournalEntry {
+                            command,
+                            ..(*entry).clone()
+                        }),
+                    };
+                    self.sink(JOURNAL_FILE).write(&*entry)?;
                     if let Some(h) = &mut self.history {
                         h.journal(
                             entry.seq,
@@ -828,6 +849,7 @@ impl Writer {
                 raw_len,
                 clock,
             } => {
+                let raw = without_secrets(raw);
                 self.metrics.reject(&code);
                 *self.summary.rejected.entry(code.clone()).or_default() += 1;
                 let (letter, kept) = DeadLetter::bounded(
@@ -873,6 +895,7 @@ impl Writer {
                 result,
                 clock,
             } => {
+                let raw = without_secrets(raw);
                 self.metrics.command(false);
                 self.summary.commands_failed += 1;
                 let truncated = raw.len() as u64 != raw_len;

@@ -26,7 +26,9 @@ use datafusion::datasource::listing::{
 };
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::sqlparser::ast::Statement;
 
 use crate::history::schema::{self, TableDef};
@@ -91,10 +93,20 @@ pub const VIEWS: [(&str, &str); 3] = [
 /// registered (and, for an object store, the store). Tables without files
 /// yet are empty (with their schema).
 pub async fn open(location: &HistoryLocation) -> Result<SessionContext, SqlError> {
+    open_in(location, Arc::new(RuntimeEnv::default())).await
+}
+
+/// [`open`] in a given runtime: its memory pool bounds what the session's
+/// queries may hold (`POST /sql` shares one [`limited_runtime`] among its
+/// sessions).
+pub async fn open_in(
+    location: &HistoryLocation,
+    runtime: Arc<RuntimeEnv>,
+) -> Result<SessionContext, SqlError> {
     let config = SessionConfig::new()
         .with_information_schema(true)
         .with_default_catalog_and_schema("flowcap", "history");
-    let ctx = SessionContext::new_with_config(config);
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
     if let HistoryLocation::Remote(remote) = location {
         ctx.register_object_store(&remote.bucket_url(), remote.store());
     }
@@ -180,10 +192,39 @@ pub async fn partitions(location: &HistoryLocation, table: &str) -> Result<Vec<S
         .collect())
 }
 
+/// A runtime whose memory pool holds at most `max_bytes` for all the
+/// queries of its sessions together, and that never spills to disk: a
+/// query that needs more fails with DataFusion's "Resources exhausted"
+/// instead of growing the process (or filling a temporary directory).
+pub fn limited_runtime(max_bytes: usize) -> Result<Arc<RuntimeEnv>, SqlError> {
+    Ok(RuntimeEnvBuilder::new()
+        .with_memory_limit(max_bytes, 1.0)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()?)
+}
+
+/// What SQL from outside may plan: no DDL, no DML (`INSERT`, `COPY`), no
+/// statements (`SET`, transactions). Checked on the plan, after
+/// [`check_read_only`]'s check of the text.
+pub fn read_only_options() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// Plans one read-only statement: [`check_read_only`], then the plan
+/// checked against [`read_only_options`].
+pub async fn plan(ctx: &SessionContext, sql: &str) -> Result<DataFrame, SqlError> {
+    check_read_only(ctx, sql)?;
+    Ok(ctx.sql_with_options(sql, read_only_options()).await?)
+}
+
 /// Runs one read-only statement and collects its result.
 pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
-    check_read_only(ctx, sql)?;
-    Ok(ctx.sql(sql).await?.collect().await?)
+    Ok(plan(ctx, sql).await?.collect().await?)
 }
 
 /// Refuses anything but queries: DDL, DML, `COPY`, `SET` and friends.

@@ -136,7 +136,8 @@ impl NotifyConfig {
 }
 
 /// An SMTP relay (plain SMTP, optionally with AUTH; see docs/DECISIONS.md).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` shows the password redacted.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmtpRelay {
     /// Host name or address.
@@ -159,8 +160,9 @@ fn default_smtp_port() -> u16 {
 }
 
 /// An SMS gateway: flowcap POSTs `{"id", "to": [...], "text"}` as JSON,
-/// with the message id as `Idempotency-Key`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// with the message id as `Idempotency-Key`. Its `Debug` shows the token
+/// redacted.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmsGateway {
     /// URL to POST to.
@@ -168,6 +170,31 @@ pub struct SmsGateway {
     /// Bearer token, if the gateway wants one.
     #[serde(default)]
     pub token: Option<String>,
+}
+
+fn redacted(secret: &Option<String>) -> Option<String> {
+    secret.as_deref().map(flowcap_engine::redact::secret)
+}
+
+impl std::fmt::Debug for SmtpRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpRelay")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("from", &self.from)
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SmsGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmsGateway")
+            .field("url", &self.url)
+            .field("token", &redacted(&self.token))
+            .finish()
+    }
 }
 
 /// Why delivery could not start or a barrier failed.
@@ -1160,5 +1187,34 @@ fn push_failed(message: &Message, done: &Done) -> PushFailedEvent {
         payload: serde_json::from_str(&message.body)
             .unwrap_or_else(|_| serde_json::Value::String(message.body.clone())),
         failed_at: Timestamp(done.at_ms),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_smtp_and_sms_credentials() {
+        let smtp = SmtpRelay {
+            host: "mail".into(),
+            port: 25,
+            from: "a@b".into(),
+            username: Some("user".into()),
+            password: Some("hunter2-smtp".into()),
+        };
+        let sms = SmsGateway {
+            url: "http://sms".into(),
+            token: Some("tok-sms-123".into()),
+        };
+        let text = format!("{smtp:?} {sms:?}");
+        assert!(
+            !text.contains("hunter2-smtp") && !text.contains("tok-sms-123"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redacted:sha256:") && text.contains("user"),
+            "{text}"
+        );
     }
 }
