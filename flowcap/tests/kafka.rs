@@ -424,6 +424,40 @@ fn scenario_end_to_end_exact_with_the_embedded_decisions() {
     assert_eq!(results.len(), w.setup_commands().count());
 }
 
+/// Kafka mode with every snapshot corrupt: the start is refused, naming
+/// them, and no file of the data directory changes (before, it started
+/// over, cleared the history and replayed what retention still held).
+#[test]
+fn no_usable_snapshot_refuses_to_start_and_deletes_nothing() {
+    let Ready { broker, dir, w, .. } = ready(Storage::Memory, 1000, 12, 0.5, |_| {});
+    produce_records(&broker, &w, 0..w.total_records());
+    run_until_idle(&broker, &dir, &[]);
+    let snapshots: Vec<std::path::PathBuf> = std::fs::read_dir(dir.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+        .collect();
+    assert!(!snapshots.is_empty());
+    for path in &snapshots {
+        let mut bytes = std::fs::read(path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(path, bytes).unwrap();
+    }
+    let before = common::tree(&dir);
+    let out = flowcap(&broker, &dir, &["--exit-when-idle", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {}", tail(&err, 4000));
+    for path in &snapshots {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert!(err.contains(name), "{name} not named: {}", tail(&err, 4000));
+    }
+    assert!(err.contains("--fresh"), "{}", tail(&err, 4000));
+    assert!(before == common::tree(&dir), "a file changed");
+}
+
 #[test]
 fn malformed_and_unknown_storm_dead_letters_exactly() {
     let Ready {

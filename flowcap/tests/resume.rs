@@ -10,32 +10,12 @@
 //!   recorded position is refused, a grown commands file applies only its
 //!   new commands.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
 
-use common::{sorted_lines as lines, sql_rows, BIN};
-
-/// Every file and directory under `dir` with its bytes (directories: none).
-fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
-    let mut found = BTreeMap::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            let rel = path.strip_prefix(dir).unwrap().to_owned();
-            if path.is_dir() {
-                found.insert(rel, None);
-                stack.push(path);
-            } else {
-                found.insert(rel, Some(std::fs::read(&path).unwrap()));
-            }
-        }
-    }
-    found
-}
+use common::{sorted_lines as lines, sql_rows, tree, BIN};
 
 /// `flowcap run -q --json ARGS --out OUT`, whatever its outcome.
 fn run(out: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
