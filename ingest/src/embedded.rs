@@ -2355,7 +2355,7 @@ mod tests {
             failures[1].why,
             Unusable::Snapshot(SnapshotError::Version {
                 found: 1,
-                readable: 2
+                readable: flowcap_engine::snapshot::SNAPSHOT_VERSION
             })
         ));
         assert!(matches!(failures[2].why, Unusable::Read(_)));
