@@ -51,6 +51,10 @@ static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 /// duration buckets) and returns its handle; later calls return the same
 /// handle.
 pub(crate) fn prometheus() -> Result<PrometheusHandle> {
+    // One installation at a time: two servers started at once (tests run
+    // in parallel) both found no handle, and the second install failed.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(handle) = PROMETHEUS.get() {
         return Ok(handle.clone());
     }
