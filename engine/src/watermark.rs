@@ -21,6 +21,8 @@
 //! next cycle before the fleet got there) is the shards' business: see
 //! [`crate::shard`]'s usage ahead of the clock.
 
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ids::Iccid;
@@ -29,9 +31,11 @@ use crate::time::Timestamp;
 /// The cards furthest ahead in event time and the time they agree on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Watermark {
-    /// Up to `quorum` cards with their latest `end`, latest first (ties:
-    /// larger ICCID first).
-    top: Vec<(Timestamp, Iccid)>,
+    /// Up to `quorum` cards with their latest `end`, oldest first (ties:
+    /// smaller ICCID first). Records mostly come in time order, so the
+    /// usual change is a newest entry in at the back and the oldest out at
+    /// the front: no entry moves.
+    top: VecDeque<(Timestamp, Iccid)>,
 }
 
 impl Watermark {
@@ -43,19 +47,21 @@ impl Watermark {
     pub(crate) fn observe(&mut self, iccid: Iccid, end: Timestamp, quorum: usize) -> Timestamp {
         let quorum = quorum.max(1);
         let key = (end, iccid);
-        match self.top.iter().position(|&(_, c)| c == iccid) {
+        match self.top.iter().rposition(|&(_, c)| c == iccid) {
             Some(i) if self.top[i].0 >= end => return self.agreed(),
             Some(i) => {
                 self.top.remove(i);
             }
-            None if self.top.len() >= quorum && self.top.last().is_some_and(|&l| l >= key) => {
+            None if self.top.len() >= quorum && self.top.front().is_some_and(|&f| f >= key) => {
                 return self.agreed();
             }
             None => {}
         }
-        let at = self.top.partition_point(|&t| t > key);
+        let at = self.top.partition_point(|&t| t < key);
         self.top.insert(at, key);
-        self.top.truncate(quorum);
+        while self.top.len() > quorum {
+            self.top.pop_front();
+        }
         self.agreed()
     }
 
@@ -64,7 +70,8 @@ impl Watermark {
     pub(crate) fn agreed(&self) -> Timestamp {
         match self.top.len() {
             0 => Timestamp::MIN,
-            n => self.top[n / 2].0,
+            // The (n/2 + 1)-th latest.
+            n => self.top[n - 1 - n / 2].0,
         }
     }
 }
