@@ -545,6 +545,40 @@ pub fn run(
     };
     m::pipeline_started();
 
+    // Reads source `i` alone until `until`, each message processed as it
+    // comes (logging progress every 5 s: a slow broker shows here), or
+    // until a stop; with `silence`, also until the source delivered
+    // nothing for that long.
+    let mut read_alone = |driver: &mut Driver,
+                          cursors: &mut [Cursor],
+                          i: usize,
+                          until: Until,
+                          silence: Option<Duration>,
+                          what: &str|
+     -> Result<(), KafkaRunError> {
+        let (mut taken, mut last_report, mut last_message) = (0u64, Instant::now(), Instant::now());
+        while !until.reached(taken, cursors[i].next)
+            && silence.is_none_or(|s| last_message.elapsed() < s)
+            && !stop.load(Ordering::SeqCst)
+        {
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                last_report = Instant::now();
+                tracing::info!(
+                    source = i,
+                    taken,
+                    next = cursors[i].next,
+                    "{what} in progress"
+                );
+            }
+            serve(&data)?;
+            if let Some(message) = inputs.next_of(i, Duration::from_millis(100), Instant::now()) {
+                last_message = Instant::now();
+                taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
+            }
+        }
+        Ok(())
+    };
+
     // Replay the logged order first.
     if !plan.is_empty() {
         status(&Status::Replaying);
@@ -565,48 +599,27 @@ pub fn run(
             (None, Some(high)) => Until::Offset(high),
             (None, None) => break,
         };
-        let mut taken = 0u64;
-        let mut last_report = Instant::now();
-        while !until.reached(taken, cursors[i].next) {
-            if stop.load(Ordering::SeqCst) {
-                break;
-            }
-            // A slow broker shows here (a replay waits on one partition).
-            if last_report.elapsed() >= Duration::from_secs(5) {
-                last_report = Instant::now();
-                tracing::info!(source, taken, next = cursors[i].next, "replay in progress");
-            }
-            serve(&data)?;
-            if let Some(message) = inputs.next_of(i, Duration::from_millis(100), Instant::now()) {
-                taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
-            }
-        }
+        read_alone(&mut driver, &mut cursors, i, until, None, "replay")?;
         driver.maybe_snapshot(options, &cursors, &data)?;
     }
 
     // Commands produced before this start are applied before any usage
     // read now, so a card's first records never meet a commands topic that
     // was simply fetched later (they would be dead-lettered as unknown).
+    // Offsets past the last message (a transaction marker) are never
+    // delivered: a partition silent for 10 s is read to its end.
     if let Some(i) = cursors.iter().position(|c| c.commands) {
         if let Some(high) = high_watermark(&meta, &cursors[i], &stop) {
-            let (mut last_report, mut last_message) = (Instant::now(), Instant::now());
-            // Offsets past the last message (a transaction marker) are never
-            // delivered: a partition silent for 10 s is read to its end.
-            while cursors[i].next < high
-                && last_message.elapsed() < Duration::from_secs(10)
-                && !stop.load(Ordering::SeqCst)
-            {
-                if last_report.elapsed() >= Duration::from_secs(5) {
-                    last_report = Instant::now();
-                    tracing::info!(next = cursors[i].next, high, "reading the commands first");
-                }
-                serve(&data)?;
-                if let Some(message) = inputs.next_of(i, Duration::from_millis(100), Instant::now())
-                {
-                    last_message = Instant::now();
-                    driver.process(i as u32, &mut cursors[i], &message)?;
-                }
-            }
+            let silence = Some(Duration::from_secs(10));
+            let until = Until::Offset(high);
+            read_alone(
+                &mut driver,
+                &mut cursors,
+                i,
+                until,
+                silence,
+                "reading the commands first",
+            )?;
         }
     }
 
