@@ -449,6 +449,9 @@ impl Shard {
 
     /// Takes the records kept for the cycle the `carriers` just started.
     fn take_ahead(&mut self, carriers: &[Carrier]) -> Vec<(u64, u32, Usage)> {
+        let (Some(cycles), cal) = (self.cycles, self.config.calendar) else {
+            return Vec::new();
+        };
         let mut due = Vec::new();
         let mut emptied = Vec::new();
         for (&slot, extra) in &mut self.extras {
@@ -459,9 +462,7 @@ impl Shard {
             if !carriers.contains(&carrier) {
                 continue;
             }
-            let Some(cycles) = self.cycles else { continue };
             let current = cycles[carrier.index()];
-            let cal = self.config.calendar;
             extra.ahead.retain(|(seq, usage)| {
                 let cycle = cal.cycle_of(carrier, usage.end);
                 if cycle == current {
