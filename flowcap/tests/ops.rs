@@ -59,6 +59,15 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// The address the server says it listens on (its `ops: listening` line).
+fn listening(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> SocketAddr {
+    const PREFIX: &str = "ops: listening on http://";
+    line_starting(lines, PREFIX)
+        .trim_start_matches(PREFIX)
+        .parse()
+        .unwrap()
+}
+
 /// Reads stderr lines until one starts with `prefix`; returns it.
 fn line_starting(
     lines: &mut impl Iterator<Item = std::io::Result<String>>,
@@ -111,11 +120,7 @@ fn run_with_http_exports_what_the_summary_says() {
         .unwrap();
     let mut child = Running(child);
     let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let listening = line_starting(&mut stderr, "ops: listening on http://");
-    let addr: SocketAddr = listening
-        .trim_start_matches("ops: listening on http://")
-        .parse()
-        .unwrap();
+    let addr = listening(&mut stderr);
     let (status, body) = get(addr, "/livez");
     assert_eq!((status, body.trim()), (200, "ok"));
 
@@ -287,11 +292,7 @@ fn an_oversized_line_counts_in_the_rejects_metric() {
         .unwrap();
     let mut child = Running(child);
     let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let listening = line_starting(&mut stderr, "ops: listening on http://");
-    let addr: SocketAddr = listening
-        .trim_start_matches("ops: listening on http://")
-        .parse()
-        .unwrap();
+    let addr = listening(&mut stderr);
     line_starting(&mut stderr, "ops: run finished");
     let (status, text) = get(addr, "/metrics");
     assert_eq!(status, 200);

@@ -509,6 +509,29 @@ fn merged<'a>(
 mod tests {
     use super::*;
 
+    /// Every input of the whole of both files, merged (no read error left
+    /// behind).
+    fn merge_files(records: &Path, commands: &Path, sizes: &SizeLimits) -> Vec<Input> {
+        let range = |path: &Path, role| Range {
+            path: path.to_owned(),
+            role,
+            from: 0,
+            to: std::fs::metadata(path).unwrap().len(),
+            xxh3: 0,
+        };
+        let err: ReadError = Rc::new(RefCell::new(None));
+        let inputs = merged(
+            Some(&range(records, Role::Records)),
+            Some(&range(commands, Role::Commands)),
+            &err,
+            sizes,
+        )
+        .unwrap()
+        .collect();
+        assert!(err.borrow().is_none());
+        inputs
+    }
+
     #[test]
     fn oversized_lines_stand_where_they_are_an_oversized_command_first() {
         use crate::limits::{Oversized, TOO_LARGE_KEPT};
@@ -531,23 +554,7 @@ mod tests {
             max_record_size: 200,
             max_command_size: 400,
         };
-        let range = |path: &Path, role| Range {
-            path: path.to_owned(),
-            role,
-            from: 0,
-            to: std::fs::metadata(path).unwrap().len(),
-            xxh3: 0,
-        };
-        let err: ReadError = Rc::new(RefCell::new(None));
-        let inputs: Vec<Input> = merged(
-            Some(&range(&records, Role::Records)),
-            Some(&range(&commands, Role::Commands)),
-            &err,
-            &sizes,
-        )
-        .unwrap()
-        .collect();
-        assert!(err.borrow().is_none());
+        let inputs = merge_files(&records, &commands, &sizes);
         let oversized = |kind, len: usize, limit| {
             Input::Oversized(Oversized {
                 kind,
@@ -591,22 +598,9 @@ mod tests {
             "{\"id\":\"late\",\"at\":\"2026-11-01T02:00:00Z\"}\n\n{\"id\":\"first\",\"at\":\"2026-11-01T00:00:00Z\"}\n{\"id\":\"end\",\"at\":\"2026-11-02T00:00:00Z\"}\nnot json\n",
         )
         .unwrap();
-        let range = |path: &Path, role| Range {
-            path: path.to_owned(),
-            role,
-            from: 0,
-            to: std::fs::metadata(path).unwrap().len(),
-            xxh3: 0,
-        };
-        let err: ReadError = Rc::new(RefCell::new(None));
-        let inputs = merged(
-            Some(&range(&records, Role::Records)),
-            Some(&range(&commands, Role::Commands)),
-            &err,
-            &SizeLimits::default(),
-        )
-        .unwrap();
+        let inputs = merge_files(&records, &commands, &SizeLimits::default());
         let order: Vec<String> = inputs
+            .into_iter()
             .map(|i| match i {
                 Input::Record(b) | Input::ReceivedRecord(b, _) => format!(
                     "R:{}",
@@ -621,7 +615,6 @@ mod tests {
                 Input::Oversized(o) => format!("X:{}", o.len),
             })
             .collect();
-        assert!(err.borrow().is_none());
         assert_eq!(order.len(), 7);
         assert_eq!(order[0], "C:not json");
         assert!(order[1].contains("first"));
