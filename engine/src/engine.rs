@@ -25,6 +25,7 @@ use crate::rule::Compiled;
 use crate::shard::{add_months, Card, CardExtra, PlanInfo, Pool, Shard, NO_POOL};
 use crate::shard_rules::ShardRule;
 use crate::time::Timestamp;
+use crate::watermark::Lane;
 
 /// Errors that stop the engine (never caused by bad input: bad input is
 /// rejected into the outputs).
@@ -321,8 +322,9 @@ pub struct Engine {
     pub(crate) id_store: Box<dyn IdStore>,
     pub(crate) registry: Registry,
     pub(crate) clock: Timestamp,
-    /// The cards furthest ahead, which move `clock` together.
-    pub(crate) watermark: crate::watermark::Watermark,
+    /// Each input lane's cards furthest ahead: the slowest active lane's
+    /// agreed time moves `clock` (`crate::watermark`).
+    pub(crate) lanes: crate::watermark::Lanes,
     pub(crate) last_seq: Option<u64>,
     pub(crate) positions: BTreeMap<String, i64>,
 }
@@ -371,7 +373,7 @@ impl Engine {
             id_store,
             registry: Registry::default(),
             clock: Timestamp::MIN,
-            watermark: crate::watermark::Watermark::default(),
+            lanes: crate::watermark::Lanes::default(),
             last_seq: None,
             positions: BTreeMap::new(),
         }
@@ -444,7 +446,22 @@ impl Engine {
         seq: u64,
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
-        if let Some(d) = self.route(usage, received_at, seq, out)? {
+        self.process_usage_from(Lane::default(), usage, received_at, seq, out)
+    }
+
+    /// [`Engine::process_usage_received`] for a record read from input
+    /// `lane` (a Kafka partition): the lane's own watermark takes it into
+    /// account, and the clock follows the slowest active lane
+    /// ([`crate::watermark`]'s lanes).
+    pub fn process_usage_from(
+        &mut self,
+        lane: Lane,
+        usage: &Usage,
+        received_at: Option<Timestamp>,
+        seq: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
+        if let Some(d) = self.route(lane, usage, received_at, seq, out)? {
             // Every shard follows the event clock (rollovers, deadlines), not
             // only the record's: state must not depend on the shard count.
             for shard in &mut self.shards {
@@ -485,6 +502,7 @@ impl Engine {
     /// and the event clock. `None` when the record stops here.
     pub(crate) fn route(
         &mut self,
+        lane: Lane,
         usage: &Usage,
         received_at: Option<Timestamp>,
         seq: u64,
@@ -543,9 +561,9 @@ impl Engine {
             Sighting::First => {}
         }
         let agreed = self
-            .watermark
-            .observe(usage.iccid, usage.end, self.config.clock_quorum);
-        if agreed > self.clock {
+            .lanes
+            .observe(lane, usage.iccid, usage.end, self.config.clock_quorum);
+        if let Some(agreed) = agreed.filter(|&a| a > self.clock) {
             self.clock = agreed;
             self.deduper.advance(self.clock);
         }
@@ -553,6 +571,30 @@ impl Engine {
             loc,
             clock: self.clock,
         }))
+    }
+
+    /// Makes sure input lanes `0..n` exist (a Kafka run: one per usage
+    /// partition, at every start). A lane new to the engine holds the
+    /// clock back until it reports or is declared idle.
+    pub fn declare_lanes(&mut self, n: usize) {
+        self.lanes.declare(n);
+    }
+
+    /// Number of input lanes the clock follows.
+    pub fn lane_count(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Input `seq`: `lane`'s source is read to its end and has been silent,
+    /// so it no longer holds the clock back (until its next record). The
+    /// clock may move to the slowest remaining lane's time, with the
+    /// rollovers and deadlines that brings. The transport decides when a
+    /// lane is idle (wall time); it must log that decision like any input,
+    /// so a replay repeats it at the same place.
+    pub fn lane_idle(&mut self, lane: Lane, seq: u64, out: &mut Vec<Output>) {
+        self.last_seq = Some(seq);
+        let agreed = self.lanes.idle(lane);
+        self.advance_clock(agreed, out);
     }
 
     /// Moves the event clock to `at` (if later) and lets every shard fire

@@ -68,3 +68,4 @@ pub use ids::{CommandId, Iccid, PlanId, PoolId, TagId};
 pub use record::{RecordId, Usage};
 pub use sharded::ShardedEngine;
 pub use time::Timestamp;
+pub use watermark::Lane;

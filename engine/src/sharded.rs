@@ -28,6 +28,7 @@ use crate::event::{Output, Rejection};
 use crate::record::Usage;
 use crate::shard::Shard;
 use crate::time::Timestamp;
+use crate::watermark::Lane;
 use crate::Command;
 
 /// Records per batch sent to a shard.
@@ -135,10 +136,22 @@ impl ShardedEngine {
         received_at: Option<Timestamp>,
         seq: u64,
     ) -> Result<Option<Rejection>, EngineError> {
+        self.process_usage_from(Lane::default(), usage, received_at, seq)
+    }
+
+    /// [`ShardedEngine::process_usage_received`] for a record read from
+    /// input `lane`; see [`Engine::process_usage_from`].
+    pub fn process_usage_from(
+        &mut self,
+        lane: Lane,
+        usage: &Usage,
+        received_at: Option<Timestamp>,
+        seq: u64,
+    ) -> Result<Option<Rejection>, EngineError> {
         self.lend();
         let routed = self
             .engine
-            .route(usage, received_at, seq, &mut self.local)?;
+            .route(lane, usage, received_at, seq, &mut self.local)?;
         let rejected = match (&routed, self.local.last()) {
             (None, Some(Output::Rejected(r))) if r.seq == seq => Some(r.clone()),
             _ => None,
@@ -184,6 +197,14 @@ impl ShardedEngine {
         self.recall();
         self.engine
             .process_command_received(command, received_at, seq, &mut self.local);
+        self.flush_local();
+    }
+
+    /// Input `seq`: `lane` is idle; see [`Engine::lane_idle`]. With every
+    /// shard recalled, like a command.
+    pub fn lane_idle(&mut self, lane: Lane, seq: u64) {
+        self.recall();
+        self.engine.lane_idle(lane, seq, &mut self.local);
         self.flush_local();
     }
 

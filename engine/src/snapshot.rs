@@ -29,12 +29,12 @@ use crate::engine::{card_views, CardView, Engine, EngineError, Loc, Registry};
 use crate::ids::{PlanId, TagId};
 use crate::shard::Shard;
 use crate::time::Timestamp;
-use crate::watermark::Watermark;
+use crate::watermark::Lanes;
 
 /// Magic bytes opening every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"FLOWCAPS";
 /// Current snapshot format version. Bump on any change of the state layout.
-pub const SNAPSHOT_VERSION: u32 = 3;
+pub const SNAPSHOT_VERSION: u32 = 4;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 
 #[derive(Serialize)]
@@ -47,7 +47,7 @@ struct StateRef<'a> {
     registry_json: String,
     results: crate::engine::StoredResults,
     clock: Timestamp,
-    watermark: &'a Watermark,
+    lanes: &'a Lanes,
     last_seq: Option<u64>,
     positions: &'a BTreeMap<String, i64>,
 }
@@ -67,7 +67,7 @@ pub struct SnapshotCopy {
     registry_json: String,
     results: crate::engine::StoredResults,
     clock: Timestamp,
-    watermark: Watermark,
+    lanes: Lanes,
     last_seq: Option<u64>,
     positions: BTreeMap<String, i64>,
     /// The registry's names of plans and tags, for
@@ -206,7 +206,7 @@ impl Engine {
             registry_json: serde_json::to_string(&self.registry).unwrap_or_default(),
             results: self.registry.results.to_stored(),
             clock: self.clock,
-            watermark: &self.watermark,
+            lanes: &self.lanes,
             last_seq: self.last_seq,
             positions: &self.positions,
         })
@@ -221,7 +221,7 @@ impl Engine {
             registry_json: serde_json::to_string(&self.registry).unwrap_or_default(),
             results: self.registry.results.to_stored(),
             clock: self.clock,
-            watermark: self.watermark.clone(),
+            lanes: self.lanes.clone(),
             last_seq: self.last_seq,
             positions: self.positions.clone(),
             plan_ids: self.registry.plan_ids.clone(),
@@ -286,7 +286,7 @@ impl Engine {
             id_store,
             registry,
             clock: state.clock,
-            watermark: state.watermark,
+            lanes: state.lanes,
             last_seq: state.last_seq,
             positions: state.positions,
         };

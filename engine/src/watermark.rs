@@ -20,6 +20,23 @@
 //! What a card's own record does with the card itself (a record of the
 //! next cycle before the fleet got there) is the shards' business: see
 //! [`crate::shard`]'s usage ahead of the clock.
+//!
+//! # Lanes
+//!
+//! Inputs may come in several independently ordered streams, *lanes*: the
+//! partitions of a Kafka topic, each in its own order, interleaved however
+//! the broker serves them. With one watermark over all of them, a lane
+//! read ahead moved time for the others: over a backlog, one partition
+//! read past a cycle boundary made the others' records of the closing
+//! cycle late (issue #23, finding 3), and which records counted depended
+//! on how the broker happened to serve the partitions. So each lane has a
+//! watermark of its own, and the fleet's time is the **slowest active
+//! lane's**: reading one lane ahead never moves time past a record
+//! another lane has still to deliver. A lane that has never reported holds
+//! time back (its records may be the oldest), until its source declares it
+//! *idle* (read to its end and silent: [`Lanes::idle`]); its next record
+//! makes it active again. When every lane is idle, everything delivered is
+//! in and time is the latest lane's. A file run is one lane.
 
 use std::collections::VecDeque;
 
@@ -36,6 +53,83 @@ pub(crate) struct Watermark {
     /// usual change is a newest entry in at the back and the oldest out at
     /// the front: no entry moves.
     top: VecDeque<(Timestamp, Iccid)>,
+}
+
+/// One of the fleet's input streams (a Kafka partition; the file run is
+/// lane 0). See the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lane(pub u32);
+
+/// Every lane's watermark and whether it is idle: the fleet's time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Lanes {
+    lanes: Vec<LaneClock>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct LaneClock {
+    watermark: Watermark,
+    idle: bool,
+}
+
+impl Lanes {
+    /// Makes sure lanes `0..n` exist; a new lane holds time back until it
+    /// reports or is declared idle.
+    pub(crate) fn declare(&mut self, n: usize) {
+        if self.lanes.len() < n {
+            self.lanes.resize_with(n, LaneClock::default);
+        }
+    }
+
+    /// Number of lanes known.
+    pub(crate) fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Takes card `iccid`'s accepted record ending at `end`, read from
+    /// `lane`, into account ([`Watermark::observe`]). Returns the fleet's
+    /// time when it may have changed (`None`: the lane's agreed time and
+    /// its activity are unchanged, so the fleet's is too).
+    pub(crate) fn observe(
+        &mut self,
+        lane: Lane,
+        iccid: Iccid,
+        end: Timestamp,
+        quorum: usize,
+    ) -> Option<Timestamp> {
+        let i = lane.0 as usize;
+        self.declare(i + 1);
+        let clock = &mut self.lanes[i];
+        let woke = std::mem::replace(&mut clock.idle, false);
+        let before = clock.watermark.agreed();
+        let after = clock.watermark.observe(iccid, end, quorum);
+        (woke || after != before).then(|| self.agreed())
+    }
+
+    /// Declares `lane` idle (its source is read to its end and silent), so
+    /// it holds time back no more until it reports again. Returns the
+    /// fleet's time.
+    pub(crate) fn idle(&mut self, lane: Lane) -> Timestamp {
+        let i = lane.0 as usize;
+        self.declare(i + 1);
+        self.lanes[i].idle = true;
+        self.agreed()
+    }
+
+    /// The fleet's time: the slowest active lane's agreed time, or the
+    /// latest lane's when every lane is idle (`Timestamp::MIN` before any).
+    pub(crate) fn agreed(&self) -> Timestamp {
+        let active = self.lanes.iter().filter(|l| !l.idle);
+        match active.map(|l| l.watermark.agreed()).min() {
+            Some(t) => t,
+            None => self
+                .lanes
+                .iter()
+                .map(|l| l.watermark.agreed())
+                .max()
+                .unwrap_or(Timestamp::MIN),
+        }
+    }
 }
 
 impl Watermark {
@@ -150,5 +244,50 @@ mod tests {
                 proptest::prop_assert_eq!(got, reference(&latest, quorum));
             }
         }
+    }
+
+    #[test]
+    fn the_fleet_follows_its_slowest_lane() {
+        let mut lanes = Lanes::default();
+        lanes.declare(2);
+        // Lane 1 has not reported: it holds time back.
+        assert_eq!(
+            lanes.observe(Lane(0), card(1), Timestamp(9 * H), 16),
+            Some(Timestamp::MIN)
+        );
+        assert_eq!(
+            lanes.observe(Lane(1), card(2), Timestamp(5 * H), 16),
+            Some(Timestamp(5 * H))
+        );
+        // Lane 0 read far ahead moves nothing past lane 1.
+        for n in 10..40 {
+            lanes.observe(Lane(0), card(n), Timestamp(30 * H), 16);
+        }
+        assert_eq!(lanes.agreed(), Timestamp(5 * H));
+        assert_eq!(
+            lanes.observe(Lane(1), card(2), Timestamp(7 * H), 16),
+            Some(Timestamp(7 * H))
+        );
+        // An unchanged lane reports no change.
+        assert_eq!(lanes.observe(Lane(1), card(2), Timestamp(6 * H), 16), None);
+    }
+
+    #[test]
+    fn an_idle_lane_holds_nothing_back_until_it_reports_again() {
+        let mut lanes = Lanes::default();
+        lanes.declare(3);
+        lanes.observe(Lane(0), card(1), Timestamp(9 * H), 16);
+        lanes.observe(Lane(1), card(2), Timestamp(4 * H), 16);
+        assert_eq!(lanes.agreed(), Timestamp::MIN, "lane 2 never reported");
+        assert_eq!(lanes.idle(Lane(2)), Timestamp(4 * H));
+        assert_eq!(lanes.idle(Lane(1)), Timestamp(9 * H));
+        // Lane 1 reports again: it is active and the slowest once more.
+        assert_eq!(
+            lanes.observe(Lane(1), card(2), Timestamp(5 * H), 16),
+            Some(Timestamp(5 * H))
+        );
+        // Every lane idle: the latest lane's time.
+        lanes.idle(Lane(0));
+        assert_eq!(lanes.idle(Lane(1)), Timestamp(9 * H));
     }
 }

@@ -13,7 +13,7 @@ use common::*;
 use flowcap_engine::command::{parse_command, ErrorCode};
 use flowcap_engine::cycle::CycleId;
 use flowcap_engine::event::Accounted;
-use flowcap_engine::{CardView, Output, Timestamp};
+use flowcap_engine::{CardView, Lane, Output, Timestamp};
 use serde_json::json;
 
 const FLEET: u32 = 20;
@@ -226,5 +226,78 @@ fn a_far_future_record_inside_a_replay_of_old_files_moves_nothing() {
         });
         assert_eq!(others(s), expected);
         assert!(s.engine.clock() < Timestamp::parse_rfc3339(&dec(2, 0, 0)).unwrap());
+    });
+}
+
+/// `day`'s records of card `n`, in time order.
+fn card_day(n: u32) -> Vec<flowcap_engine::Usage> {
+    let mut records: Vec<_> = [(20, 0, 10), (21, 0, 10), (22, 0, 10), (23, 59, 1)]
+        .into_iter()
+        .enumerate()
+        .map(|(step, (hour, minute, m))| {
+            usage(n, &format!("r{n}-{step}"), &nov(30, hour, minute), mb(m))
+        })
+        .collect();
+    records.push(usage(n, &format!("r{n}-dec"), &dec(1, 0, 30), mb(1)));
+    records
+}
+
+/// Kafka partitions are ordered each on its own and read in whatever
+/// interleaving the broker serves (issue #23, finding 3). Here the even
+/// cards' partition is read to its end, across the month end, before the
+/// odd cards' partition delivers anything: time follows the slowest lane,
+/// so the odd cards' November records still count in November and cut on
+/// the crossing record, and every card's events and usage are those of
+/// the run in time order. With one clock for both lanes, the odd cards'
+/// November records came after the clock had passed midnight: their cuts
+/// were missing.
+#[test]
+fn a_lane_read_ahead_across_the_month_end_moves_no_one_elses_time() {
+    let expected = baseline();
+    scenario(|s| {
+        fleet(s);
+        s.engine.declare_lanes(2);
+        for lane in [0, 1] {
+            // A lane in its own time order.
+            let cards: Vec<_> = (2..=FLEET)
+                .filter(|n| n % 2 == lane)
+                .map(card_day)
+                .collect();
+            for step in 0..cards[0].len() {
+                for records in &cards {
+                    s.rec_from(Lane(lane), &records[step]);
+                }
+            }
+        }
+        assert_eq!(others(s), expected);
+    });
+}
+
+/// A lane that never reports holds time back until its source declares it
+/// idle; then the others move time on their own, and its next record makes
+/// it hold time back again.
+#[test]
+fn a_silent_lane_holds_time_back_until_declared_idle() {
+    scenario(|s| {
+        fleet(s);
+        s.engine.declare_lanes(2);
+        let before = s.engine.clock();
+        for n in 2..=FLEET {
+            for r in card_day(n) {
+                s.rec_from(Lane(0), &r);
+            }
+        }
+        // Lane 1 never reported: November is still open.
+        assert_eq!(s.engine.clock(), before);
+        assert_eq!(s.view(2).cycle, CycleId::new(2026, 11));
+        let out = s.lane_idle(Lane(1));
+        assert_eq!(s.engine.clock(), ts(&dec(1, 0, 30)));
+        assert_eq!(s.view(2).cycle, CycleId::new(2026, 12));
+        assert_eq!(s.view(2).usage_bytes, mb(1));
+        // The restores of the cuts of 23:59 come with the idle lane.
+        assert_eq!(card_events(&out).len(), FLEET as usize - 1, "{out:?}");
+        // Lane 1 reports again, behind lane 0: time stays where it was.
+        s.rec_from(Lane(1), &usage(1, "late-lane", &dec(1, 0, 5), mb(1)));
+        assert_eq!(s.engine.clock(), ts(&dec(1, 0, 30)));
     });
 }

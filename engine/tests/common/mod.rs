@@ -8,7 +8,7 @@
 use flowcap_engine::command::{parse_command, CommandError, CommandResult, ErrorCode};
 use flowcap_engine::event::{CardStateEvent, Cause, PoolStateEvent};
 use flowcap_engine::{
-    ActionEvent, CardView, Engine, EngineConfig, Iccid, Output, PoolId, PoolView, RecordId,
+    ActionEvent, CardView, Engine, EngineConfig, Iccid, Lane, Output, PoolId, PoolView, RecordId,
     Timestamp, Usage, MB,
 };
 use serde_json::{json, Value};
@@ -159,11 +159,25 @@ impl Sim {
     }
 
     pub(crate) fn rec_usage(&mut self, usage: &Usage) -> Vec<Output> {
+        self.rec_from(Lane(0), usage)
+    }
+
+    /// A record read from input `lane` (a Kafka partition).
+    pub(crate) fn rec_from(&mut self, lane: Lane, usage: &Usage) -> Vec<Output> {
         let seq = self.next_seq();
         let mut out = Vec::new();
         self.engine
-            .process_usage(usage, seq, &mut out)
+            .process_usage_from(lane, usage, None, seq, &mut out)
             .expect("in-memory dedupe never fails");
+        self.log.extend(out.iter().cloned());
+        out
+    }
+
+    /// Input lane `lane` is read to its end and silent.
+    pub(crate) fn lane_idle(&mut self, lane: Lane) -> Vec<Output> {
+        let seq = self.next_seq();
+        let mut out = Vec::new();
+        self.engine.lane_idle(lane, seq, &mut out);
         self.log.extend(out.iter().cloned());
         out
     }
