@@ -51,6 +51,9 @@ pub(crate) struct Loc {
 pub(crate) struct Dispatch {
     pub(crate) loc: Loc,
     pub(crate) clock: Timestamp,
+    /// The later of the clock and the record's lane's own time: what the
+    /// record is judged by (`Shard::account`).
+    pub(crate) lane_time: Timestamp,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -467,7 +470,14 @@ impl Engine {
             for shard in &mut self.shards {
                 shard.advance(d.clock, out);
             }
-            self.shards[d.loc.shard as usize].account(d.loc.slot, usage, seq, d.clock, out);
+            self.shards[d.loc.shard as usize].account(
+                d.loc.slot,
+                usage,
+                seq,
+                d.clock,
+                d.lane_time,
+                out,
+            );
         }
         Ok(())
     }
@@ -570,6 +580,7 @@ impl Engine {
         Ok(Some(Dispatch {
             loc,
             clock: self.clock,
+            lane_time: self.clock.max(self.lanes.lane_time(lane)),
         }))
     }
 

@@ -483,13 +483,21 @@ impl Shard {
 
     // ----- usage --------------------------------------------------------
 
-    /// Accounts one fresh record of the card in `slot`.
+    /// Accounts one fresh record of the card in `slot`, at event clock
+    /// `clock`. The record is judged by `lane_time`, the later of the
+    /// clock and its input lane's own time: a lane that crossed a cycle
+    /// boundary the slower lanes (and so the clock) have not yet makes
+    /// its records of the closing cycle previous-cycle records (recorded
+    /// only, late past the lateness), exactly as they would be had the
+    /// other lanes been read as far. So a record's verdict depends on its
+    /// own lane's inputs only, not on how the lanes interleave.
     pub(crate) fn account(
         &mut self,
         slot: u32,
         usage: &Usage,
         seq: u64,
         clock: Timestamp,
+        lane_time: Timestamp,
         out: &mut Vec<Output>,
     ) {
         self.advance(clock, out);
@@ -498,11 +506,17 @@ impl Shard {
         };
         let cycle = self.config.calendar.cycle_of(card.carrier, usage.end);
         let current = self.cycle(card.carrier);
-        if cycle < current || card.lifecycle == CardState::Deregistered {
+        let open = if lane_time > self.clock {
+            current.max(self.config.calendar.cycle_of(card.carrier, lane_time))
+        } else {
+            current
+        };
+        if cycle < open || card.lifecycle == CardState::Deregistered {
             // Late: its cycle closed more than the allowed lateness ago.
             let cycle_end = self.config.calendar.bounds(card.carrier, cycle).1;
-            let late = cycle < current
-                && self.clock > cycle_end.plus_millis(self.config.allowed_lateness_ms);
+            let late = cycle < open
+                && self.clock.max(lane_time)
+                    > cycle_end.plus_millis(self.config.allowed_lateness_ms);
             out.push(Output::Accounted(Accounted {
                 seq,
                 usage: *usage,

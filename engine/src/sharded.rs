@@ -40,6 +40,7 @@ struct Item {
     slot: u32,
     seq: u64,
     clock: Timestamp,
+    lane_time: Timestamp,
     usage: Usage,
 }
 
@@ -163,6 +164,7 @@ impl ShardedEngine {
                 slot,
                 seq,
                 clock: d.clock,
+                lane_time: d.lane_time,
                 usage: *usage,
             });
             if worker.pending.len() >= BATCH {
@@ -349,7 +351,14 @@ fn run_worker(
             Msg::Records(mut batch) => {
                 if let Some(shard) = shard.as_mut() {
                     for item in &batch {
-                        shard.account(item.slot, &item.usage, item.seq, item.clock, &mut outputs);
+                        shard.account(
+                            item.slot,
+                            &item.usage,
+                            item.seq,
+                            item.clock,
+                            item.lane_time,
+                            &mut outputs,
+                        );
                     }
                 }
                 depth.fetch_sub(batch.len(), std::sync::atomic::Ordering::Relaxed);

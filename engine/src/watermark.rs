@@ -106,6 +106,14 @@ impl Lanes {
         (woke || after != before).then(|| self.agreed())
     }
 
+    /// The time `lane`'s own cards agree on (`Timestamp::MIN` for a lane
+    /// that has not reported).
+    pub(crate) fn lane_time(&self, lane: Lane) -> Timestamp {
+        self.lanes
+            .get(lane.0 as usize)
+            .map_or(Timestamp::MIN, |l| l.watermark.agreed())
+    }
+
     /// Declares `lane` idle (its source is read to its end and silent), so
     /// it holds time back no more until it reports again. Returns the
     /// fleet's time.

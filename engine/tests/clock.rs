@@ -282,9 +282,10 @@ fn a_silent_lane_holds_time_back_until_declared_idle() {
         fleet(s);
         s.engine.declare_lanes(2);
         let before = s.engine.clock();
-        for n in 2..=FLEET {
-            for r in card_day(n) {
-                s.rec_from(Lane(0), &r);
+        let cards: Vec<_> = (2..=FLEET).map(card_day).collect();
+        for step in 0..cards[0].len() {
+            for records in &cards {
+                s.rec_from(Lane(0), &records[step]);
             }
         }
         // Lane 1 never reported: November is still open.
@@ -299,5 +300,59 @@ fn a_silent_lane_holds_time_back_until_declared_idle() {
         // Lane 1 reports again, behind lane 0: time stays where it was.
         s.rec_from(Lane(1), &usage(1, "late-lane", &dec(1, 0, 5), mb(1)));
         assert_eq!(s.engine.clock(), ts(&dec(1, 0, 30)));
+    });
+}
+
+/// A record is judged by its own lane's time: a lane whose cards are three
+/// hours into December makes its card's record of 30 November late (past
+/// the 2 h lateness) although the other lane, and so the clock, is still
+/// in November; read in time order, the record is late too. Its verdict
+/// does not depend on how far the other lane has been read.
+#[test]
+fn a_record_of_the_closing_cycle_is_judged_by_its_own_lanes_time() {
+    scenario(|s| {
+        fleet(s);
+        s.engine.declare_lanes(2);
+        for n in 2..=FLEET {
+            let lane = Lane(n % 2);
+            s.rec_from(lane, &usage(n, &format!("a{n}"), &nov(30, 22, 0), mb(1)));
+        }
+        for n in (2..=FLEET).filter(|n| n % 2 == 0) {
+            s.rec_from(Lane(0), &usage(n, &format!("b{n}"), &dec(1, 3, 0), mb(1)));
+        }
+        assert!(
+            s.engine.clock() < ts(&dec(1, 0, 0)),
+            "lane 1 is in November"
+        );
+        let out = s.rec_from(Lane(0), &usage(2, "old", &nov(30, 23, 0), mb(5)));
+        assert!(
+            matches!(
+                out[0],
+                Output::Accounted(Accounted {
+                    counted: false,
+                    late: true,
+                    ..
+                })
+            ),
+            "{out:?}"
+        );
+        assert_eq!(
+            s.view(2).usage_bytes,
+            mb(1),
+            "card 2: its 22:00 record only"
+        );
+        // A lane-1 card's record of 23:00 still counts: its lane is in November.
+        let out = s.rec_from(Lane(1), &usage(3, "in-time", &nov(30, 23, 0), mb(5)));
+        assert!(
+            matches!(
+                out[0],
+                Output::Accounted(Accounted {
+                    counted: true,
+                    late: false,
+                    ..
+                })
+            ),
+            "{out:?}"
+        );
     });
 }
