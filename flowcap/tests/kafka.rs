@@ -1004,8 +1004,10 @@ fn a_dead_webhook_endpoint_puts_push_failed_on_the_actions_topic() {
 /// workload through the embedded pipeline (one stream, in arrival order).
 /// The defaults let a partition run 60 s of message time ahead, and stop
 /// waiting for one whose broker is silent for 200 ms; this run allows no
-/// skew and waits 3 s, so the two must agree exactly. (Read in fetch order,
-/// 8,535 of its 139,581 counted records were history only instead.)
+/// skew and waits 3 s, so the two must agree on every record (but a
+/// record of the closing cycle inside the lateness: see
+/// [`assert_same_verdicts`]). (Read in fetch order, 8,535 of its 139,581
+/// counted records were history only instead.)
 #[test]
 fn a_backlog_is_read_across_partitions_in_time_order() {
     let Ready {
@@ -1037,9 +1039,15 @@ fn a_backlog_is_read_across_partitions_in_time_order() {
     let embedded: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (k, e) = (&kafka["summary"], &embedded["summary"]);
     assert!(e["history_only"].as_u64() > Some(0), "{e}");
-    for field in ["counted", "history_only", "late", "duplicates"] {
+    for field in ["late", "duplicates"] {
         assert_eq!(k[field], e[field], "{field}: kafka {k}\nembedded {e}");
     }
+    let within_lateness = assert_same_verdicts(
+        &verdicts(&work.path().join("embedded")),
+        &verdicts(&dir),
+        "kafka against embedded",
+    );
+    eprintln!("{within_lateness} records inside the lateness judged apart");
 }
 
 /// Commands and the whole record backlog produced before flowcap starts
@@ -1198,4 +1206,303 @@ fn multi_megabyte_messages_are_dead_lettered_and_the_pipeline_goes_on() {
         )
     );
     assert_eq!(refused["raw"], command[..4096]);
+}
+
+/// What a run in `dir` decided for each card: its events in its own order
+/// (without `processed_at`, wall time), and each record's verdict in the
+/// history.
+#[derive(Debug, PartialEq)]
+struct CardOutcome {
+    events: BTreeMap<String, Vec<String>>,
+    /// Per record id: (card, cycle, bytes, counted, late).
+    records: BTreeMap<String, (String, String, u64, bool, bool)>,
+}
+
+/// A forward or backward pool whose members sit in different partitions
+/// may cross on another record when the partitions interleave differently
+/// (issue #23): the events of cards whose state a pool changed (`pooled`)
+/// are left out; their records are not.
+fn card_outcome(dir: &Path, pooled: &BTreeSet<String>) -> CardOutcome {
+    let mut events: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for mut e in lines(&dir.join("events.jsonl")) {
+        e.as_object_mut().unwrap().remove("processed_at");
+        let Some(iccid) = e["iccid"].as_str() else {
+            continue;
+        };
+        if !pooled.contains(iccid) {
+            events
+                .entry(iccid.to_owned())
+                .or_default()
+                .push(e.to_string());
+        }
+    }
+    let records = verdicts(dir);
+    CardOutcome { events, records }
+}
+
+/// Asserts every record of `expected` (per record id: card, cycle,
+/// bytes, counted, late) is in `got` alike, except that a record of the
+/// closing cycle inside the lateness (not late on either side) may be
+/// counted on one side and recorded only on the other: whether the clock
+/// had crossed when it came depends on the records read before it (the
+/// whole fleet's in one stream, its partition's with lanes). Returns how
+/// many are so.
+fn assert_same_verdicts(
+    expected: &BTreeMap<String, (String, String, u64, bool, bool)>,
+    got: &BTreeMap<String, (String, String, u64, bool, bool)>,
+    what: &str,
+) -> usize {
+    assert_eq!(got.len(), expected.len(), "{what}: records in the history");
+    let mut within_lateness = 0;
+    for (id, e) in expected {
+        let g = got.get(id);
+        if g == Some(e) {
+            continue;
+        }
+        let (card, cycle, bytes, counted, late) = e;
+        assert_eq!(
+            g,
+            Some(&(card.clone(), cycle.clone(), *bytes, !counted, *late)),
+            "{what}: record {id} differs"
+        );
+        assert!(!late, "{what}: record {id}");
+        within_lateness += 1;
+    }
+    within_lateness
+}
+
+/// Per record id in `dir`'s history: card, cycle, bytes, counted, late.
+fn verdicts(dir: &Path) -> BTreeMap<String, (String, String, u64, bool, bool)> {
+    history_totals(dir); // no record twice
+    common::sql_rows(
+        dir,
+        "SELECT record_id, iccid, cycle, bytes, counted, late FROM usage_records",
+    )
+    .into_iter()
+    .map(|r| {
+        let text = |k: &str| r[k].as_str().unwrap().to_owned();
+        (
+            text("record_id"),
+            (
+                text("iccid"),
+                text("cycle"),
+                r["bytes"].as_u64().unwrap(),
+                r["counted"].as_bool().unwrap(),
+                r["late"].as_bool().unwrap(),
+            ),
+        )
+    })
+    .collect()
+}
+
+/// Cards a pool's crossing changed (events with a pool reason).
+fn pooled_cards(dir: &Path) -> BTreeSet<String> {
+    lines(&dir.join("events.jsonl"))
+        .into_iter()
+        .filter(|e| {
+            e["reasons"].as_array().is_some_and(|r| {
+                r.iter().any(|r| {
+                    matches!(
+                        r.as_str(),
+                        Some("pool_exhausted" | "backward_pool_threshold" | "pool_frozen")
+                    )
+                })
+            })
+        })
+        .filter_map(|e| e["iccid"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Issue #23, finding 3: the same input as a backlog produced within
+/// seconds to 4 usage partitions (keyed by ICCID, message timestamps at
+/// produce time, the commands first), across the cucc 27th and the month
+/// end, with duplicates, malformed, late and out-of-order records. Each
+/// partition is a lane of the clock and time follows the slowest, so how
+/// the broker serves the partitions changes nothing a card is decided on:
+/// on three runs, every card's events equal the file run's, and every
+/// record is in the history with the same cycle and bytes, late or not
+/// alike. (With one clock over all partitions, 7,118 records came "late"
+/// and uncounted and up to 42 cuts were missed or moved, differently on
+/// each run.)
+///
+/// What may differ, and is checked to be only that: a record of the
+/// closing cycle that comes in the allowed lateness after the clock
+/// crossed is recorded only (`counted: false`, docs/DECISIONS.md "Late"),
+/// and whether the clock has crossed when it comes depends on the cards
+/// read before it: in the file run the whole fleet's, here its lane's and
+/// the slowest lane's. Such a record is counted on one side and recorded
+/// only on the other; its history total is the same.
+#[test]
+fn a_backlog_in_four_partitions_counts_like_the_file_run_on_every_run() {
+    let w = workload(1000, 120, 0.5, |c| c.seed = 41);
+    let work = tempfile::tempdir().unwrap();
+    // The set-up a day before the first record: the file run merges
+    // commands by `at` and a record stamped before its card's creation is
+    // an unknown card there, where Kafka applies the commands produced
+    // first (docs/DECISIONS.md, "Lanes"); that is not what this compares.
+    let mut commands = String::new();
+    for mut c in w.setup_commands() {
+        c.at = c.at.plus_millis(-24 * 3_600_000);
+        commands.push_str(&serde_json::to_string(&c).unwrap());
+        commands.push('\n');
+    }
+    // (key, line) of every record; a malformed line may hold a newline
+    // (it is two bad lines in the file then: no card's business).
+    let messages: Vec<(String, String)> = w
+        .records()
+        .map(|r| {
+            let mut line = String::new();
+            r.to_json_line(&mut line);
+            (r.iccid().to_string(), line)
+        })
+        .collect();
+    let mut records = String::new();
+    for (_, line) in &messages {
+        records.push_str(line);
+        records.push('\n');
+    }
+    let commands_path = work.path().join("c.jsonl");
+    let records_path = work.path().join("r.jsonl");
+    std::fs::write(&commands_path, &commands).unwrap();
+    std::fs::write(&records_path, &records).unwrap();
+    let file_dir = work.path().join("files");
+    let out = Command::new(env!("CARGO_BIN_EXE_flowcap"))
+        .args(["run", "-q", "--json", "--shards", "2", "--input"])
+        .arg(&records_path)
+        .arg("--commands")
+        .arg(&commands_path)
+        .arg("--out")
+        .arg(&file_dir)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let pooled = pooled_cards(&file_dir);
+    let expected = card_outcome(&file_dir, &pooled);
+    let cuts = expected.events.values().map(Vec::len).sum::<usize>();
+    assert!(cuts > 100, "a scenario with cuts: {cuts} card events");
+    for run in 0..3 {
+        let broker = broker_with(Storage::Memory, 4);
+        produce(
+            &broker,
+            "flowcap.commands",
+            commands.lines().map(|c| Record::new(c.as_bytes())),
+        )
+        .unwrap();
+        produce(
+            &broker,
+            "flowcap.usage",
+            messages
+                .iter()
+                .map(|(key, line)| Record::new(line.as_bytes()).key(key.as_bytes())),
+        )
+        .unwrap();
+        let dir = work.path().join(format!("kafka-{run}"));
+        run_until_idle(&broker, &dir, &[]);
+        let got = card_outcome(&dir, &pooled);
+        let differing: Vec<_> = expected
+            .events
+            .iter()
+            .filter(|(card, e)| got.events.get(*card) != Some(e))
+            .take(2)
+            .map(|(card, e)| (card, e, got.events.get(card)))
+            .collect();
+        assert!(
+            differing.is_empty() && got.events.len() == expected.events.len(),
+            "run {run}: card events differ from the file run: {differing:#?}"
+        );
+        let within_lateness =
+            assert_same_verdicts(&expected.records, &got.records, &format!("run {run}"));
+        eprintln!(
+            "run {run}: {} records, {cuts} card events alike; {within_lateness} records of a \
+             closing cycle within the lateness counted on one side only",
+            expected.records.len()
+        );
+    }
+}
+
+/// A usage partition that never delivers holds time back until the driver
+/// declares it idle, an input logged in the order log like any other
+/// (`ingest/src/kafka/lanes.rs`). Here partition 3 is empty: the month
+/// still rolls over (its resumes are on the actions topic), and after a
+/// kill -9 before any snapshot the replay repeats the declaration where it
+/// was: the history equals the generator's and every action id keeps one
+/// content.
+#[test]
+fn an_empty_partition_is_declared_idle_and_a_replay_repeats_it() {
+    let broker = broker_with(Storage::Sqlite, 4);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("kafka");
+    let w = workload(1000, 120, 0.05, |c| {
+        c.seed = 43;
+        c.unknown_card_pct = 0.0;
+    });
+    produce_commands(&broker, &w);
+    let messages: Vec<(String, Vec<u8>, i32)> = w
+        .records()
+        .map(|r| {
+            let mut line = String::new();
+            r.to_json_line(&mut line);
+            let key = r.iccid().to_string();
+            let partition = i32::from(key.as_bytes()[key.len() - 1] - b'0') % 3;
+            (key, line.into_bytes(), partition)
+        })
+        .collect();
+    produce(
+        &broker,
+        "flowcap.usage",
+        messages.iter().map(|(key, bytes, partition)| {
+            Record::new(bytes).key(key.as_bytes()).partition(*partition)
+        }),
+    )
+    .unwrap();
+    let rollovers = || {
+        consume_all(
+            &broker,
+            "flowcap.actions",
+            1_000_000,
+            Duration::from_secs(1),
+        )
+        .unwrap()
+        .iter()
+        .filter(|m| String::from_utf8_lossy(&m.value).contains("\"rollover\""))
+        .count()
+    };
+    let log = work.path().join("first.log");
+    let mut child = flowcap(&broker, &dir, &["--snapshot-every", "100000000"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let exited = wait_for(
+        &mut child,
+        &log,
+        Duration::from_secs(120),
+        "rollover",
+        || rollovers() > 0,
+    );
+    assert!(exited.is_none(), "flowcap exited before the rollover");
+    kill9(&mut child);
+    assert_eq!(
+        newest_snapshot(&dir),
+        None,
+        "the replay covers the declaration"
+    );
+    run_until_idle(&broker, &dir, &[]);
+    assert_exact(&broker, &dir, &w);
+    let mut contents: HashMap<String, String> = HashMap::new();
+    for m in consume_all(
+        &broker,
+        "flowcap.actions",
+        1_000_000,
+        Duration::from_secs(2),
+    )
+    .unwrap()
+    {
+        let mut action: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+        action.as_object_mut().unwrap().remove("processed_at");
+        let id = action["id"].as_str().unwrap_or_default().to_owned();
+        let text = action.to_string();
+        let first = contents.entry(id.clone()).or_insert_with(|| text.clone());
+        assert_eq!(*first, text, "action {id} repeated with another content");
+    }
+    assert!(rollovers() > 0);
 }

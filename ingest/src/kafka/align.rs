@@ -1,15 +1,14 @@
 //! Which usage partition the driver reads next: the one furthest behind,
 //! so that all partitions advance together in time.
 //!
-//! Why: the engine keeps one event clock, the latest `end` over every
-//! input. librdkafka hands a consumer whatever the broker fetched, and a
+//! Why: librdkafka hands a consumer whatever the broker fetched, and a
 //! broker serving a backlog serves partitions unevenly: read in fetch
 //! order, one partition ran two days ahead of the others over a 20M-record
-//! backlog (docs/BENCHMARKS.md §8). The others' records then met a clock
-//! that was not theirs: they fell out of the dedupe hot window (so ~98 %
-//! of them went to the disk index), and across a cycle boundary they
-//! counted as history only (28 % of the run). Which records counted
-//! depended on how the broker happened to serve the partitions.
+//! backlog (docs/BENCHMARKS.md §8). The engine's clock follows the slowest
+//! partition (`lanes.rs`), so that does not change what counts; but the
+//! others' records fell out of the dedupe hot window (so ~98 % of them went
+//! to the disk index), and a partition read ahead across a cycle boundary
+//! keeps its next-cycle records aside in memory until the others get there.
 //!
 //! The time of a partition is the newest *message timestamp* taken from
 //! it (producer or log-append time), not the records' `end`: message

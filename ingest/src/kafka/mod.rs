@@ -16,7 +16,9 @@
 //!   ids.
 //! - **Alignment**: each input has a queue of its own, and the usage
 //!   partitions are read together in message time, the one furthest
-//!   behind first (`align.rs`): one event clock serves them all.
+//!   behind first (`align.rs`). Each is a lane of the engine's clock,
+//!   which follows the slowest; a partition read to its end and silent is
+//!   declared idle by an input of its own (`lanes.rs`).
 //! - **Outputs** (actions keyed by ICCID or pool id, dead letters, command
 //!   results keyed by command id) go through an idempotent producer; a
 //!   message whose delivery fails is sent again, never dropped.
@@ -42,6 +44,7 @@
 mod align;
 mod feed;
 mod inputs;
+mod lanes;
 mod lease;
 mod order_log;
 mod producer;
@@ -54,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
-use flowcap_engine::{EngineConfig, Timestamp};
+use flowcap_engine::{EngineConfig, Lane, Timestamp};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -68,6 +71,7 @@ use crate::metrics::{self as m, DriverMetrics, Source};
 pub use align::AlignSettings;
 use feed::{Fetched, PartitionFeed};
 use inputs::Inputs;
+use lanes::LaneWatch;
 use order_log::{OrderLog, ReplayRun, RunStart};
 pub(crate) use producer::Outbox;
 
@@ -459,7 +463,7 @@ pub fn run(
         producer_config: producer_config.clone(),
         give_up: Arc::clone(&give_up),
     };
-    let pipeline = Pipeline::start(
+    let mut pipeline = Pipeline::start(
         &options.data_dir,
         true,
         &options.engine,
@@ -513,11 +517,14 @@ pub fn run(
         Arc::new(cursors.iter().map(|c| AtomicI64::new(c.next)).collect());
     let times: Arc<Vec<AtomicI64>> =
         Arc::new(cursors.iter().map(|_| AtomicI64::new(i64::MIN)).collect());
+    let highs: Arc<Vec<AtomicI64>> =
+        Arc::new(cursors.iter().map(|_| AtomicI64::new(i64::MAX)).collect());
     let lag_thread = spawn_lag_reporter(
         lag_client,
         cursors.clone(),
         Arc::clone(&lag_positions),
         Arc::clone(&times),
+        Arc::clone(&highs),
         Arc::clone(&stop),
     );
     let commands = (0..cursors.len())
@@ -526,7 +533,11 @@ pub fn run(
     let mut inputs = Inputs::new(&queues, commands, options.align, times, Instant::now());
 
     let shards = pipeline.sharded.shard_count();
+    // One clock lane per usage partition (lane = partition number): time
+    // follows the slowest (`lanes.rs`).
+    pipeline.sharded.engine().declare_lanes(usage_partitions);
     let mut driver = Driver {
+        lanes: LaneWatch::new(cursors.len(), options.align.idle, highs, Instant::now()),
         next_seq: pipeline.resumed_after.map_or(0, |s| s + 1),
         pipeline,
         log,
@@ -586,6 +597,10 @@ pub fn run(
     }
     for ReplayRun { source, count } in plan {
         tracing::debug!(source, ?count, "replay run");
+        if let Some(lane) = lanes::idle_lane(source) {
+            driver.declare_idle(lane)?;
+            continue;
+        }
         let i = source as usize;
         if i >= cursors.len() {
             tracing::warn!(
@@ -701,6 +716,10 @@ pub fn run(
             for c in &cursors {
                 m::partition_paused(&c.topic, c.partition, false);
             }
+        }
+        if let Some(i) = driver.lanes.due(&cursors, Instant::now()) {
+            driver.declare_idle(cursors[i].partition as u32)?;
+            driver.lanes.declared_idle(i);
         }
         driver.maybe_snapshot(options, &cursors, &data)?;
     }
@@ -866,16 +885,18 @@ fn spawn_lag_reporter(
     cursors: Vec<Cursor>,
     positions: Arc<Vec<AtomicI64>>,
     times: Arc<Vec<AtomicI64>>,
+    highs: Arc<Vec<AtomicI64>>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("flowcap-lag".into())
         .spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                if let Ok(highs) = high_watermarks(&consumer, &cursors, Duration::from_secs(5)) {
-                    for (i, (c, high)) in cursors.iter().zip(highs).enumerate() {
+                if let Ok(answer) = high_watermarks(&consumer, &cursors, Duration::from_secs(5)) {
+                    for (i, (c, high)) in cursors.iter().zip(answer).enumerate() {
                         let next = positions[i].load(Ordering::Relaxed);
                         m::consumer_lag(&c.topic, c.partition, high - next);
+                        highs[i].store(high, Ordering::Relaxed);
                     }
                 }
                 for (c, time) in cursors.iter().zip(times.iter()) {
@@ -903,6 +924,8 @@ const WARM_BATCH: usize = 64;
 /// The driver's state between messages.
 struct Driver {
     pipeline: Pipeline,
+    /// Which usage partitions hold time back (`lanes.rs`).
+    lanes: LaneWatch,
     log: OrderLog,
     /// Source of the run in progress.
     current_run: Option<u32>,
@@ -1113,13 +1136,15 @@ impl Driver {
             self.pipeline.side_later(letter);
             return Ok(true);
         }
+        self.lanes.delivered(source as usize, Instant::now());
         match decoded.unwrap_or_else(|| decode(payload, &self.limits)) {
             Ok(usage) => {
                 let received = received.map(Timestamp);
+                let lane = Lane(u32::try_from(cursor.partition).unwrap_or(u32::MAX));
                 if let Some(r) = self
                     .pipeline
                     .sharded
-                    .process_usage_received(&usage, received, seq)
+                    .process_usage_from(lane, &usage, received, seq)
                     .map_err(IngestError::from)?
                 {
                     self.pipeline
@@ -1136,6 +1161,28 @@ impl Driver {
             }
         }
         Ok(true)
+    }
+
+    /// Input: usage partition `lane` is read to its end and silent, so it
+    /// holds time back no more (`lanes.rs`). Logged as a run of its own
+    /// before the engine sees it; also how a replay repeats it.
+    fn declare_idle(&mut self, lane: u32) -> Result<(), KafkaRunError> {
+        let seq = self.next_seq;
+        self.log
+            .append(RunStart {
+                seq,
+                source: lanes::idle_source(lane),
+                offset: 0,
+            })
+            .map_err(KafkaRunError::OrderLog)?;
+        self.next_seq += 1;
+        // The next message starts a run of its own, whatever its source.
+        self.current_run = None;
+        self.since_snapshot += 1;
+        tracing::debug!(lane, seq, "partition idle");
+        self.pipeline.sharded.lane_idle(Lane(lane), seq);
+        self.pipeline.flush_side()?;
+        Ok(())
     }
 
     fn maybe_snapshot(

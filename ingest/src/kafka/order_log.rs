@@ -206,6 +206,9 @@ pub(crate) fn replay_plan(runs: &[RunStart], after_seq: Option<u64>) -> Vec<Repl
                 source: run.source,
                 count: Some(end - run.seq.max(first)),
             }),
+            // An idle declaration is one input: as the last entry, it is
+            // replayed only if the snapshot does not cover it.
+            None if super::lanes::idle_lane(run.source).is_some() && run.seq < first => {}
             None => plan.push(ReplayRun {
                 source: run.source,
                 count: None,
@@ -296,6 +299,41 @@ mod tests {
         );
         assert_eq!(replay_plan(&[], Some(3)), vec![]);
         assert_eq!(replay_plan(&runs, None).len(), 3);
+    }
+
+    #[test]
+    fn an_idle_declaration_is_a_run_of_one_input() {
+        let idle = super::super::lanes::idle_source(3);
+        let runs = [run(0, 1), run(10, idle), run(11, 2)];
+        let replay = |after| replay_plan(&runs, after);
+        assert_eq!(
+            replay(Some(4)),
+            vec![
+                ReplayRun {
+                    source: 1,
+                    count: Some(5)
+                },
+                ReplayRun {
+                    source: idle,
+                    count: Some(1)
+                },
+                ReplayRun {
+                    source: 2,
+                    count: None
+                }
+            ]
+        );
+        assert_eq!(replay(Some(10))[0].source, 2, "covered by the snapshot");
+        // The last entry: replayed once, unless the snapshot covers it.
+        let runs = [run(0, 1), run(10, idle)];
+        assert_eq!(
+            replay_plan(&runs, Some(9)),
+            vec![ReplayRun {
+                source: idle,
+                count: None
+            }]
+        );
+        assert_eq!(replay_plan(&runs, Some(10)), vec![]);
     }
 
     #[test]
