@@ -44,6 +44,7 @@ mod feed;
 mod inputs;
 mod lease;
 mod order_log;
+mod produced;
 mod producer;
 
 use std::collections::BTreeMap;
@@ -62,7 +63,7 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::embedded::{IngestError, KafkaOut, Pipeline, Side, SourcePosition, Summary};
+use crate::embedded::{IngestError, KafkaOut, Pipeline, Restored, Side, SourcePosition, Summary};
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self as m, DriverMetrics, Source};
 pub use align::AlignSettings;
@@ -449,19 +450,31 @@ pub fn run(
     };
     tracing::info!(instance, "lease acquired");
 
+    let restored = Restored::load(&options.data_dir, true)?;
+    let Some(produced) = produced::read_back(
+        &consumer_config,
+        &meta,
+        &options.data_dir,
+        restored.positions(),
+        &[&options.topics.dlq, &options.topics.results],
+        false,
+        &stop,
+    )?
+    else {
+        return Ok(Summary::default());
+    };
     let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);
     let give_up = Arc::new(AtomicBool::new(false));
     let out = KafkaOut {
-        outbox: Outbox::new(&producer_config)?,
+        outbox: Outbox::new(&producer_config, produced)?,
         actions: options.topics.actions.clone(),
         dlq: options.topics.dlq.clone(),
         results: options.topics.results.clone(),
         producer_config: producer_config.clone(),
         give_up: Arc::clone(&give_up),
     };
-    let pipeline = Pipeline::start(
-        &options.data_dir,
-        true,
+    let pipeline = Pipeline::start_from(
+        restored,
         &options.engine,
         options.history.as_ref(),
         options.notify.as_ref(),
