@@ -427,6 +427,9 @@ fn scenario_end_to_end_exact_with_the_embedded_decisions() {
 /// Kafka mode with every snapshot corrupt: the start is refused, naming
 /// them, and no file of the data directory changes (before, it started
 /// over, cleared the history and replayed what retention still held).
+/// `--fresh` then starts over on purpose, as in file mode: every input is
+/// read again from the topics' oldest offsets, each counted once (before,
+/// Kafka mode refused `--fresh`).
 #[test]
 fn no_usable_snapshot_refuses_to_start_and_deletes_nothing() {
     let Ready { broker, dir, w, .. } = ready(Storage::Memory, 1000, 12, 0.5, |_| {});
@@ -456,6 +459,15 @@ fn no_usable_snapshot_refuses_to_start_and_deletes_nothing() {
     }
     assert!(err.contains("--fresh"), "{}", tail(&err, 4000));
     assert!(before == common::tree(&dir), "a file changed");
+
+    let fresh = run_until_idle(&broker, &dir, &["--fresh"]);
+    assert!(fresh["summary"]["resumed_after_seq"].is_null(), "{fresh}");
+    assert_eq!(fresh["summary"]["commands_failed"], 0, "{fresh}");
+    assert_exact(&broker, &dir, &w);
+    // Its snapshots restore: the next run resumes.
+    let next = run_until_idle(&broker, &dir, &[]);
+    assert!(next["summary"]["resumed_after_seq"].is_u64(), "{next}");
+    assert_exact(&broker, &dir, &w);
 }
 
 #[test]

@@ -1386,8 +1386,8 @@ fn no_usable_snapshot(dir: &Path, failures: &[SnapshotFailure]) -> String {
     text.push_str(
         "\nTo go on: run the flowcap build that wrote them (an upgrade never reads an older \
          snapshot format: finish with the old build, then upgrade), or start over on purpose \
-         with `flowcap run --fresh`, which clears the outputs and the history (in Kafka mode, \
-         move the data directory and the history aside instead).",
+         with `flowcap run --fresh`, which clears the outputs and the history (in Kafka mode \
+         the inputs are then read again from the oldest offsets the topics keep).",
     );
     text
 }

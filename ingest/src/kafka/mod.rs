@@ -156,6 +156,11 @@ pub struct KafkaOptions {
     /// and every partition is consumed to its end. For tests and
     /// benchmarks; a service runs until signalled.
     pub exit_when_idle: Option<Duration>,
+    /// Start over (`--fresh`): clear the data directory's state and
+    /// history and read every input from the oldest offset the broker
+    /// keeps. Without it, a data directory whose snapshots all fail to
+    /// restore refuses to start.
+    pub fresh: bool,
 }
 
 impl KafkaOptions {
@@ -182,6 +187,7 @@ impl KafkaOptions {
             align: AlignSettings::default(),
             lease_timeout: Duration::from_secs(10),
             exit_when_idle: None,
+            fresh: false,
         }
     }
 }
@@ -450,19 +456,23 @@ pub fn run(
     };
     tracing::info!(instance, "lease acquired");
 
-    let restored = Restored::load(&options.data_dir, true)?;
+    let restored = Restored::load(&options.data_dir, !options.fresh)?;
     let Some(produced) = produced::read_back(
         &consumer_config,
         &meta,
         &options.data_dir,
         restored.positions(),
         &[&options.topics.dlq, &options.topics.results],
-        false,
+        options.fresh,
         &stop,
     )?
     else {
         return Ok(Summary::default());
     };
+    let order_dir = options.data_dir.join("order");
+    if options.fresh && order_dir.exists() {
+        std::fs::remove_dir_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
+    }
     let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);
     let give_up = Arc::new(AtomicBool::new(false));
     let out = KafkaOut {
@@ -501,7 +511,6 @@ pub fn run(
         tpl.add_partition_offset(&c.topic, c.partition, offset)?;
     }
 
-    let order_dir = options.data_dir.join("order");
     let runs = order_log::read_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
     let plan = order_log::replay_plan(&runs, pipeline.resumed_after);
     let log =
