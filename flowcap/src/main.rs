@@ -160,7 +160,10 @@ struct RunArgs {
     /// message); a larger one is refused as `too_large`. Default 67108864.
     #[arg(long, env = "FLOWCAP_MAX_COMMAND_SIZE", value_name = "BYTES")]
     max_command_size: Option<usize>,
-    /// Ignore snapshots in the output directory and start over.
+    /// Ignore snapshots in the output directory and start over: the
+    /// outputs and the history are cleared (in Kafka mode every input is
+    /// read again from the oldest offset the broker keeps; the output
+    /// topics keep what they hold).
     #[arg(long)]
     fresh: bool,
     /// Record rule firings but send no notification (webhooks, email,
@@ -526,9 +529,7 @@ fn run(args: RunArgs) -> Result<()> {
             .kafka
             .exit_when_idle
             .map(std::time::Duration::from_secs_f64);
-        if args.fresh {
-            bail!("--fresh is not available in Kafka mode: remove the data directory instead");
-        }
+        options.fresh = args.fresh;
         return run_kafka(&options, args.json, &health);
     }
     let options = EmbeddedOptions {

@@ -427,6 +427,9 @@ fn scenario_end_to_end_exact_with_the_embedded_decisions() {
 /// Kafka mode with every snapshot corrupt: the start is refused, naming
 /// them, and no file of the data directory changes (before, it started
 /// over, cleared the history and replayed what retention still held).
+/// `--fresh` then starts over on purpose, as in file mode: every input is
+/// read again from the topics' oldest offsets, each counted once (before,
+/// Kafka mode refused `--fresh`).
 #[test]
 fn no_usable_snapshot_refuses_to_start_and_deletes_nothing() {
     let Ready { broker, dir, w, .. } = ready(Storage::Memory, 1000, 12, 0.5, |_| {});
@@ -456,6 +459,15 @@ fn no_usable_snapshot_refuses_to_start_and_deletes_nothing() {
     }
     assert!(err.contains("--fresh"), "{}", tail(&err, 4000));
     assert!(before == common::tree(&dir), "a file changed");
+
+    let fresh = run_until_idle(&broker, &dir, &["--fresh"]);
+    assert!(fresh["summary"]["resumed_after_seq"].is_null(), "{fresh}");
+    assert_eq!(fresh["summary"]["commands_failed"], 0, "{fresh}");
+    assert_exact(&broker, &dir, &w);
+    // Its snapshots restore: the next run resumes.
+    let next = run_until_idle(&broker, &dir, &[]);
+    assert!(next["summary"]["resumed_after_seq"].is_u64(), "{next}");
+    assert_exact(&broker, &dir, &w);
 }
 
 #[test]
@@ -592,12 +604,23 @@ const KILL_LOOP_PARTITIONS: i32 = 32;
 /// durable storage; flowcap is SIGKILLed six times at random points spread
 /// over the run (a snapshot every 50k inputs, so most kills replay from a
 /// different snapshot, and one lands during the replay after a kill); after
-/// the last restart history must match the generator exactly and the
-/// actions topic must hold exactly the final decisions. About 3-4 minutes
-/// on 2 cores.
+/// the last restart history must match the generator exactly, the
+/// actions topic must hold exactly the final decisions, and the dead-letter
+/// and command-result topics one message per bad input and per command.
+/// About 3-4 minutes on 2 cores.
 #[test]
 fn kill_9_loop_over_a_million_records_is_exact() {
     kill_9_loop(20_000, 50, 50_000);
+}
+
+/// The kill -9 loop at a fifth of the size, snapshots five times as often:
+/// the dead-letter topic holds exactly one letter per bad input and the
+/// command-result topic one result per command, although every kill
+/// replays inputs whose letters and results were already produced (before,
+/// each replay produced them again).
+#[test]
+fn kill_9_loop_produces_each_dead_letter_and_result_once() {
+    kill_9_loop(4_000, 50, 10_000);
 }
 
 /// The newest snapshot's sequence number (how far a run has durably come).
@@ -662,7 +685,7 @@ fn kill_9_loop(cards: u64, hours: u32, snapshot_every: u64) {
     );
     let started = Instant::now();
     let total = w.total_records();
-    assert!(total >= 1_000_000, "{total} records");
+    assert!(total >= u64::from(hours) * cards, "{total} records");
     // Every record is in the topic first (the durable broker is slow to
     // write into while it serves restarting consumers), then flowcap is
     // killed at random points while it works through them.
@@ -720,6 +743,10 @@ fn kill_9_loop(cards: u64, hours: u32, snapshot_every: u64) {
                     tail(&log, 6000)
                 );
             }
+            // Commands while it runs: one that does not parse (a result
+            // and a dead letter), one refused (a result); the kill is
+            // likely to replay them.
+            produce_loop_commands(&broker, k);
             std::thread::sleep(jitter(&mut seed, 0, 2_000));
         }
         kill9(&mut child);
@@ -768,9 +795,74 @@ fn kill_9_loop(cards: u64, hours: u32, snapshot_every: u64) {
     eprintln!("final run done after {:?}", started.elapsed());
     assert_exact(&broker, &dir, &w);
     assert_actions_match_events(&broker, &dir);
+    let loop_commands = (KILLS - 1) as usize;
+    assert_side_outputs_once(&broker, &w, loop_commands, 2 * loop_commands);
     eprintln!("checked after {:?}", started.elapsed());
     // The broker still works after all that (and the test owns it to the end).
     broker.kill().unwrap();
+}
+
+/// The commands [`kill_9_loop`] produces in its run `k`: one that does not
+/// parse and one refused (an add-on for a card that does not exist, at the
+/// workload's start, so it moves no clock).
+fn produce_loop_commands(broker: &Broker, k: u64) {
+    let bad =
+        format!(r#"{{"id":"loop-{k}-bad","type":"no_such","at":"2026-11-26T12:00:00+08:00"}}"#);
+    let refused = format!(
+        r#"{{"id":"loop-{k}-refused","type":"add_on","at":"2026-11-26T12:00:00+08:00","iccid":"89860000000000000001","mb":1}}"#
+    );
+    produce(
+        broker,
+        "flowcap.commands",
+        [Record::new(bad.as_bytes()), Record::new(refused.as_bytes())],
+    )
+    .unwrap();
+}
+
+/// The dead-letter topic holds one letter per bad record of `w` and per
+/// `bad_commands`; the command-result topic one result per command (the
+/// set-up's and `more_commands`), each command id once.
+fn assert_side_outputs_once(
+    broker: &Broker,
+    w: &Workload,
+    bad_commands: usize,
+    more_commands: usize,
+) {
+    let counts = w.expected().counts();
+    let bad = counts.get(RecordKind::Malformed) + counts.get(RecordKind::UnknownCard);
+    let dlq = consume_all(broker, "flowcap.dlq", 10_000_000, Duration::from_secs(5)).unwrap();
+    let mut by_source: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &dlq {
+        let envelope: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+        *by_source.entry(envelope["source"].to_string()).or_default() += 1;
+    }
+    let repeated: Vec<_> = by_source.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert_eq!(
+        dlq.len(),
+        bad as usize + bad_commands,
+        "one dead letter per bad input; inputs dead-lettered more than once: {} (first {repeated:?})",
+        by_source.values().filter(|n| **n > 1).count()
+    );
+    let results = consume_all(
+        broker,
+        "flowcap.command-results",
+        10_000_000,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    let mut by_id: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
+    for m in &results {
+        *by_id.entry(m.key.clone().unwrap_or_default()).or_default() += 1;
+    }
+    let repeated = by_id.values().filter(|n| **n > 1).count();
+    assert_eq!(
+        (results.len(), by_id.len()),
+        (
+            w.setup_commands().count() + more_commands,
+            w.setup_commands().count() + more_commands
+        ),
+        "one result per command; {repeated} command ids answered more than once"
+    );
 }
 
 #[test]

@@ -525,6 +525,8 @@ pub(crate) enum Side {
     /// durability yet).
     Cut(
         Sender<Result<BTreeMap<String, u64>, String>>,
+        /// The last input the snapshot covers.
+        u64,
         Option<Box<HistoryCut>>,
     ),
     /// The second phase: write the encoded snapshot once everything before
@@ -827,7 +829,8 @@ impl Writer {
                             ResultMessage::new(entry.seq, &entry.result, entry.repeat, None);
                         let payload = serde_json::to_vec(&message)?;
                         let id = entry.result.command_id.as_str().as_bytes();
-                        k.outbox.send(&k.results, Some(id), &payload, &[])?;
+                        k.outbox
+                            .send_once(&k.results, entry.seq, Some(id), &payload, &[])?;
                     }
                 }
             }
@@ -868,6 +871,7 @@ impl Writer {
                     let payload = serde_json::to_vec(&letter)?;
                     dead_letter(
                         k,
+                        seq,
                         &code,
                         letter.message,
                         source.as_ref(),
@@ -924,9 +928,11 @@ impl Writer {
                     message.raw_truncated |= truncated;
                     let payload = serde_json::to_vec(&message)?;
                     let id = result.command_id.as_str().as_bytes();
-                    k.outbox.send(&k.results, Some(id), &payload, &[])?;
+                    k.outbox
+                        .send_once(&k.results, seq, Some(id), &payload, &[])?;
                     let envelope = serde_json::to_vec(&letter)?;
-                    dead_letter(k, code, letter.message, source.as_ref(), None, &envelope)?;
+                    let source = source.as_ref();
+                    dead_letter(k, seq, code, letter.message, source, None, &envelope)?;
                 }
                 if let Some(h) = &mut self.history {
                     h.journal(seq, None, &raw, &result, false, clock)?;
@@ -945,9 +951,14 @@ impl Writer {
         }
     }
 
-    /// The cut of a snapshot (see the module docs): the output lengths now;
-    /// durability comes with the commit.
-    fn cut(&mut self, cut: Option<Box<HistoryCut>>) -> Result<BTreeMap<String, u64>, WriteError> {
+    /// The cut of a snapshot through input `seq` (see the module docs): the
+    /// output lengths (and where the side topics are read back from, in
+    /// Kafka mode) now; durability comes with the commit.
+    fn cut(
+        &mut self,
+        seq: u64,
+        cut: Option<Box<HistoryCut>>,
+    ) -> Result<BTreeMap<String, u64>, WriteError> {
         self.take_outcomes()?;
         let mut mark = CutMark::default();
         if let (Some(h), Some(cut)) = (&mut self.history, cut) {
@@ -963,11 +974,13 @@ impl Writer {
                 metrics::history_compaction(&stats);
             }
         }
+        let mut lengths = self.lengths();
         if let Some(k) = &mut self.kafka {
             mark.epoch = Some(k.outbox.close_epoch());
+            lengths.extend(k.outbox.cut_marks(seq));
         }
         self.last_cut = Some(mark);
-        Ok(self.lengths())
+        Ok(lengths)
     }
 
     /// Starts waiting to write `commit` (for the last cut): its own
@@ -1206,17 +1219,19 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// The DLQ message: the JSON envelope as value, the reason and the source
-/// position also as headers (for consumers that route without parsing).
+/// The DLQ message of input `seq` (unless the topic holds it already:
+/// [`crate::kafka::Outbox::send_once`]): the JSON envelope as value, the
+/// reason and the source position also as headers (for consumers that
+/// route without parsing).
 fn dead_letter(
     k: &mut KafkaOut,
+    seq: u64,
     code: &str,
     message: &str,
     source: Option<&SourcePosition>,
     key: Option<&str>,
     payload: &[u8],
 ) -> Result<(), WriteError> {
-    crate::metrics::dlq(code);
     let (topic, partition, offset) =
         source.map_or((String::new(), String::new(), String::new()), |s| {
             (
@@ -1225,20 +1240,23 @@ fn dead_letter(
                 s.offset.to_string(),
             )
         });
-    k.outbox
-        .send(
-            &k.dlq,
-            key.map(str::as_bytes),
-            payload,
-            &[
-                ("flowcap.reason", code.as_bytes()),
-                ("flowcap.message", message.as_bytes()),
-                ("flowcap.source.topic", topic.as_bytes()),
-                ("flowcap.source.partition", partition.as_bytes()),
-                ("flowcap.source.offset", offset.as_bytes()),
-            ],
-        )
-        .map_err(WriteError::from)
+    let sent = k.outbox.send_once(
+        &k.dlq,
+        seq,
+        key.map(str::as_bytes),
+        payload,
+        &[
+            ("flowcap.reason", code.as_bytes()),
+            ("flowcap.message", message.as_bytes()),
+            ("flowcap.source.topic", topic.as_bytes()),
+            ("flowcap.source.partition", partition.as_bytes()),
+            ("flowcap.source.offset", offset.as_bytes()),
+        ],
+    )?;
+    if sent {
+        crate::metrics::dlq(code);
+    }
+    Ok(())
 }
 
 fn run_writer(
@@ -1265,8 +1283,8 @@ fn run_writer(
                             Side::Barrier(reply) => {
                                 let _ = reply.send(writer.sync_all().map_err(fail));
                             }
-                            Side::Cut(reply, cut) => {
-                                let _ = reply.send(writer.cut(cut).map_err(fail));
+                            Side::Cut(reply, seq, cut) => {
+                                let _ = reply.send(writer.cut(seq, cut).map_err(fail));
                             }
                             Side::Commit(commit) => {
                                 writer.begin_commit(commit).map_err(fail)?;
@@ -1288,11 +1306,11 @@ fn run_writer(
                     }
                     let _ = reply.send(writer.sync_all().map_err(fail));
                 }
-                Ok(Side::Cut(reply, cut)) => {
+                Ok(Side::Cut(reply, seq, cut)) => {
                     while let Ok(batch) = outputs.try_recv() {
                         writer.write_outputs(batch).map_err(fail)?;
                     }
-                    let _ = reply.send(writer.cut(cut).map_err(fail));
+                    let _ = reply.send(writer.cut(seq, cut).map_err(fail));
                 }
                 Ok(Side::Commit(commit)) => writer.begin_commit(commit).map_err(fail)?,
                 Ok(other) => writer.write_side(other).map_err(fail)?,
@@ -1368,8 +1386,8 @@ fn no_usable_snapshot(dir: &Path, failures: &[SnapshotFailure]) -> String {
     text.push_str(
         "\nTo go on: run the flowcap build that wrote them (an upgrade never reads an older \
          snapshot format: finish with the old build, then upgrade), or start over on purpose \
-         with `flowcap run --fresh`, which clears the outputs and the history (in Kafka mode, \
-         move the data directory and the history aside instead).",
+         with `flowcap run --fresh`, which clears the outputs and the history (in Kafka mode \
+         the inputs are then read again from the oldest offsets the topics keep).",
     );
     text
 }
@@ -1491,25 +1509,11 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
-    /// Restores the newest usable snapshot in `dir` (when `resume`), or
-    /// starts empty and clears the directory's state; rewinds the output
-    /// files to the snapshot and starts the writer. See [`Restored::load`]
-    /// for when it refuses to start.
-    pub(crate) fn start(
-        dir: &Path,
-        resume: bool,
-        config: &EngineConfig,
-        history: Option<&HistoryConfig>,
-        notify: Option<&NotifyConfig>,
-        kafka: Option<KafkaOut>,
-    ) -> Result<Pipeline, IngestError> {
-        let restored = Restored::load(dir, resume)?;
-        Pipeline::start_from(restored, config, history, notify, kafka)
-    }
-
-    /// [`Pipeline::start`] from a snapshot already restored (a driver that
+    /// Starts from the snapshot [`Restored::load`] restored (a driver
     /// reads its positions before it commits to running, see
-    /// [`crate::files`]).
+    /// [`crate::files`] and [`crate::kafka`]), or empty, clearing the
+    /// directory's state; rewinds the output files to the snapshot and
+    /// starts the writer.
     pub(crate) fn start_from(
         restored: Restored,
         config: &EngineConfig,
@@ -1756,7 +1760,7 @@ impl Pipeline {
         let viewed = started.elapsed();
         let (reply_tx, reply_rx) = bounded(1);
         self.side
-            .send(Side::Cut(reply_tx, cut))
+            .send(Side::Cut(reply_tx, seq, cut))
             .map_err(|_| IngestError::Writer("writer is gone".into()))?;
         let lengths = reply_rx
             .recv()

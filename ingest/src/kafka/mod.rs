@@ -47,6 +47,7 @@ mod inputs;
 mod lanes;
 mod lease;
 mod order_log;
+mod produced;
 mod producer;
 
 use std::collections::BTreeMap;
@@ -65,7 +66,7 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::embedded::{IngestError, KafkaOut, Pipeline, Side, SourcePosition, Summary};
+use crate::embedded::{IngestError, KafkaOut, Pipeline, Restored, Side, SourcePosition, Summary};
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self as m, DriverMetrics, Source};
 pub use align::AlignSettings;
@@ -159,6 +160,11 @@ pub struct KafkaOptions {
     /// and every partition is consumed to its end. For tests and
     /// benchmarks; a service runs until signalled.
     pub exit_when_idle: Option<Duration>,
+    /// Start over (`--fresh`): clear the data directory's state and
+    /// history and read every input from the oldest offset the broker
+    /// keeps. Without it, a data directory whose snapshots all fail to
+    /// restore refuses to start.
+    pub fresh: bool,
 }
 
 impl KafkaOptions {
@@ -185,6 +191,7 @@ impl KafkaOptions {
             align: AlignSettings::default(),
             lease_timeout: Duration::from_secs(10),
             exit_when_idle: None,
+            fresh: false,
         }
     }
 }
@@ -453,19 +460,35 @@ pub fn run(
     };
     tracing::info!(instance, "lease acquired");
 
+    let restored = Restored::load(&options.data_dir, !options.fresh)?;
+    let Some(produced) = produced::read_back(
+        &consumer_config,
+        &meta,
+        &options.data_dir,
+        restored.positions(),
+        &[&options.topics.dlq, &options.topics.results],
+        options.fresh,
+        &stop,
+    )?
+    else {
+        return Ok(Summary::default());
+    };
+    let order_dir = options.data_dir.join("order");
+    if options.fresh && order_dir.exists() {
+        std::fs::remove_dir_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
+    }
     let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);
     let give_up = Arc::new(AtomicBool::new(false));
     let out = KafkaOut {
-        outbox: Outbox::new(&producer_config)?,
+        outbox: Outbox::new(&producer_config, produced)?,
         actions: options.topics.actions.clone(),
         dlq: options.topics.dlq.clone(),
         results: options.topics.results.clone(),
         producer_config: producer_config.clone(),
         give_up: Arc::clone(&give_up),
     };
-    let mut pipeline = Pipeline::start(
-        &options.data_dir,
-        true,
+    let mut pipeline = Pipeline::start_from(
+        restored,
         &options.engine,
         options.history.as_ref(),
         options.notify.as_ref(),
@@ -492,7 +515,6 @@ pub fn run(
         tpl.add_partition_offset(&c.topic, c.partition, offset)?;
     }
 
-    let order_dir = options.data_dir.join("order");
     let runs = order_log::read_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
     let plan = order_log::replay_plan(&runs, pipeline.resumed_after);
     let log =
