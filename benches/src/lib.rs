@@ -1,10 +1,11 @@
 //! Shared helpers for the criterion benches and the report binaries:
 //! CPU-time and RSS probes (Linux `/proc`), engine setup from a loadgen
 //! workload, a generator of fresh, already-decoded usage records, the
-//! plots' font, progress bars, the DuckDB side of the SQL comparisons, and
+//! [`plot`] (every report's charts), progress bars, the DuckDB side of the SQL comparisons, and
 //! [`history_check`] (exactness and overshoot of a run, from its history).
 
 pub mod history_check;
+pub mod plot;
 
 pub use history_check::{batch_rows, check_history, HistoryCheck};
 
@@ -275,24 +276,6 @@ fn record_id(seq: u64) -> RecordId {
         s /= 10;
     }
     RecordId::new(std::str::from_utf8(&buf).unwrap_or("rec")).unwrap_or_else(|| unreachable!())
-}
-
-/// The TrueType font the report plots write their text with.
-pub const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
-/// Registers [`PLOT_FONT`] as plotters' `sans-serif`. `false` when the file
-/// is missing (the plots are then drawn without text); an error when it is
-/// there but not usable.
-pub fn register_plot_font() -> Result<bool, String> {
-    match std::fs::read(PLOT_FONT) {
-        Ok(bytes) => {
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
-                .map_err(|_| format!("font {PLOT_FONT} not usable"))?;
-            Ok(true)
-        }
-        Err(_) => Ok(false),
-    }
 }
 
 /// The median of `values` (0 for none).
