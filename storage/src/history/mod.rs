@@ -67,7 +67,7 @@ use flowcap_engine::event::{Accounted, ActionEvent, Cause};
 use flowcap_engine::{
     CardView, Carrier, Command, CycleCalendar, Iccid, PoolView, Reasons, Timestamp,
 };
-use flowcap_rules::delivery::DeliveryRow;
+use flowcap_rules::message::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
 use serde::Serialize;
 
