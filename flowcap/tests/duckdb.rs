@@ -40,8 +40,11 @@ fn datafusion_rows(out: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
 
 fn duckdb_rows(root: &Path, queries: &[String]) -> Vec<Vec<Vec<serde_json::Value>>> {
     let request = serde_json::json!({ "root": root, "queries": queries });
-    let answer = flowcap_benches::duckdb(Path::new(flowcap_benches::DUCKDB_SCRIPT), &request)
-        .unwrap_or_else(|e| panic!("duckdb: {e}"));
+    let answer = flowcap_testkit::duckdb::duckdb(
+        Path::new(flowcap_testkit::duckdb::DUCKDB_SCRIPT),
+        &request,
+    )
+    .unwrap_or_else(|e| panic!("duckdb: {e}"));
     serde_json::from_value(answer).unwrap()
 }
 
