@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use flowcap_storage::sql::ConsoleQuery;
+use flowcap_sql::ConsoleQuery;
 
 mod common;
 
@@ -64,7 +64,7 @@ fn duckdb_reads_the_history_and_agrees_on_every_console_query() {
     let latest = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap()
-        .block_on(flowcap_storage::sql::Latest::of(
+        .block_on(flowcap_sql::Latest::of(
             &flowcap_storage::HistoryLocation::Local(root.clone()),
         ))
         .unwrap();
