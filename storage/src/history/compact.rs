@@ -60,17 +60,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, UInt64Array};
-use datafusion::arrow::compute::kernels::zip::zip;
-use datafusion::arrow::compute::{
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, UInt64Array};
+use arrow::compute::kernels::zip::zip;
+use arrow::compute::{
     cast, concat_batches, interleave, interleave_record_batch, is_not_null, take_record_batch,
     SortOptions,
 };
-use datafusion::arrow::datatypes::{Int64Type, SchemaRef};
-use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{RowConverter, Rows, SortField};
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use arrow::datatypes::{Int64Type, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, Rows, SortField};
+use crossbeam_channel::{Receiver, Sender};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::schema;
 use super::{encode_parquet, file_range, is_dump, HistoryError, HistoryOptions};
@@ -914,8 +914,8 @@ mod tests {
 
     /// A usage-shaped batch of (iccid, end_time, input_seq) rows.
     fn usage(rows: &[(&str, i64, i64)]) -> RecordBatch {
-        use datafusion::arrow::array::{Int64Array, StringArray};
-        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use arrow::array::{Int64Array, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
         let schema = Arc::new(Schema::new(vec![
             Field::new("iccid", DataType::Utf8, false),
             Field::new("end_time", DataType::Int64, false),
@@ -991,7 +991,7 @@ mod tests {
 
     /// A delta-shaped batch of (iccid, day, records, through_seq) rows.
     fn deltas(rows: &[(&str, i64, i64, i64)]) -> RecordBatch {
-        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use arrow::datatypes::{DataType, Field, Schema};
         let schema = Arc::new(Schema::new(vec![
             Field::new("iccid", DataType::Utf8, false),
             Field::new("day", DataType::Int64, false),
@@ -1004,7 +1004,7 @@ mod tests {
         RecordBatch::try_new(
             schema,
             vec![
-                Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+                Arc::new(arrow::array::StringArray::from_iter_values(
                     rows.iter().map(|r| r.0),
                 )),
                 ints(|r| r.1),
@@ -1102,8 +1102,8 @@ mod tests {
 
     #[test]
     fn state_changes_sort_by_card_or_pool_as_the_sql_does() {
-        use datafusion::arrow::array::StringArray;
-        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use arrow::array::StringArray;
+        use arrow::datatypes::{DataType, Field, Schema};
         let layout = Arc::new(Schema::new(vec![
             Field::new("iccid", DataType::Utf8, true),
             Field::new("pool_id", DataType::Utf8, true),

@@ -55,13 +55,8 @@ pub mod schema;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::error::ArrowError;
-use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::{Compression, ZstdLevel};
-use datafusion::parquet::errors::ParquetError;
-use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
-use datafusion::parquet::schema::types::ColumnPath;
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
 use flowcap_engine::command::CommandResult;
 use flowcap_engine::event::{Accounted, ActionEvent, Cause};
 use flowcap_engine::{
@@ -69,6 +64,11 @@ use flowcap_engine::{
 };
 use flowcap_rules::message::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::errors::ParquetError;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 use serde::Serialize;
 
 use crate::location::{HistoryFiles, HistoryLocation, LocationError, StoredFile};
@@ -832,12 +832,12 @@ fn sums_columns<'a>(c: &mut Columns, sums: impl Iterator<Item = &'a UsageSums> +
     c.i64(sums.map(|s| Some(s.through_seq)));
 }
 
-fn table_schema(name: &str) -> datafusion::arrow::datatypes::SchemaRef {
+fn table_schema(name: &str) -> arrow::datatypes::SchemaRef {
     schema::tables()
         .into_iter()
         .find(|t| t.name == name)
         .map(|t| t.schema)
-        .unwrap_or_else(|| std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty()))
+        .unwrap_or_else(|| std::sync::Arc::new(arrow::datatypes::Schema::empty()))
 }
 
 fn daily_batch(day: i64, rows: &[(Iccid, UsageSums)]) -> Result<RecordBatch, ArrowError> {
@@ -1189,7 +1189,7 @@ mod tests {
 
     #[test]
     fn one_value_per_row_columns_are_written_without_a_dictionary() {
-        use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
         let rows: Vec<Accounted> = (0..100)
             .map(|i| accounted(i, i % 7, DAY + i as i64))
             .collect();
@@ -1483,10 +1483,10 @@ mod tests {
     /// from the Parquet files themselves (what any reader sees: every
     /// `.parquet` file not hidden by a leading dot).
     fn sums(root: &Path) -> Vec<(String, i64, i64)> {
-        use datafusion::arrow::array::{Array, AsArray};
-        use datafusion::arrow::compute::cast;
-        use datafusion::arrow::datatypes::{DataType, Int64Type};
-        use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        use arrow::array::{Array, AsArray};
+        use arrow::compute::cast;
+        use arrow::datatypes::{DataType, Int64Type};
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
         fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
             let Ok(entries) = std::fs::read_dir(dir) else {
                 return;
