@@ -63,7 +63,7 @@ use flowcap_storage::{
 };
 use serde::Serialize;
 
-use flowcap_rules::delivery::{Notifier, NotifyConfig};
+use flowcap_delivery::{Notifier, NotifyConfig};
 
 use crate::health::Health;
 use crate::limits::{cut_str, fit, text, InputKind, Oversized, SizeLimits, MESSAGE_KEPT, RAW_KEPT};
@@ -254,7 +254,7 @@ pub struct Summary {
     /// Rule firings emitted.
     pub rule_firings: u64,
     /// Notification delivery (webhooks, email, SMS) when it is on.
-    pub notifications: Option<flowcap_rules::delivery::DeliveryTotals>,
+    pub notifications: Option<flowcap_delivery::DeliveryTotals>,
     /// Cards per visible state at the end.
     pub cards_by_state: BTreeMap<String, u64>,
     /// Snapshots written.
@@ -277,7 +277,7 @@ pub const REJECTS_FILE: &str = "rejects.jsonl";
 /// Command journal: command + result.
 pub const JOURNAL_FILE: &str = "journal.jsonl";
 /// The notification outbox inside the output directory
-/// (`flowcap_rules::delivery::outbox`).
+/// (`flowcap_delivery::outbox`).
 pub const OUTBOX_DIR: &str = "outbox";
 /// Push-failure alerts (`push_failed` action events), appended as they
 /// happen (wall-clock order; not rewound on restart).
@@ -1162,7 +1162,7 @@ pub(crate) enum WriteError {
     #[error("{0}")]
     History(#[from] HistoryError),
     #[error("{0}")]
-    Notify(#[from] flowcap_rules::delivery::DeliveryError),
+    Notify(#[from] flowcap_delivery::DeliveryError),
     #[error("writing a snapshot: {0}")]
     Snapshot(#[from] SnapshotStoreError),
     #[error("dedupe cold index: {0}")]

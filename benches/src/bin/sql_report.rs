@@ -18,7 +18,7 @@
 //!   engines), plus two analyst queries over the raw `usage_records`. Each
 //!   runs once (reported as "first") and then `--reps` times, of which the
 //!   median is the figure. DataFusion runs in this process over
-//!   `flowcap_storage::sql::open`; DuckDB in one Python process over
+//!   `flowcap_sql::open`; DuckDB in one Python process over
 //!   `read_parquet` views of the same directories
 //!   (`flowcap/tests/support/duckdb_queries.py`, the script the agreement
 //!   test uses). Both fetch every row. The engines' row counts must agree.
@@ -40,7 +40,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use flowcap_benches::plot::{self, sql::QueryTimes};
 use flowcap_benches::{batch_rows, cpu_model, duckdb, median, progress};
-use flowcap_storage::sql::{self, ConsoleQuery, Latest};
+use flowcap_sql::{self as sql, ConsoleQuery, Latest};
 use flowcap_storage::HistoryLocation;
 use serde_json::{json, Value};
 
