@@ -348,6 +348,8 @@ struct Watched {
 #[derive(Default)]
 struct Shared {
     watched: Option<Watched>,
+    /// The watched process's newest position.
+    position: Option<u64>,
     produced: Option<u64>,
     timeline: Timeline,
     stop: bool,
@@ -385,12 +387,20 @@ impl Monitor {
     /// Watches `child` (logging to `log`) from now on.
     pub(crate) fn watch(&self, child: &Child, log: &Path) {
         let base = newest_snapshot(&self.dir).unwrap_or(0);
-        self.shared.lock().unwrap().watched = Some(Watched {
+        let mut shared = self.shared.lock().unwrap();
+        shared.position = None;
+        shared.watched = Some(Watched {
             pid: child.id(),
             log: log.to_owned(),
             ops: None,
             base,
         });
+    }
+
+    /// The watched process's input position (`None` before its first
+    /// sample with metrics).
+    pub(crate) fn position(&self) -> Option<u64> {
+        self.shared.lock().unwrap().position
     }
 
     /// Marks this moment on the timeline (a kill, a restart, a phase).
@@ -471,7 +481,11 @@ fn sample_loop(shared: &Mutex<Shared>, started: Instant, dir: &Path, label: &str
                 sample.rss_mib.map_or("-".to_owned(), |r| format!("{r:.0}"))
             );
         }
-        shared.lock().unwrap().timeline.samples.push(sample);
+        let mut s = shared.lock().unwrap();
+        if s.watched.as_ref().map(|w| w.pid) == pid && sample.position.is_some() {
+            s.position = sample.position;
+        }
+        s.timeline.samples.push(sample);
     }
 }
 
@@ -514,6 +528,8 @@ fn rss_mib(pid: u32) -> Option<f64> {
 pub(crate) struct Kill {
     /// Seconds the killed process ran.
     pub(crate) ran_secs: f64,
+    /// The input position at the kill (as last sampled).
+    pub(crate) position: Option<u64>,
     /// The newest snapshot at the kill.
     pub(crate) snapshot: Option<u64>,
     /// Killed while replaying the logged input order of the previous kill.
@@ -521,11 +537,10 @@ pub(crate) struct Kill {
 }
 
 /// Runs flowcap on `dir` and SIGKILLs it `kills` times at random points
-/// spread over `total` inputs (each a random delay after the first
-/// snapshot of the process past a random target in its share of the
-/// input); every fifth kill, from the
-/// third, aims at the replay that follows the previous one (when there is
-/// one to replay).
+/// spread over `total` inputs (the k-th once the process's input position
+/// passes a random target in the k-th share of the input, wherever that
+/// falls between two snapshots); every fifth kill, from the third, aims
+/// at the replay that follows the previous one (when there is one).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kill_loop(
     broker: &Broker,
@@ -564,24 +579,14 @@ pub(crate) fn kill_loop(
             std::thread::sleep(jitter(seed, 0, 1_500));
             exited
         } else {
-            // Past the last snapshot-every inputs no snapshot may follow.
-            let target = (base + k * span + random(seed, 0, span))
-                .min((base + total).saturating_sub(snapshot_every));
-            // And at least one snapshot of this process: kills that are
-            // not aimed at a replay hit different snapshots.
-            let from = newest_snapshot(dir);
-            let exited = wait_for(
+            let target = base + k * span + random(seed, 0, span);
+            wait_for(
                 &mut child,
                 &log,
                 Duration::from_secs(3600),
                 "progress to the kill point",
-                || {
-                    let now = newest_snapshot(dir);
-                    now > from && now >= Some(target)
-                },
-            );
-            std::thread::sleep(jitter(seed, 0, 2_000));
-            exited
+                || monitor.position() >= Some(target),
+            )
         };
         if let Some(status) = exited {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
@@ -592,16 +597,19 @@ pub(crate) fn kill_loop(
             );
         }
         let in_replay = k % 5 == 2 && replaying();
+        let position = monitor.position();
         kill9(&mut child);
         let snapshot = newest_snapshot(dir);
         monitor.mark(format!(
-            "kill -9 #{} (snapshot {}{})",
+            "kill -9 #{} (position {}, snapshot {}{})",
             k + 1,
+            position.unwrap_or(0),
             snapshot.unwrap_or(0),
             if in_replay { ", during replay" } else { "" }
         ));
         done.push(Kill {
             ran_secs: started.elapsed().as_secs_f64(),
+            position,
             snapshot,
             in_replay,
         });

@@ -233,6 +233,7 @@ fn plot_timeline(
                 ytop: f64,
                 series: Vec<(RGBColor, &str, Vec<(f64, f64)>)>|
      -> Result<(), Box<dyn std::error::Error>> {
+        let top = if ytop > 0.0 { ytop } else { 1.0 };
         let mut builder = ChartBuilder::on(area);
         builder.margin(15);
         if labels {
@@ -241,7 +242,7 @@ fn plot_timeline(
                 .x_label_area_size(30)
                 .y_label_area_size(60);
         }
-        let mut chart = builder.build_cartesian_2d(0.0..xmax, 0.0..ytop.max(1.0))?;
+        let mut chart = builder.build_cartesian_2d(0.0..xmax, 0.0..top)?;
         if labels {
             chart
                 .configure_mesh()
@@ -252,7 +253,7 @@ fn plot_timeline(
         }
         for (t, what) in &timeline.marks {
             chart.draw_series(LineSeries::new(
-                [(*t, 0.0), (*t, ytop.max(1.0))],
+                [(*t, 0.0), (*t, top)],
                 mark_color(what).mix(0.6).stroke_width(1),
             ))?;
         }
