@@ -50,17 +50,24 @@ use report::Outcome;
 #[test]
 #[ignore = "chaos suite: minutes to hours, see the module doc"]
 fn chaos_suite() {
-    let outcomes = vec![
-        run("kill_9_loop", "kill -9 loop", kill_9_loop),
-        run("broker_restarts", "broker restarts", broker_restarts),
-        run(
+    type Scenario = (&'static str, &'static str, fn(&mut Outcome));
+    let scenarios: [Scenario; 5] = [
+        ("kill_9_loop", "kill -9 loop", kill_9_loop),
+        ("broker_restarts", "broker restarts", broker_restarts),
+        (
             "storm_during_kills",
             "30 % duplicates and 10 % malformed during kills",
             storm_during_kills,
         ),
-        run("burst", "10x burst, resident set bounded", burst),
-        run("dead_webhook", "dead webhook endpoint", dead_webhook),
+        ("burst", "10x burst, resident set bounded", burst),
+        ("dead_webhook", "dead webhook endpoint", dead_webhook),
     ];
+    let mut outcomes = Vec::new();
+    for (name, title, scenario) in scenarios {
+        outcomes.push(run(name, title, scenario));
+        // After each scenario: a long run stopped early keeps its figures.
+        report::write(&outcomes, "report.md");
+    }
     conclude(&outcomes, "report.md");
 }
 
