@@ -237,18 +237,32 @@ fn snapshot_every(records: u64, kills: u64) -> u64 {
     (records / (kills + 1) / 3).max(5_000)
 }
 
+/// What a kill scenario runs: its scale, the encoding of each record
+/// (`binary(seq)`: the compact binary encoding instead of JSON), commands
+/// besides the workload's set-up, and flowcap's configuration file.
+struct Kills<'a> {
+    records: u64,
+    kills: u64,
+    binary: &'a dyn Fn(u64) -> bool,
+    commands: &'a [serde_json::Value],
+    config: &'a str,
+}
+
 /// A kill loop over a Kafka backlog on the broker's durable storage, then
 /// a last run to the end, then the checks; `after` adds scenario checks.
 fn kill_scenario(
     o: &mut Outcome,
-    records: u64,
-    kills: u64,
+    k: Kills<'_>,
     tweak: impl FnOnce(&mut WorkloadConfig),
-    binary: &dyn Fn(u64) -> bool,
-    extra_commands: &[serde_json::Value],
-    config: &str,
     after: impl FnOnce(&Setup, &mut kit::Checks),
 ) {
+    let Kills {
+        records,
+        kills,
+        binary,
+        commands: extra_commands,
+        config,
+    } = k;
     let partitions = kit::partitions_for(records);
     o.scale = vec![
         ("records".into(), records.to_string()),
@@ -327,17 +341,19 @@ fn kill_9_loop(o: &mut Outcome) {
     let kills = env_u64("CHAOS_KILLS", 20);
     kill_scenario(
         o,
-        records,
-        kills,
+        Kills {
+            records,
+            kills,
+            binary: &|_| false,
+            commands: &[],
+            config: "",
+        },
         |c| {
             c.seed = 17;
             c.duplicate_pct = 5.0;
             c.malformed_pct = 1.0;
             c.unknown_card_pct = 1.0;
         },
-        &|_| false,
-        &[],
-        "",
         |_, _| {},
     );
 }
@@ -349,16 +365,18 @@ fn storm_during_kills(o: &mut Outcome) {
     let kills = env_u64("CHAOS_STORM_KILLS", 5);
     kill_scenario(
         o,
-        records,
-        kills,
+        Kills {
+            records,
+            kills,
+            binary: &|seq| seq % 2 == 1,
+            commands: &[],
+            config: "",
+        },
         |c| {
             c.seed = 13;
             c.duplicate_pct = 30.0;
             c.malformed_pct = 10.0;
         },
-        &|seq| seq % 2 == 1,
-        &[],
-        "",
         |_, _| {},
     );
 }
@@ -390,12 +408,14 @@ fn dead_webhook(o: &mut Outcome) {
                   request_timeout_ms = 1000\nmerge_interval_ms = 500\ndrain_timeout_ms = 120000\n";
     kill_scenario(
         o,
-        records,
-        kills,
+        Kills {
+            records,
+            kills,
+            binary: &|_| false,
+            commands: &commands,
+            config,
+        },
         |c| c.seed = 29,
-        &|_| false,
-        &commands,
-        config,
         |s, checks| {
             let events = kit::jsonl(&s.dir.join("events.jsonl"));
             let fired: std::collections::BTreeSet<String> = events

@@ -195,6 +195,9 @@ fn duration(secs: f64) -> String {
     }
 }
 
+/// A line of a plot: its colour, legend and points.
+type Series<'a> = (RGBColor, &'a str, Vec<(f64, f64)>);
+
 /// Input position and newest snapshot (millions) above, resident set
 /// (MiB) below, over seconds; marks as vertical lines (red: kill -9,
 /// blue: broker restart, grey: anything else).
@@ -231,7 +234,7 @@ fn plot_timeline(
                 caption: String,
                 y_desc: &str,
                 ytop: f64,
-                series: Vec<(RGBColor, &str, Vec<(f64, f64)>)>|
+                series: Vec<Series<'_>>|
      -> Result<(), Box<dyn std::error::Error>> {
         let top = if ytop > 0.0 { ytop } else { 1.0 };
         let mut builder = ChartBuilder::on(area);
