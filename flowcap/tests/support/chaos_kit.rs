@@ -650,6 +650,8 @@ pub(crate) struct Checks {
     pub(crate) assert_dlq: bool,
     /// Scenario-specific checks: (what, passed, figure).
     pub(crate) extra: Vec<(String, bool, String)>,
+    /// Scenario-specific figures reported but not checked: (what, figure).
+    pub(crate) measured: Vec<(String, String)>,
 }
 
 impl Checks {
@@ -793,6 +795,7 @@ pub(crate) fn check(
         dlq_expected,
         assert_dlq: env_flag("CHAOS_ASSERT_DLQ"),
         extra: Vec::new(),
+        measured: Vec::new(),
     };
     eprintln!(
         "checked in {:.0} s: {checks:?}",

@@ -156,6 +156,9 @@ pub(crate) fn write(outcomes: &[Outcome], file: &str) -> PathBuf {
             for (what, ok, figure) in &c.extra {
                 row(what, figure.clone(), Some(*ok));
             }
+            for (what, figure) in &c.measured {
+                row(what, figure.clone(), None);
+            }
         }
         for n in &o.notes {
             let _ = writeln!(md, "\n{n}");
