@@ -23,9 +23,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flowcap_engine::EngineConfig;
-use flowcap_ingest::embedded::{self, EmbeddedOptions, Input, Summary};
+use flowcap_ingest::embedded::{self, EmbeddedOptions, Input};
 use flowcap_ingest::files::{FileStatus, Role};
 use flowcap_ingest::metrics::Source;
+use flowcap_ingest::pipeline::{self, Summary};
 use flowcap_ingest::{Health, HistoryConfig, SizeLimits};
 use flowcap_loadgen::{Expected, Workload, WorkloadConfig};
 use flowcap_storage::history::compact::CompactionPolicy;
@@ -774,10 +775,10 @@ fn print_summary(s: &Summary, check: Option<&Exactness>) {
     println!(
         "  outputs       {}/{{{}, {}, {}, {}/}}",
         s.out_dir.display(),
-        embedded::EVENTS_FILE,
-        embedded::REJECTS_FILE,
-        embedded::JOURNAL_FILE,
-        embedded::HISTORY_DIR
+        pipeline::EVENTS_FILE,
+        pipeline::REJECTS_FILE,
+        pipeline::JOURNAL_FILE,
+        pipeline::HISTORY_DIR
     );
     println!(
         "  query it      flowcap sql --data {} \"SELECT * FROM card_cycle_usage LIMIT 10\"",

@@ -30,8 +30,10 @@ pub mod kafka;
 pub mod limits;
 pub mod metrics;
 mod notify;
+pub mod pipeline;
 
-pub use embedded::{run, EmbeddedOptions, HistoryConfig, IngestError, Input, Progress, Summary};
+pub use embedded::{run, EmbeddedOptions, Input, Progress};
 pub use health::Health;
 pub use kafka::{KafkaOptions, KafkaRunError};
 pub use limits::SizeLimits;
+pub use pipeline::{HistoryConfig, IngestError, Summary};

@@ -21,7 +21,7 @@ use flowcap_rules::delivery::{
 };
 use flowcap_rules::TemplateOptions;
 
-use crate::embedded::{IngestError, ALERTS_FILE, OUTBOX_DIR};
+use crate::pipeline::{IngestError, ALERTS_FILE, OUTBOX_DIR};
 
 /// Where `push_failed` events go in Kafka mode: the actions topic, keyed
 /// by endpoint (or recipients), with the same headers as the engine's

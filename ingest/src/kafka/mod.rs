@@ -66,9 +66,9 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::embedded::{IngestError, KafkaOut, Pipeline, Restored, Side, SourcePosition, Summary};
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self as m, DriverMetrics, Source};
+use crate::pipeline::{IngestError, KafkaOut, Pipeline, Restored, Side, SourcePosition, Summary};
 pub use align::AlignSettings;
 use feed::{Fetched, PartitionFeed};
 use inputs::Inputs;
@@ -132,7 +132,7 @@ pub struct KafkaOptions {
     /// Snapshot at least this often while inputs arrive.
     pub snapshot_interval: Duration,
     /// Write the Parquet history; `None`: no history.
-    pub history: Option<crate::embedded::HistoryConfig>,
+    pub history: Option<crate::pipeline::HistoryConfig>,
     /// Deliver rule notifications; `None`: nothing is sent.
     pub notify: Option<flowcap_rules::delivery::NotifyConfig>,
     /// Record decoding limits.
@@ -181,7 +181,7 @@ impl KafkaOptions {
             engine: EngineConfig::default(),
             snapshot_every: 1_000_000,
             snapshot_interval: Duration::from_secs(60),
-            history: Some(crate::embedded::HistoryConfig::default()),
+            history: Some(crate::pipeline::HistoryConfig::default()),
             notify: Some(flowcap_rules::delivery::NotifyConfig::default()),
             limits: DecodeLimits::default(),
             sizes: SizeLimits::default(),
