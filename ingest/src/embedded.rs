@@ -26,7 +26,7 @@ use flowcap_rules::delivery::NotifyConfig;
 use crate::health::Health;
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self, DriverMetrics, Source};
-use crate::pipeline::{HistoryConfig, IngestError, Pipeline, Restored, Side, Summary};
+use crate::pipeline::{HistoryConfig, IngestError, Letter, Pipeline, Restored, Summary};
 
 /// One input line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,7 +260,7 @@ fn feed(
             if input.kind == InputKind::Record {
                 driver_metrics.record_in();
             }
-            return pipeline.side(Side::too_large(seq, input, None));
+            return pipeline.side(Letter::too_large(seq, input, None));
         }
     };
     driver_metrics.record_in();
@@ -270,10 +270,10 @@ fn feed(
                 .sharded
                 .process_usage_received(&usage, received, seq)?
             {
-                pipeline.side(Side::rejected(r, bytes, None))?;
+                pipeline.side(Letter::rejected(r, bytes, None))?;
             }
         }
-        Err(e) => pipeline.side(Side::undecodable(seq, &e, bytes, None))?,
+        Err(e) => pipeline.side(Letter::undecodable(seq, &e, bytes, None))?,
     }
     Ok(())
 }
@@ -293,6 +293,6 @@ fn run_command(
                 .process_command_received(command, received, seq);
             Ok(())
         }
-        Err(error) => pipeline.side(Side::bad_command(seq, error, bytes, None)),
+        Err(error) => pipeline.side(Letter::bad_command(seq, error, bytes, None)),
     }
 }

@@ -68,7 +68,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self as m, DriverMetrics, Source};
-use crate::pipeline::{IngestError, KafkaOut, Pipeline, Restored, Side, SourcePosition, Summary};
+use crate::pipeline::{IngestError, KafkaOut, Letter, Pipeline, Restored, SourcePosition, Summary};
 pub use align::AlignSettings;
 use feed::{Fetched, PartitionFeed};
 use inputs::Inputs;
@@ -1124,7 +1124,7 @@ impl Driver {
         if cursor.commands {
             if payload.len() > self.sizes.max_command_size {
                 let input = Oversized::of(InputKind::Command, payload, self.sizes.max_command_size);
-                let letter = Side::too_large(seq, input, Some(position()));
+                let letter = Letter::too_large(seq, input, Some(position()));
                 self.pipeline.side_later(letter);
                 return Ok(true);
             }
@@ -1134,7 +1134,7 @@ impl Driver {
                     received.map(Timestamp),
                     seq,
                 ),
-                Err(error) => self.pipeline.side_later(Side::bad_command(
+                Err(error) => self.pipeline.side_later(Letter::bad_command(
                     seq,
                     error,
                     payload.to_vec(),
@@ -1154,7 +1154,7 @@ impl Driver {
         }
         if payload.len() > self.sizes.max_record_size {
             let input = Oversized::of(InputKind::Record, payload, self.sizes.max_record_size);
-            let letter = Side::too_large(seq, input, Some(position()));
+            let letter = Letter::too_large(seq, input, Some(position()));
             self.pipeline.side_later(letter);
             return Ok(true);
         }
@@ -1169,12 +1169,15 @@ impl Driver {
                     .process_usage_from(lane, &usage, received, seq)
                     .map_err(IngestError::from)?
                 {
-                    self.pipeline
-                        .side_later(Side::rejected(r, payload.to_vec(), Some(position())));
+                    self.pipeline.side_later(Letter::rejected(
+                        r,
+                        payload.to_vec(),
+                        Some(position()),
+                    ));
                 }
             }
             Err(e) => {
-                self.pipeline.side_later(Side::undecodable(
+                self.pipeline.side_later(Letter::undecodable(
                     seq,
                     &e,
                     payload.to_vec(),

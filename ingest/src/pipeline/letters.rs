@@ -13,8 +13,6 @@ use serde::Serialize;
 
 use crate::limits::{cut_str, fit, text, InputKind, Oversized, MESSAGE_KEPT, RAW_KEPT};
 
-use super::Side;
-
 /// Where a dead letter came from, when the input has positions (Kafka).
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct SourcePosition {
@@ -186,15 +184,49 @@ impl<'a> ResultMessage<'a> {
     }
 }
 
-impl Side {
+/// What a driver tells the writer about an input it could not use: the
+/// writer turns it into a dead letter (file, DLQ, quarantine table) and,
+/// for a command, a failed result.
+pub(crate) enum Letter {
+    /// A record (or anything that is not a command) the pipeline refused.
+    DeadLetter {
+        seq: u64,
+        code: String,
+        message: String,
+        iccid: Option<String>,
+        record_id: Option<String>,
+        source: Option<SourcePosition>,
+        /// The input, or its first bytes when it is longer ([`crate::limits`]).
+        raw: Vec<u8>,
+        /// The input's full length.
+        raw_len: u64,
+        /// The router's event clock when it was rejected (stamped by
+        /// [`super::Pipeline::side`]): names the history partition.
+        clock: Timestamp,
+    },
+    /// A command that does not parse or is too large to read.
+    BadCommand {
+        seq: u64,
+        code: &'static str,
+        source: Option<SourcePosition>,
+        /// The command, or its first bytes when it is over its size limit.
+        raw: Vec<u8>,
+        /// The command's full length.
+        raw_len: u64,
+        result: CommandResult,
+        clock: Timestamp,
+    },
+}
+
+impl Letter {
     /// A dead letter for an input the router refused.
     pub(crate) fn rejected(
         r: flowcap_engine::event::Rejection,
         raw: Vec<u8>,
         source: Option<SourcePosition>,
-    ) -> Side {
+    ) -> Letter {
         let (raw, raw_len) = kept(raw);
-        Side::DeadLetter {
+        Letter::DeadLetter {
             seq: r.seq,
             code: r.code,
             message: r.message,
@@ -214,13 +246,13 @@ impl Side {
         error: flowcap_engine::command::CommandError,
         raw: Vec<u8>,
         source: Option<SourcePosition>,
-    ) -> Side {
+    ) -> Letter {
         let code = match error.code {
             flowcap_engine::command::ErrorCode::UnknownType => "unknown_command_type",
             _ => "malformed_command",
         };
         let result = CommandResult::rejected(command_id_of(&raw), error);
-        Side::BadCommand {
+        Letter::BadCommand {
             seq,
             code,
             source,
@@ -237,9 +269,9 @@ impl Side {
         error: &flowcap_engine::decode::DecodeError,
         raw: Vec<u8>,
         source: Option<SourcePosition>,
-    ) -> Side {
+    ) -> Letter {
         let (raw, raw_len) = kept(raw);
-        Side::DeadLetter {
+        Letter::DeadLetter {
             seq,
             code: error.code().to_owned(),
             message: error.to_string(),
@@ -255,10 +287,10 @@ impl Side {
     /// An input over its size limit, never read: a `too_large` dead letter
     /// with its first bytes (a command's also a failed result, with no id:
     /// its id was not read).
-    pub(crate) fn too_large(seq: u64, input: Oversized, source: Option<SourcePosition>) -> Side {
+    pub(crate) fn too_large(seq: u64, input: Oversized, source: Option<SourcePosition>) -> Letter {
         let message = input.message();
         match input.kind {
-            InputKind::Record => Side::DeadLetter {
+            InputKind::Record => Letter::DeadLetter {
                 seq,
                 code: Oversized::CODE.to_owned(),
                 message,
@@ -269,7 +301,7 @@ impl Side {
                 raw_len: input.len,
                 clock: Timestamp::MIN,
             },
-            InputKind::Command => Side::BadCommand {
+            InputKind::Command => Letter::BadCommand {
                 seq,
                 code: Oversized::CODE,
                 source,

@@ -62,8 +62,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use flowcap_engine::command::CommandResult;
-use flowcap_engine::{Engine, EngineConfig, ShardedEngine, Timestamp};
+use flowcap_engine::{Engine, EngineConfig, ShardedEngine};
 use flowcap_storage::history::compact::CompactionPolicy;
 pub(crate) use flowcap_storage::history::wall_clock;
 use flowcap_storage::HistoryLocation;
@@ -77,7 +76,7 @@ use flowcap_rules::delivery::{Notifier, NotifyConfig};
 
 use crate::metrics::OutputMetrics;
 
-pub(crate) use letters::SourcePosition;
+pub(crate) use letters::{Letter, SourcePosition};
 pub(crate) use restore::Restored;
 use restore::{clear_dir, no_usable_snapshot, SNAPSHOTS_DIR};
 pub use restore::{SnapshotFailure, Unusable};
@@ -265,35 +264,23 @@ impl HistoryConfig {
 const INPUT_POSITION: &str = "input.last_seq";
 const FILES: [&str; 3] = [EVENTS_FILE, REJECTS_FILE, JOURNAL_FILE];
 
+/// What a driver sends the writer besides the engine's outputs, on a
+/// channel of its own: letters about inputs, or a step of the durability
+/// protocol. Apart because the writer only writes letters, while a
+/// control message is answered.
 pub(crate) enum Side {
-    DeadLetter {
-        seq: u64,
-        code: String,
-        message: String,
-        iccid: Option<String>,
-        record_id: Option<String>,
-        source: Option<SourcePosition>,
-        /// The input, or its first bytes when it is longer ([`crate::limits`]).
-        raw: Vec<u8>,
-        /// The input's full length.
-        raw_len: u64,
-        /// The router's event clock when it was rejected (stamped by
-        /// [`Pipeline::side`]): names the history partition.
-        clock: Timestamp,
-    },
-    BadCommand {
-        seq: u64,
-        code: &'static str,
-        source: Option<SourcePosition>,
-        /// The command, or its first bytes when it is over its size limit.
-        raw: Vec<u8>,
-        /// The command's full length.
-        raw_len: u64,
-        result: CommandResult,
-        clock: Timestamp,
-    },
+    /// Dead letters and bad commands, in input order; a batch of them
+    /// ([`Pipeline::side_later`]) is one send and one wake-up of the
+    /// writer, not one per letter.
+    Letters(Vec<Letter>),
+    /// A step of the snapshot protocol (see the module docs).
+    Control(Control),
+}
+
+/// The writer's part in durability: each is answered.
+pub(crate) enum Control {
     /// Make everything written so far durable (snapshots cut with
-    /// [`Side::Cut`] instead).
+    /// [`Control::Cut`] instead).
     Barrier(Sender<Result<BTreeMap<String, u64>, String>>),
     /// The first phase of a snapshot: close the window and the producer's
     /// epoch, answer with the output lengths at once (nothing waits for
@@ -307,9 +294,6 @@ pub(crate) enum Side {
     /// The second phase: write the encoded snapshot once everything before
     /// the cut is durable.
     Commit(Commit),
-    /// Dead letters and bad commands sent together ([`Pipeline::side_later`]):
-    /// one send and one wake-up of the writer per batch, not per letter.
-    Letters(Vec<Side>),
 }
 
 /// The parts every driver shares: the restored (or new) engine on its
@@ -320,7 +304,7 @@ pub(crate) struct Pipeline {
     pub(crate) sharded: ShardedEngine,
     pub(crate) side: Sender<Side>,
     /// Letters of [`Pipeline::side_later`] not sent yet.
-    letters: Vec<Side>,
+    letters: Vec<Letter>,
     writer_thread: std::thread::JoinHandle<Result<Summary, String>>,
     store: SnapshotStore,
     /// Sequence number of the last input the restored snapshot covers.
@@ -487,18 +471,18 @@ impl Pipeline {
     }
 
     /// Sends a side output (dead letter, bad command) to the writer.
-    pub(crate) fn side(&self, side: Side) -> Result<(), IngestError> {
-        let side = self.stamped(side);
-        self.send_side(side)
+    pub(crate) fn side(&self, letter: Letter) -> Result<(), IngestError> {
+        let letter = self.stamped(letter);
+        self.send_side(Side::Letters(vec![letter]))
     }
 
     /// Like [`Pipeline::side`], but kept until [`Pipeline::flush_side`]
     /// (a driver calls it after each batch of inputs) or the next cut,
     /// barrier or finish, which flush first: a letter always reaches the
     /// writer before anything that follows it.
-    pub(crate) fn side_later(&mut self, side: Side) {
-        let side = self.stamped(side);
-        self.letters.push(side);
+    pub(crate) fn side_later(&mut self, letter: Letter) {
+        let letter = self.stamped(letter);
+        self.letters.push(letter);
     }
 
     /// Sends the letters kept by [`Pipeline::side_later`], in one message.
@@ -510,14 +494,13 @@ impl Pipeline {
         self.send_side(Side::Letters(letters))
     }
 
-    /// `side` with the router's event clock (it names the history
+    /// `letter` with the router's event clock (it names the history
     /// partition of a letter).
-    fn stamped(&self, mut side: Side) -> Side {
+    fn stamped(&self, mut letter: Letter) -> Letter {
         let now = self.sharded.clock();
-        if let Side::DeadLetter { clock, .. } | Side::BadCommand { clock, .. } = &mut side {
-            *clock = now;
-        }
-        side
+        let (Letter::DeadLetter { clock, .. } | Letter::BadCommand { clock, .. }) = &mut letter;
+        *clock = now;
+        letter
     }
 
     fn send_side(&self, side: Side) -> Result<(), IngestError> {
@@ -539,7 +522,7 @@ impl Pipeline {
         self.sharded.engine();
         let (reply_tx, reply_rx) = bounded(1);
         self.side
-            .send(Side::Barrier(reply_tx))
+            .send(Side::Control(Control::Barrier(reply_tx)))
             .map_err(|_| IngestError::Writer("writer is gone".into()))?;
         reply_rx
             .recv()

@@ -18,7 +18,7 @@ use flowcap_storage::history::{CardsDump, StoredTicket};
 use crate::metrics;
 
 use super::writer::{WriteError, Writer};
-use super::{ms, IngestError, Pipeline, Side, INPUT_POSITION};
+use super::{ms, Control, IngestError, Pipeline, Side, INPUT_POSITION};
 
 /// A snapshot waiting for the outputs before its cut to be durable.
 pub(crate) struct Commit {
@@ -279,7 +279,7 @@ impl Pipeline {
         let viewed = started.elapsed();
         let (reply_tx, reply_rx) = bounded(1);
         self.side
-            .send(Side::Cut(reply_tx, seq, cut))
+            .send(Side::Control(Control::Cut(reply_tx, seq, cut)))
             .map_err(|_| IngestError::Writer("writer is gone".into()))?;
         let lengths = reply_rx
             .recv()
@@ -322,13 +322,13 @@ impl Pipeline {
         }
         let (done, done_rx) = bounded(1);
         self.side
-            .send(Side::Commit(Commit {
+            .send(Side::Control(Control::Commit(Commit {
                 seq,
                 state,
                 dedupe,
                 started,
                 done,
-            }))
+            })))
             .map_err(|_| IngestError::Writer("writer is gone".into()))?;
         self.committing = Some((seq, done_rx));
         let held = waiting.elapsed();

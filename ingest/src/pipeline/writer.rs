@@ -25,7 +25,7 @@ use crate::metrics::OutputMetrics;
 use super::letters::{history_source, quarantined, without_secrets};
 use super::letters::{BadCommand, DeadLetter, ResultMessage, SourcePosition};
 use super::snapshot::{CutMark, InFlight};
-use super::{Side, Summary, EVENTS_FILE, JOURNAL_FILE, REJECTS_FILE};
+use super::{Control, Letter, Side, Summary, EVENTS_FILE, JOURNAL_FILE, REJECTS_FILE};
 
 /// Kafka topics the writer produces to, besides its local files.
 pub(crate) struct KafkaOut {
@@ -88,7 +88,7 @@ impl Writer {
                 }
                 Output::Duplicate { .. } => self.summary.duplicates += 1,
                 // The driver dead-letters router rejections itself (it still
-                // holds the raw input); see `Side::rejected`.
+                // holds the raw input); see `Letter::rejected`.
                 Output::Rejected(_) => {}
                 Output::Action(mut event) => {
                     match &mut event {
@@ -173,10 +173,16 @@ impl Writer {
         Ok(())
     }
 
-    fn write_side(&mut self, side: Side) -> Result<(), WriteError> {
+    fn write_letters(&mut self, letters: Vec<Letter>) -> Result<(), WriteError> {
+        letters
+            .into_iter()
+            .try_for_each(|letter| self.write_letter(letter))
+    }
+
+    fn write_letter(&mut self, letter: Letter) -> Result<(), WriteError> {
         let budget = self.kafka.as_ref().map(KafkaOut::max_message);
-        match side {
-            Side::DeadLetter {
+        match letter {
+            Letter::DeadLetter {
                 seq,
                 code,
                 message,
@@ -225,7 +231,7 @@ impl Writer {
                 }
                 Ok(())
             }
-            Side::BadCommand {
+            Letter::BadCommand {
                 seq,
                 code,
                 source,
@@ -279,10 +285,6 @@ impl Writer {
                 }
                 Ok(())
             }
-            Side::Letters(letters) => letters
-                .into_iter()
-                .try_for_each(|letter| self.write_side(letter)),
-            Side::Barrier(..) | Side::Cut(..) | Side::Commit(..) => Ok(()),
         }
     }
 
@@ -422,17 +424,17 @@ pub(super) fn run_writer(
                     // The engine is gone: drain the side channel and stop.
                     while let Ok(s) = side.try_recv() {
                         match s {
-                            Side::Barrier(reply) => {
+                            Side::Control(Control::Barrier(reply)) => {
                                 let _ = reply.send(writer.sync_all().map_err(fail));
                             }
-                            Side::Cut(reply, seq, cut) => {
+                            Side::Control(Control::Cut(reply, seq, cut)) => {
                                 let _ = reply.send(writer.cut(seq, cut).map_err(fail));
                             }
-                            Side::Commit(commit) => {
+                            Side::Control(Control::Commit(commit)) => {
                                 writer.begin_commit(commit).map_err(fail)?;
                                 writer.advance_commit(true).map_err(fail)?;
                             }
-                            other => writer.write_side(other).map_err(fail)?,
+                            Side::Letters(letters) => writer.write_letters(letters).map_err(fail)?,
                         }
                     }
                     writer.sync_all().map_err(fail)?;
@@ -440,7 +442,7 @@ pub(super) fn run_writer(
                 }
             },
             recv(side) -> msg => match msg {
-                Ok(Side::Barrier(reply)) => {
+                Ok(Side::Control(Control::Barrier(reply))) => {
                     // Everything the engine produced before the barrier is
                     // already queued: drain it, then make it durable.
                     while let Ok(batch) = outputs.try_recv() {
@@ -448,14 +450,16 @@ pub(super) fn run_writer(
                     }
                     let _ = reply.send(writer.sync_all().map_err(fail));
                 }
-                Ok(Side::Cut(reply, seq, cut)) => {
+                Ok(Side::Control(Control::Cut(reply, seq, cut))) => {
                     while let Ok(batch) = outputs.try_recv() {
                         writer.write_outputs(batch).map_err(fail)?;
                     }
                     let _ = reply.send(writer.cut(seq, cut).map_err(fail));
                 }
-                Ok(Side::Commit(commit)) => writer.begin_commit(commit).map_err(fail)?,
-                Ok(other) => writer.write_side(other).map_err(fail)?,
+                Ok(Side::Control(Control::Commit(commit))) => {
+                    writer.begin_commit(commit).map_err(fail)?
+                }
+                Ok(Side::Letters(letters)) => writer.write_letters(letters).map_err(fail)?,
                 Err(_) => {}
             },
             recv(tick) -> _ => {}
