@@ -74,7 +74,7 @@ use feed::{Fetched, PartitionFeed};
 use inputs::Inputs;
 use lanes::LaneWatch;
 use order_log::{OrderLog, ReplayRun, RunStart};
-pub(crate) use producer::Outbox;
+pub(crate) use producer::KafkaProducer;
 
 /// Topic names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -480,7 +480,7 @@ pub fn run(
     let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);
     let give_up = Arc::new(AtomicBool::new(false));
     let out = KafkaOut {
-        outbox: Outbox::new(&producer_config, produced)?,
+        producer: KafkaProducer::new(&producer_config, produced)?,
         actions: options.topics.actions.clone(),
         dlq: options.topics.dlq.clone(),
         results: options.topics.results.clone(),

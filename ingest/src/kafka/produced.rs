@@ -11,7 +11,7 @@
 //!
 //! Where to read back from: each snapshot records, per partition of those
 //! topics, an offset below which no output of an input after its cut can
-//! be ([`Outbox::cut_marks`]): the offset after the last message
+//! be ([`KafkaProducer::cut_marks`]): the offset after the last message
 //! acknowledged before the cut (a message sent after the cut is appended
 //! after it), lowered to the oldest message read back at start that is
 //! still to be replayed. Without a snapshot (a first run that crashed
@@ -26,7 +26,7 @@
 //! the restart has read the topic's end (a produce request of the killed
 //! process still in the broker's hands) is not seen and is produced again.
 //!
-//! [`Outbox::cut_marks`]: super::Outbox::cut_marks
+//! [`KafkaProducer::cut_marks`]: super::KafkaProducer::cut_marks
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;

@@ -87,8 +87,8 @@ impl Writer {
         }
         let mut lengths = self.lengths();
         if let Some(k) = &mut self.kafka {
-            mark.epoch = Some(k.outbox.close_epoch());
-            lengths.extend(k.outbox.cut_marks(seq));
+            mark.epoch = Some(k.producer.close_epoch());
+            lengths.extend(k.producer.cut_marks(seq));
         }
         self.last_cut = Some(mark);
         Ok(lengths)
@@ -171,7 +171,7 @@ impl Writer {
     /// Whether everything before the cut of the commit in flight is
     /// durable (with `wait`, waits for it): the sealed dedupe ids, the
     /// window's history files, the broker's acknowledgements; then the
-    /// output files and the outbox are fsynced.
+    /// output files and the notification outbox are fsynced.
     fn try_commit(&mut self, mark: CutMark, wait: bool) -> Result<bool, WriteError> {
         if let Some((_, in_flight)) = &self.commit {
             if wait {
@@ -190,9 +190,9 @@ impl Writer {
         if let (Some(k), Some(epoch)) = (&mut self.kafka, mark.epoch) {
             if wait {
                 let give_up = &k.give_up;
-                k.outbox
+                k.producer
                     .settle(&|| give_up.load(std::sync::atomic::Ordering::Relaxed))?;
-            } else if !k.outbox.settled_through(epoch)? {
+            } else if !k.producer.settled_through(epoch)? {
                 return Ok(false);
             }
         }

@@ -29,7 +29,7 @@ use super::{Control, Letter, Side, Summary, EVENTS_FILE, JOURNAL_FILE, REJECTS_F
 
 /// Kafka topics the writer produces to, besides its local files.
 pub(crate) struct KafkaOut {
-    pub(crate) outbox: crate::kafka::Outbox,
+    pub(crate) producer: crate::kafka::KafkaProducer,
     pub(crate) actions: String,
     pub(crate) dlq: String,
     pub(crate) results: String,
@@ -116,7 +116,7 @@ impl Writer {
                         let payload = serde_json::to_vec(&event)?;
                         let id = event.id().as_bytes();
                         let kind: &[u8] = event.kind().as_bytes();
-                        k.outbox.send(
+                        k.producer.send(
                             &k.actions,
                             Some(event.key().as_bytes()),
                             &payload,
@@ -164,7 +164,7 @@ impl Writer {
                             ResultMessage::new(entry.seq, &entry.result, entry.repeat, None);
                         let payload = serde_json::to_vec(&message)?;
                         let id = entry.result.command_id.as_str().as_bytes();
-                        k.outbox
+                        k.producer
                             .send_once(&k.results, entry.seq, Some(id), &payload, &[])?;
                     }
                 }
@@ -269,7 +269,7 @@ impl Writer {
                     message.raw_truncated |= truncated;
                     let payload = serde_json::to_vec(&message)?;
                     let id = result.command_id.as_str().as_bytes();
-                    k.outbox
+                    k.producer
                         .send_once(&k.results, seq, Some(id), &payload, &[])?;
                     let envelope = serde_json::to_vec(&letter)?;
                     let source = source.as_ref();
@@ -335,7 +335,7 @@ impl Writer {
         }
         if let Some(k) = &mut self.kafka {
             let give_up = &k.give_up;
-            k.outbox
+            k.producer
                 .settle(&|| give_up.load(std::sync::atomic::Ordering::Relaxed))?;
         }
         Ok(lengths)
@@ -364,7 +364,7 @@ pub(crate) enum WriteError {
 }
 
 /// The DLQ message of input `seq` (unless the topic holds it already:
-/// [`crate::kafka::Outbox::send_once`]): the JSON envelope as value, the
+/// [`crate::kafka::KafkaProducer::send_once`]): the JSON envelope as value, the
 /// reason and the source position also as headers (for consumers that
 /// route without parsing).
 fn dead_letter(
@@ -384,7 +384,7 @@ fn dead_letter(
                 s.offset.to_string(),
             )
         });
-    let sent = k.outbox.send_once(
+    let sent = k.producer.send_once(
         &k.dlq,
         seq,
         key.map(str::as_bytes),
