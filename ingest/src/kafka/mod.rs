@@ -59,6 +59,7 @@ use std::time::{Duration, Instant};
 use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
 use flowcap_engine::{EngineConfig, Lane, Timestamp};
+use flowcap_storage::history::SourcePosition;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -68,7 +69,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self as m, DriverMetrics, Source};
-use crate::pipeline::{IngestError, KafkaOut, Letter, Pipeline, Restored, SourcePosition, Summary};
+use crate::pipeline::{IngestError, KafkaOut, Letter, Pipeline, Restored, Summary};
 pub use align::AlignSettings;
 use feed::{Fetched, PartitionFeed};
 use inputs::Inputs;

@@ -8,20 +8,10 @@ use std::borrow::Cow;
 use flowcap_engine::command::CommandResult;
 use flowcap_engine::redact;
 use flowcap_engine::{CommandId, Timestamp};
-use flowcap_storage::history::{Quarantined, SourcePosition as HistorySource};
+use flowcap_storage::history::{Quarantined, SourcePosition};
 use serde::Serialize;
 
 use crate::limits::{cut_str, fit, text, InputKind, Oversized, MESSAGE_KEPT, RAW_KEPT};
-
-/// Where a dead letter came from, when the input has positions (Kafka).
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct SourcePosition {
-    pub(crate) topic: String,
-    pub(crate) partition: i32,
-    pub(crate) offset: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) timestamp_ms: Option<i64>,
-}
 
 /// `raw` with its secrets redacted ([`redact::raw`]): what a dead letter,
 /// the journal and the history keep of an input that is not a command.
@@ -330,15 +320,6 @@ fn kept(mut raw: Vec<u8>) -> (Vec<u8>, u64) {
         raw.shrink_to_fit();
     }
     (raw, len)
-}
-
-pub(super) fn history_source(s: SourcePosition) -> HistorySource {
-    HistorySource {
-        topic: s.topic,
-        partition: s.partition,
-        offset: s.offset,
-        timestamp_ms: s.timestamp_ms,
-    }
 }
 
 /// The history row of a dead letter: the raw bytes its letter kept, and

@@ -76,7 +76,7 @@ use flowcap_rules::delivery::{Notifier, NotifyConfig};
 
 use crate::metrics::OutputMetrics;
 
-pub(crate) use letters::{Letter, SourcePosition};
+pub(crate) use letters::Letter;
 pub(crate) use restore::Restored;
 use restore::{clear_dir, no_usable_snapshot, SNAPSHOTS_DIR};
 pub use restore::{SnapshotFailure, Unusable};

@@ -13,7 +13,7 @@ use flowcap_engine::command::CommandKind;
 use flowcap_engine::event::{ActionEvent, JournalEntry, Output};
 use flowcap_engine::redact;
 use flowcap_storage::history::wall_clock;
-use flowcap_storage::history::Quarantined;
+use flowcap_storage::history::{Quarantined, SourcePosition};
 use flowcap_storage::{
     HistoryError, HistoryWriter, JsonlError, JsonlSink, SnapshotStore, SnapshotStoreError,
 };
@@ -22,8 +22,8 @@ use flowcap_rules::delivery::Notifier;
 
 use crate::metrics::OutputMetrics;
 
-use super::letters::{history_source, quarantined, without_secrets};
-use super::letters::{BadCommand, DeadLetter, ResultMessage, SourcePosition};
+use super::letters::{quarantined, without_secrets};
+use super::letters::{BadCommand, DeadLetter, ResultMessage};
 use super::snapshot::{CutMark, InFlight};
 use super::{Control, Letter, Side, Summary, EVENTS_FILE, JOURNAL_FILE, REJECTS_FILE};
 
@@ -225,7 +225,7 @@ impl Writer {
                     h.quarantined(Quarantined {
                         iccid,
                         record_id,
-                        source: source.map(history_source),
+                        source,
                         ..quarantined
                     })?;
                 }
@@ -279,7 +279,7 @@ impl Writer {
                     h.journal(seq, None, &raw, &result, false, clock)?;
                     let quarantined = quarantined(seq, code, letter.message, kept, raw_len, clock);
                     h.quarantined(Quarantined {
-                        source: source.map(history_source),
+                        source,
                         ..quarantined
                     })?;
                 }
