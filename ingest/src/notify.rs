@@ -124,9 +124,7 @@ pub(crate) fn start(
 ) -> Result<Arc<Notifier>, IngestError> {
     let kafka = match kafka {
         Some(a) => Some((
-            a.config
-                .create()
-                .map_err(|e| IngestError::Writer(format!("alert producer: {e}")))?,
+            a.config.create().map_err(IngestError::AlertProducer)?,
             a.topic,
         )),
         None => None,
@@ -150,7 +148,6 @@ pub(crate) fn start(
             kafka,
         }),
         reported,
-    )
-    .map_err(|e| IngestError::Writer(e.to_string()))?;
+    )?;
     Ok(Arc::new(notifier))
 }

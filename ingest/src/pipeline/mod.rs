@@ -82,6 +82,7 @@ use restore::{clear_dir, no_usable_snapshot, SNAPSHOTS_DIR};
 pub use restore::{SnapshotFailure, Unusable};
 use snapshot::{Commit, HistoryCut};
 pub(crate) use writer::KafkaOut;
+pub use writer::WriteError;
 use writer::{run_writer, Writer};
 
 /// Errors that stop the embedded pipeline. Bad input never does: it is
@@ -111,9 +112,32 @@ pub enum IngestError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The output writer thread stopped unexpectedly.
+    /// The output writer failed (external: disk, broker; see
+    /// [`WriteError`]); it stops, and so does the pipeline.
     #[error("output writer stopped: {0}")]
-    Writer(String),
+    Writer(#[from] WriteError),
+    /// The output writer thread is gone (it stopped after an error of its
+    /// own, logged where it happened, or panicked: a bug); what the
+    /// pipeline was doing when it found out.
+    #[error("output writer stopped: {0}")]
+    WriterGone(&'static str),
+    /// A thread of the pipeline could not be started (external: the
+    /// system's limits).
+    #[error("starting the {name} thread: {source}")]
+    Thread {
+        /// The thread.
+        name: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Rule notification delivery could not start or drain (external:
+    /// disk).
+    #[error("notifications: {0}")]
+    Notify(#[from] flowcap_rules::delivery::DeliveryError),
+    /// The producer of push-failure alerts could not be created (the
+    /// user's producer properties).
+    #[error("alert producer: {0}")]
+    AlertProducer(rdkafka::error::KafkaError),
     /// The directory has snapshots but none restores (all corrupt, of
     /// another format version, or unreadable): starting over would delete
     /// committed outputs and history, so the start is refused (the user's
@@ -281,12 +305,12 @@ pub(crate) enum Side {
 pub(crate) enum Control {
     /// Make everything written so far durable (snapshots cut with
     /// [`Control::Cut`] instead).
-    Barrier(Sender<Result<BTreeMap<String, u64>, String>>),
+    Barrier(Sender<Result<BTreeMap<String, u64>, WriteError>>),
     /// The first phase of a snapshot: close the window and the producer's
     /// epoch, answer with the output lengths at once (nothing waits for
     /// durability yet).
     Cut(
-        Sender<Result<BTreeMap<String, u64>, String>>,
+        Sender<Result<BTreeMap<String, u64>, WriteError>>,
         /// The last input the snapshot covers.
         u64,
         Option<Box<HistoryCut>>,
@@ -305,7 +329,7 @@ pub(crate) struct Pipeline {
     pub(crate) side: Sender<Side>,
     /// Letters of [`Pipeline::side_later`] not sent yet.
     letters: Vec<Letter>,
-    writer_thread: std::thread::JoinHandle<Result<Summary, String>>,
+    writer_thread: std::thread::JoinHandle<Result<Summary, WriteError>>,
     store: SnapshotStore,
     /// Sequence number of the last input the restored snapshot covers.
     pub(crate) resumed_after: Option<u64>,
@@ -325,7 +349,7 @@ pub(crate) struct Pipeline {
     drain_timeout: Duration,
     /// The snapshot being committed by the writer: its sequence number
     /// and the answer to wait for.
-    committing: Option<(u64, Receiver<Result<(), String>>)>,
+    committing: Option<(u64, Receiver<Result<(), WriteError>>)>,
 }
 
 impl Pipeline {
@@ -450,7 +474,10 @@ impl Pipeline {
                 }
                 result
             })
-            .map_err(|e| IngestError::Writer(e.to_string()))?;
+            .map_err(|source| IngestError::Thread {
+                name: "writer",
+                source,
+            })?;
         Ok(Pipeline {
             sharded,
             side,
@@ -506,7 +533,7 @@ impl Pipeline {
     fn send_side(&self, side: Side) -> Result<(), IngestError> {
         self.side
             .send(side)
-            .map_err(|_| IngestError::Writer("writer is gone".into()))
+            .map_err(|_| IngestError::WriterGone("writer is gone"))
     }
 
     /// Waits (up to the drain timeout) for the notifications queued so far,
@@ -523,13 +550,11 @@ impl Pipeline {
         let (reply_tx, reply_rx) = bounded(1);
         self.side
             .send(Side::Control(Control::Barrier(reply_tx)))
-            .map_err(|_| IngestError::Writer("writer is gone".into()))?;
+            .map_err(|_| IngestError::WriterGone("writer is gone"))?;
         reply_rx
             .recv()
-            .map_err(|_| IngestError::Writer("writer did not answer the barrier".into()))?
-            .map_err(IngestError::Writer)?;
-        n.drain(self.drain_timeout)
-            .map_err(|e| IngestError::Writer(e.to_string()))?;
+            .map_err(|_| IngestError::WriterGone("writer did not answer the barrier"))??;
+        n.drain(self.drain_timeout)?;
         Ok(())
     }
 
@@ -542,8 +567,7 @@ impl Pipeline {
         let mut summary = self
             .writer_thread
             .join()
-            .map_err(|_| IngestError::Writer("writer thread panicked".into()))?
-            .map_err(IngestError::Writer)?;
+            .map_err(|_| IngestError::WriterGone("writer thread panicked"))??;
         for view in engine.card_views() {
             *summary
                 .cards_by_state
@@ -551,9 +575,7 @@ impl Pipeline {
                 .or_default() += 1;
         }
         if let Some(n) = self.notifier {
-            let totals = n
-                .drain(self.drain_timeout)
-                .map_err(|e| IngestError::Writer(e.to_string()))?;
+            let totals = n.drain(self.drain_timeout)?;
             if totals.pending > 0 {
                 tracing::warn!(
                     pending = totals.pending,

@@ -32,7 +32,7 @@ pub(crate) struct Commit {
     /// When the cut began (the snapshot's duration is measured from it).
     started: Instant,
     /// Told once the snapshot is written (or why it could not be).
-    done: Sender<Result<(), String>>,
+    done: Sender<Result<(), WriteError>>,
 }
 
 /// The writer's side of a commit: what it waits for besides the cut's
@@ -116,16 +116,14 @@ impl Writer {
             drop(state);
             let encoded = encoding.elapsed();
             if go_rx.recv().is_err() {
-                let _ = done.send(Err(
-                    "the writer stopped before the snapshot's outputs were durable".into(),
-                ));
+                let _ = done.send(Err(WriteError::Stopped));
                 return;
             }
             let writing = Instant::now();
             let result = store
                 .write(seq, &bytes)
                 .map(|_| ())
-                .map_err(|e| WriteError::from(e).to_string());
+                .map_err(WriteError::from);
             tracing::debug!(
                 seq,
                 bytes = bytes.len(),
@@ -280,11 +278,10 @@ impl Pipeline {
         let (reply_tx, reply_rx) = bounded(1);
         self.side
             .send(Side::Control(Control::Cut(reply_tx, seq, cut)))
-            .map_err(|_| IngestError::Writer("writer is gone".into()))?;
+            .map_err(|_| IngestError::WriterGone("writer is gone"))?;
         let lengths = reply_rx
             .recv()
-            .map_err(|_| IngestError::Writer("writer did not answer the snapshot cut".into()))?
-            .map_err(IngestError::Writer)?;
+            .map_err(|_| IngestError::WriterGone("writer did not answer the snapshot cut"))??;
         for (name, len) in lengths {
             engine.set_position(name, i64::try_from(len).unwrap_or(i64::MAX));
         }
@@ -329,7 +326,7 @@ impl Pipeline {
                 started,
                 done,
             })))
-            .map_err(|_| IngestError::Writer("writer is gone".into()))?;
+            .map_err(|_| IngestError::WriterGone("writer is gone"))?;
         self.committing = Some((seq, done_rx));
         let held = waiting.elapsed();
         tracing::debug!(
@@ -356,8 +353,8 @@ impl Pipeline {
                 Ok(false)
             }
             Err(crossbeam_channel::TryRecvError::Empty) => Ok(true),
-            Err(crossbeam_channel::TryRecvError::Disconnected) => Err(IngestError::Writer(
-                "writer stopped before writing the snapshot".into(),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Err(IngestError::WriterGone(
+                "writer stopped before writing the snapshot",
             )),
         }
     }
@@ -367,15 +364,15 @@ impl Pipeline {
         let Some((_, done)) = &self.committing else {
             return Ok(());
         };
-        let result = done.recv().map_err(|_| {
-            IngestError::Writer("writer stopped before writing the snapshot".into())
-        })?;
+        let result = done
+            .recv()
+            .map_err(|_| IngestError::WriterGone("writer stopped before writing the snapshot"))?;
         self.finish_commit(result)
     }
 
-    fn finish_commit(&mut self, result: Result<(), String>) -> Result<(), IngestError> {
+    fn finish_commit(&mut self, result: Result<(), WriteError>) -> Result<(), IngestError> {
         let seq = self.committing.take().map(|(seq, _)| seq);
-        result.map_err(IngestError::Writer)?;
+        result?;
         self.snapshots += 1;
         tracing::debug!(seq, "snapshot committed");
         Ok(())
@@ -405,7 +402,7 @@ mod tests {
         tempfile::TempDir,
         Writer,
         DurabilitySettler,
-        Receiver<Result<(), String>>,
+        Receiver<Result<(), WriteError>>,
     ) {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = Writer {
@@ -468,12 +465,16 @@ mod tests {
     }
 
     /// Ids that could not be made durable fail the commit: no snapshot.
+    /// The writer gets the cause, the driver waiting for the snapshot
+    /// learns that it was not written, each as a typed error.
     #[test]
     fn a_commit_whose_dedupe_ids_failed_writes_no_snapshot() {
         let (_dir, mut writer, settler, done) = pending_commit(9);
         settler.settle(Err("disk full".into()));
-        assert!(writer.advance_commit(true).is_err());
-        assert!(done.recv_timeout(Duration::from_secs(30)).unwrap().is_err());
+        let err = writer.advance_commit(true).unwrap_err();
+        assert!(matches!(err, WriteError::Dedupe(_)), "{err:?}");
+        let answer = done.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(matches!(answer, Err(WriteError::Stopped)), "{answer:?}");
         assert!(writer.store.list().unwrap().is_empty());
     }
 }

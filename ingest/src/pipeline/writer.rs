@@ -342,25 +342,42 @@ impl Writer {
     }
 }
 
-/// What stops the writer thread.
+/// What stops the writer thread, and fails the barrier, cut or commit
+/// that met it. Kept typed across the threads it crosses (the writer's,
+/// the snapshot's, the driver's), so a caller can tell what failed.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum WriteError {
+pub enum WriteError {
+    /// An output file failed (external: disk).
     #[error("{0}")]
     File(#[from] JsonlError),
+    /// The Kafka producer failed for good (external: the broker, or the
+    /// producer's settings).
     #[error("kafka producer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// An output did not encode as JSON (a bug).
     #[error("encoding an output: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The history failed (external: disk or object store).
     #[error("{0}")]
     History(#[from] HistoryError),
+    /// The notification outbox failed (external: disk).
     #[error("{0}")]
     Notify(#[from] flowcap_rules::delivery::DeliveryError),
+    /// A snapshot could not be written (external: disk).
     #[error("writing a snapshot: {0}")]
     Snapshot(#[from] SnapshotStoreError),
+    /// The dedupe ids of a snapshot could not be made durable (external:
+    /// disk).
     #[error("dedupe cold index: {0}")]
     Dedupe(#[from] flowcap_engine::IdStoreError),
+    /// The snapshot's thread could not be started (external: the
+    /// system's limits).
     #[error("starting the snapshot's thread: {0}")]
     Thread(std::io::Error),
+    /// The writer stopped, for an error of its own, before the snapshot's
+    /// outputs were durable: the snapshot is not written.
+    #[error("the writer stopped before the snapshot's outputs were durable")]
+    Stopped,
 }
 
 /// The DLQ message of input `seq` (unless the topic holds it already:
@@ -407,8 +424,7 @@ pub(super) fn run_writer(
     mut writer: Writer,
     outputs: Receiver<Vec<Output>>,
     side: Receiver<Side>,
-) -> Result<Summary, String> {
-    let fail = |e: WriteError| e.to_string();
+) -> Result<Summary, WriteError> {
     loop {
         // A commit in flight is looked at between messages and every
         // millisecond while idle.
@@ -419,25 +435,25 @@ pub(super) fn run_writer(
         };
         select! {
             recv(outputs) -> batch => match batch {
-                Ok(batch) => writer.write_outputs(batch).map_err(fail)?,
+                Ok(batch) => writer.write_outputs(batch)?,
                 Err(_) => {
                     // The engine is gone: drain the side channel and stop.
                     while let Ok(s) = side.try_recv() {
                         match s {
                             Side::Control(Control::Barrier(reply)) => {
-                                let _ = reply.send(writer.sync_all().map_err(fail));
+                                let _ = reply.send(writer.sync_all());
                             }
                             Side::Control(Control::Cut(reply, seq, cut)) => {
-                                let _ = reply.send(writer.cut(seq, cut).map_err(fail));
+                                let _ = reply.send(writer.cut(seq, cut));
                             }
                             Side::Control(Control::Commit(commit)) => {
-                                writer.begin_commit(commit).map_err(fail)?;
-                                writer.advance_commit(true).map_err(fail)?;
+                                writer.begin_commit(commit)?;
+                                writer.advance_commit(true)?;
                             }
-                            Side::Letters(letters) => writer.write_letters(letters).map_err(fail)?,
+                            Side::Letters(letters) => writer.write_letters(letters)?,
                         }
                     }
-                    writer.sync_all().map_err(fail)?;
+                    writer.sync_all()?;
                     return Ok(writer.summary);
                 }
             },
@@ -446,26 +462,26 @@ pub(super) fn run_writer(
                     // Everything the engine produced before the barrier is
                     // already queued: drain it, then make it durable.
                     while let Ok(batch) = outputs.try_recv() {
-                        writer.write_outputs(batch).map_err(fail)?;
+                        writer.write_outputs(batch)?;
                     }
-                    let _ = reply.send(writer.sync_all().map_err(fail));
+                    let _ = reply.send(writer.sync_all());
                 }
                 Ok(Side::Control(Control::Cut(reply, seq, cut))) => {
                     while let Ok(batch) = outputs.try_recv() {
-                        writer.write_outputs(batch).map_err(fail)?;
+                        writer.write_outputs(batch)?;
                     }
-                    let _ = reply.send(writer.cut(seq, cut).map_err(fail));
+                    let _ = reply.send(writer.cut(seq, cut));
                 }
                 Ok(Side::Control(Control::Commit(commit))) => {
-                    writer.begin_commit(commit).map_err(fail)?
+                    writer.begin_commit(commit)?
                 }
-                Ok(Side::Letters(letters)) => writer.write_letters(letters).map_err(fail)?,
+                Ok(Side::Letters(letters)) => writer.write_letters(letters)?,
                 Err(_) => {}
             },
             recv(tick) -> _ => {}
         }
         if writer.commit.is_some() {
-            writer.advance_commit(false).map_err(fail)?;
+            writer.advance_commit(false)?;
         }
     }
 }
