@@ -26,7 +26,7 @@ use flowcap_engine::EngineConfig;
 use flowcap_ingest::embedded::{self, EmbeddedOptions, Input};
 use flowcap_ingest::files::{FileStatus, Role};
 use flowcap_ingest::metrics::Source;
-use flowcap_ingest::pipeline::{self, Summary};
+use flowcap_ingest::pipeline::{self, Start, Summary};
 use flowcap_ingest::{Health, HistoryConfig, SizeLimits};
 use flowcap_loadgen::{Expected, Workload, WorkloadConfig};
 use flowcap_storage::history::compact::CompactionPolicy;
@@ -530,7 +530,11 @@ fn run(args: RunArgs) -> Result<()> {
             .kafka
             .exit_when_idle
             .map(std::time::Duration::from_secs_f64);
-        options.fresh = args.fresh;
+        options.start = if args.fresh {
+            Start::Fresh
+        } else {
+            Start::Resume
+        };
         return run_kafka(&options, args.json, &health);
     }
     let options = EmbeddedOptions {
@@ -538,7 +542,11 @@ fn run(args: RunArgs) -> Result<()> {
         engine,
         snapshot_every: args.snapshot_every.unwrap_or(file.run.snapshot_every),
         history,
-        resume: !args.fresh,
+        start: if args.fresh {
+            Start::Fresh
+        } else {
+            Start::Resume
+        },
         limits: Default::default(),
         sizes,
         progress_every: 10_000,

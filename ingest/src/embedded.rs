@@ -26,7 +26,7 @@ use flowcap_rules::delivery::NotifyConfig;
 use crate::health::Health;
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self, DriverMetrics, Source};
-use crate::pipeline::{HistoryConfig, IngestError, Letter, Pipeline, Restored, Summary};
+use crate::pipeline::{HistoryConfig, IngestError, Letter, Pipeline, Restored, Start, Summary};
 
 /// One input line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,9 +58,8 @@ pub struct EmbeddedOptions {
     /// Write the Parquet history (see [`flowcap_storage::history`]);
     /// `None`: no history.
     pub history: Option<HistoryConfig>,
-    /// Resume from the newest snapshot in `out_dir` if there is one;
-    /// otherwise start empty and clear previous outputs.
-    pub resume: bool,
+    /// Resume from the newest snapshot in `out_dir`, or start over.
+    pub start: Start,
     /// Limits for record decoding.
     pub limits: DecodeLimits,
     /// Largest record and command read ([`crate::limits`]).
@@ -84,7 +83,7 @@ impl EmbeddedOptions {
             engine: EngineConfig::default(),
             snapshot_every: 1_000_000,
             history: Some(HistoryConfig::default()),
-            resume: true,
+            start: Start::Resume,
             limits: DecodeLimits::default(),
             sizes: SizeLimits::default(),
             progress_every: 100_000,
@@ -114,7 +113,7 @@ pub fn run(
     inputs: impl IntoIterator<Item = Input>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Summary, Engine), IngestError> {
-    let restored = Restored::load(&options.out_dir, options.resume)?;
+    let restored = Restored::load(&options.out_dir, options.start)?;
     let segment = Segment {
         first_seq: Some(0),
         inputs: Box::new(inputs.into_iter()),

@@ -402,7 +402,7 @@ pub fn run(
     for path in [records, commands].into_iter().flatten() {
         File::open(path).map_err(input_error(path))?;
     }
-    let restored = Restored::load(&options.out_dir, options.resume)?;
+    let restored = Restored::load(&options.out_dir, options.start)?;
     let plan = plan(restored.positions(), records, commands)?;
     let error: ReadError = Rc::new(RefCell::new(None));
     let mut segments = Vec::new();

@@ -69,7 +69,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self as m, DriverMetrics, Source};
-use crate::pipeline::{IngestError, KafkaOut, Letter, Pipeline, Restored, Summary};
+use crate::pipeline::{IngestError, KafkaOut, Letter, Pipeline, Restored, Start, Summary};
 pub use align::AlignSettings;
 use feed::{Fetched, PartitionFeed};
 use inputs::Inputs;
@@ -161,11 +161,11 @@ pub struct KafkaOptions {
     /// and every partition is consumed to its end. For tests and
     /// benchmarks; a service runs until signalled.
     pub exit_when_idle: Option<Duration>,
-    /// Start over (`--fresh`): clear the data directory's state and
-    /// history and read every input from the oldest offset the broker
-    /// keeps. Without it, a data directory whose snapshots all fail to
-    /// restore refuses to start.
-    pub fresh: bool,
+    /// Resume from the newest snapshot, or start over (`--fresh`:
+    /// clear the data directory's state and history and read every input
+    /// from the oldest offset the broker keeps). When resuming, a data
+    /// directory whose snapshots all fail to restore refuses to start.
+    pub start: Start,
 }
 
 impl KafkaOptions {
@@ -192,7 +192,7 @@ impl KafkaOptions {
             align: AlignSettings::default(),
             lease_timeout: Duration::from_secs(10),
             exit_when_idle: None,
-            fresh: false,
+            start: Start::Resume,
         }
     }
 }
@@ -461,21 +461,21 @@ pub fn run(
     };
     tracing::info!(instance, "lease acquired");
 
-    let restored = Restored::load(&options.data_dir, !options.fresh)?;
+    let restored = Restored::load(&options.data_dir, options.start)?;
     let Some(produced) = produced::read_back(
         &consumer_config,
         &meta,
         &options.data_dir,
         restored.positions(),
         &[&options.topics.dlq, &options.topics.results],
-        options.fresh,
+        options.start,
         &stop,
     )?
     else {
         return Ok(Summary::default());
     };
     let order_dir = options.data_dir.join("order");
-    if options.fresh && order_dir.exists() {
+    if options.start == Start::Fresh && order_dir.exists() {
         std::fs::remove_dir_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
     }
     let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);

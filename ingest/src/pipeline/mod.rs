@@ -79,7 +79,7 @@ use crate::metrics::OutputMetrics;
 pub(crate) use letters::Letter;
 pub(crate) use restore::Restored;
 use restore::{clear_dir, no_usable_snapshot, SNAPSHOTS_DIR};
-pub use restore::{SnapshotFailure, Unusable};
+pub use restore::{SnapshotFailure, Start, Unusable};
 use snapshot::{Commit, HistoryCut};
 pub(crate) use writer::KafkaOut;
 pub use writer::WriteError;
@@ -367,7 +367,7 @@ impl Pipeline {
     ) -> Result<Pipeline, IngestError> {
         let Restored {
             dir,
-            resume,
+            start,
             engine: restored,
             started,
         } = restored;
@@ -379,14 +379,14 @@ impl Pipeline {
             // replay from the start fires the same executions, which it
             // recognises. Only starting over on purpose drops it.
             let outbox = dir.join(OUTBOX_DIR);
-            if !resume && outbox.exists() {
+            if start == Start::Fresh && outbox.exists() {
                 std::fs::remove_dir_all(&outbox).map_err(|source| IngestError::Directory {
                     path: outbox.clone(),
                     source,
                 })?;
             }
             let alerts = dir.join(ALERTS_FILE);
-            if !resume && alerts.exists() {
+            if start == Start::Fresh && alerts.exists() {
                 std::fs::remove_file(&alerts).map_err(|source| IngestError::Directory {
                     path: alerts.clone(),
                     source,

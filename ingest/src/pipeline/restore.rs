@@ -80,34 +80,47 @@ pub(super) fn no_usable_snapshot(dir: &Path, failures: &[SnapshotFailure]) -> St
     text
 }
 
+/// What a pipeline does with the state its directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Start {
+    /// Go on from the newest usable snapshot (none: start empty); refuse
+    /// to start when snapshots are there and none restores.
+    #[default]
+    Resume,
+    /// Start over (`--fresh`): clear the state, the outputs and the
+    /// history (in Kafka mode, read every input again from the oldest
+    /// offset the broker keeps).
+    Fresh,
+}
+
 /// The directory's state before the pipeline starts: the engine restored
 /// from the newest usable snapshot, or none.
 ///
 /// Starting over deletes outputs, so it happens only when nothing
-/// committed is there to lose or when asked for: with `resume` and at
+/// committed is there to lose or when asked for: with [`Start::Resume`] and at
 /// least one snapshot file, some snapshot must restore, else loading
 /// fails with [`IngestError::NoUsableSnapshot`] before anything is
 /// touched. With no snapshot file at all, whatever the directory holds was
 /// written by a first run that never committed a snapshot (a crash):
 /// it is written again from the start, as any crash rewinds to its
-/// snapshot. Without `resume` (`--fresh`) everything is cleared.
+/// snapshot. With [`Start::Fresh`] everything is cleared.
 pub(crate) struct Restored {
     pub(super) dir: PathBuf,
-    pub(super) resume: bool,
+    pub(super) start: Start,
     pub(super) engine: Option<Engine>,
     pub(super) started: Instant,
 }
 
 impl Restored {
-    /// Finds and restores the newest usable snapshot of `dir` (when
-    /// `resume`); an unusable one is skipped for the one before it (they
+    /// Finds and restores the newest usable snapshot of `dir` (with
+    /// [`Start::Resume`]); an unusable one is skipped for the one before it (they
     /// are kept for that), and if none restores the start is refused.
-    pub(crate) fn load(dir: &Path, resume: bool) -> Result<Restored, IngestError> {
+    pub(crate) fn load(dir: &Path, start: Start) -> Result<Restored, IngestError> {
         let started = Instant::now();
         prepare_dir(dir)?;
         let snapshots_dir = dir.join(SNAPSHOTS_DIR);
         let mut engine = None;
-        if resume && snapshots_dir.exists() {
+        if start == Start::Resume && snapshots_dir.exists() {
             let store = SnapshotStore::open(&snapshots_dir)?;
             let mut failures = Vec::new();
             for stored in store.newest_first()? {
@@ -151,7 +164,7 @@ impl Restored {
         }
         Ok(Restored {
             dir: dir.to_owned(),
-            resume,
+            start,
             engine,
             started,
         })
@@ -217,7 +230,7 @@ mod tests {
     /// With snapshots present and none usable (one corrupt, one of an
     /// older format version, one unreadable), the start is refused with
     /// each named and why, and no file under the directory changes; only
-    /// starting over on purpose (`resume: false`) clears it.
+    /// starting over on purpose ([`Start::Fresh`]) clears it.
     #[test]
     fn no_usable_snapshot_refuses_to_start_and_changes_nothing() {
         use flowcap_engine::snapshot::SnapshotError;
@@ -261,7 +274,7 @@ mod tests {
         assert!(before == tree(dir.path()), "a file changed");
 
         let fresh = EmbeddedOptions {
-            resume: false,
+            start: Start::Fresh,
             ..small_options(dir.path())
         };
         std::fs::remove_dir(&files[2]).unwrap();
@@ -278,7 +291,7 @@ mod tests {
         let store = SnapshotStore::open(dir.path().join(SNAPSHOTS_DIR)).unwrap();
         let (newest_seq, newest) = store.list().unwrap().pop().unwrap();
         std::fs::write(&newest, b"FLOWCAPS").unwrap();
-        let restored = Restored::load(dir.path(), true).unwrap();
+        let restored = Restored::load(dir.path(), Start::Resume).unwrap();
         let engine = restored.engine.unwrap();
         let seq = engine.positions()[INPUT_POSITION];
         assert!(u64::try_from(seq).unwrap() < newest_seq);
