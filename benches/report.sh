@@ -3,7 +3,7 @@
 # report with its baseline measured in the same run, then one Markdown
 # report with the plots.
 #
-#   benches/report.sh [--scenario quick|standard] [--out DIR]
+#   benches/report.sh [--scenario quick|standard] [--out DIR] [--docs]
 #
 #   quick     small workloads, one repetition: to check the suite end to
 #             end, not for figures.
@@ -24,14 +24,20 @@
 #      generated history, and ingest with the history on vs off.
 #   5. report.md in DIR: the headline ratios, then each step's tables and
 #      plots.
+#
+# The report is not committed (target/ is ignored). With --docs the
+# charts also replace docs/img's pictures of the same names, the ones
+# docs/BENCHMARKS.md shows: one undated picture per chart.
 set -euo pipefail
 scenario=standard
 out=target/bench-report
+docs=no
 while [ $# -gt 0 ]; do
     case $1 in
         --scenario) scenario=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        --docs) docs=yes; shift ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "report.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -167,4 +173,8 @@ with open(os.path.join(out, "report.md"), "w") as f:
     f.write(open(os.path.join(out, "sql", "report.md")).read().replace("](", "](sql/"))
 print(os.path.join(out, "report.md"))
 PY
+if [ "$docs" = yes ]; then
+    cp "$out"/*.png "$out"/sql/*.png docs/img/
+    echo "charts copied to docs/img" >&2
+fi
 step 5 "done: $out/report.md"

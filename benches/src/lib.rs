@@ -1,12 +1,15 @@
 //! Shared helpers for the criterion benches and the report binaries:
 //! CPU-time and RSS probes (Linux `/proc`), engine setup from a loadgen
 //! workload, a generator of fresh, already-decoded usage records, the
-//! plots' font, progress bars, the DuckDB side of the SQL comparisons, and
-//! [`history_check`] (exactness and overshoot of a run, from its history).
+//! [`plot`] (every report's charts) and progress bars. The report
+//! binaries' oracles (the history check, the DuckDB side of the SQL
+//! comparisons) are the testkit's, shared with the binary's tests, and
+//! re-exported here.
 
-pub mod history_check;
+pub mod plot;
 
-pub use history_check::{batch_rows, check_history, HistoryCheck};
+pub use flowcap_testkit::duckdb::{duckdb, DUCKDB_SCRIPT};
+pub use flowcap_testkit::history_check::{batch_rows, check_history, HistoryCheck};
 
 use std::time::{Duration, Instant};
 
@@ -277,24 +280,6 @@ fn record_id(seq: u64) -> RecordId {
     RecordId::new(std::str::from_utf8(&buf).unwrap_or("rec")).unwrap_or_else(|| unreachable!())
 }
 
-/// The TrueType font the report plots write their text with.
-pub const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
-/// Registers [`PLOT_FONT`] as plotters' `sans-serif`. `false` when the file
-/// is missing (the plots are then drawn without text); an error when it is
-/// there but not usable.
-pub fn register_plot_font() -> Result<bool, String> {
-    match std::fs::read(PLOT_FONT) {
-        Ok(bytes) => {
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
-                .map_err(|_| format!("font {PLOT_FONT} not usable"))?;
-            Ok(true)
-        }
-        Err(_) => Ok(false),
-    }
-}
-
 /// The median of `values` (0 for none).
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
@@ -337,45 +322,4 @@ pub fn cpu_model() -> String {
                 .map(|s| s.trim().to_owned())
         })
         .unwrap_or_default()
-}
-
-/// The Python script that runs SQL over a flowcap history with DuckDB (its
-/// request and answer formats are in its docstring).
-pub const DUCKDB_SCRIPT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../flowcap/tests/support/duckdb_queries.py"
-);
-
-/// Runs `script` (see [`DUCKDB_SCRIPT`]) with `request` on its standard
-/// input; its JSON answer, or what went wrong with its standard error.
-pub fn duckdb(
-    script: &std::path::Path,
-    request: &serde_json::Value,
-) -> Result<serde_json::Value, String> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("python3")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting python3 (DuckDB: python3 -m pip install duckdb): {e}"))?;
-    child
-        .stdin
-        .take()
-        .ok_or("no stdin for the DuckDB script")?
-        .write_all(request.to_string().as_bytes())
-        .map_err(|e| format!("writing the DuckDB request: {e}"))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for the DuckDB script: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "DuckDB failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("the DuckDB answer is not JSON: {e}"))
 }

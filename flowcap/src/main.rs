@@ -242,7 +242,7 @@ struct FileConfig {
     limits: SizeLimits,
     /// Rule notification delivery: retries, SMTP relay, SMS gateway,
     /// push-failure alert channels.
-    notify: flowcap_rules::NotifyConfig,
+    notify: flowcap_delivery::NotifyConfig,
     /// `POST /sql`: bearer tokens and limits.
     sql: sql::SqlConfig,
 }

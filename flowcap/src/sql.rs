@@ -1,5 +1,5 @@
 //! `flowcap sql`, `flowcap query` and `flowcap export`: SQL over the
-//! Parquet history (see `flowcap_storage::sql`), printed as a table or
+//! Parquet history (see `flowcap_sql`), printed as a table or
 //! written as CSV, JSON lines or Parquet.
 
 use std::io::Write;
@@ -12,7 +12,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::SessionContext;
 use flowcap_ingest::pipeline::HISTORY_DIR;
-use flowcap_storage::sql::{self, ConsoleQuery};
+use flowcap_sql::{self as sql, ConsoleQuery};
 use flowcap_storage::HistoryLocation;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};

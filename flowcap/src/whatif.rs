@@ -263,7 +263,7 @@ pub(crate) fn replay(args: ReplayArgs, config: EngineConfig) -> Result<()> {
         .build()
         .context("starting the query runtime")?;
     let found = runtime.block_on(async {
-        let ctx = flowcap_storage::sql::open(&root).await?;
+        let ctx = flowcap_sql::open(&root).await?;
         let commands = ctx
             .sql(
                 "SELECT input_seq AS seq, command FROM command_journal \

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use flowcap_storage::sql::ConsoleQuery;
+use flowcap_sql::ConsoleQuery;
 
 mod common;
 
@@ -40,8 +40,11 @@ fn datafusion_rows(out: &Path, sql: &str) -> Vec<Vec<serde_json::Value>> {
 
 fn duckdb_rows(root: &Path, queries: &[String]) -> Vec<Vec<Vec<serde_json::Value>>> {
     let request = serde_json::json!({ "root": root, "queries": queries });
-    let answer = flowcap_benches::duckdb(Path::new(flowcap_benches::DUCKDB_SCRIPT), &request)
-        .unwrap_or_else(|e| panic!("duckdb: {e}"));
+    let answer = flowcap_testkit::duckdb::duckdb(
+        Path::new(flowcap_testkit::duckdb::DUCKDB_SCRIPT),
+        &request,
+    )
+    .unwrap_or_else(|e| panic!("duckdb: {e}"));
     serde_json::from_value(answer).unwrap()
 }
 
@@ -61,7 +64,7 @@ fn duckdb_reads_the_history_and_agrees_on_every_console_query() {
     let latest = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap()
-        .block_on(flowcap_storage::sql::Latest::of(
+        .block_on(flowcap_sql::Latest::of(
             &flowcap_storage::HistoryLocation::Local(root.clone()),
         ))
         .unwrap();

@@ -1,4 +1,4 @@
-//! The benchmark report's history check (`flowcap_benches::check_history`)
+//! The history check (`flowcap_testkit::history_check`, the benchmark report's)
 //! on a real run: an exact run passes with cuts and no overshoot, and the
 //! same history checked against another workload's expectation fails.
 
@@ -25,7 +25,8 @@ fn an_exact_run_passes_and_a_wrong_expectation_fails() {
     assert_eq!(summary["exactness"]["mismatched"], 0, "{summary}");
     let history = out.join("history");
 
-    let check = flowcap_benches::check_history(&history, &workload(11).expected()).unwrap();
+    let check =
+        flowcap_testkit::history_check::check_history(&history, &workload(11).expected()).unwrap();
     assert_eq!(check.mismatched, 0, "{check:?}");
     assert!(check.cards_cycles_checked >= 1_000, "{check:?}");
     // The default workload cuts cards for their plan, threshold and the
@@ -35,7 +36,8 @@ fn an_exact_run_passes_and_a_wrong_expectation_fails() {
     assert_eq!(check.overshoot_records, 0, "{check:?}");
     assert!(check.max_overshoot_bytes > 0, "{check:?}");
 
-    let wrong = flowcap_benches::check_history(&history, &workload(12).expected()).unwrap();
+    let wrong =
+        flowcap_testkit::history_check::check_history(&history, &workload(12).expected()).unwrap();
     assert!(wrong.mismatched > 100, "{wrong:?}");
     assert!(wrong.first_mismatch.is_some());
 }

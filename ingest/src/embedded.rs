@@ -21,7 +21,7 @@ use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::{Engine, EngineConfig, Timestamp};
 
-use flowcap_rules::delivery::NotifyConfig;
+use flowcap_delivery::NotifyConfig;
 
 use crate::health::Health;
 use crate::limits::{InputKind, Oversized, SizeLimits};

@@ -10,7 +10,7 @@
 //!   local directory, snapshots beside them, exact resume after a crash.
 //! - [`files`]: records and commands from JSON-lines files, merged into one
 //!   deterministic input sequence.
-//! - `notify`: starts rule notification delivery (`flowcap_rules::delivery`)
+//! - `notify`: starts rule notification delivery (`flowcap_delivery`)
 //!   on the data directory's outbox; the writer feeds it firings and
 //!   syncs it at every snapshot barrier.
 //! - [`limits`]: the largest record and command read, and how much of a

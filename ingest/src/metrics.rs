@@ -29,7 +29,6 @@ use std::time::Duration;
 use ::metrics::{counter, gauge, histogram, Counter, Gauge};
 use flowcap_engine::event::{ActionEvent, Output};
 use flowcap_engine::Timestamp;
-use flowcap_rules::delivery;
 use flowcap_storage::history::compact::CompactionStats;
 
 /// Records read by a pipeline (label `source`: `file`, `generator` or `kafka`).
@@ -274,31 +273,31 @@ pub const CATALOG: &[(&str, Kind, &str, &str)] = &[
         "Output deliveries that failed for good.",
     ),
     (
-        delivery::METRIC_QUEUED,
+        flowcap_delivery::METRIC_QUEUED,
         Kind::Counter,
         "channel",
         "Rule notifications queued in the outbox (webhook, email, sms).",
     ),
     (
-        delivery::METRIC_DONE,
+        flowcap_delivery::METRIC_DONE,
         Kind::Counter,
         "channel, outcome",
         "Rule notifications delivered or failed for good.",
     ),
     (
-        delivery::METRIC_ATTEMPTS,
+        flowcap_delivery::METRIC_ATTEMPTS,
         Kind::Counter,
         "channel, result",
         "Notification attempts: delivered, retry, refused.",
     ),
     (
-        delivery::METRIC_BACKLOG,
+        flowcap_delivery::METRIC_BACKLOG,
         Kind::Gauge,
         "destination",
         "Notifications on disk not yet delivered or failed.",
     ),
     (
-        delivery::METRIC_PUSH_FAILED,
+        flowcap_delivery::METRIC_PUSH_FAILED,
         Kind::Counter,
         "channel",
         "Push-failure alerts raised (push_failed events).",

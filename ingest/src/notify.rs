@@ -1,5 +1,5 @@
 //! The pipeline's side of rule notifications: it starts the delivery
-//! service of `flowcap-rules` on the data directory's outbox, with the
+//! service of `flowcap-delivery` on the data directory's outbox, with the
 //! webhook endpoints the engine has registered, and says where delivery
 //! reports go: push-failure alerts (`push_failed` action events) are
 //! appended to `alerts.jsonl` as they happen (and, in Kafka mode, produced
@@ -15,10 +15,9 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use flowcap_delivery::{Notifier, NotifyConfig, PushFailedEvent, Reports};
 use flowcap_engine::Engine;
-use flowcap_rules::delivery::{
-    Done, Final, Message, Notifier, NotifyConfig, PushFailedEvent, Reports,
-};
+use flowcap_rules::message::{Done, Final, Message};
 use flowcap_rules::TemplateOptions;
 
 use crate::pipeline::{IngestError, ALERTS_FILE, OUTBOX_DIR};

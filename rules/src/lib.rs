@@ -6,8 +6,10 @@
 //! [`RuleFiredEvent`](flowcap_engine::event::RuleFiredEvent) per rule,
 //! target and cause, with a deterministic id and the actions whose reminder
 //! window allowed them. This crate turns a firing into what is sent and
-//! recorded (pure: no IO, no clock; times come in as arguments), and then
-//! delivers it ([`delivery`]):
+//! recorded (pure: no IO, no clock; times come in as arguments). Sending
+//! it is the `flowcap-delivery` crate's part (the outbox, retries, the
+//! HTTP and SMTP clients), kept apart so that what records firings and
+//! deliveries (the history writer) compiles no network client:
 //!
 //! ```text
 //!  RuleFiredEvent --template()--> Template {name, params}
@@ -23,18 +25,16 @@
 //! - [`sign`]: Standard Webhooks signing and verification.
 //! - [`text`]: plain-text email and SMS renderings of the same parameters.
 //! - [`execution`]: the execution record of every firing and channel.
-//! - [`delivery`]: sending them: the durable outbox, one task per
-//!   destination, retries with back-off, push-failure alerts. The only
-//!   module with IO and threads.
+//! - [`message`]: a notification message as stored and sent, and its
+//!   outcome (`rule_deliveries`).
 
-pub mod delivery;
 pub mod execution;
+pub mod message;
 pub mod sign;
 pub mod template;
 pub mod text;
 pub mod webhook;
 
-pub use delivery::{Notifier, NotifyConfig};
 pub use execution::{ExecutionRecord, Outcome};
 pub use sign::{SignError, Signer};
 pub use template::{template, Template, TemplateName, TemplateOptions};

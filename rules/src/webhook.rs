@@ -83,7 +83,7 @@ struct MergedBody<'a> {
 /// `msg_` + 32 hex digits of xxh3-128 over `parts` joined by `|`: the
 /// deterministic id of every outbox message (webhooks:
 /// `webhook|<endpoint>|<firing id>...`).
-pub(crate) fn message_id<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+pub fn message_id<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     let mut key = String::new();
     for (i, part) in parts.into_iter().enumerate() {
         if i > 0 {

@@ -16,8 +16,10 @@
 //!   input through crashes, and compacted in the background.
 //! - [`location`]: where the history lives: a local directory or an
 //!   S3-compatible object store.
-//! - [`sql`]: SQL over the history with DataFusion: the tables, the views
-//!   and the console's named queries.
+//!
+//! SQL over the history (the tables, the views, the console's queries) is
+//! the `flowcap-sql` crate's: the pipeline writes history and never
+//! queries it, so it does not compile the query engine for that.
 
 pub mod background;
 pub mod cold_index;
@@ -25,7 +27,6 @@ pub mod history;
 pub mod jsonl;
 pub mod location;
 pub mod snapshot_store;
-pub mod sql;
 
 pub use cold_index::{DiskIdStore, DiskIdStoreOptions};
 pub use history::{HistoryError, HistoryOptions, HistoryWriter};

@@ -94,7 +94,9 @@ impl RemoteLocation {
         Arc::clone(&self.store)
     }
 
-    pub(crate) fn object(&self, rel: &str) -> ObjectPath {
+    /// The object path of `rel` (a table, a file) under this location's
+    /// prefix.
+    pub fn object(&self, rel: &str) -> ObjectPath {
         if self.prefix.as_ref().is_empty() {
             ObjectPath::from(rel)
         } else {

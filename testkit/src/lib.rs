@@ -49,7 +49,16 @@
 //!
 //! [`receiver`] has the other side of notification delivery: a scripted
 //! HTTP receiver and an SMTP sink.
+//!
+//! With the `history` feature, the oracles that read a run's Parquet
+//! history: [`history_check`] (exactness and overshoot, with SQL) and
+//! [`duckdb`] (DuckDB's answers to the same SQL). They pull in the query
+//! engine, so tests that need only the broker or the receivers go without.
 
+#[cfg(feature = "history")]
+pub mod duckdb;
+#[cfg(feature = "history")]
+pub mod history_check;
 pub mod receiver;
 
 use std::fs::{File, OpenOptions};

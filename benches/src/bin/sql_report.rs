@@ -18,7 +18,7 @@
 //!   engines), plus two analyst queries over the raw `usage_records`. Each
 //!   runs once (reported as "first") and then `--reps` times, of which the
 //!   median is the figure. DataFusion runs in this process over
-//!   `flowcap_storage::sql::open`; DuckDB in one Python process over
+//!   `flowcap_sql::open`; DuckDB in one Python process over
 //!   `read_parquet` views of the same directories
 //!   (`flowcap/tests/support/duckdb_queries.py`, the script the agreement
 //!   test uses). Both fetch every row. The engines' row counts must agree.
@@ -38,8 +38,9 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use flowcap_benches::{batch_rows, cpu_model, duckdb, median, progress, register_plot_font};
-use flowcap_storage::sql::{self, ConsoleQuery, Latest};
+use flowcap_benches::plot::{self, sql::QueryTimes};
+use flowcap_benches::{batch_rows, cpu_model, duckdb, median, progress};
+use flowcap_sql::{self as sql, ConsoleQuery, Latest};
 use flowcap_storage::HistoryLocation;
 use serde_json::{json, Value};
 
@@ -101,7 +102,7 @@ fn main() -> Result<()> {
         args.flowcap.display()
     );
     fs::create_dir_all(&args.report)?;
-    let labels = register_plot_font().map_err(anyhow::Error::msg)?;
+    let labels = plot::register_font()?;
     let mut results = json!({ "machine": machine() });
     let mut md = String::new();
     writeln!(md, "# flowcap SQL and history report\n")?;
@@ -109,13 +110,26 @@ fn main() -> Result<()> {
     if args.phases.iter().any(|p| p == "queries") {
         let timings = queries(&args)?;
         markdown_queries(&mut md, &args, &timings)?;
-        plot::query_times(&timings, &args.report.join("sql_times.png"), labels)?;
+        let times: Vec<QueryTimes<'_>> = timings
+            .queries
+            .iter()
+            .map(|q| QueryTimes {
+                name: &q.name,
+                datafusion_ms: median(&q.datafusion_ms),
+                duckdb_ms: median(&q.duckdb_ms),
+            })
+            .collect();
+        plot::sql::query_times(&times, &args.report.join("sql_times.png"), labels)?;
         results["queries"] = serde_json::to_value(&timings)?;
     }
     if args.phases.iter().any(|p| p == "history-cost") {
         let rounds = history_cost(&args)?;
         markdown_cost(&mut md, &args, &rounds)?;
-        plot::history_cost(&rounds, &args.report.join("history_cost.png"), labels)?;
+        let pairs: Vec<(f64, f64)> = rounds
+            .iter()
+            .map(|r| (r.with_history, r.without_history))
+            .collect();
+        plot::sql::history_cost(&pairs, &args.report.join("history_cost.png"), labels)?;
         results["history_cost"] = serde_json::to_value(&rounds)?;
     }
     fs::write(args.report.join("report.md"), &md)?;
@@ -594,130 +608,4 @@ fn markdown_cost(md: &mut String, args: &Args, rounds: &[CostRound]) -> Result<(
         (1.0 - on / off) * 100.0
     )?;
     Ok(())
-}
-
-mod plot {
-    //! Query times (log scale, both engines) and the history-cost rounds.
-
-    use std::path::Path;
-
-    use anyhow::Result;
-    use flowcap_benches::median;
-    use plotters::prelude::*;
-
-    pub(super) fn query_times(t: &super::Timings, path: &Path, labels: bool) -> Result<()> {
-        let n = t.queries.len();
-        let root = BitMapBackend::new(path, (1000, 60 + 42 * n as u32)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let max = t
-            .queries
-            .iter()
-            .flat_map(|q| [median(&q.datafusion_ms), median(&q.duckdb_ms)])
-            .fold(100.0f64, f64::max)
-            * 2.0;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(15);
-        if labels {
-            builder
-                .caption(
-                    "console queries, ms (log scale): DataFusion red, DuckDB blue; green: 100 ms",
-                    ("sans-serif", 18).into_font(),
-                )
-                .x_label_area_size(30)
-                .y_label_area_size(330);
-        }
-        let mut chart = builder.build_cartesian_2d((0.1f64..max).log_scale(), 0.0..n as f64)?;
-        if labels {
-            let names: Vec<String> = t.queries.iter().map(|q| q.name.clone()).collect();
-            chart
-                .configure_mesh()
-                .disable_y_mesh()
-                .y_labels(n * 2 + 1)
-                .y_label_formatter(&|y| {
-                    let i = (n as f64 - y - 0.5).round();
-                    if (n as f64 - y - 0.5 - i).abs() < 0.01 && i >= 0.0 && (i as usize) < n {
-                        names[i as usize].clone()
-                    } else {
-                        String::new()
-                    }
-                })
-                .x_desc("milliseconds")
-                .label_style(("sans-serif", 13))
-                .draw()?;
-        }
-        for (i, q) in t.queries.iter().enumerate() {
-            let y = (n - 1 - i) as f64;
-            for (k, (ms, color)) in [
-                (median(&q.datafusion_ms), RED),
-                (median(&q.duckdb_ms), BLUE),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let y0 = y + 0.1 + 0.4 * k as f64;
-                chart.draw_series([Rectangle::new(
-                    [(0.1, y0), (ms.max(0.11), y0 + 0.38)],
-                    color.mix(0.7).filled(),
-                )])?;
-            }
-        }
-        chart.draw_series(LineSeries::new(
-            [(100.0, 0.0), (100.0, n as f64)],
-            GREEN.stroke_width(2),
-        ))?;
-        root.present()?;
-        Ok(())
-    }
-
-    pub(super) fn history_cost(
-        rounds: &[super::CostRound],
-        path: &Path,
-        labels: bool,
-    ) -> Result<()> {
-        let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let max = rounds
-            .iter()
-            .flat_map(|r| [r.with_history, r.without_history])
-            .fold(1.0f64, f64::max)
-            * 1.2
-            / 1000.0;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(20);
-        if labels {
-            builder
-                .caption(
-                    "embedded ingestion, thousand inputs/s per round: history on (red) / off (blue)",
-                    ("sans-serif", 17).into_font(),
-                )
-                .x_label_area_size(35)
-                .y_label_area_size(60);
-        }
-        let mut chart = builder.build_cartesian_2d(0.0..rounds.len() as f64, 0.0..max)?;
-        if labels {
-            chart
-                .configure_mesh()
-                .disable_x_mesh()
-                .x_labels(rounds.len() + 1)
-                .x_label_formatter(&|x| format!("round {}", x.round() as usize + 1))
-                .y_desc("thousand inputs / s")
-                .label_style(("sans-serif", 13))
-                .draw()?;
-        }
-        for (i, r) in rounds.iter().enumerate() {
-            let x = i as f64;
-            for (k, (v, color)) in [(r.with_history, RED), (r.without_history, BLUE)]
-                .into_iter()
-                .enumerate()
-            {
-                let x0 = x + 0.1 + 0.4 * k as f64;
-                chart.draw_series([Rectangle::new(
-                    [(x0, 0.0), (x0 + 0.38, v / 1000.0)],
-                    color.mix(0.7).filled(),
-                )])?;
-            }
-        }
-        root.present()?;
-        Ok(())
-    }
 }

@@ -135,7 +135,7 @@ pub struct KafkaOptions {
     /// Write the Parquet history; `None`: no history.
     pub history: Option<crate::pipeline::HistoryConfig>,
     /// Deliver rule notifications; `None`: nothing is sent.
-    pub notify: Option<flowcap_rules::delivery::NotifyConfig>,
+    pub notify: Option<flowcap_delivery::NotifyConfig>,
     /// Record decoding limits.
     pub limits: DecodeLimits,
     /// Largest record and command read (`crate::limits`): a larger message
@@ -183,7 +183,7 @@ impl KafkaOptions {
             snapshot_every: 1_000_000,
             snapshot_interval: Duration::from_secs(60),
             history: Some(crate::pipeline::HistoryConfig::default()),
-            notify: Some(flowcap_rules::delivery::NotifyConfig::default()),
+            notify: Some(flowcap_delivery::NotifyConfig::default()),
             limits: DecodeLimits::default(),
             sizes: SizeLimits::default(),
             max_run: 4096,

@@ -72,7 +72,7 @@ use flowcap_storage::{
 };
 use serde::Serialize;
 
-use flowcap_rules::delivery::{Notifier, NotifyConfig};
+use flowcap_delivery::{Notifier, NotifyConfig};
 
 use crate::metrics::OutputMetrics;
 
@@ -133,7 +133,7 @@ pub enum IngestError {
     /// Rule notification delivery could not start or drain (external:
     /// disk).
     #[error("notifications: {0}")]
-    Notify(#[from] flowcap_rules::delivery::DeliveryError),
+    Notify(#[from] flowcap_delivery::DeliveryError),
     /// The producer of push-failure alerts could not be created (the
     /// user's producer properties).
     #[error("alert producer: {0}")]
@@ -217,7 +217,7 @@ pub struct Summary {
     /// Rule firings emitted.
     pub rule_firings: u64,
     /// Notification delivery (webhooks, email, SMS) when it is on.
-    pub notifications: Option<flowcap_rules::delivery::DeliveryTotals>,
+    pub notifications: Option<flowcap_delivery::DeliveryTotals>,
     /// Cards per visible state at the end.
     pub cards_by_state: BTreeMap<String, u64>,
     /// Snapshots written.
@@ -240,7 +240,7 @@ pub const REJECTS_FILE: &str = "rejects.jsonl";
 /// Command journal: command + result.
 pub const JOURNAL_FILE: &str = "journal.jsonl";
 /// The notification outbox inside the output directory
-/// (`flowcap_rules::delivery::outbox`).
+/// (`flowcap_delivery::outbox`).
 pub const OUTBOX_DIR: &str = "outbox";
 /// Push-failure alerts (`push_failed` action events), appended as they
 /// happen (wall-clock order; not rewound on restart).

@@ -18,7 +18,7 @@ use flowcap_storage::{
     HistoryError, HistoryWriter, JsonlError, JsonlSink, SnapshotStore, SnapshotStoreError,
 };
 
-use flowcap_rules::delivery::Notifier;
+use flowcap_delivery::Notifier;
 
 use crate::metrics::OutputMetrics;
 
@@ -362,7 +362,7 @@ pub enum WriteError {
     History(#[from] HistoryError),
     /// The notification outbox failed (external: disk).
     #[error("{0}")]
-    Notify(#[from] flowcap_rules::delivery::DeliveryError),
+    Notify(#[from] flowcap_delivery::DeliveryError),
     /// A snapshot could not be written (external: disk).
     #[error("writing a snapshot: {0}")]
     Snapshot(#[from] SnapshotStoreError),

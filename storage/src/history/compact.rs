@@ -41,12 +41,17 @@
 //! merged k ways, comparing the sort columns in Arrow's row format, and
 //! their rows gathered in that order: no sort. Each input's order is
 //! checked as it is merged; a file out of order (one written by an older
-//! build, say) sends the whole merge to the SQL sort instead, so the merged
+//! build, say) sends the whole merge to a sort instead, so the merged
 //! file is sorted either way. The ICCID is compared as text on both sides:
 //! [`flowcap_engine::Iccid`] orders as its text does. The delta tables
 //! (sorted by card) are merged the same way, the rows of one card and day
 //! (or cycle and carrier) summed as they meet. Only the state changes and
-//! rule firings, ordered by an expression, go through DataFusion.
+//! rule firings, ordered by card or pool, are always sorted.
+//!
+//! Every sort here is Arrow's row format and a stable sort of row
+//! indexes, ascending with nulls last as SQL's `ORDER BY` (the tests hold
+//! each merge against DataFusion's SQL): the pipeline that writes the
+//! history compiles no query engine.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
@@ -55,15 +60,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, UInt64Array};
+use arrow::compute::kernels::zip::zip;
+use arrow::compute::{
+    cast, concat_batches, interleave, interleave_record_batch, is_not_null, take_record_batch,
+    SortOptions,
+};
+use arrow::datatypes::{Int64Type, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, Rows, SortField};
 use crossbeam_channel::{Receiver, Sender};
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array};
-use datafusion::arrow::compute::{cast, concat_batches, interleave, interleave_record_batch};
-use datafusion::arrow::datatypes::{Int64Type, SchemaRef};
-use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{RowConverter, Rows, SortField};
-use datafusion::datasource::MemTable;
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use datafusion::prelude::SessionContext;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::schema;
 use super::{encode_parquet, file_range, is_dump, HistoryError, HistoryOptions};
@@ -195,13 +202,6 @@ fn run(
     jobs: Receiver<Job>,
     stats: &CompactionStats,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "history compaction cannot start");
-            return;
-        }
-    };
     while let Ok(first) = jobs.recv() {
         // Catch up: one pass for every job queued meanwhile.
         let mut through = first.through;
@@ -216,7 +216,7 @@ fn run(
         let mut done = BTreeSet::new();
         for dir in &watch {
             let started = Instant::now();
-            match compact_dir(&files, &runtime, dir, through, &options) {
+            match compact_dir(&files, dir, through, &options) {
                 Ok(Outcome {
                     merged,
                     rows,
@@ -259,7 +259,7 @@ struct Outcome {
     merged: u64,
     /// Rows in the merged file.
     rows: u64,
-    /// Inputs of a sorted table were out of order: SQL sorted them.
+    /// Inputs of a sorted table were out of order: they were sorted again.
     sorted_again: bool,
     /// Nothing left to do in this partition until it is written to again.
     settled: bool,
@@ -276,7 +276,6 @@ impl Outcome {
 
 fn compact_dir(
     files: &HistoryFiles,
-    runtime: &tokio::runtime::Runtime,
     dir: &str,
     through: u64,
     options: &HistoryOptions,
@@ -306,15 +305,16 @@ fn compact_dir(
     let (Some((from, _)), Some((_, to))) = (first, last) else {
         return Ok(Outcome::nothing(true));
     };
-    let (merged, sql) = match how {
-        Merge::Sorted { keys, sql } => (merge_sorted(&inputs, keys)?, sql),
-        Merge::Summed { keys, max, sql } => (merge_summed(&inputs, keys, max)?, sql),
-        Merge::Sql(sql) => (None, sql),
-    };
-    let sorted_again = merged.is_none() && !matches!(how, Merge::Sql(_));
-    let merged = match merged {
-        Some(merged) => merged,
-        None => runtime.block_on(merge_sql(&def.schema, inputs, sql))?,
+    let (merged, sorted_again) = match how {
+        Merge::Sorted { keys } => match merge_sorted(&inputs, keys)? {
+            Some(merged) => (merged, false),
+            None => (sort_rows(&def.schema, &inputs, &columns(keys))?, true),
+        },
+        Merge::Summed { keys, max } => match merge_summed(&inputs, keys, max)? {
+            Some(merged) => (merged, false),
+            None => (sum_unsorted(&def.schema, &inputs, keys, max)?, true),
+        },
+        Merge::Ordered(keys) => (sort_rows(&def.schema, &inputs, keys)?, false),
     };
     let merged = conform(&def.schema, &merged)?;
     let name = format!("part-{from:020}-m{to:020}.parquet");
@@ -401,22 +401,50 @@ fn bytes_of(v: Vec<u8>) -> bytes::Bytes {
 /// How a table's files are merged.
 #[derive(Debug, Clone, Copy)]
 enum Merge {
-    /// Each file is sorted by `keys` (ascending): merged k ways, with `sql`
-    /// (the same order) if an input is not.
-    Sorted {
-        keys: &'static [&'static str],
-        sql: &'static str,
-    },
+    /// Each file is sorted by `keys` (ascending): merged k ways, or sorted
+    /// again ([`sort_rows`]) if an input is not.
+    Sorted { keys: &'static [&'static str] },
     /// Each file is sorted by `keys`: merged k ways and the rows of equal
-    /// keys combined (`max` columns by their maximum, the others summed),
-    /// with `sql` (the same) if an input is not sorted.
+    /// keys combined (`max` columns by their maximum, the others summed);
+    /// sorted first ([`sum_unsorted`]) if an input is not.
     Summed {
         keys: &'static [&'static str],
         max: &'static [&'static str],
-        sql: &'static str,
     },
-    /// Ordered by an expression: the query over `t`.
-    Sql(&'static str),
+    /// Ordered by `keys`, one of them computed: sorted ([`sort_rows`]).
+    Ordered(&'static [Key]),
+}
+
+/// A sort key of [`sort_rows`].
+#[derive(Debug, Clone, Copy)]
+enum Key {
+    /// A column.
+    Column(&'static str),
+    /// The first of two columns that is not null (SQL's `COALESCE`).
+    Coalesce(&'static str, &'static str),
+}
+
+impl Key {
+    /// This key's values for the rows of `batch`.
+    fn of(self, batch: &RecordBatch) -> Result<ArrayRef, HistoryError> {
+        let column = |name: &str| {
+            batch.column_by_name(name).cloned().ok_or_else(|| {
+                HistoryError::Compaction(format!("merge input has no column {name}"))
+            })
+        };
+        match self {
+            Key::Column(name) => column(name),
+            Key::Coalesce(first, second) => {
+                let (first, second) = (column(first)?, column(second)?);
+                Ok(zip(&is_not_null(&first)?, &first, &second)?)
+            }
+        }
+    }
+}
+
+/// `names` as [`Key::Column`]s.
+fn columns(names: &[&'static str]) -> Vec<Key> {
+    names.iter().map(|&name| Key::Column(name)).collect()
 }
 
 /// How a table is merged, or `None` for tables that are never merged.
@@ -424,45 +452,85 @@ fn merge_of(table: &str) -> Option<Merge> {
     Some(match table {
         schema::USAGE_RECORDS => Merge::Sorted {
             keys: &["iccid", "end_time", "input_seq"],
-            sql: "SELECT * FROM t ORDER BY iccid, end_time, input_seq",
         },
         schema::QUARANTINE => Merge::Sorted {
             keys: &["input_seq"],
-            sql: "SELECT * FROM t ORDER BY input_seq",
         },
         schema::COMMAND_JOURNAL => Merge::Sorted {
             keys: &["input_seq"],
-            sql: "SELECT * FROM t ORDER BY input_seq",
         },
         schema::RULE_DELIVERIES => Merge::Sorted {
             keys: &["done_at", "execution_id"],
-            sql: "SELECT * FROM t ORDER BY done_at, execution_id",
         },
         schema::CARD_DAILY_USAGE_PARTS => Merge::Summed {
             keys: &["iccid", "day"],
             max: &["through_seq"],
-            sql: "SELECT iccid, day, SUM(records) AS records, SUM(bytes_up) AS bytes_up, \
-             SUM(bytes_down) AS bytes_down, SUM(bytes) AS bytes, \
-             SUM(late_records) AS late_records, SUM(late_bytes) AS late_bytes, \
-             MAX(through_seq) AS through_seq \
-             FROM t GROUP BY iccid, day ORDER BY iccid, day",
         },
         schema::CARD_CYCLE_USAGE_PARTS => Merge::Summed {
             keys: &["iccid", "carrier"],
             max: &["through_seq"],
-            sql: "SELECT iccid, carrier, SUM(records) AS records, SUM(bytes_up) AS bytes_up, \
-             SUM(bytes_down) AS bytes_down, SUM(bytes) AS bytes, \
-             SUM(late_records) AS late_records, SUM(late_bytes) AS late_bytes, \
-             MAX(through_seq) AS through_seq \
-             FROM t GROUP BY iccid, carrier ORDER BY iccid, carrier",
         },
-        schema::STATE_CHANGES => {
-            Merge::Sql("SELECT * FROM t ORDER BY COALESCE(iccid, pool_id), event_time, event_id")
-        }
-        schema::RULE_EXECUTIONS => {
-            Merge::Sql("SELECT * FROM t ORDER BY COALESCE(iccid, pool_id), fired_at, execution_id")
-        }
+        schema::STATE_CHANGES => Merge::Ordered(&[
+            Key::Coalesce("iccid", "pool_id"),
+            Key::Column("event_time"),
+            Key::Column("event_id"),
+        ]),
+        schema::RULE_EXECUTIONS => Merge::Ordered(&[
+            Key::Coalesce("iccid", "pool_id"),
+            Key::Column("fired_at"),
+            Key::Column("execution_id"),
+        ]),
         _ => return None,
+    })
+}
+
+/// Every row of `inputs` (cast to `schema`, so that a file of an older
+/// layout lines up) in the order of `keys`: ascending, nulls last, as
+/// SQL's `ORDER BY`; rows of equal keys keep their input order.
+fn sort_rows(
+    schema: &SchemaRef,
+    inputs: &[RecordBatch],
+    keys: &[Key],
+) -> Result<RecordBatch, HistoryError> {
+    let inputs = inputs
+        .iter()
+        .map(|batch| conform(schema, batch))
+        .collect::<Result<Vec<_>, _>>()?;
+    let all = concat_batches(schema, &inputs)?;
+    let mut values = Vec::with_capacity(keys.len());
+    for key in keys {
+        values.push(key.of(&all)?);
+    }
+    let options = SortOptions {
+        descending: false,
+        nulls_first: false,
+    };
+    let fields = values
+        .iter()
+        .map(|v| SortField::new_with_options(v.data_type().clone(), options))
+        .collect();
+    let rows = RowConverter::new(fields)?.convert_columns(&values)?;
+    let mut order: Vec<usize> = (0..all.num_rows()).collect();
+    order.sort_by(|&a, &b| rows.row(a).cmp(&rows.row(b)));
+    let order = UInt64Array::from_iter_values(order.into_iter().map(|i| i as u64));
+    Ok(take_record_batch(&all, &order)?)
+}
+
+/// [`merge_summed`] of inputs that are not each sorted (or not of one
+/// layout): their rows sorted together first. A sum that does not fit, or
+/// a column that is not a 64-bit integer without nulls, fails the merge
+/// (the files stay as they are).
+fn sum_unsorted(
+    schema: &SchemaRef,
+    inputs: &[RecordBatch],
+    keys: &[&'static str],
+    max: &[&str],
+) -> Result<RecordBatch, HistoryError> {
+    let sorted = sort_rows(schema, inputs, &columns(keys))?;
+    merge_summed(&[sorted], keys, max)?.ok_or_else(|| {
+        HistoryError::Compaction(format!(
+            "cannot sum by {keys:?}: a column is not an integer without nulls, or a sum overflows"
+        ))
     })
 }
 
@@ -482,7 +550,7 @@ fn merge_sorted(
 /// Merges inputs that are each sorted by `keys` and combines the rows of
 /// equal keys: the `max` columns by their maximum, every other column
 /// (each an `Int64` without nulls) summed. `None` when an input is not
-/// sorted or not of that shape (the caller runs the SQL instead).
+/// sorted or not of that shape, or a sum overflows.
 fn merge_summed(
     inputs: &[RecordBatch],
     keys: &[&str],
@@ -530,7 +598,6 @@ fn merge_summed(
                 } else {
                     match acc.checked_add(v) {
                         Some(sum) => sum,
-                        // SQL decides what an overflowing sum is.
                         None => return Ok(None),
                     }
                 };
@@ -567,7 +634,7 @@ fn merge_order(inputs: &[RecordBatch], keys: &[&str]) -> Result<Option<MergeOrde
     let mut rows: Vec<Rows> = Vec::with_capacity(inputs.len());
     for input in inputs {
         if input.schema() != schema {
-            // A file of an older layout: let SQL line the columns up.
+            // A file of an older layout: sort_rows lines the columns up.
             return Ok(None);
         }
         let mut columns = Vec::with_capacity(keys.len());
@@ -602,22 +669,6 @@ fn merge_order(inputs: &[RecordBatch], keys: &[&str]) -> Result<Option<MergeOrde
         }
     }
     Ok(Some(MergeOrder { keys: rows, order }))
-}
-
-/// Runs `sql` over `batches` (as table `t`).
-async fn merge_sql(
-    schema: &SchemaRef,
-    batches: Vec<RecordBatch>,
-    sql: &str,
-) -> Result<RecordBatch, HistoryError> {
-    let df_err = |e: datafusion::error::DataFusionError| HistoryError::Compaction(e.to_string());
-    let ctx = SessionContext::new();
-    let input = MemTable::try_new(schema.clone(), vec![batches]).map_err(df_err)?;
-    ctx.register_table("t", Arc::new(input)).map_err(df_err)?;
-    let out = ctx.sql(sql).await.map_err(df_err)?;
-    let out = out.collect().await.map_err(df_err)?;
-    let out_schema = out.first().map_or_else(|| schema.clone(), |b| b.schema());
-    Ok(concat_batches(&out_schema, &out)?)
 }
 
 /// `batch` cast to the table's schema (aggregates and dictionaries may
@@ -863,8 +914,8 @@ mod tests {
 
     /// A usage-shaped batch of (iccid, end_time, input_seq) rows.
     fn usage(rows: &[(&str, i64, i64)]) -> RecordBatch {
-        use datafusion::arrow::array::{Int64Array, StringArray};
-        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use arrow::array::{Int64Array, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
         let schema = Arc::new(Schema::new(vec![
             Field::new("iccid", DataType::Utf8, false),
             Field::new("end_time", DataType::Int64, false),
@@ -883,18 +934,30 @@ mod tests {
 
     const KEYS: &[&str] = &["iccid", "end_time", "input_seq"];
 
-    fn sql_sorted(inputs: Vec<RecordBatch>) -> RecordBatch {
+    /// DataFusion's answer to `sql` over `inputs` (as table `t`): the
+    /// oracle every merge is held against.
+    fn sql(inputs: Vec<RecordBatch>, sql: &str) -> RecordBatch {
+        use datafusion::datasource::MemTable;
+        use datafusion::prelude::SessionContext;
         let schema = inputs[0].schema();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        runtime
-            .block_on(merge_sql(
-                &schema,
-                inputs,
-                "SELECT * FROM t ORDER BY iccid, end_time, input_seq",
-            ))
-            .unwrap()
+        runtime.block_on(async {
+            let ctx = SessionContext::new();
+            let table = MemTable::try_new(schema.clone(), vec![inputs]).unwrap();
+            ctx.register_table("t", Arc::new(table)).unwrap();
+            let out = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+            let out_schema = out.first().map_or_else(|| schema.clone(), |b| b.schema());
+            concat_batches(&out_schema, &out).unwrap()
+        })
+    }
+
+    fn sql_sorted(inputs: Vec<RecordBatch>) -> RecordBatch {
+        sql(
+            inputs,
+            "SELECT * FROM t ORDER BY iccid, end_time, input_seq",
+        )
     }
 
     #[test]
@@ -928,7 +991,7 @@ mod tests {
 
     /// A delta-shaped batch of (iccid, day, records, through_seq) rows.
     fn deltas(rows: &[(&str, i64, i64, i64)]) -> RecordBatch {
-        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use arrow::datatypes::{DataType, Field, Schema};
         let schema = Arc::new(Schema::new(vec![
             Field::new("iccid", DataType::Utf8, false),
             Field::new("day", DataType::Int64, false),
@@ -941,7 +1004,7 @@ mod tests {
         RecordBatch::try_new(
             schema,
             vec![
-                Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+                Arc::new(arrow::array::StringArray::from_iter_values(
                     rows.iter().map(|r| r.0),
                 )),
                 ints(|r| r.1),
@@ -951,6 +1014,9 @@ mod tests {
         )
         .unwrap()
     }
+
+    const DELTAS_SQL: &str = "SELECT iccid, day, SUM(records) AS records, \
+        MAX(through_seq) AS through_seq FROM t GROUP BY iccid, day ORDER BY iccid, day";
 
     #[test]
     fn sorted_deltas_merge_to_what_the_sql_sum_gives() {
@@ -970,17 +1036,7 @@ mod tests {
         let merged = merge_summed(&inputs, &["iccid", "day"], &["through_seq"])
             .unwrap()
             .expect("inputs are sorted");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let sql = runtime
-            .block_on(merge_sql(
-                &inputs[0].schema(),
-                inputs.clone(),
-                "SELECT iccid, day, SUM(records) AS records, MAX(through_seq) AS through_seq \
-                 FROM t GROUP BY iccid, day ORDER BY iccid, day",
-            ))
-            .unwrap();
+        let sql = sql(inputs.clone(), DELTAS_SQL);
         assert_eq!(merged, conform(&inputs[0].schema(), &sql).unwrap());
         // Four (card, day) rows: 5, 8, 6 and 4 records.
         let records = merged.column(2).as_primitive::<Int64Type>();
@@ -988,7 +1044,7 @@ mod tests {
     }
 
     #[test]
-    fn an_input_out_of_order_is_left_to_the_sql_sort() {
+    fn an_input_out_of_order_is_sorted_as_the_sql_sort_does() {
         let inputs = vec![
             usage(&[("8986000000000000000", 5, 1)]),
             // Ordered by the ICCID's number, not its text.
@@ -996,7 +1052,101 @@ mod tests {
                 ("8986000000000000002", 1, 3),
                 ("89860000000000000001", 3, 2),
             ]),
+            usage(&[("8986000000000000000", 5, 0), ("0986000000000000009", 9, 9)]),
         ];
         assert!(merge_sorted(&inputs, KEYS).unwrap().is_none());
+        let sorted = sort_rows(&inputs[0].schema(), &inputs, &columns(KEYS)).unwrap();
+        assert_eq!(sorted, sql_sorted(inputs));
+        assert_eq!(sorted.num_rows(), 5);
+    }
+
+    #[test]
+    fn unsorted_deltas_sum_to_what_the_sql_sum_gives() {
+        let inputs = vec![
+            deltas(&[
+                ("8986000000000000002", 1, 5, 12),
+                ("8986000000000000000", 1, 2, 10),
+            ]),
+            deltas(&[
+                ("8986000000000000000", 1, 3, 20),
+                ("89860000000000000001", 1, 1, 11),
+                ("8986000000000000002", 1, 1, 9),
+            ]),
+        ];
+        assert!(merge_summed(&inputs, &["iccid", "day"], &["through_seq"])
+            .unwrap()
+            .is_none());
+        let schema = inputs[0].schema();
+        let summed = sum_unsorted(&schema, &inputs, &["iccid", "day"], &["through_seq"]).unwrap();
+        let sql = sql(inputs, DELTAS_SQL);
+        assert_eq!(summed, conform(&schema, &sql).unwrap());
+        assert_eq!(summed.num_rows(), 3);
+    }
+
+    #[test]
+    fn a_sum_that_overflows_fails_the_merge() {
+        let inputs = vec![
+            deltas(&[("8986000000000000000", 1, i64::MAX, 1)]),
+            deltas(&[("8986000000000000000", 1, 1, 2)]),
+        ];
+        let keys = &["iccid", "day"];
+        assert!(merge_summed(&inputs, keys, &["through_seq"])
+            .unwrap()
+            .is_none());
+        let schema = inputs[0].schema();
+        assert!(matches!(
+            sum_unsorted(&schema, &inputs, keys, &["through_seq"]),
+            Err(HistoryError::Compaction(_))
+        ));
+    }
+
+    #[test]
+    fn state_changes_sort_by_card_or_pool_as_the_sql_does() {
+        use arrow::array::StringArray;
+        use arrow::datatypes::{DataType, Field, Schema};
+        let layout = Arc::new(Schema::new(vec![
+            Field::new("iccid", DataType::Utf8, true),
+            Field::new("pool_id", DataType::Utf8, true),
+            Field::new("event_time", DataType::Int64, false),
+            Field::new("event_id", DataType::Utf8, false),
+        ]));
+        let batch = |rows: &[(Option<&str>, Option<&str>, i64, &str)]| {
+            RecordBatch::try_new(
+                layout.clone(),
+                vec![
+                    Arc::new(StringArray::from_iter(rows.iter().map(|r| r.0))),
+                    Arc::new(StringArray::from_iter(rows.iter().map(|r| r.1))),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))),
+                ],
+            )
+            .unwrap()
+        };
+        // Cards and pools interleave by id; a card's row names its pool
+        // too; equal times are told apart by the event id.
+        let inputs = vec![
+            batch(&[
+                (Some("8986000000000000002"), None, 5, "e1"),
+                (None, Some("pool-a"), 3, "e2"),
+                (Some("8986000000000000001"), Some("pool-z"), 7, "e3"),
+            ]),
+            batch(&[
+                (None, Some("8986000000000000001x"), 1, "e4"),
+                (Some("8986000000000000002"), None, 5, "e0"),
+                (Some("8986000000000000001"), None, 2, "e5"),
+            ]),
+        ];
+        let Some(Merge::Ordered(keys)) = merge_of(schema::STATE_CHANGES) else {
+            panic!("state changes are sorted by an expression");
+        };
+        let sorted = sort_rows(&layout, &inputs, keys).unwrap();
+        let want = sql(
+            inputs,
+            "SELECT * FROM t ORDER BY COALESCE(iccid, pool_id), event_time, event_id",
+        );
+        assert_eq!(sorted, want);
+        let ids = sorted.column(3).as_string::<i32>();
+        assert_eq!(ids.value(0), "e5");
+        assert_eq!(ids.value(5), "e2");
     }
 }

@@ -16,11 +16,11 @@
 
 use std::thread::JoinHandle;
 
+use arrow::record_batch::RecordBatch;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use datafusion::arrow::record_batch::RecordBatch;
 use flowcap_engine::event::Accounted;
 use flowcap_engine::{CardView, Carrier, CycleId, Iccid, PoolView, Timestamp};
-use flowcap_rules::delivery::DeliveryRow;
+use flowcap_rules::message::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
 // foldhash, not SipHash: a lookup per accounted record.
 use hashbrown::HashMap;

@@ -55,20 +55,20 @@ pub mod schema;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::error::ArrowError;
-use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::{Compression, ZstdLevel};
-use datafusion::parquet::errors::ParquetError;
-use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
-use datafusion::parquet::schema::types::ColumnPath;
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
 use flowcap_engine::command::CommandResult;
 use flowcap_engine::event::{Accounted, ActionEvent, Cause};
 use flowcap_engine::{
     CardView, Carrier, Command, CycleCalendar, Iccid, PoolView, Reasons, Timestamp,
 };
-use flowcap_rules::delivery::DeliveryRow;
+use flowcap_rules::message::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::errors::ParquetError;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 use serde::Serialize;
 
 use crate::location::{HistoryFiles, HistoryLocation, LocationError, StoredFile};
@@ -835,12 +835,12 @@ fn sums_columns<'a>(c: &mut Columns, sums: impl Iterator<Item = &'a UsageSums> +
     c.i64(sums.map(|s| Some(s.through_seq)));
 }
 
-fn table_schema(name: &str) -> datafusion::arrow::datatypes::SchemaRef {
+fn table_schema(name: &str) -> arrow::datatypes::SchemaRef {
     schema::tables()
         .into_iter()
         .find(|t| t.name == name)
         .map(|t| t.schema)
-        .unwrap_or_else(|| std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty()))
+        .unwrap_or_else(|| std::sync::Arc::new(arrow::datatypes::Schema::empty()))
 }
 
 fn daily_batch(day: i64, rows: &[(Iccid, UsageSums)]) -> Result<RecordBatch, ArrowError> {
@@ -1192,7 +1192,7 @@ mod tests {
 
     #[test]
     fn one_value_per_row_columns_are_written_without_a_dictionary() {
-        use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
         let rows: Vec<Accounted> = (0..100)
             .map(|i| accounted(i, i % 7, DAY + i as i64))
             .collect();
@@ -1481,32 +1481,73 @@ mod tests {
         assert_eq!(got.last(), Some(&("raw".to_owned(), 12, 12)));
     }
 
+    /// Per card, its records and bytes summed over `card_daily_usage_parts`,
+    /// then ("raw", rows, distinct record ids) of `usage_records`; read
+    /// from the Parquet files themselves (what any reader sees: every
+    /// `.parquet` file not hidden by a leading dot).
     fn sums(root: &Path) -> Vec<(String, i64, i64)> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let ctx = crate::sql::open(&local(root)).await.unwrap();
-            let sql = "SELECT iccid, CAST(SUM(records) AS BIGINT) AS r, \
-                       CAST(SUM(bytes) AS BIGINT) AS b FROM card_daily_usage GROUP BY iccid \
-                       UNION ALL SELECT 'raw', COUNT(*), CAST(COUNT(DISTINCT record_id) AS BIGINT) \
-                       FROM usage_records ORDER BY 1";
-            let batches = crate::sql::query(&ctx, sql).await.unwrap();
-            let mut out = Vec::new();
-            for b in batches {
-                use datafusion::arrow::array::{AsArray, Int64Array};
-                use datafusion::arrow::compute::cast;
-                use datafusion::arrow::datatypes::DataType;
-                let names = cast(b.column(0), &DataType::Utf8).unwrap();
-                let names = names.as_string::<i32>();
-                let r = b.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
-                let v = b.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
-                for i in 0..b.num_rows() {
-                    out.push((names.value(i).to_owned(), r.value(i), v.value(i)));
+        use arrow::array::{Array, AsArray};
+        use arrow::compute::cast;
+        use arrow::datatypes::{DataType, Int64Type};
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    files(&path, out);
+                } else if !name.starts_with('.') && name.ends_with(".parquet") {
+                    out.push(path);
                 }
             }
-            out
-        })
+        }
+        let batches = |table: &str| {
+            let mut paths = Vec::new();
+            files(&root.join(table), &mut paths);
+            let mut batches = Vec::new();
+            for path in paths {
+                let file = std::fs::File::open(&path).unwrap();
+                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                    .unwrap()
+                    .build()
+                    .unwrap();
+                batches.extend(reader.map(Result::unwrap));
+            }
+            batches
+        };
+        let text = |b: &RecordBatch, name: &str| -> Vec<String> {
+            let column = cast(b.column_by_name(name).unwrap(), &DataType::Utf8).unwrap();
+            let column = column.as_string::<i32>();
+            (0..column.len())
+                .map(|i| column.value(i).to_owned())
+                .collect()
+        };
+        let ints = |b: &RecordBatch, name: &str| -> Vec<i64> {
+            let column = b.column_by_name(name).unwrap();
+            column.as_primitive::<Int64Type>().values().to_vec()
+        };
+        let mut per_card = std::collections::BTreeMap::<String, (i64, i64)>::new();
+        for b in batches(schema::CARD_DAILY_USAGE_PARTS) {
+            let (cards, records, bytes) =
+                (text(&b, "iccid"), ints(&b, "records"), ints(&b, "bytes"));
+            for (i, card) in cards.into_iter().enumerate() {
+                let sum = per_card.entry(card).or_default();
+                sum.0 += records[i];
+                sum.1 += bytes[i];
+            }
+        }
+        let mut rows = 0i64;
+        let mut ids = std::collections::HashSet::new();
+        for b in batches(schema::USAGE_RECORDS) {
+            rows += b.num_rows() as i64;
+            ids.extend(text(&b, "record_id"));
+        }
+        let mut out: Vec<_> = per_card.into_iter().map(|(c, (r, b))| (c, r, b)).collect();
+        out.push(("raw".to_owned(), rows, ids.len() as i64));
+        out
     }
 
     #[test]

@@ -25,7 +25,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::prelude::SessionContext;
 use flowcap_loadgen::Expected;
-use flowcap_storage::sql;
+use flowcap_sql as sql;
 use flowcap_storage::HistoryLocation;
 
 /// The outcome of [`check_history`].
@@ -58,7 +58,7 @@ pub struct HistoryCheck {
 pub enum CheckError {
     /// The SQL layer failed.
     #[error(transparent)]
-    Sql(#[from] flowcap_storage::sql::SqlError),
+    Sql(#[from] flowcap_sql::SqlError),
     /// An answer column did not parse.
     #[error("unexpected value in the check's answer: {0}")]
     Value(String),

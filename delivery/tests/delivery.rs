@@ -18,12 +18,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use flowcap_delivery::{Notifier, NotifyConfig, PushFailedEvent, Reports, SmsGateway, SmtpRelay};
 use flowcap_engine::command::{parse_command, WebhookSpec};
 use flowcap_engine::event::RuleFiredEvent;
 use flowcap_engine::{ActionEvent, Engine, EngineConfig, Output, Timestamp, Usage, MB};
-use flowcap_rules::delivery::{
-    Done, Final, Message, Notifier, NotifyConfig, PushFailedEvent, Reports, SmsGateway, SmtpRelay,
-};
+use flowcap_rules::message::{Done, Final, Message};
 use flowcap_rules::{Signer, TemplateOptions};
 use flowcap_testkit::receiver::{HttpReceiver, Reply, SmtpSink};
 use serde_json::{json, Value};

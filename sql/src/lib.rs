@@ -1,6 +1,8 @@
+//! # flowcap-sql
+//!
 //! SQL over the Parquet history with DataFusion.
 //!
-//! [`open`] registers every table of [`crate::history::schema::tables`] as a
+//! [`open`] registers every table of [`flowcap_storage::history::schema::tables`] as a
 //! listing table over its directory, with its partition column (`date` or
 //! `cycle`, strings) so that a `WHERE date >= '2026-10-01'` prunes whole
 //! directories, plus the views:
@@ -31,8 +33,8 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::sqlparser::ast::Statement;
 
-use crate::history::schema::{self, TableDef};
-use crate::location::{HistoryLocation, LocationError};
+use flowcap_storage::history::schema::{self, TableDef};
+use flowcap_storage::location::{HistoryLocation, LocationError};
 
 /// Errors of SQL over the history.
 #[derive(Debug, thiserror::Error)]
@@ -356,7 +358,7 @@ pub fn days_before(date: &str, days: u32) -> Result<String, SqlError> {
     let m = u32::try_from(m).map_err(|_| bad())?;
     let d = u32::try_from(d).map_err(|_| bad())?;
     let day = flowcap_engine::time::days_from_civil(y, m, d) - i64::from(days);
-    Ok(crate::history::date_value(day))
+    Ok(flowcap_storage::history::date_value(day))
 }
 
 impl ConsoleQuery {

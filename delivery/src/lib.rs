@@ -1,3 +1,5 @@
+//! # flowcap-delivery
+//!
 //! Delivery of rule notifications: webhooks, email, SMS, and push-failure
 //! alerts, delivered once, never lost, never in ingestion's way.
 //!
@@ -17,7 +19,7 @@
 //!   (see [`outbox`]), so whatever a receiver may have seen is on disk and
 //!   is sent again after a crash under the same id.
 //! - **Replays**: every action of a firing has a deterministic execution id
-//!   ([`crate::execution::execution_id`]); ids already in the outbox are
+//!   ([`flowcap_rules::execution::execution_id`]); ids already in the outbox are
 //!   not queued again, so the engine replaying inputs after a restart does
 //!   not notify twice.
 //! - **Snapshot barriers** call [`Notifier::sync`]: everything submitted
@@ -28,6 +30,11 @@
 //!   queue is the log on disk, memory holds the one message in flight. A
 //!   slow or dead receiver delays only its own destination, and its
 //!   backlog is the `flowcap_notification_backlog` gauge.
+//!
+//! What is sent (templates, bodies, signatures, execution records, the
+//! [`Message`] itself) is rendered by the pure `flowcap-rules`; this crate
+//! is the part with IO: the outbox files, threads, the async runtime and
+//! the HTTP and SMTP clients.
 
 pub mod outbox;
 pub mod retry;
@@ -47,10 +54,10 @@ use flowcap_engine::rule::Channel;
 use flowcap_engine::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::execution::execution_id;
-use crate::template::{template, TemplateOptions};
-use crate::webhook::{merged_bodies, message_id, single_body, MAX_MERGED};
-pub use outbox::{Done, Final, Message, MessageChannel};
+use flowcap_rules::execution::execution_id;
+use flowcap_rules::message::{DeliveryRow, Done, Final, Message, MessageChannel};
+use flowcap_rules::template::{template, TemplateOptions};
+use flowcap_rules::webhook::{merged_bodies, message_id, single_body, MAX_MERGED};
 pub use retry::RetryPolicy;
 
 use outbox::{Appender, Buffered, Entry, MergeKey};
@@ -274,23 +281,6 @@ pub struct NoReports;
 impl Reports for NoReports {
     fn outcome(&self, _: &Message, _: &Done) {}
     fn push_failed(&self, _: &PushFailedEvent) {}
-}
-
-/// One message's outcome, for the history (`rule_deliveries`): the
-/// pipeline takes these at snapshot barriers ([`Notifier::take_outcomes`])
-/// and records in its snapshot, per destination, how many done lines the
-/// history has (`index + 1`); a restart hands that back to
-/// [`Notifier::start`], which reports again what came after.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryRow {
-    /// The destination (`webhook:<id>`, `email`, `sms`).
-    pub destination: String,
-    /// Position of the outcome in the destination's done file (0-based).
-    pub index: u64,
-    /// The message.
-    pub message: Message,
-    /// Its outcome.
-    pub done: Done,
 }
 
 /// Totals since start, for summaries and tests.
@@ -854,7 +844,7 @@ impl OutboxThread {
                     }
                 }
                 Channel::Email => {
-                    let e = crate::text::email(&firing, self.options);
+                    let e = flowcap_rules::text::email(&firing, self.options);
                     let mut m = base(MessageChannel::Email, e.body);
                     m.id = message_id(["email", execution.as_str()]);
                     m.subject = Some(e.subject);
@@ -862,7 +852,10 @@ impl OutboxThread {
                     self.queue(m)?;
                 }
                 Channel::Sms => {
-                    let mut m = base(MessageChannel::Sms, crate::text::sms(&firing, self.options));
+                    let mut m = base(
+                        MessageChannel::Sms,
+                        flowcap_rules::text::sms(&firing, self.options),
+                    );
                     m.id = message_id(["sms", execution.as_str()]);
                     m.to = action.to.clone();
                     self.queue(m)?;

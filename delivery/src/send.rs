@@ -5,11 +5,11 @@
 use std::time::{Duration, SystemTime};
 
 use flowcap_engine::command::WebhookSpec;
+use flowcap_rules::message::Message;
+use flowcap_rules::sign::Signer;
 
-use super::outbox::Message;
-use super::retry::{classify, Verdict};
-use super::{SmsGateway, SmtpRelay};
-use crate::sign::Signer;
+use crate::retry::{classify, Verdict};
+use crate::{SmsGateway, SmtpRelay};
 
 /// The result of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
