@@ -23,9 +23,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flowcap_engine::EngineConfig;
-use flowcap_ingest::embedded::{self, EmbeddedOptions, Input, Summary};
+use flowcap_ingest::embedded::{self, EmbeddedOptions, Input};
 use flowcap_ingest::files::{FileStatus, Role};
 use flowcap_ingest::metrics::Source;
+use flowcap_ingest::pipeline::{self, Start, Summary};
 use flowcap_ingest::{Health, HistoryConfig, SizeLimits};
 use flowcap_loadgen::{Expected, Workload, WorkloadConfig};
 use flowcap_storage::history::compact::CompactionPolicy;
@@ -529,7 +530,11 @@ fn run(args: RunArgs) -> Result<()> {
             .kafka
             .exit_when_idle
             .map(std::time::Duration::from_secs_f64);
-        options.fresh = args.fresh;
+        options.start = if args.fresh {
+            Start::Fresh
+        } else {
+            Start::Resume
+        };
         return run_kafka(&options, args.json, &health);
     }
     let options = EmbeddedOptions {
@@ -537,7 +542,11 @@ fn run(args: RunArgs) -> Result<()> {
         engine,
         snapshot_every: args.snapshot_every.unwrap_or(file.run.snapshot_every),
         history,
-        resume: !args.fresh,
+        start: if args.fresh {
+            Start::Fresh
+        } else {
+            Start::Resume
+        },
         limits: Default::default(),
         sizes,
         progress_every: 10_000,
@@ -774,10 +783,10 @@ fn print_summary(s: &Summary, check: Option<&Exactness>) {
     println!(
         "  outputs       {}/{{{}, {}, {}, {}/}}",
         s.out_dir.display(),
-        embedded::EVENTS_FILE,
-        embedded::REJECTS_FILE,
-        embedded::JOURNAL_FILE,
-        embedded::HISTORY_DIR
+        pipeline::EVENTS_FILE,
+        pipeline::REJECTS_FILE,
+        pipeline::JOURNAL_FILE,
+        pipeline::HISTORY_DIR
     );
     println!(
         "  query it      flowcap sql --data {} \"SELECT * FROM card_cycle_usage LIMIT 10\"",

@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::SessionContext;
-use flowcap_ingest::embedded::HISTORY_DIR;
+use flowcap_ingest::pipeline::HISTORY_DIR;
 use flowcap_sql::{self as sql, ConsoleQuery};
 use flowcap_storage::HistoryLocation;
 use serde::Deserialize;

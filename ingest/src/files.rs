@@ -51,8 +51,9 @@ use flowcap_engine::{Engine, Timestamp};
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::embedded::{self, wall_clock, EmbeddedOptions, IngestError, Input, Progress, Summary};
+use crate::embedded::{self, EmbeddedOptions, Input, Progress};
 use crate::limits::{InputKind, SizeLimits};
+use crate::pipeline::{wall_clock, IngestError, Restored, Summary};
 
 mod lines;
 use lines::{lines, Line};
@@ -401,7 +402,7 @@ pub fn run(
     for path in [records, commands].into_iter().flatten() {
         File::open(path).map_err(input_error(path))?;
     }
-    let restored = embedded::Restored::load(&options.out_dir, options.resume)?;
+    let restored = Restored::load(&options.out_dir, options.start)?;
     let plan = plan(restored.positions(), records, commands)?;
     let error: ReadError = Rc::new(RefCell::new(None));
     let mut segments = Vec::new();

@@ -5,6 +5,8 @@
 //! crate reads inputs, routes them through the sharded engine, writes the
 //! outputs and owns the recovery protocol.
 //!
+//! - [`pipeline`]: what every mode shares: the engine on its shards, the
+//!   writer thread, the snapshot protocol and the restore decision.
 //! - [`embedded`]: the pipeline with no Kafka: inputs from an iterator
 //!   (a JSON-lines file or the load generator), outputs as JSON lines in a
 //!   local directory, snapshots beside them, exact resume after a crash.
@@ -20,8 +22,8 @@
 //!   them with; [`health`]: readiness the pipelines flip and `/readyz`
 //!   reports.
 //!
-//! - [`kafka`]: the same driver with Kafka partitions as inputs and topics
-//!   as sinks.
+//! - [`kafka`]: the same pipeline with Kafka partitions as inputs and
+//!   topics as sinks.
 
 pub mod embedded;
 pub mod files;
@@ -30,8 +32,10 @@ pub mod kafka;
 pub mod limits;
 pub mod metrics;
 mod notify;
+pub mod pipeline;
 
-pub use embedded::{run, EmbeddedOptions, HistoryConfig, IngestError, Input, Progress, Summary};
+pub use embedded::{run, EmbeddedOptions, Input, Progress};
 pub use health::Health;
 pub use kafka::{KafkaOptions, KafkaRunError};
 pub use limits::SizeLimits;
+pub use pipeline::{HistoryConfig, IngestError, Summary};

@@ -482,7 +482,7 @@ impl OutputMetrics {
             }
             Output::Duplicate { .. } => self.duplicates.increment(1),
             // Counted where the dead letter is written (the driver sends it
-            // with the raw input; see `embedded::Side::rejected`).
+            // with the raw input; see `pipeline::Letter::rejected`).
             Output::Rejected(_) => {}
             Output::Action(ActionEvent::CardState(_)) => self.card_actions.increment(1),
             Output::Action(ActionEvent::PoolState(_)) => self.pool_actions.increment(1),

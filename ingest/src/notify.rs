@@ -20,7 +20,7 @@ use flowcap_engine::Engine;
 use flowcap_rules::message::{Done, Final, Message};
 use flowcap_rules::TemplateOptions;
 
-use crate::embedded::{IngestError, ALERTS_FILE, OUTBOX_DIR};
+use crate::pipeline::{IngestError, ALERTS_FILE, OUTBOX_DIR};
 
 /// Where `push_failed` events go in Kafka mode: the actions topic, keyed
 /// by endpoint (or recipients), with the same headers as the engine's
@@ -123,9 +123,7 @@ pub(crate) fn start(
 ) -> Result<Arc<Notifier>, IngestError> {
     let kafka = match kafka {
         Some(a) => Some((
-            a.config
-                .create()
-                .map_err(|e| IngestError::Writer(format!("alert producer: {e}")))?,
+            a.config.create().map_err(IngestError::AlertProducer)?,
             a.topic,
         )),
         None => None,
@@ -149,7 +147,6 @@ pub(crate) fn start(
             kafka,
         }),
         reported,
-    )
-    .map_err(|e| IngestError::Writer(e.to_string()))?;
+    )?;
     Ok(Arc::new(notifier))
 }

@@ -59,6 +59,7 @@ use std::time::{Duration, Instant};
 use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_binary, decode_json, DecodeLimits, BINARY_VERSION};
 use flowcap_engine::{EngineConfig, Lane, Timestamp};
+use flowcap_storage::history::SourcePosition;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -66,15 +67,15 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::embedded::{IngestError, KafkaOut, Pipeline, Restored, Side, SourcePosition, Summary};
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self as m, DriverMetrics, Source};
+use crate::pipeline::{IngestError, KafkaOut, Letter, Pipeline, Restored, Start, Summary};
 pub use align::AlignSettings;
 use feed::{Fetched, PartitionFeed};
 use inputs::Inputs;
 use lanes::LaneWatch;
 use order_log::{OrderLog, ReplayRun, RunStart};
-pub(crate) use producer::Outbox;
+pub(crate) use producer::KafkaProducer;
 
 /// Topic names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,7 +133,7 @@ pub struct KafkaOptions {
     /// Snapshot at least this often while inputs arrive.
     pub snapshot_interval: Duration,
     /// Write the Parquet history; `None`: no history.
-    pub history: Option<crate::embedded::HistoryConfig>,
+    pub history: Option<crate::pipeline::HistoryConfig>,
     /// Deliver rule notifications; `None`: nothing is sent.
     pub notify: Option<flowcap_delivery::NotifyConfig>,
     /// Record decoding limits.
@@ -160,11 +161,11 @@ pub struct KafkaOptions {
     /// and every partition is consumed to its end. For tests and
     /// benchmarks; a service runs until signalled.
     pub exit_when_idle: Option<Duration>,
-    /// Start over (`--fresh`): clear the data directory's state and
-    /// history and read every input from the oldest offset the broker
-    /// keeps. Without it, a data directory whose snapshots all fail to
-    /// restore refuses to start.
-    pub fresh: bool,
+    /// Resume from the newest snapshot, or start over (`--fresh`:
+    /// clear the data directory's state and history and read every input
+    /// from the oldest offset the broker keeps). When resuming, a data
+    /// directory whose snapshots all fail to restore refuses to start.
+    pub start: Start,
 }
 
 impl KafkaOptions {
@@ -181,7 +182,7 @@ impl KafkaOptions {
             engine: EngineConfig::default(),
             snapshot_every: 1_000_000,
             snapshot_interval: Duration::from_secs(60),
-            history: Some(crate::embedded::HistoryConfig::default()),
+            history: Some(crate::pipeline::HistoryConfig::default()),
             notify: Some(flowcap_delivery::NotifyConfig::default()),
             limits: DecodeLimits::default(),
             sizes: SizeLimits::default(),
@@ -191,7 +192,7 @@ impl KafkaOptions {
             align: AlignSettings::default(),
             lease_timeout: Duration::from_secs(10),
             exit_when_idle: None,
-            fresh: false,
+            start: Start::Resume,
         }
     }
 }
@@ -398,6 +399,11 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 
 /// Runs until `stop` is set (or, with `exit_when_idle`, until the input is
 /// drained), then snapshots, commits and returns.
+///
+/// In steps: the start-up (clients and topics, the lease, the pipeline
+/// restored with its producer), the inputs opened at the snapshot's
+/// positions, the catch-up (the logged order replayed, then the commands
+/// produced before this start), the main loop, and the last snapshot.
 pub fn run(
     options: &KafkaOptions,
     stop: Arc<AtomicBool>,
@@ -405,116 +411,25 @@ pub fn run(
 ) -> Result<Summary, KafkaRunError> {
     status(&Status::Starting);
     let started = Instant::now();
-    let consumer_config = client_config(options, CONSUMER_DEFAULTS, &options.consumer_properties);
-    // The data consumer assigns partitions and never joins a group; its
-    // group id names the committed offsets (informational, for lag tools).
-    let mut data_config = consumer_config.clone();
-    data_config.set("group.id", &options.group);
-    let data: Arc<BaseConsumer> = Arc::new(data_config.create()?);
-    // Watermark queries get clients of their own: on the data consumer's
-    // connection they queue behind long-polling fetch requests. The lag
-    // reporter has its own, so the replay's and the idle exit's queries
-    // never wait behind its backlog on a slow broker.
-    let meta: BaseConsumer = consumer_config.create()?;
-    let lag_client: BaseConsumer = consumer_config.create()?;
-
-    // Topics must exist: flowcap never creates them.
-    let usage_partitions = partition_count(&data, &options.topics.usage)?;
-    let command_partitions = partition_count(&data, &options.topics.commands)?;
-    if command_partitions != 1 {
-        return Err(KafkaRunError::CommandPartitions {
-            topic: options.topics.commands.clone(),
-            partitions: command_partitions,
-        });
-    }
-    for topic in [
-        &options.topics.actions,
-        &options.topics.dlq,
-        &options.topics.results,
-        &options.topics.lease,
-    ] {
-        partition_count(&data, topic)?;
-    }
-
+    let clients = Clients::connect(options)?;
     // The lease first: a stand-by instance must not touch the state.
-    let instance = lease::instance_id(&options.data_dir).map_err(KafkaRunError::OrderLog)?;
-    let mut lease_config = ClientConfig::new();
-    lease_config.set("bootstrap.servers", &options.bootstrap);
-    for (k, v) in &options.properties {
-        lease_config.set(k, v);
-    }
-    lease_config.set("fetch.wait.max.ms", "10");
-    let lease = match lease::acquire(
-        &lease_config,
-        &options.topics.lease,
-        &instance,
-        options.lease_timeout,
-        &stop,
-        &mut |reason| {
-            tracing::warn!("{reason}");
-            status(&Status::StandingBy(reason.to_owned()));
-        },
-    )? {
-        Some(lease) => lease,
-        None => return Ok(Summary::default()),
-    };
-    tracing::info!(instance, "lease acquired");
-
-    let restored = Restored::load(&options.data_dir, !options.fresh)?;
-    let Some(produced) = produced::read_back(
-        &consumer_config,
-        &meta,
-        &options.data_dir,
-        restored.positions(),
-        &[&options.topics.dlq, &options.topics.results],
-        options.fresh,
-        &stop,
-    )?
-    else {
+    let Some(lease) = hold_lease(options, &stop, status)? else {
         return Ok(Summary::default());
     };
-    let order_dir = options.data_dir.join("order");
-    if options.fresh && order_dir.exists() {
-        std::fs::remove_dir_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
-    }
-    let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);
     let give_up = Arc::new(AtomicBool::new(false));
-    let out = KafkaOut {
-        outbox: Outbox::new(&producer_config, produced)?,
-        actions: options.topics.actions.clone(),
-        dlq: options.topics.dlq.clone(),
-        results: options.topics.results.clone(),
-        producer_config: producer_config.clone(),
-        give_up: Arc::clone(&give_up),
+    let Some(mut pipeline) = start_pipeline(options, &clients, &give_up, &stop)? else {
+        return Ok(Summary::default());
     };
-    let mut pipeline = Pipeline::start_from(
-        restored,
-        &options.engine,
-        options.history.as_ref(),
-        options.notify.as_ref(),
-        Some(out),
-    )?;
+    let Clients {
+        data,
+        meta,
+        lag_client,
+        usage_partitions,
+        ..
+    } = clients;
 
-    // Sources: the commands partition, then the usage partitions, at the
-    // snapshot's positions. Indices are stable: they name sources in the
-    // order log.
-    let mut cursors = vec![Cursor::new(&options.topics.commands, 0, true)];
-    for p in 0..usage_partitions {
-        let partition = i32::try_from(p).unwrap_or(i32::MAX);
-        cursors.push(Cursor::new(&options.topics.usage, partition, false));
-    }
-    let mut tpl = TopicPartitionList::new();
-    for c in &mut cursors {
-        let offset = match pipeline.restored_positions.get(&c.position_key()) {
-            Some(&next) => {
-                c.resume_at(next);
-                Offset::Offset(next)
-            }
-            None => Offset::Beginning,
-        };
-        tpl.add_partition_offset(&c.topic, c.partition, offset)?;
-    }
-
+    let (mut cursors, all) = open_cursors(options, usage_partitions, &pipeline)?;
+    let order_dir = options.data_dir.join(ORDER_DIR);
     let runs = order_log::read_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
     let plan = order_log::replay_plan(&runs, pipeline.resumed_after);
     let log =
@@ -533,7 +448,7 @@ pub fn run(
         _ => None,
     };
     let queues = split_queues(&data, &cursors)?;
-    data.assign(&tpl)?;
+    data.assign(&all)?;
 
     let lag_positions: Arc<Vec<AtomicI64>> =
         Arc::new(cursors.iter().map(|c| AtomicI64::new(c.next)).collect());
@@ -552,7 +467,12 @@ pub fn run(
     let commands = (0..cursors.len())
         .filter(|&i| cursors[i].commands)
         .collect();
-    let mut inputs = Inputs::new(&queues, commands, options.align, times, Instant::now());
+    let mut reader = Reader {
+        data: &data,
+        meta: &meta,
+        inputs: Inputs::new(&queues, commands, options.align, times, Instant::now()),
+        stop: &stop,
+    };
 
     let shards = pipeline.sharded.shard_count();
     // One clock lane per usage partition (lane = partition number): time
@@ -578,21 +498,245 @@ pub fn run(
     };
     m::pipeline_started();
 
-    // Reads source `i` alone until `until`, each message processed as it
-    // comes (logging progress every 5 s: a slow broker shows here), or
-    // until a stop; with `silence`, also until the source delivered
-    // nothing for that long.
-    let mut read_alone = |driver: &mut Driver,
-                          cursors: &mut [Cursor],
-                          i: usize,
-                          until: Until,
-                          silence: Option<Duration>,
-                          what: &str|
-     -> Result<(), KafkaRunError> {
+    catch_up(
+        options,
+        &mut reader,
+        &mut driver,
+        &mut cursors,
+        plan,
+        open_run_end,
+        status,
+    )?;
+
+    status(&Status::Running);
+    tracing::info!(
+        partitions = usage_partitions,
+        resumed_after = ?driver.pipeline.resumed_after,
+        "consuming"
+    );
+    consume(
+        options,
+        &mut reader,
+        &mut driver,
+        &mut cursors,
+        &all,
+        &lease,
+        &give_up,
+    )?;
+
+    status(&Status::Stopping);
+    let align = &reader.inputs.align;
+    tracing::info!(
+        holds = align.holds,
+        releases = align.releases,
+        silences = align.silences,
+        "partition alignment"
+    );
+    driver.pipeline.sharded.engine();
+    driver.snapshot(&cursors, &data)?;
+    driver.after_commit(&data, true)?;
+    lease.release();
+    stop.store(true, Ordering::SeqCst);
+    let _ = lag_thread.join();
+    let inputs = driver.inputs;
+    let (mut summary, _engine) = driver.pipeline.finish()?;
+    summary.inputs = inputs;
+    summary.elapsed_secs = started.elapsed().as_secs_f64();
+    summary.inputs_per_sec = inputs as f64 / summary.elapsed_secs.max(1e-9);
+    summary.out_dir = options.data_dir.clone();
+    Ok(summary)
+}
+
+/// The order log's directory inside the data directory.
+const ORDER_DIR: &str = "order";
+
+/// The Kafka clients of a run, and the usage topic's partition count.
+struct Clients {
+    consumer_config: ClientConfig,
+    /// Reads the inputs: it assigns partitions and never joins a group;
+    /// its group id names the committed offsets (informational, for lag
+    /// tools).
+    data: Arc<BaseConsumer>,
+    /// Watermark queries get clients of their own: on the data consumer's
+    /// connection they queue behind long-polling fetch requests. The lag
+    /// reporter has its own, so the replay's and the idle exit's queries
+    /// never wait behind its backlog on a slow broker.
+    meta: BaseConsumer,
+    lag_client: BaseConsumer,
+    usage_partitions: usize,
+}
+
+impl Clients {
+    /// Connects, and checks that the topics exist (flowcap never creates
+    /// them) and that the commands topic has one partition.
+    fn connect(options: &KafkaOptions) -> Result<Clients, KafkaRunError> {
+        let consumer_config =
+            client_config(options, CONSUMER_DEFAULTS, &options.consumer_properties);
+        let mut data_config = consumer_config.clone();
+        data_config.set("group.id", &options.group);
+        let data: Arc<BaseConsumer> = Arc::new(data_config.create()?);
+        let meta: BaseConsumer = consumer_config.create()?;
+        let lag_client: BaseConsumer = consumer_config.create()?;
+
+        let usage_partitions = partition_count(&data, &options.topics.usage)?;
+        let command_partitions = partition_count(&data, &options.topics.commands)?;
+        if command_partitions != 1 {
+            return Err(KafkaRunError::CommandPartitions {
+                topic: options.topics.commands.clone(),
+                partitions: command_partitions,
+            });
+        }
+        for topic in [
+            &options.topics.actions,
+            &options.topics.dlq,
+            &options.topics.results,
+            &options.topics.lease,
+        ] {
+            partition_count(&data, topic)?;
+        }
+        Ok(Clients {
+            consumer_config,
+            data,
+            meta,
+            lag_client,
+            usage_partitions,
+        })
+    }
+}
+
+/// Waits for the single-instance lease (`lease.rs`), standing by while
+/// another instance holds it; `None` when stopped first.
+fn hold_lease(
+    options: &KafkaOptions,
+    stop: &AtomicBool,
+    status: &mut dyn FnMut(&Status),
+) -> Result<Option<lease::Lease>, KafkaRunError> {
+    let instance = lease::instance_id(&options.data_dir).map_err(KafkaRunError::OrderLog)?;
+    let mut lease_config = ClientConfig::new();
+    lease_config.set("bootstrap.servers", &options.bootstrap);
+    for (k, v) in &options.properties {
+        lease_config.set(k, v);
+    }
+    lease_config.set("fetch.wait.max.ms", "10");
+    let lease = lease::acquire(
+        &lease_config,
+        &options.topics.lease,
+        &instance,
+        options.lease_timeout,
+        stop,
+        &mut |reason| {
+            tracing::warn!("{reason}");
+            status(&Status::StandingBy(reason.to_owned()));
+        },
+    )?;
+    if lease.is_some() {
+        tracing::info!(instance, "lease acquired");
+    }
+    Ok(lease)
+}
+
+/// The pipeline restored from the data directory's snapshot (or started
+/// over), producing to the output topics; the side topics are read back
+/// first so a replay does not produce their messages twice
+/// (`produced.rs`). `None` when stopped first.
+fn start_pipeline(
+    options: &KafkaOptions,
+    clients: &Clients,
+    give_up: &Arc<AtomicBool>,
+    stop: &AtomicBool,
+) -> Result<Option<Pipeline>, KafkaRunError> {
+    let restored = Restored::load(&options.data_dir, options.start)?;
+    let Some(produced) = produced::read_back(
+        &clients.consumer_config,
+        &clients.meta,
+        &options.data_dir,
+        restored.positions(),
+        &[&options.topics.dlq, &options.topics.results],
+        options.start,
+        stop,
+    )?
+    else {
+        return Ok(None);
+    };
+    let order_dir = options.data_dir.join(ORDER_DIR);
+    if options.start == Start::Fresh && order_dir.exists() {
+        std::fs::remove_dir_all(&order_dir).map_err(KafkaRunError::OrderLog)?;
+    }
+    let producer_config = client_config(options, PRODUCER_DEFAULTS, &options.producer_properties);
+    let out = KafkaOut {
+        producer: KafkaProducer::new(&producer_config, produced)?,
+        actions: options.topics.actions.clone(),
+        dlq: options.topics.dlq.clone(),
+        results: options.topics.results.clone(),
+        producer_config: producer_config.clone(),
+        give_up: Arc::clone(give_up),
+    };
+    let pipeline = Pipeline::start_from(
+        restored,
+        &options.engine,
+        options.history.as_ref(),
+        options.notify.as_ref(),
+        Some(out),
+    )?;
+    Ok(Some(pipeline))
+}
+
+/// A cursor for every input (the commands partition, then the usage
+/// partitions; indices name sources in the order log, so they are
+/// stable) at the restored snapshot's positions, and the assignment that
+/// starts there.
+fn open_cursors(
+    options: &KafkaOptions,
+    usage_partitions: usize,
+    pipeline: &Pipeline,
+) -> Result<(Vec<Cursor>, TopicPartitionList), KafkaRunError> {
+    let mut cursors = vec![Cursor::new(&options.topics.commands, 0, true)];
+    for p in 0..usage_partitions {
+        let partition = i32::try_from(p).unwrap_or(i32::MAX);
+        cursors.push(Cursor::new(&options.topics.usage, partition, false));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for c in &mut cursors {
+        let offset = match pipeline.restored_positions.get(&c.position_key()) {
+            Some(&next) => {
+                c.resume_at(next);
+                Offset::Offset(next)
+            }
+            None => Offset::Beginning,
+        };
+        tpl.add_partition_offset(&c.topic, c.partition, offset)?;
+    }
+    Ok((cursors, tpl))
+}
+
+/// What reading needs besides the driver: the data consumer (its own
+/// queue served between reads), the metadata client, every input's queue,
+/// and the stop flag.
+struct Reader<'a> {
+    data: &'a BaseConsumer,
+    meta: &'a BaseConsumer,
+    inputs: Inputs<'a, PartitionFeed>,
+    stop: &'a AtomicBool,
+}
+
+impl Reader<'_> {
+    /// Reads source `i` alone until `until`, each message processed as it
+    /// comes (logging progress every 5 s: a slow broker shows here), or
+    /// until a stop; with `silence`, also until the source delivered
+    /// nothing for that long.
+    fn read_alone(
+        &mut self,
+        driver: &mut Driver,
+        cursors: &mut [Cursor],
+        i: usize,
+        until: Until,
+        silence: Option<Duration>,
+        what: &str,
+    ) -> Result<(), KafkaRunError> {
         let (mut taken, mut last_report, mut last_message) = (0u64, Instant::now(), Instant::now());
         while !until.reached(taken, cursors[i].next)
             && silence.is_none_or(|s| last_message.elapsed() < s)
-            && !stop.load(Ordering::SeqCst)
+            && !self.stop.load(Ordering::SeqCst)
         {
             if last_report.elapsed() >= Duration::from_secs(5) {
                 last_report = Instant::now();
@@ -603,16 +747,31 @@ pub fn run(
                     "{what} in progress"
                 );
             }
-            serve(&data)?;
-            if let Some(message) = inputs.next_of(i, Duration::from_millis(100), Instant::now()) {
+            serve(self.data)?;
+            if let Some(message) =
+                self.inputs
+                    .next_of(i, Duration::from_millis(100), Instant::now())
+            {
                 last_message = Instant::now();
                 taken += u64::from(driver.process(i as u32, &mut cursors[i], &message)?);
             }
         }
         Ok(())
-    };
+    }
+}
 
-    // Replay the logged order first.
+/// Before the main loop: replays the logged order (the inputs after the
+/// restored snapshot, in the order they were processed), then reads the
+/// commands produced before this start.
+fn catch_up(
+    options: &KafkaOptions,
+    reader: &mut Reader<'_>,
+    driver: &mut Driver,
+    cursors: &mut [Cursor],
+    plan: Vec<ReplayRun>,
+    open_run_end: Option<i64>,
+    status: &mut dyn FnMut(&Status),
+) -> Result<(), KafkaRunError> {
     if !plan.is_empty() {
         status(&Status::Replaying);
         tracing::info!(runs = plan.len(), "replaying the logged input order");
@@ -636,8 +795,8 @@ pub fn run(
             (None, Some(high)) => Until::Offset(high),
             (None, None) => break,
         };
-        read_alone(&mut driver, &mut cursors, i, until, None, "replay")?;
-        driver.maybe_snapshot(options, &cursors, &data)?;
+        reader.read_alone(driver, cursors, i, until, None, "replay")?;
+        driver.maybe_snapshot(options, cursors, reader.data)?;
     }
 
     // Commands produced before this start are applied before any usage
@@ -646,12 +805,12 @@ pub fn run(
     // Offsets past the last message (a transaction marker) are never
     // delivered: a partition silent for 10 s is read to its end.
     if let Some(i) = cursors.iter().position(|c| c.commands) {
-        if let Some(high) = high_watermark(&meta, &cursors[i], &stop) {
+        if let Some(high) = high_watermark(reader.meta, &cursors[i], reader.stop) {
             let silence = Some(Duration::from_secs(10));
             let until = Until::Offset(high);
-            read_alone(
-                &mut driver,
-                &mut cursors,
+            reader.read_alone(
+                driver,
+                cursors,
                 i,
                 until,
                 silence,
@@ -659,20 +818,28 @@ pub fn run(
             )?;
         }
     }
+    Ok(())
+}
 
-    status(&Status::Running);
-    tracing::info!(
-        partitions = usage_partitions,
-        resumed_after = ?driver.pipeline.resumed_after,
-        "consuming"
-    );
+/// The main loop, until a stop (or, with `exit_when_idle`, until every
+/// input is read to its end): batches of what is fetched and due, with
+/// backpressure, idle partitions declared and snapshots on schedule.
+fn consume(
+    options: &KafkaOptions,
+    reader: &mut Reader<'_>,
+    driver: &mut Driver,
+    cursors: &mut [Cursor],
+    all: &TopicPartitionList,
+    lease: &lease::Lease,
+    give_up: &AtomicBool,
+) -> Result<(), KafkaRunError> {
+    let data = reader.data;
     let mut last_input = Instant::now();
     let mut paused = false;
     let mut over_since: Option<Instant> = None;
-    let all = tpl;
     let mut wait = Duration::ZERO;
     let mut batch = Vec::with_capacity(WARM_BATCH);
-    'run: while !stop.load(Ordering::SeqCst) {
+    while !reader.stop.load(Ordering::SeqCst) {
         if lease.lost() {
             give_up.store(true, Ordering::SeqCst);
             return Err(KafkaRunError::LeaseLost(options.topics.lease.clone()));
@@ -683,14 +850,14 @@ pub fn run(
             // waits for more than the first message.
             batch.clear();
             let max = WARM_BATCH.min(options.max_run - got);
-            serve(&data)?;
-            inputs.fill(&mut batch, max, wait, Instant::now());
+            serve(data)?;
+            reader.inputs.fill(&mut batch, max, wait, Instant::now());
             if batch.is_empty() {
                 break;
             }
             wait = Duration::ZERO;
             got += batch.len();
-            driver.process_batch(&mut cursors, &batch)?;
+            driver.process_batch(cursors, &batch)?;
         }
         if got == 0 {
             // Nothing waiting: push partial batches so quiet periods do not
@@ -699,15 +866,15 @@ pub fn run(
             if let Some(idle) = options.exit_when_idle {
                 // Input waiting for its turn (a parked message, a partition
                 // held back) is not idleness.
-                if last_input.elapsed() >= idle && !paused && !inputs.holding() {
+                if last_input.elapsed() >= idle && !paused && !reader.inputs.holding() {
                     // Fetching stops while the watermarks are asked for: a
                     // broker busy answering empty fetches (Tansu's durable
                     // storage) can starve those queries.
-                    data.pause(&all)?;
-                    if caught_up(&meta, &cursors) {
-                        break 'run;
+                    data.pause(all)?;
+                    if caught_up(reader.meta, cursors) {
+                        return Ok(());
                     }
-                    data.resume(&all)?;
+                    data.resume(all)?;
                     last_input = Instant::now();
                 }
             }
@@ -725,47 +892,27 @@ pub fn run(
         }
         let sustained = over_since.is_some_and(|t| t.elapsed() >= options.pause_after);
         if !paused && sustained {
-            data.pause(&all)?;
+            data.pause(all)?;
             paused = true;
             m::backpressure_pause();
-            for c in &cursors {
+            for c in cursors.iter() {
                 m::partition_paused(&c.topic, c.partition, true);
             }
         } else if paused && queued <= options.max_queued_records / 2 {
-            data.resume(&all)?;
-            inputs.restart(Instant::now());
+            data.resume(all)?;
+            reader.inputs.restart(Instant::now());
             paused = false;
-            for c in &cursors {
+            for c in cursors.iter() {
                 m::partition_paused(&c.topic, c.partition, false);
             }
         }
-        if let Some(i) = driver.lanes.due(&cursors, Instant::now()) {
+        if let Some(i) = driver.lanes.due(cursors, Instant::now()) {
             driver.declare_idle(cursors[i].partition as u32)?;
             driver.lanes.declared_idle(i);
         }
-        driver.maybe_snapshot(options, &cursors, &data)?;
+        driver.maybe_snapshot(options, cursors, data)?;
     }
-
-    status(&Status::Stopping);
-    tracing::info!(
-        holds = inputs.align.holds,
-        releases = inputs.align.releases,
-        silences = inputs.align.silences,
-        "partition alignment"
-    );
-    driver.pipeline.sharded.engine();
-    driver.snapshot(&cursors, &data)?;
-    driver.after_commit(&data, true)?;
-    lease.release();
-    stop.store(true, Ordering::SeqCst);
-    let _ = lag_thread.join();
-    let inputs = driver.inputs;
-    let (mut summary, _engine) = driver.pipeline.finish()?;
-    summary.inputs = inputs;
-    summary.elapsed_secs = started.elapsed().as_secs_f64();
-    summary.inputs_per_sec = inputs as f64 / summary.elapsed_secs.max(1e-9);
-    summary.out_dir = options.data_dir.clone();
-    Ok(summary)
+    Ok(())
 }
 
 /// Gives every input its own queue ([`BaseConsumer::split_partition_queue`]),
@@ -1124,7 +1271,7 @@ impl Driver {
         if cursor.commands {
             if payload.len() > self.sizes.max_command_size {
                 let input = Oversized::of(InputKind::Command, payload, self.sizes.max_command_size);
-                let letter = Side::too_large(seq, input, Some(position()));
+                let letter = Letter::too_large(seq, input, Some(position()));
                 self.pipeline.side_later(letter);
                 return Ok(true);
             }
@@ -1134,7 +1281,7 @@ impl Driver {
                     received.map(Timestamp),
                     seq,
                 ),
-                Err(error) => self.pipeline.side_later(Side::bad_command(
+                Err(error) => self.pipeline.side_later(Letter::bad_command(
                     seq,
                     error,
                     payload.to_vec(),
@@ -1154,7 +1301,7 @@ impl Driver {
         }
         if payload.len() > self.sizes.max_record_size {
             let input = Oversized::of(InputKind::Record, payload, self.sizes.max_record_size);
-            let letter = Side::too_large(seq, input, Some(position()));
+            let letter = Letter::too_large(seq, input, Some(position()));
             self.pipeline.side_later(letter);
             return Ok(true);
         }
@@ -1169,12 +1316,15 @@ impl Driver {
                     .process_usage_from(lane, &usage, received, seq)
                     .map_err(IngestError::from)?
                 {
-                    self.pipeline
-                        .side_later(Side::rejected(r, payload.to_vec(), Some(position())));
+                    self.pipeline.side_later(Letter::rejected(
+                        r,
+                        payload.to_vec(),
+                        Some(position()),
+                    ));
                 }
             }
             Err(e) => {
-                self.pipeline.side_later(Side::undecodable(
+                self.pipeline.side_later(Letter::undecodable(
                     seq,
                     &e,
                     payload.to_vec(),

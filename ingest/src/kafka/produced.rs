@@ -11,7 +11,7 @@
 //!
 //! Where to read back from: each snapshot records, per partition of those
 //! topics, an offset below which no output of an input after its cut can
-//! be ([`Outbox::cut_marks`]): the offset after the last message
+//! be ([`KafkaProducer::cut_marks`]): the offset after the last message
 //! acknowledged before the cut (a message sent after the cut is appended
 //! after it), lowered to the oldest message read back at start that is
 //! still to be replayed. Without a snapshot (a first run that crashed
@@ -26,7 +26,7 @@
 //! the restart has read the topic's end (a produce request of the killed
 //! process still in the broker's hands) is not seen and is produced again.
 //!
-//! [`Outbox::cut_marks`]: super::Outbox::cut_marks
+//! [`KafkaProducer::cut_marks`]: super::KafkaProducer::cut_marks
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -41,6 +41,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::{high_watermarks, partition_count, Cursor, KafkaRunError};
+use crate::pipeline::Start;
 
 /// The header holding a side output's input sequence number (decimal).
 pub(crate) const SEQ_HEADER: &str = "flowcap.seq";
@@ -133,16 +134,17 @@ pub(crate) fn positions(marks: &BTreeMap<Partition, i64>) -> BTreeMap<String, u6
 }
 
 /// Reads back what `topics` hold of the inputs after the restored snapshot
-/// (its positions, `restored`; `None` without one). `fresh`: a start over, which reads
-/// nothing and records the current ends as the start. `None` when `stop`
-/// is set first: the start must not go on without knowing.
+/// (its positions, `restored`; `None` without one). [`Start::Fresh`]: a
+/// start over, which reads nothing and records the current ends as the
+/// start. `None` when `stop` is set first: the start must not go on
+/// without knowing.
 pub(super) fn read_back(
     config: &ClientConfig,
     meta: &BaseConsumer,
     dir: &Path,
     restored: Option<&BTreeMap<String, i64>>,
     topics: &[&str],
-    fresh: bool,
+    mode: Start,
     stop: &AtomicBool,
 ) -> Result<Option<Produced>, KafkaRunError> {
     let mut cursors = Vec::new();
@@ -178,7 +180,7 @@ pub(super) fn read_back(
             })
             .collect(),
         None => match read_start(&start_file)? {
-            Some(start) if !fresh => ends
+            Some(start) if mode == Start::Resume => ends
                 .keys()
                 .map(|p| {
                     // A partition added since: all of it is this run's.

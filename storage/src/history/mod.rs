@@ -168,8 +168,10 @@ impl Default for HistoryOptions {
     }
 }
 
-/// Where a rejected input came from (Kafka), when it has a position.
-#[derive(Debug, Clone, Default)]
+/// Where a rejected input came from (Kafka), when it has a position: in
+/// the `quarantine` table, and in the dead letters the pipeline writes
+/// (as JSON).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct SourcePosition {
     /// Topic.
     pub topic: String,
@@ -178,6 +180,7 @@ pub struct SourcePosition {
     /// Offset.
     pub offset: i64,
     /// The message timestamp, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timestamp_ms: Option<i64>,
 }
 
