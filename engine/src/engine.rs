@@ -608,6 +608,17 @@ impl Engine {
         self.advance_clock(agreed, out);
     }
 
+    /// Input `seq`: every lane is active again, so each holds the clock
+    /// back until it reports or is declared idle anew. A transport does
+    /// this at every start: a source that was idle (read to its end) when
+    /// the last run stopped may have a backlog now, whose records must not
+    /// meet a clock the other sources moved on alone. The clock itself
+    /// never goes back.
+    pub fn lanes_awake(&mut self, seq: u64) {
+        self.last_seq = Some(seq);
+        self.lanes.wake_all();
+    }
+
     /// Moves the event clock to `at` (if later) and lets every shard fire
     /// due deadlines and rollovers.
     pub fn advance_clock(&mut self, at: Timestamp, out: &mut Vec<Output>) {

@@ -210,6 +210,12 @@ impl ShardedEngine {
         self.flush_local();
     }
 
+    /// Input `seq`: every lane is active again; see
+    /// [`Engine::lanes_awake`] (the router's state only).
+    pub fn lanes_awake(&mut self, seq: u64) {
+        self.engine.lanes_awake(seq);
+    }
+
     /// Sends every partial batch to its shard.
     pub fn flush(&mut self) {
         for i in 0..self.workers.len() {

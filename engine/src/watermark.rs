@@ -106,6 +106,14 @@ impl Lanes {
         (woke || after != before).then(|| self.agreed())
     }
 
+    /// Makes every lane active again (a transport's start: a source idle
+    /// at the last stop may have a backlog now).
+    pub(crate) fn wake_all(&mut self) {
+        for lane in &mut self.lanes {
+            lane.idle = false;
+        }
+    }
+
     /// The time `lane`'s own cards agree on (`Timestamp::MIN` for a lane
     /// that has not reported).
     pub(crate) fn lane_time(&self, lane: Lane) -> Timestamp {

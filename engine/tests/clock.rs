@@ -356,3 +356,28 @@ fn a_record_of_the_closing_cycle_is_judged_by_its_own_lanes_time() {
         );
     });
 }
+
+/// A lane declared idle holds nothing back; after a wake (a transport's
+/// start: its source may have a backlog now) it holds time back again
+/// until it reports, so its backlog meets the clock it left.
+#[test]
+fn a_woken_lane_holds_time_back_again() {
+    scenario(|s| {
+        fleet(s);
+        s.engine.declare_lanes(2);
+        s.lane_idle(Lane(1));
+        for n in 2..=FLEET {
+            s.rec_from(Lane(0), &usage(n, &format!("a{n}"), &nov(30, 20, 0), mb(1)));
+        }
+        let before = s.engine.clock();
+        assert_eq!(before, ts(&nov(30, 20, 0)));
+        let seq = 9_000;
+        s.engine.lanes_awake(seq);
+        for n in 2..=FLEET {
+            s.rec_from(Lane(0), &usage(n, &format!("b{n}"), &nov(30, 22, 0), mb(1)));
+        }
+        assert_eq!(s.engine.clock(), before, "lane 1 holds time back again");
+        s.rec_from(Lane(1), &usage(2, "c", &nov(30, 21, 0), mb(1)));
+        assert_eq!(s.engine.clock(), ts(&nov(30, 21, 0)));
+    });
+}

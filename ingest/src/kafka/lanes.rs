@@ -25,6 +25,18 @@ use super::Cursor;
 /// the low bits, not partitions.
 const IDLE_FLAG: u32 = 1 << 31;
 
+/// The order-log source of "every lane is awake again", logged at every
+/// start after the replay: a partition idle when the last run stopped may
+/// have a backlog now, and must hold time back until it is read (or
+/// declared idle again).
+pub(super) const WAKE_SOURCE: u32 = u32::MAX;
+
+/// Whether an order-log source is one of these inputs (an idle
+/// declaration or the wake), not a partition: one input each.
+pub(super) fn is_pseudo(source: u32) -> bool {
+    source & IDLE_FLAG != 0
+}
+
 /// The order-log source of "lane `lane` goes idle".
 pub(super) fn idle_source(lane: u32) -> u32 {
     IDLE_FLAG | lane
@@ -32,7 +44,7 @@ pub(super) fn idle_source(lane: u32) -> u32 {
 
 /// The lane an order-log source declares idle, if it is such a source.
 pub(super) fn idle_lane(source: u32) -> Option<u32> {
-    (source & IDLE_FLAG != 0).then_some(source & !IDLE_FLAG)
+    (source != WAKE_SOURCE && is_pseudo(source)).then_some(source & !IDLE_FLAG)
 }
 
 /// Which usage partitions are active and when each last delivered.
@@ -99,6 +111,8 @@ mod tests {
         assert_eq!(idle_lane(idle_source(31)), Some(31));
         assert_eq!(idle_lane(0), None);
         assert_eq!(idle_lane(32), None);
+        assert_eq!(idle_lane(WAKE_SOURCE), None);
+        assert!(is_pseudo(WAKE_SOURCE) && is_pseudo(idle_source(2)) && !is_pseudo(5));
     }
 
     #[test]

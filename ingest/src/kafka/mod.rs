@@ -778,6 +778,10 @@ fn catch_up(
     }
     for ReplayRun { source, count } in plan {
         tracing::debug!(source, ?count, "replay run");
+        if source == lanes::WAKE_SOURCE {
+            driver.wake_lanes()?;
+            continue;
+        }
         if let Some(lane) = lanes::idle_lane(source) {
             driver.declare_idle(lane)?;
             continue;
@@ -798,6 +802,9 @@ fn catch_up(
         reader.read_alone(driver, cursors, i, until, None, "replay")?;
         driver.maybe_snapshot(options, cursors, reader.data)?;
     }
+    // Every partition holds time back again until it is read or declared
+    // idle anew: one idle when the last run stopped may have a backlog now.
+    driver.wake_lanes()?;
 
     // Commands produced before this start are applied before any usage
     // read now, so a card's first records never meet a commands topic that
@@ -1339,11 +1346,29 @@ impl Driver {
     /// holds time back no more (`lanes.rs`). Logged as a run of its own
     /// before the engine sees it; also how a replay repeats it.
     fn declare_idle(&mut self, lane: u32) -> Result<(), KafkaRunError> {
+        let seq = self.log_pseudo(lanes::idle_source(lane))?;
+        tracing::debug!(lane, seq, "partition idle");
+        self.pipeline.sharded.lane_idle(Lane(lane), seq);
+        self.pipeline.flush_side()?;
+        Ok(())
+    }
+
+    /// Input: every usage partition holds time back again (`lanes.rs`);
+    /// at every start, after the replay. Logged like an idle declaration.
+    fn wake_lanes(&mut self) -> Result<(), KafkaRunError> {
+        let seq = self.log_pseudo(lanes::WAKE_SOURCE)?;
+        self.pipeline.sharded.lanes_awake(seq);
+        Ok(())
+    }
+
+    /// Logs an input of a pseudo-source (`lanes.rs`) as a run of its own
+    /// and returns its sequence number.
+    fn log_pseudo(&mut self, source: u32) -> Result<u64, KafkaRunError> {
         let seq = self.next_seq;
         self.log
             .append(RunStart {
                 seq,
-                source: lanes::idle_source(lane),
+                source,
                 offset: 0,
             })
             .map_err(KafkaRunError::OrderLog)?;
@@ -1351,10 +1376,7 @@ impl Driver {
         // The next message starts a run of its own, whatever its source.
         self.current_run = None;
         self.since_snapshot += 1;
-        tracing::debug!(lane, seq, "partition idle");
-        self.pipeline.sharded.lane_idle(Lane(lane), seq);
-        self.pipeline.flush_side()?;
-        Ok(())
+        Ok(seq)
     }
 
     fn maybe_snapshot(

@@ -206,9 +206,9 @@ pub(crate) fn replay_plan(runs: &[RunStart], after_seq: Option<u64>) -> Vec<Repl
                 source: run.source,
                 count: Some(end - run.seq.max(first)),
             }),
-            // An idle declaration is one input: as the last entry, it is
-            // replayed only if the snapshot does not cover it.
-            None if super::lanes::idle_lane(run.source).is_some() && run.seq < first => {}
+            // An idle declaration or a wake is one input: as the last
+            // entry, it is replayed only if the snapshot does not cover it.
+            None if super::lanes::is_pseudo(run.source) && run.seq < first => {}
             None => plan.push(ReplayRun {
                 source: run.source,
                 count: None,
