@@ -1,12 +1,16 @@
-//! Card commands: `upsert_card` (create or change a card, keeping what the
-//! command leaves out).
+//! Card commands: a card's declaration (`upsert_card`) and its life cycle
+//! (activate, suspend, resume, deregister, renew, violations and rebind).
+//! Each batch command answers card by card ([`Engine::per_card`]).
 
-use crate::command::{CardSpec, CommandError, ErrorCode, MAX_TAGS_PER_CARD};
+use crate::command::{
+    CardResult, CardSpec, CommandError, ErrorCode, MAX_MONTHS_AHEAD, MAX_TAGS_PER_CARD,
+};
 use crate::domain::{CardState, Reason, Reasons};
+use crate::ids::Iccid;
 use crate::shard::{add_months, Card, CardExtra, NO_POOL};
 use crate::time::Timestamp;
 
-use super::commands::{deregistered, err};
+use super::commands::{deregistered, err, months_too_far};
 use super::{Engine, Loc};
 
 impl Engine {
@@ -166,6 +170,130 @@ impl Engine {
         };
         self.directory.insert(spec.iccid, loc);
         self.apply_due_dates(loc, at);
+        Ok(())
+    }
+
+    pub(super) fn activate(&mut self, iccids: &[Iccid], at: Timestamp) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            let card = e.card(loc);
+            match card.lifecycle {
+                CardState::Deregistered => Err(deregistered(card.iccid)),
+                CardState::Active => Err(err(
+                    ErrorCode::InvalidState,
+                    format!("card {} is already active", card.iccid),
+                )),
+                _ => {
+                    e.shards[loc.shard as usize].activate(loc.slot, at);
+                    e.apply_due_dates(loc, at);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    pub(super) fn suspend(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            let card = e.card(loc);
+            if card.lifecycle != CardState::Active {
+                return Err(err(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "card {} is {}; only active cards can be suspended",
+                        card.iccid, card.lifecycle
+                    ),
+                ));
+            }
+            e.set_reason(loc, Reason::Manual, true);
+            Ok(())
+        })
+    }
+
+    pub(super) fn resume(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            let card = e.card(loc);
+            if card.lifecycle == CardState::Deregistered {
+                return Err(deregistered(card.iccid));
+            }
+            e.set_reason(loc, Reason::Manual, false);
+            e.set_reason(loc, Reason::Violation, false);
+            Ok(())
+        })
+    }
+
+    pub(super) fn deregister(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            e.live(loc)?;
+            let shard = &mut e.shards[loc.shard as usize];
+            shard.touch(loc.slot);
+            shard.remove_member(loc.slot);
+            let card = &mut shard.cards[loc.slot as usize];
+            card.lifecycle = CardState::Deregistered;
+            card.reasons = Reasons::EMPTY;
+            Ok(())
+        })
+    }
+
+    pub(super) fn renew(
+        &mut self,
+        iccids: &[Iccid],
+        months: u32,
+        at: Timestamp,
+    ) -> Result<Vec<CardResult>, CommandError> {
+        if months == 0 {
+            return Err(err(ErrorCode::InvalidValue, "renew needs months >= 1"));
+        }
+        if months > MAX_MONTHS_AHEAD {
+            return Err(months_too_far("renew months", months));
+        }
+        let offset = self.config.calendar.utc_offset_secs;
+        let bound = add_months(at, MAX_MONTHS_AHEAD, offset);
+        Ok(self.per_card(iccids, |e, loc| {
+            e.live(loc)?;
+            let card = e.card(loc);
+            let base = if card.expires_at == Timestamp::MAX {
+                at
+            } else {
+                card.expires_at.max(at)
+            };
+            // `base` past the bound is refused before any month is
+            // added to it: the sum stays inside the date range.
+            let new_expiry = (base <= bound)
+                .then(|| add_months(base, months, offset))
+                .filter(|t| *t <= bound)
+                .ok_or_else(|| {
+                    err(
+                        ErrorCode::InvalidMonths,
+                        format!(
+                            "renewing {} by {months} months from {base} reaches beyond \
+                             6 years from {at} ({bound})",
+                            card.iccid
+                        ),
+                    )
+                })?;
+            let shard = &mut e.shards[loc.shard as usize];
+            shard.touch(loc.slot);
+            shard.cards[loc.slot as usize].expires_at = new_expiry;
+            shard.reschedule(loc.slot);
+            e.apply_due_dates(loc, at);
+            Ok(())
+        }))
+    }
+
+    pub(super) fn report_violation(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            e.live(loc)?;
+            e.set_reason(loc, Reason::Violation, true);
+            Ok(())
+        })
+    }
+
+    pub(super) fn rebind(&mut self, iccid: Iccid, imei: Option<&str>) -> Result<(), CommandError> {
+        let loc = self.locate(iccid)?;
+        self.live(loc)?;
+        self.set_reason(loc, Reason::Violation, false);
+        if let Some(imei) = imei {
+            self.shards[loc.shard as usize].set_ident(loc.slot, 2, Some(imei.to_owned()));
+        }
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
-//! Limit commands: add-on packs for a card or a forward pool.
+//! Limit commands: what a card or pool may use in its cycle beyond its
+//! plan. A card's threshold (a cut-off below its allowance) and add-on
+//! packs for a card or a forward pool.
 
-use crate::command::{CommandError, ErrorCode, PoolKind};
-use crate::domain::Carrier;
+use crate::command::{CardResult, CommandError, ErrorCode, PoolKind};
+use crate::domain::{Carrier, Reason, ThresholdMb};
 use crate::ids::{Iccid, PoolId};
 use crate::time::Timestamp;
 
@@ -9,6 +11,55 @@ use super::commands::err;
 use super::Engine;
 
 impl Engine {
+    pub(super) fn set_threshold(
+        &mut self,
+        iccids: &[Iccid],
+        mb: i64,
+    ) -> Result<Vec<CardResult>, CommandError> {
+        if mb < -1 {
+            return Err(err(
+                ErrorCode::InvalidThreshold,
+                format!("threshold {mb} MB: use -1 for none, 0 or a positive MB value"),
+            ));
+        }
+        let Ok(mb32) = i32::try_from(mb) else {
+            return Err(err(
+                ErrorCode::InvalidValue,
+                format!("threshold {mb} MB is too large"),
+            ));
+        };
+        Ok(self.per_card(iccids, |e, loc| {
+            e.live(loc)?;
+            let card = e.card(loc);
+            if card.carrier.threshold_needs_forward_pool() && !e.in_forward_pool(loc) {
+                return Err(err(
+                    ErrorCode::ThresholdNotAllowed,
+                    format!(
+                        "{} card {} is not in a forward pool",
+                        card.carrier, card.iccid
+                    ),
+                ));
+            }
+            let shard = &mut e.shards[loc.shard as usize];
+            shard.touch(loc.slot);
+            let card = &mut shard.cards[loc.slot as usize];
+            card.threshold_mb = mb32;
+            let over = ThresholdMb(mb)
+                .limit_bytes()
+                .is_some_and(|l| card.usage > l);
+            card.reasons = card.reasons.set(Reason::OverThreshold, over);
+            Ok(())
+        }))
+    }
+
+    pub(super) fn clear_threshold(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            e.live(loc)?;
+            e.shards[loc.shard as usize].cards[loc.slot as usize].threshold_mb = -1;
+            Ok(())
+        })
+    }
+
     pub(super) fn add_on(
         &mut self,
         iccid: Option<&Iccid>,

@@ -77,7 +77,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn plan_in_use(&self, index: u16) -> bool {
+    fn plan_in_use(&self, index: u16) -> bool {
         self.shards.iter().any(|s| {
             s.live_slots()
                 .any(|slot| s.cards[slot as usize].plan == index)

@@ -1,7 +1,10 @@
-//! Pool commands: `create_pool` and joining a pool (a card moves to the
-//! pool's shard, since a pool's members all live in one shard).
+//! Pool commands: create a pool, add and remove members, freeze and
+//! unfreeze. A card that joins a pool moves to the pool's shard: all
+//! members of a pool live in one shard, so a pool's crossing is decided
+//! on the one record that crosses.
 
-use crate::command::{CommandError, ErrorCode, PoolKind, PoolSpec};
+use crate::command::{CardResult, CommandError, ErrorCode, PoolKind, PoolSpec};
+use crate::ids::{Iccid, PoolId};
 use crate::shard::{Pool, Shard, NO_POOL};
 
 use super::commands::err;
@@ -72,7 +75,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn add_member(&mut self, entry: &PoolEntry, loc: Loc) -> Result<(), CommandError> {
+    fn add_member(&mut self, entry: &PoolEntry, loc: Loc) -> Result<(), CommandError> {
         self.live(loc)?;
         let card = self.card(loc);
         if card.pool != NO_POOL {
@@ -104,9 +107,56 @@ impl Engine {
         self.shards[loc.shard as usize].add_member(entry.index, loc.slot);
         Ok(())
     }
+
+    pub(super) fn add_pool_members(
+        &mut self,
+        pool: &PoolId,
+        iccids: &[Iccid],
+    ) -> Result<Vec<CardResult>, CommandError> {
+        let entry = self.pool_entry(pool)?.clone();
+        Ok(self.per_card(iccids, |e, loc| e.add_member(&entry, loc)))
+    }
+
+    pub(super) fn remove_pool_members(
+        &mut self,
+        pool: &PoolId,
+        iccids: &[Iccid],
+    ) -> Result<Vec<CardResult>, CommandError> {
+        let entry = self.pool_entry(pool)?.clone();
+        Ok(self.per_card(iccids, |e, loc| {
+            if loc.shard != entry.shard || e.card(loc).pool != entry.index {
+                return Err(err(
+                    ErrorCode::NotInPool,
+                    format!("card {} is not a member of pool {pool}", e.card(loc).iccid),
+                ));
+            }
+            e.shards[loc.shard as usize].remove_member(loc.slot);
+            Ok(())
+        }))
+    }
+
+    /// Freezes or unfreezes a backward pool.
+    pub(super) fn set_pool_frozen(
+        &mut self,
+        pool: &PoolId,
+        frozen: bool,
+    ) -> Result<(), CommandError> {
+        let entry = self.pool_entry(pool)?.clone();
+        if entry.kind != PoolKind::Backward {
+            return Err(err(
+                ErrorCode::WrongPoolKind,
+                format!("pool {pool} is a forward pool; only backward pools are frozen"),
+            ));
+        }
+        let shard = &mut self.shards[entry.shard as usize];
+        shard.pools[entry.index as usize].frozen = frozen;
+        let members = crate::shard::member_slots(&shard.pools[entry.index as usize]);
+        touch_pool_members(shard, &members);
+        Ok(())
+    }
 }
 
-pub(super) fn touch_pool_members(shard: &mut Shard, members: &[u32]) {
+fn touch_pool_members(shard: &mut Shard, members: &[u32]) {
     for &m in members {
         shard.touch(m);
         shard.refresh_card(m);

@@ -1,11 +1,12 @@
-//! Rule commands, and how the registry's rules reach the shards: each
-//! shard holds the enabled rules with their filters resolved to its own
-//! indexes ([`Engine::push_rules`]), and backward pools hold the threshold
-//! of the suspend rules that watch them.
+//! Rule and webhook commands, and how the registry's rules reach the
+//! shards: each shard holds the enabled rules with their filters resolved
+//! to its own indexes ([`Engine::push_rules`]), and backward pools hold the
+//! threshold of the suspend rules that watch them. Webhooks are here
+//! because rules are what call them: one in use by an enabled rule stays.
 
 use std::collections::BTreeSet;
 
-use crate::command::{CommandError, ErrorCode, PoolKind, RuleSpec};
+use crate::command::{CommandError, ErrorCode, PoolKind, RuleSpec, WebhookSpec};
 use crate::domain::MB;
 use crate::ids::PoolId;
 use crate::rule::Compiled;
@@ -16,7 +17,7 @@ use super::registry::PoolEntry;
 use super::Engine;
 
 impl Engine {
-    pub(super) fn validate_rule(&self, rule: &RuleSpec) -> Result<Compiled, CommandError> {
+    fn validate_rule(&self, rule: &RuleSpec) -> Result<Compiled, CommandError> {
         let webhooks = &self.registry.webhooks;
         let compiled = crate::rule::compile(rule, &|id| webhooks.contains_key(id))?;
         for plan in &rule.filter.plans {
@@ -79,7 +80,7 @@ impl Engine {
     /// command: a rule added, changed or enabled fires at once for the
     /// targets already inside its condition (unless they fired in the
     /// current window).
-    pub(super) fn scan_rule(&mut self, id: &str) {
+    fn scan_rule(&mut self, id: &str) {
         if let Some(&key) = self.registry.rule_keys.get(id) {
             for shard in &mut self.shards {
                 shard.scan_rule(key);
@@ -181,6 +182,79 @@ impl Engine {
                 shard.refresh_pool(p);
             }
         }
+    }
+
+    /// Enables or disables a rule. A rule enabled again is
+    /// validated again (what it names may have gone) and fires at once for
+    /// the targets inside its condition.
+    pub(super) fn set_rule_enabled(
+        &mut self,
+        rule: &str,
+        enable: bool,
+    ) -> Result<(), CommandError> {
+        let Some(spec) = self.registry.rules.get(rule) else {
+            return Err(err(ErrorCode::UnknownRule, format!("no rule {rule:?}")));
+        };
+        let mut spec = spec.clone();
+        let was_enabled = spec.enabled;
+        spec.enabled = enable;
+        if enable {
+            self.validate_rule(&spec)?;
+        }
+        self.registry.rules.insert(rule.to_owned(), spec);
+        self.refresh_backward_rules();
+        self.push_rules();
+        if enable && !was_enabled {
+            self.scan_rule(rule);
+        }
+        Ok(())
+    }
+
+    pub(super) fn remove_rule(&mut self, rule: &str) -> Result<(), CommandError> {
+        if self.registry.rules.remove(rule).is_none() {
+            return Err(err(ErrorCode::UnknownRule, format!("no rule {rule:?}")));
+        }
+        self.registry.rule_keys.remove(rule);
+        self.refresh_backward_rules();
+        self.push_rules();
+        Ok(())
+    }
+
+    pub(super) fn upsert_webhook(&mut self, webhook: &WebhookSpec) -> Result<(), CommandError> {
+        if !(webhook.url.starts_with("http://") || webhook.url.starts_with("https://")) {
+            return Err(err(
+                ErrorCode::InvalidValue,
+                format!(
+                    "webhook URL {:?} must start with http:// or https://",
+                    webhook.url
+                ),
+            ));
+        }
+        self.registry
+            .webhooks
+            .insert(webhook.id.clone(), webhook.clone());
+        Ok(())
+    }
+
+    pub(super) fn remove_webhook(&mut self, webhook: &str) -> Result<(), CommandError> {
+        if let Some(rule) = self.registry.rules.values().find(|r| {
+            r.enabled
+                && r.actions
+                    .iter()
+                    .any(|a| a.get("endpoint").and_then(|e| e.as_str()) == Some(webhook))
+        }) {
+            return Err(err(
+                ErrorCode::WebhookInUse,
+                format!("webhook {webhook:?} is used by enabled rule {:?}", rule.id),
+            ));
+        }
+        if self.registry.webhooks.remove(webhook).is_none() {
+            return Err(err(
+                ErrorCode::UnknownWebhook,
+                format!("no webhook {webhook:?}"),
+            ));
+        }
+        Ok(())
     }
 }
 
