@@ -49,7 +49,6 @@ pub mod record;
 pub mod redact;
 pub mod rule;
 mod shard;
-mod shard_rules;
 pub mod sharded;
 pub mod snapshot;
 pub mod time;

@@ -10,7 +10,7 @@ use crate::command::{CommandError, ErrorCode, PoolKind, RuleSpec, WebhookSpec};
 use crate::domain::MB;
 use crate::ids::PoolId;
 use crate::rule::Compiled;
-use crate::shard_rules::ShardRule;
+use crate::shard::rules::ShardRule;
 
 use super::commands::err;
 use super::registry::PoolEntry;
