@@ -1025,8 +1025,8 @@ impl IdStore for DiskIdStore {
 
     /// The buffer's index group of the id (a fresh id's insert probes
     /// it: one cache miss per record, and the largest left on the
-    /// Kafka driver once the directory and hot window were warmed).
-    fn warm(&self, fp: u64, iccid: Iccid, record_id: &RecordId) -> u64 {
+    /// Kafka driver once the directory and hot window were prefetched).
+    fn prefetch(&self, fp: u64, iccid: Iccid, record_id: &RecordId) -> u64 {
         self.buffer
             .find(fp, iccid.to_bits(), record_id)
             .map_or(1, |i| i as u64)

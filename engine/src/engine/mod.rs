@@ -228,20 +228,22 @@ impl Engine {
 
     /// Loads the memory routing `usages` will read, for all of them
     /// before any is routed: each record's directory slot, dedupe slot and
-    /// id store entry ([`IdStore::warm`]), then its directory key and
+    /// id store entry ([`IdStore::prefetch`]), then its directory key and
     /// location. Those are the router's cache
     /// misses (a random access each, ~300 ns on the benchmark VM); one
     /// record at a time they are paid one after another, in a batch they
     /// overlap. Reads only: what routing then does is exactly what it does
     /// without it. Returns a value made of the loaded words (for
     /// [`std::hint::black_box`], so the loads stay).
-    pub fn warm<'a>(&self, usages: impl Iterator<Item = &'a Usage> + Clone) -> u64 {
+    pub fn prefetch<'a>(&self, usages: impl Iterator<Item = &'a Usage> + Clone) -> u64 {
         let mut loaded = 0u64;
         for u in usages.clone() {
             let fp = crate::dedupe::fingerprint(u.iccid, &u.record_id);
-            loaded ^= self.directory.warm_slot(crate::directory::hash(u.iccid));
-            loaded ^= self.deduper.warm_slot(fp);
-            loaded ^= self.id_store.warm(fp, u.iccid, &u.record_id);
+            loaded ^= self
+                .directory
+                .prefetch_slot(crate::directory::hash(u.iccid));
+            loaded ^= self.deduper.prefetch_slot(fp);
+            loaded ^= self.id_store.prefetch(fp, u.iccid, &u.record_id);
         }
         for u in usages {
             loaded ^= self
