@@ -1,4 +1,5 @@
-//! The dedupe cold index: every accepted `(iccid, record_id)`, on disk.
+//! The dedupe id store on disk ([`DiskIdStore`]): every accepted
+//! `(iccid, record_id)`.
 //!
 //! The engine's hot window only holds fingerprints, and only for recent
 //! event time; this store is what makes dedupe exact (see
