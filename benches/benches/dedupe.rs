@@ -1,4 +1,4 @@
-//! Dedupe hot path and cold index.
+//! Dedupe hot path and id store.
 //!
 //! `cargo bench -p flowcap-benches --bench dedupe` prints, beside criterion's
 //! timings, the hot window's bytes per remembered id at 1M and 10M ids.
@@ -115,7 +115,7 @@ fn cold_contains(c: &mut Criterion) {
     let _ = store.flush();
     let _ = store.compact();
     println!(
-        "cold index: {} ids in {} segment(s), built in {:.1?}, index+bloom in memory {} bytes",
+        "id store: {} ids in {} segment(s), built in {:.1?}, index+bloom in memory {} bytes",
         store.len(),
         store.segment_count(),
         started.elapsed(),

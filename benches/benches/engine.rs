@@ -7,8 +7,8 @@
 //! Every record is fresh (new id, `end` advancing one hour of event time per
 //! million records, as 1M cards each sending one record an hour), so the
 //! dedupe hot window, rollovers and deadlines do their real work. Records
-//! are generated between timed chunks, never inside them. The dedupe cold
-//! index is a no-op store (`NullStore`): these figures are the engine's own
+//! are generated between timed chunks, never inside them. The dedupe id
+//! store is a no-op (`NullStore`): these figures are the engine's own
 //! cost.
 //!
 //! Beside criterion's wall-clock timings, each configuration prints records

@@ -55,7 +55,7 @@ pub fn rss_bytes() -> Option<u64> {
 
 /// An [`IdStore`] that remembers nothing: the hot window alone decides
 /// (no fingerprint hit occurs for fresh records, so it is never asked to
-/// verify). Isolates the engine's own cost from the cold index's.
+/// verify). Isolates the engine's own cost from the id store's.
 #[derive(Debug, Default)]
 pub struct NullStore;
 

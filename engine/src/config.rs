@@ -30,7 +30,7 @@ pub struct EngineConfig {
     /// Hot window of the dedupe: records whose end is within this of the
     /// event clock are checked in memory first, in ms.
     pub dedupe_window_ms: i64,
-    /// Check the dedupe cold index on every hot-window miss too: exact for
+    /// Check the dedupe id store on every hot-window miss too: exact for
     /// any reuse of a record id, ever, even with a different `end` long
     /// after the original (one index lookup per fresh record). Off by
     /// default: resends carry the same `end` and are always caught.

@@ -132,8 +132,8 @@ pub trait IdStore: Send {
 
     /// Loads what inserting the id of fingerprint `fp` ([`fingerprint`])
     /// will read, and returns a value made of it (see
-    /// [`crate::Engine::warm`]). Reads only; the default loads nothing.
-    fn warm(&self, fp: u64, iccid: Iccid, record_id: &RecordId) -> u64 {
+    /// [`crate::Engine::prefetch`]). Reads only; the default loads nothing.
+    fn prefetch(&self, fp: u64, iccid: Iccid, record_id: &RecordId) -> u64 {
         let _ = (fp, iccid, record_id);
         0
     }
@@ -539,8 +539,8 @@ impl Deduper {
     }
 
     /// Loads the slot a lookup of fingerprint `fp` ([`fingerprint`])
-    /// starts at and returns it, for [`crate::Engine::warm`].
-    pub(crate) fn warm_slot(&self, fp: u64) -> u64 {
+    /// starts at and returns it, for [`crate::Engine::prefetch`].
+    pub(crate) fn prefetch_slot(&self, fp: u64) -> u64 {
         let at = home(fp56(fp) << 8, self.home_slots);
         self.table.get(at).copied().unwrap_or(0)
     }

@@ -9,10 +9,10 @@
 //! card (a `hashbrown` table of 4-byte indexes was ~5 bytes less).
 //!
 //! The table is our own (linear probing, no deletions: cards are never
-//! removed) rather than `hashbrown`'s so the router can *warm* it for a
+//! removed) rather than `hashbrown`'s so the router can prefetch it for a
 //! batch of records: load every record's slot first, then every key and
 //! location, so the cache misses of a batch overlap instead of being paid
-//! one dependent chain per record ([`Directory::warm_slot`]; BENCHMARKS
+//! one dependent chain per record ([`Directory::prefetch_slot`]; BENCHMARKS
 //! §8).
 
 use crate::engine::Loc;
@@ -76,7 +76,7 @@ impl Directory {
 
     /// Loads the slot a lookup of hash `h` starts at and returns it (the
     /// caller keeps the value so the load is not optimised away).
-    pub(crate) fn warm_slot(&self, h: u64) -> u64 {
+    pub(crate) fn prefetch_slot(&self, h: u64) -> u64 {
         match self.slots.len() {
             0 => 0,
             n => self.slots[h as usize & (n - 1)],
@@ -192,7 +192,7 @@ mod tests {
         let d = Directory::default();
         let iccid = Iccid::parse("89860000000000000001").unwrap();
         assert_eq!(d.get(&iccid), None);
-        assert_eq!(d.warm_slot(hash(iccid)), 0);
+        assert_eq!(d.prefetch_slot(hash(iccid)), 0);
         assert_eq!(Directory::with_capacity(0).get(&iccid), None);
     }
 

@@ -9,9 +9,9 @@
 //! same input sequence always yields the same state and the same events
 //! (with the same ids). That property is what recovery rests on: restore a
 //! snapshot, replay the input after its position, and the engine is where
-//! it would have been. (The dedupe cold index is reached through the
-//! [`dedupe::IdStore`] trait; its disk implementation lives in
-//! `flowcap-storage`.)
+//! it would have been. (The dedupe id store, every accepted record id, is
+//! reached through the [`dedupe::IdStore`] trait; its disk implementation,
+//! `DiskIdStore`, lives in `flowcap-storage`.)
 //!
 //! How a record flows:
 //!
@@ -49,7 +49,6 @@ pub mod record;
 pub mod redact;
 pub mod rule;
 mod shard;
-mod shard_rules;
 pub mod sharded;
 pub mod snapshot;
 pub mod time;

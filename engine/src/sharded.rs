@@ -177,10 +177,10 @@ impl ShardedEngine {
         Ok(rejected)
     }
 
-    /// [`Engine::warm`] for records about to be processed: call it with a
+    /// [`Engine::prefetch`] for records about to be processed: call it with a
     /// batch (tens of records), then process them one by one as usual.
-    pub fn warm<'a>(&self, usages: impl Iterator<Item = &'a Usage> + Clone) {
-        std::hint::black_box(self.engine.warm(usages));
+    pub fn prefetch<'a>(&self, usages: impl Iterator<Item = &'a Usage> + Clone) {
+        std::hint::black_box(self.engine.prefetch(usages));
     }
 
     /// Processes one command with every shard recalled.

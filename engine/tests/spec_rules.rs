@@ -1117,7 +1117,7 @@ fn a_record_id_is_counted_once_per_card_ever() {
         assert!(accounted(&out)[0].counted);
         assert_eq!(s.view(2).usage_bytes, mb(1));
         // Much later (next cycle, weeks on), the same resend: still a
-        // duplicate (its window bucket is gone; the cold index decides).
+        // duplicate (its window bucket is gone; the id store decides).
         s.tick(&dec(20, 0, 0));
         let out = s.rec(1, "r1", &nov(10, 1, 0), mb(1));
         assert!(matches!(&out[..], [Output::Duplicate { .. }]), "{out:#?}");
@@ -1127,7 +1127,7 @@ fn a_record_id_is_counted_once_per_card_ever() {
 
 /// The documented limit of the default dedupe: an id reused with a new
 /// `end` inside the hot window after its original left the window is not
-/// checked against the cold index. `dedupe_verify_misses` closes it.
+/// checked against the id store. `dedupe_verify_misses` closes it.
 #[test]
 fn an_id_reused_with_a_new_end_weeks_later_needs_verify_misses() {
     use flowcap_engine::command::parse_command;

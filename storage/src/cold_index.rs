@@ -1,4 +1,5 @@
-//! The dedupe cold index: every accepted `(iccid, record_id)`, on disk.
+//! The dedupe id store on disk ([`DiskIdStore`]): every accepted
+//! `(iccid, record_id)`.
 //!
 //! The engine's hot window only holds fingerprints, and only for recent
 //! event time; this store is what makes dedupe exact (see
@@ -1025,8 +1026,8 @@ impl IdStore for DiskIdStore {
 
     /// The buffer's index group of the id (a fresh id's insert probes
     /// it: one cache miss per record, and the largest left on the
-    /// Kafka driver once the directory and hot window were warmed).
-    fn warm(&self, fp: u64, iccid: Iccid, record_id: &RecordId) -> u64 {
+    /// Kafka driver once the directory and hot window were prefetched).
+    fn prefetch(&self, fp: u64, iccid: Iccid, record_id: &RecordId) -> u64 {
         self.buffer
             .find(fp, iccid.to_bits(), record_id)
             .map_or(1, |i| i as u64)

@@ -5,7 +5,7 @@
 //! (no IO); this crate holds the implementations of its storage traits that
 //! touch the disk.
 //!
-//! - [`cold_index`]: the dedupe cold index, [`cold_index::DiskIdStore`], an
+//! - [`cold_index`]: the dedupe id store on disk, [`DiskIdStore`], an
 //!   exact on-disk set of every accepted `(iccid, record_id)` that backs the
 //!   engine's in-memory hot window of fingerprints.
 //! - [`snapshot_store`]: engine snapshots written atomically and found

@@ -494,7 +494,7 @@ pub fn run(
         lag_positions,
         metrics: DriverMetrics::new(Source::Kafka, shards),
         committing: None,
-        decoded: Vec::with_capacity(WARM_BATCH),
+        decoded: Vec::with_capacity(PREFETCH_BATCH),
     };
     m::pipeline_started();
 
@@ -845,7 +845,7 @@ fn consume(
     let mut paused = false;
     let mut over_since: Option<Instant> = None;
     let mut wait = Duration::ZERO;
-    let mut batch = Vec::with_capacity(WARM_BATCH);
+    let mut batch = Vec::with_capacity(PREFETCH_BATCH);
     while !reader.stop.load(Ordering::SeqCst) {
         if lease.lost() {
             give_up.store(true, Ordering::SeqCst);
@@ -853,10 +853,10 @@ fn consume(
         }
         let mut got = 0usize;
         while got < options.max_run {
-            // What is already fetched and due, up to a warm batch; never
+            // What is already fetched and due, up to a prefetch batch; never
             // waits for more than the first message.
             batch.clear();
-            let max = WARM_BATCH.min(options.max_run - got);
+            let max = PREFETCH_BATCH.min(options.max_run - got);
             serve(data)?;
             reader.inputs.fill(&mut batch, max, wait, Instant::now());
             if batch.is_empty() {
@@ -1092,10 +1092,10 @@ fn spawn_lag_reporter(
         .expect("spawning a thread")
 }
 
-/// Messages decoded and warmed together ([`Driver::process_batch`]):
+/// Messages decoded and prefetched together ([`Driver::process_batch`]):
 /// enough for the cache misses of routing to overlap, few enough that
 /// the batch's directory and dedupe lines stay cached until routed.
-const WARM_BATCH: usize = 64;
+const PREFETCH_BATCH: usize = 64;
 
 /// The driver's state between messages.
 struct Driver {
@@ -1129,10 +1129,10 @@ type Decoded = Result<flowcap_engine::Usage, flowcap_engine::decode::DecodeError
 impl Driver {
     /// Processes messages in order, as [`Driver::process`] does one by
     /// one; the usage records among them are decoded first and the
-    /// engine warmed for all of them ([`ShardedEngine::warm`]), which
+    /// engine prefetched for all of them ([`ShardedEngine::prefetch`]), which
     /// changes nothing but the time routing takes.
     ///
-    /// [`ShardedEngine::warm`]: flowcap_engine::sharded::ShardedEngine::warm
+    /// [`ShardedEngine::prefetch`]: flowcap_engine::sharded::ShardedEngine::prefetch
     fn process_batch(
         &mut self,
         cursors: &mut [Cursor],
@@ -1153,7 +1153,7 @@ impl Driver {
         }));
         self.pipeline
             .sharded
-            .warm(decoded.iter().filter_map(|d| d.as_ref()?.as_ref().ok()));
+            .prefetch(decoded.iter().filter_map(|d| d.as_ref()?.as_ref().ok()));
         let done = batch
             .iter()
             .zip(decoded.iter_mut())

@@ -1,0 +1,309 @@
+//! Card commands: a card's declaration (`upsert_card`) and its life cycle
+//! (activate, suspend, resume, deregister, renew, violations and rebind).
+//! Each batch command answers card by card ([`Engine::per_card`]).
+
+use crate::command::{
+    CardResult, CardSpec, CommandError, ErrorCode, MAX_MONTHS_AHEAD, MAX_TAGS_PER_CARD,
+};
+use crate::domain::{CardState, Reason, Reasons};
+use crate::ids::Iccid;
+use crate::shard::{add_months, Card, CardExtra, NO_POOL};
+use crate::time::Timestamp;
+
+use super::commands::{deregistered, err, months_too_far};
+use super::{Engine, Loc};
+
+impl Engine {
+    pub(super) fn upsert_card(
+        &mut self,
+        spec: &CardSpec,
+        at: Timestamp,
+    ) -> Result<(), CommandError> {
+        let plan = self.plan_entry(&spec.plan)?;
+        if plan.spec.carrier != spec.carrier {
+            return Err(err(
+                ErrorCode::CarrierMismatch,
+                format!(
+                    "plan {} is a {} plan; card {} is a {} card",
+                    spec.plan, plan.spec.carrier, spec.iccid, spec.carrier
+                ),
+            ));
+        }
+        let (plan_index, term) = (plan.index, plan.spec.term_months);
+        if spec.tags.len() > MAX_TAGS_PER_CARD {
+            return Err(err(
+                ErrorCode::TooManyTags,
+                format!(
+                    "card {} has {} tags; at most {MAX_TAGS_PER_CARD}",
+                    spec.iccid,
+                    spec.tags.len()
+                ),
+            ));
+        }
+        let tags = self.tag_indexes(&spec.tags)?;
+        if let Some(name) = spec
+            .attributes
+            .keys()
+            .find(|k| !self.registry.attribute_names.contains(k))
+        {
+            return Err(err(
+                ErrorCode::InvalidAttribute,
+                format!("attribute {name:?} is not declared (set_attribute_names)"),
+            ));
+        }
+        let offset = self.config.calendar.utc_offset_secs;
+        // An existing card keeps what the command leaves out.
+        let existing = self.directory.get(&spec.iccid).map(|loc| {
+            let card = self.card(loc);
+            let state =
+                if card.lifecycle == CardState::Active && card.reasons.contains(Reason::Manual) {
+                    CardState::Suspended
+                } else {
+                    card.lifecycle
+                };
+            let silent = self.shards[loc.shard as usize]
+                .extra(loc.slot)
+                .and_then(|e| e.silent_ends_at);
+            (state, card.activated_at, card.expires_at, silent)
+        });
+        let state = spec
+            .state
+            .or(existing.map(|e| e.0))
+            .unwrap_or(CardState::Activatable);
+        let (lifecycle, manual) = match state {
+            CardState::Suspended => (CardState::Active, true),
+            s => (s, false),
+        };
+        let kept_activation = existing.map(|e| e.1).filter(|t| *t != Timestamp::MIN);
+        let activated_at = match (spec.activated_at.or(kept_activation), lifecycle) {
+            (Some(t), _) => t,
+            (None, CardState::Active) => at,
+            _ => Timestamp::MIN,
+        };
+        let kept_expiry = existing.map(|e| e.2).filter(|t| *t != Timestamp::MAX);
+        let expires_at = match (spec.expires_at.or(kept_expiry), lifecycle) {
+            (Some(t), _) => t,
+            (None, CardState::Active) => add_months(activated_at, term, offset),
+            _ => Timestamp::MAX,
+        };
+        let silent_ends_at = match (
+            spec.silent_ends_at.or(existing.and_then(|e| e.3)),
+            lifecycle,
+        ) {
+            (Some(t), _) => Some(t),
+            (None, CardState::Activatable) => {
+                Some(add_months(at, self.config.silent_period_months, offset))
+            }
+            _ => None,
+        };
+
+        if let Some(loc) = self.directory.get(&spec.iccid) {
+            let card = self.card(loc);
+            if card.lifecycle == CardState::Deregistered {
+                return Err(deregistered(spec.iccid));
+            }
+            let shard = &self.shards[loc.shard as usize];
+            if card.pool != NO_POOL {
+                let mut candidate = card.clone();
+                candidate.plan = plan_index;
+                candidate.carrier = spec.carrier;
+                shard.check_member(card.pool, &candidate)?;
+            }
+            let shard = &mut self.shards[loc.shard as usize];
+            shard.touch(loc.slot);
+            let contribution = shard.member_contribution(loc.slot);
+            let card = &mut shard.cards[loc.slot as usize];
+            card.plan = plan_index;
+            card.carrier = spec.carrier;
+            card.lifecycle = lifecycle;
+            card.activated_at = activated_at;
+            card.expires_at = expires_at;
+            card.reasons = card.reasons.set(Reason::Manual, manual);
+            if lifecycle == CardState::Deregistered {
+                card.reasons = Reasons::EMPTY;
+            }
+            let extra = shard.extra_mut(loc.slot);
+            fill_extra(extra, spec, silent_ends_at);
+            for (which, value) in [&spec.msisdn, &spec.imsi, &spec.imei]
+                .into_iter()
+                .enumerate()
+            {
+                shard.set_ident(loc.slot, which, value.clone());
+            }
+            shard.set_tags(loc.slot, &tags);
+            shard.adjust_member_allowance(loc.slot, contribution);
+            if lifecycle == CardState::Deregistered {
+                shard.remove_member(loc.slot);
+            }
+            shard.reschedule(loc.slot);
+            self.apply_due_dates(loc, at);
+            return Ok(());
+        }
+
+        let card = Card {
+            iccid: spec.iccid,
+            usage: 0,
+            activated_at,
+            expires_at,
+            plan: plan_index,
+            carrier: spec.carrier,
+            lifecycle,
+            reasons: if manual {
+                Reasons::EMPTY.with(Reason::Manual)
+            } else {
+                Reasons::EMPTY
+            },
+            pool: NO_POOL,
+            tagset: 0,
+            threshold_mb: -1,
+            addon_mb: 0,
+            vacant: false,
+        };
+        let mut extra = CardExtra::default();
+        fill_extra(&mut extra, spec, silent_ends_at);
+        let shard_index = self.shard_for_card(spec.iccid);
+        let shard = &mut self.shards[shard_index as usize];
+        let slot = shard.insert_card(card, Some(extra), &tags);
+        let loc = Loc {
+            shard: shard_index,
+            slot,
+        };
+        self.directory.insert(spec.iccid, loc);
+        self.apply_due_dates(loc, at);
+        Ok(())
+    }
+
+    pub(super) fn activate(&mut self, iccids: &[Iccid], at: Timestamp) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            let card = e.card(loc);
+            match card.lifecycle {
+                CardState::Deregistered => Err(deregistered(card.iccid)),
+                CardState::Active => Err(err(
+                    ErrorCode::InvalidState,
+                    format!("card {} is already active", card.iccid),
+                )),
+                _ => {
+                    e.shards[loc.shard as usize].activate(loc.slot, at);
+                    e.apply_due_dates(loc, at);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    pub(super) fn suspend(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            let card = e.card(loc);
+            if card.lifecycle != CardState::Active {
+                return Err(err(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "card {} is {}; only active cards can be suspended",
+                        card.iccid, card.lifecycle
+                    ),
+                ));
+            }
+            e.set_reason(loc, Reason::Manual, true);
+            Ok(())
+        })
+    }
+
+    pub(super) fn resume(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            let card = e.card(loc);
+            if card.lifecycle == CardState::Deregistered {
+                return Err(deregistered(card.iccid));
+            }
+            e.set_reason(loc, Reason::Manual, false);
+            e.set_reason(loc, Reason::Violation, false);
+            Ok(())
+        })
+    }
+
+    pub(super) fn deregister(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            e.live(loc)?;
+            let shard = &mut e.shards[loc.shard as usize];
+            shard.touch(loc.slot);
+            shard.remove_member(loc.slot);
+            let card = &mut shard.cards[loc.slot as usize];
+            card.lifecycle = CardState::Deregistered;
+            card.reasons = Reasons::EMPTY;
+            Ok(())
+        })
+    }
+
+    pub(super) fn renew(
+        &mut self,
+        iccids: &[Iccid],
+        months: u32,
+        at: Timestamp,
+    ) -> Result<Vec<CardResult>, CommandError> {
+        if months == 0 {
+            return Err(err(ErrorCode::InvalidValue, "renew needs months >= 1"));
+        }
+        if months > MAX_MONTHS_AHEAD {
+            return Err(months_too_far("renew months", months));
+        }
+        let offset = self.config.calendar.utc_offset_secs;
+        let bound = add_months(at, MAX_MONTHS_AHEAD, offset);
+        Ok(self.per_card(iccids, |e, loc| {
+            e.live(loc)?;
+            let card = e.card(loc);
+            let base = if card.expires_at == Timestamp::MAX {
+                at
+            } else {
+                card.expires_at.max(at)
+            };
+            // `base` past the bound is refused before any month is
+            // added to it: the sum stays inside the date range.
+            let new_expiry = (base <= bound)
+                .then(|| add_months(base, months, offset))
+                .filter(|t| *t <= bound)
+                .ok_or_else(|| {
+                    err(
+                        ErrorCode::InvalidMonths,
+                        format!(
+                            "renewing {} by {months} months from {base} reaches beyond \
+                             6 years from {at} ({bound})",
+                            card.iccid
+                        ),
+                    )
+                })?;
+            let shard = &mut e.shards[loc.shard as usize];
+            shard.touch(loc.slot);
+            shard.cards[loc.slot as usize].expires_at = new_expiry;
+            shard.reschedule(loc.slot);
+            e.apply_due_dates(loc, at);
+            Ok(())
+        }))
+    }
+
+    pub(super) fn report_violation(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
+        self.per_card(iccids, |e, loc| {
+            e.live(loc)?;
+            e.set_reason(loc, Reason::Violation, true);
+            Ok(())
+        })
+    }
+
+    pub(super) fn rebind(&mut self, iccid: Iccid, imei: Option<&str>) -> Result<(), CommandError> {
+        let loc = self.locate(iccid)?;
+        self.live(loc)?;
+        self.set_reason(loc, Reason::Violation, false);
+        if let Some(imei) = imei {
+            self.shards[loc.shard as usize].set_ident(loc.slot, 2, Some(imei.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+fn fill_extra(extra: &mut CardExtra, spec: &CardSpec, silent_ends_at: Option<Timestamp>) {
+    extra.msisdn.clone_from(&spec.msisdn);
+    extra.imsi.clone_from(&spec.imsi);
+    extra.imei.clone_from(&spec.imei);
+    extra.attributes.clone_from(&spec.attributes);
+    extra.test_ends_at = spec.test_ends_at;
+    extra.test_allowance_mb = spec.test_allowance_mb;
+    extra.silent_ends_at = silent_ends_at;
+}
