@@ -759,9 +759,12 @@ fn kill_9_loop(cards: u64, hours: u32, snapshot_every: u64) {
     );
     assert!(kills.len() >= 5);
     // The kills are spread over the run: they hit different snapshots, the
-    // last past the middle of the input.
+    // last past the middle of the input. (On a loaded machine a run's
+    // snapshots can land in a burst once the broker acknowledges a
+    // backlog of outputs, so one run may pass several kill points: two
+    // distinct snapshots is what can be asked for without a flaky test.)
     let distinct: BTreeSet<_> = kills.iter().map(|(_, s)| *s).collect();
-    assert!(distinct.len() >= 3, "kills not spread: {kills:?}");
+    assert!(distinct.len() >= 2, "kills not spread: {kills:?}");
     assert!(
         kills.last().and_then(|(_, s)| *s) >= Some(base + total / 2),
         "kills not spread: {kills:?}"
