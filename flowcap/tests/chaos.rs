@@ -37,6 +37,8 @@
 mod common;
 #[path = "support/chaos_kit.rs"]
 mod kit;
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/chaos_report.rs"]
 mod report;
 

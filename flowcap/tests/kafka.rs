@@ -8,15 +8,18 @@
 //! (a replay may repeat an event, always with the same id and content).
 
 mod common;
+#[path = "support/process.rs"]
+mod process;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use flowcap_engine::CycleId;
 use flowcap_loadgen::{Payload, RecordKind, Workload, WorkloadConfig};
 use flowcap_testkit::{consume_all, produce, Broker, Record, Storage};
+use process::{jitter, kill9, newest_snapshot, random, tail, wait_for};
 
 const TOPICS: [(&str, i32); 6] = [
     ("flowcap.usage", 4),
@@ -196,10 +199,6 @@ fn assert_success(out: &Output) {
         out.status,
         tail(&String::from_utf8_lossy(&out.stderr), 4000)
     );
-}
-
-fn tail(s: &str, n: usize) -> &str {
-    &s[s.len().saturating_sub(n)..]
 }
 
 fn lines(path: &Path) -> Vec<serde_json::Value> {
@@ -572,24 +571,6 @@ fn duplicate_storm_counts_each_record_once() {
     );
 }
 
-fn kill9(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A pseudo-random number in `lo..hi` (xorshift; no rand dependency needed).
-fn random(seed: &mut u64, lo: u64, hi: u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    lo + *seed % (hi - lo)
-}
-
-/// A pseudo-random delay in `lo..hi` ms.
-fn jitter(seed: &mut u64, lo: u64, hi: u64) -> Duration {
-    Duration::from_millis(random(seed, lo, hi))
-}
-
 /// Usage partitions of the kill -9 loop. Tansu's sqlite storage reads every
 /// record from the fetch offset to the end of the partition for each fetch
 /// and returns at most 5 MiB (~16.7k of these records) a request, so
@@ -621,44 +602,6 @@ fn kill_9_loop_over_a_million_records_is_exact() {
 #[test]
 fn kill_9_loop_produces_each_dead_letter_and_result_once() {
     kill_9_loop(4_000, 50, 10_000);
-}
-
-/// The newest snapshot's sequence number (how far a run has durably come).
-fn newest_snapshot(dir: &Path) -> Option<u64> {
-    std::fs::read_dir(dir.join("snapshots"))
-        .ok()?
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.strip_prefix("snapshot-")?
-                .strip_suffix(".bin")?
-                .parse()
-                .ok()
-        })
-        .max()
-}
-
-/// Waits until `done` (`None`) or the child exits (`Some(status)`); kills
-/// it and panics with its log tail after `limit`.
-fn wait_for(
-    child: &mut Child,
-    log: &Path,
-    limit: Duration,
-    what: &str,
-    done: impl Fn() -> bool,
-) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            kill9(child);
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("no {what} after {limit:?}:\n{}", tail(&log, 6000));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }
 
 /// Produces `cards × hours` records to a durable broker, then runs flowcap

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,6 +45,8 @@ pub(crate) fn env_flag(name: &str) -> bool {
         Ok("1") | Ok("true") | Ok("yes")
     )
 }
+
+pub(crate) use crate::process::{jitter, kill9, newest_snapshot, random, tail, wait_for};
 
 const TOPICS: [(&str, i32); 6] = [
     ("flowcap.usage", 4),
@@ -179,38 +181,6 @@ pub(crate) fn produce_all(
     }
 }
 
-/// The newest snapshot's sequence number (how far a run has durably come).
-pub(crate) fn newest_snapshot(dir: &Path) -> Option<u64> {
-    std::fs::read_dir(dir.join("snapshots"))
-        .ok()?
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.strip_prefix("snapshot-")?
-                .strip_suffix(".bin")?
-                .parse()
-                .ok()
-        })
-        .max()
-}
-
-pub(crate) fn kill9(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A pseudo-random number in `lo..hi` (xorshift).
-pub(crate) fn random(seed: &mut u64, lo: u64, hi: u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    lo + *seed % (hi - lo).max(1)
-}
-
-/// A pseudo-random delay in `lo..hi` ms.
-pub(crate) fn jitter(seed: &mut u64, lo: u64, hi: u64) -> Duration {
-    Duration::from_millis(random(seed, lo, hi))
-}
-
 /// The kill points' seed: `CHAOS_SEED`, else the clock (printed, so a run
 /// can be repeated).
 pub(crate) fn kill_seed(label: &str) -> u64 {
@@ -226,14 +196,6 @@ pub(crate) fn kill_seed(label: &str) -> u64 {
         });
     eprintln!("[{label}] CHAOS_SEED={seed}");
     seed
-}
-
-pub(crate) fn tail(s: &str, n: usize) -> &str {
-    let mut start = s.len().saturating_sub(n);
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
 }
 
 /// A flowcap process in Kafka mode on `dir`, with its operations endpoint
@@ -257,30 +219,6 @@ pub(crate) fn spawn_flowcap(
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("flowcap starts")
-}
-
-/// Waits until `done` (`None`) or the child exits (`Some(status)`); kills
-/// it and panics with its log tail after `limit`.
-pub(crate) fn wait_for(
-    child: &mut Child,
-    log: &Path,
-    limit: Duration,
-    what: &str,
-    done: impl Fn() -> bool,
-) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            kill9(child);
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("no {what} after {limit:?}:\n{}", tail(&log, 6000));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }
 
 /// Waits for a run started with `--exit-when-idle` to end; its summary.
