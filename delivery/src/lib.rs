@@ -45,9 +45,10 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use flowcap_clock::SharedClock;
 use flowcap_engine::command::WebhookSpec;
 use flowcap_engine::event::RuleFiredEvent;
 use flowcap_engine::rule::Channel;
@@ -336,6 +337,9 @@ struct Shared {
     destinations: RwLock<BTreeMap<String, Arc<Destination>>>,
     stopping: AtomicBool,
     outcomes: std::sync::Mutex<Vec<DeliveryRow>>,
+    /// The time of day: queue and outcome times, signing timestamps,
+    /// `Retry-After` dates.
+    clock: SharedClock,
 }
 
 impl Shared {
@@ -397,7 +401,8 @@ impl Notifier {
     /// `endpoints` are the webhook endpoints registered now (later changes
     /// come through [`Notifier::upsert_endpoint`]). `reported`: per
     /// destination, how many outcomes the history already has (see
-    /// [`DeliveryRow`]); the later ones are offered again.
+    /// [`DeliveryRow`]); the later ones are offered again. `clock`: the
+    /// time of day (a [`flowcap_clock::SystemClock`] but in tests).
     pub fn start(
         dir: &Path,
         config: NotifyConfig,
@@ -405,6 +410,7 @@ impl Notifier {
         options: TemplateOptions,
         reports: Arc<dyn Reports>,
         reported: &BTreeMap<String, u64>,
+        clock: SharedClock,
     ) -> Result<Notifier, DeliveryError> {
         std::fs::create_dir_all(dir).map_err(|source| DeliveryError::Io {
             path: dir.to_owned(),
@@ -435,6 +441,7 @@ impl Notifier {
             destinations: RwLock::new(BTreeMap::new()),
             stopping: AtomicBool::new(false),
             outcomes: std::sync::Mutex::new(Vec::new()),
+            clock,
         });
         for spec in endpoints {
             shared.set_endpoint(spec);
@@ -636,12 +643,6 @@ struct OutboxThread {
     merge_interval: Duration,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 impl OutboxThread {
     fn run(&mut self, rx: &Receiver<Request>) -> Result<(), DeliveryError> {
         let tick = self
@@ -816,7 +817,7 @@ impl OutboxThread {
                 firings: vec![firing.id.clone()],
                 rule: Some(firing.rule.clone()),
                 alert_for: None,
-                queued_ms: now_ms(),
+                queued_ms: self.shared.clock.now_ms(),
             };
             match action.channel {
                 Channel::Webhook => {
@@ -919,7 +920,7 @@ impl OutboxThread {
                 firings: w.firing_ids,
                 rule: Some(key.rule.clone()),
                 alert_for: None,
-                queued_ms: now_ms(),
+                queued_ms: self.shared.clock.now_ms(),
             })?;
         }
         Ok(())
@@ -968,7 +969,7 @@ impl OutboxThread {
             firings: event.firings.clone(),
             rule: event.rule.clone(),
             alert_for: Some(event.message_id.clone()),
-            queued_ms: now_ms(),
+            queued_ms: self.shared.clock.now_ms(),
         };
         if let Some(endpoint) = self.shared.config.alert_webhook.clone() {
             let mut m = base.clone();
@@ -1106,12 +1107,14 @@ async fn deliver(shared: &Shared, message: &Message) -> Done {
         let attempt = match message.channel {
             MessageChannel::Webhook => {
                 match shared.endpoint(message.endpoint.as_deref().unwrap_or_default()) {
-                    Ok(endpoint) => send::webhook(&endpoint, message).await,
+                    Ok(endpoint) => send::webhook(&endpoint, message, shared.clock.as_ref()).await,
                     Err(e) => refused(e),
                 }
             }
             MessageChannel::Sms => match &shared.config.sms {
-                Some(gateway) => send::sms(gateway, &shared.http, message).await,
+                Some(gateway) => {
+                    send::sms(gateway, &shared.http, message, shared.clock.as_ref()).await
+                }
                 None => refused("no SMS gateway is configured ([notify.sms])".into()),
             },
             MessageChannel::Email => match &shared.config.smtp {
@@ -1133,7 +1136,7 @@ async fn deliver(shared: &Shared, message: &Message) -> Done {
             attempts,
             status: attempt.status,
             error: attempt.error.clone(),
-            at_ms: now_ms(),
+            at_ms: shared.clock.now_ms(),
         };
         match attempt.verdict {
             Verdict::Delivered => return done(Final::Delivered),

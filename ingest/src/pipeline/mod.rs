@@ -62,9 +62,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use flowcap_clock::SharedClock;
 use flowcap_engine::{Engine, EngineConfig, ShardedEngine};
 use flowcap_storage::history::compact::CompactionPolicy;
-pub(crate) use flowcap_storage::history::wall_clock;
 use flowcap_storage::HistoryLocation;
 use flowcap_storage::{
     DiskIdStore, HistoryError, HistoryOptions, HistoryWriter, JsonlError, JsonlSink, SnapshotStore,
@@ -357,13 +357,14 @@ impl Pipeline {
     /// reads its positions before it commits to running, see
     /// [`crate::files`] and [`crate::kafka`]), or empty, clearing the
     /// directory's state; rewinds the output files to the snapshot and
-    /// starts the writer.
+    /// starts the writer. `clock` is the time of day for every part.
     pub(crate) fn start_from(
         restored: Restored,
         config: &EngineConfig,
         history: Option<&HistoryConfig>,
         notify: Option<&NotifyConfig>,
         kafka: Option<KafkaOut>,
+        clock: &SharedClock,
     ) -> Result<Pipeline, IngestError> {
         let Restored {
             dir,
@@ -422,17 +423,20 @@ impl Pipeline {
             sinks.insert(name, JsonlSink::open(dir.join(name), rewind)?);
         }
         let history_writer = match history {
-            Some(h) => Some(HistoryWriter::open(
-                h.location_in(dir),
-                resumed_after,
-                HistoryOptions {
-                    calendar: engine.config().calendar,
-                    roll_rows: h.roll_rows.max(1),
-                    compaction: h.compaction,
-                    zstd_level: h.zstd_level,
-                    ..HistoryOptions::default()
-                },
-            )?),
+            Some(h) => Some(
+                HistoryWriter::open(
+                    h.location_in(dir),
+                    resumed_after,
+                    HistoryOptions {
+                        calendar: engine.config().calendar,
+                        roll_rows: h.roll_rows.max(1),
+                        compaction: h.compaction,
+                        zstd_level: h.zstd_level,
+                        ..HistoryOptions::default()
+                    },
+                )?
+                .with_clock(clock.clone()),
+            ),
             None => None,
         };
         let history = history_writer.is_some();
@@ -444,7 +448,12 @@ impl Pipeline {
                     topic: k.actions.clone(),
                 });
                 Some(crate::notify::start(
-                    dir, config, &engine, &reported, alerts,
+                    dir,
+                    config,
+                    &engine,
+                    &reported,
+                    alerts,
+                    clock.clone(),
                 )?)
             }
             None => None,
@@ -460,6 +469,7 @@ impl Pipeline {
             store: Arc::new(SnapshotStore::open(&snapshots_dir)?),
             last_cut: None,
             commit: None,
+            clock: clock.clone(),
         };
         let (sharded, outputs) = ShardedEngine::start(engine, 64);
         let (side, side_rx) = bounded::<Side>(1024);

@@ -416,6 +416,7 @@ mod tests {
             store: Arc::new(SnapshotStore::open(dir.path()).unwrap()),
             last_cut: None,
             commit: None,
+            clock: flowcap_clock::SystemClock::shared(),
         };
         let (dedupe, settler) = Durability::pending();
         let (state, _) = Engine::new(EngineConfig::default())

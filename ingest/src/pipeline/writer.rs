@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{select, Receiver};
+use flowcap_clock::SharedClock;
 use flowcap_engine::command::CommandKind;
 use flowcap_engine::event::{ActionEvent, JournalEntry, Output};
-use flowcap_engine::redact;
-use flowcap_storage::history::wall_clock;
+use flowcap_engine::{redact, Timestamp};
 use flowcap_storage::history::{Quarantined, SourcePosition};
 use flowcap_storage::{
     HistoryError, HistoryWriter, JsonlError, JsonlSink, SnapshotStore, SnapshotStoreError,
@@ -67,11 +67,13 @@ pub(crate) struct Writer {
     pub(super) last_cut: Option<CutMark>,
     /// The commit in flight.
     pub(super) commit: Option<(CutMark, InFlight)>,
+    /// The time of day, for the processing time of action events.
+    pub(super) clock: SharedClock,
 }
 
 impl Writer {
     fn write_outputs(&mut self, outputs: Vec<Output>) -> Result<(), WriteError> {
-        let now = wall_clock();
+        let now = Timestamp(self.clock.now_ms());
         for output in outputs {
             self.metrics.output(&output);
             match output {

@@ -59,6 +59,7 @@ use std::sync::Arc;
 
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
+use flowcap_clock::{SharedClock, SystemClock};
 use flowcap_engine::command::CommandResult;
 use flowcap_engine::event::{Accounted, ActionEvent, Cause};
 use flowcap_engine::{
@@ -221,6 +222,8 @@ pub struct HistoryWriter {
     chunk: u32,
     /// Latest event time seen (names partitions of rows without a time).
     clock: Option<Timestamp>,
+    /// The time of day, for rows without a time before any event time.
+    wall: SharedClock,
     /// Rows of the current chunk.
     rows: ChunkRows,
     buffered: usize,
@@ -277,6 +280,7 @@ impl HistoryWriter {
             window_from: resume_after.map_or(0, |s| s + 1),
             chunk: 0,
             clock: None,
+            wall: SystemClock::shared(),
             rows: ChunkRows::default(),
             buffered: 0,
             buffered_bytes: 0,
@@ -284,6 +288,12 @@ impl HistoryWriter {
             cards_day: None,
             files_written: 0,
         })
+    }
+
+    /// Reads the time of day from `clock` (the system clock otherwise).
+    pub fn with_clock(mut self, clock: SharedClock) -> HistoryWriter {
+        self.wall = clock;
+        self
     }
 
     /// Where the history is.
@@ -306,7 +316,7 @@ impl HistoryWriter {
     }
 
     fn clock_day(&self) -> i64 {
-        let t = self.clock.unwrap_or_else(wall_clock);
+        let t = self.clock.unwrap_or_else(|| Timestamp(self.wall.now_ms()));
         self.day(t)
     }
 
@@ -580,14 +590,6 @@ fn encode_parquet(
         ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).map_err(parquet_err)?;
     writer.write(batch).map_err(parquet_err)?;
     writer.into_inner().map_err(parquet_err)
-}
-
-/// Now, by the system clock (the one place flowcap's IO crates read it).
-pub fn wall_clock() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    Timestamp(ms)
 }
 
 fn serde_name<T: Serialize>(v: &T) -> String {
