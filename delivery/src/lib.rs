@@ -219,12 +219,28 @@ pub enum DeliveryError {
     /// Encoding an outbox line.
     #[error("encoding an outbox line: {0}")]
     Encode(String),
-    /// The delivery threads could not start.
-    #[error("starting delivery: {0}")]
-    Start(String),
-    /// The outbox thread is gone (it failed earlier; see the log).
+    /// A delivery thread (which one) could not start (external: the
+    /// system's limits).
+    #[error("starting delivery's {what}: {source}")]
+    Start {
+        /// The thread or runtime.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built (external: the system's TLS
+    /// roots).
+    #[error("starting delivery's HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+    /// The outbox thread stopped after this error of its own (shared by
+    /// every caller told); what it was doing is lost to the pipeline
+    /// until a restart resumes the outbox.
     #[error("the notification outbox stopped: {0}")]
-    Stopped(String),
+    Failed(Arc<DeliveryError>),
+    /// The outbox thread is gone without an error (it was stopped, or it
+    /// panicked: a bug).
+    #[error("the notification outbox stopped")]
+    Stopped,
 }
 
 /// A push-failure alert: a notification that could not be delivered
@@ -371,9 +387,9 @@ enum Request {
     Endpoint(Box<WebhookSpec>),
     RemoveEndpoint(String),
     /// Make everything submitted so far durable (merge buffers included).
-    Sync(Sender<Result<(), String>>),
+    Sync(Sender<Result<(), Arc<DeliveryError>>>),
     /// Send every merge buffer now.
-    Flush(Sender<Result<(), String>>),
+    Flush(Sender<Result<(), Arc<DeliveryError>>>),
     /// Queue the alert of a failed message; answered once durable.
     Alert(Box<PushFailedEvent>, tokio::sync::oneshot::Sender<()>),
     Stop,
@@ -384,7 +400,7 @@ pub struct Notifier {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
-    failure: Arc<RwLock<Option<String>>>,
+    failure: Arc<RwLock<Option<Arc<DeliveryError>>>>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -423,8 +439,12 @@ impl Notifier {
             .thread_name("flowcap-deliver")
             .enable_all()
             .build()
-            .map_err(|e| DeliveryError::Start(e.to_string()))?;
-        let http = send::client(config.request_timeout(), None).map_err(DeliveryError::Start)?;
+            .map_err(|source| DeliveryError::Start {
+                what: "runtime",
+                source,
+            })?;
+        let http =
+            send::client(config.request_timeout(), None).map_err(DeliveryError::HttpClient)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             policy: config.retry_policy(),
@@ -492,19 +512,23 @@ impl Notifier {
             .spawn(move || {
                 if let Err(e) = state.run(&rx) {
                     tracing::error!(error = %e, "notification outbox stopped");
-                    *failed.write().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    let e = Arc::new(e);
+                    *failed.write().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
                     // Answer whoever waits, so no barrier hangs.
                     for r in rx.try_iter() {
                         match r {
                             Request::Sync(reply) | Request::Flush(reply) => {
-                                let _ = reply.send(Err(e.to_string()));
+                                let _ = reply.send(Err(e.clone()));
                             }
                             _ => {}
                         }
                     }
                 }
             })
-            .map_err(|e| DeliveryError::Start(e.to_string()))?;
+            .map_err(|source| DeliveryError::Start {
+                what: "outbox thread",
+                source,
+            })?;
         Ok(Notifier {
             shared,
             thread: Some(thread),
@@ -541,22 +565,20 @@ impl Notifier {
 
     fn ask(
         &self,
-        make: impl FnOnce(Sender<Result<(), String>>) -> Request,
+        make: impl FnOnce(Sender<Result<(), Arc<DeliveryError>>>) -> Request,
     ) -> Result<(), DeliveryError> {
         let stopped = || {
-            DeliveryError::Stopped(
-                self.failure
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .unwrap_or_else(|| "stopped".into()),
-            )
+            self.failure
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .map_or(DeliveryError::Stopped, DeliveryError::Failed)
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.shared.requests.send(make(tx)).map_err(|_| stopped())?;
         rx.recv()
             .map_err(|_| stopped())?
-            .map_err(DeliveryError::Stopped)
+            .map_err(DeliveryError::Failed)
     }
 
     /// Returns once everything submitted before is on disk (fsynced): the
@@ -648,7 +670,7 @@ impl OutboxThread {
         let tick = self
             .merge_interval
             .clamp(Duration::from_millis(5), Duration::from_millis(100));
-        let mut acks: Vec<Sender<Result<(), String>>> = Vec::new();
+        let mut acks: Vec<Sender<Result<(), Arc<DeliveryError>>>> = Vec::new();
         let mut alert_acks: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
         loop {
             let first = match rx.recv_timeout(tick) {

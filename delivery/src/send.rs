@@ -55,21 +55,21 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-pub(crate) fn client(timeout: Duration, ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
+/// An HTTP client with flowcap's timeouts, trusting `ca` besides the
+/// system's roots.
+pub(crate) fn client(
+    timeout: Duration,
+    ca: Option<reqwest::Certificate>,
+) -> Result<reqwest::Client, reqwest::Error> {
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
         .redirect(reqwest::redirect::Policy::limited(3))
         .user_agent(concat!("flowcap/", env!("CARGO_PKG_VERSION")));
-    if let Some(pem) = ca_pem {
-        let cert = reqwest::Certificate::from_pem(pem.as_bytes())
-            .map_err(|e| format!("CA certificate: {e}"))?;
+    if let Some(cert) = ca {
         builder = builder.add_root_certificate(cert);
     }
-    builder.build().map_err(|e| match ca_pem {
-        Some(_) => format!("CA certificate or TLS client: {}", error_chain(&e)),
-        None => error_chain(&e),
-    })
+    builder.build()
 }
 
 impl Endpoint {
@@ -80,7 +80,18 @@ impl Endpoint {
             Some(s) => Some(Signer::new(s).map_err(|e| e.to_string())?),
             None => None,
         };
-        let client = client(timeout, spec.ca_cert.as_deref())?;
+        let ca = match spec.ca_cert.as_deref() {
+            Some(pem) => Some(
+                reqwest::Certificate::from_pem(pem.as_bytes())
+                    .map_err(|e| format!("CA certificate: {e}"))?,
+            ),
+            None => None,
+        };
+        let has_ca = ca.is_some();
+        let client = client(timeout, ca).map_err(|e| match has_ca {
+            true => format!("CA certificate or TLS client: {}", error_chain(&e)),
+            false => error_chain(&e),
+        })?;
         Ok(Endpoint {
             spec,
             signer,

@@ -654,12 +654,12 @@ impl DiskIdStore {
         );
         let sealed = Arc::clone(&buffer);
         let job = crate::background::spawn("flowcap-dedupe", move || {
-            let written = write_sorted(&dir, id, &sealed, bits);
+            let written = write_sorted(&dir, id, &sealed, bits).map_err(Arc::new);
             // The store takes the buffer's allocation back once this
             // is gone.
             drop(sealed);
-            settler.settle(written.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-            written
+            settler.settle(written.as_ref().map(|_| ()).map_err(Arc::clone));
+            written.map_err(IdStoreError::Background)
         })
         .map_err(io("starting the id store's background writer"))?;
         self.sealed = Some(Sealed {
@@ -700,7 +700,7 @@ impl DiskIdStore {
         let flushed = sealed
             .job
             .join()
-            .map_err(|_| IdStoreError::Background("the id store's writer panicked".into()))??;
+            .map_err(|_| IdStoreError::Stopped("background writer"))??;
         if let Ok(mut buffer) = Arc::try_unwrap(sealed.buffer) {
             buffer.clear();
             self.spare = Some(buffer);
@@ -738,7 +738,7 @@ impl DiskIdStore {
         };
         let merged = job
             .join()
-            .map_err(|_| IdStoreError::Background("the id store's merge panicked".into()))??;
+            .map_err(|_| IdStoreError::Stopped("background merge"))??;
         self.take_in_merge(merged);
         self.maybe_merge()
     }

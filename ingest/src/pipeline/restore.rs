@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use flowcap_engine::Engine;
+use flowcap_engine::{DedupeError, Engine, EngineError};
 use flowcap_storage::{DiskIdStore, SnapshotStore, SnapshotStoreError};
 
 use super::IngestError;
@@ -42,10 +42,10 @@ pub enum Unusable {
     /// The file could not be read (external: disk).
     #[error("I/O error reading it: {0}")]
     Read(std::io::Error),
-    /// The dedupe index could not be brought back to the snapshot
+    /// The dedupe id store could not be brought back to the snapshot
     /// (external: disk).
-    #[error("I/O error in the dedupe index while restoring it: {0}")]
-    Dedupe(String),
+    #[error("I/O error in the dedupe id store while restoring it: {0}")]
+    Dedupe(#[from] flowcap_engine::IdStoreError),
 }
 
 /// One snapshot that was tried and not used.
@@ -127,11 +127,11 @@ impl Restored {
                 let outcome = match stored.bytes {
                     Err(SnapshotStoreError::Io { source, .. }) => Err(Unusable::Read(source)),
                     Ok(bytes) => DiskIdStore::open(dir.join("dedupe"))
-                        .map_err(|e| Unusable::Dedupe(e.to_string()))
+                        .map_err(Unusable::Dedupe)
                         .and_then(|ids| {
                             Engine::restore(&bytes, Box::new(ids)).map_err(|e| match e {
-                                flowcap_engine::EngineError::Snapshot(e) => Unusable::Snapshot(e),
-                                other => Unusable::Dedupe(other.to_string()),
+                                EngineError::Snapshot(e) => Unusable::Snapshot(e),
+                                EngineError::Dedupe(DedupeError::Store(e)) => Unusable::Dedupe(e),
                             })
                         }),
                 };

@@ -471,7 +471,9 @@ mod tests {
     #[test]
     fn a_commit_whose_dedupe_ids_failed_writes_no_snapshot() {
         let (_dir, mut writer, settler, done) = pending_commit(9);
-        settler.settle(Err("disk full".into()));
+        settler.settle(Err(Arc::new(flowcap_engine::IdStoreError::Corrupt(
+            "disk full".into(),
+        ))));
         let err = writer.advance_commit(true).unwrap_err();
         assert!(matches!(err, WriteError::Dedupe(_)), "{err:?}");
         let answer = done.recv_timeout(Duration::from_secs(30)).unwrap();

@@ -191,7 +191,7 @@ impl ChunkEncoder {
                 }
             }
         })
-        .map_err(|e| HistoryError::EncoderStopped(e.to_string()))?;
+        .map_err(HistoryError::EncoderStart)?;
         Ok(ChunkEncoder {
             recycled,
             roll_rows: options.roll_rows,
@@ -331,7 +331,7 @@ impl Drop for ChunkEncoder {
 }
 
 fn stopped() -> HistoryError {
-    HistoryError::EncoderStopped("the thread is gone".into())
+    HistoryError::EncoderStopped
 }
 
 /// The state dumps of a snapshot: `pool_cycle_usage` (one file per cycle,

@@ -109,9 +109,14 @@ pub enum HistoryError {
          restore a newer snapshot or start without --resume"
     )]
     MergedPastSnapshot(String, u64),
-    /// The thread that encodes chunks could not start or has stopped.
+    /// The thread that encodes chunks could not start (external: the
+    /// system's limits).
     #[error("history encoder thread: {0}")]
-    EncoderStopped(String),
+    EncoderStart(#[source] std::io::Error),
+    /// The thread that encodes chunks is gone (it panicked: a bug; its
+    /// own errors are answered as they are).
+    #[error("history encoder thread: the thread is gone")]
+    EncoderStopped,
     /// A cards dump's views were to come from another thread
     /// ([`CardsDump`]), which stopped without sending them.
     #[error("history cards dump: the thread building the card views stopped before sending them")]
