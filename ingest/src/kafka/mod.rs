@@ -69,7 +69,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::SizeLimits;
 use crate::metrics as m;
-use crate::pipeline::{IngestError, KafkaOut, Pipeline, Restored, Start, Summary};
+use crate::pipeline::{IngestError, KafkaOut, Pipeline, Restored, Start, Summary, Wait};
 pub use align::AlignSettings;
 use driver::{Driver, PREFETCH_BATCH};
 use feed::{Fetched, PartitionFeed};
@@ -529,7 +529,7 @@ pub fn run(
     );
     driver.pipeline.sharded.engine();
     driver.snapshot(&cursors, &data)?;
-    driver.after_commit(&data, true)?;
+    driver.after_commit(&data, Wait::Block)?;
     lease.release();
     stop.store(true, Ordering::SeqCst);
     let _ = lag_thread.join();

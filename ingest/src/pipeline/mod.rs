@@ -284,6 +284,16 @@ impl HistoryConfig {
     }
 }
 
+/// Whether a step of the snapshot protocol waits for what is not durable
+/// yet, or only looks and answers "not yet".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Blocks until it is durable (or failed).
+    Block,
+    /// Never waits: what is pending stays pending.
+    Poll,
+}
+
 /// Snapshot position: sequence number of the last input the snapshot covers.
 const INPUT_POSITION: &str = "input.last_seq";
 const FILES: [&str; 3] = [EVENTS_FILE, REJECTS_FILE, JOURNAL_FILE];

@@ -18,7 +18,7 @@ use flowcap_storage::history::{CardsDump, StoredTicket};
 use crate::metrics;
 
 use super::writer::{WriteError, Writer};
-use super::{ms, Control, IngestError, Pipeline, Side, INPUT_POSITION};
+use super::{ms, Control, IngestError, Pipeline, Side, Wait, INPUT_POSITION};
 
 /// A snapshot waiting for the outputs before its cut to be durable.
 pub(crate) struct Commit {
@@ -142,9 +142,9 @@ impl Writer {
     }
 
     /// Lets the snapshot in flight be written once everything before its
-    /// cut is durable (with `wait`, waits for that). True when none is
-    /// left.
-    pub(super) fn advance_commit(&mut self, wait: bool) -> Result<bool, WriteError> {
+    /// cut is durable (with [`Wait::Block`], waits for that). True when
+    /// none is left.
+    pub(super) fn advance_commit(&mut self, wait: Wait) -> Result<bool, WriteError> {
         let Some((mark, _)) = &self.commit else {
             return Ok(true);
         };
@@ -167,10 +167,11 @@ impl Writer {
     }
 
     /// Whether everything before the cut of the commit in flight is
-    /// durable (with `wait`, waits for it): the sealed dedupe ids, the
-    /// window's history files, the broker's acknowledgements; then the
-    /// output files and the notification outbox are fsynced.
-    fn try_commit(&mut self, mark: CutMark, wait: bool) -> Result<bool, WriteError> {
+    /// durable (with [`Wait::Block`], waits for it): the sealed dedupe
+    /// ids, the window's history files, the broker's acknowledgements;
+    /// then the output files and the notification outbox are fsynced.
+    fn try_commit(&mut self, mark: CutMark, wait: Wait) -> Result<bool, WriteError> {
+        let wait = wait == Wait::Block;
         if let Some((_, in_flight)) = &self.commit {
             if wait {
                 in_flight.dedupe.wait()?;
@@ -443,7 +444,7 @@ mod tests {
     fn a_commit_waits_for_the_dedupe_ids_of_its_cut() {
         let (_dir, mut writer, settler, done) = pending_commit(5);
         for _ in 0..3 {
-            assert!(!writer.advance_commit(false).unwrap());
+            assert!(!writer.advance_commit(Wait::Poll).unwrap());
             std::thread::sleep(Duration::from_millis(30));
         }
         assert!(
@@ -453,7 +454,7 @@ mod tests {
         assert!(writer.store.list().unwrap().is_empty());
 
         settler.settle(Ok(()));
-        assert!(writer.advance_commit(false).unwrap());
+        assert!(writer.advance_commit(Wait::Poll).unwrap());
         done.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
         let written: Vec<u64> = writer
             .store
@@ -474,7 +475,7 @@ mod tests {
         settler.settle(Err(Arc::new(flowcap_engine::IdStoreError::Corrupt(
             "disk full".into(),
         ))));
-        let err = writer.advance_commit(true).unwrap_err();
+        let err = writer.advance_commit(Wait::Block).unwrap_err();
         assert!(matches!(err, WriteError::Dedupe(_)), "{err:?}");
         let answer = done.recv_timeout(Duration::from_secs(30)).unwrap();
         assert!(matches!(answer, Err(WriteError::Stopped)), "{answer:?}");

@@ -25,7 +25,7 @@ use crate::metrics::OutputMetrics;
 use super::letters::{quarantined, without_secrets};
 use super::letters::{BadCommand, DeadLetter, ResultMessage};
 use super::snapshot::{CutMark, InFlight};
-use super::{Control, Letter, Side, Summary, EVENTS_FILE, JOURNAL_FILE, REJECTS_FILE};
+use super::{Control, Letter, Side, Summary, Wait, EVENTS_FILE, JOURNAL_FILE, REJECTS_FILE};
 
 /// Kafka topics the writer produces to, besides its local files.
 pub(crate) struct KafkaOut {
@@ -326,7 +326,7 @@ impl Writer {
     }
 
     fn sync_all(&mut self) -> Result<BTreeMap<String, u64>, WriteError> {
-        self.advance_commit(true)?;
+        self.advance_commit(Wait::Block)?;
         self.take_outcomes()?;
         for sink in self.sinks.values_mut() {
             sink.sync()?;
@@ -450,7 +450,7 @@ pub(super) fn run_writer(
                             }
                             Side::Control(Control::Commit(commit)) => {
                                 writer.begin_commit(commit)?;
-                                writer.advance_commit(true)?;
+                                writer.advance_commit(Wait::Block)?;
                             }
                             Side::Letters(letters) => writer.write_letters(letters)?,
                         }
@@ -483,7 +483,7 @@ pub(super) fn run_writer(
             recv(tick) -> _ => {}
         }
         if writer.commit.is_some() {
-            writer.advance_commit(false)?;
+            writer.advance_commit(Wait::Poll)?;
         }
     }
 }

@@ -77,7 +77,7 @@ use serde::Serialize;
 use crate::location::{HistoryFiles, HistoryLocation, LocationError, StoredFile};
 use compact::{CompactionPolicy, CompactionStats, Compactor};
 pub use encoder::{CardsDump, StoredTicket};
-use encoder::{ChunkEncoder, ChunkRows, Written};
+use encoder::{ChunkEncoder, ChunkRows, Room, Written};
 use recovery::*;
 use rows::*;
 use schema::{Columns, Partitioning};
@@ -443,7 +443,7 @@ impl HistoryWriter {
     fn roll_if_full(&mut self) -> Result<(), HistoryError> {
         if self.buffered >= self.options.roll_rows || self.buffered_bytes >= self.options.roll_bytes
         {
-            self.write_chunk(true)?;
+            self.write_chunk(Room::WaitFor)?;
         }
         Ok(())
     }
@@ -477,7 +477,7 @@ impl HistoryWriter {
         cards: Option<CardsDump>,
         compact_through: Option<u64>,
     ) -> Result<StoredTicket, HistoryError> {
-        self.write_chunk(false)?;
+        self.write_chunk(Room::Skip)?;
         let written = self.encoder.close_window(self.part_name())?;
         self.note_written(written);
         if clock != Timestamp::MIN && (!pools.is_empty() || cards.is_some()) {
@@ -525,14 +525,14 @@ impl HistoryWriter {
     }
 
     /// Hands the buffered rows to the encoder as the window's next chunk
-    /// (with `wait_for_room`, it waits while two jobs are outstanding).
-    fn write_chunk(&mut self, wait_for_room: bool) -> Result<(), HistoryError> {
+    /// (with [`Room::WaitFor`], it waits while two jobs are outstanding).
+    fn write_chunk(&mut self, room: Room) -> Result<(), HistoryError> {
         if self.buffered == 0 {
             return Ok(());
         }
         let name = self.part_name();
         let rows = std::mem::take(&mut self.rows);
-        let written = self.encoder.submit_chunk(name, rows, wait_for_room)?;
+        let written = self.encoder.submit_chunk(name, rows, room)?;
         self.note_written(written);
         self.buffered = 0;
         self.buffered_bytes = 0;
@@ -731,7 +731,7 @@ mod tests {
         }
         // A chunk of the next window reaches the disk, then the process dies
         // (a temporary file too).
-        w.write_chunk(true).unwrap();
+        w.write_chunk(Room::WaitFor).unwrap();
         let usage_dir = root.join("usage_records").join(format!(
             "date={}",
             date_value(CycleCalendar::default().local_day(Timestamp(DAY)))
