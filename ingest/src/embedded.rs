@@ -50,7 +50,7 @@ pub enum Input {
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
-    /// Directory for outputs, snapshots and the dedupe cold index.
+    /// Directory for outputs, snapshots and the dedupe id store.
     pub out_dir: PathBuf,
     /// Engine configuration (ignored when resuming: the snapshot's wins).
     pub engine: EngineConfig,

@@ -98,8 +98,8 @@ pub enum IngestError {
     /// The engine failed (dedupe store IO, or a snapshot that does not decode).
     #[error("engine: {0}")]
     Engine(#[from] flowcap_engine::EngineError),
-    /// The dedupe cold index could not be opened.
-    #[error("dedupe cold index: {0}")]
+    /// The dedupe id store could not be opened.
+    #[error("dedupe id store: {0}")]
     IdStore(#[from] flowcap_engine::IdStoreError),
     /// The Parquet history could not be opened or recovered.
     #[error("history: {0}")]

@@ -438,7 +438,7 @@ mod tests {
 
     /// The snapshot of a cut is written only once the dedupe ids before
     /// the cut are durable: a snapshot published before them would, after
-    /// a crash, skip inputs whose ids the cold index never stored, so a
+    /// a crash, skip inputs whose ids the id store never stored, so a
     /// resend of them would count twice.
     #[test]
     fn a_commit_waits_for_the_dedupe_ids_of_its_cut() {

@@ -370,7 +370,7 @@ pub enum WriteError {
     Snapshot(#[from] SnapshotStoreError),
     /// The dedupe ids of a snapshot could not be made durable (external:
     /// disk).
-    #[error("dedupe cold index: {0}")]
+    #[error("dedupe id store: {0}")]
     Dedupe(#[from] flowcap_engine::IdStoreError),
     /// The snapshot's thread could not be started (external: the
     /// system's limits).
