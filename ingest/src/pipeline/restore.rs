@@ -183,25 +183,7 @@ mod tests {
     use super::*;
     use crate::embedded::{run, EmbeddedOptions, Input};
     use crate::pipeline::{Summary, INPUT_POSITION};
-
-    /// Every file and directory under `dir`, with the files' bytes.
-    fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
-        let mut found = BTreeMap::new();
-        let mut stack = vec![dir.to_owned()];
-        while let Some(d) = stack.pop() {
-            for entry in std::fs::read_dir(&d).unwrap() {
-                let path = entry.unwrap().path();
-                let rel = path.strip_prefix(dir).unwrap().to_owned();
-                if path.is_dir() {
-                    found.insert(rel, None);
-                    stack.push(path);
-                } else {
-                    found.insert(rel, Some(std::fs::read(&path).unwrap()));
-                }
-            }
-        }
-        found
-    }
+    use flowcap_testkit::files::tree;
 
     /// A card set up and 11 records for it, a snapshot every 3 inputs.
     fn small_run(options: &EmbeddedOptions) -> Result<(Summary, Engine), IngestError> {
