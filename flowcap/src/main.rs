@@ -556,6 +556,7 @@ fn run(args: RunArgs) -> Result<()> {
         },
         health: Some(health.clone()),
         notify: (!args.no_notify).then(|| file.notify.clone()),
+        clock: flowcap_clock::SystemClock::shared(),
     };
     if args.input.is_none() && args.commands.is_some() {
         bail!("--commands needs --input (the generator makes its own commands)");

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use flowcap_clock::{SharedClock, SystemClock};
 use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::{Engine, EngineConfig, Timestamp};
@@ -49,7 +50,7 @@ pub enum Input {
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
-    /// Directory for outputs, snapshots and the dedupe cold index.
+    /// Directory for outputs, snapshots and the dedupe id store.
     pub out_dir: PathBuf,
     /// Engine configuration (ignored when resuming: the snapshot's wins).
     pub engine: EngineConfig,
@@ -73,6 +74,9 @@ pub struct EmbeddedOptions {
     /// Deliver rule notifications (webhooks, email, SMS) with these
     /// settings; `None`: firings are recorded but nothing is sent.
     pub notify: Option<NotifyConfig>,
+    /// The time of day (the system clock but in tests): the receive stamp
+    /// of file inputs, processing times, notification times.
+    pub clock: SharedClock,
 }
 
 impl EmbeddedOptions {
@@ -90,6 +94,7 @@ impl EmbeddedOptions {
             source: Source::File,
             health: None,
             notify: Some(NotifyConfig::default()),
+            clock: SystemClock::shared(),
         }
     }
 }
@@ -154,6 +159,7 @@ pub(crate) fn drive(
         options.history.as_ref(),
         options.notify.as_ref(),
         None,
+        &options.clock,
     )?;
     let resumed_after = pipeline.resumed_after;
     let driver_metrics = DriverMetrics::new(options.source, pipeline.sharded.shard_count());
