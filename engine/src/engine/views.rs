@@ -1,6 +1,8 @@
 //! What queries see: [`CardView`] and [`PoolView`], built from a shard's
 //! state and named through the registry's tables.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::command::PoolKind;
@@ -48,6 +50,9 @@ pub struct CardView {
     pub imsi: Option<String>,
     /// IMEI.
     pub imei: Option<String>,
+    /// Custom attributes, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// A pool as queries see it.
@@ -169,6 +174,10 @@ fn card_view(
         msisdn: shard.ident(slot, 0),
         imsi: shard.ident(slot, 1),
         imei: shard.ident(slot, 2),
+        attributes: shard
+            .extra(slot)
+            .map(|e| e.attributes.clone())
+            .unwrap_or_default(),
     }
 }
 
