@@ -338,12 +338,39 @@ pub struct CardSpec {
     /// IMEI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imei: Option<String>,
-    /// Tags (at most 10, each defined).
+    /// Tags (at most 10, each defined). On an existing card a non-empty
+    /// list replaces the card's tags; an empty or omitted one keeps them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<TagId>,
-    /// Custom attributes (names must be declared).
+    /// Custom attributes (names must be declared). On an existing card the
+    /// names given are set and the others kept.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
+    /// Fields to empty on an existing card. Every other field the command
+    /// leaves out keeps its value (patch semantics); a field may not be
+    /// both given and cleared.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clear: Vec<CardField>,
+}
+
+/// A card field that `upsert_card` can empty ([`CardSpec::clear`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CardField {
+    /// The MSISDN.
+    Msisdn,
+    /// The IMSI.
+    Imsi,
+    /// The IMEI (the bound device).
+    Imei,
+    /// Every tag.
+    Tags,
+    /// Every custom attribute.
+    Attributes,
+    /// The end of the test period.
+    TestEndsAt,
+    /// The test allowance.
+    TestAllowanceMb,
 }
 
 /// Forward pools share allowance; backward pools sum post-paid usage.

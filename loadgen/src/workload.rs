@@ -439,6 +439,7 @@ impl Workload {
             imei: Some(ids.imei),
             tags: vec![TagId(format!("lg-fleet-{}", (h >> 32) % FLEET_TAGS))],
             attributes: Default::default(),
+            clear: Vec::new(),
         }
     }
 

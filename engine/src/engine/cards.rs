@@ -3,7 +3,7 @@
 //! Each batch command answers card by card ([`Engine::per_card`]).
 
 use crate::command::{
-    CardResult, CardSpec, CommandError, ErrorCode, MAX_MONTHS_AHEAD, MAX_TAGS_PER_CARD,
+    CardField, CardResult, CardSpec, CommandError, ErrorCode, MAX_MONTHS_AHEAD, MAX_TAGS_PER_CARD,
 };
 use crate::domain::{CardState, Reason, Reasons};
 use crate::ids::Iccid;
@@ -30,6 +30,7 @@ impl Engine {
             ));
         }
         let (plan_index, term) = (plan.index, plan.spec.term_months);
+        check_clear(spec)?;
         if spec.tags.len() > MAX_TAGS_PER_CARD {
             return Err(err(
                 ErrorCode::TooManyTags,
@@ -122,15 +123,21 @@ impl Engine {
             if lifecycle == CardState::Deregistered {
                 card.reasons = Reasons::EMPTY;
             }
-            let extra = shard.extra_mut(loc.slot);
-            fill_extra(extra, spec, silent_ends_at);
-            for (which, value) in [&spec.msisdn, &spec.imsi, &spec.imei]
-                .into_iter()
-                .enumerate()
-            {
-                shard.set_ident(loc.slot, which, value.clone());
+            patch_extra(shard.extra_mut(loc.slot), spec, silent_ends_at);
+            shard.drop_empty_extra(loc.slot);
+            let idents = [
+                (&spec.msisdn, CardField::Msisdn),
+                (&spec.imsi, CardField::Imsi),
+                (&spec.imei, CardField::Imei),
+            ];
+            for (which, (value, field)) in idents.into_iter().enumerate() {
+                if value.is_some() || spec.clear.contains(&field) {
+                    shard.set_ident(loc.slot, which, value.clone());
+                }
             }
-            shard.set_tags(loc.slot, &tags);
+            if !spec.tags.is_empty() || spec.clear.contains(&CardField::Tags) {
+                shard.set_tags(loc.slot, &tags);
+            }
             shard.adjust_member_allowance(loc.slot, contribution);
             if lifecycle == CardState::Deregistered {
                 shard.remove_member(loc.slot);
@@ -295,6 +302,46 @@ impl Engine {
             self.shards[loc.shard as usize].set_ident(loc.slot, 2, Some(imei.to_owned()));
         }
         Ok(())
+    }
+}
+
+/// An existing card's `upsert_card`: what the command gives is set, what it
+/// clears is emptied, the rest is kept. (Identities and tags are the
+/// shard's, set by the caller.)
+fn patch_extra(extra: &mut CardExtra, spec: &CardSpec, silent_ends_at: Option<Timestamp>) {
+    let cleared = |field| spec.clear.contains(&field);
+    if cleared(CardField::Attributes) {
+        extra.attributes.clear();
+    }
+    for (name, value) in &spec.attributes {
+        extra.attributes.insert(name.clone(), value.clone());
+    }
+    if spec.test_ends_at.is_some() || cleared(CardField::TestEndsAt) {
+        extra.test_ends_at = spec.test_ends_at;
+    }
+    if spec.test_allowance_mb.is_some() || cleared(CardField::TestAllowanceMb) {
+        extra.test_allowance_mb = spec.test_allowance_mb;
+    }
+    extra.silent_ends_at = silent_ends_at;
+}
+
+/// A field both given and cleared by one `upsert_card`.
+fn check_clear(spec: &CardSpec) -> Result<(), CommandError> {
+    let given = |field| match field {
+        CardField::Msisdn => spec.msisdn.is_some(),
+        CardField::Imsi => spec.imsi.is_some(),
+        CardField::Imei => spec.imei.is_some(),
+        CardField::Tags => !spec.tags.is_empty(),
+        CardField::Attributes => !spec.attributes.is_empty(),
+        CardField::TestEndsAt => spec.test_ends_at.is_some(),
+        CardField::TestAllowanceMb => spec.test_allowance_mb.is_some(),
+    };
+    match spec.clear.iter().find(|f| given(**f)) {
+        Some(field) => Err(err(
+            ErrorCode::InvalidValue,
+            format!("card {}: {field:?} is both given and cleared", spec.iccid),
+        )),
+        None => Ok(()),
     }
 }
 

@@ -353,6 +353,7 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
                         imei: None,
                         tags: Vec::new(),
                         attributes: BTreeMap::new(),
+                        clear: Vec::new(),
                     },
                 }
             }
