@@ -591,6 +591,12 @@ pub enum ErrorCode {
     /// A renewal or plan term that reaches beyond 6 years from the
     /// command's `at` ([`MAX_MONTHS_AHEAD`]).
     InvalidMonths,
+    /// A card add-on for a card that is neither active nor suspended for
+    /// its usage (SPEC section 2.1).
+    AddOnNotAllowed,
+    /// A card add-on that would take a `general` card's plan plus add-ons
+    /// past the 100 MB general cap.
+    GeneralCapExceeded,
 }
 
 /// The outcome for one card of a batch.

@@ -132,3 +132,85 @@ fn upsert_card_refuses_a_field_both_given_and_cleared_and_changes_nothing() {
         assert_eq!(e.code, ErrorCode::Malformed);
     });
 }
+
+// ===== add-ons: active cards, or cut for their usage only ====================
+
+#[test]
+fn add_on_is_sold_to_active_cards_and_cards_cut_for_usage() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        s.ok("add_on", json!({"iccid": iccid_text(1), "mb": 5}));
+        s.rec(1, "r1", &nov(10, 1, 0), mb(40));
+        assert_eq!(s.state(1).1, ["over_quota"]);
+        s.at = nov(10, 2, 0);
+        let out = s.ok("add_on", json!({"iccid": iccid_text(1), "mb": 10}));
+        assert_eq!(states(&event_of(&out, 1)).1, "active");
+        assert_eq!(s.view(1).addon_mb, 15);
+        // Cut for usage and by the operator: the add-on is sold (and lifts
+        // the usage reason only).
+        s.rec(1, "r2", &nov(10, 3, 0), mb(10));
+        s.ok("suspend", json!({"iccids": iccids(&[1])}));
+        s.ok("add_on", json!({"iccid": iccid_text(1), "mb": 10}));
+        assert_eq!(s.state(1).1, ["manual"]);
+    });
+}
+
+#[test]
+fn add_on_is_refused_to_cards_not_activated_or_cut_for_another_reason() {
+    scenario(|s| {
+        s.card_with(1, "cmcc-30m", "testable", json!({}));
+        s.card_with(2, "cmcc-30m", "activatable", json!({}));
+        s.card_with(3, "cmcc-30m", "inactive", json!({}));
+        s.card_with(4, "cmcc-30m", "suspended", json!({}));
+        s.active(5, "cmcc-30m");
+        s.ok("report_violation", json!({"iccids": iccids(&[5])}));
+        s.card_with(
+            6,
+            "cmcc-30m",
+            "active",
+            json!({"expires_at": "2026-11-01T00:00:00+08:00"}),
+        );
+        for n in 1..=6 {
+            let before = s.view(n);
+            let e = s.fails(
+                "add_on",
+                json!({"iccid": iccid_text(n), "mb": 10}),
+                ErrorCode::AddOnNotAllowed,
+            );
+            assert!(e.message.contains(&iccid_text(n)), "{}", e.message);
+            assert_eq!(s.view(n), before, "card {n} changed");
+        }
+    });
+}
+
+#[test]
+fn add_on_may_not_take_a_general_card_past_the_100_mb_cap() {
+    scenario(|s| {
+        s.ok(
+            "upsert_plan",
+            json!({"plan": {"id": "cmcc-g60", "name": "g60", "carrier": "cmcc",
+                "allowance_mb": 60, "traffic": "general", "term_months": 12}}),
+        );
+        s.active(1, "cmcc-g60");
+        s.active(2, "cmcc-gen");
+        s.ok("add_on", json!({"iccid": iccid_text(1), "mb": 30}));
+        s.fails(
+            "add_on",
+            json!({"iccid": iccid_text(1), "mb": 11}),
+            ErrorCode::GeneralCapExceeded,
+        );
+        // Exactly 100 MB is within the cap.
+        s.ok("add_on", json!({"iccid": iccid_text(1), "mb": 10}));
+        assert_eq!(s.view(1).addon_mb, 40);
+        // A general plan already above the cap takes no add-on at all.
+        let e = s.fails(
+            "add_on",
+            json!({"iccid": iccid_text(2), "mb": 1}),
+            ErrorCode::GeneralCapExceeded,
+        );
+        assert!(e.message.contains("100 MB"), "{}", e.message);
+        // Directed plans are not capped.
+        s.active(3, "cmcc-30m");
+        s.ok("add_on", json!({"iccid": iccid_text(3), "mb": 500}));
+    });
+}

@@ -670,6 +670,23 @@ impl Model {
                         {
                             return Self::whole(false);
                         }
+                        // Only activated cards, not suspended or suspended
+                        // (also) for usage, and a general card's plan +
+                        // add-ons within 100 MB.
+                        let reasons = self.reasons(*i);
+                        let usage_only = reasons.is_empty()
+                            || reasons.iter().any(|r| {
+                                matches!(
+                                    r,
+                                    Reason::OverQuota | Reason::OverThreshold | Reason::GeneralCap
+                                )
+                            });
+                        let plan = &self.plans[&card.plan];
+                        let capped = plan.general
+                            && plan.allowance_bytes + (card.addon_mb + mb) * MB > GENERAL_CAP;
+                        if card.lifecycle != CardState::Active || !usage_only || capped {
+                            return Self::whole(false);
+                        }
                         self.cards.get_mut(i).unwrap().addon_mb += mb;
                         Self::whole(true)
                     }
