@@ -81,12 +81,12 @@ pub enum CommandKind {
         /// The cards.
         iccids: Vec<Iccid>,
     },
-    /// Extend the plan term; lifts `plan_expired` once the new expiry is in
-    /// the future.
+    /// Extend the plan term of activated cards that have not expired and
+    /// are in no backward pool (SPEC section 2.1).
     Renew {
         /// The cards.
         iccids: Vec<Iccid>,
-        /// Months added to the current expiry (or to `at` if already past).
+        /// Months added to the current expiry.
         months: u32,
     },
     /// Set the cut-off threshold (`-1` none, `0` first byte, `N` MB).
@@ -597,6 +597,12 @@ pub enum ErrorCode {
     /// A card add-on that would take a `general` card's plan plus add-ons
     /// past the 100 MB general cap.
     GeneralCapExceeded,
+    /// A renewal of a card that was never activated.
+    NotActivated,
+    /// A renewal of a card whose plan has expired.
+    CardExpired,
+    /// A renewal of a backward-pool member (post-paid).
+    InBackwardPool,
 }
 
 /// The outcome for one card of a batch.

@@ -63,6 +63,9 @@ pub enum DeadlineKind {
     /// A local day started (billing time zone): type 1 rules ("days to
     /// expiry <= N") enter for the cards whose expiry is now N days away.
     RuleDay,
+    /// The grace period after an expiry without renewal ended: the card is
+    /// deregistered (`EngineConfig::expiry_grace_days`).
+    ExpiryGraceEnd,
 }
 
 impl Cause {

@@ -7,7 +7,13 @@ mod common;
 
 use common::*;
 use flowcap_engine::command::{parse_command, ErrorCode};
+use flowcap_engine::event::{Cause, DeadlineKind};
+use flowcap_engine::CardState;
 use serde_json::json;
+
+fn st(a: &str, b: &str) -> (String, String) {
+    (a.to_owned(), b.to_owned())
+}
 
 fn attrs(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
     pairs
@@ -212,5 +218,177 @@ fn add_on_may_not_take_a_general_card_past_the_100_mb_cap() {
         // Directed plans are not capped.
         s.active(3, "cmcc-30m");
         s.ok("add_on", json!({"iccid": iccid_text(3), "mb": 500}));
+    });
+}
+
+// ===== renewal ===============================================================
+
+#[test]
+fn renewal_adds_the_months_to_the_old_expiry() {
+    scenario(|s| {
+        // Expires 2027-01-05; renewed on 2026-11-10.
+        s.active(1, "cmcc-30m");
+        s.ok("renew", json!({"iccids": iccids(&[1]), "months": 12}));
+        assert_eq!(s.view(1).expires_at, Some(ts("2028-01-05T00:00:00+08:00")));
+        // A suspended (activated) card is renewed too.
+        s.card_with(2, "cmcc-30m", "suspended", json!({}));
+        s.ok("renew", json!({"iccids": iccids(&[2]), "months": 1}));
+        assert_eq!(s.view(2).expires_at, Some(ts("2027-02-05T00:00:00+08:00")));
+    });
+}
+
+#[test]
+fn renewal_is_refused_to_cards_never_activated() {
+    scenario(|s| {
+        s.card_with(1, "cmcc-30m", "testable", json!({}));
+        s.card_with(2, "cmcc-30m", "activatable", json!({}));
+        s.card_with(3, "cmcc-30m", "inactive", json!({}));
+        for n in 1..=3 {
+            s.card_fails(
+                "renew",
+                json!({"iccids": iccids(&[n]), "months": 12}),
+                ErrorCode::NotActivated,
+            );
+            assert_eq!(s.view(n).expires_at, None);
+        }
+        s.active(4, "cmcc-30m");
+        s.ok("deregister", json!({"iccids": iccids(&[4])}));
+        s.card_fails(
+            "renew",
+            json!({"iccids": iccids(&[4]), "months": 12}),
+            ErrorCode::Deregistered,
+        );
+    });
+}
+
+#[test]
+fn renewal_is_refused_to_an_expired_card() {
+    scenario(|s| {
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "active",
+            json!({"expires_at": "2026-11-10T12:00:00+08:00"}),
+        );
+        s.tick(&nov(10, 12, 0));
+        assert_eq!(s.state(1).1, ["plan_expired"]);
+        s.card_fails(
+            "renew",
+            json!({"iccids": iccids(&[1]), "months": 1}),
+            ErrorCode::CardExpired,
+        );
+        assert_eq!(s.view(1).expires_at, Some(ts("2026-11-10T12:00:00+08:00")));
+        assert_eq!(s.state(1).1, ["plan_expired"]);
+    });
+}
+
+#[test]
+fn renewal_is_refused_to_a_backward_pool_member_but_not_a_forward_one() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        s.active(2, "cmcc-30m");
+        s.backward_pool("b1", "cmcc", &[1]);
+        s.forward_pool("f1", "cmcc-30m", &[2]);
+        s.card_fails(
+            "renew",
+            json!({"iccids": iccids(&[1]), "months": 1}),
+            ErrorCode::InBackwardPool,
+        );
+        s.ok("renew", json!({"iccids": iccids(&[2]), "months": 1}));
+        s.ok(
+            "remove_pool_members",
+            json!({"pool": "b1", "iccids": iccids(&[1])}),
+        );
+        s.ok("renew", json!({"iccids": iccids(&[1]), "months": 1}));
+    });
+}
+
+#[test]
+fn a_card_not_renewed_is_deregistered_when_the_grace_period_ends() {
+    scenario_with(
+        |c| c.expiry_grace_days = Some(10),
+        |s| {
+            s.card_with(
+                1,
+                "cmcc-30m",
+                "active",
+                json!({"expires_at": "2026-11-12T00:00:00+08:00"}),
+            );
+            s.card_with(
+                2,
+                "cmcc-30m",
+                "active",
+                json!({"expires_at": "2026-11-12T00:00:00+08:00"}),
+            );
+            s.backward_pool("b1", "cmcc", &[1]);
+            // Card 2 is renewed in time, card 1 is not.
+            s.ok("renew", json!({"iccids": iccids(&[2]), "months": 1}));
+            let out = s.tick(&nov(12, 1, 0));
+            assert_eq!(reasons(&event_of(&out, 1)), ["plan_expired"]);
+            no_event_of(&out, 2);
+            // One day before the grace ends: still suspended.
+            let out = s.tick(&nov(21, 23, 0));
+            no_event_of(&out, 1);
+            let out = s.tick(&nov(22, 0, 0));
+            let e = event_of(&out, 1);
+            assert_eq!(states(&e), st("suspended", "deregistered"));
+            assert_eq!(
+                e.cause,
+                Cause::Deadline {
+                    kind: DeadlineKind::ExpiryGraceEnd,
+                    at: ts(&nov(22, 0, 0))
+                }
+            );
+            assert_eq!(e.event_time, ts(&nov(22, 0, 0)));
+            let v = s.view(1);
+            assert_eq!(v.state, CardState::Deregistered);
+            assert_eq!(v.pool, None, "a closed card leaves its pool");
+            assert_eq!(s.state(2), ("active".to_owned(), Vec::new()));
+            // For good: usage is history only, commands are refused.
+            let out = s.rec(1, "late-use", &nov(22, 1, 0), mb(1));
+            assert!(accounted(&out).iter().all(|a| !a.counted));
+            s.card_fails(
+                "resume",
+                json!({"iccids": iccids(&[1])}),
+                ErrorCode::Deregistered,
+            );
+        },
+    );
+}
+
+#[test]
+fn a_card_expired_beyond_its_grace_at_upsert_is_deregistered_at_once() {
+    scenario_with(
+        |c| c.expiry_grace_days = Some(30),
+        |s| {
+            s.card_with(
+                1,
+                "cmcc-30m",
+                "active",
+                json!({"expires_at": "2026-09-01T00:00:00+08:00"}),
+            );
+            s.card_with(
+                2,
+                "cmcc-30m",
+                "active",
+                json!({"expires_at": "2026-10-20T00:00:00+08:00"}),
+            );
+            assert_eq!(s.view(1).state, CardState::Deregistered);
+            assert_eq!(s.state(2).1, ["plan_expired"]);
+        },
+    );
+}
+
+#[test]
+fn without_a_grace_period_an_expired_card_stays_suspended() {
+    scenario(|s| {
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "active",
+            json!({"expires_at": "2026-09-01T00:00:00+08:00"}),
+        );
+        s.tick(&dec(31, 0, 0));
+        assert_eq!(s.state(1).1, ["plan_expired"]);
     });
 }

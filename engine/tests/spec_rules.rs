@@ -598,7 +598,7 @@ fn pool_frozen_holds_from_freeze_to_unfreeze_across_cycles() {
 // ===== plan_expired ==========================================================
 
 #[test]
-fn plan_expired_is_set_when_event_time_passes_expiry_and_lifted_by_renewal() {
+fn plan_expired_is_set_when_event_time_passes_expiry_and_lifted_by_a_new_expiry() {
     scenario(|s| {
         s.card_with(
             1,
@@ -623,13 +623,19 @@ fn plan_expired_is_set_when_event_time_passes_expiry_and_lifted_by_renewal() {
         );
         assert_eq!(e.event_time, ts("2026-11-10T12:00:00+08:00"));
         s.at = nov(10, 13, 0);
-        let out = s.ok("renew", json!({"iccids": iccids(&[1]), "months": 12}));
-        assert_eq!(states(&event_of(&out, 1)), st("suspended", "active"));
-        assert_eq!(
-            s.view(1).expires_at,
-            Some(ts("2027-11-10T13:00:00+08:00")),
-            "renewal after expiry runs from the renewal"
+        // An expired card is not renewed (SPEC 2.1, carrier_rules.rs); the
+        // operator may still correct its expiry.
+        s.card_fails(
+            "renew",
+            json!({"iccids": iccids(&[1]), "months": 12}),
+            ErrorCode::CardExpired,
         );
+        let out = s.ok(
+            "upsert_card",
+            json!({"card": {"iccid": iccid_text(1), "carrier": "cmcc", "plan": "cmcc-30m",
+                "expires_at": "2027-11-10T13:00:00+08:00"}}),
+        );
+        assert_eq!(states(&event_of(&out, 1)), st("suspended", "active"));
         // Renewing before expiry extends the current expiry.
         s.ok("renew", json!({"iccids": iccids(&[2]), "months": 1}));
         assert_eq!(s.view(2).expires_at, Some(ts("2027-02-05T00:00:00+08:00")));

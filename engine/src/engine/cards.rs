@@ -230,12 +230,7 @@ impl Engine {
     pub(super) fn deregister(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
         self.per_card(iccids, |e, loc| {
             e.live(loc)?;
-            let shard = &mut e.shards[loc.shard as usize];
-            shard.touch(loc.slot);
-            shard.remove_member(loc.slot);
-            let card = &mut shard.cards[loc.slot as usize];
-            card.lifecycle = CardState::Deregistered;
-            card.reasons = Reasons::EMPTY;
+            e.shards[loc.shard as usize].deregister(loc.slot);
             Ok(())
         })
     }
@@ -256,11 +251,13 @@ impl Engine {
         let bound = add_months(at, MAX_MONTHS_AHEAD, offset);
         Ok(self.per_card(iccids, |e, loc| {
             e.live(loc)?;
+            e.check_renewable(loc, at)?;
             let card = e.card(loc);
+            // Not expired: the new term follows the current one.
             let base = if card.expires_at == Timestamp::MAX {
                 at
             } else {
-                card.expires_at.max(at)
+                card.expires_at
             };
             // `base` past the bound is refused before any month is
             // added to it: the sum stays inside the date range.
@@ -284,6 +281,40 @@ impl Engine {
             e.apply_due_dates(loc, at);
             Ok(())
         }))
+    }
+
+    /// The carriers' renewal rules (SPEC section 2.1): an activated card
+    /// (suspended or not), not expired, not in a backward pool.
+    fn check_renewable(&self, loc: Loc, at: Timestamp) -> Result<(), CommandError> {
+        let card = self.card(loc);
+        if card.lifecycle != CardState::Active {
+            return Err(err(
+                ErrorCode::NotActivated,
+                format!(
+                    "card {} is {}: only activated cards are renewed",
+                    card.iccid, card.lifecycle
+                ),
+            ));
+        }
+        if card.expires_at <= at {
+            return Err(err(
+                ErrorCode::CardExpired,
+                format!(
+                    "card {} expired at {}: an expired card is not renewed",
+                    card.iccid, card.expires_at
+                ),
+            ));
+        }
+        if self.in_backward_pool(loc) {
+            return Err(err(
+                ErrorCode::InBackwardPool,
+                format!(
+                    "card {} is in a backward pool: its plan is not renewed",
+                    card.iccid
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub(super) fn report_violation(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {

@@ -227,6 +227,12 @@ impl Engine {
         p != NO_POOL && shard.pools[p as usize].kind == PoolKind::Forward
     }
 
+    pub(super) fn in_backward_pool(&self, loc: Loc) -> bool {
+        let shard = &self.shards[loc.shard as usize];
+        let p = shard.cards[loc.slot as usize].pool;
+        p != NO_POOL && shard.pools[p as usize].kind == PoolKind::Backward
+    }
+
     pub(super) fn set_reason(&mut self, loc: Loc, reason: Reason, present: bool) {
         let shard = &mut self.shards[loc.shard as usize];
         shard.touch(loc.slot);
@@ -235,7 +241,8 @@ impl Engine {
     }
 
     /// Applies dates already past at `at` within the current command:
-    /// expiry (`plan_expired` set or lifted), end of test or silent period.
+    /// expiry (`plan_expired` set or lifted), end of its grace
+    /// (deregistered), end of test or silent period.
     pub(super) fn apply_due_dates(&mut self, loc: Loc, at: Timestamp) {
         let shard = &mut self.shards[loc.shard as usize];
         shard.touch(loc.slot);
@@ -261,6 +268,17 @@ impl Engine {
             shard.activate(loc.slot, silent_end);
             let card = &mut shard.cards[loc.slot as usize];
             card.reasons = card.reasons.set(Reason::PlanExpired, card.expires_at <= at);
+        }
+        let card = &shard.cards[loc.slot as usize];
+        if card.reasons.contains(Reason::PlanExpired)
+            && shard
+                .config
+                .grace_end(card.expires_at)
+                .is_some_and(|t| t <= at)
+        {
+            // Expired longer ago than the grace period: closed at once.
+            shard.deregister(loc.slot);
+            return;
         }
         shard.refresh_card(loc.slot);
     }

@@ -4,7 +4,7 @@
 //! allowance, the pool's usage.
 
 use crate::domain::{CardState, MB};
-use crate::event::{Accounted, Cause, DeadlineKind, Output};
+use crate::event::{Accounted, Cause, Output};
 use crate::record::Usage;
 use crate::time::Timestamp;
 
@@ -129,7 +129,7 @@ impl Shard {
         if card.expires_at == Timestamp::MAX {
             card.expires_at = add_months(at, term, self.config.calendar.utc_offset_secs);
             let expires = card.expires_at;
-            self.schedule(slot, DeadlineKind::PlanExpiry, expires);
+            self.schedule_expiry(slot, expires);
         }
         self.adjust_member_allowance(slot, contribution);
     }
