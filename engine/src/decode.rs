@@ -44,7 +44,8 @@
 //! | `bytes_up`, `bytes_down` | yes | number | non-negative integer `<=` [`DecodeLimits::max_bytes_per_record`] |
 //! | `start` | no | string or `null` | RFC 3339; `end >= start` |
 //! | `carrier` | no | string or `null` | `cmcc`, `ctcc`, `cucc` or `tri` |
-//! | `imsi`, `msisdn`, `imei`, `apn`, `rat` | no | string or `null` | only the type is checked; not stored in [`Usage`] |
+//! | `imei` | no | string or `null` | kept in [`Usage::imei`] when 1 to 17 digits (device binding), else ignored |
+//! | `imsi`, `msisdn`, `apn`, `rat` | no | string or `null` | only the type is checked; not stored in [`Usage`] |
 //!
 //! Decisions (carriers send plain integers, so anything else is suspect):
 //!
@@ -98,7 +99,7 @@ use std::fmt::Write as _;
 
 use crate::domain::Carrier;
 use crate::ids::{Iccid, IccidError};
-use crate::record::{RecordId, Usage, MAX_RECORD_ID_LEN};
+use crate::record::{Imei, RecordId, Usage, MAX_RECORD_ID_LEN};
 use crate::time::{TimeError, Timestamp};
 
 /// Deepest nesting of arrays and objects accepted (the record object itself
@@ -534,6 +535,7 @@ struct Partial {
     bytes_up: Option<u64>,
     bytes_down: Option<u64>,
     carrier: Option<Carrier>,
+    imei: Option<Imei>,
 }
 
 struct Parser<'a> {
@@ -920,7 +922,15 @@ impl<'a> Parser<'a> {
                     None => self.defer(DecodeError::UnknownCarrier),
                 }
             }
-            Field::Imsi | Field::Msisdn | Field::Imei | Field::Apn | Field::Rat => {
+            Field::Imei => {
+                // An IMEI that is not 1 to 17 digits binds no device (not an
+                // error: the record's usage is sound).
+                if let Some(s) = self.string_field(field, true)? {
+                    let mut buf = [0u8; STR_BUF];
+                    rec.imei = s.text(&mut buf).ok().and_then(Imei::parse);
+                }
+            }
+            Field::Imsi | Field::Msisdn | Field::Apn | Field::Rat => {
                 self.string_field(field, true)?;
             }
         }
@@ -1024,6 +1034,7 @@ pub fn decode_json(bytes: &[u8], limits: &DecodeLimits) -> Result<Usage, DecodeE
         bytes_down: rec.bytes_down.ok_or(missing("bytes_down"))?,
         start: rec.start,
         carrier: rec.carrier,
+        imei: rec.imei,
     };
     check_interval(&usage)?;
     Ok(usage)
@@ -1037,8 +1048,8 @@ fn check_interval(u: &Usage) -> Result<(), DecodeError> {
 }
 
 /// Writes `u` as a SPEC section 4 JSON object (compact, fields in SPEC
-/// order, `start`/`carrier` omitted when absent), timestamps at UTC offset
-/// `offset_secs` with millisecond precision. Appends to `out`.
+/// order, `start`/`carrier`/`imei` omitted when absent), timestamps at UTC
+/// offset `offset_secs` with millisecond precision. Appends to `out`.
 ///
 /// [`decode_json`] reads the output back to `u` as long as the timestamps,
 /// shifted by the offset, fall in years 0000 to 9999 (what RFC 3339 can
@@ -1064,6 +1075,9 @@ pub fn encode_json(u: &Usage, offset_secs: i32, out: &mut String) {
         out.push_str(",\"carrier\":\"");
         out.push_str(carrier.as_str());
         out.push('"');
+    }
+    if let Some(imei) = u.imei {
+        let _ = write!(out, ",\"imei\":\"{imei}\"");
     }
     out.push('}');
 }

@@ -1167,6 +1167,7 @@ fn an_id_reused_with_a_new_end_weeks_later_needs_verify_misses() {
             bytes_up: 1,
             bytes_down: 0,
             carrier: None,
+            imei: None,
         };
         engine.advance_clock(
             Timestamp::parse_rfc3339("2026-11-10T00:00:00+08:00").unwrap(),

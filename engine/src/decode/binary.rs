@@ -5,7 +5,7 @@
 use super::{check_interval, DecodeError, DecodeLimits, BINARY_HEADER_LEN, BINARY_VERSION};
 use crate::domain::Carrier;
 use crate::ids::Iccid;
-use crate::record::{RecordId, Usage, MAX_RECORD_ID_LEN};
+use crate::record::{Imei, RecordId, Usage, MAX_RECORD_ID_LEN};
 use crate::time::Timestamp;
 
 // Layout, version 1, all integers little-endian:
@@ -13,7 +13,7 @@ use crate::time::Timestamp;
 // | offset | size | content |
 // | --- | --- | --- |
 // | 0 | 1 | version = 1 |
-// | 1 | 1 | flags: bit 0 = `start` present; other bits 0 |
+// | 1 | 1 | flags: bit 0 = `start` present, bit 1 = `imei` present; other bits 0 |
 // | 2 | 16 | ICCID, `Iccid::to_bits` |
 // | 18 | 8 | `end`, i64 ms since the epoch |
 // | 26 | 8 | `start`, i64 ms (0 when absent) |
@@ -22,8 +22,12 @@ use crate::time::Timestamp;
 // | 50 | 1 | carrier: 0 none, 1 cmcc, 2 ctcc, 3 cucc, 4 tri |
 // | 51 | 1 | record id length n (1..=64) |
 // | 52 | n | record id, UTF-8 |
+// | 52 + n | 8 | `imei`, packed (`Imei::packed`), only when flag bit 1 is set |
+//
+// A record without an IMEI is laid out as before the IMEI was added.
 
 const FLAG_START: u8 = 1;
+const FLAG_IMEI: u8 = 2;
 
 fn carrier_byte(c: Option<Carrier>) -> u8 {
     match c {
@@ -42,7 +46,9 @@ pub fn encode_binary(u: &Usage, out: &mut Vec<u8>) {
     let id = u.record_id.as_str().as_bytes();
     out.reserve(BINARY_HEADER_LEN + id.len());
     out.push(BINARY_VERSION);
-    out.push(if u.start.is_some() { FLAG_START } else { 0 });
+    let start = if u.start.is_some() { FLAG_START } else { 0 };
+    let imei = if u.imei.is_some() { FLAG_IMEI } else { 0 };
+    out.push(start | imei);
     out.extend_from_slice(&u.iccid.to_bits().to_le_bytes());
     out.extend_from_slice(&u.end.millis().to_le_bytes());
     out.extend_from_slice(&u.start.map_or(0, Timestamp::millis).to_le_bytes());
@@ -52,6 +58,9 @@ pub fn encode_binary(u: &Usage, out: &mut Vec<u8>) {
     // RecordId holds 1..=64 bytes, so this always fits a u8.
     out.push(id.len() as u8);
     out.extend_from_slice(id);
+    if let Some(imei) = u.imei {
+        out.extend_from_slice(&imei.packed().to_le_bytes());
+    }
 }
 
 /// `N` bytes at `at`, or `BinaryTruncated`.
@@ -81,7 +90,7 @@ pub fn decode_binary(bytes: &[u8], limits: &DecodeLimits) -> Result<Usage, Decod
         a
     };
     let flags = header[1];
-    if flags & !FLAG_START != 0 {
+    if flags & !(FLAG_START | FLAG_IMEI) != 0 {
         return Err(DecodeError::BinaryNonCanonical {
             what: "reserved flag bits set",
         });
@@ -130,8 +139,23 @@ pub fn decode_binary(bytes: &[u8], limits: &DecodeLimits) -> Result<Usage, Decod
             needed: id_end,
             len: bytes.len(),
         })?;
-    if bytes.len() > id_end {
-        return Err(DecodeError::TrailingData { offset: id_end });
+    let end_of_record = if flags & FLAG_IMEI != 0 {
+        id_end + 8
+    } else {
+        id_end
+    };
+    let imei = if flags & FLAG_IMEI != 0 {
+        let packed = u64::from_le_bytes(take::<8>(bytes, id_end)?);
+        Some(Imei::from_packed(packed).ok_or(DecodeError::BinaryNonCanonical {
+            what: "imei is not a packed IMEI",
+        })?)
+    } else {
+        None
+    };
+    if bytes.len() > end_of_record {
+        return Err(DecodeError::TrailingData {
+            offset: end_of_record,
+        });
     }
     let id_text = std::str::from_utf8(id_bytes).map_err(|_| DecodeError::BinaryBadUtf8)?;
     let record_id = RecordId::new(id_text).ok_or(DecodeError::BadRecordId { len: id_len })?;
@@ -143,7 +167,9 @@ pub fn decode_binary(bytes: &[u8], limits: &DecodeLimits) -> Result<Usage, Decod
         bytes_up,
         bytes_down,
         carrier,
+        imei,
     };
     check_interval(&usage)?;
     Ok(usage)
 }
+

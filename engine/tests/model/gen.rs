@@ -280,6 +280,7 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
             bytes_up: bytes / 3,
             bytes_down: bytes - bytes / 3,
             carrier: None,
+            imei: None,
         };
         let record = match op {
             Op::Record { card, bytes, time } => {
