@@ -71,7 +71,8 @@ pub enum CommandKind {
         /// The cards.
         iccids: Vec<Iccid>,
     },
-    /// Operator resume: lifts `manual` and `violation`.
+    /// Operator resume: lifts `manual` and `violation` (not a cmcc card's
+    /// violation for a device move: that takes a rebind).
     Resume {
         /// The cards.
         iccids: Vec<Iccid>,
@@ -147,11 +148,13 @@ pub enum CommandKind {
         /// The cards.
         iccids: Vec<Iccid>,
     },
-    /// Bind a card to a (new) device: lifts `violation`.
+    /// Bind a card to a (new) device: lifts `violation` and a separation
+    /// (not for cucc cards; ctcc and tri at most twice a month).
     Rebind {
         /// The card.
         iccid: Iccid,
-        /// The new IMEI.
+        /// The new IMEI; without one the card binds to the device of its
+        /// next record.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         imei: Option<String>,
     },
@@ -603,6 +606,12 @@ pub enum ErrorCode {
     CardExpired,
     /// A renewal of a backward-pool member (post-paid).
     InBackwardPool,
+    /// A rebind of a cucc card: the carrier unbinds, it offers no rebind.
+    RebindNotOffered,
+    /// A ctcc or tri card rebound twice this calendar month already.
+    RebindLimit,
+    /// A resume of a cmcc card whose SIM moved: only a rebind lifts it.
+    RebindRequired,
 }
 
 /// The outcome for one card of a batch.

@@ -145,8 +145,7 @@ impl<'de> Deserialize<'de> for Imei {
                 .ok_or_else(|| serde::de::Error::custom("imei must be 1 to 17 digits"))
         } else {
             let packed = u64::deserialize(deserializer)?;
-            Imei::from_packed(packed)
-                .ok_or_else(|| serde::de::Error::custom("not a packed IMEI"))
+            Imei::from_packed(packed).ok_or_else(|| serde::de::Error::custom("not a packed IMEI"))
         }
     }
 }

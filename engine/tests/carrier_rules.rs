@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use flowcap_engine::command::{parse_command, ErrorCode};
-use flowcap_engine::event::{Cause, DeadlineKind};
-use flowcap_engine::CardState;
+use flowcap_engine::event::{CardStateEvent, Cause, DeadlineKind};
+use flowcap_engine::{CardState, Imei};
 use serde_json::json;
 
 fn st(a: &str, b: &str) -> (String, String) {
@@ -390,5 +390,186 @@ fn without_a_grace_period_an_expired_card_stays_suspended() {
         );
         s.tick(&dec(31, 0, 0));
         assert_eq!(s.state(1).1, ["plan_expired"]);
+    });
+}
+
+// ===== device binding ========================================================
+
+const DEV_A: &str = "864000000000001";
+const DEV_B: &str = "864000000000002";
+const DEV_C: &str = "864000000000003";
+const DEV_D: &str = "864000000000004";
+
+/// A record of card `n` from device `imei`.
+fn rec_in(s: &mut Sim, n: u32, id: &str, end: &str, imei: &str) -> Vec<flowcap_engine::Output> {
+    let mut u = usage(n, id, end, 1000);
+    u.imei = Imei::parse(imei.as_bytes());
+    s.rec_usage(&u)
+}
+
+fn device(e: &CardStateEvent) -> Option<(Option<String>, String)> {
+    e.device
+        .map(|d| (d.bound.map(|b| b.to_string()), d.seen.to_string()))
+}
+
+#[test]
+fn a_card_binds_to_the_device_of_its_first_record() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        s.active(2, "cmcc-30m");
+        // A record without a device binds nothing.
+        s.rec(1, "r0", &nov(10, 0, 30), 1000);
+        assert_eq!(s.view(1).imei, None);
+        let out = rec_in(s, 1, "r1", &nov(10, 1, 0), DEV_A);
+        no_event_of(&out, 1);
+        assert_eq!(s.view(1).imei.as_deref(), Some(DEV_A));
+        assert_eq!(s.view(1).usage_bytes, 2000, "both records count");
+        // Bound now: the same device again changes nothing.
+        let out = rec_in(s, 1, "r2", &nov(10, 2, 0), DEV_A);
+        no_event_of(&out, 1);
+        // A record whose imei is not in digits binds nothing either.
+        let mut u = usage(2, "r1", &nov(10, 1, 0), 1000);
+        u.imei = Imei::parse(b"86400000000000X");
+        s.rec_usage(&u);
+        assert_eq!(s.view(2).imei, None);
+    });
+}
+
+#[test]
+fn cmcc_a_move_is_a_violation_that_only_a_rebind_lifts() {
+    scenario(|s| {
+        s.card_with(1, "cmcc-30m", "active", json!({"imei": DEV_A}));
+        let out = rec_in(s, 1, "r1", &nov(10, 1, 0), DEV_B);
+        let e = event_of(&out, 1);
+        assert_eq!(states(&e), st("active", "suspended"));
+        assert_eq!(reasons(&e), ["violation"]);
+        assert_eq!(e.cause, record_cause(1, "r1"));
+        assert_eq!(device(&e), Some((Some(DEV_A.to_owned()), DEV_B.to_owned())));
+        assert_eq!(s.view(1).imei.as_deref(), Some(DEV_A), "still bound to A");
+        assert_eq!(s.view(1).usage_bytes, 1000, "the record still counts");
+        // resume does not lift it, nor does a new cycle.
+        s.card_fails(
+            "resume",
+            json!({"iccids": iccids(&[1])}),
+            ErrorCode::RebindRequired,
+        );
+        s.tick(&dec(1, 0, 1));
+        assert_eq!(s.state(1).1, ["violation"]);
+        // A rebind to the new device does.
+        let out = s.ok("rebind", json!({"iccid": iccid_text(1), "imei": DEV_B}));
+        assert_eq!(states(&event_of(&out, 1)), st("suspended", "active"));
+        assert_eq!(s.view(1).imei.as_deref(), Some(DEV_B));
+        let out = rec_in(s, 1, "r2", &dec(1, 1, 0), DEV_B);
+        no_event_of(&out, 1);
+        // A carrier-reported violation is still lifted by resume.
+        s.ok("report_violation", json!({"iccids": iccids(&[1])}));
+        s.ok("resume", json!({"iccids": iccids(&[1])}));
+        assert_eq!(s.state(1).0, "active");
+    });
+}
+
+#[test]
+fn cmcc_a_rebind_without_an_imei_binds_the_next_device() {
+    scenario(|s| {
+        s.card_with(1, "cmcc-30m", "active", json!({"imei": DEV_A}));
+        rec_in(s, 1, "r1", &nov(10, 1, 0), DEV_B);
+        s.ok("rebind", json!({"iccid": iccid_text(1)}));
+        assert_eq!(s.view(1).imei, None);
+        let out = rec_in(s, 1, "r2", &nov(10, 2, 0), DEV_C);
+        no_event_of(&out, 1);
+        assert_eq!(s.view(1).imei.as_deref(), Some(DEV_C));
+    });
+}
+
+#[test]
+fn ctcc_a_move_cuts_the_network_while_the_card_stays_active() {
+    scenario(|s| {
+        s.card_with(1, "ctcc-30m", "active", json!({"imei": DEV_A}));
+        let out = rec_in(s, 1, "r1", &nov(10, 1, 0), DEV_B);
+        let e = event_of(&out, 1);
+        assert_eq!(states(&e), st("active", "active"));
+        assert!(e.reasons.is_empty(), "not a violation");
+        assert_eq!(e.separated, Some(true));
+        assert_eq!(device(&e), Some((Some(DEV_A.to_owned()), DEV_B.to_owned())));
+        let v = s.view(1);
+        assert_eq!(v.state, CardState::Active);
+        assert!(v.separated);
+        // More records from the new device: no new event.
+        no_event_of(&rec_in(s, 1, "r2", &nov(10, 2, 0), DEV_B), 1);
+        // A rebind to the new device restores the network.
+        let out = s.ok("rebind", json!({"iccid": iccid_text(1), "imei": DEV_B}));
+        let e = event_of(&out, 1);
+        assert_eq!(e.separated, Some(false));
+        assert!(!s.view(1).separated);
+        assert_eq!(s.view(1).imei.as_deref(), Some(DEV_B));
+    });
+}
+
+#[test]
+fn ctcc_a_card_is_rebound_at_most_twice_a_calendar_month() {
+    scenario(|s| {
+        s.card_with(1, "ctcc-30m", "active", json!({"imei": DEV_A}));
+        s.ok("rebind", json!({"iccid": iccid_text(1), "imei": DEV_B}));
+        s.ok("rebind", json!({"iccid": iccid_text(1), "imei": DEV_C}));
+        s.fails(
+            "rebind",
+            json!({"iccid": iccid_text(1), "imei": DEV_D}),
+            ErrorCode::RebindLimit,
+        );
+        assert_eq!(s.view(1).imei.as_deref(), Some(DEV_C));
+        s.tick(&dec(1, 0, 0));
+        s.ok("rebind", json!({"iccid": iccid_text(1), "imei": DEV_D}));
+        assert_eq!(s.view(1).imei.as_deref(), Some(DEV_D));
+    });
+}
+
+#[test]
+fn tri_cards_follow_the_ctcc_rule() {
+    scenario(|s| {
+        s.card_with(1, "tri-30m", "active", json!({"imei": DEV_A}));
+        let e = event_of(&rec_in(s, 1, "r1", &nov(10, 1, 0), DEV_B), 1);
+        assert_eq!(e.separated, Some(true));
+        assert_eq!(s.view(1).state, CardState::Active);
+    });
+}
+
+#[test]
+fn cucc_the_third_device_change_in_a_calendar_month_is_a_violation() {
+    scenario(|s| {
+        s.card_with(1, "cucc-30m", "active", json!({"imei": DEV_A}));
+        // Two changes: the card follows the device, nothing else.
+        no_event_of(&rec_in(s, 1, "r1", &nov(10, 1, 0), DEV_B), 1);
+        assert_eq!(s.view(1).imei.as_deref(), Some(DEV_B));
+        no_event_of(&rec_in(s, 1, "r2", &nov(10, 2, 0), DEV_C), 1);
+        assert_eq!(s.state(1).0, "active");
+        // The third: carrier risk control.
+        let out = rec_in(s, 1, "r3", &nov(10, 3, 0), DEV_D);
+        let e = event_of(&out, 1);
+        assert_eq!(reasons(&e), ["violation"]);
+        assert_eq!(device(&e), Some((Some(DEV_C.to_owned()), DEV_D.to_owned())));
+        // No rebind for cucc; the operator's resume lifts it.
+        s.fails(
+            "rebind",
+            json!({"iccid": iccid_text(1), "imei": DEV_A}),
+            ErrorCode::RebindNotOffered,
+        );
+        s.ok("resume", json!({"iccids": iccids(&[1])}));
+        assert_eq!(s.state(1).0, "active");
+    });
+}
+
+#[test]
+fn cucc_device_changes_count_per_calendar_month_not_per_cycle() {
+    scenario(|s| {
+        s.card_with(1, "cucc-30m", "active", json!({"imei": DEV_A}));
+        // The 28th and 29th are in cucc's December cycle but in November.
+        s.tick(&nov(28, 0, 0));
+        rec_in(s, 1, "r1", &nov(28, 1, 0), DEV_B);
+        rec_in(s, 1, "r2", &nov(29, 1, 0), DEV_C);
+        s.tick(&nov(30, 12, 0));
+        let out = rec_in(s, 1, "r3", &dec(1, 1, 0), DEV_D);
+        no_event_of(&out, 1);
+        assert_eq!(s.state(1).0, "active");
+        assert_eq!(s.view(1).imei.as_deref(), Some(DEV_D));
     });
 }

@@ -146,9 +146,11 @@ pub fn decode_binary(bytes: &[u8], limits: &DecodeLimits) -> Result<Usage, Decod
     };
     let imei = if flags & FLAG_IMEI != 0 {
         let packed = u64::from_le_bytes(take::<8>(bytes, id_end)?);
-        Some(Imei::from_packed(packed).ok_or(DecodeError::BinaryNonCanonical {
-            what: "imei is not a packed IMEI",
-        })?)
+        Some(
+            Imei::from_packed(packed).ok_or(DecodeError::BinaryNonCanonical {
+                what: "imei is not a packed IMEI",
+            })?,
+        )
     } else {
         None
     };
@@ -172,4 +174,3 @@ pub fn decode_binary(bytes: &[u8], limits: &DecodeLimits) -> Result<Usage, Decod
     check_interval(&usage)?;
     Ok(usage)
 }
-

@@ -134,7 +134,10 @@ fn spec_example_decodes() {
     assert_eq!(u.bytes_down, 67890);
     assert_eq!(u.bytes(), 80235);
     assert_eq!(u.carrier, Some(Carrier::Cmcc));
-    assert_eq!(u.imei.map(|i| i.to_string()).as_deref(), Some("864000000000001"));
+    assert_eq!(
+        u.imei.map(|i| i.to_string()).as_deref(),
+        Some("864000000000001")
+    );
 }
 
 #[test]
@@ -652,7 +655,10 @@ fn binary_round_trip_and_layout() {
     let u = sample_usage();
     let bytes = binary_of(&u);
     // The header, the record id, the packed IMEI.
-    assert_eq!(bytes.len(), BINARY_HEADER_LEN + u.record_id.as_str().len() + 8);
+    assert_eq!(
+        bytes.len(),
+        BINARY_HEADER_LEN + u.record_id.as_str().len() + 8
+    );
     assert_eq!(bytes[0], BINARY_VERSION);
     assert_eq!(decode_binary(&bytes, &limits()), Ok(u));
 }
@@ -707,16 +713,18 @@ fn arb_usage() -> impl Strategy<Value = Usage> {
         prop::option::of(prop::sample::select(Carrier::ALL.to_vec())),
         prop::option::of("[0-9]{1,17}"),
     )
-        .prop_map(|(record_id, iccid, end, back, up, down, carrier, imei)| Usage {
-            record_id,
-            iccid: Iccid::parse(&iccid).unwrap(),
-            start: back.map(|b| Timestamp((end - b).max(MIN_MS))),
-            end: Timestamp(end),
-            bytes_up: up,
-            bytes_down: down,
-            carrier,
-            imei: imei.and_then(|i| Imei::parse(i.as_bytes())),
-        })
+        .prop_map(
+            |(record_id, iccid, end, back, up, down, carrier, imei)| Usage {
+                record_id,
+                iccid: Iccid::parse(&iccid).unwrap(),
+                start: back.map(|b| Timestamp((end - b).max(MIN_MS))),
+                end: Timestamp(end),
+                bytes_up: up,
+                bytes_down: down,
+                carrier,
+                imei: imei.and_then(|i| Imei::parse(i.as_bytes())),
+            },
+        )
 }
 
 /// A realistic message: the SPEC fields plus unknown ones, in a shape that

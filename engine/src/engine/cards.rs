@@ -5,9 +5,9 @@
 use crate::command::{
     CardField, CardResult, CardSpec, CommandError, ErrorCode, MAX_MONTHS_AHEAD, MAX_TAGS_PER_CARD,
 };
-use crate::domain::{CardState, Reason, Reasons};
+use crate::domain::{CardState, Carrier, Reason, Reasons};
 use crate::ids::Iccid;
-use crate::shard::{add_months, Card, CardExtra, NO_POOL};
+use crate::shard::{add_months, Card, CardExtra, MAX_REBINDS_PER_MONTH, NO_POOL};
 use crate::time::Timestamp;
 
 use super::commands::{deregistered, err, months_too_far};
@@ -122,6 +122,7 @@ impl Engine {
             card.reasons = card.reasons.set(Reason::Manual, manual);
             if lifecycle == CardState::Deregistered {
                 card.reasons = Reasons::EMPTY;
+                card.separated = false;
             }
             patch_extra(shard.extra_mut(loc.slot), spec, silent_ends_at);
             shard.drop_empty_extra(loc.slot);
@@ -165,6 +166,7 @@ impl Engine {
             threshold_mb: -1,
             addon_mb: 0,
             vacant: false,
+            separated: false,
         };
         let mut extra = CardExtra::default();
         fill_extra(&mut extra, spec, silent_ends_at);
@@ -221,8 +223,23 @@ impl Engine {
             if card.lifecycle == CardState::Deregistered {
                 return Err(deregistered(card.iccid));
             }
+            let shard = &e.shards[loc.shard as usize];
+            if card.carrier == Carrier::Cmcc
+                && card.reasons.contains(Reason::Violation)
+                && shard.moved(loc.slot)
+            {
+                return Err(err(
+                    ErrorCode::RebindRequired,
+                    format!(
+                        "cmcc card {}: its SIM moved to another device; only a rebind lifts \
+                         the violation",
+                        card.iccid
+                    ),
+                ));
+            }
             e.set_reason(loc, Reason::Manual, false);
             e.set_reason(loc, Reason::Violation, false);
+            e.shards[loc.shard as usize].clear_moved(loc.slot);
             Ok(())
         })
     }
@@ -325,13 +342,49 @@ impl Engine {
         })
     }
 
-    pub(super) fn rebind(&mut self, iccid: Iccid, imei: Option<&str>) -> Result<(), CommandError> {
+    /// Binds a card anew (SPEC section 2.1): to `imei`, or, without one,
+    /// to the device of its next record. Lifts `violation` and the
+    /// separation. Not for cucc cards (the carrier unbinds); at most
+    /// [`MAX_REBINDS_PER_MONTH`] a calendar month for ctcc and tri cards.
+    pub(super) fn rebind(
+        &mut self,
+        iccid: Iccid,
+        imei: Option<&str>,
+        at: Timestamp,
+    ) -> Result<(), CommandError> {
         let loc = self.locate(iccid)?;
         self.live(loc)?;
-        self.set_reason(loc, Reason::Violation, false);
-        if let Some(imei) = imei {
-            self.shards[loc.shard as usize].set_ident(loc.slot, 2, Some(imei.to_owned()));
+        let shard = &mut self.shards[loc.shard as usize];
+        let carrier = shard.cards[loc.slot as usize].carrier;
+        let month = shard.month_of(at);
+        match carrier {
+            Carrier::Cucc => {
+                return Err(err(
+                    ErrorCode::RebindNotOffered,
+                    format!("cucc card {iccid}: the carrier unbinds, rebind is not offered"),
+                ));
+            }
+            Carrier::Ctcc | Carrier::Tri => {
+                let device = shard.device_mut(loc.slot).in_month(month);
+                if device.rebinds >= MAX_REBINDS_PER_MONTH {
+                    return Err(err(
+                        ErrorCode::RebindLimit,
+                        format!(
+                            "{carrier} card {iccid} was rebound {MAX_REBINDS_PER_MONTH} times \
+                             this month already"
+                        ),
+                    ));
+                }
+                device.rebinds += 1;
+            }
+            Carrier::Cmcc => {}
         }
+        shard.touch(loc.slot);
+        shard.clear_moved(loc.slot);
+        let card = &mut shard.cards[loc.slot as usize];
+        card.separated = false;
+        card.reasons = card.reasons.without(Reason::Violation);
+        shard.set_ident(loc.slot, 2, imei.map(str::to_owned));
         Ok(())
     }
 }

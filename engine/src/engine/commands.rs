@@ -142,7 +142,7 @@ impl Engine {
             CommandKind::Renew { iccids, months } => self.renew(iccids, *months, at),
             CommandKind::ReportViolation { iccids } => Ok(self.report_violation(iccids)),
             CommandKind::Rebind { iccid, imei } => {
-                self.rebind(*iccid, imei.as_deref()).map(no_cards)
+                self.rebind(*iccid, imei.as_deref(), at).map(no_cards)
             }
             CommandKind::SetThreshold { iccids, mb } => self.set_threshold(iccids, *mb),
             CommandKind::ClearThreshold { iccids } => Ok(self.clear_threshold(iccids)),

@@ -107,6 +107,7 @@ impl Shard {
         let card = &mut self.cards[slot as usize];
         card.lifecycle = CardState::Deregistered;
         card.reasons = Reasons::EMPTY;
+        card.separated = false;
     }
 
     pub(crate) fn tags_of(&self, slot: u32) -> &[u32] {

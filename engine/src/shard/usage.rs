@@ -83,6 +83,9 @@ impl Shard {
             return;
         }
         self.touch(slot);
+        if let Some(imei) = usage.imei {
+            self.check_device(slot, imei, usage.end);
+        }
         match lifecycle {
             CardState::Activatable => self.activate(slot, usage.end),
             CardState::Testable => self.count_test_usage(slot, bytes),
