@@ -573,3 +573,32 @@ fn cucc_device_changes_count_per_calendar_month_not_per_cycle() {
         assert_eq!(s.view(1).imei.as_deref(), Some(DEV_D));
     });
 }
+
+// ===== test usage ============================================================
+
+#[test]
+fn test_period_usage_does_not_count_toward_the_first_cycle() {
+    scenario(|s| {
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "testable",
+            json!({"test_allowance_mb": 10, "test_ends_at": "2027-01-01T00:00:00+08:00"}),
+        );
+        let out = s.rec(1, "t1", &nov(10, 1, 0), mb(8));
+        assert!(accounted(&out)[0].counted, "history keeps test traffic");
+        assert_eq!(s.view(1).usage_bytes, 0);
+        // Using up the test allowance is still test traffic.
+        let out = s.rec(1, "t2", &nov(10, 2, 0), mb(3));
+        assert_eq!(states(&event_of(&out, 1)), st("testable", "activatable"));
+        assert_eq!(s.view(1).usage_bytes, 0);
+        // The plan's 30 MB start with activation: 25 MB do not cut, though
+        // the card used 36 MB in all this month.
+        let out = s.rec(1, "u1", &nov(10, 3, 0), mb(25));
+        assert_eq!(states(&event_of(&out, 1)), st("activatable", "active"));
+        assert_eq!(s.view(1).usage_bytes, mb(25));
+        assert_eq!(s.state(1).0, "active");
+        let out = s.rec(1, "u2", &nov(10, 4, 0), mb(6));
+        assert_eq!(reasons(&event_of(&out, 1)), ["over_quota"]);
+    });
+}

@@ -1,7 +1,7 @@
 //! Accounting a record: which cycle it counts for (or whether it is
 //! late, or early for a cycle the clock has not reached), and what
-//! counting it does to the card: activation on first use, the test
-//! allowance, the pool's usage.
+//! counting it does to the card: its device, activation on first use, the
+//! test allowance (test traffic counts there only), the pool's usage.
 
 use crate::domain::{CardState, MB};
 use crate::event::{Accounted, Cause, Output};
@@ -88,7 +88,20 @@ impl Shard {
         }
         match lifecycle {
             CardState::Activatable => self.activate(slot, usage.end),
-            CardState::Testable => self.count_test_usage(slot, bytes),
+            CardState::Testable => {
+                // Test traffic uses the test allowance, not the first
+                // cycle's (docs/DECISIONS.md, "Test usage").
+                self.count_test_usage(slot, bytes);
+                self.finish(
+                    &Cause::Record {
+                        iccid: usage.iccid,
+                        record_id: usage.record_id,
+                    },
+                    usage.end,
+                    out,
+                );
+                return;
+            }
             _ => {}
         }
         let card = &mut self.cards[slot as usize];
