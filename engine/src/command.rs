@@ -133,6 +133,13 @@ pub enum CommandKind {
         /// The cards.
         iccids: Vec<Iccid>,
     },
+    /// Give a pool a new display name (its id stays).
+    RenamePool {
+        /// The pool.
+        pool: PoolId,
+        /// The new name.
+        name: String,
+    },
     /// Freeze a backward pool for arrears (`pool_frozen` on every member).
     FreezePool {
         /// The backward pool.
@@ -237,6 +244,7 @@ impl CommandKind {
             CommandKind::CreatePool { .. } => "create_pool",
             CommandKind::AddPoolMembers { .. } => "add_pool_members",
             CommandKind::RemovePoolMembers { .. } => "remove_pool_members",
+            CommandKind::RenamePool { .. } => "rename_pool",
             CommandKind::FreezePool { .. } => "freeze_pool",
             CommandKind::UnfreezePool { .. } => "unfreeze_pool",
             CommandKind::ReportViolation { .. } => "report_violation",
@@ -612,6 +620,11 @@ pub enum ErrorCode {
     RebindLimit,
     /// A resume of a cmcc card whose SIM moved: only a rebind lifts it.
     RebindRequired,
+    /// A card in its test period named to join a pool.
+    TestPeriodCard,
+    /// A member or add-on for a pool abandoned when its every member was
+    /// deregistered.
+    PoolAbandoned,
 }
 
 /// The outcome for one card of a batch.

@@ -142,6 +142,9 @@ pub enum PoolState {
     Suspended,
     /// Backward pool frozen for arrears.
     Frozen,
+    /// Forward pool whose every member was deregistered: it takes no
+    /// member and no add-on any more.
+    Abandoned,
 }
 
 /// A pool's state change (SPEC section 5.1 `pool_state`).

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use flowcap_engine::command::{parse_command, ErrorCode};
-use flowcap_engine::event::{CardStateEvent, Cause, DeadlineKind};
+use flowcap_engine::event::{CardStateEvent, Cause, DeadlineKind, PoolState};
 use flowcap_engine::{CardState, Imei};
 use serde_json::json;
 
@@ -601,4 +601,129 @@ fn test_period_usage_does_not_count_toward_the_first_cycle() {
         let out = s.rec(1, "u2", &nov(10, 4, 0), mb(6));
         assert_eq!(reasons(&event_of(&out, 1)), ["over_quota"]);
     });
+}
+
+// ===== pools =================================================================
+
+#[test]
+fn a_card_in_its_test_period_cannot_join_a_pool() {
+    scenario(|s| {
+        s.card_with(1, "cmcc-30m", "testable", json!({}));
+        s.card_with(2, "cmcc-30m", "testable", json!({}));
+        s.forward_pool("f1", "cmcc-30m", &[]);
+        s.backward_pool("b1", "cmcc", &[]);
+        for pool in ["f1", "b1"] {
+            s.card_fails(
+                "add_pool_members",
+                json!({"pool": pool, "iccids": iccids(&[1])}),
+                ErrorCode::TestPeriodCard,
+            );
+        }
+        assert_eq!(s.view(1).pool, None);
+        // Once out of its test period it may.
+        s.ok("activate", json!({"iccids": iccids(&[2])}));
+        s.ok(
+            "add_pool_members",
+            json!({"pool": "f1", "iccids": iccids(&[2])}),
+        );
+    });
+}
+
+#[test]
+fn pool_rules_cannot_be_merged_into_one_webhook() {
+    scenario(|s| {
+        s.ok(
+            "upsert_webhook",
+            json!({"webhook": {"id": "hook", "url": "http://127.0.0.1:9/h"}}),
+        );
+        let e = s.fails(
+            "upsert_rule",
+            json!({"rule": {"id": "p", "type": 3, "condition": {"used_mb_gte": 10},
+                "actions": [{"type": "webhook", "endpoint": "hook", "merge": true}]}}),
+            ErrorCode::InvalidAction,
+        );
+        assert!(e.message.contains("not merged"), "{}", e.message);
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "p", "type": 3, "condition": {"used_mb_gte": 10},
+                "actions": [{"type": "webhook", "endpoint": "hook", "merge": false}]}}),
+        );
+        // Card rules still merge.
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "c", "type": 2, "condition": {"used_mb_gte": 10},
+                "actions": [{"type": "webhook", "endpoint": "hook", "merge": true}]}}),
+        );
+    });
+}
+
+#[test]
+fn a_pool_can_be_renamed() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        s.forward_pool("f1", "cmcc-30m", &[1]);
+        s.ok("rename_pool", json!({"pool": "f1", "name": "Fleet North"}));
+        let p = s.pool("f1");
+        assert_eq!(p.name, "Fleet North");
+        assert_eq!(p.members.len(), 1);
+        s.fails(
+            "rename_pool",
+            json!({"pool": "nope", "name": "x"}),
+            ErrorCode::UnknownPool,
+        );
+    });
+}
+
+#[test]
+fn a_forward_pool_whose_every_member_is_deregistered_is_abandoned() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        s.active(2, "cmcc-30m");
+        s.active(3, "cmcc-30m");
+        s.forward_pool("f1", "cmcc-30m", &[1, 2]);
+        s.forward_pool("f2", "cmcc-30m", &[]);
+        // A member leaving is not an abandonment, nor is an empty pool.
+        s.ok(
+            "remove_pool_members",
+            json!({"pool": "f1", "iccids": iccids(&[2])}),
+        );
+        s.ok("deregister", json!({"iccids": iccids(&[2])}));
+        assert_eq!(s.pool("f1").state, PoolState::Available);
+        assert_eq!(s.pool("f2").state, PoolState::Available);
+        let out = s.ok("deregister", json!({"iccids": iccids(&[1])}));
+        let events = pool_events(&out);
+        assert_eq!(events.len(), 1, "{events:#?}");
+        assert_eq!(events[0].pool.as_str(), "f1");
+        assert_eq!(events[0].new, PoolState::Abandoned);
+        assert_eq!(s.pool("f1").state, PoolState::Abandoned);
+        // It takes no member and no add-on any more; its plan is free.
+        s.fails(
+            "add_pool_members",
+            json!({"pool": "f1", "iccids": iccids(&[3])}),
+            ErrorCode::PoolAbandoned,
+        );
+        s.fails(
+            "add_on",
+            json!({"pool": "f1", "mb": 10}),
+            ErrorCode::PoolAbandoned,
+        );
+    });
+}
+
+#[test]
+fn a_forward_pool_is_abandoned_when_its_last_card_closes_at_the_grace_end() {
+    scenario_with(
+        |c| c.expiry_grace_days = Some(1),
+        |s| {
+            s.card_with(
+                1,
+                "cmcc-30m",
+                "active",
+                json!({"expires_at": "2026-11-11T00:00:00+08:00"}),
+            );
+            s.forward_pool("f1", "cmcc-30m", &[1]);
+            let out = s.tick(&nov(12, 0, 0));
+            assert_eq!(pool_events(&out)[0].new, PoolState::Abandoned);
+        },
+    );
 }

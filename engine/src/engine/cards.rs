@@ -141,7 +141,7 @@ impl Engine {
             }
             shard.adjust_member_allowance(loc.slot, contribution);
             if lifecycle == CardState::Deregistered {
-                shard.remove_member(loc.slot);
+                shard.leave_for_good(loc.slot);
             }
             shard.reschedule(loc.slot);
             self.apply_due_dates(loc, at);

@@ -154,6 +154,7 @@ impl Engine {
             CommandKind::RemovePoolMembers { pool, iccids } => {
                 self.remove_pool_members(pool, iccids)
             }
+            CommandKind::RenamePool { pool, name } => self.rename_pool(pool, name).map(no_cards),
             CommandKind::FreezePool { pool } => self.set_pool_frozen(pool, true).map(no_cards),
             CommandKind::UnfreezePool { pool } => self.set_pool_frozen(pool, false).map(no_cards),
             CommandKind::UpsertRule { rule } => self.upsert_rule(rule).map(no_cards),

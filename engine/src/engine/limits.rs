@@ -104,6 +104,7 @@ impl Engine {
             }
             (None, Some(pool)) => {
                 let entry = self.pool_entry(pool)?.clone();
+                self.check_not_abandoned(&entry, pool)?;
                 if entry.kind != PoolKind::Forward {
                     return Err(err(
                         ErrorCode::WrongPoolKind,

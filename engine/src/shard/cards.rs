@@ -103,7 +103,7 @@ impl Shard {
     /// reasons; later usage is history only.
     pub(crate) fn deregister(&mut self, slot: u32) {
         self.touch(slot);
-        self.remove_member(slot);
+        self.leave_for_good(slot);
         let card = &mut self.cards[slot as usize];
         card.lifecycle = CardState::Deregistered;
         card.reasons = Reasons::EMPTY;

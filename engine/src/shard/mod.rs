@@ -145,6 +145,8 @@ pub(crate) struct Pool {
     pub(crate) cut: bool,
     /// Lowest "used >= N" threshold among enabled backward suspend rules.
     pub(crate) suspend_at: Option<u64>,
+    /// No longer live: a forward pool abandoned when its last member was
+    /// deregistered (SPEC 2.1). Rollovers, rules and plans pass it by.
     pub(crate) removed: bool,
 }
 
@@ -159,6 +161,9 @@ impl Pool {
     }
 
     fn visible(&self) -> PoolState {
+        if self.removed {
+            return PoolState::Abandoned;
+        }
         match self.kind {
             PoolKind::Forward if self.exhausted => PoolState::Exhausted,
             PoolKind::Forward => PoolState::Available,

@@ -104,6 +104,8 @@ pub struct ModelPool {
     pub plan: Option<String>,
     pub addon_mb: u64,
     pub frozen: bool,
+    /// A forward pool whose last member was deregistered.
+    pub abandoned: bool,
 }
 
 /// What happened to a record.
@@ -254,7 +256,9 @@ impl Model {
 
     pub fn pool_state(&self, pool: &str) -> &'static str {
         let p = &self.pools[pool];
-        if p.forward {
+        if p.abandoned {
+            "abandoned"
+        } else if p.forward {
             if self.pool_exhausted(pool) {
                 "exhausted"
             } else {
@@ -627,6 +631,7 @@ impl Model {
                         },
                         addon_mb: 0,
                         frozen: false,
+                        abandoned: false,
                     },
                 );
                 Self::whole(true)
@@ -635,6 +640,10 @@ impl Model {
                 let Some(p) = self.pools.get(pool.as_str()).cloned() else {
                     return Self::whole(false);
                 };
+                let distinct: HashSet<&Iccid> = iccids.iter().collect();
+                if p.abandoned && !iccids.is_empty() && distinct.len() == iccids.len() {
+                    return Self::whole(false);
+                }
                 let id = pool.0.clone();
                 self.batch(iccids, |m, i| {
                     let Some(card) = m.live(&i) else { return false };
@@ -734,7 +743,10 @@ impl Model {
                             return Self::whole(false);
                         };
                         let carrier = pool.carrier.unwrap_or(Carrier::Cmcc);
-                        if !pool.forward || cycle_of(carrier, at) != self.current_cycle(carrier) {
+                        if pool.abandoned
+                            || !pool.forward
+                            || cycle_of(carrier, at) != self.current_cycle(carrier)
+                        {
                             return Self::whole(false);
                         }
                         self.pools.get_mut(p.as_str()).unwrap().addon_mb += mb;
@@ -797,12 +809,14 @@ impl Model {
                 if card.lifecycle == CardState::Deregistered {
                     return false;
                 }
+                let pool = card.pool.clone();
                 card.lifecycle = CardState::Deregistered;
                 card.pool = None;
                 card.manual = false;
                 card.over_threshold = false;
                 card.violation = false;
                 card.separated = false;
+                m.abandon_if_closed(pool);
                 true
             }),
             CommandKind::Activate { iccids } => self.batch(iccids, |m, i| {
@@ -828,6 +842,15 @@ impl Model {
                 Self::whole(true)
             }
             other => panic!("the model does not cover {}", other.type_name()),
+        }
+    }
+
+    /// A forward pool whose last member was just deregistered is abandoned.
+    fn abandon_if_closed(&mut self, pool: Option<String>) {
+        if let Some(pool) = pool {
+            if self.pools[&pool].forward && self.members(&pool).is_empty() {
+                self.pools.get_mut(&pool).unwrap().abandoned = true;
+            }
         }
     }
 
@@ -870,10 +893,11 @@ impl Model {
                 card.lifecycle = lifecycle;
                 card.manual = manual;
                 if lifecycle == CardState::Deregistered {
-                    card.pool = None;
+                    let pool = card.pool.take();
                     card.over_threshold = false;
                     card.violation = false;
                     card.separated = false;
+                    self.abandon_if_closed(pool);
                 }
             }
             None => {
