@@ -219,6 +219,14 @@ pub enum CommandKind {
         /// The tags.
         tags: Vec<TagId>,
     },
+    /// Set custom attribute values on cards: each name given is set, a
+    /// `null` value removes it (names must be declared).
+    SetAttributes {
+        /// The cards.
+        iccids: Vec<Iccid>,
+        /// Name to value (`null`: remove).
+        attributes: BTreeMap<String, Option<String>>,
+    },
     /// Set the operator's custom attribute names (at most 6).
     SetAttributeNames {
         /// The names.
@@ -259,6 +267,7 @@ impl CommandKind {
             CommandKind::RemoveTag { .. } => "remove_tag",
             CommandKind::BindTags { .. } => "bind_tags",
             CommandKind::UnbindTags { .. } => "unbind_tags",
+            CommandKind::SetAttributes { .. } => "set_attributes",
             CommandKind::SetAttributeNames { .. } => "set_attribute_names",
         }
     }
@@ -276,6 +285,7 @@ impl CommandKind {
             | CommandKind::AddPoolMembers { iccids, .. }
             | CommandKind::RemovePoolMembers { iccids, .. }
             | CommandKind::ReportViolation { iccids }
+            | CommandKind::SetAttributes { iccids, .. }
             | CommandKind::BindTags { iccids, .. }
             | CommandKind::UnbindTags { iccids, .. } => Some(iccids),
             _ => None,
@@ -508,6 +518,9 @@ pub struct RuleFilter {
     /// Backward pools.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backward_pools: Vec<PoolId>,
+    /// Custom attribute values a card must all have (names declared).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// A specific, stable error code with a human message.

@@ -727,3 +727,77 @@ fn a_forward_pool_is_abandoned_when_its_last_card_closes_at_the_grace_end() {
         },
     );
 }
+
+// ===== custom attributes =====================================================
+
+#[test]
+fn attributes_are_set_in_batch_and_a_null_removes_one() {
+    scenario(|s| {
+        s.ok(
+            "set_attribute_names",
+            json!({"names": ["customer", "site"]}),
+        );
+        s.active(1, "cmcc-30m");
+        s.active(2, "cmcc-30m");
+        let result = s.cmd(
+            "set_attributes",
+            json!({"iccids": iccids(&[1, 2, 9]), "attributes": {"customer": "acme", "site": "n"}}),
+        );
+        let codes: Vec<_> = result
+            .results
+            .iter()
+            .map(|r| r.error.as_ref().map(|e| e.code))
+            .collect();
+        assert_eq!(codes, [None, None, Some(ErrorCode::UnknownCard)]);
+        assert_eq!(
+            s.view(2).attributes,
+            attrs(&[("customer", "acme"), ("site", "n")])
+        );
+        s.ok(
+            "set_attributes",
+            json!({"iccids": iccids(&[2]), "attributes": {"site": null}}),
+        );
+        assert_eq!(s.view(2).attributes, attrs(&[("customer", "acme")]));
+        s.fails(
+            "set_attributes",
+            json!({"iccids": iccids(&[1]), "attributes": {"colour": "red"}}),
+            ErrorCode::InvalidAttribute,
+        );
+    });
+}
+
+#[test]
+fn a_rule_filter_can_name_attribute_values() {
+    scenario(|s| {
+        s.ok("set_attribute_names", json!({"names": ["customer"]}));
+        s.active(1, "cmcc-30m");
+        s.active(2, "cmcc-30m");
+        s.ok(
+            "set_attributes",
+            json!({"iccids": iccids(&[1]), "attributes": {"customer": "acme"}}),
+        );
+        s.fails(
+            "upsert_rule",
+            json!({"rule": {"id": "u", "type": 2, "condition": {"used_mb_gte": 5},
+                "filter": {"attributes": {"colour": "red"}}}}),
+            ErrorCode::InvalidAttribute,
+        );
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "u", "type": 2, "condition": {"used_mb_gte": 5},
+                "filter": {"attributes": {"customer": "acme"}}}}),
+        );
+        let fired = |out: &[flowcap_engine::Output]| {
+            out.iter()
+                .filter(|o| {
+                    matches!(
+                        o,
+                        flowcap_engine::Output::Action(flowcap_engine::ActionEvent::RuleFired(_))
+                    )
+                })
+                .count()
+        };
+        assert_eq!(fired(&s.rec(1, "a", &nov(10, 1, 0), mb(6))), 1);
+        assert_eq!(fired(&s.rec(2, "b", &nov(10, 1, 0), mb(6))), 0);
+    });
+}

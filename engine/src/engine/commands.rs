@@ -167,6 +167,9 @@ impl Engine {
             CommandKind::RemoveTag { tag } => self.remove_tag(tag).map(no_cards),
             CommandKind::BindTags { iccids, tags } => self.set_tags_bound(iccids, tags, true),
             CommandKind::UnbindTags { iccids, tags } => self.set_tags_bound(iccids, tags, false),
+            CommandKind::SetAttributes { iccids, attributes } => {
+                self.set_attributes(iccids, attributes)
+            }
             CommandKind::SetAttributeNames { names } => {
                 self.set_attribute_names(names).map(no_cards)
             }
