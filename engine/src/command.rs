@@ -394,6 +394,21 @@ pub enum CardField {
     TestAllowanceMb,
 }
 
+impl CardField {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CardField::Msisdn => "msisdn",
+            CardField::Imsi => "imsi",
+            CardField::Imei => "imei",
+            CardField::Tags => "tags",
+            CardField::Attributes => "attributes",
+            CardField::TestEndsAt => "test_ends_at",
+            CardField::TestAllowanceMb => "test_allowance_mb",
+        }
+    }
+}
+
 /// Forward pools share allowance; backward pools sum post-paid usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -127,7 +127,7 @@ fn upsert_card_refuses_a_field_both_given_and_cleared_and_changes_nothing() {
                 "imei": "864000000000009", "clear": ["imei"]}}),
             ErrorCode::InvalidValue,
         );
-        assert!(e.message.contains("Imei"), "{}", e.message);
+        assert!(e.message.contains("imei is both"), "{}", e.message);
         assert_eq!(s.view(1), before);
         // An unknown field name in `clear` does not parse.
         let line = json!({"id": "bad-clear", "type": "upsert_card", "at": s.at,

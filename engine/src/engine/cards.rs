@@ -423,7 +423,11 @@ fn check_clear(spec: &CardSpec) -> Result<(), CommandError> {
     match spec.clear.iter().find(|f| given(**f)) {
         Some(field) => Err(err(
             ErrorCode::InvalidValue,
-            format!("card {}: {field:?} is both given and cleared", spec.iccid),
+            format!(
+                "card {}: {} is both given and cleared",
+                spec.iccid,
+                field.as_str()
+            ),
         )),
         None => Ok(()),
     }
