@@ -102,6 +102,7 @@ impl Sim {
             bytes_up: 0,
             bytes_down: mb * MB,
             carrier: None,
+            imei: None,
         };
         let mut out = Vec::new();
         self.engine

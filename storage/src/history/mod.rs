@@ -640,6 +640,7 @@ mod tests {
                 bytes_up: 10,
                 bytes_down: 5,
                 carrier: Some(Carrier::Cmcc),
+                imei: None,
             },
             cycle: CycleId::new(2026, 11),
             counted: true,

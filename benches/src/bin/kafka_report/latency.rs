@@ -106,6 +106,7 @@ pub(crate) fn latency(
                 bytes_up: bytes / 8,
                 bytes_down: bytes - bytes / 8,
                 carrier: workload.carrier(card),
+                imei: None,
             };
             args.encoding.write(&valid_record(usage, k), &mut message);
             sender.send(Some(iccid.to_string().as_bytes()), &message, Some(now_ms))?;
