@@ -36,12 +36,12 @@
 //! is the part with IO: the outbox files, threads, the async runtime and
 //! the HTTP and SMTP clients.
 
+mod compact;
 pub mod outbox;
 pub mod retry;
 mod send;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -60,7 +60,7 @@ use flowcap_rules::template::{template, TemplateOptions};
 use flowcap_rules::webhook::{merged_bodies, message_id, single_body, MAX_MERGED};
 pub use retry::RetryPolicy;
 
-use outbox::{Appender, Buffered, Entry, MergeKey};
+use outbox::{Buffered, Cursor, Entry, Log, MergeKey, Next};
 
 /// Metric: messages queued, by `channel`.
 pub const METRIC_QUEUED: &str = "flowcap_notifications_queued_total";
@@ -301,11 +301,12 @@ pub struct DeliveryTotals {
 
 struct Destination {
     name: String,
-    log: PathBuf,
     queued: AtomicU64,
     completed: AtomicU64,
     synced: AtomicU64,
     wake: tokio::sync::Notify,
+    /// The task's place in the files (a compaction moves it).
+    cursor: std::sync::Mutex<Cursor>,
 }
 
 impl Destination {
@@ -368,6 +369,8 @@ enum Request {
     RemoveEndpoint(String),
     /// Make everything submitted so far durable (merge buffers included).
     Sync(Sender<Result<(), String>>),
+    /// A snapshot cut: mark the logs, compact them when due.
+    Cut(compact::Cut),
     /// Send every merge buffer now.
     Flush(Sender<Result<(), String>>),
     /// Queue the alert of a failed message; answered once durable.
@@ -449,6 +452,14 @@ impl Notifier {
             runtime: runtime.handle().clone(),
             options,
             merge_interval: Duration::from_millis(shared.config.merge_interval_ms),
+            compaction: compact::State::new(
+                loaded
+                    .destinations
+                    .values()
+                    .map(|d| d.done.len() as u64)
+                    .sum(),
+                loaded.lines,
+            ),
         };
         let resumed: u64 = loaded
             .destinations
@@ -552,6 +563,19 @@ impl Notifier {
             .map_err(DeliveryError::Stopped)
     }
 
+    /// A snapshot cut through input `seq` (everything submitted before
+    /// comes from inputs it covers), `reported` the cursors it records,
+    /// `oldest_kept` the oldest snapshot on disk: the outbox marks its logs
+    /// and drops what no kept snapshot can replay (see `compact`). Never
+    /// blocks.
+    pub fn mark(&self, seq: u64, oldest_kept: Option<u64>, reported: &BTreeMap<String, u64>) {
+        let _ = self.shared.requests.send(Request::Cut(compact::Cut {
+            seq,
+            oldest_kept,
+            reported: reported.clone(),
+        }));
+    }
+
     /// Returns once everything submitted before is on disk (fsynced): the
     /// snapshot barrier.
     pub fn sync(&self) -> Result<(), DeliveryError> {
@@ -627,13 +651,14 @@ struct MergeBuffer {
 struct OutboxThread {
     dir: PathBuf,
     seen: HashSet<u128>,
-    logs: HashMap<String, Appender>,
+    logs: HashMap<String, Log>,
     merges: BTreeMap<MergeKey, MergeBuffer>,
     touched: HashSet<String>,
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
     options: TemplateOptions,
     merge_interval: Duration,
+    compaction: compact::State,
 }
 
 fn now_ms() -> i64 {
@@ -672,6 +697,7 @@ impl OutboxThread {
                         self.persist_buffers()?;
                         acks.push(reply);
                     }
+                    Request::Cut(cut) => self.cut(cut)?,
                     Request::Flush(reply) => {
                         let keys: Vec<MergeKey> = self.merges.keys().cloned().collect();
                         for k in keys {
@@ -749,14 +775,16 @@ impl OutboxThread {
             return Ok(());
         }
         let path = outbox::log_path(&self.dir, name);
-        let mut log = Appender::open(path.clone())?;
+        let mut log = Log::open(path.clone())?;
+        let completed = done.len() as u64;
+        let cursor = Cursor::open(path, outbox::done_path(&self.dir, name), done, done_lines)?;
         let dest = Arc::new(Destination {
             name: name.to_owned(),
-            log: path,
             queued: AtomicU64::new(queued),
-            completed: AtomicU64::new(done.len() as u64),
+            completed: AtomicU64::new(completed),
             synced: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
+            cursor: std::sync::Mutex::new(cursor),
         });
         // What is on disk already is durable.
         dest.synced.store(log.sync()?, Ordering::Release);
@@ -767,10 +795,9 @@ impl OutboxThread {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_owned(), dest.clone());
-        let done_path = outbox::done_path(&self.dir, name);
         let shared = self.shared.clone();
         self.runtime
-            .spawn(async move { worker(dest, done_path, done, done_lines, shared).await });
+            .spawn(async move { worker(dest, shared).await });
         Ok(())
     }
 
@@ -1008,57 +1035,32 @@ impl OutboxThread {
 
 /// One destination's task: reads its log from disk up to the durable
 /// length and delivers each message not yet done, one at a time.
-async fn worker(
-    dest: Arc<Destination>,
-    done_path: PathBuf,
-    already_done: HashSet<String>,
-    done_lines: u64,
-    shared: Arc<Shared>,
-) {
+async fn worker(dest: Arc<Destination>, shared: Arc<Shared>) {
     let name = dest.name.clone();
-    if let Err(e) = run_worker(&dest, done_path, already_done, done_lines, &shared).await {
+    if let Err(e) = run_worker(&dest, &shared).await {
         tracing::error!(destination = %name, error = %e, "notification delivery stopped for this destination");
     }
 }
 
-async fn run_worker(
-    dest: &Destination,
-    done_path: PathBuf,
-    already_done: HashSet<String>,
-    mut done_lines: u64,
-    shared: &Shared,
-) -> Result<(), DeliveryError> {
-    let io = |source| DeliveryError::Io {
-        path: dest.log.clone(),
-        source,
-    };
-    let mut reader = std::io::BufReader::new(std::fs::File::open(&dest.log).map_err(io)?);
-    let mut done_log = Appender::open(done_path)?;
-    let mut position = 0u64;
-    let mut line = String::new();
+async fn run_worker(dest: &Destination, shared: &Shared) -> Result<(), DeliveryError> {
+    let cursor = || dest.cursor.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return Ok(());
         }
-        if position >= dest.synced.load(Ordering::Acquire) {
-            dest.wake.notified().await;
-            continue;
-        }
-        line.clear();
-        let n = reader.read_line(&mut line).map_err(io)?;
-        if n == 0 {
-            // Synced length not visible through this handle yet.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        }
-        position += n as u64;
-        let message = match serde_json::from_str::<Entry>(&line) {
-            Ok(Entry::Msg(m)) if !already_done.contains(&m.id) => m,
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::warn!(destination = %dest.name, error = %e, "skipping an unreadable outbox line");
+        let next = cursor().next(dest.synced.load(Ordering::Acquire))?;
+        let message = match next {
+            Next::Wait => {
+                dest.wake.notified().await;
                 continue;
             }
+            Next::Retry => {
+                // Synced length not visible through this handle yet.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            Next::Skip => continue,
+            Next::Message(m) => *m,
         };
         let done = deliver(shared, &message).await;
         if done.outcome == Final::Failed && message.alert_for.is_none() {
@@ -1072,8 +1074,7 @@ async fn run_worker(
                 let _ = rx.await;
             }
         }
-        done_log.append(&done)?;
-        done_log.flush()?;
+        let index = cursor().record(&done)?;
         match done.outcome {
             Final::Delivered => shared.delivered.fetch_add(1, Ordering::AcqRel),
             Final::Failed => shared.failed.fetch_add(1, Ordering::AcqRel),
@@ -1090,11 +1091,10 @@ async fn run_worker(
             .unwrap_or_else(|e| e.into_inner())
             .push(DeliveryRow {
                 destination: dest.name.clone(),
-                index: done_lines,
+                index,
                 message,
                 done,
             });
-        done_lines += 1;
     }
 }
 
