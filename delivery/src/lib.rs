@@ -26,6 +26,9 @@
 //!   before is durable (merge buffers too) before the engine snapshot that
 //!   covers its cause is written. A crash before the barrier loses nothing
 //!   either: the engine replays those causes and fires again.
+//! - **Compaction**: each snapshot cut marks the logs ([`Notifier::mark`]);
+//!   what is delivered, in the history and beyond the replay of every kept
+//!   snapshot is then dropped (`compact`), so the outbox stays bounded.
 //! - **Isolation**: each destination has its own task and its own log; the
 //!   queue is the log on disk, memory holds the one message in flight. A
 //!   slow or dead receiver delays only its own destination, and its
