@@ -13,15 +13,20 @@
 //!   an alert also waits for the outcome of the message it reports (a
 //!   crash between the two would otherwise alert again);
 //! - a `buf` line goes once its firing is in a message line;
+//! - an alert's line needs no mark (no replay fires an alert);
 //! - marks before the last such mark go; `run` lines stay unless their
 //!   whole run went.
+//!
+//! A run's lines after its last mark (a kill's tail, a drain's last merged
+//! messages) are never followed by a mark of their own run. When the replay
+//! after a restart fires one of their firings again, the outbox writes an
+//! `again` line: the marks of the new run after it then speak for the old
+//! line too (its input is behind them).
 //!
 //! Done lines go from the front of the done file, while their message is
 //! gone and their index is below that cursor; the file then begins with a
 //! `base` line counting them, so indices (the history's cursor) keep their
-//! meaning. Lines a run wrote after its last mark (a crash's tail, a
-//! drain's last merged messages) are never followed by a mark of their own
-//! run, so they stay: what a kill leaves behind is bounded by the kills.
+//! meaning.
 //!
 //! How: both files are written whole to `.tmp` files and fsynced, then the
 //! log is renamed over its old self and the directory fsynced, then the
@@ -45,7 +50,7 @@ use std::sync::Arc;
 
 use flowcap_rules::message::Done;
 
-use crate::outbox::{execution_key, io, read_done, Cursor, DoneBase, Entry, Log};
+use crate::outbox::{execution_key, io, read_done, Again, Cursor, DoneBase, Entry, Log};
 use crate::{DeliveryError, Destination, OutboxThread};
 
 /// Outcomes (at least) between two compactions.
@@ -114,6 +119,18 @@ impl OutboxThread {
         self.compact(oldest)
     }
 
+    /// A replay fired `execution` again: if an earlier run's tail holds it,
+    /// say so in its log (see the module docs).
+    pub(crate) fn again(&mut self, execution: &str) -> Result<(), DeliveryError> {
+        if let Some(destination) = self.tail.remove(&execution_key(execution)) {
+            let again = Entry::Again(Again {
+                execution: execution.to_owned(),
+            });
+            self.append(&destination, &again)?;
+        }
+        Ok(())
+    }
+
     /// Compacts every destination against the oldest kept snapshot, and
     /// keeps in the seen ids only what the logs (and merge buffers) hold.
     fn compact(&mut self, oldest: u64) -> Result<(), DeliveryError> {
@@ -156,6 +173,7 @@ impl OutboxThread {
         for buffer in self.merges.values() {
             seen.extend(buffer.firings.iter().map(|(_, e)| execution_key(e)));
         }
+        self.tail.retain(|k, _| seen.contains(k));
         self.seen = seen;
         self.compaction.lines = lines;
         self.compaction.kept_done = kept_done;
@@ -316,7 +334,7 @@ pub(crate) fn plan(
     done: &HashMap<&str, u64>,
     finished: &HashSet<String>,
 ) -> Plan {
-    let covered = |e: &Option<Entry>| matches!(e, Some(Entry::Mark(m)) if m.seq <= oldest);
+    let covering = |e: &Option<Entry>| matches!(e, Some(Entry::Mark(m)) if m.seq <= oldest);
     let reported = entries
         .iter()
         .filter_map(|e| match e {
@@ -325,6 +343,33 @@ pub(crate) fn plan(
         })
         .max()
         .unwrap_or(0);
+    // Runs [start, end) and their last covering mark; the lines before it
+    // are behind the oldest kept snapshot's cut.
+    let n = entries.len();
+    let mut behind = vec![false; n];
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let end = (start + 1..n)
+            .find(|&i| matches!(entries[i], Some(Entry::Run)))
+            .unwrap_or(n);
+        let cut = (start..end).rev().find(|&i| covering(&entries[i]));
+        if let Some(cut) = cut {
+            behind[start..cut].iter_mut().for_each(|b| *b = true);
+        }
+        runs.push((start, end, cut));
+        start = end;
+    }
+    // Firings of earlier runs' tails that a later run fired again, behind
+    // that run's cut.
+    let again: HashSet<&str> = entries
+        .iter()
+        .zip(&behind)
+        .filter_map(|(e, behind)| match e {
+            Some(Entry::Again(a)) if *behind => Some(a.execution.as_str()),
+            _ => None,
+        })
+        .collect();
     let in_messages: HashSet<&str> = entries
         .iter()
         .filter_map(|e| match e {
@@ -333,36 +378,51 @@ pub(crate) fn plan(
         })
         .flatten()
         .collect();
-    let mut keep = vec![true; entries.len()];
-    // Runs: [start, end) with the index of their last covering mark.
-    let mut start = 0;
-    let runs = entries.len();
-    while start < runs {
-        let end = (start + 1..runs)
-            .find(|&i| matches!(entries[i], Some(Entry::Run)))
-            .unwrap_or(runs);
-        if let Some(cut) = (start..end).rev().find(|&i| covered(&entries[i])) {
-            for i in start..cut {
-                keep[i] = match &entries[i] {
-                    Some(Entry::Msg(m)) => {
-                        !(done.get(m.id.as_str()).is_some_and(|&d| d < reported)
-                            && m.alert_for.as_ref().is_none_or(|f| finished.contains(f)))
-                    }
-                    Some(Entry::Buf(b)) => !in_messages.contains(b.execution.as_str()),
-                    Some(Entry::Mark(_)) => false,
-                    Some(Entry::Run) => true,
-                    None => true,
-                };
+    let mut keep: Vec<bool> = entries
+        .iter()
+        .zip(&behind)
+        .map(|(e, &behind)| match e {
+            Some(Entry::Msg(m)) => {
+                let fired_again = !m.executions.is_empty()
+                    && m.executions.iter().all(|x| again.contains(x.as_str()));
+                let replayable = m.alert_for.is_none() && !behind && !fired_again;
+                let reported = done.get(m.id.as_str()).is_some_and(|&d| d < reported);
+                replayable
+                    || !reported
+                    || m.alert_for.as_ref().is_some_and(|f| !finished.contains(f))
             }
-            // A run with nothing left but its run line and its mark goes
-            // whole, unless it is the last (this process may write on).
-            let empty = (start..end)
-                .all(|i| !keep[i] || i == cut || matches!(entries[i], Some(Entry::Run)));
-            if empty && end < runs {
-                keep[start..end].iter_mut().for_each(|k| *k = false);
+            Some(Entry::Buf(b)) => {
+                !((behind || again.contains(b.execution.as_str()))
+                    && in_messages.contains(b.execution.as_str()))
             }
+            Some(Entry::Mark(_)) => !behind,
+            Some(Entry::Run | Entry::Again(_)) | None => true,
+        })
+        .collect();
+    // An `again` line goes with the line it speaks for.
+    let kept: HashSet<&str> = entries
+        .iter()
+        .zip(&keep)
+        .filter(|(_, keep)| **keep)
+        .flat_map(|(e, _)| match e {
+            Some(Entry::Msg(m)) => m.executions.iter().map(String::as_str).collect(),
+            Some(Entry::Buf(b)) => vec![b.execution.as_str()],
+            _ => Vec::new(),
+        })
+        .collect();
+    for (i, e) in entries.iter().enumerate() {
+        if let Some(Entry::Again(a)) = e {
+            keep[i] = !behind[i] || kept.contains(a.execution.as_str());
         }
-        start = end;
+    }
+    // A run with nothing left but its run line and its cut goes whole,
+    // unless it is the last (this process may write on).
+    for (start, end, cut) in runs {
+        let empty = (start..end)
+            .all(|i| !keep[i] || Some(i) == cut || matches!(entries[i], Some(Entry::Run)));
+        if empty && end < n {
+            keep[start..end].iter_mut().for_each(|k| *k = false);
+        }
     }
     Plan { keep, reported }
 }
@@ -415,7 +475,7 @@ fn replace(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::{self, Appender, Buffered, Mark, MergeKey, Next};
+    use crate::outbox::{self, Again, Appender, Buffered, Mark, MergeKey, Next};
     use flowcap_rules::message::{Final, Message, MessageChannel};
 
     const DEST: &str = "webhook:hook";
@@ -684,9 +744,66 @@ mod tests {
         assert_eq!(plan.keep, [true, false, true, true, true, false, true]);
     }
 
+    /// Once the replay of a later run fired a tail's firing again (its
+    /// `again` line behind that run's cut), the tail line goes, and with it
+    /// the `again` line and the emptied run.
+    #[test]
+    fn a_crashed_runs_tail_goes_once_a_replay_fired_it_again() {
+        let lines = entries(vec![
+            Entry::Run,
+            Entry::Msg(msg("m1", "e1")),
+            mark(5, 9),
+            Entry::Msg(msg("m2", "e2")),
+            Entry::Run,
+            Entry::Again(Again {
+                execution: "e2".into(),
+            }),
+            Entry::Msg(msg("m3", "e3")),
+            mark(8, 9),
+        ]);
+        let done = HashMap::from([("m1", 0), ("m2", 1), ("m3", 2)]);
+        let plan = plan(&lines, 8, &done, &HashSet::new());
+        assert_eq!(
+            plan.keep,
+            [false, false, false, false, true, false, false, true]
+        );
+        // The replay's `again` line not yet behind a cut: all stays.
+        let early = super::plan(&lines, 7, &done, &HashSet::new());
+        assert!(early.keep[3]);
+    }
+
+    /// A start finds the tails: the lines after the last mark of each run
+    /// of each log.
+    #[test]
+    fn load_finds_the_tail_after_the_last_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Appender::open(outbox::log_path(dir.path(), DEST)).unwrap();
+        for e in [
+            Entry::Run,
+            Entry::Msg(msg("m1", "e1")),
+            mark(5, 0),
+            Entry::Msg(msg("m2", "e2")),
+            Entry::Run,
+            Entry::Msg(msg("m4", "e4")),
+            mark(7, 0),
+            buf("e3"),
+        ] {
+            log.append(&e).unwrap();
+        }
+        log.sync().unwrap();
+        let loaded = outbox::load(dir.path(), &BTreeMap::new()).unwrap();
+        let mut tail: Vec<u128> = loaded.tail.keys().copied().collect();
+        tail.sort();
+        let mut expected = vec![execution_key("e2"), execution_key("e3")];
+        expected.sort();
+        assert_eq!(tail, expected);
+        assert!(loaded.tail.values().all(|d| d == DEST));
+    }
+
     /// An alert goes only once the message it reports has its outcome on
-    /// disk (else a crash before that outcome would alert again); a run
-    /// with nothing left goes whole unless it is the last.
+    /// disk (else a crash before that outcome would alert again), and needs
+    /// no mark (no replay fires an alert); a run with nothing left goes
+    /// whole unless it is the last.
     #[test]
     fn an_alert_waits_for_its_message_and_empty_runs_go() {
         let mut alert = msg("a1", "alert|x");
@@ -696,14 +813,14 @@ mod tests {
             Entry::Msg(msg("m1", "e1")),
             mark(3, 5),
             Entry::Run,
-            Entry::Msg(alert),
             mark(4, 5),
+            Entry::Msg(alert),
         ]);
         let done = HashMap::from([("m1", 0), ("a1", 1)]);
         let waiting = plan(&lines, 4, &done, &HashSet::new());
         assert_eq!(waiting.keep, [false, false, false, true, true, true]);
         let finished = HashSet::from(["x".to_owned()]);
         let gone = plan(&lines, 4, &done, &finished);
-        assert_eq!(gone.keep, [false, false, false, true, false, true]);
+        assert_eq!(gone.keep, [false, false, false, true, true, false]);
     }
 }

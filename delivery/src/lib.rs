@@ -463,6 +463,7 @@ impl Notifier {
                     .sum(),
                 loaded.lines,
             ),
+            tail: loaded.tail,
         };
         let resumed: u64 = loaded
             .destinations
@@ -662,6 +663,8 @@ struct OutboxThread {
     options: TemplateOptions,
     merge_interval: Duration,
     compaction: compact::State,
+    /// Executions of the lines earlier runs left after their last mark.
+    tail: HashMap<u128, String>,
 }
 
 fn now_ms() -> i64 {
@@ -806,7 +809,12 @@ impl OutboxThread {
 
     fn append(&mut self, destination: &str, entry: &Entry) -> Result<(), DeliveryError> {
         if !self.logs.contains_key(destination) {
-            self.open_destination(destination, 0, HashSet::new(), 0)?;
+            // Its log may hold no message any more, its done file still
+            // counts the outcomes before.
+            let (base, done) = outbox::read_done(&outbox::done_path(&self.dir, destination))?;
+            let lines = base + done.len() as u64;
+            let done = done.into_iter().map(|d| d.id).collect();
+            self.open_destination(destination, 0, done, lines)?;
         }
         if let Some(log) = self.logs.get_mut(destination) {
             log.append(entry)?;
@@ -833,7 +841,9 @@ impl OutboxThread {
             }
             let execution = execution_id(&firing.id, index);
             if !self.seen.insert(outbox::execution_key(&execution)) {
-                continue; // queued before: a replay after a restart
+                // Queued before: a replay after a restart.
+                self.again(&execution)?;
+                continue;
             }
             let base = |channel, body: String| Message {
                 id: String::new(),

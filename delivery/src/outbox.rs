@@ -22,12 +22,13 @@
 //! (`"t":"mark"`, the cut's input sequence and how many done lines the
 //! history had then). So the lines of one run before a mark come from
 //! inputs the snapshot of that cut covers, and [`crate::compact`] can drop
-//! what no kept snapshot can replay. Compaction rewrites both files; the
+//! what no kept snapshot can replay (an `again` line carries a firing of an
+//! earlier run's unmarked tail into the run whose replay fired it again). Compaction rewrites both files; the
 //! done file then begins with a `base` line saying how many done lines
 //! came before its first, so a done line's index (the history's cursor)
 //! keeps its meaning.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -90,6 +91,17 @@ pub enum Entry {
     /// A process began writing here: marks before this line say nothing
     /// about the lines after it, nor later marks about the lines before.
     Run,
+    /// The replay of this run fired again a firing that an earlier run
+    /// wrote after its last mark (a kill's tail): the marks after this
+    /// line speak for that firing's line too.
+    Again(Again),
+}
+
+/// See [`Entry::Again`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Again {
+    /// The execution fired again.
+    pub execution: String,
 }
 
 /// The first line of a compacted done file: how many done lines were
@@ -447,6 +459,11 @@ pub(crate) struct Loaded {
     pub(crate) buffered: Vec<Buffered>,
     /// Lines of the logs.
     pub(crate) lines: u64,
+    /// The executions of the lines each log has after the last mark of its
+    /// last run (a kill's tail, a drain's last messages), with their
+    /// destination: a replay that fires one again says so with an
+    /// [`Entry::Again`] line.
+    pub(crate) tail: HashMap<u128, String>,
 }
 
 pub(crate) fn execution_key(execution: &str) -> u128 {
@@ -474,6 +491,20 @@ pub(crate) fn load(dir: &Path, reported: &BTreeMap<String, u64>) -> Result<Loade
     for log in logs {
         let lines: Vec<Entry> = read_lines(&log)?;
         loaded.lines += lines.len() as u64;
+        // Each run's lines after its last mark (an `again` line there is a
+        // tail too: no mark of its run followed it either).
+        let mut tail = Vec::new();
+        let mut unmarked = Vec::new();
+        for entry in &lines {
+            match entry {
+                Entry::Run => tail.append(&mut unmarked),
+                Entry::Mark(_) => unmarked.clear(),
+                Entry::Msg(m) => unmarked.extend(m.executions.iter().map(|x| execution_key(x))),
+                Entry::Buf(b) => unmarked.push(execution_key(&b.execution)),
+                Entry::Again(a) => unmarked.push(execution_key(&a.execution)),
+            }
+        }
+        tail.append(&mut unmarked);
         let mut covered = HashSet::new();
         let mut bufs = Vec::new();
         let mut destination = None;
@@ -496,7 +527,7 @@ pub(crate) fn load(dir: &Path, reported: &BTreeMap<String, u64>) -> Result<Loade
                     loaded.seen.insert(execution_key(&b.execution));
                     bufs.push(b);
                 }
-                Entry::Mark(_) | Entry::Run => {}
+                Entry::Mark(_) | Entry::Run | Entry::Again(_) => {}
             }
         }
         loaded.buffered.extend(
@@ -504,6 +535,7 @@ pub(crate) fn load(dir: &Path, reported: &BTreeMap<String, u64>) -> Result<Loade
                 .filter(|b| !covered.contains(&execution_key(&b.execution))),
         );
         if let Some(d) = destination {
+            loaded.tail.extend(tail.into_iter().map(|k| (k, d.clone())));
             let (base, done) = read_done(&done_path(dir, &d))?;
             let from = reported.get(&d).copied().unwrap_or(0);
             let mut by_id: BTreeMap<&str, &Message> = BTreeMap::new();
