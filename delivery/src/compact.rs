@@ -12,8 +12,9 @@
 //!   `reported` cursor: a restore does not offer it to the history again);
 //!   an alert also waits for the outcome of the message it reports (a
 //!   crash between the two would otherwise alert again);
-//! - a `buf` line goes once its firing is in a message line;
-//! - an alert's line needs no mark (no replay fires an alert);
+//! - a `buf` line needs no mark: it goes once its firing is in a message
+//!   line, whose execution ids then stop a replay;
+//! - an alert's line needs no mark either (no replay fires an alert);
 //! - marks before the last such mark go; `run` lines stay unless their
 //!   whole run went.
 //!
@@ -21,12 +22,14 @@
 //! messages) are never followed by a mark of their own run. When the replay
 //! after a restart fires one of their firings again, the outbox writes an
 //! `again` line: the marks of the new run after it then speak for the old
-//! line too (its input is behind them).
+//! line too (its input is behind them). A tail message whose firings came
+//! before the snapshot the restart restored (a merge buffer flushed after
+//! the cut) is never fired again and stays: about one message per merge
+//! buffer and kill.
 //!
-//! Done lines go from the front of the done file, while their message is
-//! gone and their index is below that cursor; the file then begins with a
-//! `base` line counting them, so indices (the history's cursor) keep their
-//! meaning.
+//! A done line goes once its message is gone and its index is below that
+//! cursor; a `base` line then gives the index of the next one wherever it
+//! does not follow, so indices (the history's cursor) keep their meaning.
 //!
 //! How: both files are written whole to `.tmp` files and fsynced, then the
 //! log is renamed over its old self and the directory fsynced, then the
@@ -211,11 +214,11 @@ pub(crate) fn compact_destination(
     let raw = raw_lines(&path, synced)?;
     let entries: Vec<Option<Entry>> = raw.iter().map(|l| serde_json::from_slice(l).ok()).collect();
     let done_path = cursor.done_path().to_owned();
-    let (base, outcomes) = read_done(&done_path)?;
-    let index: HashMap<&str, u64> = outcomes
+    let file = read_done(&done_path)?;
+    let index: HashMap<&str, u64> = file
+        .outcomes
         .iter()
-        .enumerate()
-        .map(|(i, d)| (d.id.as_str(), base + i as u64))
+        .map(|(i, d)| (d.id.as_str(), *i))
         .collect();
     let plan = plan(&entries, oldest, &index, finished);
     let kept_ids: HashSet<&str> = entries
@@ -226,13 +229,13 @@ pub(crate) fn compact_destination(
             _ => None,
         })
         .collect();
-    let front = outcomes
+    // An outcome goes with its message, once the history has it.
+    let outcomes: Vec<&(u64, Done)> = file
+        .outcomes
         .iter()
-        .enumerate()
-        .take_while(|(i, d)| {
-            !kept_ids.contains(d.id.as_str()) && base + (*i as u64) < plan.reported
-        })
-        .count();
+        .filter(|(i, d)| kept_ids.contains(d.id.as_str()) || *i >= plan.reported)
+        .collect();
+    let dropped_outcomes = file.outcomes.len() - outcomes.len();
     let mut out = Compacted {
         executions: entries
             .iter()
@@ -252,7 +255,7 @@ pub(crate) fn compact_destination(
             .count() as u64,
         synced,
     };
-    if out.lines == raw.len() as u64 && front == 0 {
+    if out.lines == raw.len() as u64 && dropped_outcomes == 0 {
         return Ok(out);
     }
     let mut log_bytes = Vec::new();
@@ -267,15 +270,15 @@ pub(crate) fn compact_destination(
         }
         offset += line.len() as u64;
     }
-    let done_bytes = (front > 0)
-        .then(|| encode_done(base + front as u64, &outcomes[front..]))
+    let done_bytes = (dropped_outcomes > 0)
+        .then(|| encode_done(&outcomes, file.next))
         .transpose()?;
     replace(&path, &log_bytes, &done_path, done_bytes.as_deref(), steps)?;
     if steps != usize::MAX {
         return Ok(out);
     }
     log.reopen()?;
-    let done: HashSet<String> = outcomes[front..].iter().map(|d| d.id.clone()).collect();
+    let done: HashSet<String> = outcomes.iter().map(|(_, d)| d.id.clone()).collect();
     cursor.reopen(position, done)?;
     out.synced = log_bytes.len() as u64;
     Ok(out)
@@ -303,13 +306,28 @@ fn raw_lines(path: &Path, len: u64) -> Result<Vec<Vec<u8>>, DeliveryError> {
     }
 }
 
-fn encode_done(base: u64, outcomes: &[Done]) -> Result<Vec<u8>, DeliveryError> {
+/// A done file of `outcomes` (with their indices) whose next outcome has
+/// index `next`: a `base` line wherever an index does not follow from the
+/// line before.
+fn encode_done(outcomes: &[&(u64, Done)], next: u64) -> Result<Vec<u8>, DeliveryError> {
     let encode = |e: serde_json::Error| DeliveryError::Encode(e.to_string());
-    let mut bytes = serde_json::to_vec(&DoneBase::new(base)).map_err(encode)?;
-    bytes.push(b'\n');
-    for d in outcomes {
+    let mut bytes = Vec::new();
+    let mut expected = 0;
+    let base = |bytes: &mut Vec<u8>, index: u64| -> Result<(), DeliveryError> {
+        serde_json::to_writer(&mut *bytes, &DoneBase::new(index)).map_err(encode)?;
+        bytes.push(b'\n');
+        Ok(())
+    };
+    for (index, d) in outcomes {
+        if *index != expected {
+            base(&mut bytes, *index)?;
+        }
         serde_json::to_writer(&mut bytes, d).map_err(encode)?;
         bytes.push(b'\n');
+        expected = index + 1;
+    }
+    if next != expected {
+        base(&mut bytes, next)?;
     }
     Ok(bytes)
 }
@@ -391,10 +409,8 @@ pub(crate) fn plan(
                     || !reported
                     || m.alert_for.as_ref().is_some_and(|f| !finished.contains(f))
             }
-            Some(Entry::Buf(b)) => {
-                !((behind || again.contains(b.execution.as_str()))
-                    && in_messages.contains(b.execution.as_str()))
-            }
+            // Its message's execution ids stop a replay from then on.
+            Some(Entry::Buf(b)) => !in_messages.contains(b.execution.as_str()),
             Some(Entry::Mark(_)) => !behind,
             Some(Entry::Run | Entry::Again(_)) | None => true,
         })
@@ -618,8 +634,9 @@ mod tests {
         assert!(lines.contains(&mark(10, 2)) && lines.contains(&mark(20, 3)));
 
         // The done file starts at index 2: m4's outcome keeps its index.
-        let (base, outcomes) = read_done(&outbox::done_path(dir.path(), DEST)).unwrap();
-        assert_eq!((base, outcomes.len()), (2, 1));
+        let file = read_done(&outbox::done_path(dir.path(), DEST)).unwrap();
+        let indices: Vec<u64> = file.outcomes.iter().map(|(i, _)| *i).collect();
+        assert_eq!((indices, file.next), (vec![2], 3));
         let loaded = outbox::load(dir.path(), &BTreeMap::from([(DEST.to_owned(), 2)])).unwrap();
         let d = &loaded.destinations[DEST];
         assert_eq!(d.done_lines, 3);
@@ -721,12 +738,27 @@ mod tests {
         assert_eq!(d.done_lines, 4);
     }
 
+    /// Outcomes kept around dropped ones (a message that stays, between
+    /// ones that went) keep their indices, and so does the next one.
+    #[test]
+    fn kept_outcomes_keep_their_indices_across_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.done");
+        let outcomes = [(1u64, done("m2")), (4, done("m5"))];
+        let kept: Vec<&(u64, Done)> = outcomes.iter().collect();
+        std::fs::write(&path, encode_done(&kept, 7).unwrap()).unwrap();
+        let file = read_done(&path).unwrap();
+        assert_eq!(file.outcomes, outcomes);
+        assert_eq!(file.next, 7);
+    }
+
     fn entries(list: Vec<Entry>) -> Vec<Option<Entry>> {
         list.into_iter().map(Some).collect()
     }
 
     /// A mark speaks for the lines of its own run only: a crashed run's
-    /// lines after its last mark stay, whatever later runs mark.
+    /// message after its last mark stays, whatever later runs mark; its
+    /// `buf` line goes once the firing is in a message.
     #[test]
     fn a_crashed_runs_tail_stays() {
         let lines = entries(vec![
@@ -734,14 +766,19 @@ mod tests {
             Entry::Msg(msg("m1", "e1")),
             mark(5, 9),
             Entry::Msg(msg("m2", "e2")),
+            buf("e9"),
             Entry::Run,
             Entry::Msg(msg("m3", "e3")),
+            Entry::Msg(msg("m9", "e9")),
             mark(8, 9),
         ]);
-        let done = HashMap::from([("m1", 0), ("m2", 1), ("m3", 2)]);
+        let done = HashMap::from([("m1", 0), ("m2", 1), ("m3", 2), ("m9", 3)]);
         let plan = plan(&lines, 8, &done, &HashSet::new());
         assert_eq!(plan.reported, 9);
-        assert_eq!(plan.keep, [true, false, true, true, true, false, true]);
+        assert_eq!(
+            plan.keep,
+            [true, false, true, true, false, true, false, false, true]
+        );
     }
 
     /// Once the replay of a later run fired a tail's firing again (its

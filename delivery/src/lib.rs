@@ -811,10 +811,9 @@ impl OutboxThread {
         if !self.logs.contains_key(destination) {
             // Its log may hold no message any more, its done file still
             // counts the outcomes before.
-            let (base, done) = outbox::read_done(&outbox::done_path(&self.dir, destination))?;
-            let lines = base + done.len() as u64;
-            let done = done.into_iter().map(|d| d.id).collect();
-            self.open_destination(destination, 0, done, lines)?;
+            let file = outbox::read_done(&outbox::done_path(&self.dir, destination))?;
+            let done = file.outcomes.into_iter().map(|(_, d)| d.id).collect();
+            self.open_destination(destination, 0, done, file.next)?;
         }
         if let Some(log) = self.logs.get_mut(destination) {
             log.append(entry)?;

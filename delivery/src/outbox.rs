@@ -23,10 +23,10 @@
 //! history had then). So the lines of one run before a mark come from
 //! inputs the snapshot of that cut covers, and [`crate::compact`] can drop
 //! what no kept snapshot can replay (an `again` line carries a firing of an
-//! earlier run's unmarked tail into the run whose replay fired it again). Compaction rewrites both files; the
-//! done file then begins with a `base` line saying how many done lines
-//! came before its first, so a done line's index (the history's cursor)
-//! keeps its meaning.
+//! earlier run's unmarked tail into the run whose replay fired it again).
+//! Compaction rewrites both files; in the done file, a `base` line gives
+//! the index of the next outcome where dropped ones came before it, so an
+//! outcome's index (the history's cursor) keeps its meaning.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -104,12 +104,12 @@ pub struct Again {
     pub execution: String,
 }
 
-/// The first line of a compacted done file: how many done lines were
-/// dropped before it.
+/// A line of a compacted done file: the index of the next outcome (the
+/// outcomes before it that were dropped still count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct DoneBase {
     t: BaseTag,
-    /// Done lines dropped before the first line of the file.
+    /// The index of the next outcome.
     pub(crate) lines: u64,
 }
 
@@ -135,21 +135,29 @@ enum DoneLine {
     Outcome(Done),
 }
 
-/// A done file: how many lines were dropped before its first (its base),
-/// and its outcomes; the outcome at position `i` has index `base + i`.
-pub(crate) fn read_done(path: &Path) -> Result<(u64, Vec<Done>), DeliveryError> {
-    let mut base = 0;
-    let mut outcomes = Vec::new();
+/// A done file as read.
+#[derive(Debug, Default)]
+pub(crate) struct DoneFile {
+    /// Each outcome with its index: the outcomes before it, dropped ones
+    /// included (a `base` line gives the index of the next outcome).
+    pub(crate) outcomes: Vec<(u64, Done)>,
+    /// The index of the next outcome appended.
+    pub(crate) next: u64,
+}
+
+/// Reads a done file.
+pub(crate) fn read_done(path: &Path) -> Result<DoneFile, DeliveryError> {
+    let mut file = DoneFile::default();
     for line in read_lines::<DoneLine>(path)? {
         match line {
-            DoneLine::Base(b) if outcomes.is_empty() => base = b.lines,
-            DoneLine::Base(_) => {
-                tracing::warn!(path = %path.display(), "skipping a base line in the middle of a done file")
+            DoneLine::Base(b) => file.next = file.next.max(b.lines),
+            DoneLine::Outcome(d) => {
+                file.outcomes.push((file.next, d));
+                file.next += 1;
             }
-            DoneLine::Outcome(d) => outcomes.push(d),
         }
     }
-    Ok((base, outcomes))
+    Ok(file)
 }
 
 /// A destination's file name: readable, and unique through a hash suffix.
@@ -536,26 +544,24 @@ pub(crate) fn load(dir: &Path, reported: &BTreeMap<String, u64>) -> Result<Loade
         );
         if let Some(d) = destination {
             loaded.tail.extend(tail.into_iter().map(|k| (k, d.clone())));
-            let (base, done) = read_done(&done_path(dir, &d))?;
+            let done = read_done(&done_path(dir, &d))?;
             let from = reported.get(&d).copied().unwrap_or(0);
             let mut by_id: BTreeMap<&str, &Message> = BTreeMap::new();
-            if base + (done.len() as u64) > from {
+            if done.next > from {
                 by_id = messages.iter().map(|m| (m.id.as_str(), m)).collect();
             }
             let mut entry = LoadedDestination {
                 queued,
-                done_lines: base,
+                done_lines: done.next,
                 ..LoadedDestination::default()
             };
-            for (i, outcome) in done.into_iter().enumerate() {
-                let i = base + i as u64;
+            for (i, outcome) in done.outcomes {
                 if i >= from {
                     if let Some(m) = by_id.get(outcome.id.as_str()) {
                         entry.unreported.push((i, (*m).clone(), outcome.clone()));
                     }
                 }
                 entry.done.insert(outcome.id);
-                entry.done_lines = i + 1;
             }
             loaded.destinations.insert(d, entry);
         }
