@@ -26,6 +26,9 @@
 //!   before is durable (merge buffers too) before the engine snapshot that
 //!   covers its cause is written. A crash before the barrier loses nothing
 //!   either: the engine replays those causes and fires again.
+//! - **Compaction**: each snapshot cut marks the logs ([`Notifier::mark`]);
+//!   what is delivered, in the history and beyond the replay of every kept
+//!   snapshot is then dropped (`compact`), so the outbox stays bounded.
 //! - **Isolation**: each destination has its own task and its own log; the
 //!   queue is the log on disk, memory holds the one message in flight. A
 //!   slow or dead receiver delays only its own destination, and its
@@ -42,6 +45,7 @@
 //! retry, outcome); `send` one attempt per channel; [`outbox`] the files;
 //! [`retry`] the back-off.
 
+mod compact;
 mod config;
 pub mod outbox;
 mod queue;
@@ -195,11 +199,12 @@ pub struct DeliveryTotals {
 
 struct Destination {
     name: String,
-    log: PathBuf,
     queued: AtomicU64,
     completed: AtomicU64,
     synced: AtomicU64,
     wake: tokio::sync::Notify,
+    /// The task's place in the files (a compaction moves it).
+    cursor: std::sync::Mutex<outbox::Cursor>,
 }
 
 impl Destination {
@@ -265,6 +270,8 @@ enum Request {
     RemoveEndpoint(String),
     /// Make everything submitted so far durable (merge buffers included).
     Sync(Sender<Result<(), Arc<DeliveryError>>>),
+    /// A snapshot cut: mark the logs, compact them when due.
+    Cut(compact::Cut),
     /// Send every merge buffer now.
     Flush(Sender<Result<(), Arc<DeliveryError>>>),
     /// Queue the alert of a failed message; answered once durable.
@@ -353,6 +360,15 @@ impl Notifier {
             runtime: runtime.handle().clone(),
             options,
             merge_interval: Duration::from_millis(shared.config.merge_interval_ms),
+            compaction: compact::State::new(
+                loaded
+                    .destinations
+                    .values()
+                    .map(|d| d.done.len() as u64)
+                    .sum(),
+                loaded.lines,
+            ),
+            tail: loaded.tail,
         };
         let resumed: u64 = loaded
             .destinations
@@ -456,6 +472,19 @@ impl Notifier {
         rx.recv()
             .map_err(|_| stopped())?
             .map_err(DeliveryError::Failed)
+    }
+
+    /// A snapshot cut through input `seq` (everything submitted before
+    /// comes from inputs it covers), `reported` the cursors it records,
+    /// `oldest_kept` the oldest snapshot on disk: the outbox marks its logs
+    /// and drops what no kept snapshot can replay (see `compact`). Never
+    /// blocks.
+    pub fn mark(&self, seq: u64, oldest_kept: Option<u64>, reported: &BTreeMap<String, u64>) {
+        let _ = self.shared.requests.send(Request::Cut(compact::Cut {
+            seq,
+            oldest_kept,
+            reported: reported.clone(),
+        }));
     }
 
     /// Returns once everything submitted before is on disk (fsynced): the

@@ -16,8 +16,19 @@
 //!
 //! A line cut short by a crash is dropped on load (the file is cut back
 //! to its last complete line).
+//!
+//! The log also says what replays can repeat: each process begins its
+//! lines with a `run` line, and each snapshot cut writes a `mark` line
+//! (`"t":"mark"`, the cut's input sequence and how many done lines the
+//! history had then). So the lines of one run before a mark come from
+//! inputs the snapshot of that cut covers, and [`crate::compact`] can drop
+//! what no kept snapshot can replay (an `again` line carries a firing of an
+//! earlier run's unmarked tail into the run whose replay fired it again).
+//! Compaction rewrites both files; in the done file, a `base` line gives
+//! the index of the next outcome where dropped ones came before it, so an
+//! outcome's index (the history's cursor) keeps its meaning.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -52,6 +63,18 @@ pub struct Buffered {
     pub firing: RuleFiredEvent,
 }
 
+/// A snapshot cut, in a log: the lines of the same run before it come
+/// from inputs at or before `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// The input sequence the cut's snapshot covers.
+    pub seq: u64,
+    /// How many of the destination's done lines the history had at the
+    /// cut (the snapshot's `notify.<destination>` cursor).
+    #[serde(default)]
+    pub reported: u64,
+}
+
 /// A log line.
 // One value lives at a time (a line being written or read): its size is
 // of no consequence.
@@ -63,6 +86,78 @@ pub enum Entry {
     Msg(Message),
     /// A firing in a merge buffer.
     Buf(Buffered),
+    /// A snapshot cut.
+    Mark(Mark),
+    /// A process began writing here: marks before this line say nothing
+    /// about the lines after it, nor later marks about the lines before.
+    Run,
+    /// The replay of this run fired again a firing that an earlier run
+    /// wrote after its last mark (a kill's tail): the marks after this
+    /// line speak for that firing's line too.
+    Again(Again),
+}
+
+/// See [`Entry::Again`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Again {
+    /// The execution fired again.
+    pub execution: String,
+}
+
+/// A line of a compacted done file: the index of the next outcome (the
+/// outcomes before it that were dropped still count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DoneBase {
+    t: BaseTag,
+    /// The index of the next outcome.
+    pub(crate) lines: u64,
+}
+
+impl DoneBase {
+    pub(crate) fn new(lines: u64) -> DoneBase {
+        DoneBase {
+            t: BaseTag::Base,
+            lines,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum BaseTag {
+    #[serde(rename = "base")]
+    Base,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DoneLine {
+    Base(DoneBase),
+    Outcome(Done),
+}
+
+/// A done file as read.
+#[derive(Debug, Default)]
+pub(crate) struct DoneFile {
+    /// Each outcome with its index: the outcomes before it, dropped ones
+    /// included (a `base` line gives the index of the next outcome).
+    pub(crate) outcomes: Vec<(u64, Done)>,
+    /// The index of the next outcome appended.
+    pub(crate) next: u64,
+}
+
+/// Reads a done file.
+pub(crate) fn read_done(path: &Path) -> Result<DoneFile, DeliveryError> {
+    let mut file = DoneFile::default();
+    for line in read_lines::<DoneLine>(path)? {
+        match line {
+            DoneLine::Base(b) => file.next = file.next.max(b.lines),
+            DoneLine::Outcome(d) => {
+                file.outcomes.push((file.next, d));
+                file.next += 1;
+            }
+        }
+    }
+    Ok(file)
 }
 
 /// A destination's file name: readable, and unique through a hash suffix.
@@ -90,7 +185,7 @@ pub(crate) fn done_path(dir: &Path, destination: &str) -> PathBuf {
     dir.join(format!("{}.done", file_stem(destination)))
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DeliveryError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DeliveryError + '_ {
     move |source| DeliveryError::Io {
         path: path.to_owned(),
         source,
@@ -188,6 +283,164 @@ impl Appender {
     }
 }
 
+/// A destination's log as the outbox thread writes it: its first line in
+/// this process is a `run` line, and a snapshot cut marks it when it has
+/// news (lines, or outcomes the history took) since its last mark.
+pub(crate) struct Log {
+    appender: Appender,
+    begun: bool,
+    unmarked: bool,
+    reported: Option<u64>,
+}
+
+impl Log {
+    pub(crate) fn open(path: PathBuf) -> Result<Log, DeliveryError> {
+        Ok(Log {
+            appender: Appender::open(path)?,
+            begun: false,
+            unmarked: false,
+            reported: None,
+        })
+    }
+
+    pub(crate) fn append(&mut self, entry: &Entry) -> Result<(), DeliveryError> {
+        if !self.begun {
+            self.appender.append(&Entry::Run)?;
+            self.begun = true;
+        }
+        self.unmarked = true;
+        self.appender.append(entry)
+    }
+
+    /// Writes the mark of the cut through input `seq` when there is news
+    /// since the last; true when it did.
+    pub(crate) fn mark(&mut self, seq: u64, reported: u64) -> Result<bool, DeliveryError> {
+        if !self.unmarked && self.reported == Some(reported) {
+            return Ok(false);
+        }
+        self.append(&Entry::Mark(Mark { seq, reported }))?;
+        self.unmarked = false;
+        self.reported = Some(reported);
+        Ok(true)
+    }
+
+    /// Flushes and fsyncs; returns the durable length.
+    pub(crate) fn sync(&mut self) -> Result<u64, DeliveryError> {
+        self.appender.sync()
+    }
+
+    /// Appends to the file now at its path (after a compaction replaced
+    /// it); this process's run goes on in it.
+    pub(crate) fn reopen(&mut self) -> Result<(), DeliveryError> {
+        self.appender = Appender::open(self.appender.path.clone())?;
+        Ok(())
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.appender.path
+    }
+}
+
+/// What a destination's task reads next.
+pub(crate) enum Next {
+    /// Nothing durable past the position: wait for a wake-up.
+    Wait,
+    /// The durable length is not visible through the reader yet.
+    Retry,
+    /// A message not done yet.
+    Message(Box<Message>),
+    /// A line with nothing to send (done, not a message, unreadable).
+    Skip,
+}
+
+/// A destination task's place in its log and its done file. Shared with
+/// the outbox thread, which moves it into the files a compaction writes.
+pub(crate) struct Cursor {
+    log: PathBuf,
+    reader: BufReader<File>,
+    /// Byte position of the next line of the log (always at a line start).
+    pub(crate) position: u64,
+    done_path: PathBuf,
+    done_log: Appender,
+    /// Index of the next done line (dropped lines included).
+    pub(crate) done_lines: u64,
+    /// Ids of the messages whose done lines the done file holds.
+    pub(crate) done: HashSet<String>,
+}
+
+impl Cursor {
+    /// At the start of `log`, appending to `done_path`.
+    pub(crate) fn open(
+        log: PathBuf,
+        done_path: PathBuf,
+        done: HashSet<String>,
+        done_lines: u64,
+    ) -> Result<Cursor, DeliveryError> {
+        let reader = BufReader::new(File::open(&log).map_err(io(&log))?);
+        let done_log = Appender::open(done_path.clone())?;
+        Ok(Cursor {
+            log,
+            reader,
+            position: 0,
+            done_path,
+            done_log,
+            done_lines,
+            done,
+        })
+    }
+
+    pub(crate) fn done_path(&self) -> &Path {
+        &self.done_path
+    }
+
+    /// Reads the next line if it is within the durable length `synced`.
+    pub(crate) fn next(&mut self, synced: u64) -> Result<Next, DeliveryError> {
+        if self.position >= synced {
+            return Ok(Next::Wait);
+        }
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).map_err(io(&self.log))?;
+        if n == 0 {
+            return Ok(Next::Retry);
+        }
+        self.position += n as u64;
+        Ok(match serde_json::from_str::<Entry>(&line) {
+            Ok(Entry::Msg(m)) if !self.done.contains(&m.id) => Next::Message(Box::new(m)),
+            Ok(_) => Next::Skip,
+            Err(e) => {
+                tracing::warn!(path = %self.log.display(), error = %e, "skipping an unreadable outbox line");
+                Next::Skip
+            }
+        })
+    }
+
+    /// Appends a message's outcome; returns its done line's index.
+    pub(crate) fn record(&mut self, done: &Done) -> Result<u64, DeliveryError> {
+        self.done_log.append(done)?;
+        self.done_log.flush()?;
+        self.done.insert(done.id.clone());
+        self.done_lines += 1;
+        Ok(self.done_lines - 1)
+    }
+
+    /// Moves to the files a compaction just put in place: `position` in
+    /// the new log, `done` the ids its done file holds.
+    pub(crate) fn reopen(
+        &mut self,
+        position: u64,
+        done: HashSet<String>,
+    ) -> Result<(), DeliveryError> {
+        let mut file = File::open(&self.log).map_err(io(&self.log))?;
+        file.seek(std::io::SeekFrom::Start(position))
+            .map_err(io(&self.log))?;
+        self.reader = BufReader::new(file);
+        self.position = position;
+        self.done_log = Appender::open(self.done_path.clone())?;
+        self.done = done;
+        Ok(())
+    }
+}
+
 /// A destination as a restart finds it.
 #[derive(Debug, Default)]
 pub(crate) struct LoadedDestination {
@@ -195,7 +448,8 @@ pub(crate) struct LoadedDestination {
     pub(crate) queued: u64,
     /// Ids of the messages done.
     pub(crate) done: HashSet<String>,
-    /// Lines of the done file.
+    /// Index of the next done line (lines dropped by compactions
+    /// included).
     pub(crate) done_lines: u64,
     /// Outcomes past the `reported` cursor, with their messages, in order:
     /// (done line index, message, outcome).
@@ -211,6 +465,13 @@ pub(crate) struct Loaded {
     pub(crate) destinations: BTreeMap<String, LoadedDestination>,
     /// Firings of merge buffers not yet in a message.
     pub(crate) buffered: Vec<Buffered>,
+    /// Lines of the logs.
+    pub(crate) lines: u64,
+    /// The executions of the lines each log has after the last mark of its
+    /// last run (a kill's tail, a drain's last messages), with their
+    /// destination: a replay that fires one again says so with an
+    /// [`Entry::Again`] line.
+    pub(crate) tail: HashMap<u128, String>,
 }
 
 pub(crate) fn execution_key(execution: &str) -> u128 {
@@ -222,13 +483,36 @@ pub(crate) fn execution_key(execution: &str) -> u128 {
 pub(crate) fn load(dir: &Path, reported: &BTreeMap<String, u64>) -> Result<Loaded, DeliveryError> {
     let mut loaded = Loaded::default();
     let entries = std::fs::read_dir(dir).map_err(io(dir))?;
-    let mut logs: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
+    let files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    // A compaction cut short: the files it replaces are still whole.
+    for tmp in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "tmp"))
+    {
+        std::fs::remove_file(tmp).map_err(io(tmp))?;
+    }
+    let mut logs: Vec<PathBuf> = files
+        .into_iter()
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .collect();
     logs.sort();
     for log in logs {
         let lines: Vec<Entry> = read_lines(&log)?;
+        loaded.lines += lines.len() as u64;
+        // Each run's lines after its last mark (an `again` line there is a
+        // tail too: no mark of its run followed it either).
+        let mut tail = Vec::new();
+        let mut unmarked = Vec::new();
+        for entry in &lines {
+            match entry {
+                Entry::Run => tail.append(&mut unmarked),
+                Entry::Mark(_) => unmarked.clear(),
+                Entry::Msg(m) => unmarked.extend(m.executions.iter().map(|x| execution_key(x))),
+                Entry::Buf(b) => unmarked.push(execution_key(&b.execution)),
+                Entry::Again(a) => unmarked.push(execution_key(&a.execution)),
+            }
+        }
+        tail.append(&mut unmarked);
         let mut covered = HashSet::new();
         let mut bufs = Vec::new();
         let mut destination = None;
@@ -251,6 +535,7 @@ pub(crate) fn load(dir: &Path, reported: &BTreeMap<String, u64>) -> Result<Loade
                     loaded.seen.insert(execution_key(&b.execution));
                     bufs.push(b);
                 }
+                Entry::Mark(_) | Entry::Run | Entry::Again(_) => {}
             }
         }
         loaded.buffered.extend(
@@ -258,25 +543,25 @@ pub(crate) fn load(dir: &Path, reported: &BTreeMap<String, u64>) -> Result<Loade
                 .filter(|b| !covered.contains(&execution_key(&b.execution))),
         );
         if let Some(d) = destination {
-            let done: Vec<Done> = read_lines(&done_path(dir, &d))?;
+            loaded.tail.extend(tail.into_iter().map(|k| (k, d.clone())));
+            let done = read_done(&done_path(dir, &d))?;
             let from = reported.get(&d).copied().unwrap_or(0);
             let mut by_id: BTreeMap<&str, &Message> = BTreeMap::new();
-            if (done.len() as u64) > from {
+            if done.next > from {
                 by_id = messages.iter().map(|m| (m.id.as_str(), m)).collect();
             }
             let mut entry = LoadedDestination {
                 queued,
+                done_lines: done.next,
                 ..LoadedDestination::default()
             };
-            for (i, outcome) in done.into_iter().enumerate() {
-                let i = i as u64;
+            for (i, outcome) in done.outcomes {
                 if i >= from {
                     if let Some(m) = by_id.get(outcome.id.as_str()) {
                         entry.unreported.push((i, (*m).clone(), outcome.clone()));
                     }
                 }
                 entry.done.insert(outcome.id);
-                entry.done_lines = i + 1;
             }
             loaded.destinations.insert(d, entry);
         }

@@ -16,7 +16,8 @@ use flowcap_rules::message::{Message, MessageChannel};
 use flowcap_rules::template::{template, TemplateOptions};
 use flowcap_rules::webhook::{merged_bodies, message_id, single_body, MAX_MERGED};
 
-use crate::outbox::{self, Appender, Buffered, Entry, MergeKey};
+use crate::compact;
+use crate::outbox::{self, Buffered, Cursor, Entry, Log, MergeKey};
 use crate::worker::worker;
 use crate::{
     DeliveryError, Destination, PushFailedEvent, Request, Shared, METRIC_PUSH_FAILED, METRIC_QUEUED,
@@ -33,13 +34,16 @@ pub(crate) struct MergeBuffer {
 pub(crate) struct OutboxThread {
     pub(crate) dir: PathBuf,
     pub(crate) seen: HashSet<u128>,
-    pub(crate) logs: HashMap<String, Appender>,
+    pub(crate) logs: HashMap<String, Log>,
     pub(crate) merges: BTreeMap<MergeKey, MergeBuffer>,
     pub(crate) touched: HashSet<String>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) options: TemplateOptions,
     pub(crate) merge_interval: Duration,
+    pub(crate) compaction: compact::State,
+    /// Executions of the lines earlier runs left after their last mark.
+    pub(crate) tail: HashMap<u128, String>,
 }
 
 impl OutboxThread {
@@ -72,6 +76,7 @@ impl OutboxThread {
                         self.persist_buffers()?;
                         acks.push(reply);
                     }
+                    Request::Cut(cut) => self.cut(cut)?,
                     Request::Flush(reply) => {
                         let keys: Vec<MergeKey> = self.merges.keys().cloned().collect();
                         for k in keys {
@@ -149,14 +154,16 @@ impl OutboxThread {
             return Ok(());
         }
         let path = outbox::log_path(&self.dir, name);
-        let mut log = Appender::open(path.clone())?;
+        let mut log = Log::open(path.clone())?;
+        let completed = done.len() as u64;
+        let cursor = Cursor::open(path, outbox::done_path(&self.dir, name), done, done_lines)?;
         let dest = Arc::new(Destination {
             name: name.to_owned(),
-            log: path,
             queued: AtomicU64::new(queued),
-            completed: AtomicU64::new(done.len() as u64),
+            completed: AtomicU64::new(completed),
             synced: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
+            cursor: std::sync::Mutex::new(cursor),
         });
         // What is on disk already is durable.
         dest.synced.store(log.sync()?, Ordering::Release);
@@ -167,16 +174,19 @@ impl OutboxThread {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_owned(), dest.clone());
-        let done_path = outbox::done_path(&self.dir, name);
         let shared = self.shared.clone();
         self.runtime
-            .spawn(async move { worker(dest, done_path, done, done_lines, shared).await });
+            .spawn(async move { worker(dest, shared).await });
         Ok(())
     }
 
     pub(crate) fn append(&mut self, destination: &str, entry: &Entry) -> Result<(), DeliveryError> {
         if !self.logs.contains_key(destination) {
-            self.open_destination(destination, 0, HashSet::new(), 0)?;
+            // Its log may hold no message any more, its done file still
+            // counts the outcomes before.
+            let file = outbox::read_done(&outbox::done_path(&self.dir, destination))?;
+            let done = file.outcomes.into_iter().map(|(_, d)| d.id).collect();
+            self.open_destination(destination, 0, done, file.next)?;
         }
         if let Some(log) = self.logs.get_mut(destination) {
             log.append(entry)?;
@@ -203,7 +213,9 @@ impl OutboxThread {
             }
             let execution = execution_id(&firing.id, index);
             if !self.seen.insert(outbox::execution_key(&execution)) {
-                continue; // queued before: a replay after a restart
+                // Queued before: a replay after a restart.
+                self.again(&execution)?;
+                continue;
             }
             let base = |channel, body: String| Message {
                 id: String::new(),

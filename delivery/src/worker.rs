@@ -2,9 +2,6 @@
 //! sent, retried with back-off or as `Retry-After` says, and its outcome
 //! written to the destination's done file.
 
-use std::collections::HashSet;
-use std::io::BufRead;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +9,7 @@ use std::time::Duration;
 use flowcap_engine::Timestamp;
 use flowcap_rules::message::{DeliveryRow, Done, Final, Message, MessageChannel};
 
-use crate::outbox::{Appender, Entry};
+use crate::outbox::Next;
 use crate::retry::Verdict;
 use crate::{
     send, DeliveryError, Destination, PushFailedEvent, Request, Shared, METRIC_ATTEMPTS,
@@ -21,57 +18,32 @@ use crate::{
 
 /// One destination's task: reads its log from disk up to the durable
 /// length and delivers each message not yet done, one at a time.
-pub(crate) async fn worker(
-    dest: Arc<Destination>,
-    done_path: PathBuf,
-    already_done: HashSet<String>,
-    done_lines: u64,
-    shared: Arc<Shared>,
-) {
+pub(crate) async fn worker(dest: Arc<Destination>, shared: Arc<Shared>) {
     let name = dest.name.clone();
-    if let Err(e) = run_worker(&dest, done_path, already_done, done_lines, &shared).await {
+    if let Err(e) = run_worker(&dest, &shared).await {
         tracing::error!(destination = %name, error = %e, "notification delivery stopped for this destination");
     }
 }
 
-pub(crate) async fn run_worker(
-    dest: &Destination,
-    done_path: PathBuf,
-    already_done: HashSet<String>,
-    mut done_lines: u64,
-    shared: &Shared,
-) -> Result<(), DeliveryError> {
-    let io = |source| DeliveryError::Io {
-        path: dest.log.clone(),
-        source,
-    };
-    let mut reader = std::io::BufReader::new(std::fs::File::open(&dest.log).map_err(io)?);
-    let mut done_log = Appender::open(done_path)?;
-    let mut position = 0u64;
-    let mut line = String::new();
+pub(crate) async fn run_worker(dest: &Destination, shared: &Shared) -> Result<(), DeliveryError> {
+    let cursor = || dest.cursor.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return Ok(());
         }
-        if position >= dest.synced.load(Ordering::Acquire) {
-            dest.wake.notified().await;
-            continue;
-        }
-        line.clear();
-        let n = reader.read_line(&mut line).map_err(io)?;
-        if n == 0 {
-            // Synced length not visible through this handle yet.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        }
-        position += n as u64;
-        let message = match serde_json::from_str::<Entry>(&line) {
-            Ok(Entry::Msg(m)) if !already_done.contains(&m.id) => m,
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::warn!(destination = %dest.name, error = %e, "skipping an unreadable outbox line");
+        let next = cursor().next(dest.synced.load(Ordering::Acquire))?;
+        let message = match next {
+            Next::Wait => {
+                dest.wake.notified().await;
                 continue;
             }
+            Next::Retry => {
+                // Synced length not visible through this handle yet.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            Next::Skip => continue,
+            Next::Message(m) => *m,
         };
         let done = deliver(shared, &message).await;
         if done.outcome == Final::Failed && message.alert_for.is_none() {
@@ -85,8 +57,7 @@ pub(crate) async fn run_worker(
                 let _ = rx.await;
             }
         }
-        done_log.append(&done)?;
-        done_log.flush()?;
+        let index = cursor().record(&done)?;
         match done.outcome {
             Final::Delivered => shared.delivered.fetch_add(1, Ordering::AcqRel),
             Final::Failed => shared.failed.fetch_add(1, Ordering::AcqRel),
@@ -103,11 +74,10 @@ pub(crate) async fn run_worker(
             .unwrap_or_else(|e| e.into_inner())
             .push(DeliveryRow {
                 destination: dest.name.clone(),
-                index: done_lines,
+                index,
                 message,
                 done,
             });
-        done_lines += 1;
     }
 }
 

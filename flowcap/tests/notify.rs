@@ -30,6 +30,12 @@ fn iccid(n: u32) -> String {
 /// Commands and records: every card crosses 20 MB once (rule `single`,
 /// one message per card) and 25 MB once (rule `merged`, merged messages).
 fn write_inputs(dir: &Path, url: &str) {
+    write_usage(dir, url, CARDS, 10, |_| 3);
+}
+
+/// [`write_inputs`] for `cards` cards, each with `steps` records of
+/// `mb(card)` MB.
+fn write_usage(dir: &Path, url: &str, cards: u32, steps: u32, mb: impl Fn(u32) -> u64) {
     let at = "2026-11-01T00:00:00+08:00";
     let mut commands = Vec::new();
     let mut cmd = |ty: &str, body: Value| {
@@ -54,7 +60,7 @@ fn write_inputs(dir: &Path, url: &str) {
         "upsert_webhook",
         json!({"webhook": {"id": "hook2", "url": url, "secret": SECRET, "colour": "red"}}),
     );
-    for n in 1..=CARDS {
+    for n in 1..=cards {
         cmd(
             "upsert_card",
             json!({"card": {"iccid": iccid(n), "carrier": "cmcc", "plan": "p100", "state": "active",
@@ -73,14 +79,14 @@ fn write_inputs(dir: &Path, url: &str) {
     );
     std::fs::write(dir.join("commands.jsonl"), commands.join("\n") + "\n").unwrap();
     let mut usage = std::fs::File::create(dir.join("usage.jsonl")).unwrap();
-    for step in 0..10u32 {
-        for n in 1..=CARDS {
+    for step in 0..steps {
+        for n in 1..=cards {
             let end = format!("2026-11-10T{:02}:{:02}:00+08:00", step, n % 60);
             writeln!(
                 usage,
                 "{}",
                 json!({"record_id": format!("r-{n}-{step}"), "iccid": iccid(n), "end": end,
-                    "bytes_up": 0, "bytes_down": 3 * 1_048_576})
+                    "bytes_up": 0, "bytes_down": mb(n) * 1_048_576})
             )
             .unwrap();
         }
@@ -88,6 +94,11 @@ fn write_inputs(dir: &Path, url: &str) {
 }
 
 fn flowcap(dir: &Path) -> Command {
+    flowcap_on(dir, "usage.jsonl")
+}
+
+/// `flowcap run` on the input file `input` of `dir`.
+fn flowcap_on(dir: &Path, input: &str) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args([
         "run",
@@ -101,7 +112,7 @@ fn flowcap(dir: &Path) -> Command {
     .arg("--config")
     .arg(dir.join("flowcap.toml"))
     .arg("--input")
-    .arg(dir.join("usage.jsonl"))
+    .arg(dir.join(input))
     .arg("--commands")
     .arg(dir.join("commands.jsonl"))
     .arg("--out")
@@ -247,6 +258,169 @@ fn kill_9_with_undelivered_notifications_then_restart_delivers_every_one_once() 
     assert_eq!(first["outcome"], "delivered", "{first}");
 
     assert_no_secret_written(&dir.path().join("out"));
+}
+
+/// The outbox drops what is delivered and remembered by every snapshot
+/// kept (issue #23): a day whose cards cross the rules' limits at
+/// different times, killed with SIGKILL in the middle of its firings while
+/// notifications are refused, run again to its end; then a second day's
+/// file with many snapshots and nothing to notify. Every card's notification reached the
+/// receiver under one id, repeats only of the message in flight at the
+/// kill, and the outbox ends holding a small part of what it sent (it held
+/// all of it before compaction).
+#[test]
+fn the_outbox_stays_bounded_over_many_snapshots_and_delivers_each_once() {
+    const CARDS_LONG: u32 = 1_200;
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = HttpReceiver::start(vec![Reply::status(503); 200]);
+    // 3 to 7 MB a step: the 20 MB rule fires at steps 3 to 7 of 15, the
+    // 25 MB rule at steps 4 to 9.
+    write_usage(dir.path(), &receiver.url(), CARDS_LONG, 15, |n| {
+        3 + u64::from(n % 5)
+    });
+    std::fs::write(
+        dir.path().join("flowcap.toml"),
+        "[notify]\nmax_attempts = 100000\nbackoff_initial_ms = 5\nbackoff_max_ms = 20\n\
+         merge_interval_ms = 100\ndrain_timeout_ms = 120000\n",
+    )
+    .unwrap();
+    // Killed in the middle of the firings (the input, with its 1,205
+    // commands, ends at 19,204): what it queued after its last snapshot's
+    // cut is a tail that the restart's replay fires again.
+    let mut child = flowcap(dir.path()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let snapshots = dir.path().join("out/snapshots");
+    let newest = || {
+        std::fs::read_dir(&snapshots).map_or(0, |d| {
+            d.filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.strip_prefix("snapshot-")?
+                    .strip_suffix(".bin")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+        })
+    };
+    while newest() < 7_999 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited before the kill"
+        );
+        assert!(Instant::now() < deadline, "no deliveries before the kill");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let out = flowcap(dir.path()).output().unwrap();
+    assert!(out.status.success());
+
+    // Day 2: records that notify nothing, 14 snapshots.
+    let mut day2 = std::fs::File::create(dir.path().join("day2.jsonl")).unwrap();
+    for i in 0..7_000u32 {
+        let n = 1 + i % CARDS_LONG;
+        writeln!(
+            day2,
+            "{}",
+            json!({"record_id": format!("d2-{i}"), "iccid": iccid(n),
+                "end": format!("2026-11-11T{:02}:00:00+08:00", i / 1_000), "bytes_up": 1, "bytes_down": 0})
+        )
+        .unwrap();
+    }
+    drop(day2);
+    let out = flowcap_on(dir.path(), "day2.jsonl").output().unwrap();
+    assert!(out.status.success());
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        summary["summary"]["notifications"]["pending"], 0,
+        "{summary}"
+    );
+
+    // The receiver's count: each card once per rule, under one id.
+    let mut ids: BTreeMap<String, usize> = BTreeMap::new();
+    let mut single = BTreeMap::<String, BTreeSet<String>>::new();
+    let mut merged = BTreeMap::<String, BTreeSet<String>>::new();
+    for r in receiver
+        .requests()
+        .iter()
+        .filter(|r| r.answered == Some(200))
+    {
+        let id = r.header("webhook-id").unwrap().to_owned();
+        *ids.entry(id.clone()).or_default() += 1;
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        let target = if body.get("templateParamsList").is_some() {
+            &mut merged
+        } else {
+            &mut single
+        };
+        for card in carried(&body) {
+            target.entry(card).or_default().insert(id.clone());
+        }
+    }
+    let all: BTreeSet<String> = (1..=CARDS_LONG).map(iccid).collect();
+    for (rule, carried) in [("single", &single), ("merged", &merged)] {
+        assert_eq!(
+            carried.keys().cloned().collect::<BTreeSet<_>>(),
+            all,
+            "{rule}: every card notified"
+        );
+        let twice: Vec<_> = carried.iter().filter(|(_, ids)| ids.len() > 1).collect();
+        assert!(twice.is_empty(), "{rule}: under two ids: {twice:?}");
+    }
+    let repeats: usize = ids.values().map(|n| n - 1).sum();
+    assert!(
+        repeats <= 1,
+        "{repeats} repeats: only the message in flight at the kill may come again"
+    );
+
+    // What the outbox still holds.
+    let mut lines = 0usize;
+    let mut messages = 0usize;
+    let mut kinds = BTreeMap::<String, usize>::new();
+    for entry in std::fs::read_dir(dir.path().join("out/outbox")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        lines += text.lines().count();
+        if path.extension().is_some_and(|e| e == "log") {
+            messages += text.lines().filter(|l| l.contains(r#""t":"msg""#)).count();
+        }
+        for line in text.lines() {
+            let kind = line.split(',').next().unwrap_or_default().to_owned();
+            *kinds.entry(kind).or_default() += 1;
+        }
+    }
+    let sent = ids.len();
+    assert!(
+        messages * 20 <= sent && lines * 10 <= sent,
+        "the outbox holds {messages} messages in {lines} lines after sending {sent}: {kinds:?}"
+    );
+
+    // December: ten cards cross 20 MB again (the log held no message any
+    // more, its done file only its base), then a day without firings. Each
+    // delivery is in the history once: the outcomes after the compaction
+    // keep their indices, so a restart does not offer them again.
+    for (name, cards, mb) in [("day3.jsonl", 10u32, 21u64), ("day4.jsonl", 1_000, 0)] {
+        let mut day = std::fs::File::create(dir.path().join(name)).unwrap();
+        for n in 1..=cards {
+            writeln!(
+                day,
+                "{}",
+                json!({"record_id": format!("{name}-{n}"), "iccid": iccid(n),
+                    "end": "2026-12-02T10:00:00+08:00", "bytes_up": 1, "bytes_down": mb * 1_048_576})
+            )
+            .unwrap();
+        }
+        drop(day);
+        let out = flowcap_on(dir.path(), name).output().unwrap();
+        assert!(out.status.success());
+    }
+    let rows = sql_rows(
+        &dir.path().join("out"),
+        "SELECT COUNT(*) AS n, COUNT(DISTINCT execution_id) AS ids FROM rule_deliveries",
+    );
+    let executions = 2 * CARDS_LONG + 10;
+    assert_eq!(rows, [json!({"n": executions, "ids": executions})]);
 }
 
 /// The signing secret (which the deliveries above, across restarts, were

@@ -474,11 +474,10 @@ pub(crate) struct Kill {
     pub(crate) in_replay: bool,
 }
 
-/// Runs flowcap on `dir` and SIGKILLs it `kills` times at random points
-/// spread over `total` inputs (the k-th once the process's input position
-/// passes a random target in the k-th share of the input, wherever that
-/// falls between two snapshots); every fifth kill, from the third, aims
-/// at the replay that follows the previous one (when there is one).
+/// Runs flowcap on `dir` and SIGKILLs it `kills` times: every fifth kill,
+/// from the third, aims at the replay that follows the previous one (when
+/// there is one); the others are spread over the `total` inputs that come
+/// after input position `base` (see [`kill_target`]), whatever the scale.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kill_loop(
     broker: &Broker,
@@ -486,14 +485,14 @@ pub(crate) fn kill_loop(
     config: &Path,
     logs: &Path,
     monitor: &Monitor,
-    total: u64,
+    (base, total): (u64, u64),
     kills: u64,
     snapshot_every: u64,
     seed: &mut u64,
 ) -> Vec<Kill> {
     let every = snapshot_every.to_string();
-    let base = newest_snapshot(dir).unwrap_or(0);
-    let span = total / (kills + 1);
+    let aimed = (0..kills).filter(|k| k % 5 != 2).count() as u64;
+    let mut nth_aimed = 0;
     let mut done = Vec::new();
     for k in 0..kills {
         let log = logs.join(format!("flowcap-{k}.log"));
@@ -517,7 +516,8 @@ pub(crate) fn kill_loop(
             std::thread::sleep(jitter(seed, 0, 1_500));
             exited
         } else {
-            let target = base + k * span + random(seed, 0, span);
+            let target = base + kill_target(total, aimed, nth_aimed, seed);
+            nth_aimed += 1;
             wait_for(
                 &mut child,
                 &log,
@@ -553,6 +553,16 @@ pub(crate) fn kill_loop(
         });
     }
     done
+}
+
+/// Where the `nth` of `aimed` kills lands, in inputs after the position
+/// the loop starts from: a random point in the middle half of the `nth` of
+/// `aimed` equal shares of `total`. So the kills never bunch at the start
+/// (the last of two or more always lands past the middle) and never aim
+/// past the end (which the process would reach and exit at).
+pub(crate) fn kill_target(total: u64, aimed: u64, nth: u64, seed: &mut u64) -> u64 {
+    let share = total / aimed.max(1);
+    nth * share + share / 4 + random(seed, 0, (share / 2).max(1))
 }
 
 /// What a scenario's end state is checked for.

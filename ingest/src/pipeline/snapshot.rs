@@ -71,6 +71,11 @@ impl Writer {
         cut: Option<Box<HistoryCut>>,
     ) -> Result<BTreeMap<String, u64>, WriteError> {
         self.take_outcomes()?;
+        if let Some(n) = &self.notifier {
+            // The outbox keeps what the oldest snapshot kept can replay.
+            let oldest = self.store.list()?.first().map(|(seq, _)| *seq);
+            n.mark(seq, oldest, &self.reported);
+        }
         let mut mark = CutMark::default();
         if let (Some(h), Some(cut)) = (&mut self.history, cut) {
             let HistoryCut {
