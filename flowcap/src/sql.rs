@@ -821,7 +821,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let health = std::sync::Arc::new(flowcap_ingest::Health::new());
     health.set_ready();
     let service = std::sync::Arc::new(SqlService::new(root, SqlLimits::of(&config), tokens)?);
-    let server = crate::ops::serve(args.http, health, Some(service))?;
+    let server = crate::ops::serve(args.http, health, Some(service), None)?;
     eprintln!(
         "serving POST http://{}/sql until interrupted",
         server.local_addr()
@@ -891,6 +891,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             health,
             Some(Arc::new(service)),
+            None,
         )
         .unwrap();
         (dir, server)
