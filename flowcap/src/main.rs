@@ -620,6 +620,8 @@ fn run(args: RunArgs) -> Result<()> {
         (Some(expected), Some(workload)) => Some(check_exactness(&engine, workload, expected)),
         _ => None,
     };
+    // Not kept while lingering: the API's pipeline restores its own.
+    drop(engine);
     if args.json {
         let doc = serde_json::json!({ "summary": summary, "exactness": check });
         println!("{}", serde_json::to_string_pretty(&doc)?);

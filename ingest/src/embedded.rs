@@ -287,9 +287,11 @@ fn linger(
                 read(pipeline.sharded.engine(), Position { seq: last_seq })
             }
             Some(Request::Command { command, reply }) => {
-                pipeline
-                    .sharded
-                    .process_command_received(command.clone(), Some(wall_clock()), seq);
+                pipeline.sharded.process_command_received(
+                    (*command).clone(),
+                    Some(wall_clock()),
+                    seq,
+                );
                 last_seq = Some(seq);
                 seq += 1;
                 // The file positions stay what the engine holds.

@@ -57,7 +57,7 @@ pub enum Request {
     /// reason otherwise.
     Command {
         /// The command, its operator already set.
-        command: Command,
+        command: Box<Command>,
         /// Called with the outcome.
         reply: Reply,
     },
@@ -161,7 +161,7 @@ mod tests {
         )
         .unwrap();
         tx.try_send(Request::Command {
-            command,
+            command: Box::new(command),
             reply: Box::new(move |r| answer_tx.send(format!("{r:?}")).unwrap()),
         })
         .unwrap();

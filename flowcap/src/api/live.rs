@@ -76,7 +76,7 @@ impl Live {
             Submit::Embedded => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 self.send(Request::Command {
-                    command,
+                    command: Box::new(command),
                     reply: Box::new(move |r| {
                         let _ = tx.send(r);
                     }),
