@@ -496,6 +496,14 @@ fn every_card_answered_as_the_events_and_the_generator_say() {
     assert!(retry >= 1);
     server.get(path, VIEWER);
 
+    // The contract: the served OpenAPI document is the committed one.
+    let reply = server.call("GET", "/api/v1/openapi.json", None, None);
+    assert_eq!(reply.status, 200);
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
+            .unwrap();
+    assert_eq!(reply.body, committed);
+
     server.assert_no_secret();
     stop(child);
 }

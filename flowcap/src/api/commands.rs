@@ -21,10 +21,10 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flowcap_engine::command::parse_command;
-use flowcap_engine::{Command, CommandId, CommandKind, Iccid, Timestamp};
-use serde::Deserialize;
+use flowcap_engine::{Command, CommandId, CommandKind, Iccid};
 
 use super::access::{Caller, Scope};
+use super::answers::{CommandAnswer, CommandBatchAnswer, Position, ProblemDoc, Shortcut};
 use super::live::Outcome;
 use super::problem::Problem;
 use super::Api;
@@ -89,7 +89,24 @@ fn body_problem(rejection: BytesRejection) -> Problem {
     }
 }
 
-/// `POST /commands`.
+/// One SPEC 5.1 command, or a JSON array of them (sent in order).
+#[utoipa::path(
+    post,
+    path = "/commands",
+    tag = "commands",
+    request_body(content = Object, description = "A command (SPEC 5.1: id, at, type, ...) or an array of them", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Done: the result (an array answers `items`)", body = CommandAnswer),
+        (status = 202, description = "In the commands topic; its result later at `href`", body = CommandAnswer),
+        (status = 400, description = "Not a command", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "No accepted token", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "Under the scope", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "The embedded pipeline is still reading its inputs", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body or batch over the limit", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "Over the token's rate", body = ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["write"]))
+)]
 pub(crate) async fn submit(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
@@ -152,12 +169,12 @@ pub(crate) async fn submit(
         .iter()
         .find(|(_, o)| matches!(o, Outcome::Pending))
         .map(|(id, _)| format!("/api/v1/commands/{id}"));
-    let doc = if batch {
-        serde_json::json!({ "items": answers.iter().map(|(id, o)| answer(id, o)).collect::<Vec<_>>() })
+    let mut response = if batch {
+        let items = answers.iter().map(|(id, o)| answer(id, o)).collect();
+        (status, Json(CommandBatchAnswer { items })).into_response()
     } else {
-        answer(&answers[0].0, &answers[0].1)
+        (status, Json(answer(&answers[0].0, &answers[0].1))).into_response()
     };
-    let mut response = (status, Json(doc)).into_response();
     if let Some(location) = location {
         if let Ok(value) = location.parse() {
             response.headers_mut().insert(header::LOCATION, value);
@@ -184,29 +201,43 @@ async fn send(
     Ok((id, outcome))
 }
 
-fn answer(id: &CommandId, outcome: &Outcome) -> serde_json::Value {
+fn answer(id: &CommandId, outcome: &Outcome) -> CommandAnswer {
     match outcome {
-        Outcome::Done { result, seq } => serde_json::json!({
-            "id": id,
-            "status": "done",
-            "result": result,
-            "position": { "seq": seq },
-        }),
-        Outcome::Pending => serde_json::json!({
-            "id": id,
-            "status": "pending",
-            "href": format!("/api/v1/commands/{id}"),
-        }),
+        Outcome::Done { result, seq } => CommandAnswer {
+            id: id.to_string(),
+            status: "done".into(),
+            result: serde_json::to_value(result).ok(),
+            position: Some(Position { seq: *seq }),
+            href: None,
+        },
+        Outcome::Pending => CommandAnswer {
+            id: id.to_string(),
+            status: "pending".into(),
+            result: None,
+            position: None,
+            href: Some(format!("/api/v1/commands/{id}")),
+        },
     }
 }
 
-/// `GET /commands/{id}`: the result of a command sent through this
-/// server (the engine's, so a repeat shows the first).
+/// The result of a command sent through this server (the engine's: a
+/// repeated id shows the first result).
+#[utoipa::path(
+    get,
+    path = "/commands/{id}",
+    tag = "commands",
+    params(("id" = String, Path, description = "The command id")),
+    responses(
+        (status = 200, description = "Its result, or pending", body = CommandAnswer),
+        (status = 404, description = "Not sent through this server", body = ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub(crate) async fn result(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, Problem> {
+) -> Result<Json<CommandAnswer>, Problem> {
     api.access.check(&headers, Scope::Read)?;
     let id = CommandId::from(id.as_str());
     let command = api
@@ -225,18 +256,6 @@ pub(crate) async fn result(
     Ok(Json(answer(&id, &outcome)))
 }
 
-/// The optional body of a shortcut.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Shortcut {
-    /// The command id (idempotency key); default a new one.
-    id: Option<String>,
-    /// When it takes effect; default the event clock.
-    at: Option<Timestamp>,
-    /// The add-on's size in MB.
-    mb: Option<u64>,
-}
-
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 fn new_id() -> CommandId {
@@ -246,8 +265,24 @@ fn new_id() -> CommandId {
     CommandId::from(format!("api-{nanos:x}-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)).as_str())
 }
 
-/// `POST /cards/{iccid}/{action}`: `suspend`, `resume` or `add-on`
-/// (body `{"mb": N}`), each with an optional `id` and `at`.
+/// `suspend`, `resume` or `add-on` (body `{"mb": N}`) for one card, each
+/// with an optional `id` and `at`.
+#[utoipa::path(
+    post,
+    path = "/cards/{iccid}/{action}",
+    tag = "commands",
+    params(
+        ("iccid" = String, Path, description = "The card's ICCID"),
+        ("action" = String, Path, description = "suspend, resume or add-on"),
+    ),
+    request_body(content = Option<Shortcut>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Done", body = CommandAnswer),
+        (status = 202, description = "In the commands topic", body = CommandAnswer),
+        (status = 403, description = "Under the scope", body = ProblemDoc, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["write"]))
+)]
 pub(crate) async fn shortcut(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,

@@ -10,13 +10,17 @@
 //! - `state`: `GET` cards, pools, plans, tags, webhooks.
 //! - `commands`: `POST /commands`, `GET /commands/{id}`, the card
 //!   shortcuts.
+//! - `answers`: the answer types; `doc`: the OpenAPI document made from
+//!   them and the handlers (`/api/v1/openapi.json`, `docs/openapi.json`).
 //!
 //! The API runs on the operations server's runtime, never on a pipeline
 //! thread; a request costs the pipeline one recall of its shards between
 //! two inputs (reads waiting together share it).
 
 mod access;
+mod answers;
 mod commands;
+mod doc;
 mod live;
 mod problem;
 mod state;
@@ -138,6 +142,15 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/webhooks", get(state::webhooks))
         .route("/commands", post(commands::submit))
         .route("/commands/{id}", get(commands::result))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    doc::document(),
+                )
+            }),
+        )
         .fallback(|| async { Problem::not_found("no such endpoint under /api/v1") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
