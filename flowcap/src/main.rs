@@ -67,7 +67,8 @@ enum Command {
     Query(sql::QueryArgs),
     /// Export a query's result to a CSV, JSON-lines or Parquet file.
     Export(sql::ExportArgs),
-    /// Serve `POST /sql` over the history (JSON, CSV or Arrow IPC).
+    /// Serve `POST /sql` over the history (JSON, CSV or Arrow IPC), and
+    /// `/api/v1` read-only over the newest snapshot.
     Serve(sql::ServeArgs),
     /// Automation rules: `replay` a draft rule over the history (what-if).
     #[command(subcommand)]

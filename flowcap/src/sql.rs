@@ -805,7 +805,8 @@ pub(crate) struct ServeArgs {
 /// `flowcap serve`: `POST /sql` over a history until interrupted.
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let root = history_location(&args.data, args.history.as_deref())?;
-    let mut config = crate::load_config(args.config.as_deref())?.sql;
+    let file = crate::load_config(args.config.as_deref())?;
+    let mut config = file.sql;
     config.max_rows = args.max_rows.unwrap_or(config.max_rows);
     config.timeout_secs = args.timeout_secs.unwrap_or(config.timeout_secs);
     config.memory_limit_mb = args.memory_limit_mb.unwrap_or(config.memory_limit_mb);
@@ -821,13 +822,27 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let health = std::sync::Arc::new(flowcap_ingest::Health::new());
     health.set_ready();
     let service = std::sync::Arc::new(SqlService::new(root, SqlLimits::of(&config), tokens)?);
-    let server = crate::ops::serve(args.http, health, Some(service), None)?;
+    // The operator API, read-only, over the newest snapshot (if any).
+    let mut answering = None;
+    let api = match crate::api::snapshot::newest(&args.data)? {
+        Some((engine, seq)) if file.api.enabled => {
+            let (api, requests) =
+                crate::api::build(&file.api, args.http, crate::api::Submit::Embedded)?;
+            answering = Some(crate::api::snapshot::serve(engine, seq, requests)?);
+            eprintln!("serving /api/v1 read-only at input #{seq} (the newest snapshot)");
+            Some(api)
+        }
+        _ => None,
+    };
+    let server = crate::ops::serve(args.http, health, Some(service), api)?;
     eprintln!(
         "serving POST http://{}/sql until interrupted",
         server.local_addr()
     );
     crate::wait_for_interrupt()?;
     server.shutdown();
+    // The thread ends with the server's last request sender.
+    drop(answering);
     Ok(())
 }
 

@@ -422,6 +422,8 @@ fn every_card_answered_as_the_events_and_the_generator_say() {
     assert_eq!(members.len() as u64, pool["member_count"].as_u64().unwrap());
     let plans = server.get("/api/v1/plans", VIEWER);
     assert!(!plans["items"].as_array().unwrap().is_empty());
+    let rules = server.get("/api/v1/rules", VIEWER);
+    assert!(rules["items"].is_array());
     let tags = server.get("/api/v1/tags", VIEWER);
     assert!(tags["items"]
         .as_array()
@@ -615,6 +617,42 @@ fn a_command_through_the_api_equals_the_same_command_in_the_file() {
         }])
     );
     server.assert_no_secret();
+    stop(child);
+
+    // `flowcap serve` answers the same, read-only, from the newest snapshot.
+    let child = Command::new(BIN)
+        .args(["serve", "--http", "127.0.0.1:0", "--data"])
+        .arg(&api_out)
+        .env(
+            "FLOWCAP_API_TOKENS",
+            format!("ops:write:{OPS},viewer:read:{VIEWER}"),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let line = line_starting(&mut stderr, "serving POST http://");
+    let addr = line
+        .trim_start_matches("serving POST http://")
+        .trim_end_matches("/sql until interrupted")
+        .parse()
+        .unwrap();
+    std::thread::spawn(move || for _ in stderr {});
+    let mut served = Server {
+        addr,
+        answers: Vec::new(),
+    };
+    let mut from_snapshot = served.get(&format!("/api/v1/cards/{iccid}"), VIEWER);
+    assert_eq!(from_snapshot["position"]["seq"], seq + 3);
+    let mut live = card.clone();
+    for doc in [&mut from_snapshot, &mut live] {
+        doc.as_object_mut().unwrap().remove("position");
+    }
+    assert_eq!(from_snapshot, live);
+    served
+        .post("/api/v1/commands", OPS, &without_operator(&suspend))
+        .assert_problem(409, "not_now");
     stop(child);
 
     // The same commands at the end of the commands file.

@@ -132,6 +132,18 @@ impl Requests {
         }
     }
 
+    /// Answers every request from `engine` (a snapshot's, read-only) at
+    /// `at` until every sender is gone: reads from it, commands refused
+    /// with `refuse`.
+    pub fn serve_read_only(&self, engine: &Engine, at: Position, refuse: &str) {
+        while let Ok(request) = self.rx.recv() {
+            match request {
+                Request::Read(read) => read(engine, at),
+                Request::Command { reply, .. } => reply(Err(refuse.to_owned())),
+            }
+        }
+    }
+
     /// The next request, waiting at most `timeout`.
     pub(crate) fn next(&self, timeout: std::time::Duration) -> Option<Request> {
         self.rx.recv_timeout(timeout).ok()

@@ -295,6 +295,16 @@ pub(crate) struct WebhookList {
     pub(crate) position: Position,
 }
 
+/// `GET /rules`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RuleList {
+    /// The automation rules as declared (SPEC 6: id, name, enabled,
+    /// type, condition, filter, actions).
+    #[schema(value_type = Vec<Object>)]
+    pub(crate) items: Vec<serde_json::Value>,
+    pub(crate) position: Position,
+}
+
 /// A command's answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct CommandAnswer {

@@ -31,6 +31,7 @@ use super::{commands, state};
         state::plans,
         state::tags,
         state::webhooks,
+        state::rules,
         commands::submit,
         commands::result,
         commands::shortcut,
@@ -40,7 +41,7 @@ use super::{commands, state};
     tags(
         (name = "cards", description = "Cards' live state"),
         (name = "pools", description = "Pools' live state"),
-        (name = "registry", description = "Plans, tags, webhooks"),
+        (name = "registry", description = "Plans, tags, webhooks, rules"),
         (name = "commands", description = "SPEC 5.1 commands"),
     )
 )]

@@ -7,9 +7,10 @@
 //! - `live`: reads and commands handed to the pipeline's driver
 //!   ([`flowcap_ingest::requests`]), which answers from the engine with
 //!   its shards home, at a named input position.
-//! - `state`: `GET` cards, pools, plans, tags, webhooks.
+//! - `state`: `GET` cards, pools, plans, tags, webhooks, rules.
 //! - `commands`: `POST /commands`, `GET /commands/{id}`, the card
 //!   shortcuts.
+//! - `snapshot`: `flowcap serve`'s read-only state, the newest snapshot.
 //! - `answers`: the answer types; `doc`: the OpenAPI document made from
 //!   them and the handlers (`/api/v1/openapi.json`, `docs/openapi.json`).
 //!
@@ -23,6 +24,7 @@ mod commands;
 mod doc;
 mod live;
 mod problem;
+pub(crate) mod snapshot;
 mod state;
 
 use std::net::SocketAddr;
@@ -140,6 +142,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/plans", get(state::plans))
         .route("/tags", get(state::tags))
         .route("/webhooks", get(state::webhooks))
+        .route("/rules", get(state::rules))
         .route("/commands", post(commands::submit))
         .route("/commands/{id}", get(commands::result))
         .route(

@@ -20,7 +20,7 @@ use flowcap_engine::{CardView, Engine, Iccid, PoolId, TrafficType, MB};
 use super::access::Scope;
 use super::answers::{
     Card, CardAnswer, CardPage, Consumer, MemberPage, Plan, PlanList, Pool, PoolAnswer, PoolList,
-    ProblemDoc, Tag, TagList, Webhook, WebhookList,
+    ProblemDoc, RuleList, Tag, TagList, Webhook, WebhookList,
 };
 use super::problem::Problem;
 use super::Api;
@@ -403,6 +403,34 @@ pub(crate) async fn webhooks(
         .read(|engine| engine.webhooks().map(Webhook::from).collect())
         .await?;
     Ok(Json(WebhookList {
+        items,
+        position: at.into(),
+    }))
+}
+
+/// Every automation rule, as declared.
+#[utoipa::path(
+    get,
+    path = "/rules",
+    tag = "registry",
+    responses((status = 200, description = "The rules, by id", body = RuleList)),
+    security(("bearer" = ["read"]))
+)]
+pub(crate) async fn rules(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+) -> Result<Json<RuleList>, Problem> {
+    api.access.check(&headers, Scope::Read)?;
+    let (items, at) = api
+        .live
+        .read(|engine| {
+            engine
+                .rule_specs()
+                .filter_map(|r| serde_json::to_value(r).ok())
+                .collect()
+        })
+        .await?;
+    Ok(Json(RuleList {
         items,
         position: at.into(),
     }))
