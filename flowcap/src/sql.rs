@@ -849,8 +849,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 crate::api::Submit::Embedded,
                 Some(service.clone()),
             )?;
-            answering = Some(crate::api::snapshot::serve(engine, seq, requests)?);
-            eprintln!("serving /api/v1 read-only at input #{seq} (the newest snapshot)");
+            answering = Some((crate::api::snapshot::serve(engine, seq, requests)?, seq));
             Some(api)
         }
         _ => None,
@@ -860,6 +859,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         "serving POST http://{}/sql until interrupted",
         server.local_addr()
     );
+    if let Some((_, seq)) = &answering {
+        eprintln!(
+            "serving http://{}/api/v1 read-only at input #{seq} (the newest snapshot)",
+            server.local_addr()
+        );
+    }
     crate::wait_for_interrupt()?;
     server.shutdown();
     // The thread ends with the server's last request sender.
