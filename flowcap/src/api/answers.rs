@@ -257,7 +257,7 @@ pub(crate) struct TagList {
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Webhook {
     pub(crate) id: String,
-    /// The URL without user information.
+    /// The URL without user information, credential parameters redacted.
     pub(crate) url: String,
     /// Whether bodies are signed (a secret is set).
     pub(crate) signed: bool,
@@ -276,16 +276,50 @@ impl From<&WebhookSpec> for Webhook {
     }
 }
 
-/// `url` without `user:password@` (a credential some receivers take).
+/// `url` without `user:password@` (a credential some receivers take) and
+/// with the values of query parameters that name a credential (`token`,
+/// `secret`, `password`, `key`, `sig`, in any case) replaced by `redacted`.
 fn without_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
-        None => url.to_owned(),
+    let rest = match rest[..end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    let (before, fragment) = match rest.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (rest, None),
+    };
+    let mut out = format!("{scheme}://");
+    match before.split_once('?') {
+        None => out.push_str(before),
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if names_a_credential(name) => format!("{name}=redacted"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
     }
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
+}
+
+fn names_a_credential(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["token", "secret", "password", "key", "sig"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 /// `GET /webhooks`.
@@ -363,6 +397,10 @@ mod tests {
         assert_eq!(
             without_userinfo("https://u:p@hooks.example/x?a=b@c"),
             "https://hooks.example/x?a=b@c"
+        );
+        assert_eq!(
+            without_userinfo("https://h.example/x?api_key=k1&n=2&Token=t#frag"),
+            "https://h.example/x?api_key=redacted&n=2&Token=redacted#frag"
         );
         assert_eq!(without_userinfo("http://h:8080/p"), "http://h:8080/p");
     }
