@@ -103,6 +103,7 @@ fn decode_naive(bytes: &[u8], limits: &DecodeLimits) -> Option<Usage> {
         bytes_up: bytes_field("bytes_up")?,
         bytes_down: bytes_field("bytes_down")?,
         carrier,
+        imei: None,
     };
     (start.is_none_or(|s| s <= usage.end)).then_some(usage)
 }

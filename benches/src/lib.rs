@@ -238,6 +238,7 @@ impl UsageGen {
             bytes_up: self.rng.gen_range(0..65_536),
             bytes_down: self.rng.gen_range(0..262_144),
             carrier: Some(self.carriers[card]),
+            imei: None,
         };
         (usage, seq)
     }

@@ -35,32 +35,40 @@
 //! [`Message`] itself) is rendered by the pure `flowcap-rules`; this crate
 //! is the part with IO: the outbox files, threads, the async runtime and
 //! the HTTP and SMTP clients.
+//!
+//! Here the service ([`Notifier`]) and what its threads share; `config`
+//! the settings; `queue` the `flowcap-notify` thread (render, dedupe,
+//! merge buffers, append, fsync); `worker` a destination's task (send,
+//! retry, outcome); `send` one attempt per channel; [`outbox`] the files;
+//! [`retry`] the back-off.
 
+mod config;
 pub mod outbox;
+mod queue;
 pub mod retry;
 mod send;
+mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
+use flowcap_clock::SharedClock;
 use flowcap_engine::command::WebhookSpec;
 use flowcap_engine::event::RuleFiredEvent;
 use flowcap_engine::rule::Channel;
 use flowcap_engine::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use flowcap_rules::execution::execution_id;
-use flowcap_rules::message::{DeliveryRow, Done, Final, Message, MessageChannel};
-use flowcap_rules::template::{template, TemplateOptions};
-use flowcap_rules::webhook::{merged_bodies, message_id, single_body, MAX_MERGED};
+pub use config::{NotifyConfig, SmsGateway, SmtpRelay};
+use flowcap_rules::message::{DeliveryRow, Done, Message, MessageChannel};
+use flowcap_rules::template::TemplateOptions;
 pub use retry::RetryPolicy;
 
-use outbox::{Appender, Buffered, Entry, MergeKey};
+use queue::OutboxThread;
 
 /// Metric: messages queued, by `channel`.
 pub const METRIC_QUEUED: &str = "flowcap_notifications_queued_total";
@@ -73,136 +81,6 @@ pub const METRIC_ATTEMPTS: &str = "flowcap_notification_attempts_total";
 pub const METRIC_BACKLOG: &str = "flowcap_notification_backlog";
 /// Metric: push-failure alerts raised, by `channel`.
 pub const METRIC_PUSH_FAILED: &str = "flowcap_push_failed_total";
-use retry::Verdict;
-
-/// Delivery settings (`[notify]` in flowcap's configuration).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NotifyConfig {
-    /// Attempts per message in all, the first included.
-    pub max_attempts: u32,
-    /// Back-off before the second attempt, in ms (doubles each time).
-    pub backoff_initial_ms: u64,
-    /// Longest back-off, in ms.
-    pub backoff_max_ms: u64,
-    /// Longest wait a receiver's `Retry-After` may ask for, in ms.
-    pub retry_after_max_ms: u64,
-    /// Timeout of one attempt (connect and answer), in ms.
-    pub request_timeout_ms: u64,
-    /// A merged webhook message is sent when it has 500 firings or its
-    /// oldest firing waited this long, in ms.
-    pub merge_interval_ms: u64,
-    /// How long an embedded run that reached the end of its input waits for
-    /// notifications still queued, in ms (what is left is sent by the next
-    /// run on the same directory).
-    pub drain_timeout_ms: u64,
-    /// SMTP relay for email actions.
-    pub smtp: Option<SmtpRelay>,
-    /// HTTP gateway for SMS actions.
-    pub sms: Option<SmsGateway>,
-    /// Webhook endpoint (registered by command) that receives push-failure
-    /// alerts.
-    pub alert_webhook: Option<String>,
-    /// Addresses that receive push-failure alerts by email.
-    pub alert_email: Vec<String>,
-}
-
-impl Default for NotifyConfig {
-    fn default() -> Self {
-        let r = RetryPolicy::default();
-        NotifyConfig {
-            max_attempts: r.max_attempts,
-            backoff_initial_ms: r.initial.as_millis() as u64,
-            backoff_max_ms: r.max.as_millis() as u64,
-            retry_after_max_ms: r.retry_after_max.as_millis() as u64,
-            request_timeout_ms: 10_000,
-            merge_interval_ms: 2_000,
-            drain_timeout_ms: 30_000,
-            smtp: None,
-            sms: None,
-            alert_webhook: None,
-            alert_email: Vec::new(),
-        }
-    }
-}
-
-impl NotifyConfig {
-    /// The retry policy these settings describe.
-    pub fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: self.max_attempts.max(1),
-            initial: Duration::from_millis(self.backoff_initial_ms),
-            max: Duration::from_millis(self.backoff_max_ms),
-            retry_after_max: Duration::from_millis(self.retry_after_max_ms),
-        }
-    }
-
-    fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_timeout_ms.max(1))
-    }
-}
-
-/// An SMTP relay (plain SMTP, optionally with AUTH; see docs/DECISIONS.md).
-/// Its `Debug` shows the password redacted.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SmtpRelay {
-    /// Host name or address.
-    pub host: String,
-    /// Port.
-    #[serde(default = "default_smtp_port")]
-    pub port: u16,
-    /// Sender address.
-    pub from: String,
-    /// AUTH user name.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// AUTH password.
-    #[serde(default)]
-    pub password: Option<String>,
-}
-
-fn default_smtp_port() -> u16 {
-    25
-}
-
-/// An SMS gateway: flowcap POSTs `{"id", "to": [...], "text"}` as JSON,
-/// with the message id as `Idempotency-Key`. Its `Debug` shows the token
-/// redacted.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SmsGateway {
-    /// URL to POST to.
-    pub url: String,
-    /// Bearer token, if the gateway wants one.
-    #[serde(default)]
-    pub token: Option<String>,
-}
-
-fn redacted(secret: &Option<String>) -> Option<String> {
-    secret.as_deref().map(flowcap_engine::redact::secret)
-}
-
-impl std::fmt::Debug for SmtpRelay {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SmtpRelay")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("from", &self.from)
-            .field("username", &self.username)
-            .field("password", &redacted(&self.password))
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for SmsGateway {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SmsGateway")
-            .field("url", &self.url)
-            .field("token", &redacted(&self.token))
-            .finish()
-    }
-}
 
 /// Why delivery could not start or a barrier failed.
 #[derive(Debug, thiserror::Error)]
@@ -218,12 +96,28 @@ pub enum DeliveryError {
     /// Encoding an outbox line.
     #[error("encoding an outbox line: {0}")]
     Encode(String),
-    /// The delivery threads could not start.
-    #[error("starting delivery: {0}")]
-    Start(String),
-    /// The outbox thread is gone (it failed earlier; see the log).
+    /// A delivery thread (which one) could not start (external: the
+    /// system's limits).
+    #[error("starting delivery's {what}: {source}")]
+    Start {
+        /// The thread or runtime.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built (external: the system's TLS
+    /// roots).
+    #[error("starting delivery's HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+    /// The outbox thread stopped after this error of its own (shared by
+    /// every caller told); what it was doing is lost to the pipeline
+    /// until a restart resumes the outbox.
     #[error("the notification outbox stopped: {0}")]
-    Stopped(String),
+    Failed(Arc<DeliveryError>),
+    /// The outbox thread is gone without an error (it was stopped, or it
+    /// panicked: a bug).
+    #[error("the notification outbox stopped")]
+    Stopped,
 }
 
 /// A push-failure alert: a notification that could not be delivered
@@ -336,6 +230,9 @@ struct Shared {
     destinations: RwLock<BTreeMap<String, Arc<Destination>>>,
     stopping: AtomicBool,
     outcomes: std::sync::Mutex<Vec<DeliveryRow>>,
+    /// The time of day: queue and outcome times, signing timestamps,
+    /// `Retry-After` dates.
+    clock: SharedClock,
 }
 
 impl Shared {
@@ -367,9 +264,9 @@ enum Request {
     Endpoint(Box<WebhookSpec>),
     RemoveEndpoint(String),
     /// Make everything submitted so far durable (merge buffers included).
-    Sync(Sender<Result<(), String>>),
+    Sync(Sender<Result<(), Arc<DeliveryError>>>),
     /// Send every merge buffer now.
-    Flush(Sender<Result<(), String>>),
+    Flush(Sender<Result<(), Arc<DeliveryError>>>),
     /// Queue the alert of a failed message; answered once durable.
     Alert(Box<PushFailedEvent>, tokio::sync::oneshot::Sender<()>),
     Stop,
@@ -380,7 +277,7 @@ pub struct Notifier {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
-    failure: Arc<RwLock<Option<String>>>,
+    failure: Arc<RwLock<Option<Arc<DeliveryError>>>>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -397,7 +294,8 @@ impl Notifier {
     /// `endpoints` are the webhook endpoints registered now (later changes
     /// come through [`Notifier::upsert_endpoint`]). `reported`: per
     /// destination, how many outcomes the history already has (see
-    /// [`DeliveryRow`]); the later ones are offered again.
+    /// [`DeliveryRow`]); the later ones are offered again. `clock`: the
+    /// time of day (a [`flowcap_clock::SystemClock`] but in tests).
     pub fn start(
         dir: &Path,
         config: NotifyConfig,
@@ -405,6 +303,7 @@ impl Notifier {
         options: TemplateOptions,
         reports: Arc<dyn Reports>,
         reported: &BTreeMap<String, u64>,
+        clock: SharedClock,
     ) -> Result<Notifier, DeliveryError> {
         std::fs::create_dir_all(dir).map_err(|source| DeliveryError::Io {
             path: dir.to_owned(),
@@ -417,8 +316,12 @@ impl Notifier {
             .thread_name("flowcap-deliver")
             .enable_all()
             .build()
-            .map_err(|e| DeliveryError::Start(e.to_string()))?;
-        let http = send::client(config.request_timeout(), None).map_err(DeliveryError::Start)?;
+            .map_err(|source| DeliveryError::Start {
+                what: "runtime",
+                source,
+            })?;
+        let http =
+            send::client(config.request_timeout(), None).map_err(DeliveryError::HttpClient)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             policy: config.retry_policy(),
@@ -435,6 +338,7 @@ impl Notifier {
             destinations: RwLock::new(BTreeMap::new()),
             stopping: AtomicBool::new(false),
             outcomes: std::sync::Mutex::new(Vec::new()),
+            clock,
         });
         for spec in endpoints {
             shared.set_endpoint(spec);
@@ -485,19 +389,23 @@ impl Notifier {
             .spawn(move || {
                 if let Err(e) = state.run(&rx) {
                     tracing::error!(error = %e, "notification outbox stopped");
-                    *failed.write().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    let e = Arc::new(e);
+                    *failed.write().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
                     // Answer whoever waits, so no barrier hangs.
                     for r in rx.try_iter() {
                         match r {
                             Request::Sync(reply) | Request::Flush(reply) => {
-                                let _ = reply.send(Err(e.to_string()));
+                                let _ = reply.send(Err(e.clone()));
                             }
                             _ => {}
                         }
                     }
                 }
             })
-            .map_err(|e| DeliveryError::Start(e.to_string()))?;
+            .map_err(|source| DeliveryError::Start {
+                what: "outbox thread",
+                source,
+            })?;
         Ok(Notifier {
             shared,
             thread: Some(thread),
@@ -534,22 +442,20 @@ impl Notifier {
 
     fn ask(
         &self,
-        make: impl FnOnce(Sender<Result<(), String>>) -> Request,
+        make: impl FnOnce(Sender<Result<(), Arc<DeliveryError>>>) -> Request,
     ) -> Result<(), DeliveryError> {
         let stopped = || {
-            DeliveryError::Stopped(
-                self.failure
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .unwrap_or_else(|| "stopped".into()),
-            )
+            self.failure
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .map_or(DeliveryError::Stopped, DeliveryError::Failed)
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.shared.requests.send(make(tx)).map_err(|_| stopped())?;
         rx.recv()
             .map_err(|_| stopped())?
-            .map_err(DeliveryError::Stopped)
+            .map_err(DeliveryError::Failed)
     }
 
     /// Returns once everything submitted before is on disk (fsynced): the
@@ -613,601 +519,5 @@ impl Drop for Notifier {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_millis(200));
         }
-    }
-}
-
-struct MergeBuffer {
-    firings: Vec<(RuleFiredEvent, String)>,
-    /// How many of `firings` already have a `buf` line on disk.
-    persisted: usize,
-    since: Instant,
-}
-
-/// The `flowcap-notify` thread: renders, dedupes, appends, fsyncs.
-struct OutboxThread {
-    dir: PathBuf,
-    seen: HashSet<u128>,
-    logs: HashMap<String, Appender>,
-    merges: BTreeMap<MergeKey, MergeBuffer>,
-    touched: HashSet<String>,
-    shared: Arc<Shared>,
-    runtime: tokio::runtime::Handle,
-    options: TemplateOptions,
-    merge_interval: Duration,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-impl OutboxThread {
-    fn run(&mut self, rx: &Receiver<Request>) -> Result<(), DeliveryError> {
-        let tick = self
-            .merge_interval
-            .clamp(Duration::from_millis(5), Duration::from_millis(100));
-        let mut acks: Vec<Sender<Result<(), String>>> = Vec::new();
-        let mut alert_acks: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
-        loop {
-            let first = match rx.recv_timeout(tick) {
-                Ok(r) => Some(r),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
-            };
-            let mut stop = false;
-            let batch = first.into_iter().chain(rx.try_iter().take(10_000));
-            for request in batch {
-                match request {
-                    Request::Fire(f) => self.fire(*f)?,
-                    Request::Endpoint(spec) => self.shared.set_endpoint(*spec),
-                    Request::RemoveEndpoint(id) => {
-                        self.shared
-                            .endpoints
-                            .write()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&id);
-                    }
-                    Request::Sync(reply) => {
-                        self.persist_buffers()?;
-                        acks.push(reply);
-                    }
-                    Request::Flush(reply) => {
-                        let keys: Vec<MergeKey> = self.merges.keys().cloned().collect();
-                        for k in keys {
-                            self.flush_merge(&k)?;
-                        }
-                        acks.push(reply);
-                    }
-                    Request::Alert(event, reply) => {
-                        self.alert(&event)?;
-                        alert_acks.push(reply);
-                    }
-                    Request::Stop => {
-                        self.persist_buffers()?;
-                        stop = true;
-                    }
-                }
-            }
-            let due: Vec<MergeKey> = self
-                .merges
-                .iter()
-                .filter(|(_, b)| b.since.elapsed() >= self.merge_interval)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in due {
-                self.flush_merge(&k)?;
-            }
-            self.commit()?;
-            for a in acks.drain(..) {
-                let _ = a.send(Ok(()));
-            }
-            for a in alert_acks.drain(..) {
-                let _ = a.send(());
-            }
-            if stop {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Fsyncs every log written since the last commit and wakes its task.
-    fn commit(&mut self) -> Result<(), DeliveryError> {
-        for name in std::mem::take(&mut self.touched) {
-            let Some(log) = self.logs.get_mut(&name) else {
-                continue;
-            };
-            let len = log.sync()?;
-            let dest = self.destination(&name);
-            if let Some(d) = dest {
-                d.synced.store(len, Ordering::Release);
-                d.gauge();
-                d.wake.notify_one();
-            }
-        }
-        Ok(())
-    }
-
-    fn destination(&self, name: &str) -> Option<Arc<Destination>> {
-        self.shared
-            .destinations
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
-    }
-
-    /// Opens (or creates) a destination's log and starts its task.
-    fn open_destination(
-        &mut self,
-        name: &str,
-        queued: u64,
-        done: HashSet<String>,
-        done_lines: u64,
-    ) -> Result<(), DeliveryError> {
-        if self.logs.contains_key(name) {
-            return Ok(());
-        }
-        let path = outbox::log_path(&self.dir, name);
-        let mut log = Appender::open(path.clone())?;
-        let dest = Arc::new(Destination {
-            name: name.to_owned(),
-            log: path,
-            queued: AtomicU64::new(queued),
-            completed: AtomicU64::new(done.len() as u64),
-            synced: AtomicU64::new(0),
-            wake: tokio::sync::Notify::new(),
-        });
-        // What is on disk already is durable.
-        dest.synced.store(log.sync()?, Ordering::Release);
-        dest.gauge();
-        self.logs.insert(name.to_owned(), log);
-        self.shared
-            .destinations
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), dest.clone());
-        let done_path = outbox::done_path(&self.dir, name);
-        let shared = self.shared.clone();
-        self.runtime
-            .spawn(async move { worker(dest, done_path, done, done_lines, shared).await });
-        Ok(())
-    }
-
-    fn append(&mut self, destination: &str, entry: &Entry) -> Result<(), DeliveryError> {
-        if !self.logs.contains_key(destination) {
-            self.open_destination(destination, 0, HashSet::new(), 0)?;
-        }
-        if let Some(log) = self.logs.get_mut(destination) {
-            log.append(entry)?;
-        }
-        self.touched.insert(destination.to_owned());
-        Ok(())
-    }
-
-    fn queue(&mut self, message: Message) -> Result<(), DeliveryError> {
-        let name = message.destination();
-        metrics::counter!(METRIC_QUEUED, "channel" => message.channel.as_str()).increment(1);
-        self.append(&name, &Entry::Msg(message))?;
-        self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        if let Some(d) = self.destination(&name) {
-            d.queued.fetch_add(1, Ordering::AcqRel);
-        }
-        Ok(())
-    }
-
-    fn fire(&mut self, firing: RuleFiredEvent) -> Result<(), DeliveryError> {
-        for (index, action) in firing.actions.iter().enumerate() {
-            if action.channel == Channel::Suspend {
-                continue;
-            }
-            let execution = execution_id(&firing.id, index);
-            if !self.seen.insert(outbox::execution_key(&execution)) {
-                continue; // queued before: a replay after a restart
-            }
-            let base = |channel, body: String| Message {
-                id: String::new(),
-                channel,
-                endpoint: None,
-                to: Vec::new(),
-                subject: None,
-                body,
-                executions: vec![execution.clone()],
-                firings: vec![firing.id.clone()],
-                rule: Some(firing.rule.clone()),
-                alert_for: None,
-                queued_ms: now_ms(),
-            };
-            match action.channel {
-                Channel::Webhook => {
-                    let endpoint = action.endpoint.clone().unwrap_or_default();
-                    if action.merge {
-                        let key = MergeKey {
-                            endpoint,
-                            rule: firing.rule.clone(),
-                            template: template(&firing, self.options).name.as_str().to_owned(),
-                        };
-                        self.buffer(
-                            Buffered {
-                                key,
-                                execution,
-                                firing: firing.clone(),
-                            },
-                            false,
-                        )?;
-                    } else {
-                        let w = single_body(&firing, &endpoint, self.options);
-                        let mut m = base(MessageChannel::Webhook, w.body);
-                        m.id = w.id;
-                        m.endpoint = Some(endpoint);
-                        self.queue(m)?;
-                    }
-                }
-                Channel::Email => {
-                    let e = flowcap_rules::text::email(&firing, self.options);
-                    let mut m = base(MessageChannel::Email, e.body);
-                    m.id = message_id(["email", execution.as_str()]);
-                    m.subject = Some(e.subject);
-                    m.to = action.to.clone();
-                    self.queue(m)?;
-                }
-                Channel::Sms => {
-                    let mut m = base(
-                        MessageChannel::Sms,
-                        flowcap_rules::text::sms(&firing, self.options),
-                    );
-                    m.id = message_id(["sms", execution.as_str()]);
-                    m.to = action.to.clone();
-                    self.queue(m)?;
-                }
-                Channel::Suspend => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// Adds a firing to its merge buffer (`persisted`: its `buf` line is
-    /// already on disk); a full buffer is sent at once.
-    fn buffer(&mut self, b: Buffered, persisted: bool) -> Result<(), DeliveryError> {
-        self.seen.insert(outbox::execution_key(&b.execution));
-        let key = b.key.clone();
-        let buffer = self
-            .merges
-            .entry(key.clone())
-            .or_insert_with(|| MergeBuffer {
-                firings: Vec::new(),
-                persisted: 0,
-                since: Instant::now(),
-            });
-        buffer.firings.push((b.firing, b.execution));
-        if persisted {
-            buffer.persisted = buffer.firings.len();
-        }
-        self.shared.buffered.fetch_add(1, Ordering::AcqRel);
-        if buffer.firings.len() >= MAX_MERGED {
-            self.flush_merge(&key)?;
-        }
-        Ok(())
-    }
-
-    fn flush_merge(&mut self, key: &MergeKey) -> Result<(), DeliveryError> {
-        let Some(buffer) = self.merges.remove(key) else {
-            return Ok(());
-        };
-        self.shared
-            .buffered
-            .fetch_sub(buffer.firings.len() as u64, Ordering::AcqRel);
-        let firings: Vec<&RuleFiredEvent> = buffer.firings.iter().map(|(f, _)| f).collect();
-        let messages = match merged_bodies(&firings, &key.endpoint, self.options) {
-            Ok(m) => m,
-            // Empty, or mixed templates: the merge key rules both out.
-            Err(e) => {
-                tracing::error!(endpoint = %key.endpoint, rule = %key.rule, firings = firings.len(),
-                    error = %e, "merged webhook could not be built; its firings are not sent");
-                return Ok(());
-            }
-        };
-        for (w, chunk) in messages.into_iter().zip(buffer.firings.chunks(MAX_MERGED)) {
-            self.queue(Message {
-                id: w.id,
-                channel: MessageChannel::Webhook,
-                endpoint: Some(key.endpoint.clone()),
-                to: Vec::new(),
-                subject: None,
-                body: w.body,
-                executions: chunk.iter().map(|(_, e)| e.clone()).collect(),
-                firings: w.firing_ids,
-                rule: Some(key.rule.clone()),
-                alert_for: None,
-                queued_ms: now_ms(),
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Writes a `buf` line for every buffered firing not yet on disk.
-    fn persist_buffers(&mut self) -> Result<(), DeliveryError> {
-        let mut lines = Vec::new();
-        for (key, buffer) in &mut self.merges {
-            for (firing, execution) in &buffer.firings[buffer.persisted..] {
-                lines.push(Entry::Buf(Buffered {
-                    key: key.clone(),
-                    execution: execution.clone(),
-                    firing: firing.clone(),
-                }));
-            }
-            buffer.persisted = buffer.firings.len();
-        }
-        for line in lines {
-            if let Entry::Buf(b) = &line {
-                let name = outbox::destination_of_key(&b.key);
-                self.append(&name, &line)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Queues the alert notifications of a failed message.
-    fn alert(&mut self, event: &PushFailedEvent) -> Result<(), DeliveryError> {
-        let execution = format!("alert|{}", event.message_id);
-        if !self.seen.insert(outbox::execution_key(&execution)) {
-            return Ok(());
-        }
-        metrics::counter!(METRIC_PUSH_FAILED, "channel" => event.channel.as_str()).increment(1);
-        self.shared.reports.push_failed(event);
-        let body =
-            serde_json::to_string(event).map_err(|e| DeliveryError::Encode(e.to_string()))?;
-        let base = Message {
-            id: String::new(),
-            channel: MessageChannel::Webhook,
-            endpoint: None,
-            to: Vec::new(),
-            subject: None,
-            body: String::new(),
-            executions: vec![execution.clone()],
-            firings: event.firings.clone(),
-            rule: event.rule.clone(),
-            alert_for: Some(event.message_id.clone()),
-            queued_ms: now_ms(),
-        };
-        if let Some(endpoint) = self.shared.config.alert_webhook.clone() {
-            let mut m = base.clone();
-            m.id = message_id(["alert", "webhook", event.message_id.as_str()]);
-            m.endpoint = Some(endpoint);
-            m.body = body.clone();
-            self.queue(m)?;
-        }
-        if !self.shared.config.alert_email.is_empty() {
-            let mut m = base;
-            m.id = message_id(["alert", "email", event.message_id.as_str()]);
-            m.channel = MessageChannel::Email;
-            m.to = self.shared.config.alert_email.clone();
-            let target = event
-                .endpoint
-                .clone()
-                .unwrap_or_else(|| event.to.join(", "));
-            m.subject = Some(format!(
-                "flowcap: {} notification to {target} failed",
-                event.channel.as_str()
-            ));
-            m.body = format!(
-                "A {} notification of rule {} could not be delivered to {target} after {} attempt(s).\n\
-                 Last error: {}\nMessage id: {}\n\nThe failed payload:\n{}\n",
-                event.channel.as_str(),
-                event.rule.as_deref().unwrap_or("-"),
-                event.attempts,
-                event.error,
-                event.message_id,
-                event.payload,
-            );
-            self.queue(m)?;
-        }
-        Ok(())
-    }
-}
-
-/// One destination's task: reads its log from disk up to the durable
-/// length and delivers each message not yet done, one at a time.
-async fn worker(
-    dest: Arc<Destination>,
-    done_path: PathBuf,
-    already_done: HashSet<String>,
-    done_lines: u64,
-    shared: Arc<Shared>,
-) {
-    let name = dest.name.clone();
-    if let Err(e) = run_worker(&dest, done_path, already_done, done_lines, &shared).await {
-        tracing::error!(destination = %name, error = %e, "notification delivery stopped for this destination");
-    }
-}
-
-async fn run_worker(
-    dest: &Destination,
-    done_path: PathBuf,
-    already_done: HashSet<String>,
-    mut done_lines: u64,
-    shared: &Shared,
-) -> Result<(), DeliveryError> {
-    let io = |source| DeliveryError::Io {
-        path: dest.log.clone(),
-        source,
-    };
-    let mut reader = std::io::BufReader::new(std::fs::File::open(&dest.log).map_err(io)?);
-    let mut done_log = Appender::open(done_path)?;
-    let mut position = 0u64;
-    let mut line = String::new();
-    loop {
-        if shared.stopping.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        if position >= dest.synced.load(Ordering::Acquire) {
-            dest.wake.notified().await;
-            continue;
-        }
-        line.clear();
-        let n = reader.read_line(&mut line).map_err(io)?;
-        if n == 0 {
-            // Synced length not visible through this handle yet.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        }
-        position += n as u64;
-        let message = match serde_json::from_str::<Entry>(&line) {
-            Ok(Entry::Msg(m)) if !already_done.contains(&m.id) => m,
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::warn!(destination = %dest.name, error = %e, "skipping an unreadable outbox line");
-                continue;
-            }
-        };
-        let done = deliver(shared, &message).await;
-        if done.outcome == Final::Failed && message.alert_for.is_none() {
-            let event = push_failed(&message, &done);
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if shared
-                .requests
-                .send(Request::Alert(Box::new(event), tx))
-                .is_ok()
-            {
-                let _ = rx.await;
-            }
-        }
-        done_log.append(&done)?;
-        done_log.flush()?;
-        match done.outcome {
-            Final::Delivered => shared.delivered.fetch_add(1, Ordering::AcqRel),
-            Final::Failed => shared.failed.fetch_add(1, Ordering::AcqRel),
-        };
-        metrics::counter!(METRIC_DONE,
-            "channel" => message.channel.as_str(), "outcome" => done.outcome.as_str())
-        .increment(1);
-        dest.completed.fetch_add(1, Ordering::AcqRel);
-        dest.gauge();
-        shared.reports.outcome(&message, &done);
-        shared
-            .outcomes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(DeliveryRow {
-                destination: dest.name.clone(),
-                index: done_lines,
-                message,
-                done,
-            });
-        done_lines += 1;
-    }
-}
-
-/// Attempts a message until it is delivered, refused, or out of attempts.
-async fn deliver(shared: &Shared, message: &Message) -> Done {
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let attempt = match message.channel {
-            MessageChannel::Webhook => {
-                match shared.endpoint(message.endpoint.as_deref().unwrap_or_default()) {
-                    Ok(endpoint) => send::webhook(&endpoint, message).await,
-                    Err(e) => refused(e),
-                }
-            }
-            MessageChannel::Sms => match &shared.config.sms {
-                Some(gateway) => send::sms(gateway, &shared.http, message).await,
-                None => refused("no SMS gateway is configured ([notify.sms])".into()),
-            },
-            MessageChannel::Email => match &shared.config.smtp {
-                Some(relay) => send::email(relay, message, shared.config.request_timeout()).await,
-                None => refused("no SMTP relay is configured ([notify.smtp])".into()),
-            },
-        };
-        let result = match attempt.verdict {
-            Verdict::Delivered => "delivered",
-            Verdict::Retry(_) => "retry",
-            Verdict::Refused => "refused",
-        };
-        metrics::counter!(METRIC_ATTEMPTS,
-            "channel" => message.channel.as_str(), "result" => result)
-        .increment(1);
-        let done = |outcome| Done {
-            id: message.id.clone(),
-            outcome,
-            attempts,
-            status: attempt.status,
-            error: attempt.error.clone(),
-            at_ms: now_ms(),
-        };
-        match attempt.verdict {
-            Verdict::Delivered => return done(Final::Delivered),
-            Verdict::Refused => return done(Final::Failed),
-            Verdict::Retry(after) => match shared.policy.wait(&message.id, attempts, after) {
-                None => return done(Final::Failed),
-                Some(wait) => {
-                    tracing::debug!(id = %message.id, attempts, ?wait, error = ?attempt.error, "notification attempt failed; retrying");
-                    shared.retries.fetch_add(1, Ordering::AcqRel);
-                    tokio::time::sleep(wait).await;
-                    if shared.stopping.load(Ordering::Acquire) {
-                        // Left for the next start (still not done on disk).
-                        std::future::pending::<()>().await;
-                    }
-                }
-            },
-        }
-    }
-}
-
-fn refused(error: String) -> send::Attempt {
-    send::Attempt {
-        verdict: Verdict::Refused,
-        status: None,
-        error: Some(error),
-    }
-}
-
-fn push_failed(message: &Message, done: &Done) -> PushFailedEvent {
-    let key = format!("push_failed|{}", message.id);
-    PushFailedEvent {
-        id: format!("{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes())),
-        kind: "push_failed".into(),
-        channel: message.channel,
-        endpoint: message.endpoint.clone(),
-        to: message.to.clone(),
-        message_id: message.id.clone(),
-        rule: message.rule.clone(),
-        firings: message.firings.clone(),
-        executions: message.executions.clone(),
-        attempts: done.attempts,
-        status: done.status,
-        error: done.error.clone().unwrap_or_default(),
-        payload: serde_json::from_str(&message.body)
-            .unwrap_or_else(|_| serde_json::Value::String(message.body.clone())),
-        failed_at: Timestamp(done.at_ms),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn debug_hides_smtp_and_sms_credentials() {
-        let smtp = SmtpRelay {
-            host: "mail".into(),
-            port: 25,
-            from: "a@b".into(),
-            username: Some("user".into()),
-            password: Some("hunter2-smtp".into()),
-        };
-        let sms = SmsGateway {
-            url: "http://sms".into(),
-            token: Some("tok-sms-123".into()),
-        };
-        let text = format!("{smtp:?} {sms:?}");
-        assert!(
-            !text.contains("hunter2-smtp") && !text.contains("tok-sms-123"),
-            "{text}"
-        );
-        assert!(
-            text.contains("redacted:sha256:") && text.contains("user"),
-            "{text}"
-        );
     }
 }

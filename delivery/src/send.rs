@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use flowcap_clock::Clock;
 use flowcap_engine::command::WebhookSpec;
 use flowcap_rules::message::Message;
 use flowcap_rules::sign::Signer;
@@ -54,21 +55,21 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-pub(crate) fn client(timeout: Duration, ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
+/// An HTTP client with flowcap's timeouts, trusting `ca` besides the
+/// system's roots.
+pub(crate) fn client(
+    timeout: Duration,
+    ca: Option<reqwest::Certificate>,
+) -> Result<reqwest::Client, reqwest::Error> {
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
         .redirect(reqwest::redirect::Policy::limited(3))
         .user_agent(concat!("flowcap/", env!("CARGO_PKG_VERSION")));
-    if let Some(pem) = ca_pem {
-        let cert = reqwest::Certificate::from_pem(pem.as_bytes())
-            .map_err(|e| format!("CA certificate: {e}"))?;
+    if let Some(cert) = ca {
         builder = builder.add_root_certificate(cert);
     }
-    builder.build().map_err(|e| match ca_pem {
-        Some(_) => format!("CA certificate or TLS client: {}", error_chain(&e)),
-        None => error_chain(&e),
-    })
+    builder.build()
 }
 
 impl Endpoint {
@@ -79,7 +80,18 @@ impl Endpoint {
             Some(s) => Some(Signer::new(s).map_err(|e| e.to_string())?),
             None => None,
         };
-        let client = client(timeout, spec.ca_cert.as_deref())?;
+        let ca = match spec.ca_cert.as_deref() {
+            Some(pem) => Some(
+                reqwest::Certificate::from_pem(pem.as_bytes())
+                    .map_err(|e| format!("CA certificate: {e}"))?,
+            ),
+            None => None,
+        };
+        let has_ca = ca.is_some();
+        let client = client(timeout, ca).map_err(|e| match has_ca {
+            true => format!("CA certificate or TLS client: {}", error_chain(&e)),
+            false => error_chain(&e),
+        })?;
         Ok(Endpoint {
             spec,
             signer,
@@ -93,7 +105,8 @@ fn unix_secs(now: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-async fn answer(response: Result<reqwest::Response, reqwest::Error>) -> Attempt {
+/// What an answer means; `now` reads a `Retry-After` date.
+async fn answer(response: Result<reqwest::Response, reqwest::Error>, now: SystemTime) -> Attempt {
     match response {
         Ok(r) => {
             let status = r.status().as_u16();
@@ -102,7 +115,7 @@ async fn answer(response: Result<reqwest::Response, reqwest::Error>) -> Attempt 
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let verdict = classify(status, retry_after.as_deref(), SystemTime::now());
+            let verdict = classify(status, retry_after.as_deref(), now);
             let error = match verdict {
                 Verdict::Delivered => None,
                 _ => {
@@ -138,12 +151,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// POSTs a webhook message, signed when the endpoint has a secret.
-pub(crate) async fn webhook(endpoint: &Endpoint, message: &Message) -> Attempt {
+pub(crate) async fn webhook(endpoint: &Endpoint, message: &Message, clock: &dyn Clock) -> Attempt {
     let mut request = endpoint
         .client
         .post(&endpoint.spec.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json");
-    let timestamp = unix_secs(SystemTime::now());
+    let timestamp = unix_secs(clock.now());
     match &endpoint.signer {
         Some(signer) => {
             for (name, value) in signer.headers(&message.id, timestamp, message.body.as_bytes()) {
@@ -156,7 +169,7 @@ pub(crate) async fn webhook(endpoint: &Endpoint, message: &Message) -> Attempt {
                 .header("webhook-timestamp", timestamp.to_string());
         }
     }
-    answer(request.body(message.body.clone()).send().await).await
+    answer(request.body(message.body.clone()).send().await, clock.now()).await
 }
 
 /// POSTs an SMS to the gateway: `{"id", "to", "text"}` with the message id
@@ -165,6 +178,7 @@ pub(crate) async fn sms(
     gateway: &SmsGateway,
     client: &reqwest::Client,
     message: &Message,
+    clock: &dyn Clock,
 ) -> Attempt {
     let body = serde_json::json!({"id": message.id, "to": message.to, "text": message.body});
     let mut request = client
@@ -175,7 +189,7 @@ pub(crate) async fn sms(
     if let Some(token) = &gateway.token {
         request = request.bearer_auth(token);
     }
-    answer(request.send().await).await
+    answer(request.send().await, clock.now()).await
 }
 
 /// Submits an email to the SMTP relay (blocking client on tokio's

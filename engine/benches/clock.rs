@@ -74,6 +74,7 @@ fn bench(c: &mut Criterion) {
                             bytes_up: 100,
                             bytes_down: 200,
                             carrier: None,
+                            imei: None,
                         };
                         n += 1;
                         let t = Instant::now();

@@ -71,7 +71,8 @@ pub enum CommandKind {
         /// The cards.
         iccids: Vec<Iccid>,
     },
-    /// Operator resume: lifts `manual` and `violation`.
+    /// Operator resume: lifts `manual` and `violation` (not a cmcc card's
+    /// violation for a device move: that takes a rebind).
     Resume {
         /// The cards.
         iccids: Vec<Iccid>,
@@ -81,12 +82,12 @@ pub enum CommandKind {
         /// The cards.
         iccids: Vec<Iccid>,
     },
-    /// Extend the plan term; lifts `plan_expired` once the new expiry is in
-    /// the future.
+    /// Extend the plan term of activated cards that have not expired and
+    /// are in no backward pool (SPEC section 2.1).
     Renew {
         /// The cards.
         iccids: Vec<Iccid>,
-        /// Months added to the current expiry (or to `at` if already past).
+        /// Months added to the current expiry.
         months: u32,
     },
     /// Set the cut-off threshold (`-1` none, `0` first byte, `N` MB).
@@ -132,6 +133,13 @@ pub enum CommandKind {
         /// The cards.
         iccids: Vec<Iccid>,
     },
+    /// Give a pool a new display name (its id stays).
+    RenamePool {
+        /// The pool.
+        pool: PoolId,
+        /// The new name.
+        name: String,
+    },
     /// Freeze a backward pool for arrears (`pool_frozen` on every member).
     FreezePool {
         /// The backward pool.
@@ -147,11 +155,13 @@ pub enum CommandKind {
         /// The cards.
         iccids: Vec<Iccid>,
     },
-    /// Bind a card to a (new) device: lifts `violation`.
+    /// Bind a card to a (new) device: lifts `violation` and a separation
+    /// (not for cucc cards; ctcc and tri at most twice a month).
     Rebind {
         /// The card.
         iccid: Iccid,
-        /// The new IMEI.
+        /// The new IMEI; without one the card binds to the device of its
+        /// next record.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         imei: Option<String>,
     },
@@ -209,6 +219,14 @@ pub enum CommandKind {
         /// The tags.
         tags: Vec<TagId>,
     },
+    /// Set custom attribute values on cards: each name given is set, a
+    /// `null` value removes it (names must be declared).
+    SetAttributes {
+        /// The cards.
+        iccids: Vec<Iccid>,
+        /// Name to value (`null`: remove).
+        attributes: BTreeMap<String, Option<String>>,
+    },
     /// Set the operator's custom attribute names (at most 6).
     SetAttributeNames {
         /// The names.
@@ -234,6 +252,7 @@ impl CommandKind {
             CommandKind::CreatePool { .. } => "create_pool",
             CommandKind::AddPoolMembers { .. } => "add_pool_members",
             CommandKind::RemovePoolMembers { .. } => "remove_pool_members",
+            CommandKind::RenamePool { .. } => "rename_pool",
             CommandKind::FreezePool { .. } => "freeze_pool",
             CommandKind::UnfreezePool { .. } => "unfreeze_pool",
             CommandKind::ReportViolation { .. } => "report_violation",
@@ -248,6 +267,7 @@ impl CommandKind {
             CommandKind::RemoveTag { .. } => "remove_tag",
             CommandKind::BindTags { .. } => "bind_tags",
             CommandKind::UnbindTags { .. } => "unbind_tags",
+            CommandKind::SetAttributes { .. } => "set_attributes",
             CommandKind::SetAttributeNames { .. } => "set_attribute_names",
         }
     }
@@ -265,6 +285,7 @@ impl CommandKind {
             | CommandKind::AddPoolMembers { iccids, .. }
             | CommandKind::RemovePoolMembers { iccids, .. }
             | CommandKind::ReportViolation { iccids }
+            | CommandKind::SetAttributes { iccids, .. }
             | CommandKind::BindTags { iccids, .. }
             | CommandKind::UnbindTags { iccids, .. } => Some(iccids),
             _ => None,
@@ -338,12 +359,54 @@ pub struct CardSpec {
     /// IMEI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imei: Option<String>,
-    /// Tags (at most 10, each defined).
+    /// Tags (at most 10, each defined). On an existing card a non-empty
+    /// list replaces the card's tags; an empty or omitted one keeps them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<TagId>,
-    /// Custom attributes (names must be declared).
+    /// Custom attributes (names must be declared). On an existing card the
+    /// names given are set and the others kept.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
+    /// Fields to empty on an existing card. Every other field the command
+    /// leaves out keeps its value (patch semantics); a field may not be
+    /// both given and cleared.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clear: Vec<CardField>,
+}
+
+/// A card field that `upsert_card` can empty ([`CardSpec::clear`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CardField {
+    /// The MSISDN.
+    Msisdn,
+    /// The IMSI.
+    Imsi,
+    /// The IMEI (the bound device).
+    Imei,
+    /// Every tag.
+    Tags,
+    /// Every custom attribute.
+    Attributes,
+    /// The end of the test period.
+    TestEndsAt,
+    /// The test allowance.
+    TestAllowanceMb,
+}
+
+impl CardField {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CardField::Msisdn => "msisdn",
+            CardField::Imsi => "imsi",
+            CardField::Imei => "imei",
+            CardField::Tags => "tags",
+            CardField::Attributes => "attributes",
+            CardField::TestEndsAt => "test_ends_at",
+            CardField::TestAllowanceMb => "test_allowance_mb",
+        }
+    }
 }
 
 /// Forward pools share allowance; backward pools sum post-paid usage.
@@ -470,6 +533,9 @@ pub struct RuleFilter {
     /// Backward pools.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backward_pools: Vec<PoolId>,
+    /// Custom attribute values a card must all have (names declared).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// A specific, stable error code with a human message.
@@ -564,6 +630,29 @@ pub enum ErrorCode {
     /// A renewal or plan term that reaches beyond 6 years from the
     /// command's `at` ([`MAX_MONTHS_AHEAD`]).
     InvalidMonths,
+    /// A card add-on for a card that is neither active nor suspended for
+    /// its usage (SPEC section 2.1).
+    AddOnNotAllowed,
+    /// A card add-on that would take a `general` card's plan plus add-ons
+    /// past the 100 MB general cap.
+    GeneralCapExceeded,
+    /// A renewal of a card that was never activated.
+    NotActivated,
+    /// A renewal of a card whose plan has expired.
+    CardExpired,
+    /// A renewal of a backward-pool member (post-paid).
+    InBackwardPool,
+    /// A rebind of a cucc card: the carrier unbinds, it offers no rebind.
+    RebindNotOffered,
+    /// A ctcc or tri card rebound twice this calendar month already.
+    RebindLimit,
+    /// A resume of a cmcc card whose SIM moved: only a rebind lifts it.
+    RebindRequired,
+    /// A card in its test period named to join a pool.
+    TestPeriodCard,
+    /// A member or add-on for a pool abandoned when its every member was
+    /// deregistered.
+    PoolAbandoned,
 }
 
 /// The outcome for one card of a batch.

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cycle::CycleCalendar;
-use crate::time::{MS_PER_DAY, MS_PER_HOUR};
+use crate::time::{Timestamp, MS_PER_DAY, MS_PER_HOUR};
 
 /// Engine configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +38,10 @@ pub struct EngineConfig {
     /// Silent period of an activatable card without an explicit
     /// `silent_ends_at`, in months from the command that created it.
     pub silent_period_months: u32,
+    /// Days after an expiry without renewal until the card is deregistered
+    /// for good (SPEC section 2.1); `None`: it stays suspended
+    /// `plan_expired`.
+    pub expiry_grace_days: Option<u32>,
 }
 
 impl Default for EngineConfig {
@@ -51,11 +55,19 @@ impl Default for EngineConfig {
             dedupe_window_ms: 48 * MS_PER_HOUR,
             dedupe_verify_misses: false,
             silent_period_months: 6,
+            expiry_grace_days: None,
         }
     }
 }
 
 impl EngineConfig {
+    /// When a card that expired at `expires_at` without renewal is
+    /// deregistered, if ever.
+    pub fn grace_end(&self, expires_at: Timestamp) -> Option<Timestamp> {
+        let days = self.expiry_grace_days?;
+        (expires_at != Timestamp::MAX).then(|| expires_at.plus_millis(i64::from(days) * MS_PER_DAY))
+    }
+
     /// The shard count to use: `shards`, or the number of cores when 0.
     pub fn effective_shards(&self) -> usize {
         if self.shards > 0 {

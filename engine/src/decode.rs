@@ -44,7 +44,8 @@
 //! | `bytes_up`, `bytes_down` | yes | number | non-negative integer `<=` [`DecodeLimits::max_bytes_per_record`] |
 //! | `start` | no | string or `null` | RFC 3339; `end >= start` |
 //! | `carrier` | no | string or `null` | `cmcc`, `ctcc`, `cucc` or `tri` |
-//! | `imsi`, `msisdn`, `imei`, `apn`, `rat` | no | string or `null` | only the type is checked; not stored in [`Usage`] |
+//! | `imei` | no | string or `null` | kept in [`Usage::imei`] when 1 to 17 digits (device binding), else ignored |
+//! | `imsi`, `msisdn`, `apn`, `rat` | no | string or `null` | only the type is checked; not stored in [`Usage`] |
 //!
 //! Decisions (carriers send plain integers, so anything else is suspect):
 //!
@@ -98,7 +99,7 @@ use std::fmt::Write as _;
 
 use crate::domain::Carrier;
 use crate::ids::{Iccid, IccidError};
-use crate::record::{RecordId, Usage, MAX_RECORD_ID_LEN};
+use crate::record::{Imei, RecordId, Usage, MAX_RECORD_ID_LEN};
 use crate::time::{TimeError, Timestamp};
 
 /// Deepest nesting of arrays and objects accepted (the record object itself
@@ -534,6 +535,7 @@ struct Partial {
     bytes_up: Option<u64>,
     bytes_down: Option<u64>,
     carrier: Option<Carrier>,
+    imei: Option<Imei>,
 }
 
 struct Parser<'a> {
@@ -920,7 +922,15 @@ impl<'a> Parser<'a> {
                     None => self.defer(DecodeError::UnknownCarrier),
                 }
             }
-            Field::Imsi | Field::Msisdn | Field::Imei | Field::Apn | Field::Rat => {
+            Field::Imei => {
+                // An IMEI that is not 1 to 17 digits binds no device (not an
+                // error: the record's usage is sound).
+                if let Some(s) = self.string_field(field, true)? {
+                    let mut buf = [0u8; STR_BUF];
+                    rec.imei = s.text(&mut buf).ok().and_then(Imei::parse);
+                }
+            }
+            Field::Imsi | Field::Msisdn | Field::Apn | Field::Rat => {
                 self.string_field(field, true)?;
             }
         }
@@ -1024,6 +1034,7 @@ pub fn decode_json(bytes: &[u8], limits: &DecodeLimits) -> Result<Usage, DecodeE
         bytes_down: rec.bytes_down.ok_or(missing("bytes_down"))?,
         start: rec.start,
         carrier: rec.carrier,
+        imei: rec.imei,
     };
     check_interval(&usage)?;
     Ok(usage)
@@ -1037,8 +1048,8 @@ fn check_interval(u: &Usage) -> Result<(), DecodeError> {
 }
 
 /// Writes `u` as a SPEC section 4 JSON object (compact, fields in SPEC
-/// order, `start`/`carrier` omitted when absent), timestamps at UTC offset
-/// `offset_secs` with millisecond precision. Appends to `out`.
+/// order, `start`/`carrier`/`imei` omitted when absent), timestamps at UTC
+/// offset `offset_secs` with millisecond precision. Appends to `out`.
 ///
 /// [`decode_json`] reads the output back to `u` as long as the timestamps,
 /// shifted by the offset, fall in years 0000 to 9999 (what RFC 3339 can
@@ -1065,6 +1076,9 @@ pub fn encode_json(u: &Usage, offset_secs: i32, out: &mut String) {
         out.push_str(carrier.as_str());
         out.push('"');
     }
+    if let Some(imei) = u.imei {
+        let _ = write!(out, ",\"imei\":\"{imei}\"");
+    }
     out.push('}');
 }
 
@@ -1087,149 +1101,8 @@ fn push_json_str(s: &str, out: &mut String) {
     out.push('"');
 }
 
-// ---------------------------------------------------------------------------
-// Binary
-// ---------------------------------------------------------------------------
-//
-// Layout, version 1, all integers little-endian:
-//
-// | offset | size | content |
-// | --- | --- | --- |
-// | 0 | 1 | version = 1 |
-// | 1 | 1 | flags: bit 0 = `start` present; other bits 0 |
-// | 2 | 16 | ICCID, `Iccid::to_bits` |
-// | 18 | 8 | `end`, i64 ms since the epoch |
-// | 26 | 8 | `start`, i64 ms (0 when absent) |
-// | 34 | 8 | `bytes_up`, u64 |
-// | 42 | 8 | `bytes_down`, u64 |
-// | 50 | 1 | carrier: 0 none, 1 cmcc, 2 ctcc, 3 cucc, 4 tri |
-// | 51 | 1 | record id length n (1..=64) |
-// | 52 | n | record id, UTF-8 |
-
-const FLAG_START: u8 = 1;
-
-fn carrier_byte(c: Option<Carrier>) -> u8 {
-    match c {
-        None => 0,
-        Some(Carrier::Cmcc) => 1,
-        Some(Carrier::Ctcc) => 2,
-        Some(Carrier::Cucc) => 3,
-        Some(Carrier::Tri) => 4,
-    }
-}
-
-/// Appends `u` to `out` in the binary encoding, version [`BINARY_VERSION`]:
-/// a fixed [`BINARY_HEADER_LEN`]-byte little-endian header followed by the
-/// record id (layout in the source, next to this function).
-pub fn encode_binary(u: &Usage, out: &mut Vec<u8>) {
-    let id = u.record_id.as_str().as_bytes();
-    out.reserve(BINARY_HEADER_LEN + id.len());
-    out.push(BINARY_VERSION);
-    out.push(if u.start.is_some() { FLAG_START } else { 0 });
-    out.extend_from_slice(&u.iccid.to_bits().to_le_bytes());
-    out.extend_from_slice(&u.end.millis().to_le_bytes());
-    out.extend_from_slice(&u.start.map_or(0, Timestamp::millis).to_le_bytes());
-    out.extend_from_slice(&u.bytes_up.to_le_bytes());
-    out.extend_from_slice(&u.bytes_down.to_le_bytes());
-    out.push(carrier_byte(u.carrier));
-    // RecordId holds 1..=64 bytes, so this always fits a u8.
-    out.push(id.len() as u8);
-    out.extend_from_slice(id);
-}
-
-/// `N` bytes at `at`, or `BinaryTruncated`.
-fn take<const N: usize>(b: &[u8], at: usize) -> Result<[u8; N], DecodeError> {
-    b.get(at..at + N)
-        .and_then(|s| <[u8; N]>::try_from(s).ok())
-        .ok_or(DecodeError::BinaryTruncated {
-            needed: at + N,
-            len: b.len(),
-        })
-}
-
-/// Decodes one record written by [`encode_binary`]. Checks everything the
-/// JSON decoder checks (ICCID, record id, byte limits, `end >= start`) plus
-/// the layout itself; the input must be exactly one record.
-pub fn decode_binary(bytes: &[u8], limits: &DecodeLimits) -> Result<Usage, DecodeError> {
-    let [version] = take::<1>(bytes, 0)?;
-    if version != BINARY_VERSION {
-        return Err(DecodeError::BinaryVersion { version });
-    }
-    let header = take::<BINARY_HEADER_LEN>(bytes, 0)?;
-    let field = |at: usize| -> [u8; 8] {
-        let mut a = [0u8; 8];
-        if let Some(s) = header.get(at..at + 8) {
-            a.copy_from_slice(s);
-        }
-        a
-    };
-    let flags = header[1];
-    if flags & !FLAG_START != 0 {
-        return Err(DecodeError::BinaryNonCanonical {
-            what: "reserved flag bits set",
-        });
-    }
-    let bits = u128::from_le_bytes(take::<16>(&header, 2)?);
-    let end = Timestamp(i64::from_le_bytes(field(18)));
-    let start_ms = i64::from_le_bytes(field(26));
-    let bytes_up = u64::from_le_bytes(field(34));
-    let bytes_down = u64::from_le_bytes(field(42));
-    let carrier_b = header[50];
-    let id_len = usize::from(header[51]);
-
-    let iccid = Iccid::from_bits(bits).ok_or(DecodeError::BinaryBadIccid { bits })?;
-    let start = if flags & FLAG_START != 0 {
-        Some(Timestamp(start_ms))
-    } else if start_ms != 0 {
-        return Err(DecodeError::BinaryNonCanonical {
-            what: "absent start is not zero",
-        });
-    } else {
-        None
-    };
-    for (field, value) in [("bytes_up", bytes_up), ("bytes_down", bytes_down)] {
-        if value > limits.max_bytes_per_record {
-            return Err(DecodeError::AbsurdBytes {
-                field,
-                limit: limits.max_bytes_per_record,
-            });
-        }
-    }
-    let carrier = match carrier_b {
-        0 => None,
-        1 => Some(Carrier::Cmcc),
-        2 => Some(Carrier::Ctcc),
-        3 => Some(Carrier::Cucc),
-        4 => Some(Carrier::Tri),
-        byte => return Err(DecodeError::BinaryBadCarrier { byte }),
-    };
-    if id_len == 0 || id_len > MAX_RECORD_ID_LEN {
-        return Err(DecodeError::BadRecordId { len: id_len });
-    }
-    let id_end = BINARY_HEADER_LEN + id_len;
-    let id_bytes = bytes
-        .get(BINARY_HEADER_LEN..id_end)
-        .ok_or(DecodeError::BinaryTruncated {
-            needed: id_end,
-            len: bytes.len(),
-        })?;
-    if bytes.len() > id_end {
-        return Err(DecodeError::TrailingData { offset: id_end });
-    }
-    let id_text = std::str::from_utf8(id_bytes).map_err(|_| DecodeError::BinaryBadUtf8)?;
-    let record_id = RecordId::new(id_text).ok_or(DecodeError::BadRecordId { len: id_len })?;
-    let usage = Usage {
-        record_id,
-        iccid,
-        start,
-        end,
-        bytes_up,
-        bytes_down,
-        carrier,
-    };
-    check_interval(&usage)?;
-    Ok(usage)
-}
+mod binary;
+pub use binary::{decode_binary, encode_binary};
 
 #[cfg(test)]
 mod tests;

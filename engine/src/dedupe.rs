@@ -77,10 +77,15 @@ pub enum IdStoreError {
     /// External: stored data failed validation (bad checksum or format).
     #[error("id store data is corrupt: {0}")]
     Corrupt(String),
-    /// External: a write the store did in the background failed (the
-    /// store's own error, as text: it was reported on another thread).
+    /// External: a write the store did on another thread failed; each
+    /// waiter for it (a [`Durability`], the store itself) gets the same
+    /// cause, shared.
     #[error("id store background write failed: {0}")]
-    Background(String),
+    Background(Arc<IdStoreError>),
+    /// A bug: a thread of the store (which one) stopped before it finished
+    /// its work (it panicked, or dropped its promise unsettled).
+    #[error("the id store's {0} stopped before it finished")]
+    Stopped(&'static str),
 }
 
 /// Why [`Deduper::observe`] failed. The record was not accepted and the
@@ -148,7 +153,7 @@ pub struct Durability(Option<Arc<DurabilityCell>>);
 
 #[derive(Debug, Default)]
 struct DurabilityCell {
-    outcome: Mutex<Option<Result<(), String>>>,
+    outcome: Mutex<Option<Result<(), Arc<IdStoreError>>>>,
     settled: Condvar,
 }
 
@@ -179,7 +184,7 @@ impl Durability {
         match &*outcome {
             None => Ok(false),
             Some(Ok(())) => Ok(true),
-            Some(Err(e)) => Err(IdStoreError::Background(e.clone())),
+            Some(Err(e)) => Err(shared_failure(e)),
         }
     }
 
@@ -198,19 +203,28 @@ impl Durability {
                         .unwrap_or_else(|p| p.into_inner())
                 }
                 Some(Ok(())) => return Ok(()),
-                Some(Err(e)) => return Err(IdStoreError::Background(e.clone())),
+                Some(Err(e)) => return Err(shared_failure(e)),
             }
         }
     }
 }
 
+/// A failure shared by every waiter: a thread that stopped is told as
+/// such, anything else as the background write's cause.
+fn shared_failure(e: &Arc<IdStoreError>) -> IdStoreError {
+    match **e {
+        IdStoreError::Stopped(which) => IdStoreError::Stopped(which),
+        _ => IdStoreError::Background(Arc::clone(e)),
+    }
+}
+
 impl DurabilitySettler {
     /// Settles the promise: durable, or why not.
-    pub fn settle(self, outcome: Result<(), String>) {
+    pub fn settle(self, outcome: Result<(), Arc<IdStoreError>>) {
         self.set(outcome);
     }
 
-    fn set(&self, outcome: Result<(), String>) {
+    fn set(&self, outcome: Result<(), Arc<IdStoreError>>) {
         let mut slot = self.0.outcome.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(outcome);
@@ -221,9 +235,7 @@ impl DurabilitySettler {
 
 impl Drop for DurabilitySettler {
     fn drop(&mut self) {
-        self.set(Err(
-            "the writing thread stopped before the ids were durable".into(),
-        ));
+        self.set(Err(Arc::new(IdStoreError::Stopped("background writer"))));
     }
 }
 
@@ -784,12 +796,13 @@ mod tests {
         assert!(d.poll().unwrap());
 
         let (d, settler) = Durability::pending();
-        settler.settle(Err("disk full".into()));
-        assert!(matches!(d.poll(), Err(IdStoreError::Background(m)) if m == "disk full"));
+        settler.settle(Err(Arc::new(IdStoreError::Corrupt("disk full".into()))));
+        assert!(matches!(d.poll(), Err(IdStoreError::Background(e))
+            if matches!(&*e, IdStoreError::Corrupt(m) if m == "disk full")));
 
         let (d, settler) = Durability::pending();
         drop(settler);
-        assert!(matches!(d.wait(), Err(IdStoreError::Background(_))));
+        assert!(matches!(d.wait(), Err(IdStoreError::Stopped(_))));
     }
 
     use super::*;

@@ -16,7 +16,7 @@ use crate::command::{Command, CommandResult};
 use crate::cycle::CycleId;
 use crate::domain::{CardState, Reasons};
 use crate::ids::{CommandId, Iccid, PlanId, PoolId};
-use crate::record::{RecordId, Usage};
+use crate::record::{Imei, RecordId, Usage};
 use crate::rule::{RuleAction, RuleCondition};
 use crate::time::Timestamp;
 
@@ -63,6 +63,9 @@ pub enum DeadlineKind {
     /// A local day started (billing time zone): type 1 rules ("days to
     /// expiry <= N") enter for the cards whose expiry is now N days away.
     RuleDay,
+    /// The grace period after an expiry without renewal ended: the card is
+    /// deregistered (`EngineConfig::expiry_grace_days`).
+    ExpiryGraceEnd,
 }
 
 impl Cause {
@@ -104,8 +107,27 @@ pub struct CardStateEvent {
     /// Bytes over `limit_bytes` at the cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overshoot_bytes: Option<u64>,
+    /// When the card's separation from its device changed: `true` it is
+    /// now in another device and has no network though its state is
+    /// unchanged (ctcc, tri), `false` a rebind restored it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub separated: Option<bool>,
+    /// The device move that caused it, when a record came from another
+    /// device than the card's bound one (SPEC section 2.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceChange>,
     /// What caused it.
     pub cause: Cause,
+}
+
+/// A SIM seen in another device than the one its card is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceChange {
+    /// The IMEI the card was bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound: Option<Imei>,
+    /// The IMEI of the record.
+    pub seen: Imei,
 }
 
 /// A pool's visible state.
@@ -120,6 +142,9 @@ pub enum PoolState {
     Suspended,
     /// Backward pool frozen for arrears.
     Frozen,
+    /// Forward pool whose every member was deregistered: it takes no
+    /// member and no add-on any more.
+    Abandoned,
 }
 
 /// A pool's state change (SPEC section 5.1 `pool_state`).

@@ -64,7 +64,7 @@ pub use domain::{CardState, Carrier, Reason, Reasons, ThresholdMb, TrafficType, 
 pub use engine::{CardView, Engine, EngineError, PoolView};
 pub use event::{ActionEvent, Output};
 pub use ids::{CommandId, Iccid, PlanId, PoolId, TagId};
-pub use record::{RecordId, Usage};
+pub use record::{Imei, RecordId, Usage};
 pub use sharded::ShardedEngine;
 pub use time::Timestamp;
 pub use watermark::Lane;

@@ -501,6 +501,13 @@ pub fn parse_action(
                     ))
                 }
             };
+            if parsed.merge && rule_type == RuleType::PoolUsage {
+                return Err(bad(
+                    ErrorCode::InvalidAction,
+                    "pool rules are not merged (SPEC section 6): a pool rule's webhook \
+                     sends one message per pool",
+                ));
+            }
         }
         Channel::Email | Channel::Sms => parsed.to = recipients(channel, map.get("to"))?,
         Channel::Suspend => {

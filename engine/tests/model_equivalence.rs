@@ -286,6 +286,7 @@ fn record(card: usize, bytes: u64) -> Op {
         card,
         bytes,
         time: RecordTime::Now,
+        device: None,
     }
 }
 

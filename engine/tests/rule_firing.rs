@@ -381,7 +381,7 @@ fn type3_backward_pool_used_with_suspend_cuts_and_fires() {
         rule(
             s,
             json!({"id": "bp-cut", "type": 3, "condition": {"used_mb_gte": 50},
-                "actions": [{"type": "suspend"}, {"type": "webhook", "endpoint": "hook", "merge": true}]}),
+                "actions": [{"type": "suspend"}, {"type": "webhook", "endpoint": "hook"}]}),
         );
         assert!(fired(&s.rec(1, "a1", &nov(10, 1, 0), mb(49))).is_empty());
         let out = s.rec(2, "b1", &nov(10, 2, 0), mb(1));
@@ -398,7 +398,7 @@ fn type3_backward_pool_used_with_suspend_cuts_and_fires() {
                 (Channel::Webhook, Reminder::Cycle)
             ]
         );
-        assert!(e.actions[1].merge);
+        assert!(!e.actions[1].merge, "pool rules are not merged");
         assert_eq!(pool_events(&out).len(), 1);
         assert_eq!(
             s.state(1),

@@ -97,6 +97,7 @@ fn scenario() -> Vec<Input> {
             bytes_up: next() % 400_000,
             bytes_down: next() % 900_000,
             carrier: None,
+            imei: None,
         }));
         if n % 1500 == 700 {
             let c = iccid(next() % 40);
@@ -428,6 +429,7 @@ fn a_receive_time_keeps_a_long_silence_from_freezing_the_clock() {
         bytes_up: 1,
         bytes_down: 1,
         carrier: None,
+        imei: None,
     };
     let mut first = Vec::new();
     engine.process_usage(&usage("a"), 1, &mut first).unwrap();

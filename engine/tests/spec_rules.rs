@@ -239,7 +239,13 @@ fn general_cap_cuts_general_cards_above_100_mb_and_add_ons_do_not_raise_it() {
     scenario(|s| {
         s.active(1, "cmcc-gen");
         s.active(2, "cmcc-30m"); // directed: no general cap
-        s.ok("add_on", json!({"iccid": iccid_text(1), "mb": 500}));
+                                 // A 1 GB general plan is already above the cap: no add-on is sold
+                                 // (carrier_rules.rs).
+        s.fails(
+            "add_on",
+            json!({"iccid": iccid_text(1), "mb": 500}),
+            ErrorCode::GeneralCapExceeded,
+        );
         let out = s.rec(1, "r1", &nov(10, 1, 0), mb(100));
         assert!(card_events(&out).is_empty(), "100 MB is not above the cap");
         let out = s.rec(1, "r2", &nov(10, 2, 0), 99);
@@ -247,9 +253,6 @@ fn general_cap_cuts_general_cards_above_100_mb_and_add_ons_do_not_raise_it() {
         assert_eq!(reasons(&e), ["general_cap"]);
         assert_eq!(e.limit_bytes, Some(mb(100)));
         assert_eq!(e.overshoot_bytes, Some(99));
-        s.at = nov(10, 3, 0);
-        let out = s.ok("add_on", json!({"iccid": iccid_text(1), "mb": 500}));
-        assert!(card_events(&out).is_empty());
         assert_eq!(s.state(1), active_suspended(&["general_cap"]));
         // Directed plan: only its own allowance (with add-on) counts.
         s.ok("add_on", json!({"iccid": iccid_text(2), "mb": 200}));
@@ -595,7 +598,7 @@ fn pool_frozen_holds_from_freeze_to_unfreeze_across_cycles() {
 // ===== plan_expired ==========================================================
 
 #[test]
-fn plan_expired_is_set_when_event_time_passes_expiry_and_lifted_by_renewal() {
+fn plan_expired_is_set_when_event_time_passes_expiry_and_lifted_by_a_new_expiry() {
     scenario(|s| {
         s.card_with(
             1,
@@ -620,13 +623,19 @@ fn plan_expired_is_set_when_event_time_passes_expiry_and_lifted_by_renewal() {
         );
         assert_eq!(e.event_time, ts("2026-11-10T12:00:00+08:00"));
         s.at = nov(10, 13, 0);
-        let out = s.ok("renew", json!({"iccids": iccids(&[1]), "months": 12}));
-        assert_eq!(states(&event_of(&out, 1)), st("suspended", "active"));
-        assert_eq!(
-            s.view(1).expires_at,
-            Some(ts("2027-11-10T13:00:00+08:00")),
-            "renewal after expiry runs from the renewal"
+        // An expired card is not renewed (SPEC 2.1, carrier_rules.rs); the
+        // operator may still correct its expiry.
+        s.card_fails(
+            "renew",
+            json!({"iccids": iccids(&[1]), "months": 12}),
+            ErrorCode::CardExpired,
         );
+        let out = s.ok(
+            "upsert_card",
+            json!({"card": {"iccid": iccid_text(1), "carrier": "cmcc", "plan": "cmcc-30m",
+                "expires_at": "2027-11-10T13:00:00+08:00"}}),
+        );
+        assert_eq!(states(&event_of(&out, 1)), st("suspended", "active"));
         // Renewing before expiry extends the current expiry.
         s.ok("renew", json!({"iccids": iccids(&[2]), "months": 1}));
         assert_eq!(s.view(2).expires_at, Some(ts("2027-02-05T00:00:00+08:00")));
@@ -1158,6 +1167,7 @@ fn an_id_reused_with_a_new_end_weeks_later_needs_verify_misses() {
             bytes_up: 1,
             bytes_down: 0,
             carrier: None,
+            imei: None,
         };
         engine.advance_clock(
             Timestamp::parse_rfc3339("2026-11-10T00:00:00+08:00").unwrap(),

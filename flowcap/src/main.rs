@@ -586,6 +586,7 @@ fn run(args: RunArgs) -> Result<()> {
         notify: (!args.no_notify).then(|| file.notify.clone()),
         requests: requests.clone(),
         linger: None,
+        clock: flowcap_clock::SystemClock::shared(),
     };
     if args.input.is_none() && args.commands.is_some() {
         bail!("--commands needs --input (the generator makes its own commands)");

@@ -142,6 +142,7 @@ fn usages(batch: &RecordBatch) -> Result<Vec<Input>> {
             carrier: (!carrier.is_null(i))
                 .then(|| Carrier::parse(carrier.value(i).as_bytes()))
                 .flatten(),
+            imei: None,
         };
         out.push(Input::Usage(
             u64::try_from(seq.value(i)).unwrap_or(0),

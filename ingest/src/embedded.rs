@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flowcap_clock::{SharedClock, SystemClock};
 use flowcap_engine::command::parse_command;
 use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::{Engine, EngineConfig, Timestamp};
@@ -27,9 +28,7 @@ use flowcap_delivery::NotifyConfig;
 use crate::health::Health;
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self, DriverMetrics, Source};
-use crate::pipeline::{
-    wall_clock, HistoryConfig, IngestError, Letter, Pipeline, Restored, Start, Summary,
-};
+use crate::pipeline::{HistoryConfig, IngestError, Letter, Pipeline, Restored, Start, Summary};
 use crate::requests::{Applied, Position, Request, Requests, NOT_NOW};
 
 /// One input line.
@@ -53,7 +52,7 @@ pub enum Input {
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
-    /// Directory for outputs, snapshots and the dedupe cold index.
+    /// Directory for outputs, snapshots and the dedupe id store.
     pub out_dir: PathBuf,
     /// Engine configuration (ignored when resuming: the snapshot's wins).
     pub engine: EngineConfig,
@@ -83,6 +82,9 @@ pub struct EmbeddedOptions {
     /// Once the inputs are read, keep answering `requests` (commands
     /// too) until this is set, then finish; `None`: finish at once.
     pub linger: Option<Arc<AtomicBool>>,
+    /// The time of day (the system clock but in tests): the receive stamp
+    /// of file inputs, processing times, notification times.
+    pub clock: SharedClock,
 }
 
 impl EmbeddedOptions {
@@ -102,6 +104,7 @@ impl EmbeddedOptions {
             notify: Some(NotifyConfig::default()),
             requests: None,
             linger: None,
+            clock: SystemClock::shared(),
         }
     }
 }
@@ -166,6 +169,7 @@ pub(crate) fn drive(
         options.history.as_ref(),
         options.notify.as_ref(),
         None,
+        &options.clock,
     )?;
     let resumed_after = pipeline.resumed_after;
     let driver_metrics = DriverMetrics::new(options.source, pipeline.sharded.shard_count());
@@ -249,7 +253,14 @@ pub(crate) fn drive(
     }
     if let (Some(requests), Some(stop)) = (&options.requests, &options.linger) {
         let next = last_seq.map_or(next_seq, |s| next_seq.max(s + 1));
-        processed += linger(&mut pipeline, requests, stop, last_seq, next)?;
+        processed += linger(
+            &mut pipeline,
+            requests,
+            stop,
+            &options.clock,
+            last_seq,
+            next,
+        )?;
     }
     driver_metrics.sample(
         &pipeline.sharded.queue_depths(),
@@ -275,6 +286,7 @@ fn linger(
     pipeline: &mut Pipeline,
     requests: &Requests,
     stop: &AtomicBool,
+    clock: &SharedClock,
     mut last_seq: Option<u64>,
     next: u64,
 ) -> Result<u64, IngestError> {
@@ -289,7 +301,7 @@ fn linger(
             Some(Request::Command { command, reply }) => {
                 pipeline.sharded.process_command_received(
                     (*command).clone(),
-                    Some(wall_clock()),
+                    Some(Timestamp(clock.now_ms())),
                     seq,
                 );
                 last_seq = Some(seq);

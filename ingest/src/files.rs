@@ -46,6 +46,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use flowcap_clock::SharedClock;
 use flowcap_engine::decode::{decode_json, DecodeLimits};
 use flowcap_engine::{Engine, Timestamp};
 use serde::Serialize;
@@ -53,7 +54,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::embedded::{self, EmbeddedOptions, Input, Progress};
 use crate::limits::{InputKind, SizeLimits};
-use crate::pipeline::{wall_clock, IngestError, Restored, Summary};
+use crate::pipeline::{IngestError, Restored, Summary};
 
 mod lines;
 use lines::{lines, Line};
@@ -412,6 +413,7 @@ pub fn run(
             segment.range(Role::Commands),
             &error,
             &options.sizes,
+            &options.clock,
         )?;
         let slot = error.clone();
         segments.push(embedded::Segment {
@@ -442,12 +444,14 @@ type ReadError = Rc<RefCell<Option<(PathBuf, std::io::Error)>>>;
 
 /// The merged input of a records range and a commands range. A line over
 /// its kind's limit in `sizes` is an [`Input::Oversized`] where it stands
-/// (an oversized command first, as its `at` cannot be read).
+/// (an oversized command first, as its `at` cannot be read). Each input
+/// is stamped with the time `clock` shows when it is read.
 fn merged<'a>(
     records: Option<&Range>,
     commands: Option<&Range>,
     error: &ReadError,
     sizes: &SizeLimits,
+    clock: &SharedClock,
 ) -> Result<impl Iterator<Item = Input> + 'a, IngestError> {
     let mut pending: Vec<(Timestamp, Input)> = Vec::new();
     if let Some(r) = commands {
@@ -458,7 +462,7 @@ fn merged<'a>(
                     serde_json::from_slice::<At>(&line).map_or(Timestamp::MIN, |a| a.at),
                     // Its `at` may be no further ahead of the time it was
                     // read (and of the event clock) than `max_future_ms`.
-                    Input::ReceivedCommand(line, wall_clock()),
+                    Input::ReceivedCommand(line, Timestamp(clock.now_ms())),
                 ),
                 oversized => (
                     Timestamp::MIN,
@@ -479,6 +483,7 @@ fn merged<'a>(
         None => Box::new(std::iter::empty()),
     };
     let limits = DecodeLimits::default();
+    let clock = clock.clone();
     let mut held: Option<Line> = None;
     Ok(std::iter::from_fn(move || {
         if held.is_none() {
@@ -500,7 +505,7 @@ fn merged<'a>(
         }
         held.take().map(|line| {
             line.into_input(InputKind::Record, max_record_size, |bytes| {
-                Input::ReceivedRecord(bytes, wall_clock())
+                Input::ReceivedRecord(bytes, Timestamp(clock.now_ms()))
             })
         })
     }))
@@ -509,6 +514,7 @@ fn merged<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flowcap_clock::{ManualClock, SystemClock};
 
     /// Every input of the whole of both files, merged (no read error left
     /// behind).
@@ -526,6 +532,7 @@ mod tests {
             Some(&range(commands, Role::Commands)),
             &err,
             sizes,
+            &SystemClock::shared(),
         )
         .unwrap()
         .collect();
@@ -624,6 +631,40 @@ mod tests {
         assert!(order[4].contains("late"));
         assert!(order[5].starts_with("R:{\"record_id\":\"b"));
         assert!(order[6].contains("end"));
+    }
+
+    /// A record is stamped with the time it is read, and one ending more
+    /// than `max_future_ms` after that is rejected as `future_time`: the
+    /// same file, read at two times of day, gives two answers.
+    #[test]
+    fn a_record_ahead_of_the_time_it_was_read_is_rejected_as_future() {
+        let run_at = |now: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let records = dir.path().join("r.jsonl");
+            std::fs::write(
+                &records,
+                r#"{"record_id":"a","iccid":"89860412345678901234","end":"2026-11-02T12:00:00Z","bytes_up":1,"bytes_down":2}"#,
+            )
+            .unwrap();
+            let clock = ManualClock::at(Timestamp::parse_rfc3339(now).unwrap().millis());
+            let options = EmbeddedOptions {
+                history: None,
+                notify: None,
+                clock,
+                ..EmbeddedOptions::new(dir.path().join("out"))
+            };
+            run(&options, Some(&records), None, &mut |_| {})
+                .unwrap()
+                .0
+                .rejected
+        };
+        // The default allows a day ahead.
+        let early = run_at("2026-11-01T00:00:00Z");
+        assert_eq!(early.get("future_time"), Some(&1), "{early:?}");
+        let later = run_at("2026-11-02T00:00:00Z");
+        assert_eq!(later.get("future_time"), None, "{later:?}");
+        // Read in time, it reaches the card lookup (no card registered).
+        assert_eq!(later.get("unknown_card"), Some(&1), "{later:?}");
     }
 }
 

@@ -516,10 +516,11 @@ impl OutputMetrics {
 /// Unix ms of the last snapshot (or of the pipeline start); 0: neither yet.
 static LAST_DURABLE_MS: AtomicI64 = AtomicI64::new(0);
 
+/// The snapshot age is a process-wide gauge (like every metric here): it
+/// reads the system clock itself.
 fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    use flowcap_clock::Clock;
+    flowcap_clock::SystemClock.now_ms()
 }
 
 /// A pipeline starts processing: until its first snapshot, the snapshot

@@ -15,6 +15,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use flowcap_clock::SharedClock;
 use flowcap_delivery::{Notifier, NotifyConfig, PushFailedEvent, Reports};
 use flowcap_engine::Engine;
 use flowcap_rules::message::{Done, Final, Message};
@@ -120,6 +121,7 @@ pub(crate) fn start(
     engine: &Engine,
     reported: &BTreeMap<String, u64>,
     kafka: Option<AlertTopic>,
+    clock: SharedClock,
 ) -> Result<Arc<Notifier>, IngestError> {
     let kafka = match kafka {
         Some(a) => Some((
@@ -147,6 +149,7 @@ pub(crate) fn start(
             kafka,
         }),
         reported,
+        clock,
     )?;
     Ok(Arc::new(notifier))
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use flowcap_engine::time::{civil_from_days, MS_PER_DAY};
-use flowcap_engine::{Carrier, Iccid, Timestamp, Usage};
+use flowcap_engine::{Carrier, Iccid, Imei, Timestamp, Usage};
 
 use crate::records::Defect;
 use crate::rng::Xoshiro;
@@ -69,6 +69,12 @@ pub(crate) fn identities(carrier: Carrier, number: u64) -> Identities {
         msisdn: format!("{}{:09}", msisdn_prefix(carrier), number % 1_000_000_000),
         imei: format!("8640{:011}", number % 100_000_000_000),
     }
+}
+
+/// The IMEI of card `number` as records carry it (`identities`' IMEI,
+/// packed without formatting it: `8640` and 11 digits).
+pub(crate) fn imei_of(number: u64) -> Option<Imei> {
+    Imei::from_packed(15 << 57 | (8640 * 100_000_000_000 + number % 100_000_000_000))
 }
 
 /// The card number of an ICCID: its last 14 digits.
@@ -349,6 +355,7 @@ mod tests {
             bytes_up: 12345,
             bytes_down: 67890,
             carrier: Some(Carrier::Cmcc),
+            imei: None,
         }
     }
 
@@ -371,6 +378,12 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, "2026-12-01T00:00:00.250+08:00");
+    }
+
+    #[test]
+    fn records_carry_the_cards_imei() {
+        let ids = identities(Carrier::Cmcc, 1234);
+        assert_eq!(imei_of(1234).map(|i| i.to_string()), Some(ids.imei));
     }
 
     #[test]

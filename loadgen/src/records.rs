@@ -329,6 +329,7 @@ impl<'a> Records<'a> {
             bytes_up,
             bytes_down: bytes - bytes_up,
             carrier: Some(carrier),
+            imei: format::imei_of(format::card_number(iccid)),
         };
 
         let payload = if kind == RecordKind::Malformed {

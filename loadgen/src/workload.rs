@@ -4,7 +4,9 @@ use flowcap_engine::command::{CardSpec, PlanSpec, PoolKind, PoolSpec, TagSpec, M
 use flowcap_engine::ids::{CommandId, PoolId, TagId};
 use flowcap_engine::record::RecordId;
 use flowcap_engine::time::{days_in_month, MS_PER_DAY};
-use flowcap_engine::{CardState, Carrier, CommandKind, CycleCalendar, Iccid, Timestamp};
+use flowcap_engine::{
+    CardState, Carrier, CommandKind, CycleCalendar, Iccid, Timestamp, TrafficType,
+};
 use flowcap_engine::{Command, PlanId};
 use rand_distr::{Distribution, Zipf};
 
@@ -151,7 +153,12 @@ impl Workload {
             } else {
                 0
             };
-            if flags & FLAG_FORWARD == 0 && add_on_roll < config.add_on_share {
+            // The carriers sell no pack that takes a general card past the
+            // 100 MB general cap (SPEC 2.1).
+            let template = &config.plans[usize::from(plan)];
+            let capped = template.traffic == TrafficType::General
+                && template.allowance_mb.saturating_add(config.add_on_mb) > 100;
+            if flags & FLAG_FORWARD == 0 && !capped && add_on_roll < config.add_on_share {
                 flags |= FLAG_ADD_ON;
             }
             cards.push(CardProfile {
@@ -439,6 +446,7 @@ impl Workload {
             imei: Some(ids.imei),
             tags: vec![TagId(format!("lg-fleet-{}", (h >> 32) % FLEET_TAGS))],
             attributes: Default::default(),
+            clear: Vec::new(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use common::quiet;
 use flowcap_engine::command::{parse_command, PoolKind, MAX_BATCH, MAX_TAGS_PER_CARD};
-use flowcap_engine::{CardState, Carrier, CommandKind, Iccid, PlanId, PoolId, TagId};
+use flowcap_engine::{CardState, Carrier, CommandKind, Iccid, PlanId, PoolId, TagId, TrafficType};
 use flowcap_loadgen::SETUP_BATCH;
 use flowcap_loadgen::{Workload, WorkloadConfig};
 
@@ -30,6 +30,7 @@ fn setup_parses_back_and_is_valid() {
     let mut thresholds = 0usize;
     let mut eligible = HashSet::new();
     let mut add_ons = 0;
+    let mut general_mb: HashMap<PlanId, u64> = HashMap::new();
     for (k, command) in workload.setup_commands().enumerate() {
         let json = serde_json::to_string(&command).unwrap();
         let parsed = parse_command(json.as_bytes()).unwrap();
@@ -44,6 +45,9 @@ fn setup_parses_back_and_is_valid() {
                 tags.insert(tag.name);
             }
             CommandKind::UpsertPlan { plan } => {
+                if plan.traffic == TrafficType::General {
+                    general_mb.insert(plan.id.clone(), plan.allowance_mb);
+                }
                 plans.insert(plan.id, plan.carrier);
             }
             CommandKind::UpsertCard { card } => {
@@ -117,6 +121,12 @@ fn setup_parses_back_and_is_valid() {
                             !eligible.contains(&iccid),
                             "card add-ons only outside forward pools"
                         );
+                        // The carriers sell none past the general cap.
+                        let plan = &cards[&iccid].1;
+                        assert!(
+                            general_mb.get(plan).is_none_or(|a| a + mb <= 100),
+                            "add-on of {mb} MB on general plan {plan}"
+                        );
                     }
                     (None, Some(pool)) => assert_eq!(pools[&pool].0, PoolKind::Forward),
                     _ => panic!("add_on names exactly one target"),
@@ -139,7 +149,9 @@ fn setup_parses_back_and_is_valid() {
         .count();
     let share = thresholds as f64 / eligible_cards as f64;
     assert!((share - 0.5).abs() < 0.04, "threshold share {share}");
-    assert!(add_ons > 500);
+    // 20% of the 70% outside forward pools, less the general cards whose
+    // plan plus 100 MB would pass the cap (half the catalogue's weight).
+    assert!(add_ons > 250, "{add_ons} add-ons");
     assert!(cards.values().any(|(c, _)| *c == Carrier::Tri));
 }
 

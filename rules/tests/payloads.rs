@@ -75,6 +75,7 @@ impl Sim {
             bytes_up: 0,
             bytes_down: bytes,
             carrier: None,
+            imei: None,
         };
         let mut out = Vec::new();
         self.engine

@@ -5,7 +5,7 @@
 //! (no IO); this crate holds the implementations of its storage traits that
 //! touch the disk.
 //!
-//! - [`cold_index`]: the dedupe id store on disk, [`DiskIdStore`], an
+//! - [`id_store`]: the dedupe id store on disk, [`DiskIdStore`], an
 //!   exact on-disk set of every accepted `(iccid, record_id)` that backs the
 //!   engine's in-memory hot window of fingerprints.
 //! - [`snapshot_store`]: engine snapshots written atomically and found
@@ -22,14 +22,14 @@
 //! queries it, so it does not compile the query engine for that.
 
 pub mod background;
-pub mod cold_index;
 pub mod history;
+pub mod id_store;
 pub mod jsonl;
 pub mod location;
 pub mod snapshot_store;
 
-pub use cold_index::{DiskIdStore, DiskIdStoreOptions};
 pub use history::{HistoryError, HistoryOptions, HistoryWriter};
+pub use id_store::{DiskIdStore, DiskIdStoreOptions};
 pub use jsonl::{JsonlError, JsonlSink};
 pub use location::{HistoryLocation, LocationError};
 pub use snapshot_store::{SnapshotStore, SnapshotStoreError, StoredSnapshot};

@@ -49,6 +49,8 @@
 //!
 //! [`receiver`] has the other side of notification delivery: a scripted
 //! HTTP receiver and an SMTP sink.
+//! [`files`] takes a directory's tree, for tests that check a step
+//! changed nothing on disk.
 //!
 //! With the `history` feature, the oracles that read a run's Parquet
 //! history: [`history_check`] (exactness and overshoot, with SQL) and
@@ -57,6 +59,7 @@
 
 #[cfg(feature = "history")]
 pub mod duckdb;
+pub mod files;
 #[cfg(feature = "history")]
 pub mod history_check;
 pub mod receiver;

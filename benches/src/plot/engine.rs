@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::PlotError;
+use super::{Frame, PlotError};
 
 struct Point {
     cards: f64,
@@ -64,18 +64,15 @@ pub fn draw(input: &Path, output: &Path) -> Result<(), PlotError> {
         pts.iter().map(|p| p.cards).fold(f64::MAX, f64::min) * 0.8,
         pts.iter().map(|p| p.cards).fold(0.0, f64::max) * 1.25,
     );
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(20);
-    if text {
-        builder
-            .caption(
-                "flowcap: accounting memory per card",
-                ("sans-serif", 24).into_font(),
-            )
-            .x_label_area_size(45)
-            .y_label_area_size(60);
+    let mut chart = Frame {
+        margin: 20,
+        caption: "flowcap: accounting memory per card",
+        caption_size: 24,
+        x_labels: 45,
+        y_labels: 60,
     }
-    let mut chart = builder.build_cartesian_2d((xmin..xmax).log_scale(), 0.0..ymax)?;
+    .on(&root, text)
+    .build_cartesian_2d((xmin..xmax).log_scale(), 0.0..ymax)?;
     if text {
         chart
             .configure_mesh()

@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::{LineChart, PlotError};
+use super::{Frame, LineChart, PlotError};
 
 fn newest(lines: &[Value], phase: &str, measure: &str) -> Option<Value> {
     lines
@@ -171,18 +171,15 @@ fn throughput(summary: &Value, path: &Path, labels: bool) -> Result<(), PlotErro
         / 1000.0;
     let root = BitMapBackend::new(path, (800, 520)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(20);
-    if labels {
-        builder
-            .caption(
-                "Kafka usage topic: records/s (median bar, repetitions as dots; green: 300k goal)",
-                ("sans-serif", 20).into_font(),
-            )
-            .x_label_area_size(40)
-            .y_label_area_size(70);
+    let mut chart = Frame {
+        margin: 20,
+        caption: "Kafka usage topic: records/s (median bar, repetitions as dots; green: 300k goal)",
+        caption_size: 20,
+        x_labels: 40,
+        y_labels: 70,
     }
-    let mut chart = builder.build_cartesian_2d(0.0..2.0f64, 0.0..ymax)?;
+    .on(&root, labels)
+    .build_cartesian_2d(0.0..2.0f64, 0.0..ymax)?;
     if labels {
         chart
             .configure_mesh()
@@ -263,18 +260,15 @@ fn latency(summaries: &[&Value], path: &Path, labels: bool) -> Result<(), PlotEr
         * 1.2;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(20);
-    if labels {
-        builder
-            .caption(
-                "Kafka pipeline latency (CDF; green: the 10 ms p99 goal)",
-                ("sans-serif", 20).into_font(),
-            )
-            .x_label_area_size(45)
-            .y_label_area_size(60);
+    let mut chart = Frame {
+        margin: 20,
+        caption: "Kafka pipeline latency (CDF; green: the 10 ms p99 goal)",
+        caption_size: 20,
+        x_labels: 45,
+        y_labels: 60,
     }
-    let mut chart = builder.build_cartesian_2d((0.1..xmax).log_scale(), 0.0..100.0f64)?;
+    .on(&root, labels)
+    .build_cartesian_2d((0.1..xmax).log_scale(), 0.0..100.0f64)?;
     if labels {
         chart
             .configure_mesh()

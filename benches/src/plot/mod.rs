@@ -66,6 +66,36 @@ pub fn register_font() -> Result<bool, PlotError> {
     }
 }
 
+/// How a chart frames its plot: the margin, and, when it has labels, the
+/// caption (its text and size) and the room for each axis's labels.
+struct Frame<'c> {
+    margin: u32,
+    caption: &'c str,
+    caption_size: u32,
+    x_labels: u32,
+    y_labels: u32,
+}
+
+impl Frame<'_> {
+    /// A builder on `root` framed so (the caption and label areas only
+    /// with `labels`: without a font there is no text).
+    fn on<'a, 'b, DB: DrawingBackend>(
+        &self,
+        root: &'a DrawingArea<DB, plotters::coord::Shift>,
+        labels: bool,
+    ) -> ChartBuilder<'a, 'b, DB> {
+        let mut builder = ChartBuilder::on(root);
+        builder.margin(self.margin);
+        if labels {
+            builder
+                .caption(self.caption, ("sans-serif", self.caption_size).into_font())
+                .x_label_area_size(self.x_labels)
+                .y_label_area_size(self.y_labels);
+        }
+        builder
+    }
+}
+
 /// Lines of their own colors over `x_desc`, and a blue horizontal
 /// `reference` line.
 struct LineChart {
@@ -91,15 +121,15 @@ impl LineChart {
             * 1.1;
         let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
         root.fill(&WHITE)?;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(20);
-        if labels {
-            builder
-                .caption(self.caption, ("sans-serif", 16).into_font())
-                .x_label_area_size(35)
-                .y_label_area_size(60);
+        let mut chart = Frame {
+            margin: 20,
+            caption: self.caption,
+            caption_size: 16,
+            x_labels: 35,
+            y_labels: 60,
         }
-        let mut chart = builder.build_cartesian_2d(xmin..xmax, 0.0..ymax.max(1.0))?;
+        .on(&root, labels)
+        .build_cartesian_2d(xmin..xmax, 0.0..ymax.max(1.0))?;
         if labels {
             chart
                 .configure_mesh()

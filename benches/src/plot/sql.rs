@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::PlotError;
+use super::{Frame, PlotError};
 
 /// One query's median times in both engines, milliseconds.
 #[derive(Debug, Clone, Copy)]
@@ -25,18 +25,15 @@ pub fn query_times(queries: &[QueryTimes<'_>], path: &Path, labels: bool) -> Res
         .flat_map(|q| [q.datafusion_ms, q.duckdb_ms])
         .fold(100.0f64, f64::max)
         * 2.0;
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(15);
-    if labels {
-        builder
-            .caption(
-                "console queries, ms (log scale): DataFusion red, DuckDB blue; green: 100 ms",
-                ("sans-serif", 18).into_font(),
-            )
-            .x_label_area_size(30)
-            .y_label_area_size(330);
+    let mut chart = Frame {
+        margin: 15,
+        caption: "console queries, ms (log scale): DataFusion red, DuckDB blue; green: 100 ms",
+        caption_size: 18,
+        x_labels: 30,
+        y_labels: 330,
     }
-    let mut chart = builder.build_cartesian_2d((0.1f64..max).log_scale(), 0.0..n as f64)?;
+    .on(&root, labels)
+    .build_cartesian_2d((0.1f64..max).log_scale(), 0.0..n as f64)?;
     if labels {
         let names: Vec<String> = queries.iter().map(|q| q.name.to_owned()).collect();
         chart
@@ -87,18 +84,15 @@ pub fn history_cost(rounds: &[(f64, f64)], path: &Path, labels: bool) -> Result<
         .fold(1.0f64, f64::max)
         * 1.2
         / 1000.0;
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(20);
-    if labels {
-        builder
-            .caption(
-                "embedded ingestion, thousand inputs/s per round: history on (red) / off (blue)",
-                ("sans-serif", 17).into_font(),
-            )
-            .x_label_area_size(35)
-            .y_label_area_size(60);
+    let mut chart = Frame {
+        margin: 20,
+        caption: "embedded ingestion, thousand inputs/s per round: history on (red) / off (blue)",
+        caption_size: 17,
+        x_labels: 35,
+        y_labels: 60,
     }
-    let mut chart = builder.build_cartesian_2d(0.0..rounds.len() as f64, 0.0..max)?;
+    .on(&root, labels)
+    .build_cartesian_2d(0.0..rounds.len() as f64, 0.0..max)?;
     if labels {
         chart
             .configure_mesh()

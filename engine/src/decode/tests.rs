@@ -134,6 +134,38 @@ fn spec_example_decodes() {
     assert_eq!(u.bytes_down, 67890);
     assert_eq!(u.bytes(), 80235);
     assert_eq!(u.carrier, Some(Carrier::Cmcc));
+    assert_eq!(
+        u.imei.map(|i| i.to_string()).as_deref(),
+        Some("864000000000001")
+    );
+}
+
+#[test]
+fn an_imei_not_in_digits_binds_no_device_and_is_no_error() {
+    for imei in [r#""86400000000000A""#, r#""""#, r#""123456789012345678""#] {
+        let u = json(&minimal(&format!(r#","imei":{imei}"#))).unwrap();
+        assert_eq!(u.imei, None, "{imei}");
+    }
+    let e = json(&minimal(r#","imei":864000000000001"#)).unwrap_err();
+    assert_eq!(e.code(), "wrong_type");
+}
+
+#[test]
+fn binary_carries_the_imei_and_reads_records_without_one() {
+    let u = sample_usage();
+    let mut with = Vec::new();
+    encode_binary(&u, &mut with);
+    assert_eq!(decode_binary(&with, &limits()).unwrap(), u);
+    let bare = Usage { imei: None, ..u };
+    let mut without = Vec::new();
+    encode_binary(&bare, &mut without);
+    assert_eq!(without.len() + 8, with.len());
+    assert_eq!(decode_binary(&without, &limits()).unwrap(), bare);
+    // A packed value no IMEI has is refused.
+    let at = with.len() - 8;
+    with[at..].copy_from_slice(&(1u64 << 57 | 10).to_le_bytes());
+    let e = decode_binary(&with, &limits()).unwrap_err();
+    assert_eq!(e.code(), "binary_non_canonical");
 }
 
 #[test]
@@ -141,6 +173,7 @@ fn minimal_record_has_no_optionals() {
     let u = json(&minimal("")).unwrap();
     assert_eq!(u.start, None);
     assert_eq!(u.carrier, None);
+    assert_eq!(u.imei, None);
     assert_eq!((u.bytes_up, u.bytes_down), (1, 2));
 }
 
@@ -621,7 +654,11 @@ fn messages_are_readable() {
 fn binary_round_trip_and_layout() {
     let u = sample_usage();
     let bytes = binary_of(&u);
-    assert_eq!(bytes.len(), BINARY_HEADER_LEN + u.record_id.as_str().len());
+    // The header, the record id, the packed IMEI.
+    assert_eq!(
+        bytes.len(),
+        BINARY_HEADER_LEN + u.record_id.as_str().len() + 8
+    );
     assert_eq!(bytes[0], BINARY_VERSION);
     assert_eq!(decode_binary(&bytes, &limits()), Ok(u));
 }
@@ -633,7 +670,7 @@ fn json_round_trip_of_spec_example() {
     encode_json(&u, 8 * 3600, &mut text);
     assert_eq!(
         text,
-        r#"{"record_id":"cmcc-20261123-0000000001","iccid":"89860412345678901234","start":"2026-11-23T04:00:00.000+08:00","end":"2026-11-23T04:05:00.000+08:00","bytes_up":12345,"bytes_down":67890,"carrier":"cmcc"}"#
+        r#"{"record_id":"cmcc-20261123-0000000001","iccid":"89860412345678901234","start":"2026-11-23T04:00:00.000+08:00","end":"2026-11-23T04:05:00.000+08:00","bytes_up":12345,"bytes_down":67890,"carrier":"cmcc","imei":"864000000000001"}"#
     );
     assert_eq!(json(&text), Ok(u));
 }
@@ -674,16 +711,20 @@ fn arb_usage() -> impl Strategy<Value = Usage> {
         0u64..=1 << 40,
         prop_oneof![Just(0u64), 0u64..=1 << 40, 0u64..10_000],
         prop::option::of(prop::sample::select(Carrier::ALL.to_vec())),
+        prop::option::of("[0-9]{1,17}"),
     )
-        .prop_map(|(record_id, iccid, end, back, up, down, carrier)| Usage {
-            record_id,
-            iccid: Iccid::parse(&iccid).unwrap(),
-            start: back.map(|b| Timestamp((end - b).max(MIN_MS))),
-            end: Timestamp(end),
-            bytes_up: up,
-            bytes_down: down,
-            carrier,
-        })
+        .prop_map(
+            |(record_id, iccid, end, back, up, down, carrier, imei)| Usage {
+                record_id,
+                iccid: Iccid::parse(&iccid).unwrap(),
+                start: back.map(|b| Timestamp((end - b).max(MIN_MS))),
+                end: Timestamp(end),
+                bytes_up: up,
+                bytes_down: down,
+                carrier,
+                imei: imei.and_then(|i| Imei::parse(i.as_bytes())),
+            },
+        )
 }
 
 /// A realistic message: the SPEC fields plus unknown ones, in a shape that

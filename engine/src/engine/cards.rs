@@ -3,11 +3,11 @@
 //! Each batch command answers card by card ([`Engine::per_card`]).
 
 use crate::command::{
-    CardResult, CardSpec, CommandError, ErrorCode, MAX_MONTHS_AHEAD, MAX_TAGS_PER_CARD,
+    CardField, CardResult, CardSpec, CommandError, ErrorCode, MAX_MONTHS_AHEAD, MAX_TAGS_PER_CARD,
 };
-use crate::domain::{CardState, Reason, Reasons};
+use crate::domain::{CardState, Carrier, Reason, Reasons};
 use crate::ids::Iccid;
-use crate::shard::{add_months, Card, CardExtra, NO_POOL};
+use crate::shard::{add_months, Card, CardExtra, MAX_REBINDS_PER_MONTH, NO_POOL};
 use crate::time::Timestamp;
 
 use super::commands::{deregistered, err, months_too_far};
@@ -30,6 +30,7 @@ impl Engine {
             ));
         }
         let (plan_index, term) = (plan.index, plan.spec.term_months);
+        check_clear(spec)?;
         if spec.tags.len() > MAX_TAGS_PER_CARD {
             return Err(err(
                 ErrorCode::TooManyTags,
@@ -121,19 +122,26 @@ impl Engine {
             card.reasons = card.reasons.set(Reason::Manual, manual);
             if lifecycle == CardState::Deregistered {
                 card.reasons = Reasons::EMPTY;
+                card.separated = false;
             }
-            let extra = shard.extra_mut(loc.slot);
-            fill_extra(extra, spec, silent_ends_at);
-            for (which, value) in [&spec.msisdn, &spec.imsi, &spec.imei]
-                .into_iter()
-                .enumerate()
-            {
-                shard.set_ident(loc.slot, which, value.clone());
+            patch_extra(shard.extra_mut(loc.slot), spec, silent_ends_at);
+            shard.drop_empty_extra(loc.slot);
+            let idents = [
+                (&spec.msisdn, CardField::Msisdn),
+                (&spec.imsi, CardField::Imsi),
+                (&spec.imei, CardField::Imei),
+            ];
+            for (which, (value, field)) in idents.into_iter().enumerate() {
+                if value.is_some() || spec.clear.contains(&field) {
+                    shard.set_ident(loc.slot, which, value.clone());
+                }
             }
-            shard.set_tags(loc.slot, &tags);
+            if !spec.tags.is_empty() || spec.clear.contains(&CardField::Tags) {
+                shard.set_tags(loc.slot, &tags);
+            }
             shard.adjust_member_allowance(loc.slot, contribution);
             if lifecycle == CardState::Deregistered {
-                shard.remove_member(loc.slot);
+                shard.leave_for_good(loc.slot);
             }
             shard.reschedule(loc.slot);
             self.apply_due_dates(loc, at);
@@ -158,6 +166,7 @@ impl Engine {
             threshold_mb: -1,
             addon_mb: 0,
             vacant: false,
+            separated: false,
         };
         let mut extra = CardExtra::default();
         fill_extra(&mut extra, spec, silent_ends_at);
@@ -214,8 +223,23 @@ impl Engine {
             if card.lifecycle == CardState::Deregistered {
                 return Err(deregistered(card.iccid));
             }
+            let shard = &e.shards[loc.shard as usize];
+            if card.carrier == Carrier::Cmcc
+                && card.reasons.contains(Reason::Violation)
+                && shard.moved(loc.slot)
+            {
+                return Err(err(
+                    ErrorCode::RebindRequired,
+                    format!(
+                        "cmcc card {}: its SIM moved to another device; only a rebind lifts \
+                         the violation",
+                        card.iccid
+                    ),
+                ));
+            }
             e.set_reason(loc, Reason::Manual, false);
             e.set_reason(loc, Reason::Violation, false);
+            e.shards[loc.shard as usize].clear_moved(loc.slot);
             Ok(())
         })
     }
@@ -223,12 +247,7 @@ impl Engine {
     pub(super) fn deregister(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
         self.per_card(iccids, |e, loc| {
             e.live(loc)?;
-            let shard = &mut e.shards[loc.shard as usize];
-            shard.touch(loc.slot);
-            shard.remove_member(loc.slot);
-            let card = &mut shard.cards[loc.slot as usize];
-            card.lifecycle = CardState::Deregistered;
-            card.reasons = Reasons::EMPTY;
+            e.shards[loc.shard as usize].deregister(loc.slot);
             Ok(())
         })
     }
@@ -249,11 +268,13 @@ impl Engine {
         let bound = add_months(at, MAX_MONTHS_AHEAD, offset);
         Ok(self.per_card(iccids, |e, loc| {
             e.live(loc)?;
+            e.check_renewable(loc, at)?;
             let card = e.card(loc);
+            // Not expired: the new term follows the current one.
             let base = if card.expires_at == Timestamp::MAX {
                 at
             } else {
-                card.expires_at.max(at)
+                card.expires_at
             };
             // `base` past the bound is refused before any month is
             // added to it: the sum stays inside the date range.
@@ -279,6 +300,40 @@ impl Engine {
         }))
     }
 
+    /// The carriers' renewal rules (SPEC section 2.1): an activated card
+    /// (suspended or not), not expired, not in a backward pool.
+    fn check_renewable(&self, loc: Loc, at: Timestamp) -> Result<(), CommandError> {
+        let card = self.card(loc);
+        if card.lifecycle != CardState::Active {
+            return Err(err(
+                ErrorCode::NotActivated,
+                format!(
+                    "card {} is {}: only activated cards are renewed",
+                    card.iccid, card.lifecycle
+                ),
+            ));
+        }
+        if card.expires_at <= at {
+            return Err(err(
+                ErrorCode::CardExpired,
+                format!(
+                    "card {} expired at {}: an expired card is not renewed",
+                    card.iccid, card.expires_at
+                ),
+            ));
+        }
+        if self.in_backward_pool(loc) {
+            return Err(err(
+                ErrorCode::InBackwardPool,
+                format!(
+                    "card {} is in a backward pool: its plan is not renewed",
+                    card.iccid
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn report_violation(&mut self, iccids: &[Iccid]) -> Vec<CardResult> {
         self.per_card(iccids, |e, loc| {
             e.live(loc)?;
@@ -287,14 +342,94 @@ impl Engine {
         })
     }
 
-    pub(super) fn rebind(&mut self, iccid: Iccid, imei: Option<&str>) -> Result<(), CommandError> {
+    /// Binds a card anew (SPEC section 2.1): to `imei`, or, without one,
+    /// to the device of its next record. Lifts `violation` and the
+    /// separation. Not for cucc cards (the carrier unbinds); at most
+    /// [`MAX_REBINDS_PER_MONTH`] a calendar month for ctcc and tri cards.
+    pub(super) fn rebind(
+        &mut self,
+        iccid: Iccid,
+        imei: Option<&str>,
+        at: Timestamp,
+    ) -> Result<(), CommandError> {
         let loc = self.locate(iccid)?;
         self.live(loc)?;
-        self.set_reason(loc, Reason::Violation, false);
-        if let Some(imei) = imei {
-            self.shards[loc.shard as usize].set_ident(loc.slot, 2, Some(imei.to_owned()));
+        let shard = &mut self.shards[loc.shard as usize];
+        let carrier = shard.cards[loc.slot as usize].carrier;
+        let month = shard.month_of(at);
+        match carrier {
+            Carrier::Cucc => {
+                return Err(err(
+                    ErrorCode::RebindNotOffered,
+                    format!("cucc card {iccid}: the carrier unbinds, rebind is not offered"),
+                ));
+            }
+            Carrier::Ctcc | Carrier::Tri => {
+                let device = shard.device_mut(loc.slot).in_month(month);
+                if device.rebinds >= MAX_REBINDS_PER_MONTH {
+                    return Err(err(
+                        ErrorCode::RebindLimit,
+                        format!(
+                            "{carrier} card {iccid} was rebound {MAX_REBINDS_PER_MONTH} times \
+                             this month already"
+                        ),
+                    ));
+                }
+                device.rebinds += 1;
+            }
+            Carrier::Cmcc => {}
         }
+        shard.touch(loc.slot);
+        shard.clear_moved(loc.slot);
+        let card = &mut shard.cards[loc.slot as usize];
+        card.separated = false;
+        card.reasons = card.reasons.without(Reason::Violation);
+        shard.set_ident(loc.slot, 2, imei.map(str::to_owned));
         Ok(())
+    }
+}
+
+/// An existing card's `upsert_card`: what the command gives is set, what it
+/// clears is emptied, the rest is kept. (Identities and tags are the
+/// shard's, set by the caller.)
+fn patch_extra(extra: &mut CardExtra, spec: &CardSpec, silent_ends_at: Option<Timestamp>) {
+    let cleared = |field| spec.clear.contains(&field);
+    if cleared(CardField::Attributes) {
+        extra.attributes.clear();
+    }
+    for (name, value) in &spec.attributes {
+        extra.attributes.insert(name.clone(), value.clone());
+    }
+    if spec.test_ends_at.is_some() || cleared(CardField::TestEndsAt) {
+        extra.test_ends_at = spec.test_ends_at;
+    }
+    if spec.test_allowance_mb.is_some() || cleared(CardField::TestAllowanceMb) {
+        extra.test_allowance_mb = spec.test_allowance_mb;
+    }
+    extra.silent_ends_at = silent_ends_at;
+}
+
+/// A field both given and cleared by one `upsert_card`.
+fn check_clear(spec: &CardSpec) -> Result<(), CommandError> {
+    let given = |field| match field {
+        CardField::Msisdn => spec.msisdn.is_some(),
+        CardField::Imsi => spec.imsi.is_some(),
+        CardField::Imei => spec.imei.is_some(),
+        CardField::Tags => !spec.tags.is_empty(),
+        CardField::Attributes => !spec.attributes.is_empty(),
+        CardField::TestEndsAt => spec.test_ends_at.is_some(),
+        CardField::TestAllowanceMb => spec.test_allowance_mb.is_some(),
+    };
+    match spec.clear.iter().find(|f| given(**f)) {
+        Some(field) => Err(err(
+            ErrorCode::InvalidValue,
+            format!(
+                "card {}: {} is both given and cleared",
+                spec.iccid,
+                field.as_str()
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

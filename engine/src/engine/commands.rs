@@ -142,7 +142,7 @@ impl Engine {
             CommandKind::Renew { iccids, months } => self.renew(iccids, *months, at),
             CommandKind::ReportViolation { iccids } => Ok(self.report_violation(iccids)),
             CommandKind::Rebind { iccid, imei } => {
-                self.rebind(*iccid, imei.as_deref()).map(no_cards)
+                self.rebind(*iccid, imei.as_deref(), at).map(no_cards)
             }
             CommandKind::SetThreshold { iccids, mb } => self.set_threshold(iccids, *mb),
             CommandKind::ClearThreshold { iccids } => Ok(self.clear_threshold(iccids)),
@@ -154,6 +154,7 @@ impl Engine {
             CommandKind::RemovePoolMembers { pool, iccids } => {
                 self.remove_pool_members(pool, iccids)
             }
+            CommandKind::RenamePool { pool, name } => self.rename_pool(pool, name).map(no_cards),
             CommandKind::FreezePool { pool } => self.set_pool_frozen(pool, true).map(no_cards),
             CommandKind::UnfreezePool { pool } => self.set_pool_frozen(pool, false).map(no_cards),
             CommandKind::UpsertRule { rule } => self.upsert_rule(rule).map(no_cards),
@@ -166,6 +167,9 @@ impl Engine {
             CommandKind::RemoveTag { tag } => self.remove_tag(tag).map(no_cards),
             CommandKind::BindTags { iccids, tags } => self.set_tags_bound(iccids, tags, true),
             CommandKind::UnbindTags { iccids, tags } => self.set_tags_bound(iccids, tags, false),
+            CommandKind::SetAttributes { iccids, attributes } => {
+                self.set_attributes(iccids, attributes)
+            }
             CommandKind::SetAttributeNames { names } => {
                 self.set_attribute_names(names).map(no_cards)
             }
@@ -227,6 +231,12 @@ impl Engine {
         p != NO_POOL && shard.pools[p as usize].kind == PoolKind::Forward
     }
 
+    pub(super) fn in_backward_pool(&self, loc: Loc) -> bool {
+        let shard = &self.shards[loc.shard as usize];
+        let p = shard.cards[loc.slot as usize].pool;
+        p != NO_POOL && shard.pools[p as usize].kind == PoolKind::Backward
+    }
+
     pub(super) fn set_reason(&mut self, loc: Loc, reason: Reason, present: bool) {
         let shard = &mut self.shards[loc.shard as usize];
         shard.touch(loc.slot);
@@ -235,7 +245,8 @@ impl Engine {
     }
 
     /// Applies dates already past at `at` within the current command:
-    /// expiry (`plan_expired` set or lifted), end of test or silent period.
+    /// expiry (`plan_expired` set or lifted), end of its grace
+    /// (deregistered), end of test or silent period.
     pub(super) fn apply_due_dates(&mut self, loc: Loc, at: Timestamp) {
         let shard = &mut self.shards[loc.shard as usize];
         shard.touch(loc.slot);
@@ -261,6 +272,17 @@ impl Engine {
             shard.activate(loc.slot, silent_end);
             let card = &mut shard.cards[loc.slot as usize];
             card.reasons = card.reasons.set(Reason::PlanExpired, card.expires_at <= at);
+        }
+        let card = &shard.cards[loc.slot as usize];
+        if card.reasons.contains(Reason::PlanExpired)
+            && shard
+                .config
+                .grace_end(card.expires_at)
+                .is_some_and(|t| t <= at)
+        {
+            // Expired longer ago than the grace period: closed at once.
+            shard.deregister(loc.slot);
+            return;
         }
         shard.refresh_card(loc.slot);
     }

@@ -3,12 +3,12 @@
 //! packs for a card or a forward pool.
 
 use crate::command::{CardResult, CommandError, ErrorCode, PoolKind};
-use crate::domain::{Carrier, Reason, ThresholdMb};
+use crate::domain::{CardState, Carrier, Reason, ThresholdMb, TrafficType, GENERAL_CAP_BYTES, MB};
 use crate::ids::{Iccid, PoolId};
 use crate::time::Timestamp;
 
 use super::commands::err;
-use super::Engine;
+use super::{Engine, Loc};
 
 impl Engine {
     pub(super) fn set_threshold(
@@ -87,6 +87,7 @@ impl Engine {
                         format!("add-on of {mb} MB is too large"),
                     )
                 })?;
+                self.check_card_add_on(loc, mb)?;
                 let shard = &mut self.shards[loc.shard as usize];
                 let carrier = shard.cards[loc.slot as usize].carrier;
                 if cal.cycle_of(carrier, at) != shard.cycle(carrier) {
@@ -103,6 +104,7 @@ impl Engine {
             }
             (None, Some(pool)) => {
                 let entry = self.pool_entry(pool)?.clone();
+                self.check_not_abandoned(&entry, pool)?;
                 if entry.kind != PoolKind::Forward {
                     return Err(err(
                         ErrorCode::WrongPoolKind,
@@ -132,4 +134,57 @@ impl Engine {
             )),
         }
     }
+
+    /// The carriers' add-on rules for one card (SPEC section 2.1): it is
+    /// activated and either active or suspended for its usage (one of
+    /// [`ADD_ON_REASONS`] holds, maybe beside others), and a `general` card's plan plus add-ons stay
+    /// within the 100 MB general cap.
+    fn check_card_add_on(&self, loc: Loc, mb: u64) -> Result<(), CommandError> {
+        let shard = &self.shards[loc.shard as usize];
+        let card = &shard.cards[loc.slot as usize];
+        let (state, reasons) = shard.visible_state(loc.slot);
+        let for_usage = reasons.is_empty() || reasons.iter().any(|r| ADD_ON_REASONS.contains(&r));
+        if card.lifecycle != CardState::Active || !for_usage {
+            return Err(err(
+                ErrorCode::AddOnNotAllowed,
+                format!(
+                    "card {} is {state}{}: add-ons are for active cards and cards \
+                     suspended for their usage",
+                    card.iccid,
+                    if reasons.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({reasons:?})")
+                    }
+                ),
+            ));
+        }
+        let plan = shard
+            .plans
+            .get(usize::from(card.plan))
+            .and_then(Option::as_ref);
+        if let Some(plan) = plan.filter(|p| p.traffic == TrafficType::General) {
+            let total = u64::from(card.addon_mb)
+                .saturating_add(mb)
+                .saturating_mul(MB)
+                .saturating_add(plan.allowance_bytes);
+            if total > GENERAL_CAP_BYTES {
+                return Err(err(
+                    ErrorCode::GeneralCapExceeded,
+                    format!(
+                        "general card {}: plan {} MB + add-ons {} MB + {mb} MB would pass \
+                         the 100 MB general cap",
+                        card.iccid,
+                        plan.allowance_bytes / MB,
+                        card.addon_mb
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
+
+/// The reasons that let a suspended card buy an add-on: its cycle usage
+/// against its allowance, threshold or the general cap.
+const ADD_ON_REASONS: [Reason; 3] = [Reason::OverQuota, Reason::OverThreshold, Reason::GeneralCap];

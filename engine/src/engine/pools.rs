@@ -4,6 +4,7 @@
 //! on the one record that crosses.
 
 use crate::command::{CardResult, CommandError, ErrorCode, PoolKind, PoolSpec};
+use crate::domain::CardState;
 use crate::ids::{Iccid, PoolId};
 use crate::shard::{Pool, Shard, NO_POOL};
 
@@ -88,6 +89,15 @@ impl Engine {
                 format!("card {} is already in pool {other}", card.iccid),
             ));
         }
+        if card.lifecycle == CardState::Testable {
+            return Err(err(
+                ErrorCode::TestPeriodCard,
+                format!(
+                    "card {} is in its test period: it cannot join a pool",
+                    card.iccid
+                ),
+            ));
+        }
         self.shards[entry.shard as usize].check_member(entry.index, card)?;
         let loc = if loc.shard == entry.shard {
             loc
@@ -114,6 +124,7 @@ impl Engine {
         iccids: &[Iccid],
     ) -> Result<Vec<CardResult>, CommandError> {
         let entry = self.pool_entry(pool)?.clone();
+        self.check_not_abandoned(&entry, pool)?;
         Ok(self.per_card(iccids, |e, loc| e.add_member(&entry, loc)))
     }
 
@@ -133,6 +144,28 @@ impl Engine {
             e.shards[loc.shard as usize].remove_member(loc.slot);
             Ok(())
         }))
+    }
+
+    /// An abandoned pool takes no member and no add-on.
+    pub(super) fn check_not_abandoned(
+        &self,
+        entry: &PoolEntry,
+        pool: &PoolId,
+    ) -> Result<(), CommandError> {
+        if self.shards[entry.shard as usize].pools[entry.index as usize].removed {
+            return Err(err(
+                ErrorCode::PoolAbandoned,
+                format!("pool {pool} is abandoned: every member was deregistered"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Renames a pool (its id stays).
+    pub(super) fn rename_pool(&mut self, pool: &PoolId, name: &str) -> Result<(), CommandError> {
+        let entry = self.pool_entry(pool)?.clone();
+        self.shards[entry.shard as usize].pools[entry.index as usize].name = name.to_owned();
+        Ok(())
     }
 
     /// Freezes or unfreezes a backward pool.

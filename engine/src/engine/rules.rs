@@ -24,6 +24,7 @@ impl Engine {
             self.plan_entry(plan)?;
         }
         self.tag_indexes(&rule.filter.tags)?;
+        self.check_attribute_names(rule.filter.attributes.keys())?;
         for (pools, kind) in [
             (&rule.filter.forward_pools, PoolKind::Forward),
             (&rule.filter.backward_pools, PoolKind::Backward),
@@ -142,6 +143,12 @@ impl Engine {
                     plans: plans.clone(),
                     tags: tags.clone(),
                     pools,
+                    attributes: spec
+                        .filter
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                 });
             }
         }

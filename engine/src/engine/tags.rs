@@ -1,8 +1,9 @@
 //! Tag and attribute commands: the labels an operator puts on cards.
 //! Tags are declared, bound to cards and removed (removing a tag takes it
-//! off every card); attribute names are declared before cards carry them.
+//! off every card); attribute names are declared before cards carry them,
+//! and values are set card by card (`upsert_card`) or in batches.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::command::{
     CardResult, CommandError, ErrorCode, TagSpec, MAX_ATTRIBUTE_NAMES, MAX_TAGS, MAX_TAGS_PER_CARD,
@@ -85,6 +86,51 @@ impl Engine {
         }
         self.registry.attribute_names = names.to_vec();
         Ok(())
+    }
+
+    /// Checks that every attribute name is declared.
+    pub(super) fn check_attribute_names<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), CommandError> {
+        match names
+            .into_iter()
+            .find(|n| !self.registry.attribute_names.contains(n))
+        {
+            Some(name) => Err(err(
+                ErrorCode::InvalidAttribute,
+                format!("attribute {name:?} is not declared (set_attribute_names)"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets (or, for `None`, removes) attribute values on each card.
+    pub(super) fn set_attributes(
+        &mut self,
+        iccids: &[Iccid],
+        attributes: &BTreeMap<String, Option<String>>,
+    ) -> Result<Vec<CardResult>, CommandError> {
+        if attributes.is_empty() {
+            return Err(err(
+                ErrorCode::InvalidAttribute,
+                "set_attributes names no attribute",
+            ));
+        }
+        self.check_attribute_names(attributes.keys())?;
+        Ok(self.per_card(iccids, |e, loc| {
+            e.live(loc)?;
+            let shard = &mut e.shards[loc.shard as usize];
+            let extra = shard.extra_mut(loc.slot);
+            for (name, value) in attributes {
+                match value {
+                    Some(v) => extra.attributes.insert(name.clone(), v.clone()),
+                    None => extra.attributes.remove(name),
+                };
+            }
+            shard.drop_empty_extra(loc.slot);
+            Ok(())
+        }))
     }
 
     pub(super) fn remove_tag(&mut self, tag: &TagId) -> Result<(), CommandError> {

@@ -1,6 +1,8 @@
 //! What queries see: [`CardView`] and [`PoolView`], built from a shard's
 //! state and named through the registry's tables.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::command::PoolKind;
@@ -48,6 +50,13 @@ pub struct CardView {
     pub imsi: Option<String>,
     /// IMEI.
     pub imei: Option<String>,
+    /// The SIM is in another device than its bound one and has no network
+    /// (ctcc, tri; SPEC section 2.1): a rebind restores it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub separated: bool,
+    /// Custom attributes, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// A pool as queries see it.
@@ -169,6 +178,11 @@ fn card_view(
         msisdn: shard.ident(slot, 0),
         imsi: shard.ident(slot, 1),
         imei: shard.ident(slot, 2),
+        separated: card.separated,
+        attributes: shard
+            .extra(slot)
+            .map(|e| e.attributes.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -99,6 +99,17 @@ impl Shard {
         }
     }
 
+    /// Deregisters a card for good: it leaves its pool and loses its
+    /// reasons; later usage is history only.
+    pub(crate) fn deregister(&mut self, slot: u32) {
+        self.touch(slot);
+        self.leave_for_good(slot);
+        let card = &mut self.cards[slot as usize];
+        card.lifecycle = CardState::Deregistered;
+        card.reasons = Reasons::EMPTY;
+        card.separated = false;
+    }
+
     pub(crate) fn tags_of(&self, slot: u32) -> &[u32] {
         &self.tagsets[self.cards[slot as usize].tagset as usize]
     }

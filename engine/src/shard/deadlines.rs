@@ -43,6 +43,12 @@ impl Shard {
             }
             // Never scheduled: day starts are found by `rule_days`.
             DeadlineKind::RuleDay => false,
+            // Not renewed since (a renewal moves the expiry, and with it
+            // the end of its grace).
+            DeadlineKind::ExpiryGraceEnd => {
+                card.reasons.contains(Reason::PlanExpired)
+                    && self.config.grace_end(card.expires_at) == Some(at)
+            }
         };
         if !still_due {
             return;
@@ -56,6 +62,7 @@ impl Shard {
             DeadlineKind::TestEnd => self.cards[slot as usize].lifecycle = CardState::Activatable,
             DeadlineKind::SilentEnd => self.activate(slot, at),
             DeadlineKind::RuleDay => {}
+            DeadlineKind::ExpiryGraceEnd => self.deregister(slot),
         }
         self.finish(&Cause::Deadline { kind, at }, at, out);
     }
@@ -66,8 +73,16 @@ impl Shard {
         }
         self.deadlines.insert((at.0, slot, kind));
     }
-    pub(super) fn schedule_card(&mut self, slot: u32, expires: Timestamp) {
+    /// Schedules a card's expiry and the end of its grace.
+    pub(super) fn schedule_expiry(&mut self, slot: u32, expires: Timestamp) {
         self.schedule(slot, DeadlineKind::PlanExpiry, expires);
+        if let Some(end) = self.config.grace_end(expires) {
+            self.schedule(slot, DeadlineKind::ExpiryGraceEnd, end);
+        }
+    }
+
+    pub(super) fn schedule_card(&mut self, slot: u32, expires: Timestamp) {
+        self.schedule_expiry(slot, expires);
         if let Some(extra) = self.extras.get(&slot) {
             let (test, silent) = (extra.test_ends_at, extra.silent_ends_at);
             if let Some(t) = test {

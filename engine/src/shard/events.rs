@@ -19,11 +19,13 @@ impl Shard {
             Visible {
                 state: CardState::Suspended,
                 reasons: card.reasons,
+                separated: card.separated,
             }
         } else {
             Visible {
                 state: card.lifecycle,
                 reasons: Reasons::EMPTY,
+                separated: card.separated,
             }
         }
     }
@@ -94,6 +96,7 @@ impl Shard {
             Vec::new()
         };
         let mut changes = Vec::new();
+        let devices = std::mem::take(&mut self.pending.devices);
         for (slot, before) in cards.drain(..) {
             let after = self.visible(slot);
             if after == before {
@@ -122,6 +125,12 @@ impl Shard {
                 usage_bytes: usage,
                 limit_bytes: limit,
                 overshoot_bytes: limit.map(|l| usage.saturating_sub(l)),
+                separated: (after.separated != before.separated).then_some(after.separated),
+                device: devices
+                    .iter()
+                    .rev()
+                    .find(|(s, _)| *s == slot)
+                    .map(|(_, d)| *d),
                 cause: cause.clone(),
             })));
         }

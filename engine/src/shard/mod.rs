@@ -18,11 +18,13 @@
 //! [`usage`] accounts records; [`reasons`] derives a card's and a pool's
 //! cut-off reasons from their usage and limits; [`events`] turns what
 //! changed under one cause into events; [`cards`] and [`pools`] add,
-//! move and group cards; [`rules`] evaluates automation rules.
+//! move and group cards; [`device`] binds cards to devices; [`rules`]
+//! evaluates automation rules.
 
 mod cards;
 mod clock;
 mod deadlines;
+mod device;
 mod events;
 mod pools;
 mod reasons;
@@ -30,6 +32,7 @@ pub(crate) mod rules;
 mod usage;
 
 pub(crate) use cards::slots_with_tag;
+pub(crate) use device::{Device, MAX_REBINDS_PER_MONTH};
 pub(crate) use pools::member_slots;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -86,6 +89,9 @@ pub(crate) struct Card {
     pub(crate) addon_mb: u32,
     /// The slot was vacated (card moved to another shard).
     pub(crate) vacant: bool,
+    /// The SIM is in another device than its bound one and has no network
+    /// (ctcc, tri: `device`).
+    pub(crate) separated: bool,
 }
 
 /// Rarely present card attributes, kept out of [`Card`].
@@ -103,6 +109,8 @@ pub(crate) struct CardExtra {
     /// sequence numbers: the card got there before the fleet's clock did
     /// (see [`Shard::account`]). Counted when the clock reaches their cycle.
     pub(crate) ahead: Vec<(u64, Usage)>,
+    /// Device moves and their monthly counts (`device`).
+    pub(crate) device: Option<Device>,
 }
 
 impl CardExtra {
@@ -137,6 +145,8 @@ pub(crate) struct Pool {
     pub(crate) cut: bool,
     /// Lowest "used >= N" threshold among enabled backward suspend rules.
     pub(crate) suspend_at: Option<u64>,
+    /// No longer live: a forward pool abandoned when its last member was
+    /// deregistered (SPEC 2.1). Rollovers, rules and plans pass it by.
     pub(crate) removed: bool,
 }
 
@@ -151,6 +161,9 @@ impl Pool {
     }
 
     fn visible(&self) -> PoolState {
+        if self.removed {
+            return PoolState::Abandoned;
+        }
         match self.kind {
             PoolKind::Forward if self.exhausted => PoolState::Exhausted,
             PoolKind::Forward => PoolState::Available,
@@ -166,6 +179,7 @@ impl Pool {
 struct Visible {
     state: CardState,
     reasons: Reasons,
+    separated: bool,
 }
 
 /// A card taken out of one shard to move into another.
@@ -229,6 +243,8 @@ pub(crate) struct Pending {
     pub(crate) scan_rules: Vec<u32>,
     /// Carriers rolled over under the cause.
     pub(crate) rollovers: Vec<Carrier>,
+    /// Device moves seen under the cause, for their cards' events.
+    pub(crate) devices: Vec<(u32, crate::event::DeviceChange)>,
 }
 
 impl Shard {

@@ -38,6 +38,21 @@ impl Shard {
         self.refresh_card(slot);
     }
 
+    /// A deregistered card leaves its pool for good; a forward pool left
+    /// with no member that way is abandoned (SPEC 2.1).
+    pub(crate) fn leave_for_good(&mut self, slot: u32) {
+        let p = self.cards[slot as usize].pool;
+        self.remove_member(slot);
+        if p == NO_POOL {
+            return;
+        }
+        let pool = &self.pools[p as usize];
+        if pool.kind == PoolKind::Forward && pool.members.is_empty() && !pool.removed {
+            self.touch_pool(p);
+            self.pools[p as usize].removed = true;
+        }
+    }
+
     /// Validates that a card may join pool `p` (forward pools: same
     /// carrier, traffic type and plan; the plan fixes the traffic type).
     pub(crate) fn check_member(&self, p: u32, card: &Card) -> Result<(), CommandError> {

@@ -39,6 +39,8 @@ pub(crate) struct ShardRule {
     /// Local indexes of the pools the filter names; `None` when it names
     /// none (every card, every pool).
     pub(crate) pools: Option<Vec<u32>>,
+    /// Attribute values a card must all have (empty: any card).
+    pub(crate) attributes: Vec<(String, String)>,
 }
 
 /// A visible state change of one card under the current cause.
@@ -306,6 +308,12 @@ impl Shard {
                 .pools
                 .as_ref()
                 .is_none_or(|pools| pools.contains(&card.pool))
+            && (rule.attributes.is_empty() || {
+                let have = self.extra(slot).map(|e| &e.attributes);
+                rule.attributes
+                    .iter()
+                    .all(|(k, v)| have.and_then(|a| a.get(k)) == Some(v))
+            })
     }
 
     /// Allowance a card's remaining conditions compare against: plan +

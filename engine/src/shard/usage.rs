@@ -1,10 +1,10 @@
 //! Accounting a record: which cycle it counts for (or whether it is
 //! late, or early for a cycle the clock has not reached), and what
-//! counting it does to the card: activation on first use, the test
-//! allowance, the pool's usage.
+//! counting it does to the card: its device, activation on first use, the
+//! test allowance (test traffic counts there only), the pool's usage.
 
 use crate::domain::{CardState, MB};
-use crate::event::{Accounted, Cause, DeadlineKind, Output};
+use crate::event::{Accounted, Cause, Output};
 use crate::record::Usage;
 use crate::time::Timestamp;
 
@@ -83,9 +83,25 @@ impl Shard {
             return;
         }
         self.touch(slot);
+        if let Some(imei) = usage.imei {
+            self.check_device(slot, imei, usage.end);
+        }
         match lifecycle {
             CardState::Activatable => self.activate(slot, usage.end),
-            CardState::Testable => self.count_test_usage(slot, bytes),
+            CardState::Testable => {
+                // Test traffic uses the test allowance, not the first
+                // cycle's (docs/DECISIONS.md, "Test usage").
+                self.count_test_usage(slot, bytes);
+                self.finish(
+                    &Cause::Record {
+                        iccid: usage.iccid,
+                        record_id: usage.record_id,
+                    },
+                    usage.end,
+                    out,
+                );
+                return;
+            }
             _ => {}
         }
         let card = &mut self.cards[slot as usize];
@@ -129,7 +145,7 @@ impl Shard {
         if card.expires_at == Timestamp::MAX {
             card.expires_at = add_months(at, term, self.config.calendar.utc_offset_secs);
             let expires = card.expires_at;
-            self.schedule(slot, DeadlineKind::PlanExpiry, expires);
+            self.schedule_expiry(slot, expires);
         }
         self.adjust_member_allowance(slot, contribution);
     }

@@ -301,6 +301,7 @@ pub(crate) fn usage(n: u32, record_id: &str, end: &str, bytes: u64) -> Usage {
         bytes_up: bytes / 3,
         bytes_down: bytes - bytes / 3,
         carrier: None,
+        imei: None,
     }
 }
 

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use flowcap_engine::command::{CardSpec, PlanSpec, PoolKind, PoolSpec};
 use flowcap_engine::record::RecordId;
 use flowcap_engine::{
-    CardState, Carrier, Command, CommandKind, Iccid, PlanId, PoolId, Timestamp, TrafficType, Usage,
+    CardState, Carrier, Command, CommandKind, Iccid, Imei, PlanId, PoolId, Timestamp, TrafficType,
+    Usage,
 };
 use proptest::prelude::*;
 
@@ -58,6 +59,9 @@ pub const RULES: [&str; 4] = [
     r#"{"id": "m-cut", "type": 4, "condition": {"to": ["suspended"]}}"#,
 ];
 
+/// The devices records come from.
+pub const DEVICES: [&str; 3] = ["864000000000001", "864000000000002", "864000000000003"];
+
 pub fn iccid(i: usize) -> Iccid {
     Iccid::parse(CARDS[i].0).unwrap()
 }
@@ -87,6 +91,8 @@ pub enum Op {
         card: usize,
         bytes: u64,
         time: RecordTime,
+        /// Index into [`DEVICES`].
+        device: Option<usize>,
     },
     /// Resend an earlier record (index modulo the records so far).
     Resend(usize),
@@ -117,6 +123,8 @@ pub enum Op {
     Resume(Vec<usize>),
     Deregister(Vec<usize>),
     Activate(Vec<usize>),
+    /// Rebind a card to a device of [`DEVICES`], or to its next one.
+    Rebind(usize, Option<usize>),
     Freeze(usize),
     Unfreeze(usize),
     UpsertRule(usize),
@@ -157,6 +165,11 @@ pub fn state() -> impl Strategy<Value = CardState> {
     ]
 }
 
+/// No device (most records), or one of three.
+pub fn device() -> impl Strategy<Value = Option<usize>> {
+    prop_oneof![3 => Just(None), 2 => (0..DEVICES.len()).prop_map(Some)]
+}
+
 pub fn dt() -> impl Strategy<Value = i64> {
     prop_oneof![
         80 => 0..2 * HOUR,
@@ -176,7 +189,7 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => Just(RecordTime::Future),
     ];
     prop_oneof![
-        40 => (card.clone(), bytes(), time).prop_map(|(card, bytes, time)| Op::Record { card, bytes, time }),
+        40 => (card.clone(), bytes(), time, device()).prop_map(|(card, bytes, time, device)| Op::Record { card, bytes, time, device }),
         4 => any::<usize>().prop_map(Op::Resend),
         1 => (any::<usize>(), card, bytes()).prop_map(|(earlier, card, bytes)| Op::ReuseId { earlier, card, bytes }),
         1 => (0..PLANS.len(), prop::sample::select(vec![5u64, 20, 30, 50, 100, 200]), any::<bool>())
@@ -193,6 +206,7 @@ pub fn op() -> impl Strategy<Value = Op> {
         2 => card_set().prop_map(Op::Resume),
         1 => any_card().prop_map(|c| Op::Deregister(vec![c])),
         2 => card_set().prop_map(Op::Activate),
+        2 => (any_card(), device()).prop_map(|(c, d)| Op::Rebind(c, d)),
         1 => pool.clone().prop_map(Op::Freeze),
         1 => pool.prop_map(Op::Unfreeze),
     ]
@@ -272,24 +286,37 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
         if t.plus_millis(dt) < start_time().plus_millis(300 * DAY) {
             t = t.plus_millis(dt);
         }
-        let usage = |card: usize, id: String, end: Timestamp, bytes: u64| Usage {
-            record_id: RecordId::new(&id).unwrap(),
-            iccid: iccid(card),
-            start: None,
-            end,
-            bytes_up: bytes / 3,
-            bytes_down: bytes - bytes / 3,
-            carrier: None,
-        };
+        let usage =
+            |card: usize, id: String, end: Timestamp, bytes: u64, device: Option<usize>| Usage {
+                record_id: RecordId::new(&id).unwrap(),
+                iccid: iccid(card),
+                start: None,
+                end,
+                bytes_up: bytes / 3,
+                bytes_down: bytes - bytes / 3,
+                carrier: None,
+                imei: device.and_then(|d| Imei::parse(DEVICES[d].as_bytes())),
+            };
         let record = match op {
-            Op::Record { card, bytes, time } => {
+            Op::Record {
+                card,
+                bytes,
+                time,
+                device,
+            } => {
                 let end = match time {
                     RecordTime::Now => t,
                     RecordTime::Late(ms) => t.plus_millis(-ms),
                     RecordTime::Ahead(ms) => t.plus_millis(*ms),
                     RecordTime::Future => t.plus_millis(2 * DAY),
                 };
-                Some(usage(*card, format!("r{}", records.len()), end, *bytes))
+                Some(usage(
+                    *card,
+                    format!("r{}", records.len()),
+                    end,
+                    *bytes,
+                    *device,
+                ))
             }
             Op::Resend(k) if !records.is_empty() => Some(records[k % records.len()]),
             Op::Resend(_) => None,
@@ -299,7 +326,7 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
                 bytes,
             } if !records.is_empty() => {
                 let id = records[earlier % records.len()].record_id;
-                Some(usage(*card, id.as_str().to_owned(), t, *bytes))
+                Some(usage(*card, id.as_str().to_owned(), t, *bytes, None))
             }
             Op::ReuseId { .. } => None,
             _ => None,
@@ -353,6 +380,7 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
                         imei: None,
                         tags: Vec::new(),
                         attributes: BTreeMap::new(),
+                        clear: Vec::new(),
                     },
                 }
             }
@@ -404,6 +432,10 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
             },
             Op::Activate(cards) => CommandKind::Activate {
                 iccids: iccids(cards),
+            },
+            Op::Rebind(c, d) => CommandKind::Rebind {
+                iccid: iccid(*c),
+                imei: d.map(|d| DEVICES[d].to_owned()),
             },
             Op::Freeze(p) => CommandKind::FreezePool { pool: pool_id(*p) },
             Op::Unfreeze(p) => CommandKind::UnfreezePool { pool: pool_id(*p) },

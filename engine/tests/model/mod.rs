@@ -20,8 +20,11 @@
 //! each cycle start (in time order, carriers of one instant together),
 //! cards inside "remaining" at zero usage and pools inside "used" fire for
 //! that cycle; every change to `suspended` fires the state rule.
+//! Device binding: records from one of three devices (or none), moves by
+//! each carrier's rule, rebind (with or without an IMEI), and resume's
+//! refusal for a cmcc card that moved.
 //! Not covered: testable cards, deadlines (plan expiry, silent/test end),
-//! renew, other rules and windows, tags, violations/rebind, remove_plan,
+//! renew, other rules and windows, tags, report_violation, remove_plan,
 //! carrier changes.
 
 #![allow(dead_code, unreachable_pub)]
@@ -32,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use flowcap_engine::command::{CardSpec, PoolKind};
 use flowcap_engine::{
-    CardState, Carrier, Command, CommandKind, Iccid, Reason, Reasons, Timestamp, TrafficType,
+    CardState, Carrier, Command, CommandKind, Iccid, Imei, Reason, Reasons, Timestamp, TrafficType,
     Usage, MB,
 };
 
@@ -83,6 +86,15 @@ pub struct ModelCard {
     pub over_threshold: bool,
     pub manual: bool,
     pub pool: Option<String>,
+    /// Device binding (SPEC 2.1): the bound device, a violation from
+    /// device moves, the ctcc/tri separation, and this calendar month's
+    /// counts (cucc changes, ctcc/tri rebinds).
+    pub bound: Option<Imei>,
+    pub violation: bool,
+    pub separated: bool,
+    pub device_month: i64,
+    pub changes: u8,
+    pub rebinds: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +104,8 @@ pub struct ModelPool {
     pub plan: Option<String>,
     pub addon_mb: u64,
     pub frozen: bool,
+    /// A forward pool whose last member was deregistered.
+    pub abandoned: bool,
 }
 
 /// What happened to a record.
@@ -129,13 +143,13 @@ pub struct Model {
     pub latest: BTreeMap<Iccid, Timestamp>,
     /// Records of a later cycle than the clock's (card, cycle, bytes), in
     /// input order: counted when their cycle starts.
-    pub ahead: Vec<(Iccid, i64, u64)>,
+    pub ahead: Vec<(Iccid, i64, Usage)>,
     pub plans: BTreeMap<String, ModelPlan>,
     pub cards: BTreeMap<Iccid, ModelCard>,
     pub pools: BTreeMap<String, ModelPool>,
     pub seen: HashSet<(Iccid, String)>,
-    /// Last visible (state, reasons) per card, for events.
-    pub visible: BTreeMap<Iccid, (CardState, Reasons)>,
+    /// Last visible (state, reasons, separated) per card, for events.
+    pub visible: BTreeMap<Iccid, (CardState, Reasons, bool)>,
     pub events: Vec<ModelEvent>,
     /// Rules installed (`upsert_rule` seen).
     pub rules: bool,
@@ -225,6 +239,7 @@ impl Model {
             backward_pool.is_some_and(|p| self.pools[p].frozen),
         );
         r = r.set(Reason::Manual, card.manual);
+        r = r.set(Reason::Violation, card.violation);
         r
     }
 
@@ -241,7 +256,9 @@ impl Model {
 
     pub fn pool_state(&self, pool: &str) -> &'static str {
         let p = &self.pools[pool];
-        if p.forward {
+        if p.abandoned {
+            "abandoned"
+        } else if p.forward {
             if self.pool_exhausted(pool) {
                 "exhausted"
             } else {
@@ -354,7 +371,8 @@ impl Model {
         }
         let iccids: Vec<Iccid> = self.cards.keys().copied().collect();
         for iccid in iccids {
-            let now = self.view(iccid);
+            let (state, reasons) = self.view(iccid);
+            let now = (state, reasons, self.cards[&iccid].separated);
             match self.visible.insert(iccid, now) {
                 Some(before) if before != now => {
                     if self.rules
@@ -425,8 +443,8 @@ impl Model {
                 .into_iter()
                 .partition(|(i, c, _)| started(i, *c, &self.cards));
             self.ahead = kept;
-            for (iccid, _, bytes) in due {
-                self.count(iccid, bytes);
+            for (iccid, _, usage) in due {
+                self.count(iccid, &usage);
                 // The engine looks at rules after every cause: a later
                 // cycle start in the same input must not hide a firing.
                 self.check_rules();
@@ -467,18 +485,43 @@ impl Model {
             return RecordOutcome::NotCounted;
         }
         if cycle > current {
-            self.ahead.push((u.iccid, cycle, u.bytes_up + u.bytes_down));
+            self.ahead.push((u.iccid, cycle, *u));
         } else {
-            self.count(u.iccid, u.bytes_up + u.bytes_down);
+            self.count(u.iccid, u);
         }
         RecordOutcome::Counted
     }
 
     /// Counts a record of the card's current cycle (one cause).
-    fn count(&mut self, iccid: Iccid, bytes: u64) {
+    fn count(&mut self, iccid: Iccid, u: &Usage) {
+        let bytes = u.bytes_up + u.bytes_down;
         let card = self.cards.get_mut(&iccid).unwrap();
         if card.lifecycle == CardState::Deregistered {
             return;
+        }
+        // Device binding: first device binds; another one is a move.
+        if let Some(imei) = u.imei {
+            match card.bound {
+                None => card.bound = Some(imei),
+                Some(bound) if bound == imei => {}
+                Some(_) => match card.carrier {
+                    Carrier::Cmcc => card.violation = true,
+                    Carrier::Ctcc | Carrier::Tri => card.separated = true,
+                    Carrier::Cucc => {
+                        card.bound = Some(imei);
+                        let month = cycle_of(Carrier::Cmcc, u.end);
+                        if card.device_month != month {
+                            card.device_month = month;
+                            card.changes = 0;
+                            card.rebinds = 0;
+                        }
+                        card.changes += 1;
+                        if card.changes >= 3 {
+                            card.violation = true;
+                        }
+                    }
+                },
+            }
         }
         if card.lifecycle == CardState::Activatable {
             card.lifecycle = CardState::Active;
@@ -588,6 +631,7 @@ impl Model {
                         },
                         addon_mb: 0,
                         frozen: false,
+                        abandoned: false,
                     },
                 );
                 Self::whole(true)
@@ -596,6 +640,10 @@ impl Model {
                 let Some(p) = self.pools.get(pool.as_str()).cloned() else {
                     return Self::whole(false);
                 };
+                let distinct: HashSet<&Iccid> = iccids.iter().collect();
+                if p.abandoned && !iccids.is_empty() && distinct.len() == iccids.len() {
+                    return Self::whole(false);
+                }
                 let id = pool.0.clone();
                 self.batch(iccids, |m, i| {
                     let Some(card) = m.live(&i) else { return false };
@@ -670,6 +718,23 @@ impl Model {
                         {
                             return Self::whole(false);
                         }
+                        // Only activated cards, not suspended or suspended
+                        // (also) for usage, and a general card's plan +
+                        // add-ons within 100 MB.
+                        let reasons = self.reasons(*i);
+                        let usage_only = reasons.is_empty()
+                            || reasons.iter().any(|r| {
+                                matches!(
+                                    r,
+                                    Reason::OverQuota | Reason::OverThreshold | Reason::GeneralCap
+                                )
+                            });
+                        let plan = &self.plans[&card.plan];
+                        let capped = plan.general
+                            && plan.allowance_bytes + (card.addon_mb + mb) * MB > GENERAL_CAP;
+                        if card.lifecycle != CardState::Active || !usage_only || capped {
+                            return Self::whole(false);
+                        }
                         self.cards.get_mut(i).unwrap().addon_mb += mb;
                         Self::whole(true)
                     }
@@ -678,7 +743,10 @@ impl Model {
                             return Self::whole(false);
                         };
                         let carrier = pool.carrier.unwrap_or(Carrier::Cmcc);
-                        if !pool.forward || cycle_of(carrier, at) != self.current_cycle(carrier) {
+                        if pool.abandoned
+                            || !pool.forward
+                            || cycle_of(carrier, at) != self.current_cycle(carrier)
+                        {
                             return Self::whole(false);
                         }
                         self.pools.get_mut(p.as_str()).unwrap().addon_mb += mb;
@@ -700,18 +768,55 @@ impl Model {
                 if card.lifecycle == CardState::Deregistered {
                     return false;
                 }
+                // A cmcc device move takes a rebind.
+                if card.carrier == Carrier::Cmcc && card.violation {
+                    return false;
+                }
                 card.manual = false;
+                card.violation = false;
                 true
             }),
+            CommandKind::Rebind { iccid, imei } => {
+                let month = cycle_of(Carrier::Cmcc, at);
+                let Some(card) = self.cards.get_mut(iccid) else {
+                    return Self::whole(false);
+                };
+                if card.lifecycle == CardState::Deregistered {
+                    return Self::whole(false);
+                }
+                match card.carrier {
+                    Carrier::Cucc => return Self::whole(false),
+                    Carrier::Ctcc | Carrier::Tri => {
+                        if card.device_month != month {
+                            card.device_month = month;
+                            card.changes = 0;
+                            card.rebinds = 0;
+                        }
+                        if card.rebinds >= 2 {
+                            return Self::whole(false);
+                        }
+                        card.rebinds += 1;
+                    }
+                    Carrier::Cmcc => {}
+                }
+                card.violation = false;
+                card.separated = false;
+                card.bound = imei.as_deref().and_then(|t| Imei::parse(t.as_bytes()));
+                Self::whole(true)
+            }
             CommandKind::Deregister { iccids } => self.batch(iccids, |m, i| {
                 let card = m.cards.get_mut(&i).unwrap();
                 if card.lifecycle == CardState::Deregistered {
                     return false;
                 }
+                let pool = card.pool.clone();
                 card.lifecycle = CardState::Deregistered;
                 card.pool = None;
                 card.manual = false;
                 card.over_threshold = false;
+                card.violation = false;
+                card.separated = false;
+                m.abandon_if_closed(pool);
                 true
             }),
             CommandKind::Activate { iccids } => self.batch(iccids, |m, i| {
@@ -737,6 +842,15 @@ impl Model {
                 Self::whole(true)
             }
             other => panic!("the model does not cover {}", other.type_name()),
+        }
+    }
+
+    /// A forward pool whose last member was just deregistered is abandoned.
+    fn abandon_if_closed(&mut self, pool: Option<String>) {
+        if let Some(pool) = pool {
+            if self.pools[&pool].forward && self.members(&pool).is_empty() {
+                self.pools.get_mut(&pool).unwrap().abandoned = true;
+            }
         }
     }
 
@@ -779,8 +893,11 @@ impl Model {
                 card.lifecycle = lifecycle;
                 card.manual = manual;
                 if lifecycle == CardState::Deregistered {
-                    card.pool = None;
+                    let pool = card.pool.take();
                     card.over_threshold = false;
+                    card.violation = false;
+                    card.separated = false;
+                    self.abandon_if_closed(pool);
                 }
             }
             None => {
@@ -796,11 +913,17 @@ impl Model {
                         over_threshold: false,
                         manual,
                         pool: None,
+                        bound: None,
+                        violation: false,
+                        separated: false,
+                        device_month: 0,
+                        changes: 0,
+                        rebinds: 0,
                     },
                 );
                 // A new card has no "before": no event for its creation.
-                let view = self.view(spec.iccid);
-                self.visible.insert(spec.iccid, view);
+                let (state, reasons) = self.view(spec.iccid);
+                self.visible.insert(spec.iccid, (state, reasons, false));
             }
         }
         true

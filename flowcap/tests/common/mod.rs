@@ -76,21 +76,6 @@ pub(crate) fn sorted_lines(path: &Path) -> Vec<String> {
     lines
 }
 
-/// Every file and directory under `dir` with its bytes (directories: none).
-pub(crate) fn tree(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Option<Vec<u8>>> {
-    let mut found = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            let rel = path.strip_prefix(dir).unwrap().to_owned();
-            if path.is_dir() {
-                found.insert(rel, None);
-                stack.push(path);
-            } else {
-                found.insert(rel, Some(std::fs::read(&path).unwrap()));
-            }
-        }
-    }
-    found
-}
+/// Every file and directory under a directory with its bytes.
+#[allow(unused_imports)] // each test file uses some of them
+pub(crate) use flowcap_testkit::files::tree;

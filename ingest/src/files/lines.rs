@@ -23,7 +23,7 @@ impl Line {
         self,
         kind: InputKind,
         limit: usize,
-        whole: fn(Vec<u8>) -> Input,
+        whole: impl FnOnce(Vec<u8>) -> Input,
     ) -> Input {
         match self {
             Line::Whole(bytes) => whole(bytes),

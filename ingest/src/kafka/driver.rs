@@ -21,7 +21,7 @@ use super::order_log::{OrderLog, RunStart};
 use super::{Cursor, KafkaOptions, KafkaRunError};
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self as m, DriverMetrics, Source};
-use crate::pipeline::{IngestError, Letter, Pipeline};
+use crate::pipeline::{IngestError, Letter, Pipeline, Wait};
 
 /// Messages decoded and prefetched together ([`Driver::process_batch`]):
 /// enough for the cache misses of routing to overlap, few enough that
@@ -353,7 +353,7 @@ impl Driver {
         cursors: &[Cursor],
         consumer: &BaseConsumer,
     ) -> Result<(), KafkaRunError> {
-        self.after_commit(consumer, false)?;
+        self.after_commit(consumer, Wait::Poll)?;
         let by_count = options.snapshot_every > 0 && self.since_snapshot >= options.snapshot_every;
         let by_time =
             self.since_snapshot > 0 && self.last_snapshot.elapsed() >= options.snapshot_interval;
@@ -371,7 +371,7 @@ impl Driver {
         consumer: &BaseConsumer,
     ) -> Result<(), KafkaRunError> {
         // One commit at a time: the previous one finishes first.
-        self.after_commit(consumer, true)?;
+        self.after_commit(consumer, Wait::Block)?;
         let last_seq = self.next_seq.checked_sub(1);
         let positions: BTreeMap<String, i64> =
             cursors.iter().map(|c| (c.position_key(), c.next)).collect();
@@ -393,21 +393,24 @@ impl Driver {
         Ok(())
     }
 
-    /// Once the snapshot in flight is written (with `wait`, waits for it):
-    /// drops the order-log segments no kept snapshot needs and commits its
-    /// positions as the group's offsets.
+    /// Once the snapshot in flight is written (with [`Wait::Block`],
+    /// waits for it): drops the order-log segments no kept snapshot needs
+    /// and commits its positions as the group's offsets.
     pub(super) fn after_commit(
         &mut self,
         consumer: &BaseConsumer,
-        wait: bool,
+        wait: Wait,
     ) -> Result<(), KafkaRunError> {
         if self.committing.is_none() {
             return Ok(());
         }
-        if wait {
-            self.pipeline.wait_snapshot()?;
-        } else if self.pipeline.snapshot_pending()? {
-            return Ok(());
+        match wait {
+            Wait::Block => self.pipeline.wait_snapshot()?,
+            Wait::Poll => {
+                if self.pipeline.snapshot_pending()? {
+                    return Ok(());
+                }
+            }
         }
         let Some(offsets) = self.committing.take() else {
             return Ok(());

@@ -57,6 +57,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flowcap_clock::{SharedClock, SystemClock};
 use flowcap_engine::decode::DecodeLimits;
 use flowcap_engine::EngineConfig;
 use rdkafka::config::ClientConfig;
@@ -68,7 +69,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::SizeLimits;
 use crate::metrics as m;
-use crate::pipeline::{IngestError, KafkaOut, Pipeline, Restored, Start, Summary};
+use crate::pipeline::{IngestError, KafkaOut, Pipeline, Restored, Start, Summary, Wait};
 pub use align::AlignSettings;
 use driver::{Driver, PREFETCH_BATCH};
 use feed::{Fetched, PartitionFeed};
@@ -170,6 +171,9 @@ pub struct KafkaOptions {
     /// batches ([`crate::requests`]); commands from the API go through
     /// the commands topic instead.
     pub requests: Option<crate::requests::Requests>,
+    /// The time of day (the system clock but in tests): processing times,
+    /// notification times.
+    pub clock: SharedClock,
 }
 
 impl KafkaOptions {
@@ -198,6 +202,7 @@ impl KafkaOptions {
             exit_when_idle: None,
             start: Start::Resume,
             requests: None,
+            clock: SystemClock::shared(),
         }
     }
 }
@@ -529,7 +534,7 @@ pub fn run(
     );
     driver.pipeline.sharded.engine();
     driver.snapshot(&cursors, &data)?;
-    driver.after_commit(&data, true)?;
+    driver.after_commit(&data, Wait::Block)?;
     lease.release();
     stop.store(true, Ordering::SeqCst);
     let _ = lag_thread.join();
@@ -672,6 +677,7 @@ fn start_pipeline(
         options.history.as_ref(),
         options.notify.as_ref(),
         Some(out),
+        &options.clock,
     )?;
     Ok(Some(pipeline))
 }

@@ -62,9 +62,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use flowcap_clock::SharedClock;
 use flowcap_engine::{Engine, EngineConfig, ShardedEngine};
 use flowcap_storage::history::compact::CompactionPolicy;
-pub(crate) use flowcap_storage::history::wall_clock;
 use flowcap_storage::HistoryLocation;
 use flowcap_storage::{
     DiskIdStore, HistoryError, HistoryOptions, HistoryWriter, JsonlError, JsonlSink, SnapshotStore,
@@ -98,8 +98,8 @@ pub enum IngestError {
     /// The engine failed (dedupe store IO, or a snapshot that does not decode).
     #[error("engine: {0}")]
     Engine(#[from] flowcap_engine::EngineError),
-    /// The dedupe cold index could not be opened.
-    #[error("dedupe cold index: {0}")]
+    /// The dedupe id store could not be opened.
+    #[error("dedupe id store: {0}")]
     IdStore(#[from] flowcap_engine::IdStoreError),
     /// The Parquet history could not be opened or recovered.
     #[error("history: {0}")]
@@ -284,6 +284,16 @@ impl HistoryConfig {
     }
 }
 
+/// Whether a step of the snapshot protocol waits for what is not durable
+/// yet, or only looks and answers "not yet".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Blocks until it is durable (or failed).
+    Block,
+    /// Never waits: what is pending stays pending.
+    Poll,
+}
+
 /// Snapshot position: sequence number of the last input the snapshot covers.
 const INPUT_POSITION: &str = "input.last_seq";
 const FILES: [&str; 3] = [EVENTS_FILE, REJECTS_FILE, JOURNAL_FILE];
@@ -357,13 +367,14 @@ impl Pipeline {
     /// reads its positions before it commits to running, see
     /// [`crate::files`] and [`crate::kafka`]), or empty, clearing the
     /// directory's state; rewinds the output files to the snapshot and
-    /// starts the writer.
+    /// starts the writer. `clock` is the time of day for every part.
     pub(crate) fn start_from(
         restored: Restored,
         config: &EngineConfig,
         history: Option<&HistoryConfig>,
         notify: Option<&NotifyConfig>,
         kafka: Option<KafkaOut>,
+        clock: &SharedClock,
     ) -> Result<Pipeline, IngestError> {
         let Restored {
             dir,
@@ -422,17 +433,20 @@ impl Pipeline {
             sinks.insert(name, JsonlSink::open(dir.join(name), rewind)?);
         }
         let history_writer = match history {
-            Some(h) => Some(HistoryWriter::open(
-                h.location_in(dir),
-                resumed_after,
-                HistoryOptions {
-                    calendar: engine.config().calendar,
-                    roll_rows: h.roll_rows.max(1),
-                    compaction: h.compaction,
-                    zstd_level: h.zstd_level,
-                    ..HistoryOptions::default()
-                },
-            )?),
+            Some(h) => Some(
+                HistoryWriter::open(
+                    h.location_in(dir),
+                    resumed_after,
+                    HistoryOptions {
+                        calendar: engine.config().calendar,
+                        roll_rows: h.roll_rows.max(1),
+                        compaction: h.compaction,
+                        zstd_level: h.zstd_level,
+                        ..HistoryOptions::default()
+                    },
+                )?
+                .with_clock(clock.clone()),
+            ),
             None => None,
         };
         let history = history_writer.is_some();
@@ -444,7 +458,12 @@ impl Pipeline {
                     topic: k.actions.clone(),
                 });
                 Some(crate::notify::start(
-                    dir, config, &engine, &reported, alerts,
+                    dir,
+                    config,
+                    &engine,
+                    &reported,
+                    alerts,
+                    clock.clone(),
                 )?)
             }
             None => None,
@@ -460,6 +479,7 @@ impl Pipeline {
             store: Arc::new(SnapshotStore::open(&snapshots_dir)?),
             last_cut: None,
             commit: None,
+            clock: clock.clone(),
         };
         let (sharded, outputs) = ShardedEngine::start(engine, 64);
         let (side, side_rx) = bounded::<Side>(1024);

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use flowcap_engine::Engine;
+use flowcap_engine::{DedupeError, Engine, EngineError};
 use flowcap_storage::{DiskIdStore, SnapshotStore, SnapshotStoreError};
 
 use super::IngestError;
@@ -42,10 +42,10 @@ pub enum Unusable {
     /// The file could not be read (external: disk).
     #[error("I/O error reading it: {0}")]
     Read(std::io::Error),
-    /// The dedupe index could not be brought back to the snapshot
+    /// The dedupe id store could not be brought back to the snapshot
     /// (external: disk).
-    #[error("I/O error in the dedupe index while restoring it: {0}")]
-    Dedupe(String),
+    #[error("I/O error in the dedupe id store while restoring it: {0}")]
+    Dedupe(#[from] flowcap_engine::IdStoreError),
 }
 
 /// One snapshot that was tried and not used.
@@ -127,11 +127,11 @@ impl Restored {
                 let outcome = match stored.bytes {
                     Err(SnapshotStoreError::Io { source, .. }) => Err(Unusable::Read(source)),
                     Ok(bytes) => DiskIdStore::open(dir.join("dedupe"))
-                        .map_err(|e| Unusable::Dedupe(e.to_string()))
+                        .map_err(Unusable::Dedupe)
                         .and_then(|ids| {
                             Engine::restore(&bytes, Box::new(ids)).map_err(|e| match e {
-                                flowcap_engine::EngineError::Snapshot(e) => Unusable::Snapshot(e),
-                                other => Unusable::Dedupe(other.to_string()),
+                                EngineError::Snapshot(e) => Unusable::Snapshot(e),
+                                EngineError::Dedupe(DedupeError::Store(e)) => Unusable::Dedupe(e),
                             })
                         }),
                 };
@@ -183,25 +183,7 @@ mod tests {
     use super::*;
     use crate::embedded::{run, EmbeddedOptions, Input};
     use crate::pipeline::{Summary, INPUT_POSITION};
-
-    /// Every file and directory under `dir`, with the files' bytes.
-    fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
-        let mut found = BTreeMap::new();
-        let mut stack = vec![dir.to_owned()];
-        while let Some(d) = stack.pop() {
-            for entry in std::fs::read_dir(&d).unwrap() {
-                let path = entry.unwrap().path();
-                let rel = path.strip_prefix(dir).unwrap().to_owned();
-                if path.is_dir() {
-                    found.insert(rel, None);
-                    stack.push(path);
-                } else {
-                    found.insert(rel, Some(std::fs::read(&path).unwrap()));
-                }
-            }
-        }
-        found
-    }
+    use flowcap_testkit::files::tree;
 
     /// A card set up and 11 records for it, a snapshot every 3 inputs.
     fn small_run(options: &EmbeddedOptions) -> Result<(Summary, Engine), IngestError> {

@@ -18,7 +18,7 @@ use flowcap_storage::history::{CardsDump, StoredTicket};
 use crate::metrics;
 
 use super::writer::{WriteError, Writer};
-use super::{ms, Control, IngestError, Pipeline, Side, INPUT_POSITION};
+use super::{ms, Control, IngestError, Pipeline, Side, Wait, INPUT_POSITION};
 
 /// A snapshot waiting for the outputs before its cut to be durable.
 pub(crate) struct Commit {
@@ -142,9 +142,9 @@ impl Writer {
     }
 
     /// Lets the snapshot in flight be written once everything before its
-    /// cut is durable (with `wait`, waits for that). True when none is
-    /// left.
-    pub(super) fn advance_commit(&mut self, wait: bool) -> Result<bool, WriteError> {
+    /// cut is durable (with [`Wait::Block`], waits for that). True when
+    /// none is left.
+    pub(super) fn advance_commit(&mut self, wait: Wait) -> Result<bool, WriteError> {
         let Some((mark, _)) = &self.commit else {
             return Ok(true);
         };
@@ -167,10 +167,11 @@ impl Writer {
     }
 
     /// Whether everything before the cut of the commit in flight is
-    /// durable (with `wait`, waits for it): the sealed dedupe ids, the
-    /// window's history files, the broker's acknowledgements; then the
-    /// output files and the notification outbox are fsynced.
-    fn try_commit(&mut self, mark: CutMark, wait: bool) -> Result<bool, WriteError> {
+    /// durable (with [`Wait::Block`], waits for it): the sealed dedupe
+    /// ids, the window's history files, the broker's acknowledgements;
+    /// then the output files and the notification outbox are fsynced.
+    fn try_commit(&mut self, mark: CutMark, wait: Wait) -> Result<bool, WriteError> {
+        let wait = wait == Wait::Block;
         if let Some((_, in_flight)) = &self.commit {
             if wait {
                 in_flight.dedupe.wait()?;
@@ -416,6 +417,7 @@ mod tests {
             store: Arc::new(SnapshotStore::open(dir.path()).unwrap()),
             last_cut: None,
             commit: None,
+            clock: flowcap_clock::SystemClock::shared(),
         };
         let (dedupe, settler) = Durability::pending();
         let (state, _) = Engine::new(EngineConfig::default())
@@ -436,13 +438,13 @@ mod tests {
 
     /// The snapshot of a cut is written only once the dedupe ids before
     /// the cut are durable: a snapshot published before them would, after
-    /// a crash, skip inputs whose ids the cold index never stored, so a
+    /// a crash, skip inputs whose ids the id store never stored, so a
     /// resend of them would count twice.
     #[test]
     fn a_commit_waits_for_the_dedupe_ids_of_its_cut() {
         let (_dir, mut writer, settler, done) = pending_commit(5);
         for _ in 0..3 {
-            assert!(!writer.advance_commit(false).unwrap());
+            assert!(!writer.advance_commit(Wait::Poll).unwrap());
             std::thread::sleep(Duration::from_millis(30));
         }
         assert!(
@@ -452,7 +454,7 @@ mod tests {
         assert!(writer.store.list().unwrap().is_empty());
 
         settler.settle(Ok(()));
-        assert!(writer.advance_commit(false).unwrap());
+        assert!(writer.advance_commit(Wait::Poll).unwrap());
         done.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
         let written: Vec<u64> = writer
             .store
@@ -470,8 +472,10 @@ mod tests {
     #[test]
     fn a_commit_whose_dedupe_ids_failed_writes_no_snapshot() {
         let (_dir, mut writer, settler, done) = pending_commit(9);
-        settler.settle(Err("disk full".into()));
-        let err = writer.advance_commit(true).unwrap_err();
+        settler.settle(Err(Arc::new(flowcap_engine::IdStoreError::Corrupt(
+            "disk full".into(),
+        ))));
+        let err = writer.advance_commit(Wait::Block).unwrap_err();
         assert!(matches!(err, WriteError::Dedupe(_)), "{err:?}");
         let answer = done.recv_timeout(Duration::from_secs(30)).unwrap();
         assert!(matches!(answer, Err(WriteError::Stopped)), "{answer:?}");

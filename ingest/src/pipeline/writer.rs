@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{select, Receiver};
+use flowcap_clock::SharedClock;
 use flowcap_engine::command::CommandKind;
 use flowcap_engine::event::{ActionEvent, JournalEntry, Output};
-use flowcap_engine::redact;
-use flowcap_storage::history::wall_clock;
+use flowcap_engine::{redact, Timestamp};
 use flowcap_storage::history::{Quarantined, SourcePosition};
 use flowcap_storage::{
     HistoryError, HistoryWriter, JsonlError, JsonlSink, SnapshotStore, SnapshotStoreError,
@@ -25,7 +25,7 @@ use crate::metrics::OutputMetrics;
 use super::letters::{quarantined, without_secrets};
 use super::letters::{BadCommand, DeadLetter, ResultMessage};
 use super::snapshot::{CutMark, InFlight};
-use super::{Control, Letter, Side, Summary, EVENTS_FILE, JOURNAL_FILE, REJECTS_FILE};
+use super::{Control, Letter, Side, Summary, Wait, EVENTS_FILE, JOURNAL_FILE, REJECTS_FILE};
 
 /// Kafka topics the writer produces to, besides its local files.
 pub(crate) struct KafkaOut {
@@ -67,11 +67,13 @@ pub(crate) struct Writer {
     pub(super) last_cut: Option<CutMark>,
     /// The commit in flight.
     pub(super) commit: Option<(CutMark, InFlight)>,
+    /// The time of day, for the processing time of action events.
+    pub(super) clock: SharedClock,
 }
 
 impl Writer {
     fn write_outputs(&mut self, outputs: Vec<Output>) -> Result<(), WriteError> {
-        let now = wall_clock();
+        let now = Timestamp(self.clock.now_ms());
         for output in outputs {
             self.metrics.output(&output);
             match output {
@@ -324,7 +326,7 @@ impl Writer {
     }
 
     fn sync_all(&mut self) -> Result<BTreeMap<String, u64>, WriteError> {
-        self.advance_commit(true)?;
+        self.advance_commit(Wait::Block)?;
         self.take_outcomes()?;
         for sink in self.sinks.values_mut() {
             sink.sync()?;
@@ -368,7 +370,7 @@ pub enum WriteError {
     Snapshot(#[from] SnapshotStoreError),
     /// The dedupe ids of a snapshot could not be made durable (external:
     /// disk).
-    #[error("dedupe cold index: {0}")]
+    #[error("dedupe id store: {0}")]
     Dedupe(#[from] flowcap_engine::IdStoreError),
     /// The snapshot's thread could not be started (external: the
     /// system's limits).
@@ -448,7 +450,7 @@ pub(super) fn run_writer(
                             }
                             Side::Control(Control::Commit(commit)) => {
                                 writer.begin_commit(commit)?;
-                                writer.advance_commit(true)?;
+                                writer.advance_commit(Wait::Block)?;
                             }
                             Side::Letters(letters) => writer.write_letters(letters)?,
                         }
@@ -481,7 +483,7 @@ pub(super) fn run_writer(
             recv(tick) -> _ => {}
         }
         if writer.commit.is_some() {
-            writer.advance_commit(false)?;
+            writer.advance_commit(Wait::Poll)?;
         }
     }
 }

@@ -144,6 +144,17 @@ pub struct StoredTicket(u64);
 /// midnight; at most this many more vectors than before are alive.
 const RECYCLED_VECS: usize = 2;
 
+/// Whether handing a chunk to the encoder waits for room first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Room {
+    /// Waits while two jobs are outstanding (the writer's rolls: memory
+    /// stays bounded).
+    WaitFor,
+    /// Hands it over at once (a window's last chunk: the commit waits
+    /// for it anyway).
+    Skip,
+}
+
 /// The encoder thread and its channels.
 pub(super) struct ChunkEncoder {
     /// Usage vectors back from stored chunks.
@@ -191,7 +202,7 @@ impl ChunkEncoder {
                 }
             }
         })
-        .map_err(|e| HistoryError::EncoderStopped(e.to_string()))?;
+        .map_err(HistoryError::EncoderStart)?;
         Ok(ChunkEncoder {
             recycled,
             roll_rows: options.roll_rows,
@@ -204,7 +215,7 @@ impl ChunkEncoder {
     }
 
     /// Hands `rows` over as the file `name` of each partition. With
-    /// `wait_for_room`, first waits while two jobs are outstanding (so
+    /// [`Room::WaitFor`], first waits while two jobs are outstanding (so
     /// memory holds at most three chunks besides the one being filled).
     /// Returns what earlier jobs stored since the last call, or the first
     /// error.
@@ -212,12 +223,12 @@ impl ChunkEncoder {
         &mut self,
         name: String,
         rows: ChunkRows,
-        wait_for_room: bool,
+        room: Room,
     ) -> Result<Written, HistoryError> {
         let mut written = self.poll()?;
         let waiting = std::time::Instant::now();
         let mut waited = false;
-        while wait_for_room && self.submitted - self.completed >= 2 {
+        while room == Room::WaitFor && self.submitted - self.completed >= 2 {
             written.add(self.recv()?);
             waited = true;
         }
@@ -331,7 +342,7 @@ impl Drop for ChunkEncoder {
 }
 
 fn stopped() -> HistoryError {
-    HistoryError::EncoderStopped("the thread is gone".into())
+    HistoryError::EncoderStopped
 }
 
 /// The state dumps of a snapshot: `pool_cycle_usage` (one file per cycle,

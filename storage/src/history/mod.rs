@@ -59,6 +59,7 @@ use std::sync::Arc;
 
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
+use flowcap_clock::{SharedClock, SystemClock};
 use flowcap_engine::command::CommandResult;
 use flowcap_engine::event::{Accounted, ActionEvent, Cause};
 use flowcap_engine::{
@@ -76,7 +77,7 @@ use serde::Serialize;
 use crate::location::{HistoryFiles, HistoryLocation, LocationError, StoredFile};
 use compact::{CompactionPolicy, CompactionStats, Compactor};
 pub use encoder::{CardsDump, StoredTicket};
-use encoder::{ChunkEncoder, ChunkRows, Written};
+use encoder::{ChunkEncoder, ChunkRows, Room, Written};
 use recovery::*;
 use rows::*;
 use schema::{Columns, Partitioning};
@@ -108,9 +109,14 @@ pub enum HistoryError {
          restore a newer snapshot or start without --resume"
     )]
     MergedPastSnapshot(String, u64),
-    /// The thread that encodes chunks could not start or has stopped.
+    /// The thread that encodes chunks could not start (external: the
+    /// system's limits).
     #[error("history encoder thread: {0}")]
-    EncoderStopped(String),
+    EncoderStart(#[source] std::io::Error),
+    /// The thread that encodes chunks is gone (it panicked: a bug; its
+    /// own errors are answered as they are).
+    #[error("history encoder thread: the thread is gone")]
+    EncoderStopped,
     /// A cards dump's views were to come from another thread
     /// ([`CardsDump`]), which stopped without sending them.
     #[error("history cards dump: the thread building the card views stopped before sending them")]
@@ -221,6 +227,8 @@ pub struct HistoryWriter {
     chunk: u32,
     /// Latest event time seen (names partitions of rows without a time).
     clock: Option<Timestamp>,
+    /// The time of day, for rows without a time before any event time.
+    wall: SharedClock,
     /// Rows of the current chunk.
     rows: ChunkRows,
     buffered: usize,
@@ -277,6 +285,7 @@ impl HistoryWriter {
             window_from: resume_after.map_or(0, |s| s + 1),
             chunk: 0,
             clock: None,
+            wall: SystemClock::shared(),
             rows: ChunkRows::default(),
             buffered: 0,
             buffered_bytes: 0,
@@ -284,6 +293,12 @@ impl HistoryWriter {
             cards_day: None,
             files_written: 0,
         })
+    }
+
+    /// Reads the time of day from `clock` (the system clock otherwise).
+    pub fn with_clock(mut self, clock: SharedClock) -> HistoryWriter {
+        self.wall = clock;
+        self
     }
 
     /// Where the history is.
@@ -306,7 +321,7 @@ impl HistoryWriter {
     }
 
     fn clock_day(&self) -> i64 {
-        let t = self.clock.unwrap_or_else(wall_clock);
+        let t = self.clock.unwrap_or_else(|| Timestamp(self.wall.now_ms()));
         self.day(t)
     }
 
@@ -428,7 +443,7 @@ impl HistoryWriter {
     fn roll_if_full(&mut self) -> Result<(), HistoryError> {
         if self.buffered >= self.options.roll_rows || self.buffered_bytes >= self.options.roll_bytes
         {
-            self.write_chunk(true)?;
+            self.write_chunk(Room::WaitFor)?;
         }
         Ok(())
     }
@@ -462,7 +477,7 @@ impl HistoryWriter {
         cards: Option<CardsDump>,
         compact_through: Option<u64>,
     ) -> Result<StoredTicket, HistoryError> {
-        self.write_chunk(false)?;
+        self.write_chunk(Room::Skip)?;
         let written = self.encoder.close_window(self.part_name())?;
         self.note_written(written);
         if clock != Timestamp::MIN && (!pools.is_empty() || cards.is_some()) {
@@ -510,14 +525,14 @@ impl HistoryWriter {
     }
 
     /// Hands the buffered rows to the encoder as the window's next chunk
-    /// (with `wait_for_room`, it waits while two jobs are outstanding).
-    fn write_chunk(&mut self, wait_for_room: bool) -> Result<(), HistoryError> {
+    /// (with [`Room::WaitFor`], it waits while two jobs are outstanding).
+    fn write_chunk(&mut self, room: Room) -> Result<(), HistoryError> {
         if self.buffered == 0 {
             return Ok(());
         }
         let name = self.part_name();
         let rows = std::mem::take(&mut self.rows);
-        let written = self.encoder.submit_chunk(name, rows, wait_for_room)?;
+        let written = self.encoder.submit_chunk(name, rows, room)?;
         self.note_written(written);
         self.buffered = 0;
         self.buffered_bytes = 0;
@@ -582,14 +597,6 @@ fn encode_parquet(
     writer.into_inner().map_err(parquet_err)
 }
 
-/// Now, by the system clock (the one place flowcap's IO crates read it).
-pub fn wall_clock() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    Timestamp(ms)
-}
-
 fn serde_name<T: Serialize>(v: &T) -> String {
     match serde_json::to_value(v) {
         Ok(serde_json::Value::String(s)) => s,
@@ -633,6 +640,7 @@ mod tests {
                 bytes_up: 10,
                 bytes_down: 5,
                 carrier: Some(Carrier::Cmcc),
+                imei: None,
             },
             cycle: CycleId::new(2026, 11),
             counted: true,
@@ -724,7 +732,7 @@ mod tests {
         }
         // A chunk of the next window reaches the disk, then the process dies
         // (a temporary file too).
-        w.write_chunk(true).unwrap();
+        w.write_chunk(Room::WaitFor).unwrap();
         let usage_dir = root.join("usage_records").join(format!(
             "date={}",
             date_value(CycleCalendar::default().local_day(Timestamp(DAY)))

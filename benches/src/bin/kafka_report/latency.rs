@@ -106,6 +106,7 @@ pub(crate) fn latency(
                 bytes_up: bytes / 8,
                 bytes_down: bytes - bytes / 8,
                 carrier: workload.carrier(card),
+                imei: None,
             };
             args.encoding.write(&valid_record(usage, k), &mut message);
             sender.send(Some(iccid.to_string().as_bytes()), &message, Some(now_ms))?;
@@ -193,6 +194,14 @@ pub(crate) fn latency(
     let per_second = per_second.summary();
     eprintln!("per second of the phase [samples, p50 ms, p99 ms]: {per_second:?}");
     let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let p50_p99_p999 = |h: &Histogram<u64>| {
+        format!(
+            "{:.1} / {:.1} / {:.1} ms",
+            q(h, 0.5),
+            q(h, 0.99),
+            q(h, 0.999)
+        )
+    };
     let samples = at_action.len();
     eprintln!(
         "{} card_state actions from paced records ({} causes, {} in warm-up dropped, {} negative clamped), {} actions in all",
@@ -236,12 +245,7 @@ pub(crate) fn latency(
     );
     report.row(
         format!("latency produce -> action message at {achieved:.0}/s, p50 / p99 / p99.9"),
-        format!(
-            "{:.1} / {:.1} / {:.1} ms",
-            q(&at_action, 0.5),
-            q(&at_action, 0.99),
-            q(&at_action, 0.999)
-        ),
+        p50_p99_p999(&at_action),
         "p99 <= 10 ms",
         yes(samples > 0 && q(&at_action, 0.99) <= 10.0),
     );
@@ -253,12 +257,7 @@ pub(crate) fn latency(
     );
     report.row(
         format!("latency produce -> action received by a consumer at {achieved:.0}/s, p50 / p99 / p99.9"),
-        format!(
-            "{:.1} / {:.1} / {:.1} ms",
-            q(&observed, 0.5),
-            q(&observed, 0.99),
-            q(&observed, 0.999)
-        ),
+        p50_p99_p999(&observed),
         "",
         "",
     );

@@ -287,6 +287,7 @@ fn produce_backlog(
             bytes_up: 1000 + rng % 10_000,
             bytes_down: 1000 + (rng >> 20) % 100_000,
             carrier,
+            imei: None,
         };
         encoding.write(&valid_record(usage, k), &mut message);
         sender.send(

@@ -39,8 +39,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -48,14 +47,11 @@ use std::thread::JoinHandle;
 use flowcap_engine::dedupe::{fingerprint, Durability, IdStore, IdStoreError};
 use flowcap_engine::{Iccid, RecordId, Timestamp};
 
-const BLOCK: usize = 4096;
-/// Bytes of a block available to entries (the last 4 hold its CRC32).
-const BLOCK_BODY: usize = BLOCK - 4;
-/// fp u64, iccid u128, seq u64, end i64, id length u8.
-const ENTRY_HEADER: usize = 8 + 16 + 8 + 8 + 1;
-const FOOTER_MAGIC: &[u8; 8] = b"FCIDFOOT";
-const FILE_MAGIC: &[u8; 8] = b"FCIDSEG1";
-const BLOOM_HASHES: u64 = 6;
+mod buffer;
+mod segment;
+
+use buffer::Buffer;
+use segment::*;
 
 /// Tuning of a [`DiskIdStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,428 +70,6 @@ impl Default for DiskIdStoreOptions {
             flush_entries: 1 << 20,
             bloom_bits_per_key: 10,
             max_segments: 16,
-        }
-    }
-}
-
-/// One stored id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Entry {
-    fp: u64,
-    iccid: u128,
-    record_id: RecordId,
-    seq: u64,
-    end: i64,
-}
-
-impl Entry {
-    fn encoded_len(&self) -> usize {
-        ENTRY_HEADER + self.record_id.as_str().len()
-    }
-
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.fp.to_le_bytes());
-        out.extend_from_slice(&self.iccid.to_le_bytes());
-        out.extend_from_slice(&self.seq.to_le_bytes());
-        out.extend_from_slice(&self.end.to_le_bytes());
-        let id = self.record_id.as_str().as_bytes();
-        out.push(id.len() as u8);
-        out.extend_from_slice(id);
-    }
-}
-
-/// Decodes the entries of one verified block body.
-fn decode_block(body: &[u8], out: &mut VecDeque<Entry>) -> Result<(), IdStoreError> {
-    let mut at = 0;
-    while at + ENTRY_HEADER <= body.len() {
-        let h = &body[at..at + ENTRY_HEADER];
-        let len = usize::from(h[40]);
-        if len == 0 {
-            break; // padding
-        }
-        let id = body
-            .get(at + ENTRY_HEADER..at + ENTRY_HEADER + len)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(RecordId::new)
-            .ok_or_else(|| corrupt("bad record id in block"))?;
-        out.push_back(Entry {
-            fp: u64_at(h, 0),
-            iccid: u128::from_le_bytes(arr(&h[8..24])),
-            seq: u64_at(h, 24),
-            end: u64_at(h, 32) as i64,
-            record_id: id,
-        });
-        at += ENTRY_HEADER + len;
-    }
-    Ok(())
-}
-
-fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
-    let mut a = [0u8; N];
-    a.copy_from_slice(&b[..N]);
-    a
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(arr(&b[at..at + 8]))
-}
-
-fn corrupt(what: impl Into<String>) -> IdStoreError {
-    IdStoreError::Corrupt(what.into())
-}
-
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> IdStoreError {
-    let context = context.into();
-    move |source| IdStoreError::Io { context, source }
-}
-
-/// Bloom filter over fingerprints (double hashing).
-#[derive(Debug, Clone)]
-struct Bloom {
-    words: Vec<u64>,
-}
-
-impl Bloom {
-    fn new(keys: u64, bits_per_key: u32) -> Bloom {
-        let bits = keys.saturating_mul(u64::from(bits_per_key));
-        let words = if bits_per_key == 0 {
-            0
-        } else {
-            bits.div_ceil(64).max(1)
-        };
-        Bloom {
-            words: vec![0; words as usize],
-        }
-    }
-
-    fn insert(&mut self, fp: u64) {
-        if self.words.is_empty() {
-            return;
-        }
-        // Positions from the length alone, so the words can be written
-        // while they are computed (collecting them first was an
-        // allocation per id written).
-        for p in bloom_positions(self.words.len(), fp) {
-            self.words[p / 64] |= 1 << (p % 64);
-        }
-    }
-
-    fn may_contain(&self, fp: u64) -> bool {
-        self.words.is_empty()
-            || bloom_positions(self.words.len(), fp)
-                .all(|p| self.words[p / 64] & (1 << (p % 64)) != 0)
-    }
-}
-
-/// The bits of `fp` in a filter of `words` 64-bit words (double hashing;
-/// part of the segment format).
-fn bloom_positions(words: usize, fp: u64) -> impl Iterator<Item = usize> {
-    let nbits = words as u64 * 64;
-    let h1 = fp;
-    let h2 = fp.rotate_left(29) | 1;
-    (0..BLOOM_HASHES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) % nbits) as usize)
-}
-
-/// An open, immutable segment file and its in-memory index.
-#[derive(Debug)]
-struct Segment {
-    id: u64,
-    path: PathBuf,
-    file: File,
-    count: u64,
-    min_seq: u64,
-    max_seq: u64,
-    /// First fingerprint of each block.
-    first_fps: Vec<u64>,
-    bloom: Bloom,
-}
-
-impl Segment {
-    fn read_block(&self, block: usize, buf: &mut [u8; BLOCK]) -> Result<(), IdStoreError> {
-        read_at(&self.file, buf, (block * BLOCK) as u64).map_err(io("reading a segment block"))?;
-        let crc = u32::from_le_bytes(arr(&buf[BLOCK_BODY..]));
-        if crc32fast::hash(&buf[..BLOCK_BODY]) != crc {
-            return Err(corrupt(format!(
-                "block {block} of {} fails its checksum",
-                self.path.display()
-            )));
-        }
-        Ok(())
-    }
-
-    fn open(path: &Path, id: u64) -> Result<Segment, IdStoreError> {
-        let mut file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
-        let size = file
-            .metadata()
-            .map_err(io("reading segment metadata"))?
-            .len();
-        let bad = || corrupt(format!("{} has no valid footer", path.display()));
-        if size < 16 {
-            return Err(bad());
-        }
-        let mut tail = [0u8; 16];
-        read_at(&file, &mut tail, size - 16).map_err(io("reading a segment footer"))?;
-        if &tail[8..] != FILE_MAGIC {
-            return Err(bad());
-        }
-        let footer_len = u64_at(&tail, 0);
-        if footer_len < 4 || footer_len > size - 16 {
-            return Err(bad());
-        }
-        let mut footer = vec![0u8; footer_len as usize];
-        file.seek(SeekFrom::Start(size - 16 - footer_len))
-            .map_err(io("seeking a segment footer"))?;
-        file.read_exact(&mut footer)
-            .map_err(io("reading a segment footer"))?;
-        let (body, crc) = footer.split_at(footer.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(arr(crc)) || !body.starts_with(FOOTER_MAGIC)
-        {
-            return Err(bad());
-        }
-        let mut words = body[8..]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(arr(c)));
-        let mut next = || words.next().ok_or_else(bad);
-        let count = next()?;
-        let min_seq = next()?;
-        let max_seq = next()?;
-        let n_blocks = next()?;
-        let first_fps = (0..n_blocks)
-            .map(|_| next())
-            .collect::<Result<Vec<_>, _>>()?;
-        let n_words = next()?;
-        let bloom = Bloom {
-            words: (0..n_words)
-                .map(|_| next())
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-        if n_blocks * BLOCK as u64 + footer_len + 16 != size {
-            return Err(bad());
-        }
-        Ok(Segment {
-            id,
-            path: path.to_owned(),
-            file,
-            count,
-            min_seq,
-            max_seq,
-            first_fps,
-            bloom,
-        })
-    }
-}
-
-#[cfg(unix)]
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
-}
-
-#[cfg(not(unix))]
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut f = file;
-    f.seek(SeekFrom::Start(offset))?;
-    f.read_exact(buf)
-}
-
-/// Reads a segment's entries in order, block by block.
-struct Cursor<'a> {
-    segment: &'a Segment,
-    block: usize,
-    pending: VecDeque<Entry>,
-    buf: Box<[u8; BLOCK]>,
-}
-
-impl<'a> Cursor<'a> {
-    fn new(segment: &'a Segment) -> Self {
-        Cursor {
-            segment,
-            block: 0,
-            pending: VecDeque::new(),
-            buf: Box::new([0u8; BLOCK]),
-        }
-    }
-
-    fn next_entry(&mut self) -> Result<Option<Entry>, IdStoreError> {
-        while self.pending.is_empty() {
-            if self.block >= self.segment.first_fps.len() {
-                return Ok(None);
-            }
-            self.segment.read_block(self.block, &mut self.buf)?;
-            decode_block(&self.buf[..BLOCK_BODY], &mut self.pending)?;
-            self.block += 1;
-        }
-        Ok(self.pending.pop_front())
-    }
-}
-
-fn segment_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("seg-{id:016x}.fcid"))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), IdStoreError> {
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(format!("syncing directory {}", dir.display())))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
-/// Writes sorted, distinct entries as segment `id`, atomically.
-fn write_segment(
-    dir: &Path,
-    id: u64,
-    expected: u64,
-    bloom_bits_per_key: u32,
-    mut entries: impl FnMut() -> Result<Option<Entry>, IdStoreError>,
-) -> Result<Option<Segment>, IdStoreError> {
-    let path = segment_path(dir, id);
-    let tmp = path.with_extension("tmp");
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io(format!("creating {}", tmp.display())))?;
-    let mut out = BufWriter::with_capacity(1 << 16, file);
-    let mut block: Vec<u8> = Vec::with_capacity(BLOCK);
-    let mut first_fps = Vec::new();
-    let mut bloom = Bloom::new(expected.max(1), bloom_bits_per_key);
-    let (mut count, mut min_seq, mut max_seq) = (0u64, u64::MAX, 0u64);
-    let finish = |block: &mut Vec<u8>, out: &mut BufWriter<File>| -> Result<(), IdStoreError> {
-        block.resize(BLOCK_BODY, 0);
-        let crc = crc32fast::hash(block);
-        block.extend_from_slice(&crc.to_le_bytes());
-        out.write_all(block)
-            .map_err(io("writing a segment block"))?;
-        block.clear();
-        Ok(())
-    };
-    while let Some(e) = entries()? {
-        if !block.is_empty() && block.len() + e.encoded_len() > BLOCK_BODY {
-            finish(&mut block, &mut out)?;
-        }
-        if block.is_empty() {
-            first_fps.push(e.fp);
-        }
-        e.encode(&mut block);
-        bloom.insert(e.fp);
-        count += 1;
-        min_seq = min_seq.min(e.seq);
-        max_seq = max_seq.max(e.seq);
-    }
-    if count == 0 {
-        drop(out);
-        fs::remove_file(&tmp).map_err(io("removing an empty temp segment"))?;
-        return Ok(None);
-    }
-    if !block.is_empty() {
-        finish(&mut block, &mut out)?;
-    }
-    let mut footer = Vec::new();
-    footer.extend_from_slice(FOOTER_MAGIC);
-    for w in [count, min_seq, max_seq, first_fps.len() as u64] {
-        footer.extend_from_slice(&w.to_le_bytes());
-    }
-    for f in &first_fps {
-        footer.extend_from_slice(&f.to_le_bytes());
-    }
-    footer.extend_from_slice(&(bloom.words.len() as u64).to_le_bytes());
-    for w in &bloom.words {
-        footer.extend_from_slice(&w.to_le_bytes());
-    }
-    let crc = crc32fast::hash(&footer);
-    footer.extend_from_slice(&crc.to_le_bytes());
-    footer.extend_from_slice(&(footer.len() as u64).to_le_bytes());
-    footer.extend_from_slice(FILE_MAGIC);
-    out.write_all(&footer)
-        .map_err(io("writing a segment footer"))?;
-    let file = out.into_inner().map_err(|e| IdStoreError::Io {
-        context: "flushing a segment".into(),
-        source: e.into_error(),
-    })?;
-    file.sync_all().map_err(io("syncing a segment"))?;
-    drop(file);
-    fs::rename(&tmp, &path).map_err(io(format!("renaming {}", tmp.display())))?;
-    sync_dir(dir)?;
-    Segment::open(&path, id).map(Some)
-}
-
-/// Ids not yet in a segment: entries in arrival order, indexed by their
-/// fingerprint (the index's hash: it is already xxh3). Both keep their
-/// capacity across flushes: the buffer is filled and emptied every
-/// `flush_entries` ids, and a `HashMap<(Iccid, RecordId), _>` that grew
-/// from empty each time (SipHash over the 65-byte record id, rehash copies,
-/// fresh pages zeroed by the kernel) was a fifth of the Kafka driver's
-/// time.
-///
-/// The index is sized for `flush_entries` ids up front (at most
-/// [`PRESIZED_INDEX`], ~10 MB): growing it from empty rehashed it ~20
-/// times in a run's first buffers, 4 % of the Kafka driver's time. The
-/// entries still grow as they come (their pages are what a fresh
-/// buffer costs).
-#[derive(Debug)]
-struct Buffer {
-    entries: Vec<Entry>,
-    index: hashbrown::HashTable<u32>,
-}
-
-/// The most ids a fresh buffer's index has room for.
-const PRESIZED_INDEX: usize = 1 << 20;
-
-impl Buffer {
-    fn for_ids(flush_entries: usize) -> Buffer {
-        Buffer {
-            entries: Vec::new(),
-            index: hashbrown::HashTable::with_capacity(flush_entries.min(PRESIZED_INDEX)),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    fn find(&self, fp: u64, iccid: u128, record_id: &RecordId) -> Option<usize> {
-        let entries = &self.entries;
-        self.index
-            .find(fp, |&i| {
-                let e = &entries[i as usize];
-                e.iccid == iccid && e.record_id == *record_id
-            })
-            .map(|&i| i as usize)
-    }
-
-    /// Adds `entry`; an id already buffered keeps the smaller sequence.
-    fn insert(&mut self, entry: Entry) {
-        match self.find(entry.fp, entry.iccid, &entry.record_id) {
-            Some(i) => self.entries[i].seq = self.entries[i].seq.min(entry.seq),
-            None => {
-                let Buffer { entries, index } = self;
-                // `flush_entries` is at most `u32::MAX` (`open_with`).
-                let i = entries.len() as u32;
-                entries.push(entry);
-                index.insert_unique(entry.fp, i, |&j| entries[j as usize].fp);
-            }
-        }
-    }
-
-    fn clear(&mut self) {
-        self.entries.clear();
-        self.index.clear();
-    }
-
-    /// Keeps the entries `keep` accepts (the index is rebuilt).
-    fn retain(&mut self, keep: impl Fn(&Entry) -> bool) {
-        self.entries.retain(keep);
-        self.index.clear();
-        let Buffer { entries, index } = self;
-        for (i, e) in entries.iter().enumerate() {
-            index.insert_unique(e.fp, i as u32, |&j| entries[j as usize].fp);
         }
     }
 }
@@ -654,12 +228,12 @@ impl DiskIdStore {
         );
         let sealed = Arc::clone(&buffer);
         let job = crate::background::spawn("flowcap-dedupe", move || {
-            let written = write_sorted(&dir, id, &sealed, bits);
+            let written = write_sorted(&dir, id, &sealed, bits).map_err(Arc::new);
             // The store takes the buffer's allocation back once this
             // is gone.
             drop(sealed);
-            settler.settle(written.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-            written
+            settler.settle(written.as_ref().map(|_| ()).map_err(Arc::clone));
+            written.map_err(IdStoreError::Background)
         })
         .map_err(io("starting the id store's background writer"))?;
         self.sealed = Some(Sealed {
@@ -700,7 +274,7 @@ impl DiskIdStore {
         let flushed = sealed
             .job
             .join()
-            .map_err(|_| IdStoreError::Background("the id store's writer panicked".into()))??;
+            .map_err(|_| IdStoreError::Stopped("background writer"))??;
         if let Ok(mut buffer) = Arc::try_unwrap(sealed.buffer) {
             buffer.clear();
             self.spare = Some(buffer);
@@ -738,7 +312,7 @@ impl DiskIdStore {
         };
         let merged = job
             .join()
-            .map_err(|_| IdStoreError::Background("the id store's merge panicked".into()))??;
+            .map_err(|_| IdStoreError::Stopped("background merge"))??;
         self.take_in_merge(merged);
         self.maybe_merge()
     }
