@@ -75,8 +75,10 @@ pub(crate) struct Card {
     pub(crate) msisdn: Option<String>,
     /// IMSI.
     pub(crate) imsi: Option<String>,
-    /// IMEI the card is known with.
+    /// IMEI of the device the card is bound to.
     pub(crate) imei: Option<String>,
+    /// The operator's custom attributes.
+    pub(crate) attributes: std::collections::BTreeMap<String, String>,
 }
 
 impl Card {
@@ -106,6 +108,7 @@ impl Card {
             msisdn: view.msisdn,
             imsi: view.imsi,
             imei: view.imei,
+            attributes: view.attributes,
         }
     }
 }
