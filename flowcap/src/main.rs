@@ -10,6 +10,7 @@
 //! `--http ADDR` serves the operations endpoints (`/metrics`, `/livez`,
 //! `/readyz`, see [`ops`]) while it runs.
 
+mod api;
 mod ops;
 mod sql;
 mod whatif;
@@ -66,7 +67,8 @@ enum Command {
     Query(sql::QueryArgs),
     /// Export a query's result to a CSV, JSON-lines or Parquet file.
     Export(sql::ExportArgs),
-    /// Serve `POST /sql` over the history (JSON, CSV or Arrow IPC).
+    /// Serve `POST /sql` over the history (JSON, CSV or Arrow IPC), and
+    /// `/api/v1` read-only over the newest snapshot.
     Serve(sql::ServeArgs),
     /// Automation rules: `replay` a draft rule over the history (what-if).
     #[command(subcommand)]
@@ -245,6 +247,8 @@ struct FileConfig {
     notify: flowcap_delivery::NotifyConfig,
     /// `POST /sql`: bearer tokens and limits.
     sql: sql::SqlConfig,
+    /// The operator API (`/api/v1`): tokens, rate, limits.
+    api: api::ApiConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -459,6 +463,12 @@ fn run(args: RunArgs) -> Result<()> {
         bail!("--linger needs --http (or `http` in the [run] table of the config)");
     }
     let health = Arc::new(Health::new());
+    let bootstrap = args
+        .kafka
+        .bootstrap
+        .clone()
+        .or(file.kafka.bootstrap.clone());
+    let mut requests = None;
     let server = match http {
         Some(addr) => {
             let tokens = sql::Tokens::from_config(&file.sql)?;
@@ -478,18 +488,35 @@ fn run(args: RunArgs) -> Result<()> {
                 )?)),
                 None => None,
             };
-            let server = ops::serve(addr, health.clone(), sql)?;
+            let api = match file.api.enabled {
+                true => {
+                    let submit = match &bootstrap {
+                        Some(bootstrap) => api_producer(bootstrap, &file.kafka, &args.kafka)?,
+                        None => api::Submit::Embedded,
+                    };
+                    // The API's own handle on the history: its queries are
+                    // its own, so no /sql token applies.
+                    let history = match history.as_ref() {
+                        Some(h) => Some(Arc::new(sql::SqlService::new(
+                            h.location_in(&out),
+                            sql::SqlLimits::of(&file.sql),
+                            sql::Tokens::default(),
+                        )?)),
+                        None => None,
+                    };
+                    let (api, rx) = api::build(&file.api, addr, submit, history)?;
+                    requests = Some(rx);
+                    Some(api)
+                }
+                false => None,
+            };
+            let server = ops::serve(addr, health.clone(), sql, api)?;
             eprintln!("ops: listening on http://{}", server.local_addr());
             Some(server)
         }
         None => None,
     };
-    if let Some(bootstrap) = args
-        .kafka
-        .bootstrap
-        .clone()
-        .or(file.kafka.bootstrap.clone())
-    {
+    if let Some(bootstrap) = bootstrap {
         if args.input.is_some() || args.commands.is_some() {
             bail!("--input/--commands are for the embedded mode; in Kafka mode inputs come from the topics");
         }
@@ -535,6 +562,7 @@ fn run(args: RunArgs) -> Result<()> {
         } else {
             Start::Resume
         };
+        options.requests = requests;
         return run_kafka(&options, args.json, &health);
     }
     let options = EmbeddedOptions {
@@ -556,6 +584,8 @@ fn run(args: RunArgs) -> Result<()> {
         },
         health: Some(health.clone()),
         notify: (!args.no_notify).then(|| file.notify.clone()),
+        requests: requests.clone(),
+        linger: None,
         clock: flowcap_clock::SystemClock::shared(),
     };
     if args.input.is_none() && args.commands.is_some() {
@@ -602,6 +632,8 @@ fn run(args: RunArgs) -> Result<()> {
         (Some(expected), Some(workload)) => Some(check_exactness(&engine, workload, expected)),
         _ => None,
     };
+    // Not kept while lingering: the API's pipeline restores its own.
+    drop(engine);
     if args.json {
         let doc = serde_json::json!({ "summary": summary, "exactness": check });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -615,7 +647,10 @@ fn run(args: RunArgs) -> Result<()> {
                 "ops: run finished; serving http://{} until interrupted",
                 server.local_addr()
             );
-            wait_for_interrupt()?;
+            match requests {
+                Some(requests) => linger_with_api(&options, requests)?,
+                None => wait_for_interrupt()?,
+            }
         }
         server.shutdown();
     }
@@ -663,6 +698,58 @@ fn run_kafka(
         print_summary(&summary, None);
     }
     Ok(())
+}
+
+/// After an embedded run, until SIGINT or SIGTERM: the pipeline resumed
+/// from the run's last snapshot with no input, answering the operator
+/// API's reads and commands (each command journaled and covered by a
+/// snapshot before it is answered; `flowcap_ingest::requests`).
+fn linger_with_api(
+    options: &EmbeddedOptions,
+    requests: flowcap_ingest::requests::Requests,
+) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing a signal handler")?;
+    }
+    let options = EmbeddedOptions {
+        start: Start::Resume,
+        health: None,
+        requests: Some(requests),
+        linger: Some(stop),
+        ..options.clone()
+    };
+    let (summary, _) = embedded::run(&options, std::iter::empty(), &mut |_| {})?;
+    if summary.commands_ok + summary.commands_failed > 0 {
+        eprintln!(
+            "ops: {} commands through the API ({} failed)",
+            summary.commands_ok + summary.commands_failed,
+            summary.commands_failed
+        );
+    }
+    Ok(())
+}
+
+/// The API's producer to the commands topic (Kafka mode): the same
+/// client properties as the pipeline's producer.
+fn api_producer(bootstrap: &str, file: &KafkaSection, args: &KafkaArgs) -> Result<api::Submit> {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    for (k, v) in file.properties.iter().chain(&file.producer) {
+        config.set(k, v);
+    }
+    for kv in &args.properties {
+        if let Some((k, v)) = kv.split_once('=') {
+            config.set(k.trim(), v.trim());
+        }
+    }
+    let producer: rdkafka::producer::BaseProducer = config
+        .create()
+        .context("creating the operator API's producer")?;
+    Ok(api::Submit::Kafka {
+        producer: Arc::new(producer),
+        topic: file.topics.commands.clone(),
+    })
 }
 
 /// Blocks until SIGINT or SIGTERM.

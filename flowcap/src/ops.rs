@@ -1,4 +1,5 @@
-//! The operations HTTP server: `/metrics`, `/livez`, `/readyz`.
+//! The operations HTTP server: `/metrics`, `/livez`, `/readyz`, and the
+//! operator API.
 //!
 //! It runs on its own thread with a current-thread tokio runtime, apart
 //! from the pipeline: the pipeline's threads never wait for HTTP, and a slow
@@ -19,6 +20,9 @@
 //!   `Accept` header; behind a bearer token when tokens are configured,
 //!   within row, size, time, memory and concurrency limits. The other
 //!   endpoints need no token.
+//!
+//! - `/api/v1/...` (when given an API, see [`crate::api`]): the operator
+//!   API, behind its own tokens.
 //!
 //! The runtime has two worker threads, so a long query never delays a
 //! scrape.
@@ -116,6 +120,7 @@ pub(crate) fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     sql: Option<Arc<crate::sql::SqlService>>,
+    api: Option<Arc<crate::api::Api>>,
 ) -> Result<OpsServer> {
     let metrics = prometheus()?;
     let listener = std::net::TcpListener::bind(addr)
@@ -131,7 +136,10 @@ pub(crate) fn serve(
         .build()
         .context("operations server runtime")?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let app = router(metrics.clone(), health, sql);
+    let mut app = router(metrics.clone(), health, sql);
+    if let Some(api) = api {
+        app = app.merge(crate::api::router(api));
+    }
     let thread = std::thread::Builder::new()
         .name("flowcap-ops".into())
         .spawn(move || {
@@ -262,7 +270,7 @@ pub(crate) mod tests {
     #[test]
     fn serves_metrics_liveness_and_readiness() {
         let health = Arc::new(Health::new());
-        let server = serve("127.0.0.1:0".parse().unwrap(), health.clone(), None).unwrap();
+        let server = serve("127.0.0.1:0".parse().unwrap(), health.clone(), None, None).unwrap();
         let addr = server.local_addr();
         assert_ne!(addr.port(), 0);
 

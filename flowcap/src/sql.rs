@@ -565,6 +565,23 @@ impl SqlService {
         }
     }
 
+    /// Runs `text`, a query of this process's own, within the limits;
+    /// the rows as JSON objects.
+    pub(crate) async fn json_rows(&self, text: &str) -> Result<Vec<serde_json::Value>, Refusal> {
+        use axum::http::StatusCode;
+        let batches = tokio::time::timeout(self.limits.timeout, self.run(text))
+            .await
+            .map_err(|_| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the history query ran out of time".to_owned(),
+                )
+            })??;
+        let internal = |e: String| (StatusCode::INTERNAL_SERVER_ERROR, e);
+        let bytes = encode_json_array(&batches).map_err(|e| internal(e.to_string()))?;
+        serde_json::from_slice(&bytes).map_err(|e| internal(e.to_string()))
+    }
+
     /// Plans and runs `text`, collecting at most the row and size limits
     /// (one row and one batch beyond them, to tell).
     async fn run(&self, text: &str) -> Result<Vec<RecordBatch>, Refusal> {
@@ -805,7 +822,8 @@ pub(crate) struct ServeArgs {
 /// `flowcap serve`: `POST /sql` over a history until interrupted.
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let root = history_location(&args.data, args.history.as_deref())?;
-    let mut config = crate::load_config(args.config.as_deref())?.sql;
+    let file = crate::load_config(args.config.as_deref())?;
+    let mut config = file.sql;
     config.max_rows = args.max_rows.unwrap_or(config.max_rows);
     config.timeout_secs = args.timeout_secs.unwrap_or(config.timeout_secs);
     config.memory_limit_mb = args.memory_limit_mb.unwrap_or(config.memory_limit_mb);
@@ -821,13 +839,36 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let health = std::sync::Arc::new(flowcap_ingest::Health::new());
     health.set_ready();
     let service = std::sync::Arc::new(SqlService::new(root, SqlLimits::of(&config), tokens)?);
-    let server = crate::ops::serve(args.http, health, Some(service))?;
+    // The operator API, read-only, over the newest snapshot (if any).
+    let mut answering = None;
+    let api = match crate::api::snapshot::newest(&args.data)? {
+        Some((engine, seq)) if file.api.enabled => {
+            let (api, requests) = crate::api::build(
+                &file.api,
+                args.http,
+                crate::api::Submit::Embedded,
+                Some(service.clone()),
+            )?;
+            answering = Some((crate::api::snapshot::serve(engine, seq, requests)?, seq));
+            Some(api)
+        }
+        _ => None,
+    };
+    let server = crate::ops::serve(args.http, health, Some(service), api)?;
     eprintln!(
         "serving POST http://{}/sql until interrupted",
         server.local_addr()
     );
+    if let Some((_, seq)) = &answering {
+        eprintln!(
+            "serving http://{}/api/v1 read-only at input #{seq} (the newest snapshot)",
+            server.local_addr()
+        );
+    }
     crate::wait_for_interrupt()?;
     server.shutdown();
+    // The thread ends with the server's last request sender.
+    drop(answering);
     Ok(())
 }
 
@@ -891,6 +932,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             health,
             Some(Arc::new(service)),
+            None,
         )
         .unwrap();
         (dir, server)

@@ -14,8 +14,9 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use flowcap_clock::{SharedClock, SystemClock};
 use flowcap_engine::command::parse_command;
@@ -28,6 +29,7 @@ use crate::health::Health;
 use crate::limits::{InputKind, Oversized, SizeLimits};
 use crate::metrics::{self, DriverMetrics, Source};
 use crate::pipeline::{HistoryConfig, IngestError, Letter, Pipeline, Restored, Start, Summary};
+use crate::requests::{Applied, Position, Request, Requests, NOT_NOW};
 
 /// One input line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +76,12 @@ pub struct EmbeddedOptions {
     /// Deliver rule notifications (webhooks, email, SMS) with these
     /// settings; `None`: firings are recorded but nothing is sent.
     pub notify: Option<NotifyConfig>,
+    /// Requests from the operator API, answered between inputs
+    /// ([`crate::requests`]); `None`: none.
+    pub requests: Option<Requests>,
+    /// Once the inputs are read, keep answering `requests` (commands
+    /// too) until this is set, then finish; `None`: finish at once.
+    pub linger: Option<Arc<AtomicBool>>,
     /// The time of day (the system clock but in tests): the receive stamp
     /// of file inputs, processing times, notification times.
     pub clock: SharedClock,
@@ -94,6 +102,8 @@ impl EmbeddedOptions {
             source: Source::File,
             health: None,
             notify: Some(NotifyConfig::default()),
+            requests: None,
+            linger: None,
             clock: SystemClock::shared(),
         }
     }
@@ -201,6 +211,13 @@ pub(crate) fn drive(
                 continue;
             }
             feed(&mut pipeline, &driver_metrics, options, this, input)?;
+            if let Some(requests) = &options.requests {
+                requests.serve_waiting(
+                    &mut pipeline.sharded,
+                    Position { seq: Some(this) },
+                    NOT_NOW,
+                );
+            }
             if !entered {
                 entered = true;
                 positions.clone_from(&open);
@@ -234,6 +251,17 @@ pub(crate) fn drive(
         pipeline.settle_notifications()?;
         pipeline.snapshot(last_seq, &positions)?;
     }
+    if let (Some(requests), Some(stop)) = (&options.requests, &options.linger) {
+        let next = last_seq.map_or(next_seq, |s| next_seq.max(s + 1));
+        processed += linger(
+            &mut pipeline,
+            requests,
+            stop,
+            &options.clock,
+            last_seq,
+            next,
+        )?;
+    }
     driver_metrics.sample(
         &pipeline.sharded.queue_depths(),
         pipeline.sharded.card_count(),
@@ -244,6 +272,56 @@ pub(crate) fn drive(
     summary.inputs_per_sec = summary.inputs as f64 / summary.elapsed_secs.max(1e-9);
     summary.out_dir = dir.clone();
     Ok((summary, engine))
+}
+
+/// How long the lingering driver waits for a request before it looks at
+/// its stop flag again.
+const LINGER_POLL: Duration = Duration::from_millis(100);
+
+/// After the inputs: answers requests until `stop` is set. A command is
+/// the next input (`next`, then on), journaled like one read from a file,
+/// and answered once a snapshot covering it is durable. Returns how many
+/// commands were applied.
+fn linger(
+    pipeline: &mut Pipeline,
+    requests: &Requests,
+    stop: &AtomicBool,
+    clock: &SharedClock,
+    mut last_seq: Option<u64>,
+    next: u64,
+) -> Result<u64, IngestError> {
+    let mut seq = next;
+    let no_positions = BTreeMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        match requests.next(LINGER_POLL) {
+            None => {}
+            Some(Request::Read(read)) => {
+                read(pipeline.sharded.engine(), Position { seq: last_seq })
+            }
+            Some(Request::Command { command, reply }) => {
+                pipeline.sharded.process_command_received(
+                    (*command).clone(),
+                    Some(Timestamp(clock.now_ms())),
+                    seq,
+                );
+                last_seq = Some(seq);
+                seq += 1;
+                // The file positions stay what the engine holds.
+                pipeline.snapshot(last_seq, &no_positions)?;
+                let answer = pipeline
+                    .sharded
+                    .engine()
+                    .command_result(&command)
+                    .map(|result| Applied {
+                        result,
+                        seq: seq - 1,
+                    })
+                    .ok_or_else(|| format!("command {} left no result", command.id));
+                reply(answer);
+            }
+        }
+    }
+    Ok(seq - next)
 }
 
 /// One input into the pipeline at `seq`.

@@ -24,6 +24,8 @@
 //!
 //! - [`kafka`]: the same pipeline with Kafka partitions as inputs and
 //!   topics as sinks.
+//! - [`requests`]: reads of live state (and embedded commands) from the
+//!   operator API, answered by the driver between inputs.
 
 pub mod embedded;
 pub mod files;
@@ -33,6 +35,7 @@ pub mod limits;
 pub mod metrics;
 mod notify;
 pub mod pipeline;
+pub mod requests;
 
 pub use embedded::{run, EmbeddedOptions, Input, Progress};
 pub use health::Health;

@@ -15,6 +15,7 @@
 //! command id in `results.rs`, and what queries see in `views.rs`.
 
 mod cards;
+mod catalog;
 mod commands;
 mod limits;
 mod plans;

@@ -126,6 +126,15 @@ impl Driver {
         self.runs_done()
     }
 
+    /// Answers the operator API's waiting reads at the last input
+    /// processed ([`crate::requests`]).
+    pub(super) fn serve_requests(&mut self, requests: &crate::requests::Requests) {
+        let at = crate::requests::Position {
+            seq: self.next_seq.checked_sub(1),
+        };
+        requests.serve_waiting(&mut self.pipeline.sharded, at, crate::requests::NOT_NOW);
+    }
+
     /// Writes the order-log entries of the runs the messages about to be
     /// processed start, given as (source, offset, the source's cursor), in
     /// one `write`, before any of them is processed (an output must never

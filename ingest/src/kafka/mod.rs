@@ -167,6 +167,10 @@ pub struct KafkaOptions {
     /// from the oldest offset the broker keeps). When resuming, a data
     /// directory whose snapshots all fail to restore refuses to start.
     pub start: Start,
+    /// Reads of live state from the operator API, answered between
+    /// batches ([`crate::requests`]); commands from the API go through
+    /// the commands topic instead.
+    pub requests: Option<crate::requests::Requests>,
     /// The time of day (the system clock but in tests): processing times,
     /// notification times.
     pub clock: SharedClock,
@@ -197,6 +201,7 @@ impl KafkaOptions {
             lease_timeout: Duration::from_secs(10),
             exit_when_idle: None,
             start: Start::Resume,
+            requests: None,
             clock: SystemClock::shared(),
         }
     }
@@ -861,8 +866,14 @@ fn consume(
             wait = Duration::ZERO;
             got += batch.len();
             driver.process_batch(cursors, &batch)?;
+            if let Some(requests) = &options.requests {
+                driver.serve_requests(requests);
+            }
         }
         if got == 0 {
+            if let Some(requests) = &options.requests {
+                driver.serve_requests(requests);
+            }
             // Nothing waiting: push partial batches so quiet periods do not
             // hold records back, then wait briefly.
             driver.pipeline.sharded.flush();
