@@ -11,6 +11,7 @@
 //! - `commands`: `POST /commands`, `GET /commands/{id}`, the card
 //!   shortcuts.
 //! - `snapshot`: `flowcap serve`'s read-only state, the newest snapshot.
+//! - `summary`: `GET /summary`, the counts the console's overview shows.
 //! - `answers`: the answer types; `doc`: the OpenAPI document made from
 //!   them and the handlers (`/api/v1/openapi.json`, `docs/openapi.json`).
 //!
@@ -26,6 +27,7 @@ mod live;
 mod problem;
 pub(crate) mod snapshot;
 mod state;
+mod summary;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -143,6 +145,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/tags", get(state::tags))
         .route("/webhooks", get(state::webhooks))
         .route("/rules", get(state::rules))
+        .route("/summary", get(summary::summary))
         .route("/commands", post(commands::submit))
         .route("/commands/{id}", get(commands::result))
         .route(
