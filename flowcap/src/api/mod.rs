@@ -12,6 +12,7 @@
 //!   shortcuts.
 //! - `snapshot`: `flowcap serve`'s read-only state, the newest snapshot.
 //! - `summary`: `GET /summary`, the counts the console's overview shows.
+//! - `ui`: the web console at `/ui`, built in `console/` and embedded.
 //! - `answers`: the answer types; `doc`: the OpenAPI document made from
 //!   them and the handlers (`/api/v1/openapi.json`, `docs/openapi.json`).
 //!
@@ -28,6 +29,7 @@ mod problem;
 pub(crate) mod snapshot;
 mod state;
 mod summary;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -167,5 +169,5 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(api);
-    Router::new().nest("/api/v1", v1)
+    Router::new().nest("/api/v1", v1).merge(ui::router())
 }
