@@ -494,7 +494,17 @@ fn run(args: RunArgs) -> Result<()> {
                         Some(bootstrap) => api_producer(bootstrap, &file.kafka, &args.kafka)?,
                         None => api::Submit::Embedded,
                     };
-                    let (api, rx) = api::build(&file.api, addr, submit)?;
+                    // The API's own handle on the history: its queries are
+                    // its own, so no /sql token applies.
+                    let history = match history.as_ref() {
+                        Some(h) => Some(Arc::new(sql::SqlService::new(
+                            h.location_in(&out),
+                            sql::SqlLimits::of(&file.sql),
+                            sql::Tokens::default(),
+                        )?)),
+                        None => None,
+                    };
+                    let (api, rx) = api::build(&file.api, addr, submit, history)?;
                     requests = Some(rx);
                     Some(api)
                 }

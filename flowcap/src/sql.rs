@@ -565,6 +565,23 @@ impl SqlService {
         }
     }
 
+    /// Runs `text`, a query of this process's own, within the limits;
+    /// the rows as JSON objects.
+    pub(crate) async fn json_rows(&self, text: &str) -> Result<Vec<serde_json::Value>, Refusal> {
+        use axum::http::StatusCode;
+        let batches = tokio::time::timeout(self.limits.timeout, self.run(text))
+            .await
+            .map_err(|_| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the history query ran out of time".to_owned(),
+                )
+            })??;
+        let internal = |e: String| (StatusCode::INTERNAL_SERVER_ERROR, e);
+        let bytes = encode_json_array(&batches).map_err(|e| internal(e.to_string()))?;
+        serde_json::from_slice(&bytes).map_err(|e| internal(e.to_string()))
+    }
+
     /// Plans and runs `text`, collecting at most the row and size limits
     /// (one row and one batch beyond them, to tell).
     async fn run(&self, text: &str) -> Result<Vec<RecordBatch>, Refusal> {
@@ -826,10 +843,13 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let mut answering = None;
     let api = match crate::api::snapshot::newest(&args.data)? {
         Some((engine, seq)) if file.api.enabled => {
-            let (api, requests) =
-                crate::api::build(&file.api, args.http, crate::api::Submit::Embedded)?;
-            answering = Some(crate::api::snapshot::serve(engine, seq, requests)?);
-            eprintln!("serving /api/v1 read-only at input #{seq} (the newest snapshot)");
+            let (api, requests) = crate::api::build(
+                &file.api,
+                args.http,
+                crate::api::Submit::Embedded,
+                Some(service.clone()),
+            )?;
+            answering = Some((crate::api::snapshot::serve(engine, seq, requests)?, seq));
             Some(api)
         }
         _ => None,
@@ -839,6 +859,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         "serving POST http://{}/sql until interrupted",
         server.local_addr()
     );
+    if let Some((_, seq)) = &answering {
+        eprintln!(
+            "serving http://{}/api/v1 read-only at input #{seq} (the newest snapshot)",
+            server.local_addr()
+        );
+    }
     crate::wait_for_interrupt()?;
     server.shutdown();
     // The thread ends with the server's last request sender.

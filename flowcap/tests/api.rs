@@ -351,6 +351,51 @@ fn every_card_answered_as_the_events_and_the_generator_say() {
     }
     assert_eq!(checked, replayed.len());
 
+    // Usage: the current cycle live, and per day from the history, for a
+    // card whose usage is all in that cycle and on time.
+    let mut entries: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for e in json_lines(&std::fs::read_to_string(data.join("expected.jsonl")).unwrap()) {
+        entries
+            .entry(e["iccid"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e);
+    }
+    let plain = cards
+        .iter()
+        .find(|c| {
+            entries.get(c["iccid"].as_str().unwrap()).is_some_and(|e| {
+                e.len() == 1
+                    && e[0]["cycle"] == c["cycle"]
+                    && e[0]["late_bytes"] == 0
+                    && e[0]["bytes"].as_u64() > Some(0)
+            })
+        })
+        .unwrap();
+    let path = format!("/api/v1/cards/{}/usage", plain["iccid"].as_str().unwrap());
+    let cycles = server.get(&path, VIEWER);
+    assert_eq!(cycles["position"]["seq"], seq);
+    let last = cycles["items"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["period"], plain["cycle"]);
+    assert_eq!(last["live"], true);
+    assert_eq!(last["bytes"], plain["usage_bytes"]);
+    let days = server.get(&format!("{path}?granularity=day"), VIEWER);
+    let days = days["items"].as_array().unwrap();
+    assert!(!days.is_empty());
+    let summed: u64 = days.iter().map(|d| d["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(summed, plain["usage_bytes"].as_u64().unwrap());
+    let first_day = days[0]["period"].as_str().unwrap();
+    let later = server.get(&format!("{path}?granularity=day&from=2099-01-01"), VIEWER);
+    assert_eq!(later["items"], serde_json::json!([]));
+    assert!(first_day.len() == 10);
+    server
+        .call(
+            "GET",
+            &format!("{path}?granularity=hour"),
+            Some(VIEWER),
+            None,
+        )
+        .assert_problem(400, "bad_granularity");
+
     // One card alone answers what its page said, at the same position.
     let one = &cards[cards.len() / 2];
     let mut alone = server.get(

@@ -26,6 +26,7 @@ use super::{commands, state};
     paths(
         state::card,
         state::cards,
+        super::usage::usage,
         state::pools,
         state::pool,
         state::plans,

@@ -7,7 +7,8 @@
 //! - `live`: reads and commands handed to the pipeline's driver
 //!   ([`flowcap_ingest::requests`]), which answers from the engine with
 //!   its shards home, at a named input position.
-//! - `state`: `GET` cards, pools, plans, tags, webhooks, rules.
+//! - `state`: `GET` cards, pools, plans, tags, webhooks, rules;
+//!   `usage`: a card's usage per day or cycle (history and live).
 //! - `commands`: `POST /commands`, `GET /commands/{id}`, the card
 //!   shortcuts.
 //! - `snapshot`: `flowcap serve`'s read-only state, the newest snapshot.
@@ -30,6 +31,7 @@ pub(crate) mod snapshot;
 mod state;
 mod summary;
 mod ui;
+mod usage;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -101,6 +103,8 @@ pub(crate) struct Api {
     limits: Limits,
     sent: Mutex<commands::Sent>,
     max_body: usize,
+    /// The history, for `/cards/{iccid}/usage` (none without one).
+    history: Option<Arc<crate::sql::SqlService>>,
 }
 
 /// The API for a server on `addr`, and the driver's end of its request
@@ -109,6 +113,7 @@ pub(crate) fn build(
     config: &ApiConfig,
     addr: SocketAddr,
     submit: Submit,
+    history: Option<Arc<crate::sql::SqlService>>,
 ) -> Result<(Arc<Api>, Requests)> {
     let access = Access::new(
         &config.tokens,
@@ -130,6 +135,7 @@ pub(crate) fn build(
         },
         sent: Mutex::new(commands::Sent::default()),
         max_body: config.max_body_kb.saturating_mul(1024).max(1),
+        history,
     };
     Ok((Arc::new(api), rx))
 }
@@ -140,6 +146,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
     let v1 = Router::new()
         .route("/cards", get(state::cards))
         .route("/cards/{iccid}", get(state::card))
+        .route("/cards/{iccid}/usage", get(usage::usage))
         .route("/cards/{iccid}/{action}", post(commands::shortcut))
         .route("/pools", get(state::pools))
         .route("/pools/{id}", get(state::pool))

@@ -35,7 +35,7 @@ pub(crate) fn newest(data: &Path) -> Result<Option<(Engine, u64)>> {
             Some((seq, path))
         })
         .collect();
-    found.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    found.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
     let mut failures = Vec::new();
     for (seq, path) in found {
         let restored = std::fs::read(&path)
