@@ -132,6 +132,14 @@ test("a card's page shows the API's numbers, and a suspend appears as manual", a
   assert.equal(await text('[data-testid=addons]'), `${fromApi.addon_mb} MB`);
   assert.equal(await text('[data-testid=imei]'), fromApi.imei ?? '—');
   await page.locator('[data-testid=usage-chart] canvas').waitFor();
+  // Per-cycle bars: the API's usage answer (history, the live cycle last).
+  const cycles = (await api('GET', `/cards/${card.iccid}/usage?granularity=cycle`)).items.slice(-12);
+  assert.ok(cycles.length > 0);
+  await page.locator('[data-testid=cycles]').waitFor();
+  for (const c of cycles) {
+    assert.equal(await text(`[data-testid=cycles] tr[data-key="${c.period}"] [data-testid=cycle-bytes]`), bytes(c.bytes), c.period);
+  }
+  assert.equal(cycles[cycles.length - 1].bytes, fromApi.usage_bytes, 'the live cycle is the card\'s usage');
   await shot('card');
 
   await page.click('[data-testid=suspend]');

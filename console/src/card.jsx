@@ -75,8 +75,42 @@ function Actions({ card, done }) {
   );
 }
 
+// The card's usage history, or null when the server has none.
+async function usage(iccid, query) {
+  try {
+    return (await get(`/cards/${encodeURIComponent(iccid)}/usage?${query}`)).items;
+  } catch (_) {
+    return null;
+  }
+}
+
+function Cycles({ cycles }) {
+  if (!cycles) return <p class="hint">No usage history on this server.</p>;
+  const last = cycles.slice(-12);
+  const top = Math.max(1, ...last.map((c) => c.bytes));
+  return (
+    <table data-testid="cycles">
+      <tbody>
+        {last.map((c) => (
+          <tr key={c.period} data-key={c.period}>
+            <td>{c.period}{c.live ? ' (live)' : ''}</td>
+            <td>
+              <span class="bar"><span style={{ width: `${(c.bytes * 100) / top}%` }} /></span>
+            </td>
+            <td class="num" data-testid="cycle-bytes">{bytes(c.bytes)}</td>
+          </tr>
+        ))}
+      </tbody>
+    </table>
+  );
+}
+
 export function Card({ iccid }) {
   const [card, error, reload] = useLoad(() => get(`/cards/${encodeURIComponent(iccid)}`), [iccid]);
+  const [history] = useLoad(
+    async () => ({ days: await usage(iccid, 'granularity=day'), cycles: await usage(iccid, 'granularity=cycle') }),
+    [iccid],
+  );
   if (error) return <Failed error={error} />;
   if (!card) return <p>Loading…</p>;
   return (
@@ -99,11 +133,12 @@ export function Card({ iccid }) {
       <p>
         <UsageBar used={card.usage_bytes} limit={card.limit_bytes} percent={card.usage_pct} />
       </p>
-      <CycleChart card={card} />
+      <CycleChart card={card} days={history?.days} />
       <p class="hint">
-        The API gives the cycle's total so far: the chart marks the cycle's start and the total, not the
-        days between (that needs a usage history endpoint).
+        Daily sums from the history, the last point the live total; dashed: the limit and the threshold.
       </p>
+      <h2>Usage per cycle (last 12)</h2>
+      {history ? <Cycles cycles={history.cycles} /> : <p>Loading…</p>}
       <h2>Details</h2>
       <dl class="facts" data-testid="facts">
         <dt>Carrier</dt><dd>{card.carrier}</dd>

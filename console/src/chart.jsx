@@ -17,20 +17,41 @@ function utc8(secs) {
   return `${d.slice(5, 10)} ${d.slice(11, 16)}`;
 }
 
-// Usage in the current cycle (MB) with the limit and threshold lines.
-// The API gives the cycle's total, not its history: the chart shows the
-// start of the cycle (0) and the total now, not the curve between.
-export function CycleChart({ card }) {
+// The day YYYY-MM-DD in UTC+8 as the Unix second it ends.
+function dayEnd(day) {
+  const [y, m, d] = day.split('-').map(Number);
+  return (Date.UTC(y, m - 1, d + 1) - 8 * HOUR_MS) / 1000;
+}
+
+// Cumulative usage in the current cycle (MB) with the limit and threshold
+// lines: 0 at the cycle's start, the history's daily sums added up at
+// each day's end, and the live total last (at the last day's end, or now
+// when the history has no day yet). Without history, the start and the
+// total alone.
+export function CycleChart({ card, days }) {
   const box = useRef(null);
   useEffect(() => {
     const [start, end] = cycleBounds(card.cycle);
-    const now = Math.min(Math.max(Date.now() / 1000, start), end);
-    const xs = [start, now, end];
-    const used = card.usage_bytes / MB;
-    const series = [{}];
-    const data = [xs];
-    series.push({ label: 'Used (MB)', stroke: '#0969da', width: 2, points: { show: true, size: 8 } });
-    data.push([0, used, null]);
+    const xs = [start];
+    const used = [0];
+    let sum = 0;
+    for (const d of days ?? []) {
+      const x = dayEnd(d.period);
+      if (x <= start || x > end) continue;
+      sum += d.bytes;
+      xs.push(x);
+      used.push(sum / MB);
+    }
+    const last = xs.length > 1 ? xs[xs.length - 1] : Math.min(Math.max(Date.now() / 1000, start), end);
+    if (xs.length > 1) used[used.length - 1] = Math.max(used[used.length - 1], card.usage_bytes / MB);
+    else {
+      xs.push(last);
+      used.push(card.usage_bytes / MB);
+    }
+    xs.push(end);
+    used.push(null);
+    const series = [{}, { label: 'Used (MB)', stroke: '#0969da', width: 2, points: { show: true, size: 6 } }];
+    const data = [xs, used];
     if (card.limit_bytes !== null) {
       series.push({ label: 'Limit (MB)', stroke: '#cf222e', dash: [6, 4], points: { show: false } });
       data.push(xs.map(() => card.limit_bytes / MB));
@@ -45,16 +66,13 @@ export function CycleChart({ card }) {
         height: 260,
         series,
         scales: { x: { time: false }, y: { range: (_u, _min, max) => [0, Math.max(1, max * 1.1)] } },
-        axes: [
-          { values: (_u, ticks) => ticks.map(utc8), space: 90 },
-          { label: 'MB' },
-        ],
+        axes: [{ values: (_u, ticks) => ticks.map(utc8), space: 90 }, { label: 'MB' }],
         legend: { show: true },
       },
       data,
       box.current,
     );
     return () => plot.destroy();
-  }, [card.iccid, card.usage_bytes, card.limit_bytes, card.threshold_mb, card.cycle]);
+  }, [card.iccid, card.usage_bytes, card.limit_bytes, card.threshold_mb, card.cycle, days]);
   return <div class="chart" ref={box} data-testid="usage-chart" />;
 }
