@@ -32,6 +32,7 @@ use super::{commands, state};
         state::plans,
         state::tags,
         state::webhooks,
+        super::summary::summary,
         state::rules,
         commands::submit,
         commands::result,

@@ -12,6 +12,8 @@
 //! - `commands`: `POST /commands`, `GET /commands/{id}`, the card
 //!   shortcuts.
 //! - `snapshot`: `flowcap serve`'s read-only state, the newest snapshot.
+//! - `summary`: `GET /summary`, the counts the console's overview shows.
+//! - `ui`: the web console at `/ui`, built in `console/` and embedded.
 //! - `answers`: the answer types; `doc`: the OpenAPI document made from
 //!   them and the handlers (`/api/v1/openapi.json`, `docs/openapi.json`).
 //!
@@ -27,6 +29,8 @@ mod live;
 mod problem;
 pub(crate) mod snapshot;
 mod state;
+mod summary;
+mod ui;
 mod usage;
 
 use std::net::SocketAddr;
@@ -150,6 +154,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/tags", get(state::tags))
         .route("/webhooks", get(state::webhooks))
         .route("/rules", get(state::rules))
+        .route("/summary", get(summary::summary))
         .route("/commands", post(commands::submit))
         .route("/commands/{id}", get(commands::result))
         .route(
@@ -171,5 +176,5 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(api);
-    Router::new().nest("/api/v1", v1)
+    Router::new().nest("/api/v1", v1).merge(ui::router())
 }

@@ -35,7 +35,7 @@ const GENERAL_CAP_BYTES: u64 = 100 * MB;
 const TOP_CONSUMERS: usize = 10;
 
 /// The card's view with what follows from its plan.
-fn card_of(engine: &Engine, view: CardView) -> Card {
+pub(crate) fn card_of(engine: &Engine, view: CardView) -> Card {
     let plan = view.plan.as_ref().and_then(|p| engine.plan_spec(p));
     let pooled = view
         .pool
@@ -123,6 +123,7 @@ pub(crate) async fn card(
 /// What `GET /cards` keeps.
 #[derive(Debug, Default)]
 struct CardFilter {
+    iccid_prefix: Option<String>,
     state: Option<String>,
     reason: Option<String>,
     carrier: Option<String>,
@@ -137,7 +138,8 @@ impl CardFilter {
         for key in query.keys() {
             if !matches!(
                 key.as_str(),
-                "state"
+                "iccid_prefix"
+                    | "state"
                     | "reason"
                     | "carrier"
                     | "plan"
@@ -162,6 +164,7 @@ impl CardFilter {
             };
         let text = |k: &str| query.get(k).cloned();
         Ok(CardFilter {
+            iccid_prefix: text("iccid_prefix"),
             state: text("state"),
             reason: text("reason"),
             carrier: text("carrier"),
@@ -178,7 +181,10 @@ impl CardFilter {
         };
         let has =
             |want: &Option<String>, have: &[String]| want.as_ref().is_none_or(|w| have.contains(w));
-        is(&self.state, Some(&card.state))
+        self.iccid_prefix
+            .as_ref()
+            .is_none_or(|p| card.iccid.starts_with(p.as_str()))
+            && is(&self.state, Some(&card.state))
             && is(&self.carrier, Some(&card.carrier))
             && is(&self.plan, card.plan.as_ref())
             && is(&self.pool, card.pool.as_ref())
@@ -196,6 +202,7 @@ impl CardFilter {
     path = "/cards",
     tag = "cards",
     params(
+        ("iccid_prefix" = Option<String>, Query, description = "Only cards whose ICCID starts with this"),
         ("state" = Option<String>, Query, description = "Only cards in this state"),
         ("reason" = Option<String>, Query, description = "Only cards suspended for this reason"),
         ("carrier" = Option<String>, Query, description = "Only this carrier's cards"),

@@ -1,0 +1,248 @@
+// The console in headless Chromium against a running flowcap (started by
+// flowcap/tests/console.rs, which gives FLOWCAP_URL and FLOWCAP_TOKEN, a
+// write-scoped token). Every number the pages show is checked against
+// the API's own answer, formatted by the same functions the pages use.
+// Each test saves screenshots of its pages into FLOWCAP_SHOTS.
+//
+// The tests run in order (one file): the overview is read before any
+// command changes the state.
+
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+import { bytes, count, pct } from '../src/format.js';
+
+const URL = process.env.FLOWCAP_URL;
+const TOKEN = process.env.FLOWCAP_TOKEN;
+const SHOTS = process.env.FLOWCAP_SHOTS;
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const FLAGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+
+assert.ok(URL && TOKEN, 'FLOWCAP_URL and FLOWCAP_TOKEN are set by flowcap/tests/console.rs');
+
+let browser;
+let page;
+
+async function api(method, path, body) {
+  const res = await fetch(`${URL}/api/v1${path}`, {
+    method,
+    headers: { Authorization: `Bearer ${TOKEN}`, 'Content-Type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await res.json();
+  assert.ok(res.ok, `${method} ${path}: ${res.status} ${JSON.stringify(data)}`);
+  return data;
+}
+
+async function shot(name) {
+  if (!SHOTS) return;
+  mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
+}
+
+const text = (sel) => page.locator(sel).first().innerText();
+
+// Opens a page of the console with the token already kept for the tab.
+async function open(path) {
+  await page.goto(`${URL}/ui${path}`);
+}
+
+before(async () => {
+  browser = await chromium.launch({ executablePath: CHROMIUM, args: FLAGS, headless: true });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  page = await context.newPage();
+  // Any request that leaves this server fails the test (no CDN, no fonts).
+  const outside = [];
+  await context.route('**/*', (route) => {
+    if (!route.request().url().startsWith(URL)) outside.push(route.request().url());
+    return route.continue();
+  });
+  page.outside = outside;
+});
+
+after(async () => {
+  if (page) assert.deepEqual(page.outside, [], 'no request leaves the server');
+  await browser?.close();
+});
+
+test('a page without a token goes to the login, which keeps the token', async () => {
+  await open('/cards');
+  await page.waitForURL(/\/ui\/login\?next=/);
+  await page.locator('[data-testid=login-form]').waitFor();
+  await page.fill('input[name=token]', 'not-a-token');
+  await page.click('button[type=submit]');
+  await page.locator('[data-testid=login-error]').waitFor();
+  await shot('login');
+  await page.fill('input[name=token]', TOKEN);
+  await page.click('button[type=submit]');
+  await page.waitForURL(/\/ui\/cards$/);
+  await page.locator('[data-testid=card-table]').waitFor();
+  const kept = await page.evaluate(() => sessionStorage.getItem('flowcap-token'));
+  assert.equal(kept, TOKEN);
+});
+
+test('the overview shows the API summary', async () => {
+  const summary = await api('GET', '/summary');
+  await open('/');
+  await page.locator('[data-testid=overview]').waitFor();
+  assert.equal(await text('[data-testid=cards-total]'), count(summary.cards));
+  assert.equal(await text('[data-testid=cards-80]'), count(summary.cards_at_80_pct));
+  assert.equal(await text('[data-testid=cards-90]'), count(summary.cards_at_90_pct));
+  for (const [state, n] of Object.entries(summary.cards_by_state)) {
+    assert.equal(await text(`[data-testid=by-state] tr[data-key="${state}"] [data-testid=n]`), count(n), state);
+  }
+  for (const [reason, n] of Object.entries(summary.cards_by_reason)) {
+    assert.equal(await text(`[data-testid=by-reason] tr[data-key="${reason}"] [data-testid=n]`), count(n), reason);
+  }
+  assert.ok(summary.cards > 0);
+  await shot('overview');
+});
+
+// The first card of the list with a limit and some usage, and active.
+async function someActiveCard() {
+  const page1 = await api('GET', '/cards?state=active&limit=1000');
+  const card = page1.items.find((c) => c.limit_bytes && c.usage_bytes > 0) ?? page1.items[0];
+  assert.ok(card, 'an active card');
+  return card;
+}
+
+test("a card's page shows the API's numbers, and a suspend appears as manual", async () => {
+  const card = await someActiveCard();
+  const fromApi = await api('GET', `/cards/${card.iccid}`);
+  await open(`/cards/${card.iccid}`);
+  await page.locator('[data-testid=card]').waitFor();
+  assert.equal(await text('[data-testid=iccid]'), fromApi.iccid);
+  assert.equal(await text('[data-testid=used]'), bytes(fromApi.usage_bytes));
+  assert.equal(
+    await text('[data-testid=limit]'),
+    fromApi.limit_bytes === null ? 'none of its own' : bytes(fromApi.limit_bytes),
+  );
+  assert.equal(await text('[data-testid=remaining]'), bytes(fromApi.remaining_bytes));
+  assert.equal(await text('[data-testid=pct]'), pct(fromApi.usage_pct));
+  assert.equal(await text('[data-testid=addons]'), `${fromApi.addon_mb} MB`);
+  assert.equal(await text('[data-testid=imei]'), fromApi.imei ?? '—');
+  await page.locator('[data-testid=usage-chart] canvas').waitFor();
+  // Per-cycle bars: the API's usage answer (history, the live cycle last).
+  const cycles = (await api('GET', `/cards/${card.iccid}/usage?granularity=cycle`)).items.slice(-12);
+  assert.ok(cycles.length > 0);
+  await page.locator('[data-testid=cycles]').waitFor();
+  for (const c of cycles) {
+    assert.equal(await text(`[data-testid=cycles] tr[data-key="${c.period}"] [data-testid=cycle-bytes]`), bytes(c.bytes), c.period);
+  }
+  assert.equal(cycles[cycles.length - 1].bytes, fromApi.usage_bytes, 'the live cycle is the card\'s usage');
+  await shot('card');
+
+  await page.click('[data-testid=suspend]');
+  await page.locator('[data-testid=reasons] li[data-key=manual]').waitFor();
+  const after = await api('GET', `/cards/${card.iccid}`);
+  assert.equal(after.state, 'suspended');
+  assert.ok(after.reasons.includes('manual'), JSON.stringify(after.reasons));
+  assert.match(await text('[data-testid=reasons] li[data-key=manual]'), /An operator suspended it/);
+  await shot('card-suspended');
+  if (process.env.FLOWCAP_E2E_OUT) {
+    writeFileSync(join(process.env.FLOWCAP_E2E_OUT, 'suspended.txt'), card.iccid);
+  }
+});
+
+test("a bulk suspend shows each card's failure", async () => {
+  // One card of the first page is deregistered first: a deregistered
+  // card cannot be suspended, so the batch fails for it alone.
+  const first = await api('GET', '/cards?limit=50');
+  const victim = first.items[1];
+  const summary = await api('GET', '/summary');
+  const dereg = await api('POST', '/commands', {
+    id: `e2e-dereg-${Date.now()}`,
+    type: 'deregister',
+    at: summary.clock,
+    iccids: [victim.iccid],
+  });
+  assert.equal(dereg.result.ok, true, JSON.stringify(dereg));
+
+  await open('/cards');
+  await page.locator(`[data-testid=card-table] tr[data-key="${victim.iccid}"]`).waitFor();
+  await page.check('[data-testid=select-all]');
+  await page.click('[data-testid=bulk-suspend]');
+  await page.locator('[data-testid=bulk-results]').waitFor();
+  const rows = page.locator('[data-testid=bulk-failures] tbody tr');
+  assert.equal(await rows.count(), 1);
+  assert.equal(await rows.first().getAttribute('data-key'), victim.iccid);
+  assert.match(await rows.first().innerText(), /invalid_state/);
+  assert.equal(await text('[data-testid=bulk-failed]'), '1');
+  assert.equal(await text('[data-testid=bulk-ok]'), String(first.items.length - 1));
+  await shot('cards-bulk');
+
+  // The page's answer is the engine's: the others are suspended now.
+  const now = await api('GET', '/cards?limit=50');
+  for (const c of now.items) {
+    if (c.iccid === victim.iccid) assert.equal(c.state, 'deregistered');
+    else assert.ok(c.reasons.includes('manual'), `${c.iccid}: ${JSON.stringify(c.reasons)}`);
+  }
+});
+
+test('the cards list filters on the server and pages on', async () => {
+  const fromApi = await api('GET', '/cards?reason=manual&limit=50');
+  await open('/cards?reason=manual');
+  await page.locator('[data-testid=card-table]').waitFor();
+  const keys = await page.locator('[data-testid=card-table] tbody tr').evaluateAll((rows) =>
+    rows.map((r) => r.dataset.key),
+  );
+  assert.deepEqual(keys, fromApi.items.map((c) => c.iccid));
+  await shot('cards');
+});
+
+// A forward pool of five active cards that share carrier and plan (the
+// generated workload has none), made through the API (admin scope).
+async function makePool() {
+  const cards = (await api('GET', '/cards?state=active&limit=1000')).items;
+  const first = cards.find((c) => c.plan && c.usage_bytes > 0);
+  const members = cards
+    .filter((c) => c.carrier === first.carrier && c.plan === first.plan && !c.pool)
+    .slice(0, 5)
+    .map((c) => c.iccid);
+  const { clock } = await api('GET', '/summary');
+  const id = 'e2e-fleet';
+  const made = await api('POST', '/commands', [
+    {
+      id: `e2e-pool-${Date.now()}`,
+      type: 'create_pool',
+      at: clock,
+      pool: { id, kind: 'forward', name: 'E2E fleet', carrier: first.carrier, plan: first.plan },
+    },
+    { id: `e2e-members-${Date.now()}`, type: 'add_pool_members', at: clock, pool: id, iccids: members },
+  ]);
+  for (const item of made.items) assert.equal(item.result.ok, true, JSON.stringify(item));
+  return id;
+}
+
+test("a pool's page shows the API's numbers", async () => {
+  let pools = await api('GET', '/pools');
+  if (pools.items.length === 0) {
+    await makePool();
+    pools = await api('GET', '/pools');
+  }
+  await open('/pools');
+  await page.locator(`[data-testid=pools] tr[data-key="${pools.items[0].id}"]`).waitFor();
+  await shot('pools');
+  const pool = await api('GET', `/pools/${encodeURIComponent(pools.items[0].id)}?limit=50`);
+  assert.ok(pool.member_count > 0);
+  await open(`/pools/${encodeURIComponent(pool.id)}`);
+  await page.locator('[data-testid=pool]').waitFor();
+  assert.equal(await text('[data-testid=pool-used]'), bytes(pool.used_bytes));
+  assert.equal(await text('[data-testid=pool-allowance]'), bytes(pool.allowance_bytes));
+  assert.equal(await text('[data-testid=pool-members]'), count(pool.member_count));
+  const top = await page.locator('[data-testid=top-consumers] tr').evaluateAll((rows) =>
+    rows.map((r) => r.dataset.key),
+  );
+  assert.deepEqual(top, pool.top_consumers.map((c) => c.iccid));
+  await shot('pool');
+});

@@ -1,0 +1,168 @@
+import { useState } from 'preact/hooks';
+import { commandId, get, post } from './api.js';
+import { CycleChart } from './chart.jsx';
+import { bytes, pct, REASONS, STATES, time } from './format.js';
+import { Failed, State, UsageBar, useLoad } from './parts.jsx';
+import { Link } from './router.jsx';
+
+function Actions({ card, done }) {
+  const [mb, setMb] = useState('');
+  const [threshold, setThreshold] = useState('');
+  const [outcome, setOutcome] = useState(null);
+  async function run(what, send) {
+    setOutcome(null);
+    try {
+      const answer = await send();
+      const r = answer.result;
+      const failure = r && !r.ok ? r.error ?? r.results?.find((x) => !x.ok)?.error : null;
+      setOutcome(failure ? { what, error: { message: `${failure.code}: ${failure.message}` } } : { what, ok: answer.status });
+      done();
+    } catch (error) {
+      setOutcome({ what, error });
+    }
+  }
+  const at = card.iccid;
+  return (
+    <div>
+      <div class="actions">
+        <button class="danger" data-testid="suspend" onClick={() => run('suspend', () => post(`/cards/${at}/suspend`))}>
+          Suspend
+        </button>
+        <button data-testid="resume" onClick={() => run('resume', () => post(`/cards/${at}/resume`))}>
+          Resume
+        </button>
+        <span class="field">
+          Add-on MB
+          <input size="5" data-testid="addon-mb" value={mb} onInput={(e) => setMb(e.currentTarget.value)} />
+        </span>
+        <button
+          data-testid="addon"
+          disabled={!(Number(mb) > 0)}
+          onClick={() => run('add-on', () => post(`/cards/${at}/add-on`, { mb: Number(mb) }))}
+        >
+          Buy add-on
+        </button>
+        <span class="field">
+          Threshold MB (-1 none)
+          <input size="5" data-testid="threshold-mb" value={threshold} onInput={(e) => setThreshold(e.currentTarget.value)} />
+        </span>
+        <button
+          data-testid="set-threshold"
+          disabled={threshold === '' || Number.isNaN(Number(threshold))}
+          onClick={() =>
+            run('threshold', async () => {
+              const { clock } = await get('/summary');
+              const n = Number(threshold);
+              return post(
+                '/commands',
+                n < 0
+                  ? { id: commandId('threshold'), type: 'clear_threshold', at: clock, iccids: [card.iccid] }
+                  : { id: commandId('threshold'), type: 'set_threshold', at: clock, iccids: [card.iccid], mb: n },
+              );
+            })
+          }
+        >
+          Set threshold
+        </button>
+      </div>
+      {outcome?.error && <Failed error={outcome.error} />}
+      {outcome?.ok && (
+        <p class="ok" data-testid="action-ok">
+          {outcome.what}: {outcome.ok}
+        </p>
+      )}
+    </div>
+  );
+}
+
+// The card's usage history, or null when the server has none.
+async function usage(iccid, query) {
+  try {
+    return (await get(`/cards/${encodeURIComponent(iccid)}/usage?${query}`)).items;
+  } catch (_) {
+    return null;
+  }
+}
+
+function Cycles({ cycles }) {
+  if (!cycles) return <p class="hint">No usage history on this server.</p>;
+  const last = cycles.slice(-12);
+  const top = Math.max(1, ...last.map((c) => c.bytes));
+  return (
+    <table data-testid="cycles">
+      <tbody>
+        {last.map((c) => (
+          <tr key={c.period} data-key={c.period}>
+            <td>{c.period}{c.live ? ' (live)' : ''}</td>
+            <td>
+              <span class="bar"><span style={{ width: `${(c.bytes * 100) / top}%` }} /></span>
+            </td>
+            <td class="num" data-testid="cycle-bytes">{bytes(c.bytes)}</td>
+          </tr>
+        ))}
+      </tbody>
+    </table>
+  );
+}
+
+export function Card({ iccid }) {
+  const [card, error, reload] = useLoad(() => get(`/cards/${encodeURIComponent(iccid)}`), [iccid]);
+  const [history] = useLoad(
+    async () => ({ days: await usage(iccid, 'granularity=day'), cycles: await usage(iccid, 'granularity=cycle') }),
+    [iccid],
+  );
+  if (error) return <Failed error={error} />;
+  if (!card) return <p>Loading…</p>;
+  return (
+    <div data-testid="card">
+      <h1>
+        Card <span data-testid="iccid">{card.iccid}</span> <State state={card.state} />
+      </h1>
+      <p data-testid="state-words">{STATES[card.state] ?? card.state}</p>
+      {card.reasons.length > 0 && (
+        <ul data-testid="reasons">
+          {card.reasons.map((r) => (
+            <li key={r} data-key={r}>
+              <strong>{r}</strong>: {REASONS[r] ?? 'no description'}
+            </li>
+          ))}
+        </ul>
+      )}
+      <Actions card={card} done={reload} />
+      <h2>Usage in cycle {card.cycle}</h2>
+      <p>
+        <UsageBar used={card.usage_bytes} limit={card.limit_bytes} percent={card.usage_pct} />
+      </p>
+      <CycleChart card={card} days={history?.days} />
+      <p class="hint">
+        Daily sums from the history, the last point the live total; dashed: the limit and the threshold.
+      </p>
+      <h2>Usage per cycle (last 12)</h2>
+      {history ? <Cycles cycles={history.cycles} /> : <p>Loading…</p>}
+      <h2>Details</h2>
+      <dl class="facts" data-testid="facts">
+        <dt>Carrier</dt><dd>{card.carrier}</dd>
+        <dt>Plan</dt><dd data-testid="plan">{card.plan ?? '—'} {card.traffic ? `(${card.traffic})` : ''}</dd>
+        <dt>Used this cycle</dt><dd data-testid="used">{bytes(card.usage_bytes)}</dd>
+        <dt>Limit</dt><dd data-testid="limit">{card.limit_bytes === null ? 'none of its own' : bytes(card.limit_bytes)}</dd>
+        <dt>Remaining</dt><dd data-testid="remaining">{bytes(card.remaining_bytes)}</dd>
+        <dt>Used %</dt><dd data-testid="pct">{pct(card.usage_pct)}</dd>
+        <dt>Threshold</dt>
+        <dd data-testid="threshold">
+          {card.threshold_mb < 0 ? 'none' : card.threshold_mb === 0 ? 'cut at the first byte' : `${card.threshold_mb} MB`}
+        </dd>
+        <dt>Add-ons</dt><dd data-testid="addons">{card.addon_mb} MB</dd>
+        <dt>Pool</dt>
+        <dd>{card.pool ? <Link to={`/pools/${encodeURIComponent(card.pool)}`}>{card.pool}</Link> : '—'}</dd>
+        <dt>Tags</dt><dd data-testid="tags">{card.tags.length ? card.tags.join(', ') : '—'}</dd>
+        <dt>Attributes</dt><dd class="hint">not in the API's answer yet</dd>
+        <dt>IMEI</dt><dd data-testid="imei">{card.imei ?? '—'}</dd>
+        <dt>MSISDN</dt><dd>{card.msisdn ?? '—'}</dd>
+        <dt>IMSI</dt><dd>{card.imsi ?? '—'}</dd>
+        <dt>Activated</dt><dd>{time(card.activated_at)}</dd>
+        <dt>Plan expires</dt><dd>{time(card.expires_at)}</dd>
+        <dt>As of input</dt><dd>#{card.position.seq ?? '—'}</dd>
+      </dl>
+    </div>
+  );
+}

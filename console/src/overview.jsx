@@ -1,0 +1,114 @@
+import { get } from './api.js';
+import { bytes, count, pct, REASONS, time } from './format.js';
+import { Failed, useLoad } from './parts.jsx';
+import { Link } from './router.jsx';
+
+// Forward pools at or above this share of their allowance are "near".
+const POOL_NEAR_PCT = 80;
+
+export function poolPct(p) {
+  return p.allowance_bytes ? (p.used_bytes * 100) / p.allowance_bytes : null;
+}
+
+export function Overview() {
+  const [data, error] = useLoad(
+    () => Promise.all([get('/summary'), get('/pools')]),
+    [],
+  );
+  if (error) return <Failed error={error} />;
+  if (!data) return <p>Loading…</p>;
+  const [summary, pools] = data;
+  const near = pools.items
+    .filter((p) => p.state === 'exhausted' || (poolPct(p) ?? 0) >= POOL_NEAR_PCT)
+    .sort((a, b) => (poolPct(b) ?? 0) - (poolPct(a) ?? 0));
+  return (
+    <div data-testid="overview">
+      <h1>Overview</h1>
+      <p class="hint">
+        Live state at input #{summary.position.seq ?? '—'}, event clock {time(summary.clock)}.
+      </p>
+      <div class="tiles">
+        <div class="tile">
+          <div>Cards</div>
+          <div class="big" data-testid="cards-total">{count(summary.cards)}</div>
+        </div>
+        <div class="tile">
+          <div>
+            <Link to="/cards?usage_pct_gte=80">At ≥ 80 % of their limit</Link>
+          </div>
+          <div class="big" data-testid="cards-80">{count(summary.cards_at_80_pct)}</div>
+        </div>
+        <div class="tile">
+          <div>
+            <Link to="/cards?usage_pct_gte=90">At ≥ 90 % of their limit</Link>
+          </div>
+          <div class="big" data-testid="cards-90">{count(summary.cards_at_90_pct)}</div>
+        </div>
+      </div>
+      <h2>Cards by state</h2>
+      <table data-testid="by-state">
+        <tbody>
+          {Object.entries(summary.cards_by_state).map(([state, n]) => (
+            <tr key={state} data-key={state}>
+              <td>
+                <Link to={`/cards?state=${state}`}>{state}</Link>
+              </td>
+              <td class="num" data-testid="n">{count(n)}</td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <h2>Suspended cards by reason</h2>
+      {Object.keys(summary.cards_by_reason).length === 0 ? (
+        <p>No card is suspended.</p>
+      ) : (
+        <table data-testid="by-reason">
+          <tbody>
+            {Object.entries(summary.cards_by_reason).map(([reason, n]) => (
+              <tr key={reason} data-key={reason}>
+                <td>
+                  <Link to={`/cards?reason=${reason}`}>{reason}</Link>
+                </td>
+                <td class="hint">{REASONS[reason] ?? ''}</td>
+                <td class="num" data-testid="n">{count(n)}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+      <h2>Pools near exhaustion</h2>
+      {near.length === 0 ? (
+        <p data-testid="pools-near">No pool at ≥ {POOL_NEAR_PCT} % of its allowance.</p>
+      ) : (
+        <table data-testid="pools-near">
+          <thead>
+            <tr>
+              <th>Pool</th>
+              <th>State</th>
+              <th class="num">Used</th>
+              <th class="num">Allowance</th>
+              <th class="num">Used %</th>
+            </tr>
+          </thead>
+          <tbody>
+            {near.map((p) => (
+              <tr key={p.id} data-key={p.id}>
+                <td>
+                  <Link to={`/pools/${encodeURIComponent(p.id)}`}>{p.name || p.id}</Link>
+                </td>
+                <td>{p.state}</td>
+                <td class="num">{bytes(p.used_bytes)}</td>
+                <td class="num">{bytes(p.allowance_bytes)}</td>
+                <td class="num">{pct(poolPct(p))}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+      <h2>Latest cuts and restores</h2>
+      <p class="hint" data-testid="no-events">
+        Not shown: the operator API has no events endpoint yet (GET /api/v1/events).
+      </p>
+    </div>
+  );
+}

@@ -1,0 +1,140 @@
+//! The web console (`/ui`) in headless Chromium against the real binary:
+//! `flowcap run` over the load generator's cards with `--http` and
+//! `--linger`, then `node --test console/e2e/` (playwright-core driving
+//! Debian's `/usr/bin/chromium`), which checks the pages against the API's
+//! answers and saves a screenshot of each page into `docs/console/`.
+//!
+//! It needs Node and the console's npm packages (`npm ci` in `console/`,
+//! as `.ci/run` does) and Chromium; without them it fails and says so.
+//! After the browser is done the run is stopped and its events must hold
+//! the suspend the browser sent.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::{json_lines, BIN};
+
+const TOKEN: &str = "console-e2e-token-4b7d";
+/// The browser and the test share one token: room for every request.
+const CONFIG: &str = "[api]\nrate_per_sec = 1000.0\nburst = 1000\n";
+
+/// Kills the child if the test fails half way.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn line_starting(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    prefix: &str,
+) -> String {
+    let mut seen = Vec::new();
+    for line in lines {
+        let line = line.unwrap();
+        if line.starts_with(prefix) {
+            return line;
+        }
+        seen.push(line);
+    }
+    panic!(
+        "flowcap exited without printing `{prefix}`:\n{}",
+        seen.join("\n")
+    );
+}
+
+#[test]
+fn the_console_in_a_browser_shows_the_api_answers() {
+    let console = repo().join("console");
+    assert!(
+        console.join("node_modules/playwright-core").is_dir(),
+        "the console's npm packages are missing: run `npm ci` in console/ (.ci/run does)"
+    );
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "no Chromium at {chromium}: `apt-get install -y chromium` (.ci/run does)"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let config = dir.path().join("flowcap.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "-q", "--json", "--no-notify", "--shards", "2"])
+        .args(["--hours", "2", "--cards", "2000", "--out"])
+        .arg(&out)
+        .args(["--http", "127.0.0.1:0", "--linger", "--config"])
+        .arg(&config)
+        .env("FLOWCAP_API_TOKENS", format!("console:admin:{TOKEN}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let url = line_starting(&mut stderr, "ops: listening on http://")
+        .trim_start_matches("ops: listening on ")
+        .to_owned();
+    line_starting(&mut stderr, "ops: run finished");
+    std::thread::spawn(move || for _ in stderr {});
+    let mut stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = stdout.read_to_end(&mut sink);
+    });
+
+    let shots = repo().join("docs/console");
+    let browser = Command::new("node")
+        .args(["--test", "--test-concurrency=1", "e2e/"])
+        .current_dir(&console)
+        .env("FLOWCAP_URL", &url)
+        .env("FLOWCAP_TOKEN", TOKEN)
+        .env("FLOWCAP_SHOTS", &shots)
+        .env("FLOWCAP_E2E_OUT", dir.path())
+        .env("CHROMIUM", &chromium)
+        .output()
+        .expect("node (Node.js 20) runs the browser tests");
+    let report = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&browser.stdout),
+        String::from_utf8_lossy(&browser.stderr)
+    );
+    eprintln!("{report}");
+    assert!(
+        browser.status.success(),
+        "the browser tests failed:\n{report}"
+    );
+    for line in ["# fail 0", "# skipped 0", "# cancelled 0"] {
+        assert!(report.contains(line), "no `{line}`:\n{report}");
+    }
+
+    // Stop the run; the suspend sent from the card's page is an event.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.0.wait().unwrap().success());
+    let suspended = std::fs::read_to_string(dir.path().join("suspended.txt")).unwrap();
+    let events = json_lines(&std::fs::read_to_string(out.join("events.jsonl")).unwrap());
+    assert!(
+        events.iter().any(|e| e["kind"] == "card_state"
+            && e["iccid"] == suspended.as_str()
+            && e["new"] == "suspended"
+            && e["reasons"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r == "manual"))),
+        "no manual suspend event for {suspended}"
+    );
+}
