@@ -15,20 +15,24 @@
 //! condition **enters**: it holds at an evaluation and did not hold at the
 //! previous evaluation of the same rule and target (a target never
 //! evaluated counts as outside). Each action then runs unless the target
-//! already fired for it in the action's current **reminder window**:
+//! already fired for it in the action's current **reminder window**. Some
+//! windows also **remind**: while the condition keeps holding, the action
+//! fires again at the start of each new window (at a local midnight), so
+//! an expiry rule reminds every day until the card is renewed.
 //!
-//! | [`Reminder`] | at most one firing per rule, target and | default for |
+//! | [`Reminder`] | fires | default for |
 //! | --- | --- | --- |
-//! | `every` | entry | type 4 |
-//! | `day` | local day (billing time zone) | type 1 |
-//! | `cycle` | target's billing cycle | types 2 and 3 |
-//! | `once` | ever (until the rule is removed) | |
+//! | `every` | at every entry, never while the condition only holds | type 4 |
+//! | `day` | at entry, then each local day (billing time zone) while it holds; at most once a day | type 1 |
+//! | `every_N_days` | at entry, then every N days while it holds; at most once in N days | |
+//! | `cycle` | at entry, then each billing cycle of the target while it holds; at most once a cycle | types 2 and 3 |
+//! | `once` | once, ever (until the rule is removed) | |
 //!
-//! A condition that keeps holding never fires again by itself (no repeated
-//! reminders while a card stays past a threshold): the window only limits
-//! how often *re-entries* (after an add-on pack, a renewal, a plan change)
-//! notify. A new cycle starts outside for usage conditions (types 2, 3):
-//! a target that is inside at the first evaluation of a cycle fires again.
+//! A new cycle starts outside for usage conditions (types 2, 3): a target
+//! that is inside at the first evaluation of a cycle fires again, as an
+//! entry (its day start does not remind: the old cycle's usage no longer
+//! counts). A state change (type 4) is an entry by itself and never holds,
+//! so it never reminds.
 //!
 //! The fired state ([`Mark`]) is part of the shard and thus of every
 //! snapshot; each firing's id is `xxh3-128("rule_fired" | rule|target |
@@ -167,23 +171,90 @@ pub(crate) fn remaining(used: u64, allowance: u64) -> i128 {
     i128::from(allowance) - i128::from(used)
 }
 
-/// How often one action may fire for one rule and target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// How often one action may fire for one rule and target. On the wire a
+/// string: `every`, `day`, `cycle`, `once` or `every_N_days` (N from 1 to
+/// [`MAX_REMINDER_DAYS`]; `every_1_days` is `day`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reminder {
     /// Every entry into the condition.
     Every,
-    /// At most once per local day (billing time zone).
+    /// At entry, then once each local day (billing time zone) while the
+    /// condition holds.
     Day,
-    /// At most once per billing cycle of the target.
+    /// At entry, then every N local days while the condition holds.
+    EveryDays(u16),
+    /// At entry, then once each billing cycle of the target while the
+    /// condition holds.
     Cycle,
     /// At most once, ever.
     Once,
 }
 
+/// Longest `every_N_days` window.
+pub const MAX_REMINDER_DAYS: u16 = 366;
+
 impl Reminder {
     fn parse(value: &Value) -> Option<Reminder> {
-        serde_json::from_value(value.clone()).ok()
+        value.as_str().and_then(Reminder::from_name)
+    }
+
+    /// The window of a wire name.
+    pub fn from_name(name: &str) -> Option<Reminder> {
+        Some(match name {
+            "every" => Reminder::Every,
+            "day" => Reminder::Day,
+            "cycle" => Reminder::Cycle,
+            "once" => Reminder::Once,
+            other => {
+                let n: u16 = other
+                    .strip_prefix("every_")?
+                    .strip_suffix("_days")?
+                    .parse()
+                    .ok()?;
+                match n {
+                    1 => Reminder::Day,
+                    2..=MAX_REMINDER_DAYS => Reminder::EveryDays(n),
+                    _ => return None,
+                }
+            }
+        })
+    }
+
+    /// The wire name.
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Reminder::Every => "every".into(),
+            Reminder::Day => "day".into(),
+            Reminder::EveryDays(n) => format!("every_{n}_days").into(),
+            Reminder::Cycle => "cycle".into(),
+            Reminder::Once => "once".into(),
+        }
+    }
+
+    /// Whether the action fires again while the condition keeps holding
+    /// (at the start of its next window).
+    pub fn reminds(self) -> bool {
+        matches!(
+            self,
+            Reminder::Day | Reminder::EveryDays(_) | Reminder::Cycle
+        )
+    }
+}
+
+impl Serialize for Reminder {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Reminder {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        Reminder::from_name(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "reminder {name:?} is not one of every, day, cycle, once, every_N_days (N 1 to {MAX_REMINDER_DAYS})"
+            ))
+        })
     }
 }
 
@@ -467,7 +538,9 @@ pub fn parse_action(
         Some(v) => Reminder::parse(v).ok_or_else(|| {
             bad(
                 ErrorCode::InvalidAction,
-                format!("reminder {v} is not one of every, day, cycle, once"),
+                format!(
+                    "reminder {v} is not one of every, day, cycle, once, every_N_days (N 1 to {MAX_REMINDER_DAYS})"
+                ),
             )
         })?,
     };
@@ -592,6 +665,9 @@ pub(crate) struct Mark {
     pub(crate) cycle: u32,
     /// `local day + 1` of the last firing of a `day` action (0: none).
     pub(crate) day: u32,
+    /// `local day + 1` of the last firing of an `every_N_days` action (0:
+    /// none). The rule's `every_N_days` actions share it.
+    pub(crate) days: u32,
 }
 
 /// The windows a firing falls into.
@@ -613,26 +689,33 @@ impl Mark {
             Reminder::Once => !self.once,
             Reminder::Cycle => self.cycle != window.cycle.0.saturating_add(1),
             Reminder::Day => i64::from(self.day) != window.day + 1,
+            Reminder::EveryDays(n) => {
+                self.days == 0 || window.day + 1 - i64::from(self.days) >= i64::from(n)
+            }
         }
     }
 
     /// Records a firing of an action with this reminder in `window`.
     pub(crate) fn record(&mut self, reminder: Reminder, window: Window) {
+        let day = u32::try_from(window.day + 1).unwrap_or(0);
         match reminder {
             Reminder::Every => {}
             Reminder::Once => self.once = true,
             Reminder::Cycle => self.cycle = window.cycle.0.saturating_add(1),
-            Reminder::Day => self.day = u32::try_from(window.day + 1).unwrap_or(0),
+            Reminder::Day => self.day = day,
+            Reminder::EveryDays(_) => self.days = day,
         }
     }
 
     /// After a rollover of the target's cycle: usage conditions start
     /// outside; cycle and day windows of the old cycle are over (cycles
-    /// end at a local midnight).
+    /// end at a local midnight), and so is an `every_N_days` one (a new
+    /// cycle starts afresh).
     pub(crate) fn after_rollover(&mut self) {
         self.inside = 0;
         self.cycle = 0;
         self.day = 0;
+        self.days = 0;
     }
 }
 
@@ -823,5 +906,47 @@ mod tests {
         assert!(m.allows(Reminder::Every, w(5, 100)));
         m.after_rollover();
         assert!(m.allows(Reminder::Cycle, w(5, 100)) && !m.allows(Reminder::Once, w(5, 100)));
+    }
+
+    #[test]
+    fn every_n_days_allows_one_firing_in_n_days_and_names_round_trip() {
+        let w = |day: i64| Window {
+            cycle: CycleId(5),
+            day,
+        };
+        let three = Reminder::EveryDays(3);
+        let mut m = Mark::default();
+        assert!(m.allows(three, w(100)));
+        m.record(three, w(100));
+        assert!(!m.allows(three, w(101)) && !m.allows(three, w(102)));
+        assert!(m.allows(three, w(103)));
+        assert!(m.allows(Reminder::Day, w(101)), "day keeps its own mark");
+        for (name, r) in [
+            ("every", Reminder::Every),
+            ("day", Reminder::Day),
+            ("every_1_days", Reminder::Day),
+            ("every_7_days", Reminder::EveryDays(7)),
+            ("cycle", Reminder::Cycle),
+            ("once", Reminder::Once),
+        ] {
+            assert_eq!(Reminder::from_name(name), Some(r), "{name}");
+            let back: Reminder = serde_json::from_value(serde_json::to_value(r).unwrap()).unwrap();
+            assert_eq!(back, r);
+        }
+        for bad in [
+            "every_0_days",
+            "every_367_days",
+            "every_x_days",
+            "weekly",
+            "Day",
+        ] {
+            assert_eq!(Reminder::from_name(bad), None, "{bad}");
+        }
+        assert_eq!(
+            serde_json::to_value(Reminder::EveryDays(3)).unwrap(),
+            "every_3_days"
+        );
+        assert!(Reminder::Day.reminds() && Reminder::Cycle.reminds() && three.reminds());
+        assert!(!Reminder::Every.reminds() && !Reminder::Once.reminds());
     }
 }

@@ -801,3 +801,211 @@ fn a_rule_filter_can_name_attribute_values() {
         assert_eq!(fired(&s.rec(2, "b", &nov(10, 1, 0), mb(6))), 0);
     });
 }
+
+// ===== reminder windows ======================================================
+
+/// (target, event time, windows of the actions) of every firing.
+fn reminders(
+    out: &[flowcap_engine::Output],
+) -> Vec<(String, flowcap_engine::Timestamp, Vec<String>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            flowcap_engine::Output::Action(flowcap_engine::ActionEvent::RuleFired(e)) => Some((
+                e.target(),
+                e.event_time,
+                e.actions
+                    .iter()
+                    .map(|a| a.reminder.name().into_owned())
+                    .collect(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn days_of(firings: &[(String, flowcap_engine::Timestamp, Vec<String>)]) -> Vec<String> {
+    firings
+        .iter()
+        .map(|(_, t, _)| {
+            let (y, m, d) = t.civil_date(8 * 3600);
+            format!("{y:04}-{m:02}-{d:02}")
+        })
+        .collect()
+}
+
+#[test]
+fn reminder_day_reminds_each_day_while_a_usage_condition_holds() {
+    scenario(|s| {
+        s.active(1, "cmcc-50m");
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "u20", "type": 2, "condition": {"used_mb_gte": 20},
+                "actions": [{"type": "email", "to": ["ops@example.com"], "reminder": "day"}]}}),
+        );
+        let entry = reminders(&s.rec(1, "a1", &nov(10, 1, 0), mb(25)));
+        assert_eq!(entry.len(), 1);
+        assert_eq!(entry[0].2, ["day"]);
+        // Each local midnight while it holds: one reminder a day.
+        let out = reminders(&s.tick(&nov(13, 12, 0)));
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out[0].1, ts(&nov(11, 0, 0)));
+        assert_eq!(out[2].1, ts(&nov(13, 0, 0)));
+        assert!(out
+            .iter()
+            .all(|(t, _, w)| *t == iccid_text(1) && w == &["day"]));
+        // More usage the same day: no more.
+        assert!(reminders(&s.rec(1, "a2", &nov(13, 13, 0), mb(1))).is_empty());
+        // To the end of the cycle (Nov 14 to 30); the new cycle starts
+        // outside (usage back to zero): no reminder on Dec 1.
+        assert_eq!(reminders(&s.tick(&dec(1, 0, 5))).len(), 17);
+        assert!(reminders(&s.tick(&dec(3, 0, 5))).is_empty());
+        // Entering again in the new cycle fires.
+        assert_eq!(reminders(&s.rec(1, "d1", &dec(3, 1, 0), mb(25))).len(), 1);
+    });
+}
+
+#[test]
+fn reminder_every_n_days_reminds_every_n_days_while_it_holds() {
+    scenario(|s| {
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "active",
+            json!({"expires_at": "2026-11-25T10:00:00+08:00"}),
+        );
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "exp10", "type": 1, "condition": {"days_to_expiry_lte": 10},
+                "reminder": "every_3_days"}}),
+        );
+        // Enters on the 15th, then every third day.
+        let out = reminders(&s.tick(&nov(30, 12, 0)));
+        assert_eq!(
+            days_of(&out),
+            [
+                "2026-11-15",
+                "2026-11-18",
+                "2026-11-21",
+                "2026-11-24",
+                "2026-11-27",
+                "2026-11-30"
+            ]
+        );
+        assert!(
+            out.iter().all(|(_, _, w)| w.is_empty()),
+            "a rule without actions"
+        );
+        // Out of range.
+        s.fails(
+            "upsert_rule",
+            json!({"rule": {"id": "bad", "type": 1, "condition": {"days_to_expiry_lte": 10},
+                "actions": [{"type": "email", "to": ["ops@example.com"], "reminder": "every_0_days"}]}}),
+            ErrorCode::InvalidAction,
+        );
+    });
+}
+
+#[test]
+fn reminder_every_and_once_fire_only_on_entry() {
+    scenario(|s| {
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "active",
+            json!({"expires_at": "2026-11-15T10:00:00+08:00"}),
+        );
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "exp3", "type": 1, "condition": {"days_to_expiry_lte": 3},
+                "actions": [{"type": "email", "to": ["ops@example.com"], "reminder": "every"},
+                    {"type": "sms", "to": ["+8613800000000"], "reminder": "once"}]}}),
+        );
+        let out = reminders(&s.tick(&nov(14, 12, 0)));
+        assert_eq!(days_of(&out), ["2026-11-12"]);
+        assert_eq!(out[0].2, ["every", "once"]);
+        // Renewed (out), then near the new expiry (in) again: `every`
+        // fires, `once` never again.
+        s.at = nov(14, 13, 0);
+        s.ok("renew", json!({"iccids": iccids(&[1]), "months": 1}));
+        let out = reminders(&s.tick(&dec(14, 12, 0)));
+        assert_eq!(days_of(&out), ["2026-12-12"]);
+        assert_eq!(out[0].2, ["every"]);
+    });
+}
+
+#[test]
+fn reminder_cycle_reminds_once_each_cycle_while_it_holds() {
+    scenario(|s| {
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "active",
+            json!({"expires_at": "2027-01-20T10:00:00+08:00"}),
+        );
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "exp60", "type": 1, "condition": {"days_to_expiry_lte": 60},
+                "actions": [{"type": "email", "to": ["ops@example.com"], "reminder": "cycle"}]}}),
+        );
+        // Enters on Nov 21 (60 days before Jan 20), then reminds at the
+        // first day of each later cycle: Dec 1 and Jan 1.
+        let out = reminders(&s.tick("2027-01-10T12:00:00+08:00"));
+        assert_eq!(days_of(&out), ["2026-11-21", "2026-12-01", "2027-01-01"]);
+        assert!(out.iter().all(|(_, _, w)| w == &["cycle"]));
+    });
+}
+
+/// A snapshot anywhere in a run of daily and every-3-days reminders: the
+/// restored engine goes on with exactly the same firings (none repeated,
+/// none lost).
+#[test]
+fn reminders_are_exact_across_a_restart() {
+    let ticks = [
+        nov(13, 12, 0),
+        nov(16, 12, 0),
+        nov(17, 1, 0),
+        nov(22, 12, 0),
+    ];
+    let run = |stop: Option<usize>| -> Vec<flowcap_engine::Output> {
+        let mut s = Sim::new(3);
+        s.setup();
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "active",
+            json!({"expires_at": "2026-11-20T10:00:00+08:00"}),
+        );
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "exp5", "type": 1, "condition": {"days_to_expiry_lte": 8},
+                "actions": [{"type": "email", "to": ["ops@example.com"], "reminder": "day"},
+                    {"type": "sms", "to": ["+8613800000000"], "reminder": "every_3_days"}]}}),
+        );
+        let mut firings = Vec::new();
+        for (i, at) in ticks.iter().enumerate() {
+            if Some(i) == stop {
+                let bytes = s.engine.snapshot();
+                s.engine = flowcap_engine::Engine::restore(
+                    &bytes,
+                    Box::new(flowcap_engine::dedupe::MemIdStore::default()),
+                )
+                .unwrap();
+            }
+            firings.extend(s.tick(at).into_iter().filter(|o| {
+                matches!(
+                    o,
+                    flowcap_engine::Output::Action(flowcap_engine::ActionEvent::RuleFired(_))
+                )
+            }));
+        }
+        firings
+    };
+    let straight = run(None);
+    // Enters on the 12th: both; then `day` daily, `every_3_days` on the
+    // 15th, 18th, 21st.
+    let windows: Vec<usize> = reminders(&straight).iter().map(|f| f.2.len()).collect();
+    assert_eq!(windows, [2, 1, 1, 2, 1, 1, 2, 1, 1, 2, 1]);
+    for stop in 0..ticks.len() {
+        assert_eq!(run(Some(stop)), straight, "restored before tick {stop}");
+    }
+}

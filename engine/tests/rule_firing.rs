@@ -10,7 +10,7 @@ use common::*;
 use flowcap_engine::dedupe::MemIdStore;
 use flowcap_engine::event::{Cause, DeadlineKind, Observed, RuleFiredEvent};
 use flowcap_engine::rule::{Channel, Reminder, RuleCondition};
-use flowcap_engine::{ActionEvent, CardState, Engine, Output};
+use flowcap_engine::{ActionEvent, CardState, Engine, Output, Timestamp};
 use serde_json::{json, Value};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -181,14 +181,20 @@ fn reminder_windows_every_day_cycle_once() {
         assert_eq!(windows(&out), [Reminder::Every]);
         // Staying inside fires nothing.
         assert!(fired(&s.rec(1, "a4", &nov(10, 5, 0), mb(1))).is_empty());
-        // Leave and enter again the next day: `every` and `day`.
+        // Still inside at the next local midnight (the add-on's command
+        // carries the clock past it): `day` reminds, at the day start.
         s.at = nov(11, 1, 0);
-        s.ok("add_on", json!({"iccid": iccid_text(1), "mb": 20}));
+        let out = s.ok("add_on", json!({"iccid": iccid_text(1), "mb": 20}));
+        assert_eq!(windows(&out), [Reminder::Day]);
+        assert_eq!(firings(&out)[0].event_time, ts(&nov(11, 0, 0)));
+        // Leave and enter again that day: only `every`.
         let out = s.rec(1, "a5", &nov(11, 2, 0), mb(20));
-        assert_eq!(windows(&out), [Reminder::Every, Reminder::Day]);
-        // Next cycle: usage starts from zero (outside), entering fires
-        // `cycle`, `every` and `day`, never `once` again.
-        assert!(fired(&s.tick(&dec(1, 0, 30))).is_empty());
+        assert_eq!(windows(&out), [Reminder::Every]);
+        // `day` reminds each day to the end of the cycle (Nov 12 to 30);
+        // the next cycle starts outside (usage from zero): no reminder.
+        assert_eq!(windows(&s.tick(&dec(1, 0, 30))), vec![Reminder::Day; 19]);
+        // Entering in the new cycle fires `cycle`, `every` and `day`, never
+        // `once` again.
         let out = s.rec(1, "d1", &dec(1, 1, 0), mb(41));
         assert_eq!(
             windows(&out),
@@ -273,20 +279,30 @@ fn type1_fires_at_the_local_midnight_n_days_before_expiry() {
             }
         );
         assert_eq!(channels(&f[0]), [(Channel::Email, Reminder::Day)]);
-        // Later days: still inside, nothing new; card 1 enters on the 17th,
-        // found across a jump of several days with its own day start.
+        // Later days: card 2 is still inside and reminded each day (the
+        // default window of type 1 is `day`); card 1 enters on the 17th,
+        // found across a jump of several days with its own day start, and
+        // is reminded from the next day.
         let out = s.tick(&nov(19, 12, 0));
         let f = firings(&out);
-        assert_eq!(fired(&out), [pair("exp3", 1)]);
-        assert_eq!(f[0].event_time, ts(&nov(17, 0, 0)));
-        // Renewal takes card 1 out; nothing fires until its new expiry
-        // comes near.
+        let (c1, c2) = (pair("exp3", 1), pair("exp3", 2));
+        assert_eq!(
+            fired(&out),
+            [&c2, &c2, &c2, &c2, &c1, &c2, &c1, &c2, &c1, &c2].map(Clone::clone)
+        );
+        let times: Vec<Timestamp> = f.iter().map(|e| e.event_time).collect();
+        assert_eq!(times[0], ts(&nov(13, 0, 0)));
+        assert_eq!(times[4], ts(&nov(17, 0, 0)));
+        assert_eq!(times[9], ts(&nov(19, 0, 0)));
+        // Renewal takes card 1 out: no reminder until its new expiry comes
+        // near; card 2, never renewed, is reminded every day meanwhile.
         s.at = nov(19, 13, 0);
         let out = s.ok("renew", json!({"iccids": iccids(&[1]), "months": 1}));
         assert!(fired(&out).is_empty());
-        assert!(fired(&s.tick(&dec(16, 12, 0))).is_empty());
+        let out = s.tick(&dec(16, 12, 0));
+        assert_eq!(fired(&out), vec![c2.clone(); 27], "Nov 20 to Dec 16");
         let out = s.tick(&dec(17, 0, 1));
-        assert_eq!(fired(&out), [pair("exp3", 1)]);
+        assert_eq!(fired(&out), [c1, c2]);
         assert_eq!(firings(&out)[0].event_time, ts(&dec(17, 0, 0)));
     });
 }
@@ -312,9 +328,11 @@ fn type1_fires_at_once_for_cards_already_inside() {
                 expires_at: ts(&nov(12, 0, 0))
             }
         );
-        // Expiry itself does not fire again (still inside).
+        // Expiry itself is no new entry; the rule (no actions: its own
+        // window, `day`) reminds at each local midnight while inside.
         let out = s.tick(&nov(12, 1, 0));
-        assert!(fired(&out).is_empty());
+        assert_eq!(fired(&out), [pair("exp7", 1), pair("exp7", 1)]);
+        assert_eq!(firings(&out)[1].event_time, ts(&nov(12, 0, 0)));
         assert_eq!(
             s.state(1),
             ("suspended".into(), vec!["plan_expired".into()])
@@ -768,21 +786,22 @@ fn restart_from_a_snapshot_neither_refires_nor_loses_firings() {
     assert_eq!(ids.len(), f.len(), "firing ids are unique");
     // Card 2 leaves 10 MB (t2) and again next cycle; the backward pool
     // reaches 20 MB (t3) and cuts card 3 (t4); card 1 comes within 5 days
-    // of expiry on the 15th (t1); card 2 goes over quota (t4); card 1 is
-    // cut when it expires (t4). Card 3 is
-    // post-paid (no "remaining"); nothing repeats while inside.
-    assert_eq!(
-        fired(&straight),
-        [
-            pair("t2", 2),
-            ("t3".into(), "bp".into()),
-            pair("t4", 3),
-            pair("t1", 1),
-            pair("t4", 2),
-            pair("t4", 1),
-            pair("t2", 2),
-        ]
-    );
+    // of expiry on the 15th (t1); card 2 goes over quota (t4); t1 reminds
+    // each day from the 16th (`day`, the default of type 1); card 1 is
+    // cut when it expires (t4). Card 3 is post-paid (no "remaining"); the
+    // usage rules do not repeat while inside (`cycle`).
+    let mut expected = vec![
+        pair("t2", 2),
+        ("t3".into(), "bp".into()),
+        pair("t4", 3),
+        pair("t1", 1),
+        pair("t4", 2),
+    ];
+    expected.extend(vec![pair("t1", 1); 6]); // Nov 16 to 21
+    expected.push(pair("t4", 1));
+    expected.extend(vec![pair("t1", 1); 10]); // Nov 22 to Dec 1
+    expected.push(pair("t2", 2));
+    assert_eq!(fired(&straight), expected);
     for stop in [1, 2] {
         assert_eq!(run(Some(stop), false), straight, "restored at step {stop}");
         let replayed = run(Some(stop), true);

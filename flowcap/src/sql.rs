@@ -101,7 +101,7 @@ enum Named {
     },
     /// Top cards by usage in a cycle.
     TopCards {
-        /// The cycle (YYYY-MM; default the newest).
+        /// The cycle (YYYY-MM; default each carrier's current cycle).
         #[arg(long)]
         cycle: Option<String>,
         /// How many.

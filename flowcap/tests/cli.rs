@@ -237,3 +237,69 @@ fn file_records_weeks_after_the_setup_are_accepted() {
     assert_eq!(v["summary"]["counted"], 1, "{v}");
     assert_eq!(v["summary"]["rejected"]["future_time"], 1, "{v}");
 }
+
+/// From the 27th `cucc` cards are in the next cycle while the others are
+/// still in the calendar month: `top-cards` without `--cycle` takes each
+/// carrier's current cycle, not the newest partition (only `cucc` cards).
+#[test]
+fn top_cards_takes_each_carriers_current_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ct, cu_now, cu_before) = (
+        "89860312345678901234",
+        "89860112345678901234",
+        "89860112345678905678",
+    );
+    let rec = |id: &str, iccid: &str, end: &str, bytes: u64| {
+        format!(
+            r#"{{"record_id":"{id}","iccid":"{iccid}","end":"{end}","bytes_up":{bytes},"bytes_down":0}}"#
+        )
+    };
+    let card = |id: &str, iccid: &str, carrier: &str, plan: &str| {
+        format!(
+            r#"{{"id":"{id}","type":"upsert_card","at":"2026-11-01T00:00:00+08:00","card":{{"iccid":"{iccid}","carrier":"{carrier}","plan":"{plan}","state":"active"}}}}"#
+        )
+    };
+    let commands = [
+        r#"{"id":"p1","type":"upsert_plan","at":"2026-11-01T00:00:00+08:00","plan":{"id":"ct-1g","carrier":"ctcc","allowance_mb":1000,"traffic":"directed"}}"#.to_owned(),
+        r#"{"id":"p2","type":"upsert_plan","at":"2026-11-01T00:00:00+08:00","plan":{"id":"cu-1g","carrier":"cucc","allowance_mb":1000,"traffic":"directed"}}"#.to_owned(),
+        card("c1", ct, "ctcc", "ct-1g"),
+        card("c2", cu_now, "cucc", "cu-1g"),
+        card("c3", cu_before, "cucc", "cu-1g"),
+    ];
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let (v, out_dir) = run_files(
+        dir.path(),
+        &commands,
+        &[
+            rec("r1", ct, "2026-11-20T10:00:00+08:00", 3000),
+            rec("r2", cu_before, "2026-11-20T10:00:00+08:00", 5000),
+            rec("r3", ct, "2026-11-28T10:00:00+08:00", 1000),
+            rec("r4", cu_now, "2026-11-28T10:00:00+08:00", 2000),
+        ],
+    );
+    assert_eq!(v["summary"]["counted"], 4, "{v}");
+    let out = Command::new(BIN)
+        .args(["query", "top-cards", "--format", "csv", "--data"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    // ctcc: its November (4000 bytes); cucc: the December cycle begun on
+    // the 27th (2000 bytes); the cucc card used only in the closed cycle
+    // is not there.
+    assert_eq!(
+        rows,
+        [
+            "iccid,bytes,records".to_owned(),
+            format!("{ct},4000,2"),
+            format!("{cu_now},2000,1"),
+        ],
+        "{text}"
+    );
+}

@@ -309,7 +309,8 @@ pub enum ConsoleQuery {
         /// How many days.
         days: u32,
     },
-    /// Top cards by usage in a cycle (the newest when `None`).
+    /// Top cards by usage in a cycle (when `None`, each carrier's cycle
+    /// as of the newest day).
     TopCards {
         /// The cycle, `YYYY-MM`.
         cycle: Option<String>,
@@ -361,6 +362,49 @@ pub fn days_before(date: &str, days: u32) -> Result<String, SqlError> {
     Ok(flowcap_storage::history::date_value(day))
 }
 
+/// The top-cards query without `--cycle`: each card's usage in its
+/// carrier's current cycle as of the local day `date` (`YYYY-MM-DD`), the
+/// calendar month, and for `cucc` from the 27th on the next one (the
+/// newest cycle partition alone showed only `cucc` cards from the 27th).
+/// A card's carrier is the one of the newest `cards` dump (`cards_date`),
+/// else the one its records named.
+fn top_cards_current(date: &str, cards_date: Option<&str>, limit: u32) -> Result<String, SqlError> {
+    let bad = || SqlError::BadArgument(format!("not a date: {date:?}"));
+    let month = date
+        .get(..7)
+        .and_then(flowcap_engine::CycleId::parse)
+        .ok_or_else(bad)?;
+    let day: u32 = date.get(8..).and_then(|d| d.parse().ok()).ok_or_else(bad)?;
+    let group = "GROUP BY u.iccid ORDER BY bytes DESC, u.iccid";
+    let select = "SELECT u.iccid, SUM(u.bytes) AS bytes, SUM(u.records) AS records \
+                  FROM card_cycle_usage_parts u";
+    let month_q = quote(&month.to_string());
+    if day < flowcap_engine::cycle::CUCC_CYCLE_START_DAY {
+        return Ok(format!(
+            "{select} WHERE u.cycle = {month_q} {group} LIMIT {limit}"
+        ));
+    }
+    let next_q = quote(&month.next().to_string());
+    let cucc = quote(flowcap_engine::Carrier::Cucc.as_str());
+    let (join, carrier) = match cards_date {
+        Some(d) => (
+            format!(
+                " LEFT JOIN (SELECT iccid, CAST(carrier AS VARCHAR) AS carrier FROM cards \
+                 WHERE date = {}) c ON c.iccid = u.iccid",
+                quote(d)
+            ),
+            "COALESCE(c.carrier, CAST(u.carrier AS VARCHAR))",
+        ),
+        None => (String::new(), "CAST(u.carrier AS VARCHAR)"),
+    };
+    // The `IN` prunes the partitions; the `CASE` picks each card's own.
+    Ok(format!(
+        "{select}{join} WHERE u.cycle IN ({month_q}, {next_q}) \
+         AND u.cycle = CASE WHEN {carrier} = {cucc} THEN {next_q} ELSE {month_q} END \
+         {group} LIMIT {limit}"
+    ))
+}
+
 impl ConsoleQuery {
     /// The SQL text of this query, as of `latest` (the history's newest
     /// partitions). Standard SQL that DuckDB runs too, over `read_parquet`
@@ -406,23 +450,22 @@ impl ConsoleQuery {
                     quote(&from)
                 )
             }
-            ConsoleQuery::TopCards { cycle, limit } => {
-                let cycle = match cycle {
-                    Some(c) => c.clone(),
-                    None => latest.cycle.clone().ok_or_else(no_usage)?,
-                };
-                if flowcap_engine::CycleId::parse(&cycle).is_none() {
-                    return Err(SqlError::BadArgument(format!(
-                        "not a cycle (YYYY-MM): {cycle:?}"
-                    )));
+            ConsoleQuery::TopCards { cycle, limit } => match cycle {
+                Some(cycle) => {
+                    if flowcap_engine::CycleId::parse(cycle).is_none() {
+                        return Err(SqlError::BadArgument(format!(
+                            "not a cycle (YYYY-MM): {cycle:?}"
+                        )));
+                    }
+                    format!(
+                        "SELECT iccid, SUM(bytes) AS bytes, SUM(records) AS records \
+                         FROM card_cycle_usage_parts WHERE cycle = {} \
+                         GROUP BY iccid ORDER BY bytes DESC, iccid LIMIT {limit}",
+                        quote(cycle)
+                    )
                 }
-                format!(
-                    "SELECT iccid, SUM(bytes) AS bytes, SUM(records) AS records \
-                     FROM card_cycle_usage_parts WHERE cycle = {} \
-                     GROUP BY iccid ORDER BY bytes DESC, iccid LIMIT {limit}",
-                    quote(&cycle)
-                )
-            }
+                None => top_cards_current(&newest_day()?, latest.cards_date.as_deref(), *limit)?,
+            },
             ConsoleQuery::PoolUsage { pool } => {
                 let filter = pool
                     .as_ref()
@@ -526,6 +569,40 @@ mod tests {
         };
         let text = ConsoleQuery::DailyTotals { days: 5 }.sql(&latest).unwrap();
         assert!(text.contains("date >= '2026-03-01'"), "{text}");
+    }
+
+    #[test]
+    fn top_cards_takes_each_carriers_current_cycle() {
+        let on = |day: &str| Latest {
+            day: Some(day.into()),
+            cycle: Some("2026-12".into()),
+            cards_date: Some(day.into()),
+        };
+        let q = ConsoleQuery::TopCards {
+            cycle: None,
+            limit: 10,
+        };
+        // Before the 27th every carrier is in the calendar month.
+        let text = q.sql(&on("2026-11-26")).unwrap();
+        assert!(text.contains("WHERE u.cycle = '2026-11' GROUP"), "{text}");
+        // From the 27th cucc is in the next cycle, the others are not; the
+        // carrier is the cards dump's.
+        let text = q.sql(&on("2026-11-27")).unwrap();
+        assert!(
+            text.contains("cycle IN ('2026-11', '2026-12')")
+                && text.contains("WHEN COALESCE(c.carrier, CAST(u.carrier AS VARCHAR)) = 'cucc' THEN '2026-12' ELSE '2026-11'")
+                && text.contains("WHERE date = '2026-11-27'"),
+            "{text}"
+        );
+        let text = q.sql(&on("2026-12-31")).unwrap();
+        assert!(text.contains("cycle IN ('2026-12', '2027-01')"), "{text}");
+        // An explicit cycle is taken as given.
+        let q = ConsoleQuery::TopCards {
+            cycle: Some("2026-10".into()),
+            limit: 10,
+        };
+        let text = q.sql(&on("2026-11-28")).unwrap();
+        assert!(text.contains("WHERE cycle = '2026-10' GROUP"), "{text}");
     }
 
     #[test]

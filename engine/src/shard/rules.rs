@@ -9,6 +9,10 @@
 //! N") also enters as time passes: when the clock crosses local midnights,
 //! the cards whose expiry is now N days away are found by a range query
 //! over the shard's expiry-ordered deadline set, not by a scan of all cards.
+//! The same day starts remind: a target still inside the condition of a
+//! rule whose action reminds (`day`, `every_N_days`, `cycle`) fires that
+//! action again when its window has passed; the targets are the ones with
+//! a fired state marked inside, not every card.
 
 use std::collections::BTreeSet;
 
@@ -41,6 +45,23 @@ pub(crate) struct ShardRule {
     pub(crate) pools: Option<Vec<u32>>,
     /// Attribute values a card must all have (empty: any card).
     pub(crate) attributes: Vec<(String, String)>,
+}
+
+impl ShardRule {
+    /// Whether an action of this rule fires again while its condition
+    /// keeps holding (see [`crate::rule`]): at day starts.
+    fn reminds(&self) -> bool {
+        if self.rule.rule_type == RuleType::StateChange {
+            return false;
+        }
+        if self.rule.actions.is_empty() {
+            return self.rule.reminder.reminds();
+        }
+        self.rule
+            .actions
+            .iter()
+            .any(|a| a.channel != Channel::Suspend && a.reminder.reminds())
+    }
 }
 
 /// A visible state change of one card under the current cause.
@@ -86,7 +107,7 @@ impl Shard {
         self.pool_marks.retain(|(_, k), _| live_keys.contains(k));
         self.has_day_rules = rules
             .iter()
-            .any(|r| r.rule.rule_type == RuleType::PlanExpiry);
+            .any(|r| r.rule.rule_type == RuleType::PlanExpiry || r.reminds());
         self.rules = rules;
     }
 
@@ -192,8 +213,11 @@ impl Shard {
         }
         entries.sort_by_key(|&(t, ri, slot)| (t, ri, self.cards[slot as usize].iccid));
         entries.dedup();
+        let reminding: Vec<usize> = (0..rules.len()).filter(|&ri| rules[ri].reminds()).collect();
         let mut fired = Vec::new();
-        for (t, ri, slot) in entries {
+        let mut entries = entries.into_iter().peekable();
+        for day in d_from + 1..=d_to {
+            let t = day_start(day);
             let cause = Cause::Deadline {
                 kind: DeadlineKind::RuleDay,
                 at: t,
@@ -204,7 +228,29 @@ impl Shard {
                 now: t,
                 day_start: true,
             };
-            self.eval_card(&rules[ri], slot, &ctx, &mut fired);
+            while let Some((_, ri, slot)) = entries.next_if(|e| e.0 <= t) {
+                self.eval_card(&rules[ri], slot, &ctx, &mut fired);
+            }
+            // Then the reminders of the targets still inside (one that
+            // entered just now has used this window).
+            for &ri in &reminding {
+                let rule = &rules[ri];
+                if rule.rule.rule_type == RuleType::PoolUsage {
+                    let mut pools: Vec<u32> = self.inside_targets(&self.pool_marks, rule.key);
+                    pools.sort_by(|a, b| {
+                        self.pools[*a as usize].id.cmp(&self.pools[*b as usize].id)
+                    });
+                    for p in pools {
+                        self.remind_pool(rule, p, &ctx, &mut fired);
+                    }
+                } else {
+                    let mut slots: Vec<u32> = self.inside_targets(&self.card_marks, rule.key);
+                    slots.sort_by_key(|&s| self.cards[s as usize].iccid);
+                    for slot in slots {
+                        self.remind_card(rule, slot, &ctx, &mut fired);
+                    }
+                }
+            }
         }
         self.rules = rules;
         out.extend(
@@ -212,6 +258,19 @@ impl Shard {
                 .into_iter()
                 .map(|e| Output::Action(ActionEvent::RuleFired(Box::new(e)))),
         );
+    }
+
+    /// The targets marked inside the condition of the rule with `key`.
+    fn inside_targets(
+        &self,
+        marks: &std::collections::BTreeMap<(u32, u32), Mark>,
+        key: u32,
+    ) -> Vec<u32> {
+        marks
+            .iter()
+            .filter(|((_, k), m)| *k == key && m.inside != 0)
+            .map(|((target, _), _)| *target)
+            .collect()
     }
 
     /// Evaluates the rules at the end of a cause (called by `finish`).
@@ -345,6 +404,70 @@ impl Shard {
         };
         let cal = self.config.calendar;
         let cycle = self.rule_cycle(card.carrier, ctx);
+        let Some((holds, observed)) = self.card_condition(rule, slot, ctx) else {
+            return;
+        };
+        let stamp = inside_stamp(rule.rule.rule_type, cycle);
+        let key = (slot, rule.key);
+        let mut mark = self.card_marks.get(&key).copied().unwrap_or_default();
+        let Some(actions) = enter(&mut mark, holds, stamp, rule, cycle, &cal, ctx.now, false)
+        else {
+            store(&mut self.card_marks, key, mark);
+            return;
+        };
+        store(&mut self.card_marks, key, mark);
+        let card = &self.cards[slot as usize];
+        let event = self.card_event(rule, slot, card.iccid, observed, cycle, actions, ctx);
+        fired.push(event);
+    }
+
+    /// A day start for a card marked inside: its reminding actions whose
+    /// window has passed fire again while the condition still holds (for
+    /// usage conditions, in the same cycle: a new cycle starts outside).
+    fn remind_card(
+        &mut self,
+        rule: &ShardRule,
+        slot: u32,
+        ctx: &Ctx<'_>,
+        fired: &mut Vec<RuleFiredEvent>,
+    ) {
+        let key = (slot, rule.key);
+        let Some(mut mark) = self.card_marks.get(&key).copied() else {
+            return;
+        };
+        let cal = self.config.calendar;
+        let cycle = self.rule_cycle(self.cards[slot as usize].carrier, ctx);
+        if mark.inside != inside_stamp(rule.rule.rule_type, cycle) {
+            return;
+        }
+        let Some((holds, observed)) = self.card_condition(rule, slot, ctx) else {
+            return;
+        };
+        if !holds {
+            mark.inside = 0;
+            store(&mut self.card_marks, key, mark);
+            return;
+        }
+        let Some(actions) = remind(&mut mark, rule, cycle, &cal, ctx.now) else {
+            return;
+        };
+        store(&mut self.card_marks, key, mark);
+        let card = &self.cards[slot as usize];
+        let event = self.card_event(rule, slot, card.iccid, observed, cycle, actions, ctx);
+        fired.push(event);
+    }
+
+    /// Whether a card rule's condition holds for the card (alive and
+    /// matching the filter), with the observed value; `None` for a state
+    /// change rule (no condition that holds).
+    fn card_condition(
+        &self,
+        rule: &ShardRule,
+        slot: u32,
+        ctx: &Ctx<'_>,
+    ) -> Option<(bool, Observed)> {
+        let card = &self.cards[slot as usize];
+        let cal = self.config.calendar;
         let live = !card.vacant && card.lifecycle != CardState::Deregistered;
         let (holds, observed) = match rule.rule.condition {
             RuleCondition::DaysToExpiryLte(n) => {
@@ -364,21 +487,9 @@ impl Shard {
                     usage_observed(card.usage, allowance),
                 )
             }
-            RuleCondition::StateChange { .. } => return,
+            RuleCondition::StateChange { .. } => return None,
         };
-        let holds = holds && live && self.card_matches(rule, slot);
-        let stamp = inside_stamp(rule.rule.rule_type, cycle);
-        let key = (slot, rule.key);
-        let mut mark = self.card_marks.get(&key).copied().unwrap_or_default();
-        let Some(actions) = enter(&mut mark, holds, stamp, rule, cycle, &cal, ctx.now, false)
-        else {
-            store(&mut self.card_marks, key, mark);
-            return;
-        };
-        store(&mut self.card_marks, key, mark);
-        let card = &self.cards[slot as usize];
-        let event = self.card_event(rule, slot, card.iccid, observed, cycle, actions, ctx);
-        fired.push(event);
+        Some((holds && live && self.card_matches(rule, slot), observed))
     }
 
     fn eval_change(
@@ -460,11 +571,7 @@ impl Shard {
         let Some(pool) = self.pools.get(p as usize) else {
             return;
         };
-        let allowance = (pool.kind == PoolKind::Forward).then(|| pool.allowance_bytes());
-        let matches = !pool.removed
-            && rule.pools.as_ref().is_none_or(|pools| pools.contains(&p))
-            && (rule.plans.is_empty() || pool.plan.is_some_and(|i| rule.plans.contains(&i)));
-        let holds = matches && rule.rule.condition.usage_holds(pool.usage, allowance);
+        let (holds, allowance) = self.pool_condition(rule, p);
         let cal = self.config.calendar;
         let cycle = self.rule_cycle(pool.cycle_carrier(), ctx);
         let key = (p, rule.key);
@@ -478,11 +585,67 @@ impl Shard {
             return;
         };
         store(&mut self.pool_marks, key, mark);
+        fired.push(self.pool_event(rule, p, allowance, cycle, actions, ctx));
+    }
+
+    /// [`Shard::remind_card`] for a pool.
+    fn remind_pool(
+        &mut self,
+        rule: &ShardRule,
+        p: u32,
+        ctx: &Ctx<'_>,
+        fired: &mut Vec<RuleFiredEvent>,
+    ) {
+        let key = (p, rule.key);
+        let Some(mut mark) = self.pool_marks.get(&key).copied() else {
+            return;
+        };
+        let cal = self.config.calendar;
+        let cycle = self.rule_cycle(self.pools[p as usize].cycle_carrier(), ctx);
+        if mark.inside != inside_stamp(rule.rule.rule_type, cycle) {
+            return;
+        }
+        let (holds, allowance) = self.pool_condition(rule, p);
+        if !holds {
+            mark.inside = 0;
+            store(&mut self.pool_marks, key, mark);
+            return;
+        }
+        let Some(actions) = remind(&mut mark, rule, cycle, &cal, ctx.now) else {
+            return;
+        };
+        store(&mut self.pool_marks, key, mark);
+        fired.push(self.pool_event(rule, p, allowance, cycle, actions, ctx));
+    }
+
+    /// Whether a pool rule's condition holds for pool `p`, and the pool's
+    /// allowance (forward pools).
+    fn pool_condition(&self, rule: &ShardRule, p: u32) -> (bool, Option<u64>) {
+        let pool = &self.pools[p as usize];
+        let allowance = (pool.kind == PoolKind::Forward).then(|| pool.allowance_bytes());
+        let matches = !pool.removed
+            && rule.pools.as_ref().is_none_or(|pools| pools.contains(&p))
+            && (rule.plans.is_empty() || pool.plan.is_some_and(|i| rule.plans.contains(&i)));
+        (
+            matches && rule.rule.condition.usage_holds(pool.usage, allowance),
+            allowance,
+        )
+    }
+
+    fn pool_event(
+        &self,
+        rule: &ShardRule,
+        p: u32,
+        allowance: Option<u64>,
+        cycle: CycleId,
+        actions: Vec<RuleAction>,
+        ctx: &Ctx<'_>,
+    ) -> RuleFiredEvent {
         let pool = &self.pools[p as usize];
         let plan = pool
             .plan
             .and_then(|i| self.plans.get(usize::from(i)).and_then(Option::as_ref));
-        fired.push(RuleFiredEvent {
+        RuleFiredEvent {
             id: event_id("rule_fired", &format!("{}|{}", rule.id, pool.id), ctx.cause),
             rule: rule.id.clone(),
             rule_name: rule.name.clone(),
@@ -499,7 +662,7 @@ impl Shard {
             cycle,
             actions,
             cause: ctx.cause.clone(),
-        });
+        }
     }
 }
 
@@ -570,6 +733,45 @@ fn enter(
         .actions
         .iter()
         .filter(|a| !(no_suspend && a.channel == Channel::Suspend))
+        .filter(|a| mark.allows(a.reminder, window))
+        .cloned()
+        .collect();
+    if actions.is_empty() {
+        return None;
+    }
+    for a in &actions {
+        mark.record(a.reminder, window);
+    }
+    Some(actions)
+}
+
+/// The reminder of a target still inside: the actions that remind (never
+/// a suspend) and whose window has passed, recorded in `mark`; `None`
+/// when none.
+fn remind(
+    mark: &mut Mark,
+    rule: &ShardRule,
+    cycle: CycleId,
+    cal: &crate::cycle::CycleCalendar,
+    now: Timestamp,
+) -> Option<Vec<RuleAction>> {
+    let window = Window {
+        cycle,
+        day: cal.local_day(now),
+    };
+    if rule.rule.actions.is_empty() {
+        let reminder = rule.rule.reminder;
+        if !reminder.reminds() || !mark.allows(reminder, window) {
+            return None;
+        }
+        mark.record(reminder, window);
+        return Some(Vec::new());
+    }
+    let actions: Vec<RuleAction> = rule
+        .rule
+        .actions
+        .iter()
+        .filter(|a| a.channel != Channel::Suspend && a.reminder.reminds())
         .filter(|a| mark.allows(a.reminder, window))
         .cloned()
         .collect();

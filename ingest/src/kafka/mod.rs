@@ -76,6 +76,7 @@ use feed::{Fetched, PartitionFeed};
 use inputs::Inputs;
 use lanes::LaneWatch;
 use order_log::{OrderLog, ReplayRun};
+pub(crate) use produced::SideOutput;
 pub(crate) use producer::KafkaProducer;
 
 /// Topic names.

@@ -46,6 +46,33 @@ use crate::pipeline::Start;
 /// The header holding a side output's input sequence number (decimal).
 pub(crate) const SEQ_HEADER: &str = "flowcap.seq";
 
+/// The header holding a result page's number (decimal), on pages after
+/// the first; a message without it is page 0.
+pub(crate) const PAGE_HEADER: &str = "flowcap.page";
+
+/// One side output: its input's sequence number and, for a command result
+/// of several pages, which page. An input has at most one output per
+/// side topic and page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SideOutput {
+    /// The input's sequence number.
+    pub(crate) seq: u64,
+    /// The page, from 0.
+    pub(crate) page: u32,
+}
+
+impl SideOutput {
+    /// The only (first) output of input `seq`.
+    pub(crate) fn of(seq: u64) -> SideOutput {
+        SideOutput { seq, page: 0 }
+    }
+
+    /// Page `page` of input `seq`'s output.
+    pub(crate) fn page(seq: u64, page: u32) -> SideOutput {
+        SideOutput { seq, page }
+    }
+}
+
 /// Where the first start (or a `--fresh` one) found the side topics' ends.
 const START_FILE: &str = "produced-start.json";
 
@@ -62,9 +89,9 @@ pub(crate) type Partition = (String, i32);
 /// and where their ends were at start.
 #[derive(Debug, Default)]
 pub(crate) struct Produced {
-    /// Per side topic: input sequence number -> (partition, offset) of its
-    /// message.
-    held: BTreeMap<String, HashMap<u64, (i32, i64)>>,
+    /// Per side topic: output (input sequence number and page) ->
+    /// (partition, offset) of its message.
+    held: BTreeMap<String, HashMap<SideOutput, (i32, i64)>>,
     /// Every partition of the side topics with its end at start: what this
     /// process sends lands at or after it.
     ends: BTreeMap<Partition, i64>,
@@ -79,12 +106,12 @@ impl Produced {
         }
     }
 
-    /// True when `topic` already holds the output of input `seq` (which is
-    /// then forgotten: an input has one output per side topic).
-    pub(crate) fn take(&mut self, topic: &str, seq: u64) -> bool {
+    /// True when `topic` already holds `output` (which is then forgotten:
+    /// an input has one output per side topic and page).
+    pub(crate) fn take(&mut self, topic: &str, output: SideOutput) -> bool {
         self.held
             .get_mut(topic)
-            .is_some_and(|held| held.remove(&seq).is_some())
+            .is_some_and(|held| held.remove(&output).is_some())
     }
 
     /// How many outputs are held, not yet met by the replay.
@@ -103,7 +130,7 @@ impl Produced {
     pub(crate) fn cut(&mut self, last_seq: u64) -> BTreeMap<Partition, i64> {
         let mut oldest: BTreeMap<Partition, i64> = BTreeMap::new();
         for (topic, held) in &mut self.held {
-            held.retain(|seq, _| *seq > last_seq);
+            held.retain(|output, _| output.seq > last_seq);
             for (partition, offset) in held.values() {
                 let at = oldest.entry((topic.clone(), *partition)).or_insert(*offset);
                 *at = (*at).min(*offset);
@@ -112,11 +139,11 @@ impl Produced {
         oldest
     }
 
-    fn hold(&mut self, topic: &str, seq: u64, partition: i32, offset: i64) {
+    fn hold(&mut self, topic: &str, output: SideOutput, partition: i32, offset: i64) {
         self.held
             .entry(topic.to_owned())
             .or_default()
-            .insert(seq, (partition, offset));
+            .insert(output, (partition, offset));
     }
 }
 
@@ -229,12 +256,15 @@ pub(super) fn read_back(
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(m)) => {
-                let seq = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == SEQ_HEADER))
-                    .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok());
-                if let Some(seq) = seq {
-                    produced.hold(m.topic(), seq, m.partition(), m.offset());
+                let header = |name: &str| -> Option<u64> {
+                    let h = m.headers()?.iter().find(|h| h.key == name)?;
+                    std::str::from_utf8(h.value?).ok()?.parse().ok()
+                };
+                if let Some(seq) = header(SEQ_HEADER) {
+                    let page = header(PAGE_HEADER).unwrap_or(0);
+                    let page = u32::try_from(page).unwrap_or(u32::MAX);
+                    let output = SideOutput::page(seq, page);
+                    produced.hold(m.topic(), output, m.partition(), m.offset());
                 }
                 let p = (m.topic().to_owned(), m.partition());
                 if left.get(&p).is_some_and(|end| m.offset() + 1 >= *end) {
@@ -301,14 +331,17 @@ mod tests {
     #[test]
     fn a_held_output_is_taken_once_and_a_cut_keeps_the_oldest_still_to_meet() {
         let mut produced = Produced::empty(BTreeMap::new());
-        produced.hold("dlq", 10, 0, 100);
-        produced.hold("dlq", 12, 0, 90);
-        produced.hold("dlq", 15, 1, 7);
-        produced.hold("results", 12, 0, 3);
-        assert!(produced.take("dlq", 12));
-        assert!(!produced.take("dlq", 12), "taken twice");
-        assert!(!produced.take("results", 10), "another topic's");
-        assert!(produced.take("results", 12));
+        produced.hold("dlq", SideOutput::of(10), 0, 100);
+        produced.hold("dlq", SideOutput::of(12), 0, 90);
+        produced.hold("dlq", SideOutput::of(15), 1, 7);
+        produced.hold("results", SideOutput::of(12), 0, 3);
+        assert!(produced.take("dlq", SideOutput::of(12)));
+        assert!(!produced.take("dlq", SideOutput::of(12)), "taken twice");
+        assert!(
+            !produced.take("results", SideOutput::of(10)),
+            "another topic's"
+        );
+        assert!(produced.take("results", SideOutput::of(12)));
         // Input 10 is covered by the cut: the replay will not meet it.
         let oldest = produced.cut(11);
         assert_eq!(

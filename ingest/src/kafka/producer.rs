@@ -29,7 +29,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use super::produced::{self, Partition, Produced, SEQ_HEADER};
+use super::produced::{self, Partition, Produced, SideOutput, PAGE_HEADER, SEQ_HEADER};
 use crate::metrics as m;
 
 /// A message owned for a resend.
@@ -220,24 +220,28 @@ impl KafkaProducer {
         self.produce(self.epoch, false, topic, key, payload, headers)
     }
 
-    /// Queues the side output (dead letter, command result) of input
-    /// `seq`, with its sequence number as the [`SEQ_HEADER`] header,
-    /// unless `topic` already holds it (a replayed input): false then.
+    /// Queues a side output (dead letter, command result page), with its
+    /// input's sequence number as the [`SEQ_HEADER`] header and a page
+    /// after the first as [`PAGE_HEADER`], unless `topic` already holds it
+    /// (a replayed input): false then.
     pub(crate) fn send_once(
         &mut self,
         topic: &str,
-        seq: u64,
+        output: SideOutput,
         key: Option<&[u8]>,
         payload: &[u8],
         headers: &[(&str, &[u8])],
     ) -> Result<bool, KafkaError> {
-        if self.produced.take(topic, seq) {
+        if self.produced.take(topic, output) {
             return Ok(false);
         }
-        let seq = seq.to_string();
-        let mut all = Vec::with_capacity(headers.len() + 1);
+        let (seq, page) = (output.seq.to_string(), output.page.to_string());
+        let mut all = Vec::with_capacity(headers.len() + 2);
         all.extend_from_slice(headers);
         all.push((SEQ_HEADER, seq.as_bytes()));
+        if output.page > 0 {
+            all.push((PAGE_HEADER, page.as_bytes()));
+        }
         *self
             .tracking
             .unacked

@@ -116,18 +116,25 @@ pub(super) struct BadCommand<'a> {
     pub(super) result: &'a CommandResult,
 }
 
-/// Most failed cards a results-topic message lists, and most bytes of a
-/// bad command's raw text it repeats.
-const RESULT_MESSAGE_FAILED_CARDS: usize = 1_000;
+/// Most card results one results-topic message carries, most bytes of a
+/// card's error message it repeats, and most bytes of a bad command's raw
+/// text.
+pub(super) const RESULT_PAGE_CARDS: usize = 1_000;
+const RESULT_CARD_MESSAGE_BYTES: usize = 256;
 const RESULT_MESSAGE_RAW_BYTES: usize = 64 * 1024;
 
 /// What `flowcap.command-results` carries for one command: the answer, not
-/// the command again. A batch of 20k cards echoed with one outcome per card
-/// passed librdkafka's 1 MB message limit and stopped the pipeline; this
-/// stays far below it whatever the command: successes are counted, failed
-/// cards listed up to [`RESULT_MESSAGE_FAILED_CARDS`], a bad command's
-/// raw text cut at [`RESULT_MESSAGE_RAW_BYTES`]. The whole command and
-/// result are in the journal (`journal.jsonl`, `command_journal`).
+/// the command again, in pages. A batch of 20k cards echoed with one
+/// outcome per card passed librdkafka's 1 MB message limit and stopped the
+/// pipeline, and listing only the first 1,000 failures lost the rest; so
+/// every card's result is sent, [`RESULT_PAGE_CARDS`] a page, each error
+/// message cut at [`RESULT_CARD_MESSAGE_BYTES`] (a page stays far below
+/// 1 MB whatever the command). Every page repeats the command's answer and
+/// counts and says which page it is of how many (`page` from 0, `pages`),
+/// so a client has every card's result once it holds `pages` pages. A bad
+/// command's raw text is cut at [`RESULT_MESSAGE_RAW_BYTES`]. The whole
+/// command and result are in the journal (`journal.jsonl`,
+/// `command_journal`).
 #[derive(Serialize)]
 pub(super) struct ResultMessage<'a> {
     pub(super) seq: u64,
@@ -138,39 +145,79 @@ pub(super) struct ResultMessage<'a> {
     pub(super) repeat: bool,
     pub(super) cards_ok: usize,
     pub(super) cards_failed: usize,
+    /// This page, from 0.
+    pub(super) page: u32,
+    /// How many pages the result has (at least 1).
+    pub(super) pages: u32,
+    /// This page's card results, in the command's order.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    pub(super) failed: Vec<&'a flowcap_engine::command::CardResult>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub(super) failed_truncated: bool,
+    pub(super) cards: Vec<PageCard<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) raw: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(super) raw_truncated: bool,
 }
 
+/// One card's result in a page.
+#[derive(Serialize)]
+pub(super) struct PageCard<'a> {
+    pub(super) iccid: &'a flowcap_engine::Iccid,
+    pub(super) ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) error: Option<PageError<'a>>,
+}
+
+/// A card's error in a page, its message cut.
+#[derive(Serialize)]
+pub(super) struct PageError<'a> {
+    pub(super) code: &'a flowcap_engine::command::ErrorCode,
+    pub(super) message: &'a str,
+}
+
 impl<'a> ResultMessage<'a> {
-    pub(super) fn new(
+    /// The pages of one command's result (at least one).
+    pub(super) fn pages(
         seq: u64,
         result: &'a CommandResult,
         repeat: bool,
         raw: Option<&'a str>,
-    ) -> Self {
-        let failed_all = result.results.iter().filter(|r| !r.ok);
-        let cards_failed = failed_all.clone().count();
+    ) -> Vec<ResultMessage<'a>> {
+        let cards_failed = result.results.iter().filter(|r| !r.ok).count();
         let raw_cut = raw.map(|r| cut_str(r, RESULT_MESSAGE_RAW_BYTES));
-        ResultMessage {
-            seq,
-            command_id: &result.command_id,
-            ok: result.ok,
-            error: result.error.as_ref(),
-            repeat,
-            cards_ok: result.results.len() - cards_failed,
-            cards_failed,
-            failed: failed_all.take(RESULT_MESSAGE_FAILED_CARDS).collect(),
-            failed_truncated: cards_failed > RESULT_MESSAGE_FAILED_CARDS,
-            raw_truncated: raw_cut.map(str::len) != raw.map(str::len),
-            raw: raw_cut,
-        }
+        let chunks: Vec<&[flowcap_engine::command::CardResult]> = if result.results.is_empty() {
+            vec![&[]]
+        } else {
+            result.results.chunks(RESULT_PAGE_CARDS).collect()
+        };
+        let pages = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(page, cards)| ResultMessage {
+                seq,
+                command_id: &result.command_id,
+                ok: result.ok,
+                error: result.error.as_ref(),
+                repeat,
+                cards_ok: result.results.len() - cards_failed,
+                cards_failed,
+                page: u32::try_from(page).unwrap_or(u32::MAX),
+                pages,
+                cards: cards
+                    .iter()
+                    .map(|c| PageCard {
+                        iccid: &c.iccid,
+                        ok: c.ok,
+                        error: c.error.as_ref().map(|e| PageError {
+                            code: &e.code,
+                            message: cut_str(&e.message, RESULT_CARD_MESSAGE_BYTES),
+                        }),
+                    })
+                    .collect(),
+                raw_truncated: raw_cut.map(str::len) != raw.map(str::len),
+                raw: raw_cut,
+            })
+            .collect()
     }
 }
 
@@ -437,18 +484,19 @@ mod tests {
         assert!(v.get("raw_truncated").is_none() && v.get("raw_len").is_none());
     }
 
-    /// A batch of 100,000 cards with 3,000 failures: the results-topic
-    /// message counts the successes, lists the first 1,000 failures, and
-    /// stays far under librdkafka's 1 MB message limit; a bad command's
-    /// raw text is cut at 64 KiB on a character boundary.
+    /// A batch of 100,000 cards with 3,000 failures: 100 pages of 1,000
+    /// cards, each far under librdkafka's 1 MB message limit even with long
+    /// error messages, numbered, with the counts; together every card's
+    /// result in order. A bad command's raw text is cut at 64 KiB on a
+    /// character boundary.
     #[test]
-    fn result_messages_stay_small_whatever_the_batch() {
+    fn result_messages_are_paged_and_small_whatever_the_batch() {
+        let long = "x".repeat(5_000);
         let results: Vec<CardResult> = (0..100_000u64)
             .map(|k| CardResult {
                 iccid: Iccid::parse(&format!("8986010000{k:010}")).unwrap(),
                 ok: k % 100 >= 3,
-                error: (k % 100 < 3)
-                    .then(|| CommandError::new(ErrorCode::UnknownCard, "no such card")),
+                error: (k % 100 < 3).then(|| CommandError::new(ErrorCode::UnknownCard, &long)),
             })
             .collect();
         let result = CommandResult {
@@ -457,25 +505,57 @@ mod tests {
             error: None,
             results,
         };
-        let message = ResultMessage::new(7, &result, false, None);
-        assert_eq!((message.cards_ok, message.cards_failed), (97_000, 3_000));
-        assert_eq!(message.failed.len(), RESULT_MESSAGE_FAILED_CARDS);
-        assert!(message.failed_truncated);
-        let bytes = serde_json::to_vec(&message).unwrap();
-        assert!(bytes.len() < 200_000, "{} bytes", bytes.len());
+        let pages = ResultMessage::pages(7, &result, false, None);
+        assert_eq!(pages.len(), 100);
+        let mut rebuilt = Vec::new();
+        for (k, page) in pages.iter().enumerate() {
+            assert_eq!((page.page as usize, page.pages), (k, 100));
+            assert_eq!((page.cards_ok, page.cards_failed), (97_000, 3_000));
+            let bytes = serde_json::to_vec(page).unwrap();
+            assert!(bytes.len() < 200_000, "{} bytes", bytes.len());
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            for card in v["cards"].as_array().unwrap() {
+                rebuilt.push((
+                    card["iccid"].as_str().unwrap().to_owned(),
+                    card["ok"].as_bool().unwrap(),
+                ));
+                if let Some(e) = card.get("error") {
+                    assert_eq!(e["code"], "unknown_card");
+                    assert_eq!(
+                        e["message"].as_str().unwrap().len(),
+                        RESULT_CARD_MESSAGE_BYTES
+                    );
+                }
+            }
+        }
+        let expected: Vec<(String, bool)> = result
+            .results
+            .iter()
+            .map(|r| (r.iccid.to_string(), r.ok))
+            .collect();
+        assert_eq!(rebuilt, expected);
         assert!(serde_json::to_vec(&result).unwrap().len() > 1_000_000);
+        // A command without card results is one page.
+        let single = CommandResult {
+            command_id: CommandId("one".into()),
+            ok: true,
+            error: None,
+            results: Vec::new(),
+        };
+        let pages = ResultMessage::pages(8, &single, false, None);
+        assert_eq!((pages.len(), pages[0].page, pages[0].pages), (1, 0, 1));
 
         let raw = "é".repeat(40_000); // 80,000 bytes, 2 bytes a character
         let bad = CommandResult::rejected(
             CommandId("bad".into()),
             CommandError::new(ErrorCode::Malformed, "not JSON"),
         );
-        let message = ResultMessage::new(8, &bad, false, Some(&raw));
+        let message = ResultMessage::pages(8, &bad, false, Some(&raw)).remove(0);
         let cut = message.raw.unwrap();
         assert!(message.raw_truncated);
         assert_eq!(cut.len(), RESULT_MESSAGE_RAW_BYTES);
         assert!(raw.starts_with(cut));
-        let small = ResultMessage::new(9, &bad, true, Some("{}"));
+        let small = ResultMessage::pages(9, &bad, true, Some("{}")).remove(0);
         assert!(!small.raw_truncated && small.repeat);
     }
 }

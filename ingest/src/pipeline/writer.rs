@@ -20,6 +20,7 @@ use flowcap_storage::{
 
 use flowcap_delivery::Notifier;
 
+use crate::kafka::SideOutput;
 use crate::metrics::OutputMetrics;
 
 use super::letters::{quarantined, without_secrets};
@@ -162,12 +163,15 @@ impl Writer {
                         )?;
                     }
                     if let Some(k) = &mut self.kafka {
-                        let message =
-                            ResultMessage::new(entry.seq, &entry.result, entry.repeat, None);
-                        let payload = serde_json::to_vec(&message)?;
                         let id = entry.result.command_id.as_str().as_bytes();
-                        k.producer
-                            .send_once(&k.results, entry.seq, Some(id), &payload, &[])?;
+                        for page in
+                            ResultMessage::pages(entry.seq, &entry.result, entry.repeat, None)
+                        {
+                            let payload = serde_json::to_vec(&page)?;
+                            let at = SideOutput::page(entry.seq, page.page);
+                            k.producer
+                                .send_once(&k.results, at, Some(id), &payload, &[])?;
+                        }
                     }
                 }
             }
@@ -267,12 +271,14 @@ impl Writer {
                     budget,
                 )?;
                 if let Some(k) = &mut self.kafka {
-                    let mut message = ResultMessage::new(seq, &result, false, Some(&line.raw));
-                    message.raw_truncated |= truncated;
-                    let payload = serde_json::to_vec(&message)?;
                     let id = result.command_id.as_str().as_bytes();
-                    k.producer
-                        .send_once(&k.results, seq, Some(id), &payload, &[])?;
+                    for mut page in ResultMessage::pages(seq, &result, false, Some(&line.raw)) {
+                        page.raw_truncated |= truncated;
+                        let payload = serde_json::to_vec(&page)?;
+                        let at = SideOutput::page(seq, page.page);
+                        k.producer
+                            .send_once(&k.results, at, Some(id), &payload, &[])?;
+                    }
                     let envelope = serde_json::to_vec(&letter)?;
                     let source = source.as_ref();
                     dead_letter(k, seq, code, letter.message, source, None, &envelope)?;
@@ -405,7 +411,7 @@ fn dead_letter(
         });
     let sent = k.producer.send_once(
         &k.dlq,
-        seq,
+        SideOutput::of(seq),
         key.map(str::as_bytes),
         payload,
         &[
