@@ -88,7 +88,7 @@ mod tests {
         assert!(
             committed == document(),
             "docs/openapi.json is not the generated document: run \
-             FLOWCAP_WRITE_OPENAPI=1 cargo test --workspace --lib the_committed_document"
+             FLOWCAP_WRITE_OPENAPI=1 cargo test --workspace --locked --bin flowcap the_committed_document"
         );
         let doc: serde_json::Value = serde_json::from_str(document()).unwrap();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));

@@ -62,7 +62,13 @@ pub(crate) fn write(outcomes: &[Outcome], file: &str) -> PathBuf {
     let _ = writeln!(md, "# Chaos suite report\n");
     let _ = writeln!(
         md,
-        "Command: `cargo test --release --workspace --locked --test chaos -- --ignored --nocapture --test-threads 1`\n"
+        "Command: `cargo test{} --workspace --locked --test chaos -- --ignored --nocapture \
+         --test-threads 1`\n",
+        if cfg!(debug_assertions) {
+            ""
+        } else {
+            " --release"
+        }
     );
     let _ = writeln!(md, "- date: {}", shell("date -u '+%Y-%m-%d %H:%M UTC'"));
     let _ = writeln!(md, "- commit: {}", shell("git rev-parse --short HEAD"));
