@@ -19,10 +19,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{json_lines, sorted_lines, stdout_of, BIN};
+use common::{json_lines, line_starting, sorted_lines, stdout_of, Running, BIN};
 use serde_json::Value;
 
 const OPS: &str = "ops-token-7f3a";
@@ -37,16 +37,6 @@ const WEBHOOK_PASSWORD: &str = "pw-do-not-show-3321";
 /// the machine's speed.
 const CONFIG: &str =
     "[api]\nrate_per_sec = 0.001\nburst = 300\nmax_body_kb = 64\nmax_batch = 100\n";
-
-/// Kills the child if the test fails half way.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One HTTP answer.
 #[derive(Debug)]
@@ -232,24 +222,6 @@ fn stop(mut child: Running) {
     assert!(status.success());
     let exit = child.0.wait().unwrap();
     assert!(exit.success(), "flowcap exited with {exit}");
-}
-
-fn line_starting(
-    lines: &mut impl Iterator<Item = std::io::Result<String>>,
-    prefix: &str,
-) -> String {
-    let mut seen = Vec::new();
-    for line in lines {
-        let line = line.unwrap();
-        if line.starts_with(prefix) {
-            return line;
-        }
-        seen.push(line);
-    }
-    panic!(
-        "flowcap exited without printing `{prefix}`:\n{}",
-        seen.join("\n")
-    );
 }
 
 /// Every card, walking `GET /cards` pages with `query`: each card on

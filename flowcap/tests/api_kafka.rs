@@ -4,26 +4,20 @@
 //! name as its operator and answered with the engine's result; a repeat
 //! of its id is answered with the first result.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flowcap_loadgen::{Workload, WorkloadConfig};
 use flowcap_testkit::{produce, Broker, Record, Storage};
 use serde_json::Value;
 
+use common::Running;
+
 const OPS: &str = "ops-token-kafka-1";
-
-/// Kills the child if the test fails half way.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One request; (status, body).
 fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {

@@ -13,44 +13,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{json_lines, BIN};
+use common::{json_lines, line_starting, Running, BIN};
 
 const TOKEN: &str = "console-e2e-token-4b7d";
 /// The browser and the test share one token: room for every request.
 const CONFIG: &str = "[api]\nrate_per_sec = 1000.0\nburst = 1000\n";
 
-/// Kills the child if the test fails half way.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn line_starting(
-    lines: &mut impl Iterator<Item = std::io::Result<String>>,
-    prefix: &str,
-) -> String {
-    let mut seen = Vec::new();
-    for line in lines {
-        let line = line.unwrap();
-        if line.starts_with(prefix) {
-            return line;
-        }
-        seen.push(line);
-    }
-    panic!(
-        "flowcap exited without printing `{prefix}`:\n{}",
-        seen.join("\n")
-    );
 }
 
 #[test]

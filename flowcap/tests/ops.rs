@@ -5,23 +5,17 @@
 //! summary: no sleeps, no timing. The test waits on the lines the binary
 //! prints on stderr (`ops: listening on ...`, `ops: run finished ...`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{line_starting, Running};
+
 const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
-
-/// Kills the child if the test fails half way.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A plain HTTP/1.1 GET: (status, body).
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -66,25 +60,6 @@ fn listening(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Socke
         .trim_start_matches(PREFIX)
         .parse()
         .unwrap()
-}
-
-/// Reads stderr lines until one starts with `prefix`; returns it.
-fn line_starting(
-    lines: &mut impl Iterator<Item = std::io::Result<String>>,
-    prefix: &str,
-) -> String {
-    let mut seen = Vec::new();
-    for line in lines {
-        let line = line.unwrap();
-        if line.starts_with(prefix) {
-            return line;
-        }
-        seen.push(line);
-    }
-    panic!(
-        "flowcap exited without printing `{prefix}`; stderr:\n{}",
-        seen.join("\n")
-    );
 }
 
 #[test]

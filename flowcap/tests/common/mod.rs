@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test file uses some of them
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command};
 
 /// The binary under test.
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
@@ -79,3 +79,34 @@ pub(crate) fn sorted_lines(path: &Path) -> Vec<String> {
 /// Every file and directory under a directory with its bytes.
 #[allow(unused_imports)] // each test file uses some of them
 pub(crate) use flowcap_testkit::files::tree;
+
+/// A running flowcap process, killed when dropped (a failing test leaves
+/// no process behind).
+pub(crate) struct Running(pub(crate) Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads lines until one starts with `prefix`; returns it. Panics with the
+/// lines read when the stream ends first.
+pub(crate) fn line_starting(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    prefix: &str,
+) -> String {
+    let mut seen = Vec::new();
+    for line in lines {
+        let line = line.unwrap();
+        if line.starts_with(prefix) {
+            return line;
+        }
+        seen.push(line);
+    }
+    panic!(
+        "flowcap exited without printing `{prefix}`:\n{}",
+        seen.join("\n")
+    );
+}
