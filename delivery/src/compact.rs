@@ -493,25 +493,11 @@ fn replace(
 mod tests {
     use super::*;
     use crate::outbox::{self, Again, Appender, Buffered, Mark, MergeKey, Next};
-    use flowcap_rules::message::{Final, Message, MessageChannel};
+    use flowcap_rules::message::Final;
 
     const DEST: &str = "webhook:hook";
 
-    fn msg(id: &str, exec: &str) -> Message {
-        Message {
-            id: id.into(),
-            channel: MessageChannel::Webhook,
-            endpoint: Some("hook".into()),
-            to: vec![],
-            subject: None,
-            body: "{}".into(),
-            executions: vec![exec.into()],
-            firings: vec![],
-            rule: Some("r".into()),
-            alert_for: None,
-            queued_ms: 0,
-        }
-    }
+    use crate::outbox::tests::message as msg;
 
     fn done(id: &str) -> Done {
         Done {

@@ -577,12 +577,14 @@ pub(crate) fn destination_of_key(key: &MergeKey) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flowcap_rules::message::Final;
 
-    fn msg(id: &str, exec: &str) -> Entry {
-        Entry::Msg(Message {
+    /// A webhook message of rule `r` to endpoint `hook` (also for the
+    /// compaction's tests).
+    pub(crate) fn message(id: &str, exec: &str) -> Message {
+        Message {
             id: id.into(),
             channel: MessageChannel::Webhook,
             endpoint: Some("hook".into()),
@@ -594,7 +596,11 @@ mod tests {
             rule: Some("r".into()),
             alert_for: None,
             queued_ms: 0,
-        })
+        }
+    }
+
+    fn msg(id: &str, exec: &str) -> Entry {
+        Entry::Msg(message(id, exec))
     }
 
     #[test]
