@@ -103,6 +103,10 @@ impl Writer {
                             self.summary.pool_events += 1;
                             e.processed_at = Some(now);
                         }
+                        ActionEvent::LateCrossing(e) => {
+                            self.summary.late_crossings += 1;
+                            e.processed_at = Some(now);
+                        }
                         ActionEvent::RuleFired(e) => {
                             self.summary.rule_firings += 1;
                             e.processed_at = Some(now);
@@ -174,6 +178,8 @@ impl Writer {
                         }
                     }
                 }
+                // Closed cycles' pool totals: not in the history yet.
+                Output::PoolCycle(_) => {}
             }
         }
         Ok(())

@@ -352,11 +352,12 @@ impl HistoryWriter {
         self.roll_if_full()
     }
 
-    /// A card or pool state change.
+    /// A card or pool state change (or a closed cycle's late crossing).
     pub fn action(&mut self, event: &ActionEvent) -> Result<(), HistoryError> {
         let t = match event {
             ActionEvent::CardState(e) => e.event_time,
             ActionEvent::PoolState(e) => e.event_time,
+            ActionEvent::LateCrossing(e) => e.event_time,
             // Not a state change: a firing is one `rule_executions` row per
             // action.
             ActionEvent::RuleFired(f) => {

@@ -68,6 +68,7 @@ pub(super) fn change_key(e: &ActionEvent) -> (String, i64) {
         ActionEvent::CardState(c) => (c.iccid.to_string(), c.event_time.0),
         ActionEvent::PoolState(p) => (p.pool.to_string(), p.event_time.0),
         ActionEvent::RuleFired(r) => (r.target(), r.event_time.0),
+        ActionEvent::LateCrossing(l) => (l.target(), l.event_time.0),
     }
 }
 
@@ -239,6 +240,25 @@ pub(super) fn change_text(e: &ActionEvent) -> ChangeText {
             usage: p.usage_bytes,
             limit: p.limit_bytes,
             overshoot: p.overshoot_bytes,
+            cause,
+            cause_id,
+            cause_iccid,
+        },
+        // No state changed: old and new are `late_crossing`, the reasons
+        // those the closed cycle gained, the cycle the closed one.
+        ActionEvent::LateCrossing(l) => ChangeText {
+            subject: if l.iccid.is_some() { "card" } else { "pool" },
+            iccid: l.iccid.map(|i| i.to_string()),
+            pool: l.pool.as_ref().map(|p| p.to_string()),
+            old: "late_crossing".to_owned(),
+            new: "late_crossing".to_owned(),
+            reasons: reasons_text(l.reasons),
+            event_time: l.event_time.0,
+            processed_at: l.processed_at.map(|t| t.0),
+            cycle: l.cycle.to_string(),
+            usage: l.usage_bytes,
+            limit: Some(l.limit_bytes),
+            overshoot: Some(l.overshoot_bytes),
             cause,
             cause_id,
             cause_iccid,
