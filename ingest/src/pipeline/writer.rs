@@ -178,8 +178,11 @@ impl Writer {
                         }
                     }
                 }
-                // Closed cycles' pool totals: not in the history yet.
-                Output::PoolCycle(_) => {}
+                Output::PoolCycle(total) => {
+                    if let Some(h) = &mut self.history {
+                        h.pool_cycle(*total)?;
+                    }
+                }
             }
         }
         Ok(())

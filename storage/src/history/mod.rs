@@ -61,7 +61,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use flowcap_clock::{SharedClock, SystemClock};
 use flowcap_engine::command::CommandResult;
-use flowcap_engine::event::{Accounted, ActionEvent, Cause};
+use flowcap_engine::event::{Accounted, ActionEvent, Cause, PoolCycleTotal};
 use flowcap_engine::{
     CardView, Carrier, Command, CycleCalendar, Iccid, PoolView, Reasons, Timestamp,
 };
@@ -239,6 +239,8 @@ pub struct HistoryWriter {
     /// Day of the last `cards` dump.
     cards_day: Option<i64>,
     files_written: u64,
+    /// Closed cycles' pool totals of the current window.
+    closed_pools: Vec<PoolCycleTotal>,
 }
 
 impl std::fmt::Debug for HistoryWriter {
@@ -292,6 +294,7 @@ impl HistoryWriter {
             encoder,
             cards_day: None,
             files_written: 0,
+            closed_pools: Vec::new(),
         })
     }
 
@@ -350,6 +353,13 @@ impl HistoryWriter {
         self.rows.quarantine.entry(day).or_default().push(q);
         self.buffered += 1;
         self.roll_if_full()
+    }
+
+    /// A pool's closed-cycle total: written with its window into the
+    /// cycle's `pool_cycle_usage` partition when the window closes.
+    pub fn pool_cycle(&mut self, total: PoolCycleTotal) -> Result<(), HistoryError> {
+        self.closed_pools.push(total);
+        Ok(())
     }
 
     /// A card or pool state change (or a closed cycle's late crossing).
@@ -479,7 +489,10 @@ impl HistoryWriter {
         compact_through: Option<u64>,
     ) -> Result<StoredTicket, HistoryError> {
         self.write_chunk(Room::Skip)?;
-        let written = self.encoder.close_window(self.part_name())?;
+        let closed = std::mem::take(&mut self.closed_pools);
+        let written = self
+            .encoder
+            .close_window(self.part_name(), through, closed)?;
         self.note_written(written);
         if clock != Timestamp::MIN && (!pools.is_empty() || cards.is_some()) {
             let day = self.day(clock);

@@ -400,6 +400,35 @@ pub(super) fn pools_batch(
     );
     c.ts(rows.iter().map(|_| Some(clock.0)));
     c.i64(rows.iter().map(|_| Some(to_i64(through))));
+    c.bool(rows.iter().map(|_| false));
+    c.finish()
+}
+
+/// Closed cycles' pool totals (`pool_cycle_usage` rows with `final` true
+/// once the lateness has passed), as of the snapshot through `through`.
+pub(super) fn closed_pools_batch(
+    rows: &[&PoolCycleTotal],
+    through: u64,
+) -> Result<RecordBatch, ArrowError> {
+    let ids: Vec<String> = rows.iter().map(|p| p.pool.to_string()).collect();
+    let kinds: Vec<String> = rows.iter().map(|p| serde_name(&p.kind)).collect();
+    let states: Vec<String> = rows.iter().map(|p| serde_name(&p.state)).collect();
+    let mut c = Columns::new(table_schema(schema::POOL_CYCLE_USAGE));
+    c.utf8(ids.iter().map(|s| Some(s.as_str())));
+    c.utf8(rows.iter().map(|p| Some(p.name.as_str())));
+    c.dict(kinds.iter().map(|s| Some(s.as_str())));
+    c.dict(rows.iter().map(|p| p.carrier.map(Carrier::as_str)));
+    c.dict(states.iter().map(|s| Some(s.as_str())));
+    c.i64(rows.iter().map(|p| Some(to_i64(p.members))));
+    c.i64(rows.iter().map(|p| Some(to_i64(p.usage_bytes))));
+    c.i64(rows.iter().map(|p| Some(to_i64(p.allowance_bytes))));
+    c.i64(
+        rows.iter()
+            .map(|p| Some(to_i64(p.allowance_bytes) - to_i64(p.usage_bytes))),
+    );
+    c.ts(rows.iter().map(|p| Some(p.at.0)));
+    c.i64(rows.iter().map(|_| Some(to_i64(through))));
+    c.bool(rows.iter().map(|p| p.final_total));
     c.finish()
 }
 
