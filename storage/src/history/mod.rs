@@ -46,7 +46,10 @@
 //! record lands in its own (closed) day and cycle and is counted in
 //! `late_records` / `late_bytes` there.
 //! `pool_cycle_usage` and `cards` are written from the engine's state at
-//! snapshots.
+//! snapshots. `pool_cycle_usage` also gets each closed cycle's pool
+//! totals the engine emits, at the rollover and (`final`) when the
+//! allowed lateness has passed: written with their window, not as a dump,
+//! so no later dump replaces them.
 
 pub mod compact;
 mod encoder;

@@ -98,7 +98,7 @@ pub fn tables() -> Vec<TableDef> {
         },
         TableDef {
             name: STATE_CHANGES,
-            about: "every card and pool state change (the action events)",
+            about: "every card and pool state change (the action events), and every closed cycle's limit crossed within the lateness (old_state = new_state = late_crossing)",
             partitioning: Partitioning::Date,
             schema: state_changes_schema(),
         },
