@@ -14,7 +14,8 @@ pub struct EngineConfig {
     /// Billing time zone (fixed UTC offset; UTC+8 by default).
     pub calendar: CycleCalendar,
     /// How long after a cycle ends a record of it still counts for that
-    /// cycle (history aggregates) instead of being reported late, in ms.
+    /// cycle (its usage, its limits: `late_crossing`) instead of being
+    /// reported late, history only, in ms.
     pub allowed_lateness_ms: i64,
     /// Records whose end is further than this ahead of the event clock are
     /// rejected as "time far in the future", in ms.

@@ -14,10 +14,10 @@ mod model;
 use std::collections::BTreeMap;
 
 use flowcap_engine::{
-    ActionEvent, CardState, Engine, EngineConfig, Iccid, Output, PoolId, TrafficType,
+    ActionEvent, CardState, CycleId, Engine, EngineConfig, Iccid, Output, PoolId, TrafficType,
 };
 use model::gen::*;
-use model::{CommandOutcome, Model, ModelEvent, RecordOutcome};
+use model::{CommandOutcome, LateCrossing, Model, ModelEvent, RecordOutcome};
 use proptest::prelude::*;
 
 // ----- running and comparing ----------------------------------------------------
@@ -40,7 +40,7 @@ fn engine_outcome(out: &[Output]) -> Outcome {
                 whole_error: j.result.error.is_some(),
                 per_card: j.result.results.iter().map(|r| r.ok).collect(),
             }),
-            Output::Action(_) => continue,
+            Output::Action(_) | Output::PoolCycle(_) => continue,
         };
         assert!(found.is_none(), "two outcomes for one input: {out:?}");
         found = Some(this);
@@ -130,6 +130,18 @@ fn apply(e: &mut Engine, input: &Input, seq: u64, out: &mut Vec<Output>) {
     }
 }
 
+fn late_crossings(events: &[ActionEvent]) -> Vec<LateCrossing> {
+    let mut all: Vec<LateCrossing> = events
+        .iter()
+        .filter_map(|e| match e {
+            ActionEvent::LateCrossing(l) => Some((l.target(), l.reasons, l.usage_bytes)),
+            _ => None,
+        })
+        .collect();
+    all.sort();
+    all
+}
+
 fn card_events(events: &[ActionEvent]) -> BTreeMap<Iccid, Vec<ModelEvent>> {
     let mut by_card: BTreeMap<Iccid, Vec<ModelEvent>> = BTreeMap::new();
     for e in events {
@@ -153,6 +165,8 @@ fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
     let mut three = engine(3);
     let mut events_one = Vec::new();
     let mut events_three = Vec::new();
+    let mut totals_one = Vec::new();
+    let mut totals_three = Vec::new();
     for (seq, input) in inputs.iter().enumerate() {
         let seq = seq as u64;
         let expected = match input {
@@ -160,9 +174,9 @@ fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
             Input::Command(c) => Outcome::Command(model.command(c)),
         };
         let want = model_snapshot(&model);
-        for (name, e, events) in [
-            ("1 shard", &mut one, &mut events_one),
-            ("3 shards", &mut three, &mut events_three),
+        for (name, e, events, totals) in [
+            ("1 shard", &mut one, &mut events_one, &mut totals_one),
+            ("3 shards", &mut three, &mut events_three, &mut totals_three),
         ] {
             let mut out = Vec::new();
             apply(e, input, seq, &mut out);
@@ -200,10 +214,18 @@ fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
                 seq,
                 input
             );
-            events.extend(out.into_iter().filter_map(|o| match o {
-                Output::Action(a) => Some(a),
-                _ => None,
-            }));
+            for o in out {
+                match o {
+                    Output::Action(a) => events.push(a),
+                    Output::PoolCycle(t) => totals.push((
+                        t.pool.0.clone(),
+                        t.cycle.to_string(),
+                        t.usage_bytes,
+                        t.final_total,
+                    )),
+                    _ => {}
+                }
+            }
             let have = engine_snapshot_sorted(e);
             prop_assert_eq!(
                 &have,
@@ -224,6 +246,26 @@ fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
         &model_events,
         "card_state events, 1 shard"
     );
+    let mut want_crossings = model.late_crossings.clone();
+    want_crossings.sort();
+    prop_assert_eq!(
+        late_crossings(&events_one),
+        want_crossings,
+        "late crossings"
+    );
+    let mut want_totals: Vec<(String, String, u64, bool)> = model
+        .pool_totals
+        .iter()
+        .map(|(p, c, u, f)| {
+            let cycle = CycleId::new(c.div_euclid(12), (c.rem_euclid(12) + 1) as u32);
+            (p.clone(), cycle.to_string(), *u, *f)
+        })
+        .collect();
+    want_totals.sort();
+    totals_one.sort();
+    totals_three.sort();
+    prop_assert_eq!(&totals_one, &want_totals, "pool totals, 1 shard");
+    prop_assert_eq!(&totals_three, &want_totals, "pool totals, 3 shards");
     let mut a: Vec<String> = events_one
         .iter()
         .map(|e| serde_json::to_string(e).unwrap())

@@ -143,8 +143,8 @@ fn a_restore_failing_on_io_errors_is_refused_and_deletes_nothing() {
             bytes.truncate(bytes.len() - 10);
             why.push("truncated");
         } else {
-            bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
-            why.push("format version 7");
+            bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
+            why.push("format version 99");
         }
         std::fs::write(path, bytes).unwrap();
     }

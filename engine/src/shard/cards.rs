@@ -87,6 +87,7 @@ impl Shard {
         [extra.msisdn, extra.imsi, extra.imei] = idents;
         let extra = Some(extra);
         let marks = self.take_marks(slot);
+        let closed = self.take_closed(slot);
         let vacated = &mut self.cards[slot as usize];
         vacated.vacant = true;
         vacated.lifecycle = CardState::Deregistered;
@@ -96,6 +97,7 @@ impl Shard {
             extra,
             tags,
             marks,
+            closed,
         }
     }
 

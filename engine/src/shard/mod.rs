@@ -15,6 +15,7 @@
 //!
 //! The files: this one holds the state and the lookups; [`clock`] moves the
 //! event clock (cycle rollovers, and deadlines through [`deadlines`]);
+//! [`closed`] keeps a closed cycle's figures through the allowed lateness;
 //! [`usage`] accounts records; [`reasons`] derives a card's and a pool's
 //! cut-off reasons from their usage and limits; [`events`] turns what
 //! changed under one cause into events; [`cards`] and [`pools`] add,
@@ -23,6 +24,7 @@
 
 mod cards;
 mod clock;
+mod closed;
 mod deadlines;
 mod device;
 mod events;
@@ -32,6 +34,8 @@ pub(crate) mod rules;
 mod usage;
 
 pub(crate) use cards::slots_with_tag;
+pub(crate) use closed::ClosedCard;
+use closed::{ClosedPool, Closing};
 pub(crate) use device::{Device, MAX_REBINDS_PER_MONTH};
 pub(crate) use pools::member_slots;
 
@@ -190,6 +194,8 @@ pub(crate) struct MovedCard {
     pub(crate) tags: Vec<u32>,
     /// Fired state of rules for the card (rule key, mark).
     pub(crate) marks: Vec<(u32, Mark)>,
+    /// Its closed cycle's figures, within the lateness.
+    pub(crate) closed: Option<ClosedCard>,
 }
 
 /// One shard's state.
@@ -216,6 +222,17 @@ pub(crate) struct Shard {
     pub(crate) clock: Timestamp,
     /// Current cycle per carrier (`None` before the first clock).
     pub(crate) cycles: Option<[CycleId; 4]>,
+    /// Per carrier, the cycle that closed less than the allowed lateness
+    /// ago (`closed`).
+    pub(crate) closing: [Option<Closing>; 4],
+    /// Closed-cycle figures of the cards that have any, by slot.
+    pub(crate) closed_cards: BTreeMap<u32, ClosedCard>,
+    /// Closed-cycle figures of the pools, by index.
+    pub(crate) closed_pools: BTreeMap<u32, ClosedPool>,
+    /// Records of the cycle their input lane has closed but this shard
+    /// has not yet (seq, slot, record): counted toward the closed cycle
+    /// right after the rollover (see [`Shard::account`]).
+    pub(crate) behind: Vec<(u64, u32, Usage)>,
     #[serde(skip)]
     pub(crate) pending: Pending,
     /// Cached earliest end of the current cycles (derived from `cycles`).
@@ -261,6 +278,10 @@ impl Shard {
             deadlines: BTreeSet::new(),
             clock: Timestamp::MIN,
             cycles: None,
+            closing: [None; 4],
+            closed_cards: BTreeMap::new(),
+            closed_pools: BTreeMap::new(),
+            behind: Vec::new(),
             pending: Pending::default(),
             next_boundary: None,
             rules: Vec::new(),
@@ -327,6 +348,7 @@ impl Shard {
                 .map(|p| p.members.capacity() * 5)
                 .sum::<usize>()
             + self.deadlines.len() * 24
+            + self.closed_cards.len() * (std::mem::size_of::<ClosedCard>() + 16)
     }
 }
 /// `t` plus `months` calendar months at a UTC offset (day clamped to the

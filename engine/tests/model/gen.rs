@@ -79,6 +79,9 @@ pub enum RecordTime {
     Now,
     /// Up to this many ms before the generator time.
     Late(i64),
+    /// Up to this many ms before the start of the card's current cycle
+    /// (its closed cycle: within the lateness right after a boundary).
+    Closed(i64),
     /// Slightly ahead (accepted).
     Ahead(i64),
     /// Far ahead (rejected).
@@ -170,12 +173,26 @@ pub fn device() -> impl Strategy<Value = Option<usize>> {
     prop_oneof![3 => Just(None), 2 => (0..DEVICES.len()).prop_map(Some)]
 }
 
+/// A step's `dt_ms` that moves time to just after the next cycle start.
+pub const NEXT_CYCLE: i64 = -1;
+
 pub fn dt() -> impl Strategy<Value = i64> {
     prop_oneof![
         80 => 0..2 * HOUR,
         17 => 0..DAY,
         3 => 3 * DAY..35 * DAY,
+        3 => Just(NEXT_CYCLE),
     ]
+}
+
+/// The first cycle start (of any carrier) after `t`, plus a few minutes.
+fn after_next_cycle_start(t: Timestamp) -> Timestamp {
+    [Carrier::Cmcc, Carrier::Cucc]
+        .into_iter()
+        .map(|c| super::cycle_start(c, super::cycle_of(c, t) + 1))
+        .min()
+        .unwrap()
+        .plus_millis(10 * 60_000)
 }
 
 pub fn op() -> impl Strategy<Value = Op> {
@@ -185,6 +202,7 @@ pub fn op() -> impl Strategy<Value = Op> {
     let time = prop_oneof![
         12 => Just(RecordTime::Now),
         3 => (0..5 * DAY).prop_map(RecordTime::Late),
+        3 => (1..3 * HOUR).prop_map(RecordTime::Closed),
         1 => (0..12 * HOUR).prop_map(RecordTime::Ahead),
         1 => Just(RecordTime::Future),
     ];
@@ -283,8 +301,13 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
     for (dt, op) in all {
         // Stay within 300 days: cards activated by usage get a 12-month
         // term, and the model leaves plan expiry out.
-        if t.plus_millis(dt) < start_time().plus_millis(300 * DAY) {
-            t = t.plus_millis(dt);
+        let next = if dt == NEXT_CYCLE {
+            after_next_cycle_start(t)
+        } else {
+            t.plus_millis(dt)
+        };
+        if next < start_time().plus_millis(300 * DAY) {
+            t = next;
         }
         let usage =
             |card: usize, id: String, end: Timestamp, bytes: u64, device: Option<usize>| Usage {
@@ -307,6 +330,10 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
                 let end = match time {
                     RecordTime::Now => t,
                     RecordTime::Late(ms) => t.plus_millis(-ms),
+                    RecordTime::Closed(ms) => {
+                        let carrier = CARDS[*card].1;
+                        super::cycle_start(carrier, super::cycle_of(carrier, t)).plus_millis(-ms)
+                    }
                     RecordTime::Ahead(ms) => t.plus_millis(*ms),
                     RecordTime::Future => t.plus_millis(2 * DAY),
                 };

@@ -12,7 +12,10 @@
 //! (unknown cards, duplicates, far future, late, cycle rollovers), the
 //! fleet's clock (a majority of the cards furthest ahead, every card's
 //! latest time sorted) and records ahead of it (counted at their cycle's
-//! start, in input order).
+//! start, in input order); records of the cycle that closed within the
+//! allowed lateness (counted toward it: each card's and pool's closed
+//! figures, a late crossing when one of its limits is crossed, and each
+//! pool's total at the rollover and, final, when the lateness ends).
 //! Rules: the four rules of `gen::RULES` (no filter, cycle windows for the
 //! usage rules, every transition for the state rule), checked the obvious
 //! way: after each input, every live card and pool inside a usage condition
@@ -124,6 +127,36 @@ pub struct CommandOutcome {
     pub per_card: Vec<bool>,
 }
 
+/// Figures of a card's closed cycle (kept through the lateness).
+#[derive(Debug, Clone)]
+pub struct ClosedCard {
+    pub cycle: i64,
+    pub usage: u64,
+    pub addon_mb: u64,
+    /// Usage reasons it had, or gained late.
+    pub reasons: Reasons,
+    pub pool: Option<String>,
+}
+
+/// Figures of a pool's closed cycle.
+#[derive(Debug, Clone)]
+pub struct ClosedPool {
+    pub carrier: Carrier,
+    pub cycle: i64,
+    pub usage: u64,
+    pub allowance: u64,
+    pub exhausted: bool,
+}
+
+/// A closed cycle's limit crossed late: subject, reasons gained, usage.
+pub type LateCrossing = (String, Reasons, u64);
+
+/// A pool's closed-cycle total: pool, cycle, usage, final.
+pub type PoolTotal = (String, i64, u64, bool);
+
+/// The allowed lateness (the engine's default).
+pub const LATENESS_MS: i64 = 2 * 3_600_000;
+
 /// One `card_state` event as the model sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelEvent {
@@ -157,6 +190,13 @@ pub struct Model {
     pub fired: BTreeSet<(String, String, i64)>,
     /// Firings of the current input: (rule, target).
     pub firings: Vec<(String, String)>,
+    /// Cycles closed within the lateness: (carrier, cycle, counted
+    /// through).
+    pub closing: Vec<(Carrier, i64, Timestamp)>,
+    pub closed_cards: BTreeMap<Iccid, ClosedCard>,
+    pub closed_pools: BTreeMap<String, ClosedPool>,
+    pub late_crossings: Vec<LateCrossing>,
+    pub pool_totals: Vec<PoolTotal>,
 }
 
 impl Model {
@@ -176,6 +216,11 @@ impl Model {
             rules: false,
             fired: BTreeSet::new(),
             firings: Vec::new(),
+            closing: Vec::new(),
+            closed_cards: BTreeMap::new(),
+            closed_pools: BTreeMap::new(),
+            late_crossings: Vec::new(),
+            pool_totals: Vec::new(),
         }
     }
 
@@ -414,8 +459,12 @@ impl Model {
             }
         }
         for (start, group) in starts {
+            self.expire_closings(start);
             // Rules evaluated at this cycle start see its cycles.
             self.clock = Some(start);
+            for &(carrier, cycle) in &group {
+                self.close(carrier, cycle - 1, start);
+            }
             for &(carrier, _) in &group {
                 for card in self.cards.values_mut() {
                     if card.carrier == carrier {
@@ -450,7 +499,136 @@ impl Model {
                 self.check_rules();
             }
         }
+        self.expire_closings(t);
         self.clock = Some(t);
+    }
+
+    /// `carrier`'s `cycle` ends at `end`: its cards' and pools' figures
+    /// are kept through the lateness, each pool's total so far reported.
+    fn close(&mut self, carrier: Carrier, cycle: i64, end: Timestamp) {
+        self.closing
+            .push((carrier, cycle, end.plus_millis(LATENESS_MS)));
+        let usage_reasons = [Reason::OverQuota, Reason::GeneralCap, Reason::OverThreshold];
+        let iccids: Vec<Iccid> = self
+            .cards
+            .iter()
+            .filter(|(_, c)| c.carrier == carrier && c.lifecycle != CardState::Deregistered)
+            .map(|(i, _)| *i)
+            .collect();
+        for iccid in iccids {
+            let r = self.reasons(iccid);
+            let reasons = usage_reasons
+                .into_iter()
+                .filter(|&x| r.contains(x))
+                .fold(Reasons::EMPTY, Reasons::with);
+            let card = &self.cards[&iccid];
+            self.closed_cards.insert(
+                iccid,
+                ClosedCard {
+                    cycle,
+                    usage: card.usage,
+                    addon_mb: card.addon_mb,
+                    reasons,
+                    pool: card.pool.clone(),
+                },
+            );
+        }
+        let pools: Vec<String> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| p.carrier.unwrap_or(Carrier::Cmcc) == carrier && !p.abandoned)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for pool in pools {
+            let closed = ClosedPool {
+                carrier,
+                cycle,
+                usage: self.pool_usage(&pool),
+                allowance: self.pool_allowance(&pool),
+                exhausted: self.pool_exhausted(&pool),
+            };
+            self.pool_totals
+                .push((pool.clone(), cycle, closed.usage, false));
+            self.closed_pools.insert(pool, closed);
+        }
+    }
+
+    /// Closed cycles whose lateness ended before `t`: final pool totals,
+    /// figures dropped.
+    fn expire_closings(&mut self, t: Timestamp) {
+        let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
+            .into_iter()
+            .partition(|(_, _, until)| *until < t);
+        self.closing = kept;
+        for (carrier, _, _) in due {
+            let cards = &self.cards;
+            self.closed_cards.retain(|i, _| cards[i].carrier != carrier);
+            let pools: Vec<String> = self
+                .closed_pools
+                .iter()
+                .filter(|(_, p)| p.carrier == carrier)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for pool in pools {
+                let p = self.closed_pools.remove(&pool).unwrap();
+                self.pool_totals.push((pool, p.cycle, p.usage, true));
+            }
+        }
+    }
+
+    /// Counts a record toward its card's closed cycle (and its pool's, if
+    /// the card is still in the pool it was in then).
+    fn count_closed(&mut self, iccid: Iccid, cycle: i64, u: &Usage) {
+        let bytes = u.bytes_up + u.bytes_down;
+        let card = &self.cards[&iccid];
+        let plan = &self.plans[&card.plan];
+        let closed = self.closed_cards.entry(iccid).or_insert(ClosedCard {
+            cycle,
+            usage: 0,
+            addon_mb: 0,
+            reasons: Reasons::EMPTY,
+            pool: None,
+        });
+        closed.usage += bytes;
+        let mut gained = Reasons::EMPTY;
+        if closed.pool.is_none() && closed.usage > plan.allowance_bytes + closed.addon_mb * MB {
+            gained = gained.with(Reason::OverQuota);
+        }
+        if plan.general && closed.usage > GENERAL_CAP {
+            gained = gained.with(Reason::GeneralCap);
+        }
+        if card.threshold_mb >= 0 && closed.usage > card.threshold_mb as u64 * MB {
+            gained = gained.with(Reason::OverThreshold);
+        }
+        let new = Reasons::from_bits(gained.bits() & !closed.reasons.bits());
+        if !new.is_empty() {
+            closed.reasons = Reasons::from_bits(closed.reasons.bits() | new.bits());
+            self.late_crossings
+                .push((iccid.to_string(), new, closed.usage));
+        }
+        let Some(pool) = closed
+            .pool
+            .clone()
+            .filter(|p| card.pool.as_ref() == Some(p))
+        else {
+            return;
+        };
+        let carrier = card.carrier;
+        let forward = self.pools[&pool].forward;
+        let Some(p) = self.closed_pools.get_mut(&pool) else {
+            return;
+        };
+        let same_cycle = cycle_start(carrier, cycle) == cycle_start(p.carrier, cycle)
+            && cycle_start(carrier, cycle + 1) == cycle_start(p.carrier, cycle + 1);
+        if p.cycle != cycle || !same_cycle {
+            return;
+        }
+        p.usage += bytes;
+        if forward && !p.exhausted && p.usage > p.allowance {
+            p.exhausted = true;
+            self.late_crossings
+                .push((pool, Reasons::EMPTY.with(Reason::PoolExhausted), p.usage));
+        }
     }
 
     // ----- records ---------------------------------------------------------
@@ -481,8 +659,21 @@ impl Model {
         let current = self.current_cycle(self.cards[&u.iccid].carrier);
         let card = self.cards.get_mut(&u.iccid).unwrap();
         let cycle = cycle_of(card.carrier, u.end);
-        if card.lifecycle == CardState::Deregistered || cycle < current {
+        if card.lifecycle == CardState::Deregistered {
             return RecordOutcome::NotCounted;
+        }
+        if cycle < current {
+            // Of a closed cycle: counted toward it within the lateness.
+            let carrier = card.carrier;
+            let closing = self
+                .closing
+                .iter()
+                .any(|&(c, k, until)| c == carrier && k == cycle && self.clock.unwrap() <= until);
+            if !closing {
+                return RecordOutcome::NotCounted;
+            }
+            self.count_closed(u.iccid, cycle, u);
+            return RecordOutcome::Counted;
         }
         if cycle > current {
             self.ahead.push((u.iccid, cycle, *u));

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use arrow::record_batch::RecordBatch;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use flowcap_engine::event::Accounted;
+use flowcap_engine::event::{Accounted, PoolCycleTotal};
 use flowcap_engine::{CardView, Carrier, CycleId, Iccid, PoolView, Timestamp};
 use flowcap_rules::message::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
@@ -26,10 +26,10 @@ use flowcap_rules::ExecutionRecord;
 use hashbrown::HashMap;
 
 use super::{
-    cards_batch, change_key, changes_batch, cycle_batch, daily_batch, date_value, deliveries_batch,
-    encode_parquet, executions_batch, journal_batch, pools_batch, quarantine_batch,
-    remove_older_than, schema, usage_batch, HistoryError, HistoryOptions, JournalRow, Partitioning,
-    Quarantined, StateChange, UsageSums,
+    cards_batch, change_key, changes_batch, closed_pools_batch, cycle_batch, daily_batch,
+    date_value, deliveries_batch, encode_parquet, executions_batch, journal_batch, pools_batch,
+    quarantine_batch, remove_older_than, schema, usage_batch, HistoryError, HistoryOptions,
+    JournalRow, Partitioning, Quarantined, StateChange, UsageSums,
 };
 use crate::location::{HistoryFiles, HistoryLocation};
 
@@ -89,9 +89,14 @@ impl Written {
 enum Job {
     /// One chunk of rows, stored as the file `name` of each partition.
     Chunk { name: String, rows: Box<ChunkRows> },
-    /// The window's last job before its state dumps: its per-card sums,
-    /// stored as the file `name` of each partition.
-    CloseWindow { name: String },
+    /// The window's last job before its state dumps: its per-card sums
+    /// and the closed cycles' pool totals it emitted, stored as the file
+    /// `name` of each partition.
+    CloseWindow {
+        name: String,
+        through: u64,
+        closed: Vec<PoolCycleTotal>,
+    },
     /// The state dumps of a snapshot through `through`: every pool, and
     /// (when `cards`) every card, in the partition of local day `day`.
     State {
@@ -188,7 +193,14 @@ impl ChunkEncoder {
                     Job::Chunk { name, rows } => {
                         store_chunk(&files, &options, &name, *rows, &mut sums, &recycle_tx)
                     }
-                    Job::CloseWindow { name } => store_sums(&files, &options, &name, &mut sums),
+                    Job::CloseWindow {
+                        name,
+                        through,
+                        closed,
+                    } => store_sums(&files, &options, &name, &mut sums).and_then(|mut w| {
+                        w.add(store_closed(&files, &options, &name, through, &closed)?);
+                        Ok(w)
+                    }),
                     Job::State {
                         through,
                         clock,
@@ -248,9 +260,18 @@ impl ChunkEncoder {
 
     /// Closes the window: its per-card sums are stored as the files
     /// `name` (never waits).
-    pub(super) fn close_window(&mut self, name: String) -> Result<Written, HistoryError> {
+    pub(super) fn close_window(
+        &mut self,
+        name: String,
+        through: u64,
+        closed: Vec<PoolCycleTotal>,
+    ) -> Result<Written, HistoryError> {
         let written = self.poll()?;
-        self.send(Job::CloseWindow { name })?;
+        self.send(Job::CloseWindow {
+            name,
+            through,
+            closed,
+        })?;
         Ok(written)
     }
 
@@ -401,6 +422,38 @@ fn store_state(
         }
         let dir = format!("{}/date={}", schema::CARDS, date_value(day));
         remove_older_than(files, &files.list_dir(&dir)?, &name)?;
+    }
+    Ok(written)
+}
+
+/// Stores the closed cycles' pool totals a window emitted as the file
+/// `name` of each cycle partition of `pool_cycle_usage`. Not a dump (the
+/// name has no `-pools`): a newer snapshot's dump of the same cycle (of
+/// pools that follow another carrier's cycle) does not replace it, and a
+/// crash's recovery keeps or deletes it with its window.
+fn store_closed(
+    files: &HistoryFiles,
+    options: &HistoryOptions,
+    name: &str,
+    through: u64,
+    closed: &[PoolCycleTotal],
+) -> Result<Written, HistoryError> {
+    let mut written = Written::default();
+    let mut by_cycle: HashMap<CycleId, Vec<&PoolCycleTotal>> = HashMap::new();
+    for t in closed {
+        by_cycle.entry(t.cycle).or_default().push(t);
+    }
+    for (cycle, rows) in by_cycle {
+        let batch = closed_pools_batch(&rows, through)?;
+        written.store(
+            files,
+            options,
+            schema::POOL_CYCLE_USAGE,
+            Partitioning::Cycle,
+            &cycle.to_string(),
+            name,
+            &batch,
+        )?;
     }
     Ok(written)
 }

@@ -46,7 +46,10 @@
 //! record lands in its own (closed) day and cycle and is counted in
 //! `late_records` / `late_bytes` there.
 //! `pool_cycle_usage` and `cards` are written from the engine's state at
-//! snapshots.
+//! snapshots. `pool_cycle_usage` also gets each closed cycle's pool
+//! totals the engine emits, at the rollover and (`final`) when the
+//! allowed lateness has passed: written with their window, not as a dump,
+//! so no later dump replaces them.
 
 pub mod compact;
 mod encoder;
@@ -61,7 +64,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use flowcap_clock::{SharedClock, SystemClock};
 use flowcap_engine::command::CommandResult;
-use flowcap_engine::event::{Accounted, ActionEvent, Cause};
+use flowcap_engine::event::{Accounted, ActionEvent, Cause, PoolCycleTotal};
 use flowcap_engine::{
     CardView, Carrier, Command, CycleCalendar, Iccid, PoolView, Reasons, Timestamp,
 };
@@ -239,6 +242,8 @@ pub struct HistoryWriter {
     /// Day of the last `cards` dump.
     cards_day: Option<i64>,
     files_written: u64,
+    /// Closed cycles' pool totals of the current window.
+    closed_pools: Vec<PoolCycleTotal>,
 }
 
 impl std::fmt::Debug for HistoryWriter {
@@ -292,6 +297,7 @@ impl HistoryWriter {
             encoder,
             cards_day: None,
             files_written: 0,
+            closed_pools: Vec::new(),
         })
     }
 
@@ -352,11 +358,19 @@ impl HistoryWriter {
         self.roll_if_full()
     }
 
-    /// A card or pool state change.
+    /// A pool's closed-cycle total: written with its window into the
+    /// cycle's `pool_cycle_usage` partition when the window closes.
+    pub fn pool_cycle(&mut self, total: PoolCycleTotal) -> Result<(), HistoryError> {
+        self.closed_pools.push(total);
+        Ok(())
+    }
+
+    /// A card or pool state change (or a closed cycle's late crossing).
     pub fn action(&mut self, event: &ActionEvent) -> Result<(), HistoryError> {
         let t = match event {
             ActionEvent::CardState(e) => e.event_time,
             ActionEvent::PoolState(e) => e.event_time,
+            ActionEvent::LateCrossing(e) => e.event_time,
             // Not a state change: a firing is one `rule_executions` row per
             // action.
             ActionEvent::RuleFired(f) => {
@@ -478,7 +492,10 @@ impl HistoryWriter {
         compact_through: Option<u64>,
     ) -> Result<StoredTicket, HistoryError> {
         self.write_chunk(Room::Skip)?;
-        let written = self.encoder.close_window(self.part_name())?;
+        let closed = std::mem::take(&mut self.closed_pools);
+        let written = self
+            .encoder
+            .close_window(self.part_name(), through, closed)?;
         self.note_written(written);
         if clock != Timestamp::MIN && (!pools.is_empty() || cards.is_some()) {
             let day = self.day(clock);

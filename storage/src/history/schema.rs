@@ -92,13 +92,13 @@ pub fn tables() -> Vec<TableDef> {
         },
         TableDef {
             name: POOL_CYCLE_USAGE,
-            about: "per pool and cycle: used, allowance, remaining and state at each snapshot",
+            about: "per pool and cycle: used, allowance, remaining and state at each snapshot; a closed cycle's total at its rollover, and its billed total (final) once the lateness has passed",
             partitioning: Partitioning::Cycle,
             schema: pool_cycle_schema(),
         },
         TableDef {
             name: STATE_CHANGES,
-            about: "every card and pool state change (the action events)",
+            about: "every card and pool state change (the action events), and every closed cycle's limit crossed within the lateness (old_state = new_state = late_crossing)",
             partitioning: Partitioning::Date,
             schema: state_changes_schema(),
         },
@@ -222,6 +222,8 @@ fn pool_cycle_schema() -> SchemaRef {
         field("remaining_bytes", DataType::Int64, false),
         field("as_of", ts(), false),
         field("as_of_seq", DataType::Int64, false),
+        // Null in files written before closed cycles had final rows.
+        field("final", DataType::Boolean, true),
     ]))
 }
 
