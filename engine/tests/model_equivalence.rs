@@ -113,12 +113,17 @@ fn engine_snapshot_sorted(e: &Engine) -> Snapshot {
     s
 }
 
+/// Days a backward pool is retained, in the engines and the model.
+const RETENTION_DAYS: u32 = 2;
+
 fn engine(shards: usize) -> Engine {
     Engine::new(EngineConfig {
         shards,
         // The model counts any reuse of an id as a duplicate, ever (the
         // generator reuses ids with other ends): the engine's exact mode.
         dedupe_verify_misses: true,
+        // Short enough for runs to see retentions end.
+        pool_retention_days: RETENTION_DAYS,
         ..EngineConfig::default()
     })
 }
@@ -149,6 +154,7 @@ fn card_events(events: &[ActionEvent]) -> BTreeMap<Iccid, Vec<ModelEvent>> {
 fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
     let defaults = EngineConfig::default();
     let mut model = Model::new(defaults.max_future_ms, defaults.clock_quorum);
+    model.retention_ms = i64::from(RETENTION_DAYS) * 86_400_000;
     let mut one = engine(1);
     let mut three = engine(3);
     let mut events_one = Vec::new();

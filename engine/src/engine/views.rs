@@ -81,6 +81,13 @@ pub struct PoolView {
     pub carrier: Option<Carrier>,
     /// The pool's current cycle.
     pub cycle: crate::cycle::CycleId,
+    /// A retained backward pool: when it will be abandoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_until: Option<Timestamp>,
+    /// An abandoned backward pool: when it was abandoned (it can be
+    /// re-enabled for one month after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned_at: Option<Timestamp>,
 }
 impl Engine {
     /// One card's view, if known.
@@ -143,6 +150,8 @@ impl Engine {
             name: pool.name.clone(),
             carrier: pool.carrier,
             cycle: shard.cycle(pool.cycle_carrier()),
+            retained_until: pool.retained_until,
+            abandoned_at: pool.abandoned_at,
         }
     }
 }

@@ -127,6 +127,8 @@ pub enum Op {
     Rebind(usize, Option<usize>),
     Freeze(usize),
     Unfreeze(usize),
+    Retain(usize),
+    Reenable(usize),
     UpsertRule(usize),
 }
 
@@ -207,8 +209,10 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => any_card().prop_map(|c| Op::Deregister(vec![c])),
         2 => card_set().prop_map(Op::Activate),
         2 => (any_card(), device()).prop_map(|(c, d)| Op::Rebind(c, d)),
-        1 => pool.clone().prop_map(Op::Freeze),
-        1 => pool.prop_map(Op::Unfreeze),
+        2 => pool.clone().prop_map(Op::Freeze),
+        1 => pool.clone().prop_map(Op::Unfreeze),
+        1 => pool.clone().prop_map(Op::Retain),
+        1 => pool.prop_map(Op::Reenable),
     ]
 }
 
@@ -439,6 +443,8 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
             },
             Op::Freeze(p) => CommandKind::FreezePool { pool: pool_id(*p) },
             Op::Unfreeze(p) => CommandKind::UnfreezePool { pool: pool_id(*p) },
+            Op::Retain(p) => CommandKind::RetainPool { pool: pool_id(*p) },
+            Op::Reenable(p) => CommandKind::ReenablePool { pool: pool_id(*p) },
             Op::UpsertRule(k) => CommandKind::UpsertRule {
                 rule: serde_json::from_str(RULES[*k]).expect("valid rule"),
             },

@@ -8,7 +8,8 @@
 //!
 //! Covered: upsert_plan, upsert_card, create_pool (forward and backward),
 //! add/remove_pool_members, set/clear_threshold, add_on (card and pool),
-//! suspend, resume, deregister, freeze/unfreeze, activate; usage records
+//! suspend, resume, deregister, freeze/unfreeze, retain and re-enable
+//! (retention ends as the clock passes them), activate; usage records
 //! (unknown cards, duplicates, far future, late, cycle rollovers), the
 //! fleet's clock (a majority of the cards furthest ahead, every card's
 //! latest time sorted) and records ahead of it (counted at their cycle's
@@ -54,6 +55,15 @@ pub fn cycle_start(carrier: Carrier, cycle: i64) -> Timestamp {
     } else {
         Timestamp::from_civil(y, m, 1, OFFSET_SECS)
     }
+}
+
+/// One calendar month after `t` (UTC+8, day clamped to the month's end).
+pub fn plus_month(t: Timestamp) -> Timestamp {
+    let (y, m, d) = t.civil_date(OFFSET_SECS);
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    let last = flowcap_engine::time::days_in_month(ny, nm);
+    let day_ms = (t.0 + i64::from(OFFSET_SECS) * 1000).rem_euclid(86_400_000);
+    Timestamp::from_civil(ny, nm, d.min(last), OFFSET_SECS).plus_millis(day_ms)
 }
 
 /// A cycle as a month index (`year * 12 + month - 1` of the month it ends in).
@@ -104,8 +114,13 @@ pub struct ModelPool {
     pub plan: Option<String>,
     pub addon_mb: u64,
     pub frozen: bool,
-    /// A forward pool whose last member was deregistered.
+    /// A forward pool whose last member was deregistered, a backward pool
+    /// whose retention ended.
     pub abandoned: bool,
+    /// A retained backward pool: when its retention ends.
+    pub retained_until: Option<Timestamp>,
+    /// An abandoned backward pool: when, for the one-month re-enable.
+    pub abandoned_at: Option<Timestamp>,
 }
 
 /// What happened to a record.
@@ -136,6 +151,8 @@ pub struct ModelEvent {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub max_future_ms: i64,
+    /// How long a backward pool is retained before it is abandoned.
+    pub retention_ms: i64,
     /// How many of the cards furthest ahead the clock listens to.
     pub quorum: usize,
     pub clock: Option<Timestamp>,
@@ -163,6 +180,7 @@ impl Model {
     pub fn new(max_future_ms: i64, quorum: usize) -> Model {
         Model {
             max_future_ms,
+            retention_ms: 90 * 86_400_000,
             quorum,
             clock: None,
             latest: BTreeMap::new(),
@@ -264,6 +282,8 @@ impl Model {
             } else {
                 "available"
             }
+        } else if p.frozen && p.retained_until.is_some() {
+            "retained"
         } else if p.frozen {
             "frozen"
         } else {
@@ -315,6 +335,7 @@ impl Model {
         let pools: Vec<(String, Option<Carrier>)> = self
             .pools
             .iter()
+            .filter(|(_, p)| !p.abandoned)
             .map(|(id, p)| (id.clone(), p.carrier))
             .collect();
         for (pool, carrier) in pools {
@@ -349,7 +370,7 @@ impl Model {
         let pools: Vec<String> = self
             .pools
             .iter()
-            .filter(|(_, p)| p.carrier.unwrap_or(Carrier::Cmcc) == carrier)
+            .filter(|(_, p)| !p.abandoned && p.carrier.unwrap_or(Carrier::Cmcc) == carrier)
             .map(|(id, _)| id.clone())
             .collect();
         for pool in pools {
@@ -414,6 +435,9 @@ impl Model {
             }
         }
         for (start, group) in starts {
+            // Retentions that end before this cycle start (at the same
+            // instant the rollover comes first).
+            self.end_retentions(old, start.plus_millis(-1));
             // Rules evaluated at this cycle start see its cycles.
             self.clock = Some(start);
             for &(carrier, _) in &group {
@@ -450,7 +474,22 @@ impl Model {
                 self.check_rules();
             }
         }
+        self.end_retentions(old, t);
         self.clock = Some(t);
+    }
+
+    /// Backward pools whose retention ended after `from` and by `to` are
+    /// abandoned (no card changes: the freeze still holds the members).
+    fn end_retentions(&mut self, from: Timestamp, to: Timestamp) {
+        for p in self.pools.values_mut() {
+            match p.retained_until {
+                Some(until) if !p.abandoned && until > from && until <= to => {
+                    p.abandoned = true;
+                    p.abandoned_at = Some(until);
+                }
+                _ => {}
+            }
+        }
     }
 
     // ----- records ---------------------------------------------------------
@@ -632,6 +671,8 @@ impl Model {
                         addon_mb: 0,
                         frozen: false,
                         abandoned: false,
+                        retained_until: None,
+                        abandoned_at: None,
                     },
                 );
                 Self::whole(true)
@@ -830,13 +871,44 @@ impl Model {
             CommandKind::FreezePool { pool } | CommandKind::UnfreezePool { pool } => {
                 let freeze = matches!(c.kind, CommandKind::FreezePool { .. });
                 match self.pools.get_mut(pool.as_str()) {
-                    Some(p) if !p.forward => {
+                    Some(p) if !p.forward && !p.abandoned => {
                         p.frozen = freeze;
+                        if !freeze {
+                            p.retained_until = None;
+                        }
                         Self::whole(true)
                     }
                     _ => Self::whole(false),
                 }
             }
+            CommandKind::RetainPool { pool } => {
+                let clock = self.clock;
+                let until = at.plus_millis(self.retention_ms);
+                match self.pools.get_mut(pool.as_str()) {
+                    Some(p) if !p.forward && !p.abandoned && p.frozen => {
+                        if p.retained_until.is_none() {
+                            p.retained_until = Some(until);
+                            // Already over at the clock: abandoned at once.
+                            if clock.is_some_and(|c| until <= c) {
+                                p.abandoned = true;
+                                p.abandoned_at = Some(until);
+                            }
+                        }
+                        Self::whole(true)
+                    }
+                    _ => Self::whole(false),
+                }
+            }
+            CommandKind::ReenablePool { pool } => match self.pools.get_mut(pool.as_str()) {
+                Some(p) if !p.forward && p.abandoned_at.is_some_and(|t| at <= plus_month(t)) => {
+                    p.abandoned = false;
+                    p.abandoned_at = None;
+                    p.retained_until = None;
+                    p.frozen = false;
+                    Self::whole(true)
+                }
+                _ => Self::whole(false),
+            },
             CommandKind::UpsertRule { .. } => {
                 self.rules = true;
                 Self::whole(true)
