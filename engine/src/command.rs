@@ -245,6 +245,17 @@ pub enum CommandKind {
         /// The names.
         names: Vec<String>,
     },
+    /// Enable a declared custom attribute name (names start enabled).
+    EnableAttribute {
+        /// The name.
+        name: String,
+    },
+    /// Disable a declared custom attribute name: it can no longer be set
+    /// or used in a rule filter, and views leave it out (values are kept).
+    DisableAttribute {
+        /// The name.
+        name: String,
+    },
 }
 
 impl CommandKind {
@@ -284,6 +295,8 @@ impl CommandKind {
             CommandKind::UnbindTags { .. } => "unbind_tags",
             CommandKind::SetAttributes { .. } => "set_attributes",
             CommandKind::SetAttributeNames { .. } => "set_attribute_names",
+            CommandKind::EnableAttribute { .. } => "enable_attribute",
+            CommandKind::DisableAttribute { .. } => "disable_attribute",
         }
     }
 
@@ -673,6 +686,12 @@ pub enum ErrorCode {
     PoolNotAbandoned,
     /// A re-enable more than one month after the pool was abandoned.
     ReenableExpired,
+    /// A custom attribute name the operator disabled, named to be set or
+    /// in a rule filter.
+    AttributeDisabled,
+    /// A custom attribute name disabled while an enabled rule filters on
+    /// it.
+    AttributeInUse,
 }
 
 /// The outcome for one card of a batch.

@@ -990,6 +990,95 @@ fn attributes_are_set_in_batch_and_a_null_removes_one() {
 }
 
 #[test]
+fn a_disabled_attribute_is_kept_but_neither_set_shown_nor_filtered_on() {
+    scenario(|s| {
+        s.ok(
+            "set_attribute_names",
+            json!({"names": ["customer", "site"]}),
+        );
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "active",
+            json!({"attributes": {"customer": "acme", "site": "north"}}),
+        );
+        s.ok("disable_attribute", json!({"name": "site"}));
+        // Hidden from the card's view; the value is kept.
+        assert_eq!(s.view(1).attributes, attrs(&[("customer", "acme")]));
+        s.fails(
+            "set_attributes",
+            json!({"iccids": iccids(&[1]), "attributes": {"site": "south"}}),
+            ErrorCode::AttributeDisabled,
+        );
+        s.fails(
+            "upsert_card",
+            json!({"card": {"iccid": iccid_text(1), "carrier": "cmcc", "plan": "cmcc-30m",
+                "attributes": {"site": "south"}}}),
+            ErrorCode::AttributeDisabled,
+        );
+        s.fails(
+            "upsert_rule",
+            json!({"rule": {"id": "u", "type": 2, "condition": {"used_mb_gte": 5},
+                "filter": {"attributes": {"site": "north"}}}}),
+            ErrorCode::AttributeDisabled,
+        );
+        // The other names are untouched.
+        s.ok(
+            "set_attributes",
+            json!({"iccids": iccids(&[1]), "attributes": {"customer": "globex"}}),
+        );
+        // Enabled again, the kept value shows.
+        s.ok("enable_attribute", json!({"name": "site"}));
+        assert_eq!(
+            s.view(1).attributes,
+            attrs(&[("customer", "globex"), ("site", "north")])
+        );
+        s.fails(
+            "disable_attribute",
+            json!({"name": "colour"}),
+            ErrorCode::InvalidAttribute,
+        );
+    });
+}
+
+#[test]
+fn an_attribute_an_enabled_rule_filters_on_cannot_be_disabled() {
+    scenario(|s| {
+        s.ok("set_attribute_names", json!({"names": ["customer"]}));
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "u", "type": 2, "condition": {"used_mb_gte": 5},
+                "filter": {"attributes": {"customer": "acme"}}}}),
+        );
+        s.fails(
+            "disable_attribute",
+            json!({"name": "customer"}),
+            ErrorCode::AttributeInUse,
+        );
+        s.ok("disable_rule", json!({"rule": "u"}));
+        s.ok("disable_attribute", json!({"name": "customer"}));
+        // The rule cannot come back while its attribute is disabled.
+        s.fails(
+            "enable_rule",
+            json!({"rule": "u"}),
+            ErrorCode::AttributeDisabled,
+        );
+        // Declaring the names again keeps a name's switch.
+        s.ok(
+            "set_attribute_names",
+            json!({"names": ["customer", "site"]}),
+        );
+        s.fails(
+            "enable_rule",
+            json!({"rule": "u"}),
+            ErrorCode::AttributeDisabled,
+        );
+        s.ok("enable_attribute", json!({"name": "customer"}));
+        s.ok("enable_rule", json!({"rule": "u"}));
+    });
+}
+
+#[test]
 fn a_rule_filter_can_name_attribute_values() {
     scenario(|s| {
         s.ok("set_attribute_names", json!({"names": ["customer"]}));

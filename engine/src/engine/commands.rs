@@ -175,6 +175,12 @@ impl Engine {
             CommandKind::SetAttributeNames { names } => {
                 self.set_attribute_names(names).map(no_cards)
             }
+            CommandKind::EnableAttribute { name } => {
+                self.set_attribute_enabled(name, true).map(no_cards)
+            }
+            CommandKind::DisableAttribute { name } => {
+                self.set_attribute_enabled(name, false).map(no_cards)
+            }
         }
     }
 
