@@ -383,8 +383,11 @@ pub(super) fn pools_batch(
     c.finish()
 }
 
+/// The `cards` rows of `rows`; `attribute_names` are the declared custom
+/// attribute names, slot by slot (`attr_1` is the first).
 pub(super) fn cards_batch(
     rows: &[CardView],
+    attribute_names: &[String],
     through: u64,
     clock: Timestamp,
 ) -> Result<RecordBatch, ArrowError> {
@@ -426,6 +429,13 @@ pub(super) fn cards_batch(
     c.utf8(rows.iter().map(|r| r.msisdn.as_deref()));
     c.utf8(rows.iter().map(|r| r.imsi.as_deref()));
     c.utf8(rows.iter().map(|r| r.imei.as_deref()));
+    for slot in 0..schema::ATTRIBUTE_SLOTS {
+        let name = attribute_names.get(slot);
+        c.utf8(
+            rows.iter()
+                .map(|r| name.and_then(|n| r.attributes.get(n)).map(String::as_str)),
+        );
+    }
     c.ts(rows.iter().map(|_| Some(clock.0)));
     c.i64(rows.iter().map(|_| Some(to_i64(through))));
     c.finish()

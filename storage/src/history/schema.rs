@@ -122,7 +122,7 @@ pub fn tables() -> Vec<TableDef> {
         },
         TableDef {
             name: CARDS,
-            about: "every card's attributes and state, the last snapshot of each day",
+            about: "every card's attributes and state, the last snapshot of each day (attr_1..attr_6: the custom attributes, by the slot of their declared name)",
             partitioning: Partitioning::Date,
             schema: cards_schema(),
         },
@@ -322,10 +322,20 @@ fn cards_schema() -> SchemaRef {
         field("msisdn", DataType::Utf8, true),
         field("imsi", DataType::Utf8, true),
         field("imei", DataType::Utf8, true),
+        field("attr_1", DataType::Utf8, true),
+        field("attr_2", DataType::Utf8, true),
+        field("attr_3", DataType::Utf8, true),
+        field("attr_4", DataType::Utf8, true),
+        field("attr_5", DataType::Utf8, true),
+        field("attr_6", DataType::Utf8, true),
         field("as_of", ts(), false),
         field("as_of_seq", DataType::Int64, false),
     ]))
 }
+
+/// The custom attribute columns of `cards`: `attr_1` holds the value of
+/// the first declared name, and so on (`MAX_ATTRIBUTE_NAMES` slots).
+pub const ATTRIBUTE_SLOTS: usize = 6;
 
 /// Builds one column at a time for a schema, in field order.
 pub(crate) struct Columns {
