@@ -927,6 +927,27 @@ fn unfreezing_a_retained_backward_pool_settles_its_arrears() {
     });
 }
 
+/// A retention's deadline names a pool, not a card: the expiry rules,
+/// which look ahead through the card deadlines, pass it by.
+#[test]
+fn a_retention_end_is_not_read_as_a_card_expiry() {
+    scenario_with(retention_days(10), |s| {
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "exp", "type": 1, "condition": {"days_to_expiry_lte": 8},
+                "actions": [{"type": "email", "to": ["ops@example.com"]}]}}),
+        );
+        // More pools than cards: the retained pool's index is no card's.
+        for id in ["b0", "b1", "b2"] {
+            s.backward_pool(id, "cmcc", &[]);
+        }
+        frozen_backward_pool(s);
+        s.ok("retain_pool", json!({"pool": "bp"}));
+        let out = s.tick(&nov(21, 0, 0));
+        assert_eq!(pool_events(&out).len(), 1);
+    });
+}
+
 #[test]
 fn a_backward_pool_retention_is_exact_across_a_restart() {
     let run = |restart: bool| -> Vec<flowcap_engine::Output> {
