@@ -48,10 +48,12 @@ fn engine_outcome(out: &[Output]) -> Outcome {
     found.expect("an outcome for every input")
 }
 
+type Attributes = BTreeMap<String, String>;
+
 /// Everything compared after each input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Snapshot {
-    cards: Vec<(Iccid, u64, CardState, Vec<String>)>,
+    cards: Vec<(Iccid, u64, CardState, Vec<String>, Attributes)>,
     pools: Vec<(String, u64, String, Vec<Iccid>)>,
 }
 
@@ -66,7 +68,13 @@ fn model_snapshot(m: &Model) -> Snapshot {
             .iter()
             .map(|(i, c)| {
                 let (state, reasons) = m.view(*i);
-                (*i, c.usage, state, reasons_vec(reasons))
+                (
+                    *i,
+                    c.usage,
+                    state,
+                    reasons_vec(reasons),
+                    m.visible_attributes(*i),
+                )
             })
             .collect(),
         pools: m
@@ -89,7 +97,15 @@ fn engine_snapshot(e: &Engine) -> Snapshot {
         cards: e
             .card_views()
             .into_iter()
-            .map(|v| (v.iccid, v.usage_bytes, v.state, reasons_vec(v.reasons)))
+            .map(|v| {
+                (
+                    v.iccid,
+                    v.usage_bytes,
+                    v.state,
+                    reasons_vec(v.reasons),
+                    v.attributes,
+                )
+            })
             .collect(),
         pools: POOLS
             .iter()

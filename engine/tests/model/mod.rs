@@ -9,7 +9,8 @@
 //! Covered: upsert_plan, upsert_card, create_pool (forward and backward),
 //! add/remove_pool_members, set/clear_threshold, add_on (card and pool),
 //! suspend, resume, deregister, freeze/unfreeze, retain and re-enable
-//! (retention ends as the clock passes them), activate; usage records
+//! (retention ends as the clock passes them), activate, custom attribute
+//! names, values, and enabling or disabling a name; usage records
 //! (unknown cards, duplicates, far future, late, cycle rollovers), the
 //! fleet's clock (a majority of the cards furthest ahead, every card's
 //! latest time sorted) and records ahead of it (counted at their cycle's
@@ -25,7 +26,8 @@
 //! each carrier's rule, rebind (with or without an IMEI), and resume's
 //! refusal for a cmcc card that moved.
 //! Not covered: testable cards, deadlines (plan expiry, silent/test end),
-//! renew, other rules and windows, tags, report_violation, remove_plan,
+//! renew, other rules and windows, tags, attribute filters,
+//! report_violation, remove_plan,
 //! carrier changes.
 
 #![allow(dead_code, unreachable_pub)]
@@ -105,6 +107,8 @@ pub struct ModelCard {
     pub device_month: i64,
     pub changes: u8,
     pub rebinds: u8,
+    /// Custom attribute values by name (disabled names included).
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +178,9 @@ pub struct Model {
     pub fired: BTreeSet<(String, String, i64)>,
     /// Firings of the current input: (rule, target).
     pub firings: Vec<(String, String)>,
+    /// Declared custom attribute names, and the disabled ones.
+    pub attribute_names: Vec<String>,
+    pub disabled_attributes: BTreeSet<String>,
 }
 
 impl Model {
@@ -194,7 +201,16 @@ impl Model {
             rules: false,
             fired: BTreeSet::new(),
             firings: Vec::new(),
+            attribute_names: Vec::new(),
+            disabled_attributes: BTreeSet::new(),
         }
+    }
+
+    /// A card's attributes as views show them (not the disabled names).
+    pub fn visible_attributes(&self, iccid: Iccid) -> BTreeMap<String, String> {
+        let mut shown = self.cards[&iccid].attributes.clone();
+        shown.retain(|name, _| !self.disabled_attributes.contains(name));
+        shown
     }
 
     // ----- derived values ----------------------------------------------
@@ -913,6 +929,56 @@ impl Model {
                 self.rules = true;
                 Self::whole(true)
             }
+            CommandKind::SetAttributeNames { names } => {
+                let distinct: BTreeSet<&String> = names.iter().collect();
+                if names.len() > 6
+                    || distinct.len() != names.len()
+                    || names.iter().any(String::is_empty)
+                {
+                    return Self::whole(false);
+                }
+                self.attribute_names = names.clone();
+                self.disabled_attributes.retain(|n| names.contains(n));
+                Self::whole(true)
+            }
+            CommandKind::EnableAttribute { name } | CommandKind::DisableAttribute { name } => {
+                if !self.attribute_names.contains(name) {
+                    return Self::whole(false);
+                }
+                // The generated rules filter on no attribute.
+                if matches!(c.kind, CommandKind::DisableAttribute { .. }) {
+                    self.disabled_attributes.insert(name.clone());
+                } else {
+                    self.disabled_attributes.remove(name);
+                }
+                Self::whole(true)
+            }
+            CommandKind::SetAttributes { iccids, attributes } => {
+                let usable = |n: &String| {
+                    self.attribute_names.contains(n) && !self.disabled_attributes.contains(n)
+                };
+                let distinct: HashSet<&Iccid> = iccids.iter().collect();
+                if iccids.is_empty()
+                    || distinct.len() != iccids.len()
+                    || attributes.is_empty()
+                    || !attributes.keys().all(usable)
+                {
+                    return Self::whole(false);
+                }
+                self.batch(iccids, |m, i| {
+                    if m.live(&i).is_none() {
+                        return false;
+                    }
+                    let card = m.cards.get_mut(&i).unwrap();
+                    for (name, value) in attributes {
+                        match value {
+                            Some(v) => card.attributes.insert(name.clone(), v.clone()),
+                            None => card.attributes.remove(name),
+                        };
+                    }
+                    true
+                })
+            }
             other => panic!("the model does not cover {}", other.type_name()),
         }
     }
@@ -991,6 +1057,7 @@ impl Model {
                         device_month: 0,
                         changes: 0,
                         rebinds: 0,
+                        attributes: BTreeMap::new(),
                     },
                 );
                 // A new card has no "before": no event for its creation.
