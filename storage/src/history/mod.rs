@@ -843,8 +843,8 @@ mod tests {
         assert_eq!(column("attr_1"), [Some("acme".to_owned()), None]);
         assert_eq!(column("attr_2"), [None, None]);
         assert_eq!(column("attr_3"), [Some("north".to_owned()), None]);
-        for slot in 4..=schema::ATTRIBUTE_SLOTS {
-            assert_eq!(column(&format!("attr_{slot}")), [None, None]);
+        for slot in 4..=flowcap_engine::command::MAX_ATTRIBUTE_NAMES {
+            assert_eq!(column(&schema::attribute_column(slot)), [None, None]);
         }
     }
 

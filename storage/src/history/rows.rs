@@ -3,6 +3,7 @@
 //! its schema's column order: `schema.rs`).
 
 use super::*;
+use flowcap_engine::command::MAX_ATTRIBUTE_NAMES;
 
 #[derive(Debug, Clone)]
 pub(super) struct StateChange {
@@ -429,7 +430,7 @@ pub(super) fn cards_batch(
     c.utf8(rows.iter().map(|r| r.msisdn.as_deref()));
     c.utf8(rows.iter().map(|r| r.imsi.as_deref()));
     c.utf8(rows.iter().map(|r| r.imei.as_deref()));
-    for slot in 0..schema::ATTRIBUTE_SLOTS {
+    for slot in 0..MAX_ATTRIBUTE_NAMES {
         let name = attribute_names.get(slot);
         c.utf8(
             rows.iter()

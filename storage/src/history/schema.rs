@@ -15,6 +15,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
+use flowcap_engine::command::MAX_ATTRIBUTE_NAMES;
 
 /// The time zone every timestamp column carries.
 pub const TIME_ZONE: &str = "UTC";
@@ -305,7 +306,7 @@ fn command_journal_schema() -> SchemaRef {
 }
 
 fn cards_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         field("iccid", DataType::Utf8, false),
         field("carrier", dict(), false),
         field("plan", DataType::Utf8, true),
@@ -322,20 +323,20 @@ fn cards_schema() -> SchemaRef {
         field("msisdn", DataType::Utf8, true),
         field("imsi", DataType::Utf8, true),
         field("imei", DataType::Utf8, true),
-        field("attr_1", DataType::Utf8, true),
-        field("attr_2", DataType::Utf8, true),
-        field("attr_3", DataType::Utf8, true),
-        field("attr_4", DataType::Utf8, true),
-        field("attr_5", DataType::Utf8, true),
-        field("attr_6", DataType::Utf8, true),
-        field("as_of", ts(), false),
-        field("as_of_seq", DataType::Int64, false),
-    ]))
+    ];
+    fields.extend(
+        (1..=MAX_ATTRIBUTE_NAMES).map(|slot| field(&attribute_column(slot), DataType::Utf8, true)),
+    );
+    fields.push(field("as_of", ts(), false));
+    fields.push(field("as_of_seq", DataType::Int64, false));
+    Arc::new(Schema::new(fields))
 }
 
-/// The custom attribute columns of `cards`: `attr_1` holds the value of
-/// the first declared name, and so on (`MAX_ATTRIBUTE_NAMES` slots).
-pub const ATTRIBUTE_SLOTS: usize = 6;
+/// The `cards` column of custom attribute slot `slot` (from 1): it holds
+/// the value of the `slot`-th declared name.
+pub fn attribute_column(slot: usize) -> String {
+    format!("attr_{slot}")
+}
 
 /// Builds one column at a time for a schema, in field order.
 pub(crate) struct Columns {
