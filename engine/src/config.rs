@@ -43,6 +43,9 @@ pub struct EngineConfig {
     /// for good (SPEC section 2.1); `None`: it stays suspended
     /// `plan_expired`.
     pub expiry_grace_days: Option<u32>,
+    /// Days a backward pool is retained (`retain_pool`) before it is
+    /// abandoned (SPEC section 2.1).
+    pub pool_retention_days: u32,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +60,7 @@ impl Default for EngineConfig {
             dedupe_verify_misses: false,
             silent_period_months: 6,
             expiry_grace_days: None,
+            pool_retention_days: 90,
         }
     }
 }

@@ -66,6 +66,9 @@ pub enum DeadlineKind {
     /// The grace period after an expiry without renewal ended: the card is
     /// deregistered (`EngineConfig::expiry_grace_days`).
     ExpiryGraceEnd,
+    /// A backward pool's retention ended without the arrears settled: the
+    /// pool is abandoned (`EngineConfig::pool_retention_days`).
+    RetentionEnd,
 }
 
 impl Cause {
@@ -142,8 +145,12 @@ pub enum PoolState {
     Suspended,
     /// Backward pool frozen for arrears.
     Frozen,
-    /// Forward pool whose every member was deregistered: it takes no
-    /// member and no add-on any more.
+    /// Backward pool still frozen for arrears, its numbers retained until
+    /// the retention ends (`retain_pool`).
+    Retained,
+    /// Forward pool whose every member was deregistered, or backward pool
+    /// whose retention ended: it takes no member and no add-on any more
+    /// (a backward one can be re-enabled within a month).
     Abandoned,
 }
 

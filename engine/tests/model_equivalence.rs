@@ -48,10 +48,12 @@ fn engine_outcome(out: &[Output]) -> Outcome {
     found.expect("an outcome for every input")
 }
 
+type Attributes = BTreeMap<String, String>;
+
 /// Everything compared after each input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Snapshot {
-    cards: Vec<(Iccid, u64, CardState, Vec<String>)>,
+    cards: Vec<(Iccid, u64, CardState, Vec<String>, Attributes)>,
     pools: Vec<(String, u64, String, Vec<Iccid>)>,
 }
 
@@ -66,7 +68,13 @@ fn model_snapshot(m: &Model) -> Snapshot {
             .iter()
             .map(|(i, c)| {
                 let (state, reasons) = m.view(*i);
-                (*i, c.usage, state, reasons_vec(reasons))
+                (
+                    *i,
+                    c.usage,
+                    state,
+                    reasons_vec(reasons),
+                    m.visible_attributes(*i),
+                )
             })
             .collect(),
         pools: m
@@ -89,7 +97,15 @@ fn engine_snapshot(e: &Engine) -> Snapshot {
         cards: e
             .card_views()
             .into_iter()
-            .map(|v| (v.iccid, v.usage_bytes, v.state, reasons_vec(v.reasons)))
+            .map(|v| {
+                (
+                    v.iccid,
+                    v.usage_bytes,
+                    v.state,
+                    reasons_vec(v.reasons),
+                    v.attributes,
+                )
+            })
             .collect(),
         pools: POOLS
             .iter()
@@ -113,12 +129,17 @@ fn engine_snapshot_sorted(e: &Engine) -> Snapshot {
     s
 }
 
+/// Days a backward pool is retained, in the engines and the model.
+const RETENTION_DAYS: u32 = 2;
+
 fn engine(shards: usize) -> Engine {
     Engine::new(EngineConfig {
         shards,
         // The model counts any reuse of an id as a duplicate, ever (the
         // generator reuses ids with other ends): the engine's exact mode.
         dedupe_verify_misses: true,
+        // Short enough for runs to see retentions end.
+        pool_retention_days: RETENTION_DAYS,
         ..EngineConfig::default()
     })
 }
@@ -161,6 +182,7 @@ fn card_events(events: &[ActionEvent]) -> BTreeMap<Iccid, Vec<ModelEvent>> {
 fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
     let defaults = EngineConfig::default();
     let mut model = Model::new(defaults.max_future_ms, defaults.clock_quorum);
+    model.retention_ms = i64::from(RETENTION_DAYS) * 86_400_000;
     let mut one = engine(1);
     let mut three = engine(3);
     let mut events_one = Vec::new();

@@ -19,9 +19,11 @@
 //! [`usage`] accounts records; [`reasons`] derives a card's and a pool's
 //! cut-off reasons from their usage and limits; [`events`] turns what
 //! changed under one cause into events; [`cards`] and [`pools`] add,
-//! move and group cards; [`device`] binds cards to devices; [`rules`]
-//! evaluates automation rules.
+//! move and group cards; [`arrears`] takes a backward pool through
+//! freeze, retention, abandonment and re-enable; [`device`] binds cards
+//! to devices; [`rules`] evaluates automation rules.
 
+mod arrears;
 mod cards;
 mod clock;
 mod closed;
@@ -150,8 +152,15 @@ pub(crate) struct Pool {
     /// Lowest "used >= N" threshold among enabled backward suspend rules.
     pub(crate) suspend_at: Option<u64>,
     /// No longer live: a forward pool abandoned when its last member was
-    /// deregistered (SPEC 2.1). Rollovers, rules and plans pass it by.
+    /// deregistered, a backward pool whose retention ended (SPEC 2.1).
+    /// Rollovers, rules and plans pass it by.
     pub(crate) removed: bool,
+    /// Backward pools: retained (frozen, arrears unsettled) until then,
+    /// when it is abandoned ([`arrears`]).
+    pub(crate) retained_until: Option<Timestamp>,
+    /// Backward pools: when the retention ended; a re-enable is accepted
+    /// within one month of it.
+    pub(crate) abandoned_at: Option<Timestamp>,
 }
 
 impl Pool {
@@ -171,6 +180,9 @@ impl Pool {
         match self.kind {
             PoolKind::Forward if self.exhausted => PoolState::Exhausted,
             PoolKind::Forward => PoolState::Available,
+            PoolKind::Backward if self.frozen && self.retained_until.is_some() => {
+                PoolState::Retained
+            }
             PoolKind::Backward if self.frozen => PoolState::Frozen,
             PoolKind::Backward if self.cut => PoolState::Suspended,
             PoolKind::Backward => PoolState::Available,
@@ -215,8 +227,9 @@ pub(crate) struct Shard {
     pub(crate) tagsets: Vec<Vec<u32>>,
     #[serde(skip)]
     tagset_index: HashMap<Vec<u32>, u32>,
-    /// Deadlines: (time, slot, kind), one 16-byte entry each. Entries may be
-    /// stale (a renewed card keeps its old entry); checked when due.
+    /// Deadlines: (time, slot, kind), one 16-byte entry each; for
+    /// `RetentionEnd` the slot is a pool index. Entries may be stale (a
+    /// renewed card keeps its old entry); checked when due.
     pub(crate) deadlines: BTreeSet<(i64, u32, DeadlineKind)>,
     /// Event clock as last seen.
     pub(crate) clock: Timestamp,

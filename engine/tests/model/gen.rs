@@ -59,6 +59,17 @@ pub const RULES: [&str; 4] = [
     r#"{"id": "m-cut", "type": 4, "condition": {"to": ["suspended"]}}"#,
 ];
 
+/// Custom attribute names the generator uses (the last never declared).
+pub const ATTRIBUTES: [&str; 4] = ["customer", "site", "batch", "colour"];
+
+/// Name lists `set_attribute_names` declares (the last has too many).
+pub const ATTRIBUTE_NAME_SETS: [&[&str]; 4] = [
+    &["customer", "site", "batch"],
+    &["site", "customer"],
+    &[],
+    &["a", "b", "c", "d", "e", "f", "g"],
+];
+
 /// The devices records come from.
 pub const DEVICES: [&str; 3] = ["864000000000001", "864000000000002", "864000000000003"];
 
@@ -130,7 +141,15 @@ pub enum Op {
     Rebind(usize, Option<usize>),
     Freeze(usize),
     Unfreeze(usize),
+    Retain(usize),
+    Reenable(usize),
     UpsertRule(usize),
+    /// Declare the names of [`ATTRIBUTE_NAME_SETS`] at this index.
+    SetAttributeNames(usize),
+    /// Set (or, `None`, remove) the [`ATTRIBUTES`] name at the index.
+    SetAttributes(Vec<usize>, usize, Option<usize>),
+    EnableAttribute(usize),
+    DisableAttribute(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -225,8 +244,15 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => any_card().prop_map(|c| Op::Deregister(vec![c])),
         2 => card_set().prop_map(Op::Activate),
         2 => (any_card(), device()).prop_map(|(c, d)| Op::Rebind(c, d)),
-        1 => pool.clone().prop_map(Op::Freeze),
-        1 => pool.prop_map(Op::Unfreeze),
+        2 => pool.clone().prop_map(Op::Freeze),
+        1 => pool.clone().prop_map(Op::Unfreeze),
+        1 => pool.clone().prop_map(Op::Retain),
+        1 => pool.prop_map(Op::Reenable),
+        1 => (0..ATTRIBUTE_NAME_SETS.len()).prop_map(Op::SetAttributeNames),
+        2 => (card_set(), 0..ATTRIBUTES.len(), prop::option::of(0..3usize))
+            .prop_map(|(c, a, v)| Op::SetAttributes(c, a, v)),
+        1 => (0..ATTRIBUTES.len()).prop_map(Op::EnableAttribute),
+        1 => (0..ATTRIBUTES.len()).prop_map(Op::DisableAttribute),
     ]
 }
 
@@ -466,6 +492,26 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
             },
             Op::Freeze(p) => CommandKind::FreezePool { pool: pool_id(*p) },
             Op::Unfreeze(p) => CommandKind::UnfreezePool { pool: pool_id(*p) },
+            Op::Retain(p) => CommandKind::RetainPool { pool: pool_id(*p) },
+            Op::Reenable(p) => CommandKind::ReenablePool { pool: pool_id(*p) },
+            Op::SetAttributeNames(k) => CommandKind::SetAttributeNames {
+                names: ATTRIBUTE_NAME_SETS[*k]
+                    .iter()
+                    .map(|n| (*n).to_owned())
+                    .collect(),
+            },
+            Op::SetAttributes(cards, a, v) => CommandKind::SetAttributes {
+                iccids: iccids(cards),
+                attributes: [(ATTRIBUTES[*a].to_owned(), v.map(|v| format!("v{v}")))]
+                    .into_iter()
+                    .collect(),
+            },
+            Op::EnableAttribute(a) => CommandKind::EnableAttribute {
+                name: ATTRIBUTES[*a].to_owned(),
+            },
+            Op::DisableAttribute(a) => CommandKind::DisableAttribute {
+                name: ATTRIBUTES[*a].to_owned(),
+            },
             Op::UpsertRule(k) => CommandKind::UpsertRule {
                 rule: serde_json::from_str(RULES[*k]).expect("valid rule"),
             },

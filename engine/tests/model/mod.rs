@@ -8,7 +8,9 @@
 //!
 //! Covered: upsert_plan, upsert_card, create_pool (forward and backward),
 //! add/remove_pool_members, set/clear_threshold, add_on (card and pool),
-//! suspend, resume, deregister, freeze/unfreeze, activate; usage records
+//! suspend, resume, deregister, freeze/unfreeze, retain and re-enable
+//! (retention ends as the clock passes them), activate, custom attribute
+//! names, values, and enabling or disabling a name; usage records
 //! (unknown cards, duplicates, far future, late, cycle rollovers), the
 //! fleet's clock (a majority of the cards furthest ahead, every card's
 //! latest time sorted) and records ahead of it (counted at their cycle's
@@ -27,7 +29,8 @@
 //! each carrier's rule, rebind (with or without an IMEI), and resume's
 //! refusal for a cmcc card that moved.
 //! Not covered: testable cards, deadlines (plan expiry, silent/test end),
-//! renew, other rules and windows, tags, report_violation, remove_plan,
+//! renew, other rules and windows, tags, attribute filters,
+//! report_violation, remove_plan,
 //! carrier changes.
 
 #![allow(dead_code, unreachable_pub)]
@@ -57,6 +60,15 @@ pub fn cycle_start(carrier: Carrier, cycle: i64) -> Timestamp {
     } else {
         Timestamp::from_civil(y, m, 1, OFFSET_SECS)
     }
+}
+
+/// One calendar month after `t` (UTC+8, day clamped to the month's end).
+pub fn plus_month(t: Timestamp) -> Timestamp {
+    let (y, m, d) = t.civil_date(OFFSET_SECS);
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    let last = flowcap_engine::time::days_in_month(ny, nm);
+    let day_ms = (t.0 + i64::from(OFFSET_SECS) * 1000).rem_euclid(86_400_000);
+    Timestamp::from_civil(ny, nm, d.min(last), OFFSET_SECS).plus_millis(day_ms)
 }
 
 /// A cycle as a month index (`year * 12 + month - 1` of the month it ends in).
@@ -98,6 +110,8 @@ pub struct ModelCard {
     pub device_month: i64,
     pub changes: u8,
     pub rebinds: u8,
+    /// Custom attribute values by name (disabled names included).
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,8 +121,13 @@ pub struct ModelPool {
     pub plan: Option<String>,
     pub addon_mb: u64,
     pub frozen: bool,
-    /// A forward pool whose last member was deregistered.
+    /// A forward pool whose last member was deregistered, a backward pool
+    /// whose retention ended.
     pub abandoned: bool,
+    /// A retained backward pool: when its retention ends.
+    pub retained_until: Option<Timestamp>,
+    /// An abandoned backward pool: when, for the one-month re-enable.
+    pub abandoned_at: Option<Timestamp>,
 }
 
 /// What happened to a record.
@@ -169,6 +188,8 @@ pub struct ModelEvent {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub max_future_ms: i64,
+    /// How long a backward pool is retained before it is abandoned.
+    pub retention_ms: i64,
     /// How many of the cards furthest ahead the clock listens to.
     pub quorum: usize,
     pub clock: Option<Timestamp>,
@@ -197,12 +218,16 @@ pub struct Model {
     pub closed_pools: BTreeMap<String, ClosedPool>,
     pub late_crossings: Vec<LateCrossing>,
     pub pool_totals: Vec<PoolTotal>,
+    /// Declared custom attribute names, and the disabled ones.
+    pub attribute_names: Vec<String>,
+    pub disabled_attributes: BTreeSet<String>,
 }
 
 impl Model {
     pub fn new(max_future_ms: i64, quorum: usize) -> Model {
         Model {
             max_future_ms,
+            retention_ms: 90 * 86_400_000,
             quorum,
             clock: None,
             latest: BTreeMap::new(),
@@ -221,7 +246,16 @@ impl Model {
             closed_pools: BTreeMap::new(),
             late_crossings: Vec::new(),
             pool_totals: Vec::new(),
+            attribute_names: Vec::new(),
+            disabled_attributes: BTreeSet::new(),
         }
+    }
+
+    /// A card's attributes as views show them (not the disabled names).
+    pub fn visible_attributes(&self, iccid: Iccid) -> BTreeMap<String, String> {
+        let mut shown = self.cards[&iccid].attributes.clone();
+        shown.retain(|name, _| !self.disabled_attributes.contains(name));
+        shown
     }
 
     // ----- derived values ----------------------------------------------
@@ -309,6 +343,8 @@ impl Model {
             } else {
                 "available"
             }
+        } else if p.frozen && p.retained_until.is_some() {
+            "retained"
         } else if p.frozen {
             "frozen"
         } else {
@@ -360,6 +396,7 @@ impl Model {
         let pools: Vec<(String, Option<Carrier>)> = self
             .pools
             .iter()
+            .filter(|(_, p)| !p.abandoned)
             .map(|(id, p)| (id.clone(), p.carrier))
             .collect();
         for (pool, carrier) in pools {
@@ -394,7 +431,7 @@ impl Model {
         let pools: Vec<String> = self
             .pools
             .iter()
-            .filter(|(_, p)| p.carrier.unwrap_or(Carrier::Cmcc) == carrier)
+            .filter(|(_, p)| !p.abandoned && p.carrier.unwrap_or(Carrier::Cmcc) == carrier)
             .map(|(id, _)| id.clone())
             .collect();
         for pool in pools {
@@ -460,6 +497,9 @@ impl Model {
         }
         for (start, group) in starts {
             self.expire_closings(start);
+            // Retentions that end before this cycle start (at the same
+            // instant the rollover comes first).
+            self.end_retentions(old, start.plus_millis(-1));
             // Rules evaluated at this cycle start see its cycles.
             self.clock = Some(start);
             for &(carrier, cycle) in &group {
@@ -500,6 +540,7 @@ impl Model {
             }
         }
         self.expire_closings(t);
+        self.end_retentions(old, t);
         self.clock = Some(t);
     }
 
@@ -572,6 +613,20 @@ impl Model {
             for pool in pools {
                 let p = self.closed_pools.remove(&pool).unwrap();
                 self.pool_totals.push((pool, p.cycle, p.usage, true));
+            }
+        }
+    }
+
+    /// Backward pools whose retention ended after `from` and by `to` are
+    /// abandoned (no card changes: the freeze still holds the members).
+    fn end_retentions(&mut self, from: Timestamp, to: Timestamp) {
+        for p in self.pools.values_mut() {
+            match p.retained_until {
+                Some(until) if !p.abandoned && until > from && until <= to => {
+                    p.abandoned = true;
+                    p.abandoned_at = Some(until);
+                }
+                _ => {}
             }
         }
     }
@@ -823,6 +878,8 @@ impl Model {
                         addon_mb: 0,
                         frozen: false,
                         abandoned: false,
+                        retained_until: None,
+                        abandoned_at: None,
                     },
                 );
                 Self::whole(true)
@@ -1021,16 +1078,97 @@ impl Model {
             CommandKind::FreezePool { pool } | CommandKind::UnfreezePool { pool } => {
                 let freeze = matches!(c.kind, CommandKind::FreezePool { .. });
                 match self.pools.get_mut(pool.as_str()) {
-                    Some(p) if !p.forward => {
+                    Some(p) if !p.forward && !p.abandoned => {
                         p.frozen = freeze;
+                        if !freeze {
+                            p.retained_until = None;
+                        }
                         Self::whole(true)
                     }
                     _ => Self::whole(false),
                 }
             }
+            CommandKind::RetainPool { pool } => {
+                let clock = self.clock;
+                let until = at.plus_millis(self.retention_ms);
+                match self.pools.get_mut(pool.as_str()) {
+                    Some(p) if !p.forward && !p.abandoned && p.frozen => {
+                        if p.retained_until.is_none() {
+                            p.retained_until = Some(until);
+                            // Already over at the clock: abandoned at once.
+                            if clock.is_some_and(|c| until <= c) {
+                                p.abandoned = true;
+                                p.abandoned_at = Some(until);
+                            }
+                        }
+                        Self::whole(true)
+                    }
+                    _ => Self::whole(false),
+                }
+            }
+            CommandKind::ReenablePool { pool } => match self.pools.get_mut(pool.as_str()) {
+                Some(p) if !p.forward && p.abandoned_at.is_some_and(|t| at <= plus_month(t)) => {
+                    p.abandoned = false;
+                    p.abandoned_at = None;
+                    p.retained_until = None;
+                    p.frozen = false;
+                    Self::whole(true)
+                }
+                _ => Self::whole(false),
+            },
             CommandKind::UpsertRule { .. } => {
                 self.rules = true;
                 Self::whole(true)
+            }
+            CommandKind::SetAttributeNames { names } => {
+                let distinct: BTreeSet<&String> = names.iter().collect();
+                if names.len() > 6
+                    || distinct.len() != names.len()
+                    || names.iter().any(String::is_empty)
+                {
+                    return Self::whole(false);
+                }
+                self.attribute_names = names.clone();
+                self.disabled_attributes.retain(|n| names.contains(n));
+                Self::whole(true)
+            }
+            CommandKind::EnableAttribute { name } | CommandKind::DisableAttribute { name } => {
+                if !self.attribute_names.contains(name) {
+                    return Self::whole(false);
+                }
+                // The generated rules filter on no attribute.
+                if matches!(c.kind, CommandKind::DisableAttribute { .. }) {
+                    self.disabled_attributes.insert(name.clone());
+                } else {
+                    self.disabled_attributes.remove(name);
+                }
+                Self::whole(true)
+            }
+            CommandKind::SetAttributes { iccids, attributes } => {
+                let usable = |n: &String| {
+                    self.attribute_names.contains(n) && !self.disabled_attributes.contains(n)
+                };
+                let distinct: HashSet<&Iccid> = iccids.iter().collect();
+                if iccids.is_empty()
+                    || distinct.len() != iccids.len()
+                    || attributes.is_empty()
+                    || !attributes.keys().all(usable)
+                {
+                    return Self::whole(false);
+                }
+                self.batch(iccids, |m, i| {
+                    if m.live(&i).is_none() {
+                        return false;
+                    }
+                    let card = m.cards.get_mut(&i).unwrap();
+                    for (name, value) in attributes {
+                        match value {
+                            Some(v) => card.attributes.insert(name.clone(), v.clone()),
+                            None => card.attributes.remove(name),
+                        };
+                    }
+                    true
+                })
             }
             other => panic!("the model does not cover {}", other.type_name()),
         }
@@ -1110,6 +1248,7 @@ impl Model {
                         device_month: 0,
                         changes: 0,
                         rebinds: 0,
+                        attributes: BTreeMap::new(),
                     },
                 );
                 // A new card has no "before": no event for its creation.

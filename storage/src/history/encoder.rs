@@ -113,19 +113,35 @@ enum Job {
 /// that the inputs do not wait for them). The encoder takes them when it
 /// comes to the dump; a sender dropped without sending fails the dump, and
 /// with it the snapshot ([`HistoryError::CardViewsMissing`]).
+/// The custom attributes go into the columns of their names' slots
+/// (`attribute_names`, as declared when the snapshot was cut).
 #[derive(Debug)]
-pub struct CardsDump(Receiver<Vec<CardView>>);
+pub struct CardsDump {
+    views: Receiver<Vec<CardView>>,
+    attribute_names: Vec<String>,
+}
 
 impl CardsDump {
-    /// A dump, and where its views are to be sent.
-    pub fn later() -> (Sender<Vec<CardView>>, CardsDump) {
+    /// A dump, and where its views are to be sent; `attribute_names` are
+    /// the declared custom attribute names in order
+    /// (`Engine::attribute_names`).
+    pub fn later(attribute_names: Vec<String>) -> (Sender<Vec<CardView>>, CardsDump) {
         let (views, dump) = bounded(1);
-        (views, CardsDump(dump))
+        (
+            views,
+            CardsDump {
+                views: dump,
+                attribute_names,
+            },
+        )
     }
 
-    fn views(self) -> Result<Vec<CardView>, HistoryError> {
+    fn views(&self) -> Result<Vec<CardView>, HistoryError> {
         let waiting = std::time::Instant::now();
-        let views = self.0.recv().map_err(|_| HistoryError::CardViewsMissing)?;
+        let views = self
+            .views
+            .recv()
+            .map_err(|_| HistoryError::CardViewsMissing)?;
         // Time this thread stood idle for them (it may hold the writer up
         // meanwhile).
         tracing::debug!(
@@ -407,10 +423,10 @@ fn store_state(
         remove_older_than(files, &files.list_dir(&dir)?, &name)?;
     }
     if let Some(cards) = cards {
-        let cards = cards.views()?;
+        let views = cards.views()?;
         let name = format!("part-{through:020}-cards.parquet");
-        for (i, chunk) in cards.chunks(options.roll_rows.max(1)).enumerate() {
-            let batch = cards_batch(chunk, through, clock)?;
+        for (i, chunk) in views.chunks(options.roll_rows.max(1)).enumerate() {
+            let batch = cards_batch(chunk, &cards.attribute_names, through, clock)?;
             let chunk_name = format!("part-{through:020}-cards-{i:04}.parquet");
             store(
                 schema::CARDS,

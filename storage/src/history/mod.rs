@@ -835,6 +835,37 @@ mod tests {
     }
 
     #[test]
+    fn cards_hold_each_custom_attribute_in_the_column_of_its_slot() {
+        use arrow::array::{Array, StringArray};
+        let mut view = one_card_view();
+        view.attributes = [("site", "north"), ("customer", "acme"), ("old", "x")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let mut bare = view.clone();
+        bare.attributes.clear();
+        // Declared: customer (slot 1), colour (2, no value), site (3);
+        // "old" is no longer declared.
+        let names = ["customer", "colour", "site"].map(str::to_owned);
+        let batch = cards_batch(&[view, bare], &names, 7, Timestamp(DAY)).unwrap();
+        let column = |name: &str| -> Vec<Option<String>> {
+            let array = batch
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("no column {name}"));
+            let strings = array.as_any().downcast_ref::<StringArray>().unwrap();
+            (0..strings.len())
+                .map(|i| strings.is_valid(i).then(|| strings.value(i).to_owned()))
+                .collect()
+        };
+        assert_eq!(column("attr_1"), [Some("acme".to_owned()), None]);
+        assert_eq!(column("attr_2"), [None, None]);
+        assert_eq!(column("attr_3"), [Some("north".to_owned()), None]);
+        for slot in 4..=flowcap_engine::command::MAX_ATTRIBUTE_NAMES {
+            assert_eq!(column(&schema::attribute_column(slot)), [None, None]);
+        }
+    }
+
+    #[test]
     fn a_cards_dump_built_after_the_cut_is_stored_with_it_or_fails_it() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("history");
@@ -842,7 +873,7 @@ mod tests {
         w.accounted(&accounted(0, 1, DAY)).unwrap();
         // A cut whose cards views come later (as from a snapshot's copy).
         let cut_with_views_later = |w: &mut HistoryWriter, through: u64| {
-            let (views, dump) = CardsDump::later();
+            let (views, dump) = CardsDump::later(Vec::new());
             let ticket = w.cut(through, Timestamp(DAY), Vec::new(), Some(dump), None);
             (views, ticket.unwrap())
         };

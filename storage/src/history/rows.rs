@@ -3,6 +3,7 @@
 //! its schema's column order: `schema.rs`).
 
 use super::*;
+use flowcap_engine::command::MAX_ATTRIBUTE_NAMES;
 
 #[derive(Debug, Clone)]
 pub(super) struct StateChange {
@@ -432,8 +433,11 @@ pub(super) fn closed_pools_batch(
     c.finish()
 }
 
+/// The `cards` rows of `rows`; `attribute_names` are the declared custom
+/// attribute names, slot by slot (`attr_1` is the first).
 pub(super) fn cards_batch(
     rows: &[CardView],
+    attribute_names: &[String],
     through: u64,
     clock: Timestamp,
 ) -> Result<RecordBatch, ArrowError> {
@@ -475,6 +479,13 @@ pub(super) fn cards_batch(
     c.utf8(rows.iter().map(|r| r.msisdn.as_deref()));
     c.utf8(rows.iter().map(|r| r.imsi.as_deref()));
     c.utf8(rows.iter().map(|r| r.imei.as_deref()));
+    for slot in 0..MAX_ATTRIBUTE_NAMES {
+        let name = attribute_names.get(slot);
+        c.utf8(
+            rows.iter()
+                .map(|r| name.and_then(|n| r.attributes.get(n)).map(String::as_str)),
+        );
+    }
     c.ts(rows.iter().map(|_| Some(clock.0)));
     c.i64(rows.iter().map(|_| Some(to_i64(through))));
     c.finish()
