@@ -13,6 +13,8 @@
 //!   shortcuts.
 //! - `snapshot`: `flowcap serve`'s read-only state, the newest snapshot.
 //! - `summary`: `GET /summary`, the counts the console's overview shows.
+//! - `rules`: a rule's executions (history) and the what-if replay;
+//!   `history`: the API's own queries over the history.
 //! - `ui`: the web console at `/ui`, built in `console/` and embedded.
 //! - `answers`: the answer types; `doc`: the OpenAPI document made from
 //!   them and the handlers (`/api/v1/openapi.json`, `docs/openapi.json`).
@@ -25,8 +27,10 @@ mod access;
 mod answers;
 mod commands;
 mod doc;
+mod history;
 mod live;
 mod problem;
+mod rules;
 pub(crate) mod snapshot;
 mod state;
 mod summary;
@@ -105,6 +109,8 @@ pub(crate) struct Api {
     max_body: usize,
     /// The history, for `/cards/{iccid}/usage` (none without one).
     history: Option<Arc<crate::sql::SqlService>>,
+    /// One what-if replay at a time.
+    what_if: Arc<tokio::sync::Semaphore>,
 }
 
 /// The API for a server on `addr`, and the driver's end of its request
@@ -136,6 +142,7 @@ pub(crate) fn build(
         sent: Mutex::new(commands::Sent::default()),
         max_body: config.max_body_kb.saturating_mul(1024).max(1),
         history,
+        what_if: Arc::new(tokio::sync::Semaphore::new(1)),
     };
     Ok((Arc::new(api), rx))
 }
@@ -154,6 +161,9 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/tags", get(state::tags))
         .route("/webhooks", get(state::webhooks))
         .route("/rules", get(state::rules))
+        .route("/rules/what-if", post(rules::what_if_draft))
+        .route("/rules/{id}/executions", get(rules::executions))
+        .route("/rules/{id}/what-if", post(rules::what_if_rule))
         .route("/summary", get(summary::summary))
         .route("/commands", post(commands::submit))
         .route("/commands/{id}", get(commands::result))
