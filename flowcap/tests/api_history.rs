@@ -6,12 +6,16 @@
 //!   once, newest first, with the outcome the history has;
 //! - `POST /rules/what-if` (a draft) and `/rules/{id}/what-if` answer the
 //!   rows `flowcap rules replay` prints for the same draft and days;
+//! - `GET /dead-letters` shows each quarantined input once, by reason,
+//!   raw, with its secret redacted;
+//! - `GET /ingestion` counts the records and dead letters the run read.
 //!
 //! No sleeps decide anything: the tests wait on the lines the binary
 //! prints.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -275,4 +279,74 @@ fn rule_executions_and_what_if_answer_from_the_history() {
     }
     let (status, _) = http(&addr, "GET", "/api/v1/rules/live12/executions", None, None);
     assert_eq!(status, 401);
+}
+
+#[test]
+fn dead_letters_and_ingestion_answer_what_the_run_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, addr) = start(dir.path());
+    let history = sql_rows(
+        &dir.path().join("out"),
+        "SELECT input_seq, CAST(reason AS VARCHAR) AS reason FROM quarantine \
+         ORDER BY input_seq DESC",
+    );
+    assert_eq!(history.len(), 3);
+
+    // Each letter once, newest first, a page of one at a time.
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/dead-letters?limit=1".to_owned();
+    loop {
+        let page = get(&addr, &path);
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 1);
+        seen.extend(items.iter().cloned());
+        let mut by_reason = std::collections::BTreeMap::new();
+        for r in &history {
+            *by_reason.entry(r["reason"].as_str().unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(page["reasons"], json!(by_reason));
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/api/v1/dead-letters?limit=1&cursor={c}"),
+            None => break,
+        }
+    }
+    let seqs: Vec<&Value> = seen.iter().map(|l| &l["seq"]).collect();
+    let want: Vec<&Value> = history.iter().map(|r| &r["input_seq"]).collect();
+    assert_eq!(seqs, want);
+    let raws: BTreeSet<&str> = seen.iter().map(|l| l["raw"].as_str().unwrap()).collect();
+    assert!(raws.contains("this is not JSON"), "{raws:?}");
+    assert!(raws.contains("{\"record_id\": \"cut"), "{raws:?}");
+    assert!(
+        raws.iter()
+            .any(|r| r.contains("\"iccid\":\"12345\"") && r.contains("redacted:sha256:")),
+        "{raws:?}"
+    );
+
+    // By reason.
+    let reason = history[0]["reason"].as_str().unwrap();
+    let page = get(&addr, &format!("/api/v1/dead-letters?reason={reason}"));
+    let items = page["items"].as_array().unwrap();
+    let want = history.iter().filter(|r| r["reason"] == reason).count();
+    assert_eq!(items.len(), want);
+    assert!(items.iter().all(|l| l["reason"] == reason));
+    let (status, _) = http(
+        &addr,
+        "GET",
+        "/api/v1/dead-letters?color=red",
+        Some(VIEWER),
+        None,
+    );
+    assert_eq!(status, 400);
+
+    // The last hour: every record read and every dead letter, no lag
+    // (not reading Kafka).
+    let ingestion = get(&addr, "/api/v1/ingestion");
+    let records = u64::from(CARDS) * 10 + 3;
+    assert_eq!(ingestion["records"], records, "{ingestion}");
+    assert_eq!(ingestion["dead_letters"], 3, "{ingestion}");
+    assert_eq!(ingestion["lag"], Value::Null);
+    let minutes = ingestion["minutes"].as_array().unwrap();
+    assert!(!minutes.is_empty() && minutes.len() <= 60, "{ingestion}");
+    let sum: u64 = minutes.iter().map(|m| m["records"].as_u64().unwrap()).sum();
+    assert_eq!(sum, records);
 }
