@@ -118,7 +118,20 @@ async function someActiveCard() {
 
 test("a card's page shows the API's numbers, and a suspend appears as manual", async () => {
   const card = await someActiveCard();
+  // Custom attributes, declared and set through the API.
+  const { clock } = await api('GET', '/summary');
+  await api('POST', '/commands', [
+    { id: `e2e-names-${Date.now()}`, type: 'set_attribute_names', at: clock, names: ['customer', 'site'] },
+    {
+      id: `e2e-attrs-${Date.now()}`,
+      type: 'set_attributes',
+      at: clock,
+      iccids: [card.iccid],
+      attributes: { customer: 'Acme Logistics', site: 'Shenzhen-3' },
+    },
+  ]);
   const fromApi = await api('GET', `/cards/${card.iccid}`);
+  assert.deepEqual(fromApi.attributes, { customer: 'Acme Logistics', site: 'Shenzhen-3' });
   await open(`/cards/${card.iccid}`);
   await page.locator('[data-testid=card]').waitFor();
   assert.equal(await text('[data-testid=iccid]'), fromApi.iccid);
@@ -140,6 +153,18 @@ test("a card's page shows the API's numbers, and a suspend appears as manual", a
     assert.equal(await text(`[data-testid=cycles] tr[data-key="${c.period}"] [data-testid=cycle-bytes]`), bytes(c.bytes), c.period);
   }
   assert.equal(cycles[cycles.length - 1].bytes, fromApi.usage_bytes, 'the live cycle is the card\'s usage');
+  // Daily bars: 60 days, each the API's daily sum.
+  const days = (await api('GET', `/cards/${card.iccid}/usage?granularity=day`)).items;
+  assert.ok(days.length > 0);
+  await page.locator('[data-testid=days]').waitFor();
+  assert.equal(await page.locator('[data-testid=days] > span').count(), 60);
+  for (const d of days.slice(-60)) {
+    const bar = page.locator(`[data-testid=days] [data-key="${d.period}"]`);
+    assert.equal(await bar.getAttribute('data-bytes'), bytes(d.bytes), d.period);
+  }
+  for (const [name, value] of Object.entries(fromApi.attributes)) {
+    assert.equal(await text(`[data-testid=attributes] dd[data-key="${name}"]`), value);
+  }
   await shot('card');
 
   await page.click('[data-testid=suspend]');

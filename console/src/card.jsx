@@ -1,3 +1,4 @@
+import { Fragment } from 'preact';
 import { useState } from 'preact/hooks';
 import { commandId, get, post } from './api.js';
 import { CycleChart } from './chart.jsx';
@@ -105,10 +106,53 @@ function Cycles({ cycles }) {
   );
 }
 
+// The 60 local days (UTC+8) ending today, or at the history's newest
+// day when that is later (a replayed or generated history).
+export function lastDays(days, n = 60) {
+  const today = new Date(Date.now() + 8 * 3600 * 1000).toISOString().slice(0, 10);
+  const newest = days.length ? days[days.length - 1].period : today;
+  const end = Date.parse(`${newest > today ? newest : today}T00:00:00Z`);
+  const out = [];
+  for (let i = n - 1; i >= 0; i -= 1) out.push(new Date(end - i * 86400 * 1000).toISOString().slice(0, 10));
+  return out;
+}
+
+function Days({ days }) {
+  if (!days) return <p class="hint">No usage history on this server.</p>;
+  const byDay = new Map(days.map((d) => [d.period, d.bytes]));
+  const shown = lastDays(days);
+  const top = Math.max(1, ...shown.map((d) => byDay.get(d) ?? 0));
+  return (
+    <div>
+      <div class="days" data-testid="days">
+        {shown.map((d) => {
+          const b = byDay.get(d) ?? 0;
+          return (
+            <span
+              key={d}
+              data-key={d}
+              data-bytes={bytes(b)}
+              class={b ? '' : 'none'}
+              style={{ height: `${Math.max(1, (b * 100) / top)}%` }}
+              title={`${d}: ${bytes(b)}`}
+            />
+          );
+        })}
+      </div>
+      <p class="hint">
+        {shown[0]} to {shown[shown.length - 1]} (UTC+8), the history's daily sums; the highest day {bytes(top)}.
+      </p>
+    </div>
+  );
+}
+
 export function Card({ iccid }) {
   const [card, error, reload] = useLoad(() => get(`/cards/${encodeURIComponent(iccid)}`), [iccid]);
   const [history] = useLoad(
-    async () => ({ days: await usage(iccid, 'granularity=day'), cycles: await usage(iccid, 'granularity=cycle') }),
+    async () => {
+      const [days, cycles] = await Promise.all([usage(iccid, 'granularity=day'), usage(iccid, 'granularity=cycle')]);
+      return { days, cycles };
+    },
     [iccid],
   );
   if (error) return <Failed error={error} />;
@@ -137,6 +181,8 @@ export function Card({ iccid }) {
       <p class="hint">
         Daily sums from the history, the last point the live total; dashed: the limit and the threshold.
       </p>
+      <h2>Usage per day (last 60)</h2>
+      {history ? <Days days={history.days} /> : <p>Loading…</p>}
       <h2>Usage per cycle (last 12)</h2>
       {history ? <Cycles cycles={history.cycles} /> : <p>Loading…</p>}
       <h2>Details</h2>
@@ -155,7 +201,19 @@ export function Card({ iccid }) {
         <dt>Pool</dt>
         <dd>{card.pool ? <Link to={`/pools/${encodeURIComponent(card.pool)}`}>{card.pool}</Link> : '—'}</dd>
         <dt>Tags</dt><dd data-testid="tags">{card.tags.length ? card.tags.join(', ') : '—'}</dd>
-        <dt>Attributes</dt><dd class="hint">not in the API's answer yet</dd>
+        <dt>Attributes</dt>
+        <dd data-testid="attributes">
+          {Object.keys(card.attributes ?? {}).length === 0 ? '—' : (
+            <dl class="attrs">
+              {Object.entries(card.attributes).map(([k, v]) => (
+                <Fragment key={k}>
+                  <dt>{k}</dt>
+                  <dd data-key={k}>{v}</dd>
+                </Fragment>
+              ))}
+            </dl>
+          )}
+        </dd>
         <dt>IMEI</dt><dd data-testid="imei">{card.imei ?? '—'}</dd>
         <dt>MSISDN</dt><dd>{card.msisdn ?? '—'}</dd>
         <dt>IMSI</dt><dd>{card.imsi ?? '—'}</dd>
