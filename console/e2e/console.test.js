@@ -105,6 +105,14 @@ test('the overview shows the API summary', async () => {
     assert.equal(await text(`[data-testid=by-reason] tr[data-key="${reason}"] [data-testid=n]`), count(n), reason);
   }
   assert.ok(summary.cards > 0);
+  // The ingestion panel: the run is over, so the counters stay.
+  const ingestion = await api('GET', '/ingestion');
+  await page.locator('[data-testid=ingestion]').waitFor();
+  assert.ok(ingestion.records > 0 && ingestion.dead_letters > 0, JSON.stringify(ingestion));
+  assert.equal(await text('[data-testid=ingested]'), count(ingestion.records));
+  assert.equal(await text('[data-testid=dead]'), count(ingestion.dead_letters));
+  assert.equal(await text('[data-testid=lag]'), '—');
+  assert.equal(await page.locator('[data-testid=minutes] > span').count(), ingestion.minutes.length);
   await shot('overview');
 });
 
