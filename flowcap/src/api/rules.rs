@@ -203,7 +203,8 @@ pub(crate) struct WhatIfAnswer {
     pub(crate) firings: usize,
     /// Every card it would have fired for, in ICCID order.
     pub(crate) cards: Vec<String>,
-    /// Every pool it would have fired for.
+    /// Every pool it would have fired for (pool rules; a card's firing
+    /// names its pool in its item, not here).
     pub(crate) pools: Vec<String>,
     /// The firings in input order, the first 1000 (`flowcap rules
     /// replay`'s rows).
@@ -275,9 +276,11 @@ async fn what_if(
         .iter()
         .filter_map(|f| f.iccid.map(|i| i.to_string()))
         .collect();
+    // A card's firing names its pool too; a pool fired when no card did.
     let pools: BTreeSet<String> = found
         .firings
         .iter()
+        .filter(|f| f.iccid.is_none())
         .filter_map(|f| f.pool.as_ref().map(|p| p.to_string()))
         .collect();
     Ok(Json(WhatIfAnswer {
