@@ -9,7 +9,9 @@
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 import { bytes, count, pct } from '../src/format.js';
@@ -278,4 +280,69 @@ test("a pool's page shows the API's numbers", async () => {
   );
   assert.deepEqual(top, pool.top_consumers.map((c) => c.iccid));
   await shot('pool');
+});
+
+test("a rule's executions show the history's outcomes", async () => {
+  const { clock } = await api('GET', '/summary');
+  const rule = 'e2e-cut';
+  await api('POST', '/commands', {
+    id: `e2e-rule-${Date.now()}`,
+    type: 'upsert_rule',
+    at: clock,
+    rule: { id: rule, name: 'Cards cut', type: 4, condition: { to: ['suspended'] } },
+  });
+  const active = (await api('GET', '/cards?state=active&limit=3')).items.map((c) => c.iccid);
+  const cut = await api('POST', '/commands', { id: `e2e-cut-${Date.now()}`, type: 'suspend', at: clock, iccids: active });
+  assert.equal(cut.result.ok, true, JSON.stringify(cut));
+  // The firings are in the history once the command is answered.
+  const executions = await api('GET', `/rules/${rule}/executions?limit=50`);
+  assert.deepEqual(executions.items.map((e) => e.iccid).sort(), [...active].sort());
+
+  await open('/rules');
+  await page.locator(`[data-testid=rules] tr[data-key="${rule}"]`).waitFor();
+  await shot('rules');
+  await page.click(`[data-testid=rules] tr[data-key="${rule}"] a`);
+  await page.locator('[data-testid=executions]').waitFor();
+  const rows = await page
+    .locator('[data-testid=executions] tbody tr')
+    .evaluateAll((rows) => rows.map((r) => [r.dataset.key, r.querySelector('[data-testid=outcome]').innerText]));
+  assert.deepEqual(rows, executions.items.map((e) => [e.execution_id, e.outcome]));
+  await shot('rule');
+});
+
+test('the what-if form returns the cards of `flowcap rules replay`', async () => {
+  assert.ok(process.env.FLOWCAP_BIN && process.env.FLOWCAP_DATA, 'set by flowcap/tests/console.rs');
+  const { clock } = await api('GET', '/summary');
+  const day = (ms) => new Date(ms + 8 * 3600 * 1000).toISOString().slice(0, 10);
+  const to = day(Date.parse(clock));
+  const from = day(Date.parse(clock) - 86400 * 1000);
+  // The CLI, as a process, over the same history.
+  const dir = mkdtempSync(join(tmpdir(), 'flowcap-whatif-'));
+  const draftFile = join(dir, 'draft.toml');
+  writeFileSync(draftFile, 'id = "e2e-draft"\ntype = 2\n[condition]\nused_mb_gte = 5\n');
+  const printed = execFileSync(
+    process.env.FLOWCAP_BIN,
+    ['rules', 'replay', '--format', 'json', '--rule', draftFile, '--from', from, '--to', to, '--data', process.env.FLOWCAP_DATA],
+    { encoding: 'utf8' },
+  );
+  const rows = printed.split('\n').filter(Boolean).map((l) => JSON.parse(l));
+  const cards = [...new Set(rows.filter((r) => r.iccid).map((r) => r.iccid))].sort();
+  assert.ok(cards.length > 0, 'the draft fires for some card');
+
+  await open('/rules');
+  await page.locator('[data-testid=what-if-form]').waitFor();
+  const draft = { id: 'e2e-draft', type: 2, condition: { used_mb_gte: 5 } };
+  await page.fill('textarea[name=draft]', JSON.stringify(draft, null, 2));
+  await page.fill('input[name=from]', from);
+  await page.fill('input[name=to]', to);
+  await page.click('[data-testid=what-if-run]');
+  await page.locator('[data-testid=what-if-answer]').waitFor({ timeout: 120_000 });
+  const shown = await page.locator('[data-testid=what-if-cards] li').evaluateAll((li) => li.map((l) => l.dataset.key));
+  assert.deepEqual(shown, cards);
+  // Pools that fired (a card's row names its pool: not a pool firing).
+  const pools = [...new Set(rows.filter((r) => !r.iccid && r.pool_id).map((r) => r.pool_id))].sort();
+  const shownPools = await page.locator('[data-testid=what-if-pools] li').evaluateAll((li) => li.map((l) => l.dataset.key));
+  assert.deepEqual(shownPools, pools);
+  assert.equal(await text('[data-testid=what-if-firings]'), String(rows.length));
+  await shot('what-if');
 });
