@@ -346,3 +346,35 @@ test('the what-if form returns the cards of `flowcap rules replay`', async () =>
   assert.equal(await text('[data-testid=what-if-firings]'), String(rows.length));
   await shot('what-if');
 });
+
+test('the dead letters page shows the quarantined input by reason', async () => {
+  const all = await api('GET', '/dead-letters?limit=20');
+  const reasons = Object.keys(all.reasons);
+  assert.ok(reasons.length > 0 && all.items.length > 0);
+  await open('/dead-letters');
+  await page.locator('[data-testid=letters]').waitFor();
+  for (const [reason, n] of Object.entries(all.reasons)) {
+    assert.equal(await text(`[data-testid=letter-reasons] tr[data-key="${reason}"] [data-testid=n]`), count(n), reason);
+  }
+  const keys = () =>
+    page.locator('[data-testid=letters] tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.key));
+  assert.deepEqual(await keys(), all.items.map((l) => String(l.seq)));
+  const first = all.items[0];
+  assert.equal(
+    await page.locator('[data-testid=letters] tbody tr [data-testid=raw]').first().textContent(),
+    first.raw ?? `hex: ${first.raw_hex}`,
+  );
+  await shot('dead-letters');
+
+  // One reason: the server filters.
+  const reason = reasons[reasons.length - 1];
+  const some = await api('GET', `/dead-letters?reason=${reason}&limit=20`);
+  await page.click(`[data-testid=letter-reasons] tr[data-key="${reason}"] a`);
+  await page.waitForURL(new RegExp(`reason=${reason}$`));
+  const want = some.items.map((l) => String(l.seq)).join(',');
+  await page.waitForFunction(
+    (w) => [...document.querySelectorAll('[data-testid=letters] tbody tr')].map((r) => r.dataset.key).join(',') === w,
+    want,
+  );
+  assert.ok(some.items.every((l) => l.reason === reason));
+});

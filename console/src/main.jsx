@@ -9,6 +9,7 @@ import { Cards } from './cards.jsx';
 import { Card } from './card.jsx';
 import { Pool, Pools } from './pool.jsx';
 import { Rule, Rules } from './rules.jsx';
+import { DeadLetters } from './letters.jsx';
 
 function Login({ next }) {
   const [value, setValue] = useState('');
@@ -73,6 +74,7 @@ function App() {
   else if ((m = path.match(/^\/pools\/([^/]+)$/))) page = <Pool id={decodeURIComponent(m[1])} query={query} />;
   else if (path === '/rules') page = <Rules />;
   else if ((m = path.match(/^\/rules\/([^/]+)$/))) page = <Rule id={decodeURIComponent(m[1])} />;
+  else if (path === '/dead-letters') page = <DeadLetters query={query} />;
   else page = <p>No such page.</p>;
   return (
     <>
@@ -83,6 +85,7 @@ function App() {
           <Link to="/cards">Cards</Link>
           <Link to="/pools">Pools</Link>
           <Link to="/rules">Rules</Link>
+          <Link to="/dead-letters">Dead letters</Link>
         </nav>
         <button
           class="link"
