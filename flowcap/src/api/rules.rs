@@ -247,7 +247,7 @@ async fn what_if(
             "this server has no history (run without --no-history)",
         ));
     };
-    let Ok(_one) = api.what_if.clone().try_acquire_owned() else {
+    let Ok(permit) = api.what_if.clone().try_acquire_owned() else {
         return Err(Problem::busy("a what-if replay is running; try again", 5));
     };
     let root = history.root().clone();
@@ -257,6 +257,9 @@ async fn what_if(
     }
     let offset = config.calendar.utc_offset_secs;
     let found = tokio::task::spawn_blocking(move || {
+        // Held by the replay, not the request: a client that goes away
+        // does not let a second replay start beside this one.
+        let _permit = permit;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
