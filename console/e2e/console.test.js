@@ -15,6 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 import { bytes, count, pct } from '../src/format.js';
+import { cyclesBefore, dayWindow } from '../src/history.js';
 
 const URL = process.env.FLOWCAP_URL;
 const TOKEN = process.env.FLOWCAP_TOKEN;
@@ -156,19 +157,25 @@ test("a card's page shows the API's numbers, and a suspend appears as manual", a
   assert.equal(await text('[data-testid=imei]'), fromApi.imei ?? '—');
   await page.locator('[data-testid=usage-chart] canvas').waitFor();
   // Per-cycle bars: the API's usage answer (history, the live cycle last).
-  const cycles = (await api('GET', `/cards/${card.iccid}/usage?granularity=cycle`)).items.slice(-12);
+  const cycles = (
+    await api('GET', `/cards/${card.iccid}/usage?granularity=cycle&from=${cyclesBefore(fromApi.cycle, 11)}`)
+  ).items;
   assert.ok(cycles.length > 0);
   await page.locator('[data-testid=cycles]').waitFor();
   for (const c of cycles) {
     assert.equal(await text(`[data-testid=cycles] tr[data-key="${c.period}"] [data-testid=cycle-bytes]`), bytes(c.bytes), c.period);
   }
   assert.equal(cycles[cycles.length - 1].bytes, fromApi.usage_bytes, 'the live cycle is the card\'s usage');
-  // Daily bars: 60 days, each the API's daily sum.
-  const days = (await api('GET', `/cards/${card.iccid}/usage?granularity=day`)).items;
+  // Daily bars: the 60 days up to today or the end of the card's cycle
+  // (the generated history's), each the API's daily sum.
+  const shownDays = dayWindow(fromApi);
+  const days = (
+    await api('GET', `/cards/${card.iccid}/usage?granularity=day&from=${shownDays[0]}&to=${shownDays[59]}`)
+  ).items;
   assert.ok(days.length > 0);
   await page.locator('[data-testid=days]').waitFor();
   assert.equal(await page.locator('[data-testid=days] > span').count(), 60);
-  for (const d of days.slice(-60)) {
+  for (const d of days) {
     const bar = page.locator(`[data-testid=days] [data-key="${d.period}"]`);
     assert.equal(await bar.getAttribute('data-bytes'), bytes(d.bytes), d.period);
   }

@@ -1,8 +1,9 @@
 import { Fragment } from 'preact';
-import { useState } from 'preact/hooks';
+import { useRef, useState } from 'preact/hooks';
 import { commandId, get, post } from './api.js';
 import { CycleChart } from './chart.jsx';
 import { bytes, pct, REASONS, STATES, time } from './format.js';
+import { cyclesBefore, dayWindow } from './history.js';
 import { Failed, State, UsageBar, useLoad } from './parts.jsx';
 import { Link } from './router.jsx';
 
@@ -106,21 +107,9 @@ function Cycles({ cycles }) {
   );
 }
 
-// The 60 local days (UTC+8) ending today, or at the history's newest
-// day when that is later (a replayed or generated history).
-export function lastDays(days, n = 60) {
-  const today = new Date(Date.now() + 8 * 3600 * 1000).toISOString().slice(0, 10);
-  const newest = days.length ? days[days.length - 1].period : today;
-  const end = Date.parse(`${newest > today ? newest : today}T00:00:00Z`);
-  const out = [];
-  for (let i = n - 1; i >= 0; i -= 1) out.push(new Date(end - i * 86400 * 1000).toISOString().slice(0, 10));
-  return out;
-}
-
-function Days({ days }) {
+function Days({ days, shown }) {
   if (!days) return <p class="hint">No usage history on this server.</p>;
   const byDay = new Map(days.map((d) => [d.period, d.bytes]));
-  const shown = lastDays(days);
   const top = Math.max(1, ...shown.map((d) => byDay.get(d) ?? 0));
   return (
     <div>
@@ -146,15 +135,39 @@ function Days({ days }) {
   );
 }
 
+// The history a card's page shows (null parts: no history on the
+// server), asked for as soon as the card is known, before the page
+// renders it; the page takes the last one asked.
+let asked = { key: null, history: null };
+const keyOf = (card) => `${card.iccid} ${card.carrier} ${card.cycle}`;
+
+function ask(card) {
+  const shown = dayWindow(card);
+  // Only what the bars show: the history's older partitions are not read.
+  const history = Promise.all([
+    usage(card.iccid, `granularity=day&from=${shown[0]}&to=${shown[shown.length - 1]}`),
+    usage(card.iccid, `granularity=cycle&from=${cyclesBefore(card.cycle, 11)}`),
+  ]).then(([days, cycles]) => ({ days, cycles, shown }));
+  asked = { key: keyOf(card), history };
+  return history;
+}
+
+const historyOf = (card) => (asked.key === keyOf(card) ? asked.history : ask(card));
+
 export function Card({ iccid }) {
-  const [card, error, reload] = useLoad(() => get(`/cards/${encodeURIComponent(iccid)}`), [iccid]);
-  const [history] = useLoad(
-    async () => {
-      const [days, cycles] = await Promise.all([usage(iccid, 'granularity=day'), usage(iccid, 'granularity=cycle')]);
-      return { days, cycles };
-    },
-    [iccid],
-  );
+  // The card's first load asks for its history; a reload after an
+  // action does not (the bars do not change with a command).
+  const opened = useRef(null);
+  const [card, error, reload] = useLoad(async () => {
+    const card = await get(`/cards/${encodeURIComponent(iccid)}`);
+    if (opened.current !== iccid) {
+      opened.current = iccid;
+      ask(card);
+    }
+    return card;
+  }, [iccid]);
+  // The bars' stretch follows the card's cycle (see history.js).
+  const [history] = useLoad(async () => (card ? historyOf(card) : null), [iccid, card?.cycle, card?.carrier]);
   if (error) return <Failed error={error} />;
   if (!card) return <p>Loading…</p>;
   return (
@@ -182,7 +195,7 @@ export function Card({ iccid }) {
         Daily sums from the history, the last point the live total; dashed: the limit and the threshold.
       </p>
       <h2>Usage per day (last 60)</h2>
-      {history ? <Days days={history.days} /> : <p>Loading…</p>}
+      {history ? <Days days={history.days} shown={history.shown} /> : <p>Loading…</p>}
       <h2>Usage per cycle (last 12)</h2>
       {history ? <Cycles cycles={history.cycles} /> : <p>Loading…</p>}
       <h2>Details</h2>
