@@ -9,10 +9,13 @@
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 import { bytes, count, pct } from '../src/format.js';
+import { cyclesBefore, dayWindow } from '../src/history.js';
 
 const URL = process.env.FLOWCAP_URL;
 const TOKEN = process.env.FLOWCAP_TOKEN;
@@ -105,6 +108,14 @@ test('the overview shows the API summary', async () => {
     assert.equal(await text(`[data-testid=by-reason] tr[data-key="${reason}"] [data-testid=n]`), count(n), reason);
   }
   assert.ok(summary.cards > 0);
+  // The ingestion panel: the run is over, so the counters stay.
+  const ingestion = await api('GET', '/ingestion');
+  await page.locator('[data-testid=ingestion]').waitFor();
+  assert.ok(ingestion.records > 0 && ingestion.dead_letters > 0, JSON.stringify(ingestion));
+  assert.equal(await text('[data-testid=ingested]'), count(ingestion.records));
+  assert.equal(await text('[data-testid=dead]'), count(ingestion.dead_letters));
+  assert.equal(await text('[data-testid=lag]'), '—');
+  assert.equal(await page.locator('[data-testid=minutes] > span').count(), ingestion.minutes.length);
   await shot('overview');
 });
 
@@ -118,7 +129,20 @@ async function someActiveCard() {
 
 test("a card's page shows the API's numbers, and a suspend appears as manual", async () => {
   const card = await someActiveCard();
+  // Custom attributes, declared and set through the API.
+  const { clock } = await api('GET', '/summary');
+  await api('POST', '/commands', [
+    { id: `e2e-names-${Date.now()}`, type: 'set_attribute_names', at: clock, names: ['customer', 'site'] },
+    {
+      id: `e2e-attrs-${Date.now()}`,
+      type: 'set_attributes',
+      at: clock,
+      iccids: [card.iccid],
+      attributes: { customer: 'Acme Logistics', site: 'Shenzhen-3' },
+    },
+  ]);
   const fromApi = await api('GET', `/cards/${card.iccid}`);
+  assert.deepEqual(fromApi.attributes, { customer: 'Acme Logistics', site: 'Shenzhen-3' });
   await open(`/cards/${card.iccid}`);
   await page.locator('[data-testid=card]').waitFor();
   assert.equal(await text('[data-testid=iccid]'), fromApi.iccid);
@@ -133,13 +157,31 @@ test("a card's page shows the API's numbers, and a suspend appears as manual", a
   assert.equal(await text('[data-testid=imei]'), fromApi.imei ?? '—');
   await page.locator('[data-testid=usage-chart] canvas').waitFor();
   // Per-cycle bars: the API's usage answer (history, the live cycle last).
-  const cycles = (await api('GET', `/cards/${card.iccid}/usage?granularity=cycle`)).items.slice(-12);
+  const cycles = (
+    await api('GET', `/cards/${card.iccid}/usage?granularity=cycle&from=${cyclesBefore(fromApi.cycle, 11)}`)
+  ).items;
   assert.ok(cycles.length > 0);
   await page.locator('[data-testid=cycles]').waitFor();
   for (const c of cycles) {
     assert.equal(await text(`[data-testid=cycles] tr[data-key="${c.period}"] [data-testid=cycle-bytes]`), bytes(c.bytes), c.period);
   }
   assert.equal(cycles[cycles.length - 1].bytes, fromApi.usage_bytes, 'the live cycle is the card\'s usage');
+  // Daily bars: the 60 days up to today or the end of the card's cycle
+  // (the generated history's), each the API's daily sum.
+  const shownDays = dayWindow(fromApi);
+  const days = (
+    await api('GET', `/cards/${card.iccid}/usage?granularity=day&from=${shownDays[0]}&to=${shownDays[59]}`)
+  ).items;
+  assert.ok(days.length > 0);
+  await page.locator('[data-testid=days]').waitFor();
+  assert.equal(await page.locator('[data-testid=days] > span').count(), 60);
+  for (const d of days) {
+    const bar = page.locator(`[data-testid=days] [data-key="${d.period}"]`);
+    assert.equal(await bar.getAttribute('data-bytes'), bytes(d.bytes), d.period);
+  }
+  for (const [name, value] of Object.entries(fromApi.attributes)) {
+    assert.equal(await text(`[data-testid=attributes] dd[data-key="${name}"]`), value);
+  }
   await shot('card');
 
   await page.click('[data-testid=suspend]');
@@ -245,4 +287,101 @@ test("a pool's page shows the API's numbers", async () => {
   );
   assert.deepEqual(top, pool.top_consumers.map((c) => c.iccid));
   await shot('pool');
+});
+
+test("a rule's executions show the history's outcomes", async () => {
+  const { clock } = await api('GET', '/summary');
+  const rule = 'e2e-cut';
+  await api('POST', '/commands', {
+    id: `e2e-rule-${Date.now()}`,
+    type: 'upsert_rule',
+    at: clock,
+    rule: { id: rule, name: 'Cards cut', type: 4, condition: { to: ['suspended'] } },
+  });
+  const active = (await api('GET', '/cards?state=active&limit=3')).items.map((c) => c.iccid);
+  const cut = await api('POST', '/commands', { id: `e2e-cut-${Date.now()}`, type: 'suspend', at: clock, iccids: active });
+  assert.equal(cut.result.ok, true, JSON.stringify(cut));
+  // The firings are in the history once the command is answered.
+  const executions = await api('GET', `/rules/${rule}/executions?limit=50`);
+  assert.deepEqual(executions.items.map((e) => e.iccid).sort(), [...active].sort());
+
+  await open('/rules');
+  await page.locator(`[data-testid=rules] tr[data-key="${rule}"]`).waitFor();
+  await shot('rules');
+  await page.click(`[data-testid=rules] tr[data-key="${rule}"] a`);
+  await page.locator('[data-testid=executions]').waitFor();
+  const rows = await page
+    .locator('[data-testid=executions] tbody tr')
+    .evaluateAll((rows) => rows.map((r) => [r.dataset.key, r.querySelector('[data-testid=outcome]').innerText]));
+  assert.deepEqual(rows, executions.items.map((e) => [e.execution_id, e.outcome]));
+  await shot('rule');
+});
+
+test('the what-if form returns the cards of `flowcap rules replay`', async () => {
+  assert.ok(process.env.FLOWCAP_BIN && process.env.FLOWCAP_DATA, 'set by flowcap/tests/console.rs');
+  const { clock } = await api('GET', '/summary');
+  const day = (ms) => new Date(ms + 8 * 3600 * 1000).toISOString().slice(0, 10);
+  const to = day(Date.parse(clock));
+  const from = day(Date.parse(clock) - 86400 * 1000);
+  // The CLI, as a process, over the same history.
+  const dir = mkdtempSync(join(tmpdir(), 'flowcap-whatif-'));
+  const draftFile = join(dir, 'draft.toml');
+  writeFileSync(draftFile, 'id = "e2e-draft"\ntype = 2\n[condition]\nused_mb_gte = 5\n');
+  const printed = execFileSync(
+    process.env.FLOWCAP_BIN,
+    ['rules', 'replay', '--format', 'json', '--rule', draftFile, '--from', from, '--to', to, '--data', process.env.FLOWCAP_DATA],
+    { encoding: 'utf8' },
+  );
+  const rows = printed.split('\n').filter(Boolean).map((l) => JSON.parse(l));
+  const cards = [...new Set(rows.filter((r) => r.iccid).map((r) => r.iccid))].sort();
+  assert.ok(cards.length > 0, 'the draft fires for some card');
+
+  await open('/rules');
+  await page.locator('[data-testid=what-if-form]').waitFor();
+  const draft = { id: 'e2e-draft', type: 2, condition: { used_mb_gte: 5 } };
+  await page.fill('textarea[name=draft]', JSON.stringify(draft, null, 2));
+  await page.fill('input[name=from]', from);
+  await page.fill('input[name=to]', to);
+  await page.click('[data-testid=what-if-run]');
+  await page.locator('[data-testid=what-if-answer]').waitFor({ timeout: 120_000 });
+  const shown = await page.locator('[data-testid=what-if-cards] li').evaluateAll((li) => li.map((l) => l.dataset.key));
+  assert.deepEqual(shown, cards);
+  // Pools that fired (a card's row names its pool: not a pool firing).
+  const pools = [...new Set(rows.filter((r) => !r.iccid && r.pool_id).map((r) => r.pool_id))].sort();
+  const shownPools = await page.locator('[data-testid=what-if-pools] li').evaluateAll((li) => li.map((l) => l.dataset.key));
+  assert.deepEqual(shownPools, pools);
+  assert.equal(await text('[data-testid=what-if-firings]'), String(rows.length));
+  await shot('what-if');
+});
+
+test('the dead letters page shows the quarantined input by reason', async () => {
+  const all = await api('GET', '/dead-letters?limit=20');
+  const reasons = Object.keys(all.reasons);
+  assert.ok(reasons.length > 0 && all.items.length > 0);
+  await open('/dead-letters');
+  await page.locator('[data-testid=letters]').waitFor();
+  for (const [reason, n] of Object.entries(all.reasons)) {
+    assert.equal(await text(`[data-testid=letter-reasons] tr[data-key="${reason}"] [data-testid=n]`), count(n), reason);
+  }
+  const keys = () =>
+    page.locator('[data-testid=letters] tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.key));
+  assert.deepEqual(await keys(), all.items.map((l) => String(l.seq)));
+  const first = all.items[0];
+  assert.equal(
+    await page.locator('[data-testid=letters] tbody tr [data-testid=raw]').first().textContent(),
+    first.raw ?? `hex: ${first.raw_hex}`,
+  );
+  await shot('dead-letters');
+
+  // One reason: the server filters.
+  const reason = reasons[reasons.length - 1];
+  const some = await api('GET', `/dead-letters?reason=${reason}&limit=20`);
+  await page.click(`[data-testid=letter-reasons] tr[data-key="${reason}"] a`);
+  await page.waitForURL(new RegExp(`reason=${reason}$`));
+  const want = some.items.map((l) => String(l.seq)).join(',');
+  await page.waitForFunction(
+    (w) => [...document.querySelectorAll('[data-testid=letters] tbody tr')].map((r) => r.dataset.key).join(',') === w,
+    want,
+  );
+  assert.ok(some.items.every((l) => l.reason === reason));
 });

@@ -1,7 +1,9 @@
-import { useState } from 'preact/hooks';
+import { Fragment } from 'preact';
+import { useRef, useState } from 'preact/hooks';
 import { commandId, get, post } from './api.js';
 import { CycleChart } from './chart.jsx';
 import { bytes, pct, REASONS, STATES, time } from './format.js';
+import { cyclesBefore, dayWindow } from './history.js';
 import { Failed, State, UsageBar, useLoad } from './parts.jsx';
 import { Link } from './router.jsx';
 
@@ -105,12 +107,67 @@ function Cycles({ cycles }) {
   );
 }
 
-export function Card({ iccid }) {
-  const [card, error, reload] = useLoad(() => get(`/cards/${encodeURIComponent(iccid)}`), [iccid]);
-  const [history] = useLoad(
-    async () => ({ days: await usage(iccid, 'granularity=day'), cycles: await usage(iccid, 'granularity=cycle') }),
-    [iccid],
+function Days({ days, shown }) {
+  if (!days) return <p class="hint">No usage history on this server.</p>;
+  const byDay = new Map(days.map((d) => [d.period, d.bytes]));
+  const top = Math.max(1, ...shown.map((d) => byDay.get(d) ?? 0));
+  return (
+    <div>
+      <div class="days" data-testid="days">
+        {shown.map((d) => {
+          const b = byDay.get(d) ?? 0;
+          return (
+            <span
+              key={d}
+              data-key={d}
+              data-bytes={bytes(b)}
+              class={b ? '' : 'none'}
+              style={{ height: `${Math.max(1, (b * 100) / top)}%` }}
+              title={`${d}: ${bytes(b)}`}
+            />
+          );
+        })}
+      </div>
+      <p class="hint">
+        {shown[0]} to {shown[shown.length - 1]} (UTC+8), the history's daily sums; the highest day {bytes(top)}.
+      </p>
+    </div>
   );
+}
+
+// The history a card's page shows (null parts: no history on the
+// server), asked for as soon as the card is known, before the page
+// renders it; the page takes the last one asked.
+let asked = { key: null, history: null };
+const keyOf = (card) => `${card.iccid} ${card.carrier} ${card.cycle}`;
+
+function ask(card) {
+  const shown = dayWindow(card);
+  // Only what the bars show: the history's older partitions are not read.
+  const history = Promise.all([
+    usage(card.iccid, `granularity=day&from=${shown[0]}&to=${shown[shown.length - 1]}`),
+    usage(card.iccid, `granularity=cycle&from=${cyclesBefore(card.cycle, 11)}`),
+  ]).then(([days, cycles]) => ({ days, cycles, shown }));
+  asked = { key: keyOf(card), history };
+  return history;
+}
+
+const historyOf = (card) => (asked.key === keyOf(card) ? asked.history : ask(card));
+
+export function Card({ iccid }) {
+  // The card's first load asks for its history; a reload after an
+  // action does not (the bars do not change with a command).
+  const opened = useRef(null);
+  const [card, error, reload] = useLoad(async () => {
+    const card = await get(`/cards/${encodeURIComponent(iccid)}`);
+    if (opened.current !== iccid) {
+      opened.current = iccid;
+      ask(card);
+    }
+    return card;
+  }, [iccid]);
+  // The bars' stretch follows the card's cycle (see history.js).
+  const [history] = useLoad(async () => (card ? historyOf(card) : null), [iccid, card?.cycle, card?.carrier]);
   if (error) return <Failed error={error} />;
   if (!card) return <p>Loading…</p>;
   return (
@@ -137,6 +194,8 @@ export function Card({ iccid }) {
       <p class="hint">
         Daily sums from the history, the last point the live total; dashed: the limit and the threshold.
       </p>
+      <h2>Usage per day (last 60)</h2>
+      {history ? <Days days={history.days} shown={history.shown} /> : <p>Loading…</p>}
       <h2>Usage per cycle (last 12)</h2>
       {history ? <Cycles cycles={history.cycles} /> : <p>Loading…</p>}
       <h2>Details</h2>
@@ -155,7 +214,19 @@ export function Card({ iccid }) {
         <dt>Pool</dt>
         <dd>{card.pool ? <Link to={`/pools/${encodeURIComponent(card.pool)}`}>{card.pool}</Link> : '—'}</dd>
         <dt>Tags</dt><dd data-testid="tags">{card.tags.length ? card.tags.join(', ') : '—'}</dd>
-        <dt>Attributes</dt><dd class="hint">not in the API's answer yet</dd>
+        <dt>Attributes</dt>
+        <dd data-testid="attributes">
+          {Object.keys(card.attributes ?? {}).length === 0 ? '—' : (
+            <dl class="attrs">
+              {Object.entries(card.attributes).map(([k, v]) => (
+                <Fragment key={k}>
+                  <dt>{k}</dt>
+                  <dd data-key={k}>{v}</dd>
+                </Fragment>
+              ))}
+            </dl>
+          )}
+        </dd>
         <dt>IMEI</dt><dd data-testid="imei">{card.imei ?? '—'}</dd>
         <dt>MSISDN</dt><dd>{card.msisdn ?? '—'}</dd>
         <dt>IMSI</dt><dd>{card.imsi ?? '—'}</dd>

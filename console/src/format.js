@@ -20,6 +20,12 @@ export function pct(p) {
   return `${Number(p).toFixed(1)} %`;
 }
 
+// Records a second, one decimal under 100.
+export function rate(perSec) {
+  const v = Number(perSec);
+  return `${v < 100 ? v.toFixed(1) : Math.round(v).toLocaleString('en-US')}/s`;
+}
+
 export function count(n) {
   return Number(n).toLocaleString('en-US');
 }

@@ -8,6 +8,8 @@ import { Overview } from './overview.jsx';
 import { Cards } from './cards.jsx';
 import { Card } from './card.jsx';
 import { Pool, Pools } from './pool.jsx';
+import { Rule, Rules } from './rules.jsx';
+import { DeadLetters } from './letters.jsx';
 
 function Login({ next }) {
   const [value, setValue] = useState('');
@@ -70,6 +72,9 @@ function App() {
   else if ((m = path.match(/^\/cards\/([^/]+)$/))) page = <Card iccid={decodeURIComponent(m[1])} />;
   else if (path === '/pools') page = <Pools />;
   else if ((m = path.match(/^\/pools\/([^/]+)$/))) page = <Pool id={decodeURIComponent(m[1])} query={query} />;
+  else if (path === '/rules') page = <Rules />;
+  else if ((m = path.match(/^\/rules\/([^/]+)$/))) page = <Rule id={decodeURIComponent(m[1])} />;
+  else if (path === '/dead-letters') page = <DeadLetters query={query} />;
   else page = <p>No such page.</p>;
   return (
     <>
@@ -79,6 +84,8 @@ function App() {
           <Link to="/">Overview</Link>
           <Link to="/cards">Cards</Link>
           <Link to="/pools">Pools</Link>
+          <Link to="/rules">Rules</Link>
+          <Link to="/dead-letters">Dead letters</Link>
         </nav>
         <button
           class="link"

@@ -1,5 +1,5 @@
 import { get } from './api.js';
-import { bytes, count, pct, REASONS, time } from './format.js';
+import { bytes, count, pct, rate, REASONS, time } from './format.js';
 import { Failed, useLoad } from './parts.jsx';
 import { Link } from './router.jsx';
 
@@ -105,10 +105,57 @@ export function Overview() {
           </tbody>
         </table>
       )}
+      <Ingestion />
       <h2>Latest cuts and restores</h2>
       <p class="hint" data-testid="no-events">
         Not shown: the operator API has no events endpoint yet (GET /api/v1/events).
       </p>
+    </div>
+  );
+}
+
+// Records read, dead letters and Kafka lag over the last hour, per
+// minute (GET /ingestion: this process's counters, read each minute).
+export function Ingestion() {
+  const [data, error] = useLoad(() => get('/ingestion'), []);
+  if (error) return <Failed error={error} />;
+  if (!data) return <p>Loading…</p>;
+  const last = data.minutes[data.minutes.length - 1];
+  const top = Math.max(1, ...data.minutes.map((m) => m.records));
+  return (
+    <div data-testid="ingestion">
+      <h2>Ingestion, last hour</h2>
+      <div class="tiles">
+        <div class="tile">
+          <div>Records read</div>
+          <div class="big" data-testid="ingested">{count(data.records)}</div>
+        </div>
+        <div class="tile">
+          <div>Rate, last minute</div>
+          <div class="big" data-testid="rate">{last ? rate(last.records_per_sec) : '—'}</div>
+        </div>
+        <div class="tile">
+          <div><Link to="/dead-letters">Dead letters</Link></div>
+          <div class="big" data-testid="dead">{count(data.dead_letters)}</div>
+        </div>
+        <div class="tile">
+          <div>Consumer lag</div>
+          <div class="big" data-testid="lag">{data.lag === null ? '—' : count(data.lag)}</div>
+          {data.lag === null && <div class="hint">not reading Kafka</div>}
+        </div>
+      </div>
+      <div class="spark" data-testid="minutes" title="records per minute">
+        {data.minutes.map((m) => (
+          <span
+            key={m.start}
+            data-key={m.start}
+            class={m.dead_letters > 0 ? 'dead' : ''}
+            style={{ height: `${Math.max(1, (m.records * 100) / top)}%` }}
+            title={`${time(m.start)}: ${count(m.records)} records, ${count(m.dead_letters)} dead letters`}
+          />
+        ))}
+      </div>
+      <p class="hint">Each bar is a minute (the last one up to now), since this process started.</p>
     </div>
   );
 }

@@ -137,7 +137,9 @@ pub(crate) fn serve(
         .context("operations server runtime")?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut app = router(metrics.clone(), health, sql);
+    let mut sampler = None;
     if let Some(api) = api {
+        sampler = Some(api.sample_ingestion());
         app = app.merge(crate::api::router(api));
     }
     let thread = std::thread::Builder::new()
@@ -151,6 +153,9 @@ pub(crate) fn serve(
                         return;
                     }
                 };
+                if let Some(sampler) = sampler {
+                    tokio::spawn(sampler);
+                }
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(UPKEEP_EVERY);
                     loop {

@@ -538,6 +538,11 @@ impl SqlService {
         })
     }
 
+    /// The history it queries.
+    pub(crate) fn root(&self) -> &HistoryLocation {
+        &self.root
+    }
+
     /// Whether the request carries an accepted token (always, without
     /// tokens configured).
     fn authorized(&self, headers: &axum::http::HeaderMap) -> Result<(), Refusal> {

@@ -19,6 +19,10 @@
 //!
 //! Records after `--to` are not read. The replay starts at the beginning of
 //! the history: reminder windows and card state before `--from` count.
+//!
+//! The replay itself ([`firings`]) is shared with the operator API's
+//! what-if (`POST /api/v1/rules/what-if`), which answers the same rows
+//! ([`Firing`]) as JSON.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,7 +36,9 @@ use flowcap_engine::event::RuleFiredEvent;
 use flowcap_engine::{
     ActionEvent, Carrier, Engine, EngineConfig, Output, RecordId, Timestamp, Usage,
 };
+use flowcap_storage::HistoryLocation;
 use futures::StreamExt;
+use serde::Serialize;
 
 use crate::sql::{emit, history_location, Target};
 
@@ -153,11 +159,16 @@ fn usages(batch: &RecordBatch) -> Result<Vec<Input>> {
 }
 
 /// What the replay found.
-struct Replayed {
-    firings: Vec<RuleFiredEvent>,
-    records: u64,
-    commands: u64,
-    joined_at: Option<u64>,
+pub(crate) struct Replayed {
+    /// The draft's firings inside the window, in input order.
+    pub(crate) firings: Vec<RuleFiredEvent>,
+    /// Usage records replayed.
+    pub(crate) records: u64,
+    /// Commands replayed.
+    pub(crate) commands: u64,
+    /// The replay's input number at which the draft joined (none: it never
+    /// validated).
+    pub(crate) joined_at: Option<u64>,
 }
 
 struct Replay {
@@ -248,14 +259,21 @@ impl Replay {
     }
 }
 
+/// The local days `from..=to` (YYYY-MM-DD) of the billing zone, as the
+/// times `[start, end)`.
+pub(crate) fn window(from: &str, to: &str, offset_secs: i32) -> Result<(Timestamp, Timestamp)> {
+    let start = local_midnight(from, offset_secs)?;
+    let end = Timestamp(local_midnight(to, offset_secs)?.0 + 86_400_000);
+    if end <= start {
+        bail!("--to {to} is before --from {from}");
+    }
+    Ok((start, end))
+}
+
 /// Runs `flowcap rules replay`.
 pub(crate) fn replay(args: ReplayArgs, config: EngineConfig) -> Result<()> {
     let offset = config.calendar.utc_offset_secs;
-    let from = local_midnight(&args.from, offset)?;
-    let to = Timestamp(local_midnight(&args.to, offset)?.0 + 86_400_000);
-    if to <= from {
-        bail!("--to {} is before --from {}", args.to, args.from);
-    }
+    let window = window(&args.from, &args.to, offset)?;
     let draft = draft_rule(&args.rule)?;
     let draft_id = draft["id"].as_str().unwrap_or_default().to_owned();
     let root = history_location(&args.target.data, args.target.history.as_deref())?;
@@ -263,78 +281,7 @@ pub(crate) fn replay(args: ReplayArgs, config: EngineConfig) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the query runtime")?;
-    let found = runtime.block_on(async {
-        let ctx = flowcap_sql::open(&root).await?;
-        let commands = ctx
-            .sql(
-                "SELECT input_seq AS seq, command FROM command_journal \
-                  WHERE command_type IS NOT NULL AND NOT repeat ORDER BY input_seq",
-            )
-            .await?
-            .collect()
-            .await?;
-        let mut pending: std::collections::VecDeque<Input> = std::collections::VecDeque::new();
-        for b in &commands {
-            let seq = column(b, "seq", &DataType::Int64)?;
-            let seq = seq.as_primitive::<Int64Type>();
-            let text = column(b, "command", &DataType::Utf8)?;
-            let text = text.as_string::<i32>();
-            for i in 0..b.num_rows() {
-                pending.push_back(Input::Command(
-                    u64::try_from(seq.value(i)).unwrap_or(0),
-                    text.value(i).as_bytes().to_vec(),
-                ));
-            }
-        }
-        let usage_sql = format!(
-            "SELECT input_seq AS seq, iccid, record_id, CAST(start_time AS BIGINT) AS start_ms, \
-             CAST(end_time AS BIGINT) AS end_ms, bytes_up, bytes_down, \
-             CAST(carrier AS VARCHAR) AS carrier FROM usage_records \
-             WHERE CAST(end_time AS BIGINT) < {} ORDER BY input_seq",
-            to.0
-        );
-        let mut stream = ctx.sql(&usage_sql).await?.execute_stream().await?;
-        let mut replay = Replay {
-            engine: Engine::new(EngineConfig {
-                shards: 1,
-                ..config
-            }),
-            draft,
-            draft_id: draft_id.clone(),
-            joined: false,
-            window: (from, to),
-            out: Vec::new(),
-            found: Replayed {
-                firings: Vec::new(),
-                records: 0,
-                commands: 0,
-                joined_at: None,
-            },
-        };
-        while let Some(batch) = stream.next().await {
-            for input in usages(&batch?)? {
-                let Input::Usage(seq, _) = &input else {
-                    continue;
-                };
-                while matches!(pending.front(), Some(Input::Command(s, _)) if s < seq) {
-                    if let Some(c) = pending.pop_front() {
-                        replay.feed(c)?;
-                    }
-                }
-                replay.feed(input)?;
-            }
-        }
-        while let Some(c) = pending.pop_front() {
-            replay.feed(c)?;
-        }
-        // Bring the clock to the end of the window: day starts and
-        // deadlines up to `to` fire (expiry reminders need no record).
-        replay
-            .engine
-            .advance_clock(Timestamp(to.0 - 1), &mut replay.out);
-        replay.collect();
-        anyhow::Ok(replay.found)
-    })?;
+    let found = runtime.block_on(firings(&root, draft, window, config))?;
     eprintln!(
         "replayed {} records and {} commands; the draft {draft_id:?} {}; {} firing(s) from {} to {}",
         found.records,
@@ -350,9 +297,135 @@ pub(crate) fn replay(args: ReplayArgs, config: EngineConfig) -> Result<()> {
     emit(&[report(&found.firings, offset)?], &args.target)
 }
 
+/// Replays the history at `root` with `draft` (an `upsert_rule`'s `rule`,
+/// with an `id`) added; its firings inside `window`.
+pub(crate) async fn firings(
+    root: &HistoryLocation,
+    draft: serde_json::Value,
+    window: (Timestamp, Timestamp),
+    config: EngineConfig,
+) -> Result<Replayed> {
+    let draft_id = draft["id"].as_str().unwrap_or_default().to_owned();
+    let to = window.1;
+    let ctx = flowcap_sql::open(root).await?;
+    let commands = ctx
+        .sql(
+            "SELECT input_seq AS seq, command FROM command_journal \
+              WHERE command_type IS NOT NULL AND NOT repeat ORDER BY input_seq",
+        )
+        .await?
+        .collect()
+        .await?;
+    let mut pending: std::collections::VecDeque<Input> = std::collections::VecDeque::new();
+    for b in &commands {
+        let seq = column(b, "seq", &DataType::Int64)?;
+        let seq = seq.as_primitive::<Int64Type>();
+        let text = column(b, "command", &DataType::Utf8)?;
+        let text = text.as_string::<i32>();
+        for i in 0..b.num_rows() {
+            pending.push_back(Input::Command(
+                u64::try_from(seq.value(i)).unwrap_or(0),
+                text.value(i).as_bytes().to_vec(),
+            ));
+        }
+    }
+    let usage_sql = format!(
+        "SELECT input_seq AS seq, iccid, record_id, CAST(start_time AS BIGINT) AS start_ms, \
+         CAST(end_time AS BIGINT) AS end_ms, bytes_up, bytes_down, \
+         CAST(carrier AS VARCHAR) AS carrier FROM usage_records \
+         WHERE CAST(end_time AS BIGINT) < {} ORDER BY input_seq",
+        to.0
+    );
+    let mut stream = ctx.sql(&usage_sql).await?.execute_stream().await?;
+    let mut replay = Replay {
+        engine: Engine::new(EngineConfig {
+            shards: 1,
+            ..config
+        }),
+        draft,
+        draft_id,
+        joined: false,
+        window,
+        out: Vec::new(),
+        found: Replayed {
+            firings: Vec::new(),
+            records: 0,
+            commands: 0,
+            joined_at: None,
+        },
+    };
+    while let Some(batch) = stream.next().await {
+        for input in usages(&batch?)? {
+            let Input::Usage(seq, _) = &input else {
+                continue;
+            };
+            while matches!(pending.front(), Some(Input::Command(s, _)) if s < seq) {
+                if let Some(c) = pending.pop_front() {
+                    replay.feed(c)?;
+                }
+            }
+            replay.feed(input)?;
+        }
+    }
+    while let Some(c) = pending.pop_front() {
+        replay.feed(c)?;
+    }
+    // Bring the clock to the end of the window: day starts and
+    // deadlines up to `to` fire (expiry reminders need no record).
+    replay
+        .engine
+        .advance_clock(Timestamp(to.0 - 1), &mut replay.out);
+    replay.collect();
+    Ok(replay.found)
+}
+
+/// One firing of the draft, as reported: a row of `flowcap rules replay`
+/// and an item of the API's what-if answer.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub(crate) struct Firing {
+    /// When (the billing zone's local time).
+    pub(crate) fired_at: String,
+    pub(crate) rule: String,
+    pub(crate) iccid: Option<String>,
+    pub(crate) pool_id: Option<String>,
+    /// What the condition saw.
+    pub(crate) observed: String,
+    /// The condition, as JSON.
+    pub(crate) condition: String,
+    /// record or command.
+    pub(crate) cause: String,
+    /// The record's or command's id.
+    pub(crate) cause_id: String,
+    /// The actions' channels, comma-separated.
+    pub(crate) channels: String,
+}
+
+impl Firing {
+    pub(crate) fn of(f: &RuleFiredEvent, offset: i32) -> Firing {
+        let (cause, cause_id, _) = flowcap_rules::execution::cause_parts(&f.cause);
+        Firing {
+            fired_at: flowcap_rules::template::format_time(f.event_time, offset),
+            rule: f.rule.clone(),
+            iccid: f.iccid.map(|i| i.to_string()),
+            pool_id: f.pool.as_ref().map(|p| p.to_string()),
+            observed: flowcap_rules::execution::observed_text(&f.observed),
+            condition: f.condition.to_json(),
+            cause: cause.to_owned(),
+            cause_id,
+            channels: f
+                .actions
+                .iter()
+                .map(|a| a.channel.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
 fn report(firings: &[RuleFiredEvent], offset: i32) -> Result<RecordBatch> {
-    let text = |f: &dyn Fn(&RuleFiredEvent) -> Option<String>| -> Arc<dyn Array> {
-        Arc::new(firings.iter().map(f).collect::<StringArray>())
+    let rows: Vec<Firing> = firings.iter().map(|f| Firing::of(f, offset)).collect();
+    let text = |f: &dyn Fn(&Firing) -> Option<&str>| -> Arc<dyn Array> {
+        Arc::new(rows.iter().map(f).collect::<StringArray>())
     };
     let names = [
         "fired_at",
@@ -366,23 +439,15 @@ fn report(firings: &[RuleFiredEvent], offset: i32) -> Result<RecordBatch> {
         "channels",
     ];
     let columns = vec![
-        text(&|f| Some(flowcap_rules::template::format_time(f.event_time, offset))),
-        text(&|f| Some(f.rule.clone())),
-        text(&|f| f.iccid.map(|i| i.to_string())),
-        text(&|f| f.pool.as_ref().map(|p| p.to_string())),
-        text(&|f| Some(flowcap_rules::execution::observed_text(&f.observed))),
-        text(&|f| Some(f.condition.to_json())),
-        text(&|f| Some(flowcap_rules::execution::cause_parts(&f.cause).0.to_owned())),
-        text(&|f| Some(flowcap_rules::execution::cause_parts(&f.cause).1)),
-        text(&|f| {
-            Some(
-                f.actions
-                    .iter()
-                    .map(|a| a.channel.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
-        }),
+        text(&|f| Some(&f.fired_at)),
+        text(&|f| Some(&f.rule)),
+        text(&|f| f.iccid.as_deref()),
+        text(&|f| f.pool_id.as_deref()),
+        text(&|f| Some(&f.observed)),
+        text(&|f| Some(&f.condition)),
+        text(&|f| Some(&f.cause)),
+        text(&|f| Some(&f.cause_id)),
+        text(&|f| Some(&f.channels)),
     ];
     let schema = Schema::new(
         names

@@ -74,6 +74,9 @@ fn the_console_in_a_browser_shows_the_api_answers() {
         .env("FLOWCAP_TOKEN", TOKEN)
         .env("FLOWCAP_SHOTS", &shots)
         .env("FLOWCAP_E2E_OUT", dir.path())
+        // `flowcap rules replay` on the same data, for the what-if form.
+        .env("FLOWCAP_BIN", BIN)
+        .env("FLOWCAP_DATA", &out)
         .env("CHROMIUM", &chromium)
         .output()
         .expect("node (Node.js 20) runs the browser tests");

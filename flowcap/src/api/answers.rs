@@ -282,7 +282,7 @@ impl From<&WebhookSpec> for Webhook {
 /// `url` without `user:password@` (a credential some receivers take) and
 /// with the values of query parameters that name a credential (`token`,
 /// `secret`, `password`, `key`, `sig`, in any case) replaced by `redacted`.
-fn without_userinfo(url: &str) -> String {
+pub(crate) fn without_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

@@ -77,7 +77,7 @@ fn scope_of(kind: &CommandKind) -> Scope {
     }
 }
 
-fn body_problem(rejection: BytesRejection) -> Problem {
+pub(crate) fn body_problem(rejection: BytesRejection) -> Problem {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,

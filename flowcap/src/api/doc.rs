@@ -34,6 +34,11 @@ use super::{commands, state};
         state::webhooks,
         super::summary::summary,
         state::rules,
+        super::rules::executions,
+        super::rules::what_if_draft,
+        super::rules::what_if_rule,
+        super::letters::dead_letters,
+        super::ingestion::ingestion,
         commands::submit,
         commands::result,
         commands::shortcut,
@@ -45,6 +50,7 @@ use super::{commands, state};
         (name = "pools", description = "Pools' live state"),
         (name = "registry", description = "Plans, tags, webhooks, rules"),
         (name = "commands", description = "SPEC 5.1 commands"),
+        (name = "input", description = "Ingestion and dead letters"),
     )
 )]
 struct ApiDoc;

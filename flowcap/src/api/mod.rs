@@ -13,6 +13,11 @@
 //!   shortcuts.
 //! - `snapshot`: `flowcap serve`'s read-only state, the newest snapshot.
 //! - `summary`: `GET /summary`, the counts the console's overview shows.
+//! - `rules`: a rule's executions (history) and the what-if replay;
+//!   `letters`: the dead letters (history); `history`: the API's own
+//!   queries over the history.
+//! - `ingestion`: records, dead letters and lag over the last hour, from
+//!   the process's counters.
 //! - `ui`: the web console at `/ui`, built in `console/` and embedded.
 //! - `answers`: the answer types; `doc`: the OpenAPI document made from
 //!   them and the handlers (`/api/v1/openapi.json`, `docs/openapi.json`).
@@ -25,8 +30,12 @@ mod access;
 mod answers;
 mod commands;
 mod doc;
+mod history;
+mod ingestion;
+mod letters;
 mod live;
 mod problem;
+mod rules;
 pub(crate) mod snapshot;
 mod state;
 mod summary;
@@ -105,6 +114,20 @@ pub(crate) struct Api {
     max_body: usize,
     /// The history, for `/cards/{iccid}/usage` (none without one).
     history: Option<Arc<crate::sql::SqlService>>,
+    /// The last hour's ingestion readings.
+    ingestion: Arc<ingestion::Ingestion>,
+    /// One what-if replay at a time.
+    what_if: Arc<tokio::sync::Semaphore>,
+}
+
+impl Api {
+    /// Takes ingestion readings (one now, then each minute) until the
+    /// server's runtime stops.
+    pub(crate) fn sample_ingestion(&self) -> impl std::future::Future<Output = ()> + Send {
+        let ingestion = self.ingestion.clone();
+        ingestion.sample();
+        ingestion::sample(ingestion)
+    }
 }
 
 /// The API for a server on `addr`, and the driver's end of its request
@@ -136,6 +159,8 @@ pub(crate) fn build(
         sent: Mutex::new(commands::Sent::default()),
         max_body: config.max_body_kb.saturating_mul(1024).max(1),
         history,
+        ingestion: Arc::default(),
+        what_if: Arc::new(tokio::sync::Semaphore::new(1)),
     };
     Ok((Arc::new(api), rx))
 }
@@ -154,6 +179,11 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/tags", get(state::tags))
         .route("/webhooks", get(state::webhooks))
         .route("/rules", get(state::rules))
+        .route("/rules/what-if", post(rules::what_if_draft))
+        .route("/rules/{id}/executions", get(rules::executions))
+        .route("/rules/{id}/what-if", post(rules::what_if_rule))
+        .route("/dead-letters", get(letters::dead_letters))
+        .route("/ingestion", get(ingestion::ingestion))
         .route("/summary", get(summary::summary))
         .route("/commands", post(commands::submit))
         .route("/commands/{id}", get(commands::result))

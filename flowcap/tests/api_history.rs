@@ -1,0 +1,352 @@
+//! The operator API's answers from the Parquet history, on the real
+//! binary (`flowcap run --http --linger` over small files with a live
+//! rule and some bad input):
+//!
+//! - `GET /rules/{id}/executions` walks every execution of the history
+//!   once, newest first, with the outcome the history has;
+//! - `POST /rules/what-if` (a draft) and `/rules/{id}/what-if` answer the
+//!   rows `flowcap rules replay` prints for the same draft and days;
+//! - `GET /dead-letters` shows each quarantined input once, by reason,
+//!   raw, with its secret redacted;
+//! - `GET /ingestion` counts the records and dead letters the run read.
+//!
+//! No sleeps decide anything: the tests wait on the lines the binary
+//! prints.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{http, json_lines, line_starting, sql_rows, stdout_of, Running, BIN};
+use serde_json::{json, Value};
+
+const VIEWER: &str = "viewer-token-2a61";
+const CARDS: u32 = 40;
+/// A bad record's secret: never in an answer.
+const SECRET: &str = "pw-never-shown-7731";
+
+fn iccid(n: u32) -> String {
+    format!("8986041234{n:010}")
+}
+
+/// Five records a day, 4 hours apart, from 2026-11-10 on.
+fn end(s: u32) -> String {
+    format!("2026-11-{:02}T{:02}:00:00+08:00", 10 + s / 5, (s % 5) * 4)
+}
+
+/// The inputs: a plan, the cards, the live rule `live12` (12 MB used),
+/// 3 MB per record and card for 10 records, and three bad lines.
+fn write_inputs(dir: &Path) {
+    let at = "2026-11-01T00:00:00+08:00";
+    let mut commands = vec![json!({"id": "c-plan", "type": "upsert_plan", "at": at,
+        "plan": {"id": "p100", "name": "CMCC 100MB", "carrier": "cmcc",
+                 "allowance_mb": 100, "traffic": "directed"}})];
+    for n in 1..=CARDS {
+        commands.push(
+            json!({"id": format!("c-card-{n}"), "type": "upsert_card", "at": at,
+            "card": {"iccid": iccid(n), "carrier": "cmcc", "plan": "p100", "state": "active",
+                "activated_at": "2026-01-05T00:00:00+08:00",
+                "expires_at": "2027-01-05T00:00:00+08:00"}}),
+        );
+    }
+    commands.push(json!({"id": "c-rule", "type": "upsert_rule", "at": at,
+        "rule": {"id": "live12", "type": 2, "condition": {"used_mb_gte": 12}}}));
+    let text: Vec<String> = commands.iter().map(Value::to_string).collect();
+    std::fs::write(dir.join("commands.jsonl"), text.join("\n") + "\n").unwrap();
+    let mut usage = std::fs::File::create(dir.join("usage.jsonl")).unwrap();
+    for s in 0..10 {
+        for n in 1..=CARDS {
+            let r = json!({"record_id": format!("r-{n}-{s}"), "iccid": iccid(n), "end": end(s),
+                "bytes_up": 1_048_576, "bytes_down": 2 * 1_048_576});
+            writeln!(usage, "{r}").unwrap();
+        }
+        if s == 4 {
+            writeln!(usage, "this is not JSON").unwrap();
+            let bad = json!({"record_id": "bad-iccid", "iccid": "12345", "end": end(s),
+                "bytes_up": 1, "bytes_down": 1, "password": SECRET});
+            writeln!(usage, "{bad}").unwrap();
+            writeln!(usage, "{{\"record_id\": \"cut").unwrap();
+        }
+    }
+}
+
+/// `flowcap run` over the inputs with the API, lingering: the process
+/// and its address once the run is over.
+fn start(dir: &Path) -> (Running, String) {
+    write_inputs(dir);
+    let child = Command::new(BIN)
+        .args(["run", "-q", "--json", "--no-notify", "--input"])
+        .arg(dir.join("usage.jsonl"))
+        .arg("--commands")
+        .arg(dir.join("commands.jsonl"))
+        .arg("--out")
+        .arg(dir.join("out"))
+        .args(["--http", "127.0.0.1:0", "--linger"])
+        .env("FLOWCAP_API_TOKENS", format!("viewer:read:{VIEWER}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = line_starting(&mut stderr, "ops: listening on http://")
+        .trim_start_matches("ops: listening on http://")
+        .to_owned();
+    line_starting(&mut stderr, "ops: run finished");
+    std::thread::spawn(move || for _ in stderr {});
+    let mut stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = stdout.read_to_end(&mut sink);
+    });
+    (child, addr)
+}
+
+fn get(addr: &str, path: &str) -> Value {
+    let (status, body) = http(addr, "GET", path, Some(VIEWER), None);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    assert!(!body.contains(SECRET), "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = http(addr, "POST", path, Some(VIEWER), Some(&body.to_string()));
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// `flowcap rules replay` of `draft` (TOML) over the run: its JSON rows.
+fn replay(dir: &Path, draft: &str, from: &str, to: &str) -> Vec<Value> {
+    let path = dir.join("draft.toml");
+    std::fs::write(&path, draft).unwrap();
+    json_lines(&stdout_of(
+        Command::new(BIN)
+            .args(["rules", "replay", "--format", "json", "--rule"])
+            .arg(&path)
+            .args(["--from", from, "--to", to, "--data"])
+            .arg(dir.join("out")),
+        "flowcap rules replay",
+    ))
+}
+
+/// Each field of each CLI row equals the API item's.
+fn assert_same_rows(cli: &[Value], api: &Value) {
+    let items = api["items"].as_array().unwrap();
+    assert_eq!(items.len(), cli.len(), "{api}");
+    for (row, item) in cli.iter().zip(items) {
+        for (key, value) in row.as_object().unwrap() {
+            assert_eq!(&item[key], value, "{key} of {item}");
+        }
+    }
+}
+
+#[test]
+fn rule_executions_and_what_if_answer_from_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, addr) = start(dir.path());
+    let rules = get(&addr, "/api/v1/rules");
+    assert!(rules["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["id"] == "live12"));
+
+    // Every execution once, newest first, page by page.
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/rules/live12/executions?limit=7".to_owned();
+    loop {
+        let page = get(&addr, &path);
+        assert_eq!(page["rule"], "live12");
+        seen.extend(page["items"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/api/v1/rules/live12/executions?limit=7&cursor={c}"),
+            None => break,
+        }
+    }
+    let history = sql_rows(
+        &dir.path().join("out"),
+        "SELECT execution_id, iccid, cause_id, CAST(outcome AS VARCHAR) AS outcome \
+         FROM rule_executions WHERE rule = 'live12' ORDER BY execution_id",
+    );
+    assert_eq!(history.len(), CARDS as usize);
+    let mut got: Vec<(String, String, String, String)> = seen
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap().to_owned();
+            (s("execution_id"), s("iccid"), s("cause_id"), s("outcome"))
+        })
+        .collect();
+    let times: Vec<&str> = seen
+        .iter()
+        .map(|e| e["fired_at"].as_str().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
+    got.sort();
+    let want: Vec<(String, String, String, String)> = history
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap().to_owned();
+            (s("execution_id"), s("iccid"), s("cause_id"), s("outcome"))
+        })
+        .collect();
+    assert_eq!(got, want);
+    let none = get(&addr, "/api/v1/rules/no-such-rule/executions");
+    assert_eq!(none["items"], json!([]));
+
+    // A draft: the same rows as `flowcap rules replay`.
+    let draft = json!({"id": "draft12", "type": 2, "condition": {"used_mb_gte": 12}});
+    let cli = replay(
+        dir.path(),
+        "id = \"draft12\"\ntype = 2\n[condition]\nused_mb_gte = 12\n",
+        "2026-11-01",
+        "2026-11-30",
+    );
+    assert_eq!(cli.len(), CARDS as usize);
+    let body = json!({"rule": draft, "from": "2026-11-01", "to": "2026-11-30"});
+    let (status, answer) = post(&addr, "/api/v1/rules/what-if", &body);
+    assert_eq!(status, 200, "{answer}");
+    assert_same_rows(&cli, &answer);
+    let cards: Vec<String> = (1..=CARDS).map(iccid).collect();
+    assert_eq!(answer["cards"], json!(cards));
+    assert_eq!(answer["pools"], json!([]));
+    assert_eq!(answer["firings"], CARDS);
+    assert_eq!(answer["rule"], "draft12");
+
+    // The declared rule, replayed from the start, fires where it did.
+    let (status, answer) = post(
+        &addr,
+        "/api/v1/rules/live12/what-if",
+        &json!({"from": "2026-11-01", "to": "2026-11-30"}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["cards"], json!(cards));
+    assert!(answer["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["rule"] == "live12" && f["fired_at"] == cli[0]["fired_at"]));
+    // Only the days asked: 12 MB was crossed on the 10th.
+    let (status, answer) = post(
+        &addr,
+        "/api/v1/rules/what-if",
+        &json!({"rule": draft, "from": "2026-11-11", "to": "2026-11-30"}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["firings"].clone(), answer["cards"].clone()),
+        (json!(0), json!([]))
+    );
+
+    // Refusals, as problem details.
+    for (path, body, status, code) in [
+        (
+            "/api/v1/rules/what-if",
+            json!({"rule": {"type": 2}, "from": "2026-11-01", "to": "2026-11-02"}),
+            400,
+            "bad_rule",
+        ),
+        (
+            "/api/v1/rules/what-if",
+            json!({"rule": draft, "from": "2026-11-05", "to": "2026-11-01"}),
+            400,
+            "bad_range",
+        ),
+        (
+            "/api/v1/rules/what-if",
+            json!({"rule": draft, "from": "11/05/2026", "to": "2026-11-01"}),
+            400,
+            "bad_range",
+        ),
+        (
+            "/api/v1/rules/nope/what-if",
+            json!({"from": "2026-11-01", "to": "2026-11-02"}),
+            404,
+            "not_found",
+        ),
+    ] {
+        let (got, answer) = post(&addr, path, &body);
+        assert_eq!(got, status, "{path} {body}: {answer}");
+        assert_eq!(
+            answer["type"],
+            format!("urn:flowcap:problem:{code}"),
+            "{answer}"
+        );
+    }
+    let (status, _) = http(&addr, "GET", "/api/v1/rules/live12/executions", None, None);
+    assert_eq!(status, 401);
+}
+
+#[test]
+fn dead_letters_and_ingestion_answer_what_the_run_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, addr) = start(dir.path());
+    let history = sql_rows(
+        &dir.path().join("out"),
+        "SELECT input_seq, CAST(reason AS VARCHAR) AS reason FROM quarantine \
+         ORDER BY input_seq DESC",
+    );
+    assert_eq!(history.len(), 3);
+
+    // Each letter once, newest first, a page of one at a time.
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/dead-letters?limit=1".to_owned();
+    loop {
+        let page = get(&addr, &path);
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 1);
+        seen.extend(items.iter().cloned());
+        let mut by_reason = std::collections::BTreeMap::new();
+        for r in &history {
+            *by_reason.entry(r["reason"].as_str().unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(page["reasons"], json!(by_reason));
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/api/v1/dead-letters?limit=1&cursor={c}"),
+            None => break,
+        }
+    }
+    let seqs: Vec<&Value> = seen.iter().map(|l| &l["seq"]).collect();
+    let want: Vec<&Value> = history.iter().map(|r| &r["input_seq"]).collect();
+    assert_eq!(seqs, want);
+    let raws: BTreeSet<&str> = seen.iter().map(|l| l["raw"].as_str().unwrap()).collect();
+    assert!(raws.contains("this is not JSON"), "{raws:?}");
+    assert!(raws.contains("{\"record_id\": \"cut"), "{raws:?}");
+    assert!(
+        raws.iter()
+            .any(|r| r.contains("\"iccid\":\"12345\"") && r.contains("redacted:sha256:")),
+        "{raws:?}"
+    );
+
+    // By reason.
+    let reason = history[0]["reason"].as_str().unwrap();
+    let page = get(&addr, &format!("/api/v1/dead-letters?reason={reason}"));
+    let items = page["items"].as_array().unwrap();
+    let want = history.iter().filter(|r| r["reason"] == reason).count();
+    assert_eq!(items.len(), want);
+    assert!(items.iter().all(|l| l["reason"] == reason));
+    let (status, _) = http(
+        &addr,
+        "GET",
+        "/api/v1/dead-letters?color=red",
+        Some(VIEWER),
+        None,
+    );
+    assert_eq!(status, 400);
+
+    // The last hour: every record read and every dead letter, no lag
+    // (not reading Kafka).
+    let ingestion = get(&addr, "/api/v1/ingestion");
+    let records = u64::from(CARDS) * 10 + 3;
+    assert_eq!(ingestion["records"], records, "{ingestion}");
+    assert_eq!(ingestion["dead_letters"], 3, "{ingestion}");
+    assert_eq!(ingestion["lag"], Value::Null);
+    let minutes = ingestion["minutes"].as_array().unwrap();
+    assert!(!minutes.is_empty() && minutes.len() <= 60, "{ingestion}");
+    let sum: u64 = minutes.iter().map(|m| m["records"].as_u64().unwrap()).sum();
+    assert_eq!(sum, records);
+}
