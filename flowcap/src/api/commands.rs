@@ -72,7 +72,8 @@ fn scope_of(kind: &CommandKind) -> Scope {
         | CommandKind::ReportViolation { .. }
         | CommandKind::Rebind { .. }
         | CommandKind::BindTags { .. }
-        | CommandKind::UnbindTags { .. } => Scope::Write,
+        | CommandKind::UnbindTags { .. }
+        | CommandKind::SetAttributes { .. } => Scope::Write,
         _ => Scope::Admin,
     }
 }
@@ -354,6 +355,10 @@ mod tests {
             r#"{{"id":"a",{at},"type":"suspend","iccids":["89860000000000000001"]}}"#
         ));
         assert_eq!(scope_of(&suspend), Scope::Write);
+        let values = parse(&format!(
+            r#"{{"id":"d",{at},"type":"set_attributes","iccids":["89860000000000000001"],"attributes":{{"site":"x"}}}}"#
+        ));
+        assert_eq!(scope_of(&values), Scope::Write);
         let tag = parse(&format!(
             r#"{{"id":"b",{at},"type":"upsert_tag","tag":{{"name":"x"}}}}"#
         ));
