@@ -694,3 +694,38 @@ fn a_command_through_the_api_equals_the_same_command_in_the_file() {
     );
     assert!(journal(&api_out).contains(r#""operator":"ops","type":"suspend""#));
 }
+
+/// A backward pool in arrears (SPEC 2.1) answers when its retention ends.
+#[test]
+fn a_pool_in_arrears_is_answered_with_the_end_of_its_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (child, mut server, _) = start(run_args(None, 1_000, &out), &out);
+    let clock = server.get("/api/v1/summary", VIEWER)["clock"].clone();
+    let at = clock.as_str().unwrap();
+    for (n, body) in [
+        r#""type":"create_pool","pool":{"id":"bp","kind":"backward","name":"bp","carrier":"cmcc"}"#,
+        r#""type":"freeze_pool","pool":"bp""#,
+        r#""type":"retain_pool","pool":"bp""#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = format!(r#"{{"id":"arrears-{n}","at":"{at}",{body}}}"#);
+        let reply = server.post("/api/v1/commands", ROOT, &body);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.json()["result"]["ok"], true, "{reply:?}");
+    }
+    let pool = server.get("/api/v1/pools/bp", VIEWER);
+    assert_eq!(pool["state"], "retained", "{pool}");
+    let at: flowcap_engine::Timestamp = serde_json::from_value(clock).unwrap();
+    let until: flowcap_engine::Timestamp =
+        serde_json::from_value(pool["retained_until"].clone()).unwrap();
+    assert_eq!(
+        until,
+        at.plus_millis(90 * 86_400_000),
+        "the default 90 days"
+    );
+    assert_eq!(pool["abandoned_at"], Value::Null);
+    stop(child);
+}
