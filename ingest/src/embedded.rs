@@ -171,6 +171,9 @@ pub(crate) fn drive(
         None,
         &options.clock,
     )?;
+    if let Some(requests) = &options.requests {
+        pipeline.publish_durable_events(requests.durable_mark().clone());
+    }
     let resumed_after = pipeline.resumed_after;
     let driver_metrics = DriverMetrics::new(options.source, pipeline.sharded.shard_count());
     let mut since_snapshot = 0u64;
