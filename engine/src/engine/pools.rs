@@ -107,6 +107,7 @@ impl Engine {
             let dst = &mut self.shards[entry.shard as usize];
             let slot = dst.insert_card(moved.card, moved.extra, &moved.tags);
             dst.put_marks(slot, moved.marks);
+            *dst.trail_mut(slot) = moved.trail;
             let new_loc = Loc {
                 shard: entry.shard,
                 slot,
