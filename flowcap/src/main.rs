@@ -504,7 +504,7 @@ fn run(args: RunArgs) -> Result<()> {
                         )?)),
                         None => None,
                     };
-                    let (api, rx) = api::build(&file.api, addr, submit, history)?;
+                    let (api, rx) = api::build(&file.api, addr, submit, history, &out)?;
                     requests = Some(rx);
                     Some(api)
                 }

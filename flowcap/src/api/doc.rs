@@ -37,6 +37,7 @@ use super::{commands, state};
         commands::submit,
         commands::result,
         commands::shortcut,
+        super::events::events,
     ),
     components(schemas(super::answers::CommandBatchAnswer)),
     modifiers(&Bearer),
@@ -45,6 +46,7 @@ use super::{commands, state};
         (name = "pools", description = "Pools' live state"),
         (name = "registry", description = "Plans, tags, webhooks, rules"),
         (name = "commands", description = "SPEC 5.1 commands"),
+        (name = "events", description = "Action events, as pages or a resumable stream"),
     )
 )]
 struct ApiDoc;

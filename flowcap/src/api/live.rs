@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use flowcap_engine::{Command, CommandResult, Engine};
-use flowcap_ingest::requests::{Position, Request, RequestSender};
+use flowcap_ingest::requests::{DurableEvents, Position, Request, RequestSender};
 use std::sync::Arc;
 
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -147,6 +147,11 @@ impl Live {
             }
             tokio::time::sleep(RESULT_POLL).await;
         }
+    }
+
+    /// How much of the events file a committed snapshot covers.
+    pub(crate) fn durable_events(&self) -> Option<DurableEvents> {
+        self.tx.durable_events()
     }
 
     fn send(&self, request: Request) -> Result<(), Problem> {

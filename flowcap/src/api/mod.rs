@@ -11,6 +11,9 @@
 //!   `usage`: a card's usage per day or cycle (history and live).
 //! - `commands`: `POST /commands`, `GET /commands/{id}`, the card
 //!   shortcuts.
+//! - `events`: `GET /events`, the action events from the events file as
+//!   far as a committed snapshot covers it, as pages or a resumable
+//!   Server-Sent Events stream.
 //! - `snapshot`: `flowcap serve`'s read-only state, the newest snapshot.
 //! - `summary`: `GET /summary`, the counts the console's overview shows.
 //! - `ui`: the web console at `/ui`, built in `console/` and embedded.
@@ -25,6 +28,7 @@ mod access;
 mod answers;
 mod commands;
 mod doc;
+mod events;
 mod live;
 mod problem;
 pub(crate) mod snapshot;
@@ -34,6 +38,7 @@ mod ui;
 mod usage;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -105,15 +110,19 @@ pub(crate) struct Api {
     max_body: usize,
     /// The history, for `/cards/{iccid}/usage` (none without one).
     history: Option<Arc<crate::sql::SqlService>>,
+    /// The pipeline's events file, for `/events`.
+    events: Arc<PathBuf>,
 }
 
-/// The API for a server on `addr`, and the driver's end of its request
-/// channel. Refuses an open API (no token) off a loopback address.
+/// The API for a server on `addr` over the pipeline writing to `data`,
+/// and the driver's end of its request channel. Refuses an open API (no
+/// token) off a loopback address.
 pub(crate) fn build(
     config: &ApiConfig,
     addr: SocketAddr,
     submit: Submit,
     history: Option<Arc<crate::sql::SqlService>>,
+    data: &std::path::Path,
 ) -> Result<(Arc<Api>, Requests)> {
     let access = Access::new(
         &config.tokens,
@@ -136,6 +145,7 @@ pub(crate) fn build(
         sent: Mutex::new(commands::Sent::default()),
         max_body: config.max_body_kb.saturating_mul(1024).max(1),
         history,
+        events: Arc::new(data.join(flowcap_ingest::pipeline::EVENTS_FILE)),
     };
     Ok((Arc::new(api), rx))
 }
@@ -157,6 +167,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/summary", get(summary::summary))
         .route("/commands", post(commands::submit))
         .route("/commands/{id}", get(commands::result))
+        .route("/events", get(events::events))
         .route(
             "/openapi.json",
             get(|| async {
