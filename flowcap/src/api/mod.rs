@@ -52,7 +52,7 @@ use serde::Deserialize;
 pub(crate) use access::TOKENS_ENV;
 use access::{Access, Limiter, TokenConfig};
 use live::Live;
-pub(crate) use live::Submit;
+pub(crate) use live::{CommandProducer, Reports, Submit};
 use problem::Problem;
 
 /// Requests that may wait for the driver at once; one more is 503.
