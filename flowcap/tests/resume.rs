@@ -141,14 +141,17 @@ fn a_restore_failing_on_io_errors_is_refused_and_deletes_nothing() {
         let mut bytes = std::fs::read(path).unwrap();
         if i % 2 == 0 {
             bytes.truncate(bytes.len() - 10);
-            why.push("truncated");
+            why.push("truncated".to_owned());
         } else {
-            bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
-            why.push("format version 7");
+            // A version this build does not read: the next one.
+            let next = flowcap_engine::snapshot::SNAPSHOT_VERSION + 1;
+            bytes[8..12].copy_from_slice(&next.to_le_bytes());
+            why.push(format!("format version {next}"));
         }
         std::fs::write(path, bytes).unwrap();
     }
-    why.push("I/O error");
+    why.push("I/O error".to_owned());
+    let why: Vec<&str> = why.iter().map(String::as_str).collect();
     refused(&out, &snapshots, &why);
 }
 
