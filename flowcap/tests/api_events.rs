@@ -7,7 +7,8 @@
 //!   `Last-Event-ID` gives every event once: the union of the two
 //!   connections is the whole file, in order, including the event of a
 //!   command sent while the second one listened;
-//! - `flowcap serve` gives the same pages from the directory.
+//! - `flowcap serve` gives the same pages from the directory;
+//! - a command not sent through the server is answered from the journal.
 //!
 //! No sleeps decide anything: the tests wait on the lines the binary
 //! prints and on the stream's own events.
@@ -257,7 +258,7 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
     // Filters keep exactly what they name.
     let iccid = before
         .iter()
-        .find(|e| e["kind"] == "card_state")
+        .find(|e| e["kind"] == "card_state" && e["cause"]["type"] == "record")
         .unwrap()["iccid"]
         .as_str()
         .unwrap()
@@ -277,6 +278,18 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
         pool_states.len(),
         before.iter().filter(|e| e["kind"] == "pool_state").count()
     );
+    // A command from the commands file, not sent through this server:
+    // answered from the journal.
+    let journal = json_lines(&std::fs::read_to_string(out.join("journal.jsonl")).unwrap());
+    let first = &journal[0];
+    let id = first["result"]["command_id"].as_str().unwrap();
+    let answer = get_json(addr, &format!("/api/v1/commands/{id}"));
+    assert_eq!(answer["status"], "done", "{answer}");
+    assert_eq!(answer["result"], first["result"]);
+    assert_eq!(answer["position"]["seq"], first["seq"]);
+    let (status, body) = get(addr, "/api/v1/commands/no-such-command");
+    assert_eq!(status, 404, "{body}");
+
     let (status, body) = get(addr, "/api/v1/events?cursor=1");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("bad_cursor"), "{body}");

@@ -112,6 +112,8 @@ pub(crate) struct Api {
     history: Option<Arc<crate::sql::SqlService>>,
     /// The pipeline's events file, for `/events`.
     events: Arc<PathBuf>,
+    /// The pipeline's command journal, for `/commands/{id}`.
+    journal: PathBuf,
 }
 
 /// The API for a server on `addr` over the pipeline writing to `data`,
@@ -146,6 +148,7 @@ pub(crate) fn build(
         max_body: config.max_body_kb.saturating_mul(1024).max(1),
         history,
         events: Arc::new(data.join(flowcap_ingest::pipeline::EVENTS_FILE)),
+        journal: data.join(flowcap_ingest::pipeline::JOURNAL_FILE),
     };
     Ok((Arc::new(api), rx))
 }
