@@ -290,6 +290,29 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
     let (status, body) = get(addr, "/api/v1/commands/no-such-command");
     assert_eq!(status, 404, "{body}");
 
+    // Usage per hour of one day adds up to that day's.
+    let days = get_json(addr, &format!("/api/v1/cards/{iccid}/usage?granularity=day"));
+    let day = &days["items"][0];
+    let date = day["period"].as_str().unwrap();
+    let hours = get_json(
+        addr,
+        &format!("/api/v1/cards/{iccid}/usage?granularity=hour&from={date}&to={date}"),
+    );
+    assert_eq!(hours["granularity"], "hour");
+    let hours = hours["items"].as_array().unwrap();
+    assert!(!hours.is_empty());
+    let sum = |field: &str| hours.iter().map(|h| h[field].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("bytes"), day["bytes"].as_u64().unwrap());
+    assert_eq!(sum("records"), day["records"].as_u64().unwrap());
+    assert!(hours
+        .iter()
+        .all(|h| h["period"].as_str().unwrap().starts_with(date)));
+    let (status, body) = get(
+        addr,
+        &format!("/api/v1/cards/{iccid}/usage?granularity=hour&from=2026-01-01&to=2026-02-01"),
+    );
+    assert_eq!(status, 400, "{body}");
+
     let (status, body) = get(addr, "/api/v1/events?cursor=1");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("bad_cursor"), "{body}");
