@@ -104,8 +104,8 @@ fn a_snapshot_keeps_the_trail() {
     s.setup();
     s.active(1, "cmcc-30m");
     s.rec(1, "r1", &nov(10, 2, 0), mb(31));
-    let restored = Engine::restore(&s.engine.snapshot(), Box::new(MemIdStore::new()))
-        .expect("restores");
+    let restored =
+        Engine::restore(&s.engine.snapshot(), Box::new(MemIdStore::new())).expect("restores");
     let view = restored.card_view(ic(1)).expect("the card");
     assert_eq!(view, s.view(1));
     assert!(view.last_change.is_some() && view.last_record_at.is_some());

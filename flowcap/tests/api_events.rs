@@ -67,7 +67,10 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> Value {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
     serde_json::from_str(body).unwrap()
 }
 
@@ -120,7 +123,10 @@ impl Stream {
             (None, None, None);
         loop {
             let mut line = String::new();
-            assert!(self.lines.read_line(&mut line).unwrap() > 0, "the stream ended");
+            assert!(
+                self.lines.read_line(&mut line).unwrap() > 0,
+                "the stream ended"
+            );
             let line = line.trim_end_matches('\n');
             if line.is_empty() {
                 if let Some(data) = data.take() {
@@ -291,7 +297,10 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
     assert_eq!(status, 404, "{body}");
 
     // Usage per hour of one day adds up to that day's.
-    let days = get_json(addr, &format!("/api/v1/cards/{iccid}/usage?granularity=day"));
+    let days = get_json(
+        addr,
+        &format!("/api/v1/cards/{iccid}/usage?granularity=day"),
+    );
     let day = &days["items"][0];
     let date = day["period"].as_str().unwrap();
     let hours = get_json(
@@ -301,7 +310,12 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
     assert_eq!(hours["granularity"], "hour");
     let hours = hours["items"].as_array().unwrap();
     assert!(!hours.is_empty());
-    let sum = |field: &str| hours.iter().map(|h| h[field].as_u64().unwrap()).sum::<u64>();
+    let sum = |field: &str| {
+        hours
+            .iter()
+            .map(|h| h[field].as_u64().unwrap())
+            .sum::<u64>()
+    };
     assert_eq!(sum("bytes"), day["bytes"].as_u64().unwrap());
     assert_eq!(sum("records"), day["records"].as_u64().unwrap());
     assert!(hours
@@ -340,9 +354,9 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
         seen.push(second.next());
     }
     drop(second);
-    assert!(seen[before.len()..]
-        .iter()
-        .any(|e| e.kind == "card_state" && e.data["iccid"] == card.as_str() && e.data["new"] == "suspended"));
+    assert!(seen[before.len()..].iter().any(|e| e.kind == "card_state"
+        && e.data["iccid"] == card.as_str()
+        && e.data["new"] == "suspended"));
     let streamed: Vec<&Value> = seen.iter().map(|e| &e.data).collect();
     assert_eq!(streamed, after.iter().collect::<Vec<_>>());
     for e in &seen {

@@ -106,7 +106,10 @@ impl Shard {
 
     /// The card's [`Trail`].
     pub(crate) fn trail(&self, slot: u32) -> Trail {
-        self.trails.get(slot as usize).copied().unwrap_or(Trail::NONE)
+        self.trails
+            .get(slot as usize)
+            .copied()
+            .unwrap_or(Trail::NONE)
     }
 
     /// The card's [`Trail`], to change.

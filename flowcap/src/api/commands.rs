@@ -318,9 +318,9 @@ pub(crate) async fn result(
                 done => done,
             }
         }
-        None => from_journal(&api, &id).await?.ok_or_else(|| {
-            Problem::not_found(format!("no command {id} in the journal"))
-        })?,
+        None => from_journal(&api, &id)
+            .await?
+            .ok_or_else(|| Problem::not_found(format!("no command {id} in the journal")))?,
     };
     Ok(Json(answer(&id, &outcome)))
 }
@@ -419,9 +419,7 @@ mod tests {
     fn the_journal_answers_the_first_line_of_an_id() {
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("journal.jsonl");
-        let ok = |id: &str| {
-            serde_json::json!({"command_id": id, "ok": true, "results": []})
-        };
+        let ok = |id: &str| serde_json::json!({"command_id": id, "ok": true, "results": []});
         let failed = serde_json::json!({"command_id": "c\"2", "ok": false, "error": {"code": "malformed", "message": "no"}, "results": []});
         let lines = [
             serde_json::json!({"seq": 3, "command": {}, "result": ok("c1"), "repeat": false}),
@@ -430,13 +428,21 @@ mod tests {
         ];
         let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
         std::fs::write(&journal, text).unwrap();
-        let (seq, result) = journaled(&journal, &CommandId::from("c1")).unwrap().unwrap();
+        let (seq, result) = journaled(&journal, &CommandId::from("c1"))
+            .unwrap()
+            .unwrap();
         assert_eq!((seq, result.ok), (3, true));
-        let (seq, result) = journaled(&journal, &CommandId::from("c\"2")).unwrap().unwrap();
+        let (seq, result) = journaled(&journal, &CommandId::from("c\"2"))
+            .unwrap()
+            .unwrap();
         assert_eq!((seq, result.ok), (5, false));
-        assert!(journaled(&journal, &CommandId::from("c")).unwrap().is_none());
+        assert!(journaled(&journal, &CommandId::from("c"))
+            .unwrap()
+            .is_none());
         let missing = dir.path().join("none.jsonl");
-        assert!(journaled(&missing, &CommandId::from("c1")).unwrap().is_none());
+        assert!(journaled(&missing, &CommandId::from("c1"))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -390,12 +390,13 @@ fn stream(
                 Err(_) => return None,
             };
             tail.at = found.stopped;
-            tail.ready.extend(found.items.into_iter().map(|(at, event)| {
-                Event::default()
-                    .id(at.to_string())
-                    .event(event["kind"].as_str().unwrap_or("event"))
-                    .data(event.to_string())
-            }));
+            tail.ready
+                .extend(found.items.into_iter().map(|(at, event)| {
+                    Event::default()
+                        .id(at.to_string())
+                        .event(event["kind"].as_str().unwrap_or("event"))
+                        .data(event.to_string())
+                }));
         }
     });
     Sse::new(events).keep_alive(KeepAlive::default())
@@ -481,7 +482,11 @@ mod tests {
             ]),
             ["pool_state"]
         );
-        for bad in [("kind", "nothing"), ("from", "yesterday"), ("colour", "red")] {
+        for bad in [
+            ("kind", "nothing"),
+            ("from", "yesterday"),
+            ("colour", "red"),
+        ] {
             let query = [(bad.0.to_owned(), bad.1.to_owned())].into_iter().collect();
             assert!(EventFilter::of(&query).is_err(), "{bad:?}");
         }
