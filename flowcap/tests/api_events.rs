@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{json_lines, line_starting, stdout_of, Running, BIN};
+use common::{json_lines, line_starting, stdout_of, Running, Sse, Stream, BIN};
 use serde_json::Value;
 
 const VIEWER: &str = "viewer-token-20ab";
@@ -72,81 +72,6 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> Value {
         "{answer}"
     );
     serde_json::from_str(body).unwrap()
-}
-
-/// One Server-Sent Event.
-#[derive(Debug, Clone, PartialEq)]
-struct Sse {
-    id: String,
-    kind: String,
-    data: Value,
-}
-
-/// An open stream of `/api/v1/events`.
-struct Stream {
-    lines: BufReader<TcpStream>,
-}
-
-impl Stream {
-    fn open(addr: SocketAddr, last_id: Option<&str>) -> Stream {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
-        let resume = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
-        write!(
-            stream,
-            "GET /api/v1/events HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {VIEWER}\r\n\
-             Accept: text/event-stream\r\n{resume}\r\n"
-        )
-        .unwrap();
-        let mut lines = BufReader::new(stream);
-        let mut status = String::new();
-        lines.read_line(&mut status).unwrap();
-        assert!(status.contains(" 200 "), "{status}");
-        loop {
-            let mut header = String::new();
-            lines.read_line(&mut header).unwrap();
-            if header.trim_end().is_empty() {
-                break;
-            }
-            if header.to_ascii_lowercase().starts_with("content-type:") {
-                assert!(header.contains("text/event-stream"), "{header}");
-            }
-        }
-        Stream { lines }
-    }
-
-    /// The next event (comments, the keep-alives, skipped).
-    fn next(&mut self) -> Sse {
-        let (mut id, mut kind, mut data): (Option<String>, Option<String>, Option<String>) =
-            (None, None, None);
-        loop {
-            let mut line = String::new();
-            assert!(
-                self.lines.read_line(&mut line).unwrap() > 0,
-                "the stream ended"
-            );
-            let line = line.trim_end_matches('\n');
-            if line.is_empty() {
-                if let Some(data) = data.take() {
-                    return Sse {
-                        id: id.take().expect("every event has an id"),
-                        kind: kind.take().expect("every event has a kind"),
-                        data: serde_json::from_str(&data).unwrap(),
-                    };
-                }
-                continue;
-            }
-            if let Some(v) = line.strip_prefix("id: ") {
-                id = Some(v.to_owned());
-            } else if let Some(v) = line.strip_prefix("event: ") {
-                kind = Some(v.to_owned());
-            } else if let Some(v) = line.strip_prefix("data: ") {
-                data = Some(v.to_owned());
-            }
-        }
-    }
 }
 
 /// Every event, walking pages of `limit` with `query`: (position, event).
@@ -333,12 +258,12 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
 
     // A stream cut after a few events, resumed with the last id.
     let cut = before.len() / 3;
-    let mut first = Stream::open(addr, None);
+    let mut first = Stream::open(addr, VIEWER, None);
     let mut seen: Vec<Sse> = (0..cut).map(|_| first.next()).collect();
     drop(first);
     let last = seen.last().unwrap().id.clone();
     assert_eq!(last, pages[cut - 1].0, "the stream's id is the position");
-    let mut second = Stream::open(addr, Some(&last));
+    let mut second = Stream::open(addr, VIEWER, Some(&last));
     while seen.len() < before.len() {
         seen.push(second.next());
     }
