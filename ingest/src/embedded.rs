@@ -220,6 +220,9 @@ pub(crate) fn drive(
                     Position { seq: Some(this) },
                     NOT_NOW,
                 );
+                // A commit done is published to the API's event stream now,
+                // not at the next snapshot's cut.
+                pipeline.snapshot_pending()?;
             }
             if !entered {
                 entered = true;
