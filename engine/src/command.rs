@@ -145,9 +145,22 @@ pub enum CommandKind {
         /// The backward pool.
         pool: PoolId,
     },
-    /// Lift a freeze.
+    /// Lift a freeze (and a retention: the arrears are settled).
     UnfreezePool {
         /// The backward pool.
+        pool: PoolId,
+    },
+    /// The arrears of a frozen backward pool are not settled: the pool is
+    /// retained until `EngineConfig::pool_retention_days` after `at`, then
+    /// abandoned.
+    RetainPool {
+        /// The frozen backward pool.
+        pool: PoolId,
+    },
+    /// Bring an abandoned backward pool back (arrears settled), within one
+    /// month of its abandonment: its members' freeze is lifted.
+    ReenablePool {
+        /// The abandoned backward pool.
         pool: PoolId,
     },
     /// Carrier-reported violation (e.g. SIM moved to another device).
@@ -232,6 +245,17 @@ pub enum CommandKind {
         /// The names.
         names: Vec<String>,
     },
+    /// Enable a declared custom attribute name (names start enabled).
+    EnableAttribute {
+        /// The name.
+        name: String,
+    },
+    /// Disable a declared custom attribute name: it can no longer be set
+    /// or used in a rule filter, and views leave it out (values are kept).
+    DisableAttribute {
+        /// The name.
+        name: String,
+    },
 }
 
 impl CommandKind {
@@ -255,6 +279,8 @@ impl CommandKind {
             CommandKind::RenamePool { .. } => "rename_pool",
             CommandKind::FreezePool { .. } => "freeze_pool",
             CommandKind::UnfreezePool { .. } => "unfreeze_pool",
+            CommandKind::RetainPool { .. } => "retain_pool",
+            CommandKind::ReenablePool { .. } => "reenable_pool",
             CommandKind::ReportViolation { .. } => "report_violation",
             CommandKind::Rebind { .. } => "rebind",
             CommandKind::UpsertRule { .. } => "upsert_rule",
@@ -269,6 +295,8 @@ impl CommandKind {
             CommandKind::UnbindTags { .. } => "unbind_tags",
             CommandKind::SetAttributes { .. } => "set_attributes",
             CommandKind::SetAttributeNames { .. } => "set_attribute_names",
+            CommandKind::EnableAttribute { .. } => "enable_attribute",
+            CommandKind::DisableAttribute { .. } => "disable_attribute",
         }
     }
 
@@ -650,9 +678,20 @@ pub enum ErrorCode {
     RebindRequired,
     /// A card in its test period named to join a pool.
     TestPeriodCard,
-    /// A member or add-on for a pool abandoned when its every member was
-    /// deregistered.
+    /// A member, add-on, freeze or retention for an abandoned pool.
     PoolAbandoned,
+    /// A retention of a backward pool that is not frozen for arrears.
+    PoolNotFrozen,
+    /// A re-enable of a pool that is not abandoned.
+    PoolNotAbandoned,
+    /// A re-enable more than one month after the pool was abandoned.
+    ReenableExpired,
+    /// A custom attribute name the operator disabled, named to be set or
+    /// in a rule filter.
+    AttributeDisabled,
+    /// A custom attribute name disabled while an enabled rule filters on
+    /// it.
+    AttributeInUse,
 }
 
 /// The outcome for one card of a batch.

@@ -14,7 +14,8 @@ pub struct EngineConfig {
     /// Billing time zone (fixed UTC offset; UTC+8 by default).
     pub calendar: CycleCalendar,
     /// How long after a cycle ends a record of it still counts for that
-    /// cycle (history aggregates) instead of being reported late, in ms.
+    /// cycle (its usage, its limits: `late_crossing`) instead of being
+    /// reported late, history only, in ms.
     pub allowed_lateness_ms: i64,
     /// Records whose end is further than this ahead of the event clock are
     /// rejected as "time far in the future", in ms.
@@ -42,6 +43,9 @@ pub struct EngineConfig {
     /// for good (SPEC section 2.1); `None`: it stays suspended
     /// `plan_expired`.
     pub expiry_grace_days: Option<u32>,
+    /// Days a backward pool is retained (`retain_pool`) before it is
+    /// abandoned (SPEC section 2.1).
+    pub pool_retention_days: u32,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +60,7 @@ impl Default for EngineConfig {
             dedupe_verify_misses: false,
             silent_period_months: 6,
             expiry_grace_days: None,
+            pool_retention_days: 90,
         }
     }
 }

@@ -12,9 +12,9 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandResult};
+use crate::command::{Command, CommandResult, PoolKind};
 use crate::cycle::CycleId;
-use crate::domain::{CardState, Reasons};
+use crate::domain::{CardState, Carrier, Reasons};
 use crate::ids::{CommandId, Iccid, PlanId, PoolId};
 use crate::record::{Imei, RecordId, Usage};
 use crate::rule::{RuleAction, RuleCondition};
@@ -66,6 +66,9 @@ pub enum DeadlineKind {
     /// The grace period after an expiry without renewal ended: the card is
     /// deregistered (`EngineConfig::expiry_grace_days`).
     ExpiryGraceEnd,
+    /// A backward pool's retention ended without the arrears settled: the
+    /// pool is abandoned (`EngineConfig::pool_retention_days`).
+    RetentionEnd,
 }
 
 impl Cause {
@@ -142,8 +145,12 @@ pub enum PoolState {
     Suspended,
     /// Backward pool frozen for arrears.
     Frozen,
-    /// Forward pool whose every member was deregistered: it takes no
-    /// member and no add-on any more.
+    /// Backward pool still frozen for arrears, its numbers retained until
+    /// the retention ends (`retain_pool`).
+    Retained,
+    /// Forward pool whose every member was deregistered, or backward pool
+    /// whose retention ended: it takes no member and no add-on any more
+    /// (a backward one can be re-enabled within a month).
     Abandoned,
 }
 
@@ -175,6 +182,53 @@ pub struct PoolStateEvent {
     pub overshoot_bytes: Option<u64>,
     /// What caused it.
     pub cause: Cause,
+}
+
+/// A record of a closed cycle, counted within the allowed lateness,
+/// crossed one of that cycle's limits (SPEC section 3): the crossing the
+/// closed cycle would have had. It changes no state, so it is not a
+/// `card_state` or `pool_state` event: the card or pool stays as its
+/// current cycle has it, no carrier call and no rule follow. A consumer
+/// that turns events into carrier calls ignores this kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LateCrossingEvent {
+    /// Deterministic id.
+    pub id: String,
+    /// The card whose own limit was crossed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iccid: Option<Iccid>,
+    /// The pool whose allowance or threshold was crossed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolId>,
+    /// The reasons the closed cycle gained (`over_quota`, `general_cap`,
+    /// `over_threshold`; `pool_exhausted`, `backward_pool_threshold`).
+    pub reasons: Reasons,
+    /// Event time of the cause (the record's end).
+    pub event_time: Timestamp,
+    /// Set by the sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processed_at: Option<Timestamp>,
+    /// The closed cycle.
+    pub cycle: CycleId,
+    /// The closed cycle's usage after the record (the pool's, for a pool).
+    pub usage_bytes: u64,
+    /// The limit crossed.
+    pub limit_bytes: u64,
+    /// Bytes over `limit_bytes`.
+    pub overshoot_bytes: u64,
+    /// The record.
+    pub cause: Cause,
+}
+
+impl LateCrossingEvent {
+    /// The subject as text: the ICCID, else the pool id.
+    pub fn target(&self) -> String {
+        match (&self.iccid, &self.pool) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(p)) => p.to_string(),
+            (None, None) => String::new(),
+        }
+    }
 }
 
 /// What a rule saw when it fired.
@@ -282,6 +336,9 @@ pub enum ActionEvent {
     PoolState(PoolStateEvent),
     /// An automation rule fired (boxed: the largest event, and the rarest).
     RuleFired(Box<RuleFiredEvent>),
+    /// A closed cycle's limit crossed by a record within the lateness: a
+    /// record of what that cycle would have decided, not an action.
+    LateCrossing(LateCrossingEvent),
 }
 
 impl ActionEvent {
@@ -291,6 +348,7 @@ impl ActionEvent {
             ActionEvent::CardState(e) => &e.id,
             ActionEvent::PoolState(e) => &e.id,
             ActionEvent::RuleFired(e) => &e.id,
+            ActionEvent::LateCrossing(e) => &e.id,
         }
     }
 
@@ -300,6 +358,7 @@ impl ActionEvent {
             ActionEvent::CardState(e) => e.iccid.to_string(),
             ActionEvent::PoolState(e) => e.pool.to_string(),
             ActionEvent::RuleFired(e) => e.target(),
+            ActionEvent::LateCrossing(e) => e.target(),
         }
     }
 
@@ -309,6 +368,7 @@ impl ActionEvent {
             ActionEvent::CardState(e) => e.event_time,
             ActionEvent::PoolState(e) => e.event_time,
             ActionEvent::RuleFired(e) => e.event_time,
+            ActionEvent::LateCrossing(e) => e.event_time,
         }
     }
 
@@ -318,6 +378,7 @@ impl ActionEvent {
             ActionEvent::CardState(e) => &e.cause,
             ActionEvent::PoolState(e) => &e.cause,
             ActionEvent::RuleFired(e) => &e.cause,
+            ActionEvent::LateCrossing(e) => &e.cause,
         }
     }
 
@@ -327,6 +388,7 @@ impl ActionEvent {
             ActionEvent::CardState(_) => "card_state",
             ActionEvent::PoolState(_) => "pool_state",
             ActionEvent::RuleFired(_) => "rule_fired",
+            ActionEvent::LateCrossing(_) => "late_crossing",
         }
     }
 }
@@ -382,11 +444,42 @@ pub struct Accounted {
     pub usage: Usage,
     /// The cycle of its event time for the card's carrier.
     pub cycle: CycleId,
-    /// Counted in the card's current cycle state.
+    /// Counted in its cycle's engine usage: the card's current cycle, or
+    /// its closed cycle when it came within the allowed lateness.
     pub counted: bool,
     /// Arrived after its cycle closed (beyond the allowed lateness): kept
     /// in history, never changes state.
     pub late: bool,
+}
+
+/// A pool's total for a closed cycle: written at the rollover, and again,
+/// final, once the allowed lateness has passed and no record can add to
+/// it any more (the figure a post-paid backward pool is billed on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolCycleTotal {
+    /// The pool.
+    pub pool: PoolId,
+    /// Display name.
+    pub name: String,
+    /// Kind.
+    pub kind: PoolKind,
+    /// The carrier whose cycle the pool follows, if any.
+    pub carrier: Option<Carrier>,
+    /// The closed cycle.
+    pub cycle: CycleId,
+    /// Its state at the end of the cycle.
+    pub state: PoolState,
+    /// Members at the end of the cycle.
+    pub members: u64,
+    /// The members' usage counted for the cycle.
+    pub usage_bytes: u64,
+    /// Allowance at the end of the cycle (forward pools).
+    pub allowance_bytes: u64,
+    /// When: the cycle's end, or the end of its lateness when final.
+    pub at: Timestamp,
+    /// No record can add to it any more.
+    #[serde(rename = "final")]
+    pub final_total: bool,
 }
 
 /// Why a record was not accounted.
@@ -441,4 +534,6 @@ pub enum Output {
     Action(ActionEvent),
     /// A command's journal entry.
     Journal(Box<JournalEntry>),
+    /// A pool's closed-cycle total (history).
+    PoolCycle(Box<PoolCycleTotal>),
 }

@@ -34,7 +34,7 @@ use crate::watermark::Lanes;
 /// Magic bytes opening every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"FLOWCAPS";
 /// Current snapshot format version. Bump on any change of the state layout.
-pub const SNAPSHOT_VERSION: u32 = 7;
+pub const SNAPSHOT_VERSION: u32 = 9;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 
 #[derive(Serialize)]
@@ -70,13 +70,16 @@ pub struct SnapshotCopy {
     lanes: Lanes,
     last_seq: Option<u64>,
     positions: BTreeMap<String, i64>,
-    /// The registry's names of plans and tags, for
+    /// The registry's names of plans and tags, and the disabled
+    /// attribute names, for
     /// [`SnapshotCopy::card_views`]. Not encoded (the registry's JSON
     /// holds them): a decoded copy has none.
     #[serde(skip)]
     plan_ids: Vec<Option<PlanId>>,
     #[serde(skip)]
     tag_names: Vec<Option<TagId>>,
+    #[serde(skip)]
+    hidden_attributes: std::collections::BTreeSet<String>,
 }
 
 /// What a snapshot header says, without decoding the payload.
@@ -177,7 +180,12 @@ impl SnapshotCopy {
     /// them here, off the inputs' path. A copy decoded from a snapshot has
     /// no plan or tag names.
     pub fn card_views(&self) -> Vec<CardView> {
-        card_views(&self.shards, &self.plan_ids, &self.tag_names)
+        card_views(
+            &self.shards,
+            &self.plan_ids,
+            &self.tag_names,
+            &self.hidden_attributes,
+        )
     }
 }
 
@@ -226,6 +234,7 @@ impl Engine {
             positions: self.positions.clone(),
             plan_ids: self.registry.plan_ids.clone(),
             tag_names: self.registry.tag_names.clone(),
+            hidden_attributes: self.registry.disabled_attributes.clone(),
         }
     }
 

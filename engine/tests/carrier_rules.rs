@@ -728,6 +728,250 @@ fn a_forward_pool_is_abandoned_when_its_last_card_closes_at_the_grace_end() {
     );
 }
 
+// ===== backward pool in arrears ==============================================
+
+/// Cards 1 and 2 in backward pool `bp`, frozen for arrears on the 10th; a
+/// retention of 10 days.
+fn frozen_backward_pool(s: &mut Sim) {
+    s.active(1, "cmcc-30m");
+    s.active(2, "cmcc-30m");
+    s.backward_pool("bp", "cmcc", &[1, 2]);
+    s.ok("freeze_pool", json!({"pool": "bp"}));
+}
+
+/// A member's state while its pool is in arrears.
+fn held_for_arrears() -> (String, Vec<String>) {
+    ("suspended".to_owned(), vec!["pool_frozen".to_owned()])
+}
+
+fn retention_days(days: u32) -> impl Fn(&mut flowcap_engine::EngineConfig) {
+    move |c| c.pool_retention_days = days
+}
+
+#[test]
+fn a_backward_pool_in_arrears_is_retained_then_abandoned_when_the_retention_ends() {
+    scenario_with(retention_days(10), |s| {
+        frozen_backward_pool(s);
+        s.active(3, "cmcc-30m");
+        let out = s.ok("retain_pool", json!({"pool": "bp"}));
+        let events = pool_events(&out);
+        assert_eq!(events.len(), 1, "{events:#?}");
+        assert_eq!(
+            (events[0].old, events[0].new),
+            (PoolState::Frozen, PoolState::Retained)
+        );
+        // The members stay cut for the arrears; nothing changes for them.
+        assert!(card_events(&out).is_empty(), "{out:#?}");
+        let p = s.pool("bp");
+        assert_eq!(p.retained_until, Some(ts(&nov(20, 0, 0))));
+        // A repeated notice does not extend the retention.
+        s.at = nov(15, 0, 0);
+        let out = s.ok("retain_pool", json!({"pool": "bp"}));
+        assert!(pool_events(&out).is_empty());
+        assert_eq!(s.pool("bp").retained_until, Some(ts(&nov(20, 0, 0))));
+
+        assert!(pool_events(&s.tick(&nov(19, 23, 59))).is_empty());
+        let out = s.tick(&nov(20, 0, 1));
+        let events = pool_events(&out);
+        assert_eq!(events.len(), 1, "{events:#?}");
+        assert_eq!(
+            (events[0].old, events[0].new),
+            (PoolState::Retained, PoolState::Abandoned)
+        );
+        assert_eq!(
+            events[0].cause,
+            Cause::Deadline {
+                kind: DeadlineKind::RetentionEnd,
+                at: ts(&nov(20, 0, 0))
+            }
+        );
+        // Card data is kept: the cards stay members, held by the freeze.
+        let p = s.pool("bp");
+        assert_eq!(p.state, PoolState::Abandoned);
+        assert_eq!(p.members.len(), 2);
+        assert_eq!(p.abandoned_at, Some(ts(&nov(20, 0, 0))));
+        assert_eq!(s.state(1), held_for_arrears());
+        // It takes no member, no freeze and no retention any more.
+        for (ty, body) in [
+            (
+                "add_pool_members",
+                json!({"pool": "bp", "iccids": iccids(&[3])}),
+            ),
+            ("freeze_pool", json!({"pool": "bp"})),
+            ("unfreeze_pool", json!({"pool": "bp"})),
+            ("retain_pool", json!({"pool": "bp"})),
+        ] {
+            s.fails(ty, body, ErrorCode::PoolAbandoned);
+        }
+        // The operator may still take a card out (then it is on its own).
+        let out = s.ok(
+            "remove_pool_members",
+            json!({"pool": "bp", "iccids": iccids(&[2])}),
+        );
+        assert_eq!(states(&event_of(&out, 2)), st("suspended", "active"));
+    });
+}
+
+#[test]
+fn an_abandoned_backward_pool_can_be_re_enabled_within_one_month() {
+    scenario_with(retention_days(10), |s| {
+        frozen_backward_pool(s);
+        s.ok("retain_pool", json!({"pool": "bp"}));
+        s.tick(&nov(25, 0, 0));
+        assert_eq!(s.pool("bp").state, PoolState::Abandoned);
+        // A month after the abandonment (20 November), to the minute.
+        s.tick(&dec(20, 0, 0));
+        let out = s.ok("reenable_pool", json!({"pool": "bp"}));
+        let events = pool_events(&out);
+        assert_eq!(
+            (events[0].old, events[0].new),
+            (PoolState::Abandoned, PoolState::Available)
+        );
+        for n in [1, 2] {
+            let e = event_of(&out, n);
+            assert_eq!(states(&e), st("suspended", "active"));
+        }
+        let p = s.pool("bp");
+        assert_eq!((p.retained_until, p.abandoned_at), (None, None));
+        // It is a pool again: it takes members and can go into arrears anew.
+        s.active(3, "cmcc-30m");
+        s.ok(
+            "add_pool_members",
+            json!({"pool": "bp", "iccids": iccids(&[3])}),
+        );
+        s.ok("freeze_pool", json!({"pool": "bp"}));
+        assert_eq!(s.pool("bp").state, PoolState::Frozen);
+    });
+}
+
+#[test]
+fn an_abandoned_backward_pool_cannot_be_re_enabled_after_one_month() {
+    scenario_with(retention_days(10), |s| {
+        frozen_backward_pool(s);
+        s.ok("retain_pool", json!({"pool": "bp"}));
+        s.tick(&dec(20, 0, 1));
+        let e = s.fails(
+            "reenable_pool",
+            json!({"pool": "bp"}),
+            ErrorCode::ReenableExpired,
+        );
+        assert!(e.message.contains("until"), "{}", e.message);
+        assert_eq!(s.pool("bp").state, PoolState::Abandoned);
+        assert_eq!(s.state(1), held_for_arrears());
+    });
+}
+
+#[test]
+fn only_a_frozen_backward_pool_is_retained_and_only_an_abandoned_one_re_enabled() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        s.active(2, "cmcc-30m");
+        s.backward_pool("bp", "cmcc", &[1]);
+        s.forward_pool("fp", "cmcc-30m", &[2]);
+        s.fails(
+            "retain_pool",
+            json!({"pool": "bp"}),
+            ErrorCode::PoolNotFrozen,
+        );
+        s.fails(
+            "retain_pool",
+            json!({"pool": "fp"}),
+            ErrorCode::WrongPoolKind,
+        );
+        s.fails(
+            "reenable_pool",
+            json!({"pool": "fp"}),
+            ErrorCode::WrongPoolKind,
+        );
+        s.fails(
+            "retain_pool",
+            json!({"pool": "nope"}),
+            ErrorCode::UnknownPool,
+        );
+        s.ok("freeze_pool", json!({"pool": "bp"}));
+        s.fails(
+            "reenable_pool",
+            json!({"pool": "bp"}),
+            ErrorCode::PoolNotAbandoned,
+        );
+        s.ok("retain_pool", json!({"pool": "bp"}));
+        s.fails(
+            "reenable_pool",
+            json!({"pool": "bp"}),
+            ErrorCode::PoolNotAbandoned,
+        );
+    });
+}
+
+#[test]
+fn unfreezing_a_retained_backward_pool_settles_its_arrears() {
+    scenario_with(retention_days(10), |s| {
+        frozen_backward_pool(s);
+        s.ok("retain_pool", json!({"pool": "bp"}));
+        s.at = nov(12, 0, 0);
+        let out = s.ok("unfreeze_pool", json!({"pool": "bp"}));
+        let events = pool_events(&out);
+        assert_eq!(
+            (events[0].old, events[0].new),
+            (PoolState::Retained, PoolState::Available)
+        );
+        assert_eq!(states(&event_of(&out, 1)), st("suspended", "active"));
+        // The old retention deadline passes without effect.
+        let out = s.tick(&nov(21, 0, 0));
+        assert!(pool_events(&out).is_empty(), "{out:#?}");
+        assert_eq!(s.pool("bp").state, PoolState::Available);
+        // Frozen again, the retention starts from the new notice.
+        s.ok("freeze_pool", json!({"pool": "bp"}));
+        s.ok("retain_pool", json!({"pool": "bp"}));
+        assert_eq!(s.pool("bp").retained_until, Some(ts(&dec(1, 0, 0))));
+    });
+}
+
+/// A retention's deadline names a pool, not a card: the expiry rules,
+/// which look ahead through the card deadlines, pass it by.
+#[test]
+fn a_retention_end_is_not_read_as_a_card_expiry() {
+    scenario_with(retention_days(10), |s| {
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "exp", "type": 1, "condition": {"days_to_expiry_lte": 8},
+                "actions": [{"type": "email", "to": ["ops@example.com"]}]}}),
+        );
+        // More pools than cards: the retained pool's index is no card's.
+        for id in ["b0", "b1", "b2"] {
+            s.backward_pool(id, "cmcc", &[]);
+        }
+        frozen_backward_pool(s);
+        s.ok("retain_pool", json!({"pool": "bp"}));
+        let out = s.tick(&nov(21, 0, 0));
+        assert_eq!(pool_events(&out).len(), 1);
+    });
+}
+
+#[test]
+fn a_backward_pool_retention_is_exact_across_a_restart() {
+    let run = |restart: bool| -> Vec<flowcap_engine::Output> {
+        let mut config = config(3);
+        config.pool_retention_days = 10;
+        let mut s = Sim::with_config(config);
+        s.setup();
+        frozen_backward_pool(&mut s);
+        s.ok("retain_pool", json!({"pool": "bp"}));
+        if restart {
+            let bytes = s.engine.snapshot();
+            s.engine = flowcap_engine::Engine::restore(
+                &bytes,
+                Box::new(flowcap_engine::dedupe::MemIdStore::default()),
+            )
+            .unwrap();
+        }
+        s.tick(&nov(21, 0, 0))
+    };
+    let straight = run(false);
+    assert_eq!(pool_events(&straight).len(), 1);
+    assert_eq!(run(true), straight);
+}
+
 // ===== custom attributes =====================================================
 
 #[test]
@@ -763,6 +1007,95 @@ fn attributes_are_set_in_batch_and_a_null_removes_one() {
             json!({"iccids": iccids(&[1]), "attributes": {"colour": "red"}}),
             ErrorCode::InvalidAttribute,
         );
+    });
+}
+
+#[test]
+fn a_disabled_attribute_is_kept_but_neither_set_shown_nor_filtered_on() {
+    scenario(|s| {
+        s.ok(
+            "set_attribute_names",
+            json!({"names": ["customer", "site"]}),
+        );
+        s.card_with(
+            1,
+            "cmcc-30m",
+            "active",
+            json!({"attributes": {"customer": "acme", "site": "north"}}),
+        );
+        s.ok("disable_attribute", json!({"name": "site"}));
+        // Hidden from the card's view; the value is kept.
+        assert_eq!(s.view(1).attributes, attrs(&[("customer", "acme")]));
+        s.fails(
+            "set_attributes",
+            json!({"iccids": iccids(&[1]), "attributes": {"site": "south"}}),
+            ErrorCode::AttributeDisabled,
+        );
+        s.fails(
+            "upsert_card",
+            json!({"card": {"iccid": iccid_text(1), "carrier": "cmcc", "plan": "cmcc-30m",
+                "attributes": {"site": "south"}}}),
+            ErrorCode::AttributeDisabled,
+        );
+        s.fails(
+            "upsert_rule",
+            json!({"rule": {"id": "u", "type": 2, "condition": {"used_mb_gte": 5},
+                "filter": {"attributes": {"site": "north"}}}}),
+            ErrorCode::AttributeDisabled,
+        );
+        // The other names are untouched.
+        s.ok(
+            "set_attributes",
+            json!({"iccids": iccids(&[1]), "attributes": {"customer": "globex"}}),
+        );
+        // Enabled again, the kept value shows.
+        s.ok("enable_attribute", json!({"name": "site"}));
+        assert_eq!(
+            s.view(1).attributes,
+            attrs(&[("customer", "globex"), ("site", "north")])
+        );
+        s.fails(
+            "disable_attribute",
+            json!({"name": "colour"}),
+            ErrorCode::InvalidAttribute,
+        );
+    });
+}
+
+#[test]
+fn an_attribute_an_enabled_rule_filters_on_cannot_be_disabled() {
+    scenario(|s| {
+        s.ok("set_attribute_names", json!({"names": ["customer"]}));
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "u", "type": 2, "condition": {"used_mb_gte": 5},
+                "filter": {"attributes": {"customer": "acme"}}}}),
+        );
+        s.fails(
+            "disable_attribute",
+            json!({"name": "customer"}),
+            ErrorCode::AttributeInUse,
+        );
+        s.ok("disable_rule", json!({"rule": "u"}));
+        s.ok("disable_attribute", json!({"name": "customer"}));
+        // The rule cannot come back while its attribute is disabled.
+        s.fails(
+            "enable_rule",
+            json!({"rule": "u"}),
+            ErrorCode::AttributeDisabled,
+        );
+        // Declaring the names again keeps a name's switch.
+        s.ok(
+            "set_attribute_names",
+            json!({"names": ["customer", "site"]}),
+        );
+        s.fails(
+            "enable_rule",
+            json!({"rule": "u"}),
+            ErrorCode::AttributeDisabled,
+        );
+        s.ok("enable_attribute", json!({"name": "customer"}));
+        s.ok("enable_rule", json!({"rule": "u"}));
     });
 }
 

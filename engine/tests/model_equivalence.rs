@@ -14,10 +14,10 @@ mod model;
 use std::collections::BTreeMap;
 
 use flowcap_engine::{
-    ActionEvent, CardState, Engine, EngineConfig, Iccid, Output, PoolId, TrafficType,
+    ActionEvent, CardState, CycleId, Engine, EngineConfig, Iccid, Output, PoolId, TrafficType,
 };
 use model::gen::*;
-use model::{CommandOutcome, Model, ModelEvent, RecordOutcome};
+use model::{CommandOutcome, LateCrossing, Model, ModelEvent, RecordOutcome};
 use proptest::prelude::*;
 
 // ----- running and comparing ----------------------------------------------------
@@ -40,7 +40,7 @@ fn engine_outcome(out: &[Output]) -> Outcome {
                 whole_error: j.result.error.is_some(),
                 per_card: j.result.results.iter().map(|r| r.ok).collect(),
             }),
-            Output::Action(_) => continue,
+            Output::Action(_) | Output::PoolCycle(_) => continue,
         };
         assert!(found.is_none(), "two outcomes for one input: {out:?}");
         found = Some(this);
@@ -48,10 +48,12 @@ fn engine_outcome(out: &[Output]) -> Outcome {
     found.expect("an outcome for every input")
 }
 
+type Attributes = BTreeMap<String, String>;
+
 /// Everything compared after each input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Snapshot {
-    cards: Vec<(Iccid, u64, CardState, Vec<String>)>,
+    cards: Vec<(Iccid, u64, CardState, Vec<String>, Attributes)>,
     pools: Vec<(String, u64, String, Vec<Iccid>)>,
 }
 
@@ -66,7 +68,13 @@ fn model_snapshot(m: &Model) -> Snapshot {
             .iter()
             .map(|(i, c)| {
                 let (state, reasons) = m.view(*i);
-                (*i, c.usage, state, reasons_vec(reasons))
+                (
+                    *i,
+                    c.usage,
+                    state,
+                    reasons_vec(reasons),
+                    m.visible_attributes(*i),
+                )
             })
             .collect(),
         pools: m
@@ -89,7 +97,15 @@ fn engine_snapshot(e: &Engine) -> Snapshot {
         cards: e
             .card_views()
             .into_iter()
-            .map(|v| (v.iccid, v.usage_bytes, v.state, reasons_vec(v.reasons)))
+            .map(|v| {
+                (
+                    v.iccid,
+                    v.usage_bytes,
+                    v.state,
+                    reasons_vec(v.reasons),
+                    v.attributes,
+                )
+            })
             .collect(),
         pools: POOLS
             .iter()
@@ -113,12 +129,17 @@ fn engine_snapshot_sorted(e: &Engine) -> Snapshot {
     s
 }
 
+/// Days a backward pool is retained, in the engines and the model.
+const RETENTION_DAYS: u32 = 2;
+
 fn engine(shards: usize) -> Engine {
     Engine::new(EngineConfig {
         shards,
         // The model counts any reuse of an id as a duplicate, ever (the
         // generator reuses ids with other ends): the engine's exact mode.
         dedupe_verify_misses: true,
+        // Short enough for runs to see retentions end.
+        pool_retention_days: RETENTION_DAYS,
         ..EngineConfig::default()
     })
 }
@@ -128,6 +149,18 @@ fn apply(e: &mut Engine, input: &Input, seq: u64, out: &mut Vec<Output>) {
         Input::Usage(u) => e.process_usage(u, seq, out).unwrap(),
         Input::Command(c) => e.process_command(c.clone(), seq, out),
     }
+}
+
+fn late_crossings(events: &[ActionEvent]) -> Vec<LateCrossing> {
+    let mut all: Vec<LateCrossing> = events
+        .iter()
+        .filter_map(|e| match e {
+            ActionEvent::LateCrossing(l) => Some((l.target(), l.reasons, l.usage_bytes)),
+            _ => None,
+        })
+        .collect();
+    all.sort();
+    all
 }
 
 fn card_events(events: &[ActionEvent]) -> BTreeMap<Iccid, Vec<ModelEvent>> {
@@ -149,10 +182,13 @@ fn card_events(events: &[ActionEvent]) -> BTreeMap<Iccid, Vec<ModelEvent>> {
 fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
     let defaults = EngineConfig::default();
     let mut model = Model::new(defaults.max_future_ms, defaults.clock_quorum);
+    model.retention_ms = i64::from(RETENTION_DAYS) * 86_400_000;
     let mut one = engine(1);
     let mut three = engine(3);
     let mut events_one = Vec::new();
     let mut events_three = Vec::new();
+    let mut totals_one = Vec::new();
+    let mut totals_three = Vec::new();
     for (seq, input) in inputs.iter().enumerate() {
         let seq = seq as u64;
         let expected = match input {
@@ -160,9 +196,9 @@ fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
             Input::Command(c) => Outcome::Command(model.command(c)),
         };
         let want = model_snapshot(&model);
-        for (name, e, events) in [
-            ("1 shard", &mut one, &mut events_one),
-            ("3 shards", &mut three, &mut events_three),
+        for (name, e, events, totals) in [
+            ("1 shard", &mut one, &mut events_one, &mut totals_one),
+            ("3 shards", &mut three, &mut events_three, &mut totals_three),
         ] {
             let mut out = Vec::new();
             apply(e, input, seq, &mut out);
@@ -200,10 +236,18 @@ fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
                 seq,
                 input
             );
-            events.extend(out.into_iter().filter_map(|o| match o {
-                Output::Action(a) => Some(a),
-                _ => None,
-            }));
+            for o in out {
+                match o {
+                    Output::Action(a) => events.push(a),
+                    Output::PoolCycle(t) => totals.push((
+                        t.pool.0.clone(),
+                        t.cycle.to_string(),
+                        t.usage_bytes,
+                        t.final_total,
+                    )),
+                    _ => {}
+                }
+            }
             let have = engine_snapshot_sorted(e);
             prop_assert_eq!(
                 &have,
@@ -224,6 +268,26 @@ fn check(inputs: &[Input]) -> Result<(), TestCaseError> {
         &model_events,
         "card_state events, 1 shard"
     );
+    let mut want_crossings = model.late_crossings.clone();
+    want_crossings.sort();
+    prop_assert_eq!(
+        late_crossings(&events_one),
+        want_crossings,
+        "late crossings"
+    );
+    let mut want_totals: Vec<(String, String, u64, bool)> = model
+        .pool_totals
+        .iter()
+        .map(|(p, c, u, f)| {
+            let cycle = CycleId::new(c.div_euclid(12), (c.rem_euclid(12) + 1) as u32);
+            (p.clone(), cycle.to_string(), *u, *f)
+        })
+        .collect();
+    want_totals.sort();
+    totals_one.sort();
+    totals_three.sort();
+    prop_assert_eq!(&totals_one, &want_totals, "pool totals, 1 shard");
+    prop_assert_eq!(&totals_three, &want_totals, "pool totals, 3 shards");
     let mut a: Vec<String> = events_one
         .iter()
         .map(|e| serde_json::to_string(e).unwrap())

@@ -54,6 +54,8 @@ fn config(shards: usize) -> EngineConfig {
         shards,
         // The model counts any reuse of an id as a duplicate, ever.
         dedupe_verify_misses: true,
+        // Short enough for runs to cross a backward pool's retention end.
+        pool_retention_days: 2,
         ..EngineConfig::default()
     }
 }

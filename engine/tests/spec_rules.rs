@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use flowcap_engine::command::{parse_command, ErrorCode};
 use flowcap_engine::cycle::CycleId;
-use flowcap_engine::event::{Cause, DeadlineKind};
-use flowcap_engine::{CardState, Output};
+use flowcap_engine::event::{Cause, DeadlineKind, LateCrossingEvent, PoolCycleTotal};
+use flowcap_engine::{ActionEvent, CardState, Lane, Output};
 use serde_json::json;
 
 fn active_suspended(reasons: &[&str]) -> (String, Vec<String>) {
@@ -1073,22 +1073,182 @@ fn late_record_beyond_allowed_lateness_is_flagged_and_changes_nothing() {
     });
 }
 
+fn late_crossings(out: &[Output]) -> Vec<LateCrossingEvent> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Action(ActionEvent::LateCrossing(e)) => Some(e.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pool_totals(out: &[Output]) -> Vec<PoolCycleTotal> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::PoolCycle(t) => Some((**t).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn previous_cycle_record_within_lateness_is_not_late_and_not_counted() {
+fn a_record_of_the_closed_cycle_within_the_lateness_counts_and_its_crossing_is_reported() {
     scenario(|s| {
         s.active(1, "cmcc-30m");
         s.tick(&nov(30, 12, 0));
         s.rec(1, "nov", &nov(30, 13, 0), mb(29));
-        s.rec(1, "dec", &dec(1, 0, 30), mb(29));
+        s.rec(1, "dec", &dec(1, 0, 30), mb(1));
         // The November cycle closed 30 min ago, within the 2 h lateness,
         // even though the record itself ended 4 h 30 min before the clock.
-        let out = s.rec(1, "nov-2", &nov(30, 20, 0), mb(500));
+        let out = s.rec(1, "nov-2", &nov(30, 20, 0), mb(2));
         let acc = accounted(&out);
         assert_eq!(acc[0].cycle, CycleId::new(2026, 11));
+        assert!(acc[0].counted, "cycle closed 30 min ago: within lateness");
+        assert!(!acc[0].late);
+        let crossings = late_crossings(&out);
+        assert_eq!(crossings.len(), 1, "{out:#?}");
+        let e = &crossings[0];
+        assert_eq!(e.iccid, Some(ic(1)));
+        assert_eq!(e.pool, None);
+        assert_eq!(e.cycle, CycleId::new(2026, 11));
+        assert_eq!(
+            e.reasons.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            ["over_quota"]
+        );
+        assert_eq!(e.usage_bytes, mb(31));
+        assert_eq!(e.limit_bytes, mb(30));
+        assert_eq!(e.overshoot_bytes, mb(1));
+        assert_eq!(e.cause, record_cause(1, "nov-2"));
+        assert_eq!(e.event_time, ts(&nov(30, 20, 0)));
+        // The closed cycle's crossing is reported once.
+        let out = s.rec(1, "nov-3", &nov(30, 21, 0), mb(1));
+        assert!(accounted(&out)[0].counted);
+        assert!(late_crossings(&out).is_empty(), "{out:#?}");
+    });
+}
+
+#[test]
+fn a_late_crossing_never_changes_the_current_state() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        s.ok(
+            "upsert_rule",
+            json!({"rule": {"id": "cut", "type": 4, "condition": {"to": ["suspended"]}}}),
+        );
+        s.tick(&nov(30, 12, 0));
+        s.rec(1, "nov", &nov(30, 13, 0), mb(29));
+        s.rec(1, "dec", &dec(1, 0, 30), mb(1));
+        let out = s.rec(1, "nov-2", &nov(30, 20, 0), mb(2));
+        assert_eq!(late_crossings(&out).len(), 1);
+        // No state change, no carrier action, no rule.
+        assert!(card_events(&out).is_empty(), "{out:#?}");
+        assert!(pool_events(&out).is_empty());
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Action(ActionEvent::RuleFired(_)))),
+            "{out:#?}"
+        );
+        assert_eq!(s.state(1), active_state());
+        assert_eq!(s.view(1).cycle, CycleId::new(2026, 12));
+        assert_eq!(s.view(1).usage_bytes, mb(1));
+        // The new cycle still cuts on its own records only.
+        let out = s.rec(1, "dec-2", &dec(1, 1, 0), mb(29) + 1);
+        assert_eq!(states(&event_of(&out, 1)), st("active", "suspended"));
+    });
+}
+
+#[test]
+fn a_record_of_the_closed_cycle_past_the_lateness_is_recorded_only() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        s.tick(&nov(30, 12, 0));
+        s.rec(1, "nov", &nov(30, 13, 0), mb(29));
+        s.rec(1, "dec", &dec(1, 1, 59), mb(1));
+        // Exactly at the end of the lateness: still counted.
+        s.tick(&dec(1, 2, 0));
+        let out = s.rec(1, "edge", &nov(30, 23, 0), 1);
+        assert!(accounted(&out)[0].counted);
+        // One millisecond later the closed cycle is over for good.
+        s.tick("2026-12-01T02:00:00.001+08:00");
+        let out = s.rec(1, "past", &nov(30, 23, 30), mb(5));
+        let acc = accounted(&out);
         assert!(!acc[0].counted);
-        assert!(!acc[0].late, "cycle closed 30 min ago: within lateness");
+        assert!(acc[0].late);
+        assert!(late_crossings(&out).is_empty());
         assert!(card_events(&out).is_empty());
-        assert_eq!(s.view(1).usage_bytes, mb(29));
+        assert_eq!(s.view(1).usage_bytes, mb(1));
+    });
+}
+
+#[test]
+fn a_pool_crossed_within_the_lateness_reports_it_and_its_final_total_is_exact() {
+    scenario(|s| {
+        for n in [1, 2, 3] {
+            s.active(n, "cmcc-30m");
+        }
+        s.forward_pool("p1", "cmcc-30m", &[1, 2, 3]);
+        s.tick(&nov(30, 12, 0));
+        s.rec(1, "a1", &nov(30, 13, 0), mb(40));
+        s.rec(2, "b1", &nov(30, 23, 59), mb(40));
+        let out = s.tick(&dec(1, 0, 20));
+        // At the rollover: the closed cycle's total so far.
+        let totals = pool_totals(&out);
+        assert_eq!(totals.len(), 1, "{out:#?}");
+        assert_eq!(totals[0].cycle, CycleId::new(2026, 11));
+        assert_eq!(totals[0].usage_bytes, mb(80));
+        assert_eq!(totals[0].allowance_bytes, mb(90));
+        assert!(!totals[0].final_total);
+        assert_eq!(totals[0].at, ts(&dec(1, 0, 0)));
+        // Within the lateness, a member's November record crosses the
+        // closed cycle's allowance: reported for the pool, no cut.
+        let out = s.rec(3, "c-nov", &nov(30, 23, 50), mb(11));
+        assert!(accounted(&out)[0].counted);
+        let crossings = late_crossings(&out);
+        assert_eq!(crossings.len(), 1, "{out:#?}");
+        assert_eq!(crossings[0].pool.as_ref().map(|p| p.as_str()), Some("p1"));
+        assert_eq!(crossings[0].usage_bytes, mb(91));
+        assert_eq!(crossings[0].limit_bytes, mb(90));
+        assert!(card_events(&out).is_empty());
+        assert!(pool_events(&out).is_empty());
+        assert_eq!(s.pool("p1").usage_bytes, 0);
+        // When the lateness has passed: the final total, every counted byte.
+        let out = s.tick(&dec(1, 3, 0));
+        let totals = pool_totals(&out);
+        assert_eq!(totals.len(), 1, "{out:#?}");
+        assert!(totals[0].final_total);
+        assert_eq!(totals[0].usage_bytes, mb(91));
+        assert_eq!(totals[0].at, ts("2026-12-01T02:00:00.001+08:00"));
+    });
+}
+
+#[test]
+fn a_record_its_lane_saw_the_cycle_close_counts_toward_it_at_the_rollover() {
+    scenario(|s| {
+        s.active(1, "cmcc-30m");
+        s.active(2, "cmcc-30m");
+        s.tick(&nov(30, 12, 0));
+        s.engine.declare_lanes(2);
+        s.rec_from(Lane(0), &usage(1, "a", &nov(30, 22, 0), mb(1)));
+        s.rec_from(Lane(1), &usage(2, "b", &nov(30, 22, 0), mb(29)));
+        // Lane 1 crosses midnight; lane 0 (and so the clock) has not.
+        s.rec_from(Lane(1), &usage(2, "b-dec", &dec(1, 0, 30), mb(1)));
+        assert_eq!(s.view(2).cycle, CycleId::new(2026, 11));
+        // A November record of lane 1: the closed cycle's, as it would be
+        // had lane 0 been read as far. Counted, but not yet toward it.
+        let out = s.rec_from(Lane(1), &usage(2, "b-nov", &nov(30, 23, 0), mb(2)));
+        assert!(accounted(&out)[0].counted, "{out:#?}");
+        assert!(late_crossings(&out).is_empty());
+        assert!(card_events(&out).is_empty());
+        // Lane 0 crosses: the rollover, then the kept record's crossing.
+        let out = s.rec_from(Lane(0), &usage(1, "a-dec", &dec(1, 0, 40), mb(1)));
+        let crossings = late_crossings(&out);
+        assert_eq!(crossings.len(), 1, "{out:#?}");
+        assert_eq!(crossings[0].iccid, Some(ic(2)));
+        assert_eq!(crossings[0].usage_bytes, mb(31));
+        assert_eq!(crossings[0].cycle, CycleId::new(2026, 11));
+        no_event_of(&out, 2);
+        assert_eq!(s.state(2), active_state());
+        assert_eq!(s.view(2).usage_bytes, mb(1));
     });
 }
 

@@ -846,6 +846,12 @@ fn print_summary(s: &Summary, check: Option<&Exactness>) {
     println!("  card events   {:>12}", s.card_events);
     println!("  pool events   {:>12}", s.pool_events);
     println!("  rule firings  {:>12}", s.rule_firings);
+    if s.late_crossings > 0 {
+        println!(
+            "  late crossings {:>11}  (closed cycles' limits, no state change)",
+            s.late_crossings
+        );
+    }
     if let Some(n) = &s.notifications {
         println!(
             "  notifications {:>12}  delivered, {} failed, {} retries, {} still queued (outbox/)",

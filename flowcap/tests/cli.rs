@@ -303,3 +303,54 @@ fn top_cards_takes_each_carriers_current_cycle() {
         "{text}"
     );
 }
+
+/// Custom attributes are in the `cards` table, one column per slot of the
+/// declared names (`attr_1` the first), for plain SQL; a disabled name's
+/// column is empty.
+#[test]
+fn custom_attributes_are_columns_of_the_cards_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = ("89860412345678901234", "89860412345678905678");
+    let card = |id: &str, iccid: &str, attributes: &str| {
+        format!(
+            r#"{{"id":"{id}","type":"upsert_card","at":"2026-11-01T00:00:00+08:00","card":{{"iccid":"{iccid}","carrier":"cmcc","plan":"cm-1g","state":"active","attributes":{attributes}}}}}"#
+        )
+    };
+    let commands = [
+        r#"{"id":"p1","type":"upsert_plan","at":"2026-11-01T00:00:00+08:00","plan":{"id":"cm-1g","carrier":"cmcc","allowance_mb":1000,"traffic":"directed"}}"#.to_owned(),
+        r#"{"id":"a1","type":"set_attribute_names","at":"2026-11-01T00:00:00+08:00","names":["customer","site","batch"]}"#.to_owned(),
+        card("c1", one, r#"{"customer":"acme","site":"north","batch":"b7"}"#),
+        card("c2", two, r#"{"customer":"globex"}"#),
+        r#"{"id":"a2","type":"disable_attribute","at":"2026-11-01T00:00:00+08:00","name":"batch"}"#.to_owned(),
+    ];
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let record = format!(
+        r#"{{"record_id":"r1","iccid":"{one}","end":"2026-11-20T10:00:00+08:00","bytes_up":100,"bytes_down":0}}"#
+    );
+    let (v, out_dir) = run_files(dir.path(), &commands, &[record]);
+    assert_eq!(v["summary"]["counted"], 1, "{v}");
+    let sql = |query: &str| {
+        let out = Command::new(BIN)
+            .args(["sql", "--format", "csv", "--data"])
+            .arg(&out_dir)
+            .arg(query)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{query}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        sql("SELECT iccid, attr_1, attr_2, attr_3, attr_4 FROM cards_current ORDER BY iccid"),
+        format!("iccid,attr_1,attr_2,attr_3,attr_4\n{one},acme,north,,\n{two},globex,,,\n")
+    );
+    assert_eq!(
+        sql("SELECT iccid FROM cards_current WHERE attr_1 = 'acme'"),
+        format!("iccid\n{one}\n")
+    );
+    // The whole table still exports as CSV.
+    assert_eq!(sql("SELECT * FROM cards").lines().count(), 3);
+}

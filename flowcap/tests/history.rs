@@ -197,13 +197,24 @@ fn every_table_says_what_the_engine_emitted() {
         .collect();
     assert_eq!(states, want);
 
-    // pools: one row per pool per cycle, used <= the members' usage.
+    // pools: per pool and cycle the newest snapshot's row; a closed cycle
+    // (the cucc 27th here) also has its row at the rollover and one final
+    // row, its billed total.
     assert!(one_i64(&out, "SELECT COUNT(*) FROM pool_cycle_usage") > 0);
     assert_eq!(
         one_i64(
             &out,
             "SELECT COUNT(*) FROM (SELECT pool_id, cycle, COUNT(*) AS n FROM pool_cycle_usage \
-             GROUP BY pool_id, cycle) WHERE n > 1"
+             WHERE NOT final GROUP BY pool_id, cycle) WHERE n > 2"
+        ),
+        0
+    );
+    assert!(one_i64(&out, "SELECT COUNT(*) FROM pool_cycle_usage WHERE final") > 0);
+    assert_eq!(
+        one_i64(
+            &out,
+            "SELECT COUNT(*) FROM (SELECT pool_id, cycle, COUNT(*) AS n FROM pool_cycle_usage \
+             WHERE final GROUP BY pool_id, cycle) WHERE n > 1"
         ),
         0
     );
@@ -464,4 +475,101 @@ fn http_sql_answers_json_csv_and_arrow_and_refuses_writes_and_big_results() {
     assert_eq!(status, 400);
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// A post-paid pool is billed on its closed cycle's total (issue #27): the
+/// records just before the boundary and one that comes within the
+/// lateness, after the rollover, are all in the cycle's one `final` row,
+/// which the analyst takes with one query. The run stops after the late
+/// record and a second run on the same directory brings the end of the
+/// lateness.
+#[test]
+fn a_closed_cycle_pool_total_is_exact_and_final_in_pool_cycle_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = ("89860012345678900001", "89860012345678900002");
+    let rec = |id: &str, iccid: &str, end: &str, mb: u64| {
+        format!(
+            r#"{{"record_id":"{id}","iccid":"{iccid}","end":"{end}","bytes_up":{},"bytes_down":0}}"#,
+            mb * 1_048_576
+        ) + "\n"
+    };
+    let at = r#""at":"2026-11-01T00:00:00+08:00""#;
+    let commands = dir.path().join("commands.jsonl");
+    std::fs::write(
+        &commands,
+        [
+            format!(r#"{{"id":"c1","type":"upsert_plan",{at},"plan":{{"id":"cm-30","carrier":"cmcc","allowance_mb":30,"traffic":"directed"}}}}"#),
+            format!(r#"{{"id":"c2","type":"upsert_card",{at},"card":{{"iccid":"{a}","carrier":"cmcc","plan":"cm-30","state":"active"}}}}"#),
+            format!(r#"{{"id":"c3","type":"upsert_card",{at},"card":{{"iccid":"{b}","carrier":"cmcc","plan":"cm-30","state":"active"}}}}"#),
+            format!(r#"{{"id":"c4","type":"create_pool",{at},"pool":{{"id":"bp","kind":"backward","name":"bp","carrier":"cmcc"}}}}"#),
+            format!(r#"{{"id":"c5","type":"add_pool_members",{at},"pool":"bp","iccids":["{a}","{b}"]}}"#),
+        ]
+        .join("\n")
+            + "\n",
+    )
+    .unwrap();
+    let day1 = dir.path().join("day1.jsonl");
+    std::fs::write(
+        &day1,
+        [
+            rec("a1", a, "2026-11-30T23:00:00+08:00", 10),
+            rec("b1", b, "2026-11-30T23:59:59+08:00", 5),
+            // Both cards in December: the pool rolls over.
+            rec("a2", a, "2026-12-01T00:30:00+08:00", 1),
+            rec("b2", b, "2026-12-01T00:40:00+08:00", 1),
+            // November's, within the 2 h lateness.
+            rec("b3", b, "2026-11-30T23:30:00+08:00", 7),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let day2 = dir.path().join("day2.jsonl");
+    std::fs::write(
+        &day2,
+        rec("a3", a, "2026-12-01T03:00:00+08:00", 1)
+            + &rec("b4", b, "2026-12-01T03:00:00+08:00", 1),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    for args in [
+        vec![
+            "--input",
+            day1.to_str().unwrap(),
+            "--commands",
+            commands.to_str().unwrap(),
+        ],
+        vec!["--input", day2.to_str().unwrap()],
+    ] {
+        let status = Command::new(BIN)
+            .args(["run", "-q"])
+            .args(&args)
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let billed = sql(
+        &out,
+        "SELECT pool_id, used_bytes FROM pool_cycle_usage WHERE cycle = '2026-11' AND final",
+    );
+    assert_eq!(billed.len(), 1, "{billed:?}");
+    assert_eq!(billed[0]["pool_id"], "bp");
+    assert_eq!(
+        billed[0]["used_bytes"],
+        22 * 1_048_576,
+        "10 + 5 + the late 7 MB"
+    );
+    // The row written at the rollover: the total then.
+    let not_final = sql(
+        &out,
+        "SELECT used_bytes, CAST(as_of AS VARCHAR) AS t FROM pool_cycle_usage \
+         WHERE cycle = '2026-11' AND NOT final",
+    );
+    let at_rollover: Vec<_> = not_final
+        .iter()
+        .filter(|r| r["t"].as_str().unwrap().starts_with("2026-11-30T16:00:00"))
+        .collect();
+    assert_eq!(at_rollover.len(), 1, "{not_final:?}");
+    assert_eq!(at_rollover[0]["used_bytes"], 15 * 1_048_576);
 }

@@ -186,7 +186,8 @@ fn the_history_on_s3_equals_the_local_one_and_is_compacted() {
         "SELECT event_id, iccid, new_state, reasons FROM state_changes ORDER BY event_id",
         "SELECT input_seq, command_id, ok FROM command_journal ORDER BY input_seq",
         "SELECT COUNT(*) AS cards FROM cards_current",
-        "SELECT cycle, pool_id, used_bytes FROM pool_cycle_usage ORDER BY pool_id, cycle",
+        "SELECT cycle, pool_id, used_bytes, final FROM pool_cycle_usage \
+         ORDER BY pool_id, cycle, final, used_bytes",
     ] {
         let want = common::sql_text(&local, "csv", query);
         let got = flowcap(

@@ -123,6 +123,9 @@ fn kill_9_at_random_points_then_resume_equals_an_uninterrupted_run() {
         "SELECT input_seq, command_id, ok, result FROM command_journal ORDER BY input_seq",
         "SELECT iccid, day, records, bytes, late_bytes FROM card_daily_usage ORDER BY iccid, day",
         "SELECT iccid, cycle, records, bytes FROM card_cycle_usage ORDER BY iccid, cycle",
+        // The closed cycles' billed pool totals (the cucc 27th).
+        "SELECT pool_id, cycle, used_bytes, as_of FROM pool_cycle_usage WHERE final \
+         ORDER BY pool_id, cycle",
     ] {
         let want = history(&straight, query);
         let got = history(&crashed, query);

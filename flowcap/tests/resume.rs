@@ -126,6 +126,9 @@ fn snapshots_of_an_older_format_are_refused_by_name_and_version() {
     refused(&out, &snapshots, &vec!["format version 1"; snapshots.len()]);
 }
 
+/// A snapshot format version this build does not read.
+const OTHER_VERSION: u32 = flowcap_engine::snapshot::SNAPSHOT_VERSION + 1;
+
 #[test]
 fn a_restore_failing_on_io_errors_is_refused_and_deletes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -136,22 +139,20 @@ fn a_restore_failing_on_io_errors_is_refused_and_deletes_nothing() {
     let (newest, older) = snapshots.split_last().unwrap();
     std::fs::remove_file(newest).unwrap();
     std::fs::create_dir(newest).unwrap();
+    let other_version = format!("format version {OTHER_VERSION}");
     let mut why = Vec::new();
     for (i, path) in older.iter().enumerate() {
         let mut bytes = std::fs::read(path).unwrap();
         if i % 2 == 0 {
             bytes.truncate(bytes.len() - 10);
-            why.push("truncated".to_owned());
+            why.push("truncated");
         } else {
-            // A version this build does not read: the next one.
-            let next = flowcap_engine::snapshot::SNAPSHOT_VERSION + 1;
-            bytes[8..12].copy_from_slice(&next.to_le_bytes());
-            why.push(format!("format version {next}"));
+            bytes[8..12].copy_from_slice(&OTHER_VERSION.to_le_bytes());
+            why.push(other_version.as_str());
         }
         std::fs::write(path, bytes).unwrap();
     }
-    why.push("I/O error".to_owned());
-    let why: Vec<&str> = why.iter().map(String::as_str).collect();
+    why.push("I/O error");
     refused(&out, &snapshots, &why);
 }
 

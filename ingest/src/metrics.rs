@@ -442,6 +442,7 @@ pub struct OutputMetrics {
     card_actions: Counter,
     pool_actions: Counter,
     rule_actions: Counter,
+    late_crossings: Counter,
     /// One series per reason code seen so far (a handful: a linear scan).
     rejects: Vec<(String, Counter)>,
 }
@@ -465,6 +466,7 @@ impl OutputMetrics {
             card_actions: counter!(ACTIONS_OUT, "kind" => "card_state"),
             pool_actions: counter!(ACTIONS_OUT, "kind" => "pool_state"),
             rule_actions: counter!(ACTIONS_OUT, "kind" => "rule_fired"),
+            late_crossings: counter!(ACTIONS_OUT, "kind" => "late_crossing"),
             rejects: Vec::new(),
         }
     }
@@ -487,7 +489,9 @@ impl OutputMetrics {
             Output::Action(ActionEvent::CardState(_)) => self.card_actions.increment(1),
             Output::Action(ActionEvent::PoolState(_)) => self.pool_actions.increment(1),
             Output::Action(ActionEvent::RuleFired(_)) => self.rule_actions.increment(1),
+            Output::Action(ActionEvent::LateCrossing(_)) => self.late_crossings.increment(1),
             Output::Journal(entry) => self.command(entry.result.ok),
+            Output::PoolCycle(_) => {}
         }
     }
 

@@ -317,7 +317,8 @@ pub enum ConsoleQuery {
         /// How many cards.
         limit: u32,
     },
-    /// A pool's (or every pool's) used / remaining / allowance per cycle.
+    /// A pool's (or every pool's) used / remaining / allowance per cycle,
+    /// one row each: a closed cycle's final total once there is one.
     PoolUsage {
         /// One pool, or all.
         pool: Option<String>,
@@ -471,9 +472,13 @@ impl ConsoleQuery {
                     .as_ref()
                     .map(|p| format!("WHERE pool_id = {}", quote(p)))
                     .unwrap_or_default();
+                // One row per pool and cycle: a closed cycle's final
+                // total, else its newest (the rollover's, else a dump's).
                 format!(
                     "SELECT cycle, pool_id, kind, state, members, used_bytes, allowance_bytes, \
-                     remaining_bytes, as_of FROM pool_cycle_usage {filter} \
+                     remaining_bytes, as_of FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY \
+                     pool_id, cycle ORDER BY final DESC NULLS LAST, as_of DESC) AS newest \
+                     FROM pool_cycle_usage {filter}) WHERE newest = 1 \
                      ORDER BY pool_id, cycle DESC"
                 )
             }

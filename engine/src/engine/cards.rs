@@ -42,16 +42,7 @@ impl Engine {
             ));
         }
         let tags = self.tag_indexes(&spec.tags)?;
-        if let Some(name) = spec
-            .attributes
-            .keys()
-            .find(|k| !self.registry.attribute_names.contains(k))
-        {
-            return Err(err(
-                ErrorCode::InvalidAttribute,
-                format!("attribute {name:?} is not declared (set_attribute_names)"),
-            ));
-        }
+        self.check_attribute_names(spec.attributes.keys())?;
         let offset = self.config.calendar.utc_offset_secs;
         // An existing card keeps what the command leaves out.
         let existing = self.directory.get(&spec.iccid).map(|loc| {

@@ -157,6 +157,8 @@ impl Engine {
             CommandKind::RenamePool { pool, name } => self.rename_pool(pool, name).map(no_cards),
             CommandKind::FreezePool { pool } => self.set_pool_frozen(pool, true).map(no_cards),
             CommandKind::UnfreezePool { pool } => self.set_pool_frozen(pool, false).map(no_cards),
+            CommandKind::RetainPool { pool } => self.retain_pool(pool, at).map(no_cards),
+            CommandKind::ReenablePool { pool } => self.reenable_pool(pool, at).map(no_cards),
             CommandKind::UpsertRule { rule } => self.upsert_rule(rule).map(no_cards),
             CommandKind::EnableRule { rule } => self.set_rule_enabled(rule, true).map(no_cards),
             CommandKind::DisableRule { rule } => self.set_rule_enabled(rule, false).map(no_cards),
@@ -172,6 +174,12 @@ impl Engine {
             }
             CommandKind::SetAttributeNames { names } => {
                 self.set_attribute_names(names).map(no_cards)
+            }
+            CommandKind::EnableAttribute { name } => {
+                self.set_attribute_enabled(name, true).map(no_cards)
+            }
+            CommandKind::DisableAttribute { name } => {
+                self.set_attribute_enabled(name, false).map(no_cards)
             }
         }
     }

@@ -1,12 +1,14 @@
-//! Pool commands: create a pool, add and remove members, freeze and
-//! unfreeze. A card that joins a pool moves to the pool's shard: all
+//! Pool commands: create a pool, add and remove members, rename, and the
+//! arrears life cycle of a backward pool (freeze, unfreeze, retain,
+//! re-enable; `shard::arrears`). A card that joins a pool moves to the pool's shard: all
 //! members of a pool live in one shard, so a pool's crossing is decided
 //! on the one record that crosses.
 
 use crate::command::{CardResult, CommandError, ErrorCode, PoolKind, PoolSpec};
 use crate::domain::CardState;
 use crate::ids::{Iccid, PoolId};
-use crate::shard::{Pool, Shard, NO_POOL};
+use crate::shard::{add_months, Pool, NO_POOL};
+use crate::time::{Timestamp, MS_PER_DAY};
 
 use super::commands::err;
 use super::registry::PoolEntry;
@@ -63,6 +65,8 @@ impl Engine {
             cut: false,
             suspend_at: None,
             removed: false,
+            retained_until: None,
+            abandoned_at: None,
         });
         self.registry.pools.insert(
             spec.id.clone(),
@@ -108,6 +112,7 @@ impl Engine {
             let slot = dst.insert_card(moved.card, moved.extra, &moved.tags);
             dst.put_marks(slot, moved.marks);
             *dst.trail_mut(slot) = moved.trail;
+            dst.put_closed(slot, moved.closed);
             let new_loc = Loc {
                 shard: entry.shard,
                 slot,
@@ -147,7 +152,7 @@ impl Engine {
         }))
     }
 
-    /// An abandoned pool takes no member and no add-on.
+    /// An abandoned pool takes no member, add-on, freeze or retention.
     pub(super) fn check_not_abandoned(
         &self,
         entry: &PoolEntry,
@@ -156,7 +161,7 @@ impl Engine {
         if self.shards[entry.shard as usize].pools[entry.index as usize].removed {
             return Err(err(
                 ErrorCode::PoolAbandoned,
-                format!("pool {pool} is abandoned: every member was deregistered"),
+                format!("pool {pool} is abandoned"),
             ));
         }
         Ok(())
@@ -169,30 +174,74 @@ impl Engine {
         Ok(())
     }
 
-    /// Freezes or unfreezes a backward pool.
+    /// Freezes or unfreezes a backward pool; unfreezing also ends a
+    /// retention (the arrears are settled).
     pub(super) fn set_pool_frozen(
         &mut self,
         pool: &PoolId,
         frozen: bool,
     ) -> Result<(), CommandError> {
+        let entry = self.backward_pool_entry(pool)?;
+        self.check_not_abandoned(&entry, pool)?;
+        self.shards[entry.shard as usize].set_frozen(entry.index, frozen);
+        Ok(())
+    }
+
+    /// Retains a frozen backward pool for `pool_retention_days` from `at`.
+    pub(super) fn retain_pool(&mut self, pool: &PoolId, at: Timestamp) -> Result<(), CommandError> {
+        let entry = self.backward_pool_entry(pool)?;
+        self.check_not_abandoned(&entry, pool)?;
+        let shard = &mut self.shards[entry.shard as usize];
+        if !shard.pools[entry.index as usize].frozen {
+            return Err(err(
+                ErrorCode::PoolNotFrozen,
+                format!("pool {pool} is not frozen for arrears (freeze_pool comes first)"),
+            ));
+        }
+        let days = i64::from(self.config.pool_retention_days);
+        shard.retain(entry.index, at.plus_millis(days * MS_PER_DAY));
+        Ok(())
+    }
+
+    /// Re-enables an abandoned backward pool within one month (billing
+    /// time zone) of its abandonment.
+    pub(super) fn reenable_pool(
+        &mut self,
+        pool: &PoolId,
+        at: Timestamp,
+    ) -> Result<(), CommandError> {
+        let entry = self.backward_pool_entry(pool)?;
+        let offset = self.config.calendar.utc_offset_secs;
+        let shard = &mut self.shards[entry.shard as usize];
+        let Some(abandoned) = shard.pools[entry.index as usize].abandoned_at else {
+            return Err(err(
+                ErrorCode::PoolNotAbandoned,
+                format!("pool {pool} is not abandoned"),
+            ));
+        };
+        let last = add_months(abandoned, 1, offset);
+        if at > last {
+            return Err(err(
+                ErrorCode::ReenableExpired,
+                format!(
+                    "pool {pool} was abandoned at {abandoned}: it could be re-enabled until {last}"
+                ),
+            ));
+        }
+        shard.reenable(entry.index);
+        self.refresh_backward_rules();
+        Ok(())
+    }
+
+    /// The entry of a backward pool (`wrong_pool_kind` for a forward one).
+    fn backward_pool_entry(&self, pool: &PoolId) -> Result<PoolEntry, CommandError> {
         let entry = self.pool_entry(pool)?.clone();
         if entry.kind != PoolKind::Backward {
             return Err(err(
                 ErrorCode::WrongPoolKind,
-                format!("pool {pool} is a forward pool; only backward pools are frozen"),
+                format!("pool {pool} is a forward pool; only backward pools go into arrears"),
             ));
         }
-        let shard = &mut self.shards[entry.shard as usize];
-        shard.pools[entry.index as usize].frozen = frozen;
-        let members = crate::shard::member_slots(&shard.pools[entry.index as usize]);
-        touch_pool_members(shard, &members);
-        Ok(())
-    }
-}
-
-fn touch_pool_members(shard: &mut Shard, members: &[u32]) {
-    for &m in members {
-        shard.touch(m);
-        shard.refresh_card(m);
+        Ok(entry)
     }
 }

@@ -3,7 +3,7 @@
 //! shards hold the per-card and per-pool state; the registry says where
 //! each named thing is and what it was declared as.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +44,10 @@ pub(crate) struct Registry {
     pub(crate) next_rule_key: u32,
     pub(crate) webhooks: BTreeMap<String, WebhookSpec>,
     pub(crate) attribute_names: Vec<String>,
+    /// Declared attribute names the operator disabled: not settable, not
+    /// in views or rule filters; their values are kept.
+    #[serde(default)]
+    pub(crate) disabled_attributes: BTreeSet<String>,
     /// First results, by command id (kept outside the JSON part of
     /// snapshots: there can be millions).
     #[serde(skip)]

@@ -85,24 +85,66 @@ impl Engine {
             ));
         }
         self.registry.attribute_names = names.to_vec();
+        // A name declared again stays disabled; one no longer declared
+        // is forgotten.
+        self.registry
+            .disabled_attributes
+            .retain(|n| names.contains(n));
         Ok(())
     }
 
-    /// Checks that every attribute name is declared.
+    /// Enables or disables a declared attribute name. One that an enabled
+    /// rule filters on stays enabled (`attribute_in_use`).
+    pub(super) fn set_attribute_enabled(
+        &mut self,
+        name: &str,
+        enable: bool,
+    ) -> Result<(), CommandError> {
+        if !self.registry.attribute_names.iter().any(|n| n == name) {
+            return Err(err(
+                ErrorCode::InvalidAttribute,
+                format!("attribute {name:?} is not declared (set_attribute_names)"),
+            ));
+        }
+        if enable {
+            self.registry.disabled_attributes.remove(name);
+            return Ok(());
+        }
+        if let Some(rule) = self
+            .registry
+            .rules
+            .values()
+            .find(|r| r.enabled && r.filter.attributes.contains_key(name))
+        {
+            return Err(err(
+                ErrorCode::AttributeInUse,
+                format!("attribute {name:?} is used by enabled rule {:?}", rule.id),
+            ));
+        }
+        self.registry.disabled_attributes.insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Checks that every attribute name is declared and enabled.
     pub(super) fn check_attribute_names<'a>(
         &self,
         names: impl IntoIterator<Item = &'a String>,
     ) -> Result<(), CommandError> {
-        match names
-            .into_iter()
-            .find(|n| !self.registry.attribute_names.contains(n))
-        {
-            Some(name) => Err(err(
-                ErrorCode::InvalidAttribute,
-                format!("attribute {name:?} is not declared (set_attribute_names)"),
-            )),
-            None => Ok(()),
+        for name in names {
+            if !self.registry.attribute_names.contains(name) {
+                return Err(err(
+                    ErrorCode::InvalidAttribute,
+                    format!("attribute {name:?} is not declared (set_attribute_names)"),
+                ));
+            }
+            if self.registry.disabled_attributes.contains(name) {
+                return Err(err(
+                    ErrorCode::AttributeDisabled,
+                    format!("attribute {name:?} is disabled (enable_attribute)"),
+                ));
+            }
         }
+        Ok(())
     }
 
     /// Sets (or, for `None`, removes) attribute values on each card.

@@ -1,7 +1,7 @@
 //! What queries see: [`CardView`] and [`PoolView`], built from a shard's
 //! state and named through the registry's tables.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -54,7 +54,7 @@ pub struct CardView {
     /// (ctcc, tri; SPEC section 2.1): a rebind restores it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub separated: bool,
-    /// Custom attributes, by name.
+    /// Custom attributes, by name (not the disabled names).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
     /// The latest end of the card's records (none yet: `None`).
@@ -103,6 +103,13 @@ pub struct PoolView {
     pub carrier: Option<Carrier>,
     /// The pool's current cycle.
     pub cycle: crate::cycle::CycleId,
+    /// A retained backward pool: when it will be abandoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_until: Option<Timestamp>,
+    /// An abandoned backward pool: when it was abandoned (it can be
+    /// re-enabled for one month after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned_at: Option<Timestamp>,
 }
 impl Engine {
     /// One card's view, if known.
@@ -117,6 +124,7 @@ impl Engine {
             loc.slot,
             &self.registry.plan_ids,
             &self.registry.tag_names,
+            &self.registry.disabled_attributes,
         )
     }
 
@@ -126,7 +134,14 @@ impl Engine {
             &self.shards,
             &self.registry.plan_ids,
             &self.registry.tag_names,
+            &self.registry.disabled_attributes,
         )
+    }
+
+    /// The declared custom attribute names, in the order they were
+    /// declared (their slots, 1 to 6, in the `cards` history table).
+    pub fn attribute_names(&self) -> &[String] {
+        &self.registry.attribute_names
     }
 
     /// One pool's view, if known.
@@ -165,6 +180,8 @@ impl Engine {
             name: pool.name.clone(),
             carrier: pool.carrier,
             cycle: shard.cycle(pool.cycle_carrier()),
+            retained_until: pool.retained_until,
+            abandoned_at: pool.abandoned_at,
         }
     }
 }
@@ -176,6 +193,7 @@ fn card_view(
     slot: u32,
     plan_ids: &[Option<PlanId>],
     tag_names: &[Option<TagId>],
+    hidden: &BTreeSet<String>,
 ) -> CardView {
     let card = &shard.cards[slot as usize];
     let (state, reasons) = shard.visible_state(slot);
@@ -204,7 +222,13 @@ fn card_view(
         separated: card.separated,
         attributes: shard
             .extra(slot)
-            .map(|e| e.attributes.clone())
+            .map(|e| {
+                e.attributes
+                    .iter()
+                    .filter(|(name, _)| !hidden.contains(*name))
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect()
+            })
             .unwrap_or_default(),
         last_record_at: Some(trail.last_record).filter(|&t| t != Timestamp::MIN),
         last_change: (trail.changed_at != Timestamp::MIN).then(|| CardChange {
@@ -226,6 +250,7 @@ pub(crate) fn card_views(
     shards: &[Shard],
     plan_ids: &[Option<PlanId>],
     tag_names: &[Option<TagId>],
+    hidden: &BTreeSet<String>,
 ) -> Vec<CardView> {
     let mut slots: Vec<(Iccid, u32, u32)> = shards
         .iter()
@@ -239,6 +264,6 @@ pub(crate) fn card_views(
     slots.sort_unstable_by_key(|&(iccid, ..)| iccid);
     slots
         .into_iter()
-        .map(|(_, s, slot)| card_view(&shards[s as usize], slot, plan_ids, tag_names))
+        .map(|(_, s, slot)| card_view(&shards[s as usize], slot, plan_ids, tag_names, hidden))
         .collect()
 }

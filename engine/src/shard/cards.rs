@@ -91,6 +91,7 @@ impl Shard {
         if let Some(t) = self.trails.get_mut(slot as usize) {
             *t = Trail::NONE;
         }
+        let closed = self.take_closed(slot);
         let vacated = &mut self.cards[slot as usize];
         vacated.vacant = true;
         vacated.lifecycle = CardState::Deregistered;
@@ -101,6 +102,7 @@ impl Shard {
             tags,
             marks,
             trail,
+            closed,
         }
     }
 

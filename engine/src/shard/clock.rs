@@ -1,6 +1,7 @@
-//! The event clock reaches a shard: cycle rollovers and due deadlines
-//! fire in time order, and the records that came early for the new cycle
-//! are counted once their cycle starts.
+//! The event clock reaches a shard: cycle rollovers, due deadlines and the
+//! ends of closed cycles' lateness fire in time order; the records that
+//! came early for the new cycle are counted once their cycle starts, and
+//! those their lane already saw closed count toward the closed cycle.
 
 use crate::cycle::CycleId;
 use crate::domain::Carrier;
@@ -42,7 +43,7 @@ impl Shard {
                     .unwrap_or(Timestamp::MAX)
             });
             let deadline_due = self.deadlines.first().is_some_and(|d| d.0 <= clock.0);
-            if clock < boundary && !deadline_due {
+            if clock < boundary && !deadline_due && self.closing_due(clock).is_none() {
                 return;
             }
         }
@@ -64,6 +65,12 @@ impl Shard {
                 .first()
                 .map(|d| d.0)
                 .filter(|t| *t <= clock.0);
+            if let Some((at, carrier)) = self.closing_due(clock) {
+                if boundary.is_none_or(|(end, _)| at < end) && deadline.is_none_or(|d| at.0 <= d) {
+                    self.expire_closing(carrier, at, out);
+                    continue;
+                }
+            }
             match (boundary, deadline) {
                 (Some((end, _)), Some(d)) if d < end.0 => self.fire_deadlines(Timestamp(d), out),
                 (Some((end, carrier)), _) => {
@@ -96,6 +103,7 @@ impl Shard {
         start: Timestamp,
         out: &mut Vec<Output>,
     ) {
+        self.close_cycle(carriers, start, out);
         for slot in 0..self.cards.len() as u32 {
             let card = &self.cards[slot as usize];
             if card.vacant || !carriers.contains(&card.carrier) {
@@ -139,12 +147,27 @@ impl Shard {
             self.rules_rollover(carrier);
         }
         self.finish(&Cause::Rollover { cycle }, start, out);
+        // Records of the closed cycle that their lane judged after this
+        // boundary count toward it now, as they would have had this shard
+        // been there first.
+        for (_, slot, usage) in self.take_behind(carriers) {
+            self.count_closed(slot, &usage, out);
+        }
         // Records of the new cycle that came before the clock got here are
         // counted now, in input order, each as its own cause: exactly as
         // if they had come after the rollover.
         for (_, slot, usage) in self.take_ahead(carriers) {
             self.count(slot, &usage, out);
         }
+    }
+
+    /// Takes the records kept for the cycle the `carriers` just closed.
+    fn take_behind(&mut self, carriers: &[Carrier]) -> Vec<(u64, u32, Usage)> {
+        let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.behind)
+            .into_iter()
+            .partition(|&(_, slot, _)| carriers.contains(&self.cards[slot as usize].carrier));
+        self.behind = kept;
+        due
     }
 
     /// Takes the records kept for the cycle the `carriers` just started.

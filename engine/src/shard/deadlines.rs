@@ -1,6 +1,7 @@
-//! Card deadlines: plan expiry and the ends of the test and silent
-//! periods. Each is one entry in the shard's ordered set, checked again
-//! when it falls due (a renewed card leaves its old entry behind).
+//! Deadlines: a card's plan expiry, the end of its grace and of its test
+//! and silent periods, and a backward pool's end of retention. Each is
+//! one entry in the shard's ordered set, checked again when it falls due
+//! (a renewed card leaves its old entry behind).
 
 use crate::domain::{CardState, Reason};
 use crate::event::{Cause, DeadlineKind, Output};
@@ -24,6 +25,11 @@ impl Shard {
         at: Timestamp,
         out: &mut Vec<Output>,
     ) {
+        if kind == DeadlineKind::RetentionEnd {
+            // `slot` is a pool index here.
+            self.end_retention(slot, at, out);
+            return;
+        }
         let Some(card) = self.cards.get(slot as usize) else {
             return;
         };
@@ -49,6 +55,8 @@ impl Shard {
                 card.reasons.contains(Reason::PlanExpired)
                     && self.config.grace_end(card.expires_at) == Some(at)
             }
+            // Handled above.
+            DeadlineKind::RetentionEnd => false,
         };
         if !still_due {
             return;
@@ -61,7 +69,7 @@ impl Shard {
             }
             DeadlineKind::TestEnd => self.cards[slot as usize].lifecycle = CardState::Activatable,
             DeadlineKind::SilentEnd => self.activate(slot, at),
-            DeadlineKind::RuleDay => {}
+            DeadlineKind::RuleDay | DeadlineKind::RetentionEnd => {}
             DeadlineKind::ExpiryGraceEnd => self.deregister(slot),
         }
         self.finish(&Cause::Deadline { kind, at }, at, out);

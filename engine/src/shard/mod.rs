@@ -15,14 +15,18 @@
 //!
 //! The files: this one holds the state and the lookups; [`clock`] moves the
 //! event clock (cycle rollovers, and deadlines through [`deadlines`]);
+//! [`closed`] keeps a closed cycle's figures through the allowed lateness;
 //! [`usage`] accounts records; [`reasons`] derives a card's and a pool's
 //! cut-off reasons from their usage and limits; [`events`] turns what
 //! changed under one cause into events; [`cards`] and [`pools`] add,
-//! move and group cards; [`device`] binds cards to devices; [`rules`]
-//! evaluates automation rules.
+//! move and group cards; [`arrears`] takes a backward pool through
+//! freeze, retention, abandonment and re-enable; [`device`] binds cards
+//! to devices; [`rules`] evaluates automation rules.
 
+mod arrears;
 mod cards;
 mod clock;
+mod closed;
 mod deadlines;
 mod device;
 mod events;
@@ -32,6 +36,8 @@ pub(crate) mod rules;
 mod usage;
 
 pub(crate) use cards::slots_with_tag;
+pub(crate) use closed::ClosedCard;
+use closed::{ClosedPool, Closing};
 pub(crate) use device::{Device, MAX_REBINDS_PER_MONTH};
 pub(crate) use pools::member_slots;
 
@@ -174,8 +180,15 @@ pub(crate) struct Pool {
     /// Lowest "used >= N" threshold among enabled backward suspend rules.
     pub(crate) suspend_at: Option<u64>,
     /// No longer live: a forward pool abandoned when its last member was
-    /// deregistered (SPEC 2.1). Rollovers, rules and plans pass it by.
+    /// deregistered, a backward pool whose retention ended (SPEC 2.1).
+    /// Rollovers, rules and plans pass it by.
     pub(crate) removed: bool,
+    /// Backward pools: retained (frozen, arrears unsettled) until then,
+    /// when it is abandoned ([`arrears`]).
+    pub(crate) retained_until: Option<Timestamp>,
+    /// Backward pools: when the retention ended; a re-enable is accepted
+    /// within one month of it.
+    pub(crate) abandoned_at: Option<Timestamp>,
 }
 
 impl Pool {
@@ -195,6 +208,9 @@ impl Pool {
         match self.kind {
             PoolKind::Forward if self.exhausted => PoolState::Exhausted,
             PoolKind::Forward => PoolState::Available,
+            PoolKind::Backward if self.frozen && self.retained_until.is_some() => {
+                PoolState::Retained
+            }
             PoolKind::Backward if self.frozen => PoolState::Frozen,
             PoolKind::Backward if self.cut => PoolState::Suspended,
             PoolKind::Backward => PoolState::Available,
@@ -218,6 +234,8 @@ pub(crate) struct MovedCard {
     pub(crate) tags: Vec<u32>,
     /// Fired state of rules for the card (rule key, mark).
     pub(crate) marks: Vec<(u32, Mark)>,
+    /// Its closed cycle's figures, within the lateness.
+    pub(crate) closed: Option<ClosedCard>,
     pub(crate) trail: Trail,
 }
 
@@ -241,13 +259,25 @@ pub(crate) struct Shard {
     pub(crate) tagsets: Vec<Vec<u32>>,
     #[serde(skip)]
     tagset_index: HashMap<Vec<u32>, u32>,
-    /// Deadlines: (time, slot, kind), one 16-byte entry each. Entries may be
-    /// stale (a renewed card keeps its old entry); checked when due.
+    /// Deadlines: (time, slot, kind), one 16-byte entry each; for
+    /// `RetentionEnd` the slot is a pool index. Entries may be stale (a
+    /// renewed card keeps its old entry); checked when due.
     pub(crate) deadlines: BTreeSet<(i64, u32, DeadlineKind)>,
     /// Event clock as last seen.
     pub(crate) clock: Timestamp,
     /// Current cycle per carrier (`None` before the first clock).
     pub(crate) cycles: Option<[CycleId; 4]>,
+    /// Per carrier, the cycle that closed less than the allowed lateness
+    /// ago (`closed`).
+    pub(crate) closing: [Option<Closing>; 4],
+    /// Closed-cycle figures of the cards that have any, by slot.
+    pub(crate) closed_cards: BTreeMap<u32, ClosedCard>,
+    /// Closed-cycle figures of the pools, by index.
+    pub(crate) closed_pools: BTreeMap<u32, ClosedPool>,
+    /// Records of the cycle their input lane has closed but this shard
+    /// has not yet (seq, slot, record): counted toward the closed cycle
+    /// right after the rollover (see [`Shard::account`]).
+    pub(crate) behind: Vec<(u64, u32, Usage)>,
     #[serde(skip)]
     pub(crate) pending: Pending,
     /// Cached earliest end of the current cycles (derived from `cycles`).
@@ -294,6 +324,10 @@ impl Shard {
             deadlines: BTreeSet::new(),
             clock: Timestamp::MIN,
             cycles: None,
+            closing: [None; 4],
+            closed_cards: BTreeMap::new(),
+            closed_pools: BTreeMap::new(),
+            behind: Vec::new(),
             pending: Pending::default(),
             next_boundary: None,
             rules: Vec::new(),
@@ -360,6 +394,7 @@ impl Shard {
                 .map(|p| p.members.capacity() * 5)
                 .sum::<usize>()
             + self.deadlines.len() * 24
+            + self.closed_cards.len() * (std::mem::size_of::<ClosedCard>() + 16)
     }
 }
 /// `t` plus `months` calendar months at a UTC offset (day clamped to the

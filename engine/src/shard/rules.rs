@@ -204,8 +204,12 @@ impl Shard {
                 .deadlines
                 .range((lo, 0, DeadlineKind::PlanExpiry)..(hi, 0, DeadlineKind::PlanExpiry))
             {
+                // Other kinds may name a pool, not a card (`RetentionEnd`).
+                if kind != DeadlineKind::PlanExpiry {
+                    continue;
+                }
                 let card = &self.cards[slot as usize];
-                if kind != DeadlineKind::PlanExpiry || card.expires_at.0 != at || card.vacant {
+                if card.expires_at.0 != at || card.vacant {
                     continue;
                 }
                 entries.push((day_start(cal.local_day(Timestamp(at)) - n), ri, slot));

@@ -1,5 +1,6 @@
-//! Accounting a record: which cycle it counts for (or whether it is
-//! late, or early for a cycle the clock has not reached), and what
+//! Accounting a record: which cycle it counts for (its closed cycle
+//! within the allowed lateness, or late past it, or early for a cycle the
+//! clock has not reached), and what
 //! counting it does to the card: its device, activation on first use, the
 //! test allowance (test traffic counts there only), the pool's usage.
 
@@ -15,10 +16,11 @@ impl Shard {
     /// `clock`. The record is judged by `lane_time`, the later of the
     /// clock and its input lane's own time: a lane that crossed a cycle
     /// boundary the slower lanes (and so the clock) have not yet makes
-    /// its records of the closing cycle previous-cycle records (recorded
-    /// only, late past the lateness), exactly as they would be had the
-    /// other lanes been read as far. So a record's verdict depends on its
-    /// own lane's inputs only, not on how the lanes interleave.
+    /// its records of the closing cycle closed-cycle records (counted
+    /// toward it within the lateness, late past it), exactly as they would
+    /// be had the other lanes been read as far. So a record's verdict
+    /// depends on its own lane's inputs only, not on how the lanes
+    /// interleave.
     pub(crate) fn account(
         &mut self,
         slot: u32,
@@ -42,19 +44,34 @@ impl Shard {
         } else {
             current
         };
-        if cycle < open || card.lifecycle == CardState::Deregistered {
-            // Late: its cycle closed more than the allowed lateness ago.
+        let lifecycle = card.lifecycle;
+        if cycle < open || lifecycle == CardState::Deregistered {
+            // Of a closed cycle: it counts toward that cycle within the
+            // allowed lateness, is `late` (history only) past it.
             let cycle_end = self.config.calendar.bounds(card.carrier, cycle).1;
-            let late = cycle < open
-                && self.clock.max(lane_time)
-                    > cycle_end.plus_millis(self.config.allowed_lateness_ms);
+            let within =
+                self.clock.max(lane_time) <= cycle_end.plus_millis(self.config.allowed_lateness_ms);
+            let counted = within
+                && lifecycle != CardState::Deregistered
+                && (cycle == current || self.closed_counts(slot, cycle));
             out.push(Output::Accounted(Accounted {
                 seq,
                 usage: *usage,
                 cycle,
-                counted: false,
-                late,
+                counted,
+                late: cycle < open && !within,
             }));
+            if !counted {
+                return;
+            }
+            if cycle == current {
+                // Its lane has closed the cycle, this shard not yet: it
+                // counts toward the closed cycle at the rollover, as if
+                // the slower lanes had been read as far.
+                self.behind.push((seq, slot, *usage));
+            } else {
+                self.count_closed(slot, usage, out);
+            }
             return;
         }
         out.push(Output::Accounted(Accounted {

@@ -59,6 +59,17 @@ pub const RULES: [&str; 4] = [
     r#"{"id": "m-cut", "type": 4, "condition": {"to": ["suspended"]}}"#,
 ];
 
+/// Custom attribute names the generator uses (the last never declared).
+pub const ATTRIBUTES: [&str; 4] = ["customer", "site", "batch", "colour"];
+
+/// Name lists `set_attribute_names` declares (the last has too many).
+pub const ATTRIBUTE_NAME_SETS: [&[&str]; 4] = [
+    &["customer", "site", "batch"],
+    &["site", "customer"],
+    &[],
+    &["a", "b", "c", "d", "e", "f", "g"],
+];
+
 /// The devices records come from.
 pub const DEVICES: [&str; 3] = ["864000000000001", "864000000000002", "864000000000003"];
 
@@ -79,6 +90,9 @@ pub enum RecordTime {
     Now,
     /// Up to this many ms before the generator time.
     Late(i64),
+    /// Up to this many ms before the start of the card's current cycle
+    /// (its closed cycle: within the lateness right after a boundary).
+    Closed(i64),
     /// Slightly ahead (accepted).
     Ahead(i64),
     /// Far ahead (rejected).
@@ -127,7 +141,15 @@ pub enum Op {
     Rebind(usize, Option<usize>),
     Freeze(usize),
     Unfreeze(usize),
+    Retain(usize),
+    Reenable(usize),
     UpsertRule(usize),
+    /// Declare the names of [`ATTRIBUTE_NAME_SETS`] at this index.
+    SetAttributeNames(usize),
+    /// Set (or, `None`, remove) the [`ATTRIBUTES`] name at the index.
+    SetAttributes(Vec<usize>, usize, Option<usize>),
+    EnableAttribute(usize),
+    DisableAttribute(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -170,12 +192,26 @@ pub fn device() -> impl Strategy<Value = Option<usize>> {
     prop_oneof![3 => Just(None), 2 => (0..DEVICES.len()).prop_map(Some)]
 }
 
+/// A step's `dt_ms` that moves time to just after the next cycle start.
+pub const NEXT_CYCLE: i64 = -1;
+
 pub fn dt() -> impl Strategy<Value = i64> {
     prop_oneof![
         80 => 0..2 * HOUR,
         17 => 0..DAY,
         3 => 3 * DAY..35 * DAY,
+        3 => Just(NEXT_CYCLE),
     ]
+}
+
+/// The first cycle start (of any carrier) after `t`, plus a few minutes.
+fn after_next_cycle_start(t: Timestamp) -> Timestamp {
+    [Carrier::Cmcc, Carrier::Cucc]
+        .into_iter()
+        .map(|c| super::cycle_start(c, super::cycle_of(c, t) + 1))
+        .min()
+        .unwrap()
+        .plus_millis(10 * 60_000)
 }
 
 pub fn op() -> impl Strategy<Value = Op> {
@@ -185,6 +221,7 @@ pub fn op() -> impl Strategy<Value = Op> {
     let time = prop_oneof![
         12 => Just(RecordTime::Now),
         3 => (0..5 * DAY).prop_map(RecordTime::Late),
+        3 => (1..3 * HOUR).prop_map(RecordTime::Closed),
         1 => (0..12 * HOUR).prop_map(RecordTime::Ahead),
         1 => Just(RecordTime::Future),
     ];
@@ -207,8 +244,15 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => any_card().prop_map(|c| Op::Deregister(vec![c])),
         2 => card_set().prop_map(Op::Activate),
         2 => (any_card(), device()).prop_map(|(c, d)| Op::Rebind(c, d)),
-        1 => pool.clone().prop_map(Op::Freeze),
-        1 => pool.prop_map(Op::Unfreeze),
+        2 => pool.clone().prop_map(Op::Freeze),
+        1 => pool.clone().prop_map(Op::Unfreeze),
+        1 => pool.clone().prop_map(Op::Retain),
+        1 => pool.prop_map(Op::Reenable),
+        1 => (0..ATTRIBUTE_NAME_SETS.len()).prop_map(Op::SetAttributeNames),
+        2 => (card_set(), 0..ATTRIBUTES.len(), prop::option::of(0..3usize))
+            .prop_map(|(c, a, v)| Op::SetAttributes(c, a, v)),
+        1 => (0..ATTRIBUTES.len()).prop_map(Op::EnableAttribute),
+        1 => (0..ATTRIBUTES.len()).prop_map(Op::DisableAttribute),
     ]
 }
 
@@ -283,8 +327,13 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
     for (dt, op) in all {
         // Stay within 300 days: cards activated by usage get a 12-month
         // term, and the model leaves plan expiry out.
-        if t.plus_millis(dt) < start_time().plus_millis(300 * DAY) {
-            t = t.plus_millis(dt);
+        let next = if dt == NEXT_CYCLE {
+            after_next_cycle_start(t)
+        } else {
+            t.plus_millis(dt)
+        };
+        if next < start_time().plus_millis(300 * DAY) {
+            t = next;
         }
         let usage =
             |card: usize, id: String, end: Timestamp, bytes: u64, device: Option<usize>| Usage {
@@ -307,6 +356,10 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
                 let end = match time {
                     RecordTime::Now => t,
                     RecordTime::Late(ms) => t.plus_millis(-ms),
+                    RecordTime::Closed(ms) => {
+                        let carrier = CARDS[*card].1;
+                        super::cycle_start(carrier, super::cycle_of(carrier, t)).plus_millis(-ms)
+                    }
                     RecordTime::Ahead(ms) => t.plus_millis(*ms),
                     RecordTime::Future => t.plus_millis(2 * DAY),
                 };
@@ -439,6 +492,26 @@ pub fn concretize(setup: &[Op], steps: &[Step]) -> Vec<Input> {
             },
             Op::Freeze(p) => CommandKind::FreezePool { pool: pool_id(*p) },
             Op::Unfreeze(p) => CommandKind::UnfreezePool { pool: pool_id(*p) },
+            Op::Retain(p) => CommandKind::RetainPool { pool: pool_id(*p) },
+            Op::Reenable(p) => CommandKind::ReenablePool { pool: pool_id(*p) },
+            Op::SetAttributeNames(k) => CommandKind::SetAttributeNames {
+                names: ATTRIBUTE_NAME_SETS[*k]
+                    .iter()
+                    .map(|n| (*n).to_owned())
+                    .collect(),
+            },
+            Op::SetAttributes(cards, a, v) => CommandKind::SetAttributes {
+                iccids: iccids(cards),
+                attributes: [(ATTRIBUTES[*a].to_owned(), v.map(|v| format!("v{v}")))]
+                    .into_iter()
+                    .collect(),
+            },
+            Op::EnableAttribute(a) => CommandKind::EnableAttribute {
+                name: ATTRIBUTES[*a].to_owned(),
+            },
+            Op::DisableAttribute(a) => CommandKind::DisableAttribute {
+                name: ATTRIBUTES[*a].to_owned(),
+            },
             Op::UpsertRule(k) => CommandKind::UpsertRule {
                 rule: serde_json::from_str(RULES[*k]).expect("valid rule"),
             },

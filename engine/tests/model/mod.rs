@@ -8,11 +8,16 @@
 //!
 //! Covered: upsert_plan, upsert_card, create_pool (forward and backward),
 //! add/remove_pool_members, set/clear_threshold, add_on (card and pool),
-//! suspend, resume, deregister, freeze/unfreeze, activate; usage records
+//! suspend, resume, deregister, freeze/unfreeze, retain and re-enable
+//! (retention ends as the clock passes them), activate, custom attribute
+//! names, values, and enabling or disabling a name; usage records
 //! (unknown cards, duplicates, far future, late, cycle rollovers), the
 //! fleet's clock (a majority of the cards furthest ahead, every card's
 //! latest time sorted) and records ahead of it (counted at their cycle's
-//! start, in input order).
+//! start, in input order); records of the cycle that closed within the
+//! allowed lateness (counted toward it: each card's and pool's closed
+//! figures, a late crossing when one of its limits is crossed, and each
+//! pool's total at the rollover and, final, when the lateness ends).
 //! Rules: the four rules of `gen::RULES` (no filter, cycle windows for the
 //! usage rules, every transition for the state rule), checked the obvious
 //! way: after each input, every live card and pool inside a usage condition
@@ -24,7 +29,8 @@
 //! each carrier's rule, rebind (with or without an IMEI), and resume's
 //! refusal for a cmcc card that moved.
 //! Not covered: testable cards, deadlines (plan expiry, silent/test end),
-//! renew, other rules and windows, tags, report_violation, remove_plan,
+//! renew, other rules and windows, tags, attribute filters,
+//! report_violation, remove_plan,
 //! carrier changes.
 
 #![allow(dead_code, unreachable_pub)]
@@ -54,6 +60,15 @@ pub fn cycle_start(carrier: Carrier, cycle: i64) -> Timestamp {
     } else {
         Timestamp::from_civil(y, m, 1, OFFSET_SECS)
     }
+}
+
+/// One calendar month after `t` (UTC+8, day clamped to the month's end).
+pub fn plus_month(t: Timestamp) -> Timestamp {
+    let (y, m, d) = t.civil_date(OFFSET_SECS);
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    let last = flowcap_engine::time::days_in_month(ny, nm);
+    let day_ms = (t.0 + i64::from(OFFSET_SECS) * 1000).rem_euclid(86_400_000);
+    Timestamp::from_civil(ny, nm, d.min(last), OFFSET_SECS).plus_millis(day_ms)
 }
 
 /// A cycle as a month index (`year * 12 + month - 1` of the month it ends in).
@@ -95,6 +110,8 @@ pub struct ModelCard {
     pub device_month: i64,
     pub changes: u8,
     pub rebinds: u8,
+    /// Custom attribute values by name (disabled names included).
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,8 +121,13 @@ pub struct ModelPool {
     pub plan: Option<String>,
     pub addon_mb: u64,
     pub frozen: bool,
-    /// A forward pool whose last member was deregistered.
+    /// A forward pool whose last member was deregistered, a backward pool
+    /// whose retention ended.
     pub abandoned: bool,
+    /// A retained backward pool: when its retention ends.
+    pub retained_until: Option<Timestamp>,
+    /// An abandoned backward pool: when, for the one-month re-enable.
+    pub abandoned_at: Option<Timestamp>,
 }
 
 /// What happened to a record.
@@ -124,6 +146,36 @@ pub struct CommandOutcome {
     pub per_card: Vec<bool>,
 }
 
+/// Figures of a card's closed cycle (kept through the lateness).
+#[derive(Debug, Clone)]
+pub struct ClosedCard {
+    pub cycle: i64,
+    pub usage: u64,
+    pub addon_mb: u64,
+    /// Usage reasons it had, or gained late.
+    pub reasons: Reasons,
+    pub pool: Option<String>,
+}
+
+/// Figures of a pool's closed cycle.
+#[derive(Debug, Clone)]
+pub struct ClosedPool {
+    pub carrier: Carrier,
+    pub cycle: i64,
+    pub usage: u64,
+    pub allowance: u64,
+    pub exhausted: bool,
+}
+
+/// A closed cycle's limit crossed late: subject, reasons gained, usage.
+pub type LateCrossing = (String, Reasons, u64);
+
+/// A pool's closed-cycle total: pool, cycle, usage, final.
+pub type PoolTotal = (String, i64, u64, bool);
+
+/// The allowed lateness (the engine's default).
+pub const LATENESS_MS: i64 = 2 * 3_600_000;
+
 /// One `card_state` event as the model sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelEvent {
@@ -136,6 +188,8 @@ pub struct ModelEvent {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub max_future_ms: i64,
+    /// How long a backward pool is retained before it is abandoned.
+    pub retention_ms: i64,
     /// How many of the cards furthest ahead the clock listens to.
     pub quorum: usize,
     pub clock: Option<Timestamp>,
@@ -157,12 +211,23 @@ pub struct Model {
     pub fired: BTreeSet<(String, String, i64)>,
     /// Firings of the current input: (rule, target).
     pub firings: Vec<(String, String)>,
+    /// Cycles closed within the lateness: (carrier, cycle, counted
+    /// through).
+    pub closing: Vec<(Carrier, i64, Timestamp)>,
+    pub closed_cards: BTreeMap<Iccid, ClosedCard>,
+    pub closed_pools: BTreeMap<String, ClosedPool>,
+    pub late_crossings: Vec<LateCrossing>,
+    pub pool_totals: Vec<PoolTotal>,
+    /// Declared custom attribute names, and the disabled ones.
+    pub attribute_names: Vec<String>,
+    pub disabled_attributes: BTreeSet<String>,
 }
 
 impl Model {
     pub fn new(max_future_ms: i64, quorum: usize) -> Model {
         Model {
             max_future_ms,
+            retention_ms: 90 * 86_400_000,
             quorum,
             clock: None,
             latest: BTreeMap::new(),
@@ -176,7 +241,21 @@ impl Model {
             rules: false,
             fired: BTreeSet::new(),
             firings: Vec::new(),
+            closing: Vec::new(),
+            closed_cards: BTreeMap::new(),
+            closed_pools: BTreeMap::new(),
+            late_crossings: Vec::new(),
+            pool_totals: Vec::new(),
+            attribute_names: Vec::new(),
+            disabled_attributes: BTreeSet::new(),
         }
+    }
+
+    /// A card's attributes as views show them (not the disabled names).
+    pub fn visible_attributes(&self, iccid: Iccid) -> BTreeMap<String, String> {
+        let mut shown = self.cards[&iccid].attributes.clone();
+        shown.retain(|name, _| !self.disabled_attributes.contains(name));
+        shown
     }
 
     // ----- derived values ----------------------------------------------
@@ -264,6 +343,8 @@ impl Model {
             } else {
                 "available"
             }
+        } else if p.frozen && p.retained_until.is_some() {
+            "retained"
         } else if p.frozen {
             "frozen"
         } else {
@@ -315,6 +396,7 @@ impl Model {
         let pools: Vec<(String, Option<Carrier>)> = self
             .pools
             .iter()
+            .filter(|(_, p)| !p.abandoned)
             .map(|(id, p)| (id.clone(), p.carrier))
             .collect();
         for (pool, carrier) in pools {
@@ -349,7 +431,7 @@ impl Model {
         let pools: Vec<String> = self
             .pools
             .iter()
-            .filter(|(_, p)| p.carrier.unwrap_or(Carrier::Cmcc) == carrier)
+            .filter(|(_, p)| !p.abandoned && p.carrier.unwrap_or(Carrier::Cmcc) == carrier)
             .map(|(id, _)| id.clone())
             .collect();
         for pool in pools {
@@ -414,8 +496,15 @@ impl Model {
             }
         }
         for (start, group) in starts {
+            self.expire_closings(start);
+            // Retentions that end before this cycle start (at the same
+            // instant the rollover comes first).
+            self.end_retentions(old, start.plus_millis(-1));
             // Rules evaluated at this cycle start see its cycles.
             self.clock = Some(start);
+            for &(carrier, cycle) in &group {
+                self.close(carrier, cycle - 1, start);
+            }
             for &(carrier, _) in &group {
                 for card in self.cards.values_mut() {
                     if card.carrier == carrier {
@@ -450,7 +539,151 @@ impl Model {
                 self.check_rules();
             }
         }
+        self.expire_closings(t);
+        self.end_retentions(old, t);
         self.clock = Some(t);
+    }
+
+    /// `carrier`'s `cycle` ends at `end`: its cards' and pools' figures
+    /// are kept through the lateness, each pool's total so far reported.
+    fn close(&mut self, carrier: Carrier, cycle: i64, end: Timestamp) {
+        self.closing
+            .push((carrier, cycle, end.plus_millis(LATENESS_MS)));
+        let usage_reasons = [Reason::OverQuota, Reason::GeneralCap, Reason::OverThreshold];
+        let iccids: Vec<Iccid> = self
+            .cards
+            .iter()
+            .filter(|(_, c)| c.carrier == carrier && c.lifecycle != CardState::Deregistered)
+            .map(|(i, _)| *i)
+            .collect();
+        for iccid in iccids {
+            let r = self.reasons(iccid);
+            let reasons = usage_reasons
+                .into_iter()
+                .filter(|&x| r.contains(x))
+                .fold(Reasons::EMPTY, Reasons::with);
+            let card = &self.cards[&iccid];
+            self.closed_cards.insert(
+                iccid,
+                ClosedCard {
+                    cycle,
+                    usage: card.usage,
+                    addon_mb: card.addon_mb,
+                    reasons,
+                    pool: card.pool.clone(),
+                },
+            );
+        }
+        let pools: Vec<String> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| p.carrier.unwrap_or(Carrier::Cmcc) == carrier && !p.abandoned)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for pool in pools {
+            let closed = ClosedPool {
+                carrier,
+                cycle,
+                usage: self.pool_usage(&pool),
+                allowance: self.pool_allowance(&pool),
+                exhausted: self.pool_exhausted(&pool),
+            };
+            self.pool_totals
+                .push((pool.clone(), cycle, closed.usage, false));
+            self.closed_pools.insert(pool, closed);
+        }
+    }
+
+    /// Closed cycles whose lateness ended before `t`: final pool totals,
+    /// figures dropped.
+    fn expire_closings(&mut self, t: Timestamp) {
+        let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
+            .into_iter()
+            .partition(|(_, _, until)| *until < t);
+        self.closing = kept;
+        for (carrier, _, _) in due {
+            let cards = &self.cards;
+            self.closed_cards.retain(|i, _| cards[i].carrier != carrier);
+            let pools: Vec<String> = self
+                .closed_pools
+                .iter()
+                .filter(|(_, p)| p.carrier == carrier)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for pool in pools {
+                let p = self.closed_pools.remove(&pool).unwrap();
+                self.pool_totals.push((pool, p.cycle, p.usage, true));
+            }
+        }
+    }
+
+    /// Backward pools whose retention ended after `from` and by `to` are
+    /// abandoned (no card changes: the freeze still holds the members).
+    fn end_retentions(&mut self, from: Timestamp, to: Timestamp) {
+        for p in self.pools.values_mut() {
+            match p.retained_until {
+                Some(until) if !p.abandoned && until > from && until <= to => {
+                    p.abandoned = true;
+                    p.abandoned_at = Some(until);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Counts a record toward its card's closed cycle (and its pool's, if
+    /// the card is still in the pool it was in then).
+    fn count_closed(&mut self, iccid: Iccid, cycle: i64, u: &Usage) {
+        let bytes = u.bytes_up + u.bytes_down;
+        let card = &self.cards[&iccid];
+        let plan = &self.plans[&card.plan];
+        let closed = self.closed_cards.entry(iccid).or_insert(ClosedCard {
+            cycle,
+            usage: 0,
+            addon_mb: 0,
+            reasons: Reasons::EMPTY,
+            pool: None,
+        });
+        closed.usage += bytes;
+        let mut gained = Reasons::EMPTY;
+        if closed.pool.is_none() && closed.usage > plan.allowance_bytes + closed.addon_mb * MB {
+            gained = gained.with(Reason::OverQuota);
+        }
+        if plan.general && closed.usage > GENERAL_CAP {
+            gained = gained.with(Reason::GeneralCap);
+        }
+        if card.threshold_mb >= 0 && closed.usage > card.threshold_mb as u64 * MB {
+            gained = gained.with(Reason::OverThreshold);
+        }
+        let new = Reasons::from_bits(gained.bits() & !closed.reasons.bits());
+        if !new.is_empty() {
+            closed.reasons = Reasons::from_bits(closed.reasons.bits() | new.bits());
+            self.late_crossings
+                .push((iccid.to_string(), new, closed.usage));
+        }
+        let Some(pool) = closed
+            .pool
+            .clone()
+            .filter(|p| card.pool.as_ref() == Some(p))
+        else {
+            return;
+        };
+        let carrier = card.carrier;
+        let forward = self.pools[&pool].forward;
+        let Some(p) = self.closed_pools.get_mut(&pool) else {
+            return;
+        };
+        let same_cycle = cycle_start(carrier, cycle) == cycle_start(p.carrier, cycle)
+            && cycle_start(carrier, cycle + 1) == cycle_start(p.carrier, cycle + 1);
+        if p.cycle != cycle || !same_cycle {
+            return;
+        }
+        p.usage += bytes;
+        if forward && !p.exhausted && p.usage > p.allowance {
+            p.exhausted = true;
+            self.late_crossings
+                .push((pool, Reasons::EMPTY.with(Reason::PoolExhausted), p.usage));
+        }
     }
 
     // ----- records ---------------------------------------------------------
@@ -481,8 +714,21 @@ impl Model {
         let current = self.current_cycle(self.cards[&u.iccid].carrier);
         let card = self.cards.get_mut(&u.iccid).unwrap();
         let cycle = cycle_of(card.carrier, u.end);
-        if card.lifecycle == CardState::Deregistered || cycle < current {
+        if card.lifecycle == CardState::Deregistered {
             return RecordOutcome::NotCounted;
+        }
+        if cycle < current {
+            // Of a closed cycle: counted toward it within the lateness.
+            let carrier = card.carrier;
+            let closing = self
+                .closing
+                .iter()
+                .any(|&(c, k, until)| c == carrier && k == cycle && self.clock.unwrap() <= until);
+            if !closing {
+                return RecordOutcome::NotCounted;
+            }
+            self.count_closed(u.iccid, cycle, u);
+            return RecordOutcome::Counted;
         }
         if cycle > current {
             self.ahead.push((u.iccid, cycle, *u));
@@ -632,6 +878,8 @@ impl Model {
                         addon_mb: 0,
                         frozen: false,
                         abandoned: false,
+                        retained_until: None,
+                        abandoned_at: None,
                     },
                 );
                 Self::whole(true)
@@ -830,16 +1078,97 @@ impl Model {
             CommandKind::FreezePool { pool } | CommandKind::UnfreezePool { pool } => {
                 let freeze = matches!(c.kind, CommandKind::FreezePool { .. });
                 match self.pools.get_mut(pool.as_str()) {
-                    Some(p) if !p.forward => {
+                    Some(p) if !p.forward && !p.abandoned => {
                         p.frozen = freeze;
+                        if !freeze {
+                            p.retained_until = None;
+                        }
                         Self::whole(true)
                     }
                     _ => Self::whole(false),
                 }
             }
+            CommandKind::RetainPool { pool } => {
+                let clock = self.clock;
+                let until = at.plus_millis(self.retention_ms);
+                match self.pools.get_mut(pool.as_str()) {
+                    Some(p) if !p.forward && !p.abandoned && p.frozen => {
+                        if p.retained_until.is_none() {
+                            p.retained_until = Some(until);
+                            // Already over at the clock: abandoned at once.
+                            if clock.is_some_and(|c| until <= c) {
+                                p.abandoned = true;
+                                p.abandoned_at = Some(until);
+                            }
+                        }
+                        Self::whole(true)
+                    }
+                    _ => Self::whole(false),
+                }
+            }
+            CommandKind::ReenablePool { pool } => match self.pools.get_mut(pool.as_str()) {
+                Some(p) if !p.forward && p.abandoned_at.is_some_and(|t| at <= plus_month(t)) => {
+                    p.abandoned = false;
+                    p.abandoned_at = None;
+                    p.retained_until = None;
+                    p.frozen = false;
+                    Self::whole(true)
+                }
+                _ => Self::whole(false),
+            },
             CommandKind::UpsertRule { .. } => {
                 self.rules = true;
                 Self::whole(true)
+            }
+            CommandKind::SetAttributeNames { names } => {
+                let distinct: BTreeSet<&String> = names.iter().collect();
+                if names.len() > 6
+                    || distinct.len() != names.len()
+                    || names.iter().any(String::is_empty)
+                {
+                    return Self::whole(false);
+                }
+                self.attribute_names = names.clone();
+                self.disabled_attributes.retain(|n| names.contains(n));
+                Self::whole(true)
+            }
+            CommandKind::EnableAttribute { name } | CommandKind::DisableAttribute { name } => {
+                if !self.attribute_names.contains(name) {
+                    return Self::whole(false);
+                }
+                // The generated rules filter on no attribute.
+                if matches!(c.kind, CommandKind::DisableAttribute { .. }) {
+                    self.disabled_attributes.insert(name.clone());
+                } else {
+                    self.disabled_attributes.remove(name);
+                }
+                Self::whole(true)
+            }
+            CommandKind::SetAttributes { iccids, attributes } => {
+                let usable = |n: &String| {
+                    self.attribute_names.contains(n) && !self.disabled_attributes.contains(n)
+                };
+                let distinct: HashSet<&Iccid> = iccids.iter().collect();
+                if iccids.is_empty()
+                    || distinct.len() != iccids.len()
+                    || attributes.is_empty()
+                    || !attributes.keys().all(usable)
+                {
+                    return Self::whole(false);
+                }
+                self.batch(iccids, |m, i| {
+                    if m.live(&i).is_none() {
+                        return false;
+                    }
+                    let card = m.cards.get_mut(&i).unwrap();
+                    for (name, value) in attributes {
+                        match value {
+                            Some(v) => card.attributes.insert(name.clone(), v.clone()),
+                            None => card.attributes.remove(name),
+                        };
+                    }
+                    true
+                })
             }
             other => panic!("the model does not cover {}", other.type_name()),
         }
@@ -919,6 +1248,7 @@ impl Model {
                         device_month: 0,
                         changes: 0,
                         rebinds: 0,
+                        attributes: BTreeMap::new(),
                     },
                 );
                 // A new card has no "before": no event for its creation.

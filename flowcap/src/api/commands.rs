@@ -457,5 +457,14 @@ mod tests {
             r#"{{"id":"b",{at},"type":"upsert_tag","tag":{{"name":"x"}}}}"#
         ));
         assert_eq!(scope_of(&tag), Scope::Admin);
+        for body in [
+            r#""type":"disable_attribute","name":"site""#,
+            r#""type":"enable_attribute","name":"site""#,
+            r#""type":"retain_pool","pool":"bp""#,
+            r#""type":"reenable_pool","pool":"bp""#,
+        ] {
+            let kind = parse(&format!(r#"{{"id":"c",{at},{body}}}"#));
+            assert_eq!(scope_of(&kind), Scope::Admin, "{body}");
+        }
     }
 }

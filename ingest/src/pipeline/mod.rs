@@ -217,6 +217,8 @@ pub struct Summary {
     pub pool_events: u64,
     /// Rule firings emitted.
     pub rule_firings: u64,
+    /// Closed cycles' limits crossed within the lateness (`late_crossing`).
+    pub late_crossings: u64,
     /// Notification delivery (webhooks, email, SMS) when it is on.
     pub notifications: Option<flowcap_delivery::DeliveryTotals>,
     /// Cards per visible state at the end.

@@ -269,7 +269,7 @@ impl Pipeline {
             let day = engine.config().calendar.local_day(clock);
             let cards = (self.dump_cards || self.cards_day != Some(day)).then(|| {
                 self.cards_day = Some(day);
-                let (views, dump) = CardsDump::later();
+                let (views, dump) = CardsDump::later(engine.attribute_names().to_vec());
                 views_to = Some(views);
                 dump
             });

@@ -103,6 +103,10 @@ impl Writer {
                             self.summary.pool_events += 1;
                             e.processed_at = Some(now);
                         }
+                        ActionEvent::LateCrossing(e) => {
+                            self.summary.late_crossings += 1;
+                            e.processed_at = Some(now);
+                        }
                         ActionEvent::RuleFired(e) => {
                             self.summary.rule_firings += 1;
                             e.processed_at = Some(now);
@@ -172,6 +176,11 @@ impl Writer {
                             k.producer
                                 .send_once(&k.results, at, Some(id), &payload, &[])?;
                         }
+                    }
+                }
+                Output::PoolCycle(total) => {
+                    if let Some(h) = &mut self.history {
+                        h.pool_cycle(*total)?;
                     }
                 }
             }

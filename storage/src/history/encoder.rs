@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use arrow::record_batch::RecordBatch;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use flowcap_engine::event::Accounted;
+use flowcap_engine::event::{Accounted, PoolCycleTotal};
 use flowcap_engine::{CardView, Carrier, CycleId, Iccid, PoolView, Timestamp};
 use flowcap_rules::message::DeliveryRow;
 use flowcap_rules::ExecutionRecord;
@@ -26,10 +26,10 @@ use flowcap_rules::ExecutionRecord;
 use hashbrown::HashMap;
 
 use super::{
-    cards_batch, change_key, changes_batch, cycle_batch, daily_batch, date_value, deliveries_batch,
-    encode_parquet, executions_batch, journal_batch, pools_batch, quarantine_batch,
-    remove_older_than, schema, usage_batch, HistoryError, HistoryOptions, JournalRow, Partitioning,
-    Quarantined, StateChange, UsageSums,
+    cards_batch, change_key, changes_batch, closed_pools_batch, cycle_batch, daily_batch,
+    date_value, deliveries_batch, encode_parquet, executions_batch, journal_batch, pools_batch,
+    quarantine_batch, remove_older_than, schema, usage_batch, HistoryError, HistoryOptions,
+    JournalRow, Partitioning, Quarantined, StateChange, UsageSums,
 };
 use crate::location::{HistoryFiles, HistoryLocation};
 
@@ -89,9 +89,14 @@ impl Written {
 enum Job {
     /// One chunk of rows, stored as the file `name` of each partition.
     Chunk { name: String, rows: Box<ChunkRows> },
-    /// The window's last job before its state dumps: its per-card sums,
-    /// stored as the file `name` of each partition.
-    CloseWindow { name: String },
+    /// The window's last job before its state dumps: its per-card sums
+    /// and the closed cycles' pool totals it emitted, stored as the file
+    /// `name` of each partition.
+    CloseWindow {
+        name: String,
+        through: u64,
+        closed: Vec<PoolCycleTotal>,
+    },
     /// The state dumps of a snapshot through `through`: every pool, and
     /// (when `cards`) every card, in the partition of local day `day`.
     State {
@@ -108,19 +113,35 @@ enum Job {
 /// that the inputs do not wait for them). The encoder takes them when it
 /// comes to the dump; a sender dropped without sending fails the dump, and
 /// with it the snapshot ([`HistoryError::CardViewsMissing`]).
+/// The custom attributes go into the columns of their names' slots
+/// (`attribute_names`, as declared when the snapshot was cut).
 #[derive(Debug)]
-pub struct CardsDump(Receiver<Vec<CardView>>);
+pub struct CardsDump {
+    views: Receiver<Vec<CardView>>,
+    attribute_names: Vec<String>,
+}
 
 impl CardsDump {
-    /// A dump, and where its views are to be sent.
-    pub fn later() -> (Sender<Vec<CardView>>, CardsDump) {
+    /// A dump, and where its views are to be sent; `attribute_names` are
+    /// the declared custom attribute names in order
+    /// (`Engine::attribute_names`).
+    pub fn later(attribute_names: Vec<String>) -> (Sender<Vec<CardView>>, CardsDump) {
         let (views, dump) = bounded(1);
-        (views, CardsDump(dump))
+        (
+            views,
+            CardsDump {
+                views: dump,
+                attribute_names,
+            },
+        )
     }
 
-    fn views(self) -> Result<Vec<CardView>, HistoryError> {
+    fn views(&self) -> Result<Vec<CardView>, HistoryError> {
         let waiting = std::time::Instant::now();
-        let views = self.0.recv().map_err(|_| HistoryError::CardViewsMissing)?;
+        let views = self
+            .views
+            .recv()
+            .map_err(|_| HistoryError::CardViewsMissing)?;
         // Time this thread stood idle for them (it may hold the writer up
         // meanwhile).
         tracing::debug!(
@@ -188,7 +209,14 @@ impl ChunkEncoder {
                     Job::Chunk { name, rows } => {
                         store_chunk(&files, &options, &name, *rows, &mut sums, &recycle_tx)
                     }
-                    Job::CloseWindow { name } => store_sums(&files, &options, &name, &mut sums),
+                    Job::CloseWindow {
+                        name,
+                        through,
+                        closed,
+                    } => store_sums(&files, &options, &name, &mut sums).and_then(|mut w| {
+                        w.add(store_closed(&files, &options, &name, through, &closed)?);
+                        Ok(w)
+                    }),
                     Job::State {
                         through,
                         clock,
@@ -248,9 +276,18 @@ impl ChunkEncoder {
 
     /// Closes the window: its per-card sums are stored as the files
     /// `name` (never waits).
-    pub(super) fn close_window(&mut self, name: String) -> Result<Written, HistoryError> {
+    pub(super) fn close_window(
+        &mut self,
+        name: String,
+        through: u64,
+        closed: Vec<PoolCycleTotal>,
+    ) -> Result<Written, HistoryError> {
         let written = self.poll()?;
-        self.send(Job::CloseWindow { name })?;
+        self.send(Job::CloseWindow {
+            name,
+            through,
+            closed,
+        })?;
         Ok(written)
     }
 
@@ -386,10 +423,10 @@ fn store_state(
         remove_older_than(files, &files.list_dir(&dir)?, &name)?;
     }
     if let Some(cards) = cards {
-        let cards = cards.views()?;
+        let views = cards.views()?;
         let name = format!("part-{through:020}-cards.parquet");
-        for (i, chunk) in cards.chunks(options.roll_rows.max(1)).enumerate() {
-            let batch = cards_batch(chunk, through, clock)?;
+        for (i, chunk) in views.chunks(options.roll_rows.max(1)).enumerate() {
+            let batch = cards_batch(chunk, &cards.attribute_names, through, clock)?;
             let chunk_name = format!("part-{through:020}-cards-{i:04}.parquet");
             store(
                 schema::CARDS,
@@ -401,6 +438,38 @@ fn store_state(
         }
         let dir = format!("{}/date={}", schema::CARDS, date_value(day));
         remove_older_than(files, &files.list_dir(&dir)?, &name)?;
+    }
+    Ok(written)
+}
+
+/// Stores the closed cycles' pool totals a window emitted as the file
+/// `name` of each cycle partition of `pool_cycle_usage`. Not a dump (the
+/// name has no `-pools`): a newer snapshot's dump of the same cycle (of
+/// pools that follow another carrier's cycle) does not replace it, and a
+/// crash's recovery keeps or deletes it with its window.
+fn store_closed(
+    files: &HistoryFiles,
+    options: &HistoryOptions,
+    name: &str,
+    through: u64,
+    closed: &[PoolCycleTotal],
+) -> Result<Written, HistoryError> {
+    let mut written = Written::default();
+    let mut by_cycle: HashMap<CycleId, Vec<&PoolCycleTotal>> = HashMap::new();
+    for t in closed {
+        by_cycle.entry(t.cycle).or_default().push(t);
+    }
+    for (cycle, rows) in by_cycle {
+        let batch = closed_pools_batch(&rows, through)?;
+        written.store(
+            files,
+            options,
+            schema::POOL_CYCLE_USAGE,
+            Partitioning::Cycle,
+            &cycle.to_string(),
+            name,
+            &batch,
+        )?;
     }
     Ok(written)
 }

@@ -46,7 +46,10 @@
 //! record lands in its own (closed) day and cycle and is counted in
 //! `late_records` / `late_bytes` there.
 //! `pool_cycle_usage` and `cards` are written from the engine's state at
-//! snapshots.
+//! snapshots. `pool_cycle_usage` also gets each closed cycle's pool
+//! totals the engine emits, at the rollover and (`final`) when the
+//! allowed lateness has passed: written with their window, not as a dump,
+//! so no later dump replaces them.
 
 pub mod compact;
 mod encoder;
@@ -61,7 +64,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use flowcap_clock::{SharedClock, SystemClock};
 use flowcap_engine::command::CommandResult;
-use flowcap_engine::event::{Accounted, ActionEvent, Cause};
+use flowcap_engine::event::{Accounted, ActionEvent, Cause, PoolCycleTotal};
 use flowcap_engine::{
     CardView, Carrier, Command, CycleCalendar, Iccid, PoolView, Reasons, Timestamp,
 };
@@ -239,6 +242,8 @@ pub struct HistoryWriter {
     /// Day of the last `cards` dump.
     cards_day: Option<i64>,
     files_written: u64,
+    /// Closed cycles' pool totals of the current window.
+    closed_pools: Vec<PoolCycleTotal>,
 }
 
 impl std::fmt::Debug for HistoryWriter {
@@ -292,6 +297,7 @@ impl HistoryWriter {
             encoder,
             cards_day: None,
             files_written: 0,
+            closed_pools: Vec::new(),
         })
     }
 
@@ -352,11 +358,19 @@ impl HistoryWriter {
         self.roll_if_full()
     }
 
-    /// A card or pool state change.
+    /// A pool's closed-cycle total: written with its window into the
+    /// cycle's `pool_cycle_usage` partition when the window closes.
+    pub fn pool_cycle(&mut self, total: PoolCycleTotal) -> Result<(), HistoryError> {
+        self.closed_pools.push(total);
+        Ok(())
+    }
+
+    /// A card or pool state change (or a closed cycle's late crossing).
     pub fn action(&mut self, event: &ActionEvent) -> Result<(), HistoryError> {
         let t = match event {
             ActionEvent::CardState(e) => e.event_time,
             ActionEvent::PoolState(e) => e.event_time,
+            ActionEvent::LateCrossing(e) => e.event_time,
             // Not a state change: a firing is one `rule_executions` row per
             // action.
             ActionEvent::RuleFired(f) => {
@@ -478,7 +492,10 @@ impl HistoryWriter {
         compact_through: Option<u64>,
     ) -> Result<StoredTicket, HistoryError> {
         self.write_chunk(Room::Skip)?;
-        let written = self.encoder.close_window(self.part_name())?;
+        let closed = std::mem::take(&mut self.closed_pools);
+        let written = self
+            .encoder
+            .close_window(self.part_name(), through, closed)?;
         self.note_written(written);
         if clock != Timestamp::MIN && (!pools.is_empty() || cards.is_some()) {
             let day = self.day(clock);
@@ -818,6 +835,37 @@ mod tests {
     }
 
     #[test]
+    fn cards_hold_each_custom_attribute_in_the_column_of_its_slot() {
+        use arrow::array::{Array, StringArray};
+        let mut view = one_card_view();
+        view.attributes = [("site", "north"), ("customer", "acme"), ("old", "x")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let mut bare = view.clone();
+        bare.attributes.clear();
+        // Declared: customer (slot 1), colour (2, no value), site (3);
+        // "old" is no longer declared.
+        let names = ["customer", "colour", "site"].map(str::to_owned);
+        let batch = cards_batch(&[view, bare], &names, 7, Timestamp(DAY)).unwrap();
+        let column = |name: &str| -> Vec<Option<String>> {
+            let array = batch
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("no column {name}"));
+            let strings = array.as_any().downcast_ref::<StringArray>().unwrap();
+            (0..strings.len())
+                .map(|i| strings.is_valid(i).then(|| strings.value(i).to_owned()))
+                .collect()
+        };
+        assert_eq!(column("attr_1"), [Some("acme".to_owned()), None]);
+        assert_eq!(column("attr_2"), [None, None]);
+        assert_eq!(column("attr_3"), [Some("north".to_owned()), None]);
+        for slot in 4..=flowcap_engine::command::MAX_ATTRIBUTE_NAMES {
+            assert_eq!(column(&schema::attribute_column(slot)), [None, None]);
+        }
+    }
+
+    #[test]
     fn a_cards_dump_built_after_the_cut_is_stored_with_it_or_fails_it() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("history");
@@ -825,7 +873,7 @@ mod tests {
         w.accounted(&accounted(0, 1, DAY)).unwrap();
         // A cut whose cards views come later (as from a snapshot's copy).
         let cut_with_views_later = |w: &mut HistoryWriter, through: u64| {
-            let (views, dump) = CardsDump::later();
+            let (views, dump) = CardsDump::later(Vec::new());
             let ticket = w.cut(through, Timestamp(DAY), Vec::new(), Some(dump), None);
             (views, ticket.unwrap())
         };

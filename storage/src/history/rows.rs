@@ -3,6 +3,7 @@
 //! its schema's column order: `schema.rs`).
 
 use super::*;
+use flowcap_engine::command::MAX_ATTRIBUTE_NAMES;
 
 #[derive(Debug, Clone)]
 pub(super) struct StateChange {
@@ -68,6 +69,7 @@ pub(super) fn change_key(e: &ActionEvent) -> (String, i64) {
         ActionEvent::CardState(c) => (c.iccid.to_string(), c.event_time.0),
         ActionEvent::PoolState(p) => (p.pool.to_string(), p.event_time.0),
         ActionEvent::RuleFired(r) => (r.target(), r.event_time.0),
+        ActionEvent::LateCrossing(l) => (l.target(), l.event_time.0),
     }
 }
 
@@ -243,6 +245,25 @@ pub(super) fn change_text(e: &ActionEvent) -> ChangeText {
             cause_id,
             cause_iccid,
         },
+        // No state changed: old and new are `late_crossing`, the reasons
+        // those the closed cycle gained, the cycle the closed one.
+        ActionEvent::LateCrossing(l) => ChangeText {
+            subject: if l.iccid.is_some() { "card" } else { "pool" },
+            iccid: l.iccid.map(|i| i.to_string()),
+            pool: l.pool.as_ref().map(|p| p.to_string()),
+            old: "late_crossing".to_owned(),
+            new: "late_crossing".to_owned(),
+            reasons: reasons_text(l.reasons),
+            event_time: l.event_time.0,
+            processed_at: l.processed_at.map(|t| t.0),
+            cycle: l.cycle.to_string(),
+            usage: l.usage_bytes,
+            limit: Some(l.limit_bytes),
+            overshoot: Some(l.overshoot_bytes),
+            cause,
+            cause_id,
+            cause_iccid,
+        },
         // Never buffered as a state change (see `action`).
         ActionEvent::RuleFired(r) => ChangeText {
             subject: "rule",
@@ -380,11 +401,43 @@ pub(super) fn pools_batch(
     );
     c.ts(rows.iter().map(|_| Some(clock.0)));
     c.i64(rows.iter().map(|_| Some(to_i64(through))));
+    c.bool(rows.iter().map(|_| false));
     c.finish()
 }
 
+/// Closed cycles' pool totals (`pool_cycle_usage` rows with `final` true
+/// once the lateness has passed), as of the snapshot through `through`.
+pub(super) fn closed_pools_batch(
+    rows: &[&PoolCycleTotal],
+    through: u64,
+) -> Result<RecordBatch, ArrowError> {
+    let ids: Vec<String> = rows.iter().map(|p| p.pool.to_string()).collect();
+    let kinds: Vec<String> = rows.iter().map(|p| serde_name(&p.kind)).collect();
+    let states: Vec<String> = rows.iter().map(|p| serde_name(&p.state)).collect();
+    let mut c = Columns::new(table_schema(schema::POOL_CYCLE_USAGE));
+    c.utf8(ids.iter().map(|s| Some(s.as_str())));
+    c.utf8(rows.iter().map(|p| Some(p.name.as_str())));
+    c.dict(kinds.iter().map(|s| Some(s.as_str())));
+    c.dict(rows.iter().map(|p| p.carrier.map(Carrier::as_str)));
+    c.dict(states.iter().map(|s| Some(s.as_str())));
+    c.i64(rows.iter().map(|p| Some(to_i64(p.members))));
+    c.i64(rows.iter().map(|p| Some(to_i64(p.usage_bytes))));
+    c.i64(rows.iter().map(|p| Some(to_i64(p.allowance_bytes))));
+    c.i64(
+        rows.iter()
+            .map(|p| Some(to_i64(p.allowance_bytes) - to_i64(p.usage_bytes))),
+    );
+    c.ts(rows.iter().map(|p| Some(p.at.0)));
+    c.i64(rows.iter().map(|_| Some(to_i64(through))));
+    c.bool(rows.iter().map(|p| p.final_total));
+    c.finish()
+}
+
+/// The `cards` rows of `rows`; `attribute_names` are the declared custom
+/// attribute names, slot by slot (`attr_1` is the first).
 pub(super) fn cards_batch(
     rows: &[CardView],
+    attribute_names: &[String],
     through: u64,
     clock: Timestamp,
 ) -> Result<RecordBatch, ArrowError> {
@@ -426,6 +479,13 @@ pub(super) fn cards_batch(
     c.utf8(rows.iter().map(|r| r.msisdn.as_deref()));
     c.utf8(rows.iter().map(|r| r.imsi.as_deref()));
     c.utf8(rows.iter().map(|r| r.imei.as_deref()));
+    for slot in 0..MAX_ATTRIBUTE_NAMES {
+        let name = attribute_names.get(slot);
+        c.utf8(
+            rows.iter()
+                .map(|r| name.and_then(|n| r.attributes.get(n)).map(String::as_str)),
+        );
+    }
     c.ts(rows.iter().map(|_| Some(clock.0)));
     c.i64(rows.iter().map(|_| Some(to_i64(through))));
     c.finish()

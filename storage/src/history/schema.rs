@@ -15,6 +15,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
+use flowcap_engine::command::MAX_ATTRIBUTE_NAMES;
 
 /// The time zone every timestamp column carries.
 pub const TIME_ZONE: &str = "UTC";
@@ -92,13 +93,13 @@ pub fn tables() -> Vec<TableDef> {
         },
         TableDef {
             name: POOL_CYCLE_USAGE,
-            about: "per pool and cycle: used, allowance, remaining and state at each snapshot",
+            about: "per pool and cycle: used, allowance, remaining and state at each snapshot; a closed cycle's total at its rollover, and its billed total (final) once the lateness has passed",
             partitioning: Partitioning::Cycle,
             schema: pool_cycle_schema(),
         },
         TableDef {
             name: STATE_CHANGES,
-            about: "every card and pool state change (the action events)",
+            about: "every card and pool state change (the action events), and every closed cycle's limit crossed within the lateness (old_state = new_state = late_crossing)",
             partitioning: Partitioning::Date,
             schema: state_changes_schema(),
         },
@@ -122,7 +123,7 @@ pub fn tables() -> Vec<TableDef> {
         },
         TableDef {
             name: CARDS,
-            about: "every card's attributes and state, the last snapshot of each day",
+            about: "every card's attributes and state, the last snapshot of each day (attr_1..attr_6: the custom attributes, by the slot of their declared name)",
             partitioning: Partitioning::Date,
             schema: cards_schema(),
         },
@@ -222,6 +223,8 @@ fn pool_cycle_schema() -> SchemaRef {
         field("remaining_bytes", DataType::Int64, false),
         field("as_of", ts(), false),
         field("as_of_seq", DataType::Int64, false),
+        // Null in files written before closed cycles had final rows.
+        field("final", DataType::Boolean, true),
     ]))
 }
 
@@ -305,7 +308,7 @@ fn command_journal_schema() -> SchemaRef {
 }
 
 fn cards_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         field("iccid", DataType::Utf8, false),
         field("carrier", dict(), false),
         field("plan", DataType::Utf8, true),
@@ -322,9 +325,19 @@ fn cards_schema() -> SchemaRef {
         field("msisdn", DataType::Utf8, true),
         field("imsi", DataType::Utf8, true),
         field("imei", DataType::Utf8, true),
-        field("as_of", ts(), false),
-        field("as_of_seq", DataType::Int64, false),
-    ]))
+    ];
+    fields.extend(
+        (1..=MAX_ATTRIBUTE_NAMES).map(|slot| field(&attribute_column(slot), DataType::Utf8, true)),
+    );
+    fields.push(field("as_of", ts(), false));
+    fields.push(field("as_of_seq", DataType::Int64, false));
+    Arc::new(Schema::new(fields))
+}
+
+/// The `cards` column of custom attribute slot `slot` (from 1): it holds
+/// the value of the `slot`-th declared name.
+pub fn attribute_column(slot: usize) -> String {
+    format!("attr_{slot}")
 }
 
 /// Builds one column at a time for a schema, in field order.
