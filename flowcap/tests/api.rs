@@ -16,13 +16,13 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{json_lines, line_starting, sorted_lines, stdout_of, Running, BIN};
+use common::{json_lines, linger, serve, sorted_lines, stdout_of, Running, BIN};
 use serde_json::Value;
 
 const OPS: &str = "ops-token-7f3a";
@@ -175,53 +175,15 @@ fn run_args(files: Option<(&Path, &Path)>, cards: u32, out: &Path) -> Command {
 fn start(mut run: Command, out: &Path) -> (Running, Server, Value) {
     let config = out.with_extension("toml");
     std::fs::write(&config, CONFIG).unwrap();
-    let child = run
-        .args(["--http", "127.0.0.1:0", "--linger", "--config"])
-        .arg(&config)
-        .env(
-            "FLOWCAP_API_TOKENS",
-            format!("ops:write:{OPS},viewer:read:{VIEWER},root:admin:{ROOT},flood:read:{FLOOD}"),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = line_starting(&mut stderr, "ops: listening on http://")
-        .trim_start_matches("ops: listening on http://")
-        .parse()
-        .unwrap();
-    line_starting(&mut stderr, "ops: run finished");
-    // Keep draining stderr so the child never blocks on it.
-    std::thread::spawn(move || for _ in stderr {});
-    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
-    let mut doc = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "no summary");
-        doc.push_str(&line);
-        if line.trim_end() == "}" {
-            break;
-        }
-    }
-    let summary: Value = serde_json::from_str(&doc).unwrap();
+    let lingering = linger(run.arg("--config").arg(&config).env(
+        "FLOWCAP_API_TOKENS",
+        format!("ops:write:{OPS},viewer:read:{VIEWER},root:admin:{ROOT},flood:read:{FLOOD}"),
+    ));
     let server = Server {
-        addr,
+        addr: lingering.addr,
         answers: Vec::new(),
     };
-    (child, server, summary["summary"].clone())
-}
-
-/// SIGTERM, and the exit must be clean.
-fn stop(mut child: Running) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = child.0.wait().unwrap();
-    assert!(exit.success(), "flowcap exited with {exit}");
+    (lingering.child, server, lingering.summary)
 }
 
 /// Every card, walking `GET /cards` pages with `query`: each card on
@@ -524,7 +486,7 @@ fn every_card_answered_as_the_events_and_the_generator_say() {
     assert_eq!(reply.body, committed);
 
     server.assert_no_secret();
-    stop(child);
+    child.stop();
 }
 
 /// The commands the API test sends, as lines of a commands file (with
@@ -634,28 +596,10 @@ fn a_command_through_the_api_equals_the_same_command_in_the_file() {
         }])
     );
     server.assert_no_secret();
-    stop(child);
+    child.stop();
 
     // `flowcap serve` answers the same, read-only, from the newest snapshot.
-    let child = Command::new(BIN)
-        .args(["serve", "--http", "127.0.0.1:0", "--data"])
-        .arg(&api_out)
-        .env(
-            "FLOWCAP_API_TOKENS",
-            format!("ops:write:{OPS},viewer:read:{VIEWER}"),
-        )
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let line = line_starting(&mut stderr, "serving POST http://");
-    let addr = line
-        .trim_start_matches("serving POST http://")
-        .trim_end_matches("/sql until interrupted")
-        .parse()
-        .unwrap();
-    std::thread::spawn(move || for _ in stderr {});
+    let (child, addr) = serve(&api_out, &format!("ops:write:{OPS},viewer:read:{VIEWER}"));
     let mut served = Server {
         addr,
         answers: Vec::new(),
@@ -670,7 +614,7 @@ fn a_command_through_the_api_equals_the_same_command_in_the_file() {
     served
         .post("/api/v1/commands", OPS, &without_operator(&suspend))
         .assert_problem(409, "not_now");
-    stop(child);
+    child.stop();
 
     // The same commands at the end of the commands file.
     let commands = dir.path().join("commands.jsonl");
@@ -727,5 +671,5 @@ fn a_pool_in_arrears_is_answered_with_the_end_of_its_retention() {
         "the default 90 days"
     );
     assert_eq!(pool["abandoned_at"], Value::Null);
-    stop(child);
+    child.stop();
 }

@@ -15,13 +15,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{json_lines, line_starting, stdout_of, Running, Sse, Stream, BIN};
+use common::{json_lines, linger, serve, stdout_of, Running, Sse, Stream, BIN};
 use serde_json::Value;
 
 const VIEWER: &str = "viewer-token-20ab";
@@ -122,52 +122,21 @@ fn start(dir: &Path) -> (Running, SocketAddr, Value) {
         "flowcap loadgen",
     );
     let out = dir.join("out");
-    let child = Command::new(BIN)
-        .args(["run", "-q", "--json", "--no-notify", "--shards", "2"])
-        .arg("--input")
-        .arg(data.join("usage.jsonl"))
-        .arg("--commands")
-        .arg(data.join("commands.jsonl"))
-        .arg("--out")
-        .arg(&out)
-        .args(["--http", "127.0.0.1:0", "--linger"])
-        .env(
-            "FLOWCAP_API_TOKENS",
-            format!("viewer:read:{VIEWER},ops:write:{OPS}"),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = line_starting(&mut stderr, "ops: listening on http://")
-        .trim_start_matches("ops: listening on http://")
-        .parse()
-        .unwrap();
-    line_starting(&mut stderr, "ops: run finished");
-    std::thread::spawn(move || for _ in stderr {});
-    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
-    let mut doc = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "no summary");
-        doc.push_str(&line);
-        if line.trim_end() == "}" {
-            break;
-        }
-    }
-    let summary: Value = serde_json::from_str(&doc).unwrap();
-    (child, addr, summary["summary"].clone())
-}
-
-fn stop(mut child: Running) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(child.0.wait().unwrap().success());
+    let run = linger(
+        Command::new(BIN)
+            .args(["run", "-q", "--json", "--no-notify", "--shards", "2"])
+            .arg("--input")
+            .arg(data.join("usage.jsonl"))
+            .arg("--commands")
+            .arg(data.join("commands.jsonl"))
+            .arg("--out")
+            .arg(&out)
+            .env(
+                "FLOWCAP_API_TOKENS",
+                format!("viewer:read:{VIEWER},ops:write:{OPS}"),
+            ),
+    );
+    (run.child, run.addr, run.summary)
 }
 
 #[test]
@@ -287,24 +256,10 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
     for e in &seen {
         assert_eq!(e.kind, e.data["kind"].as_str().unwrap());
     }
-    stop(child);
+    child.stop();
 
     // `flowcap serve` pages the same events from the directory.
-    let child = Command::new(BIN)
-        .args(["serve", "--http", "127.0.0.1:0", "--data"])
-        .arg(&out)
-        .env("FLOWCAP_API_TOKENS", format!("viewer:read:{VIEWER}"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = line_starting(&mut stderr, "serving POST http://")
-        .trim_start_matches("serving POST http://")
-        .trim_end_matches("/sql until interrupted")
-        .parse()
-        .unwrap();
-    std::thread::spawn(move || for _ in stderr {});
+    let (child, addr) = serve(&out, &format!("viewer:read:{VIEWER}"));
     let served = walk(addr, "", 1000);
     assert_eq!(
         served.iter().map(|(_, e)| e).collect::<Vec<_>>(),
@@ -314,5 +269,5 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
         served.iter().map(|(p, _)| p).collect::<Vec<_>>(),
         seen.iter().map(|e| &e.id).collect::<Vec<_>>()
     );
-    stop(child);
+    child.stop();
 }

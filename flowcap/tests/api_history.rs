@@ -16,11 +16,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::{http, json_lines, line_starting, sql_rows, stdout_of, Running, BIN};
+use common::{http, json_lines, linger, sql_rows, stdout_of, Running, BIN};
 use serde_json::{json, Value};
 
 const VIEWER: &str = "viewer-token-2a61";
@@ -77,32 +77,17 @@ fn write_inputs(dir: &Path) {
 /// and its address once the run is over.
 fn start(dir: &Path) -> (Running, String) {
     write_inputs(dir);
-    let child = Command::new(BIN)
-        .args(["run", "-q", "--json", "--no-notify", "--input"])
-        .arg(dir.join("usage.jsonl"))
-        .arg("--commands")
-        .arg(dir.join("commands.jsonl"))
-        .arg("--out")
-        .arg(dir.join("out"))
-        .args(["--http", "127.0.0.1:0", "--linger"])
-        .env("FLOWCAP_API_TOKENS", format!("viewer:read:{VIEWER}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = line_starting(&mut stderr, "ops: listening on http://")
-        .trim_start_matches("ops: listening on http://")
-        .to_owned();
-    line_starting(&mut stderr, "ops: run finished");
-    std::thread::spawn(move || for _ in stderr {});
-    let mut stdout = child.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = stdout.read_to_end(&mut sink);
-    });
-    (child, addr)
+    let run = linger(
+        Command::new(BIN)
+            .args(["run", "-q", "--json", "--no-notify", "--input"])
+            .arg(dir.join("usage.jsonl"))
+            .arg("--commands")
+            .arg(dir.join("commands.jsonl"))
+            .arg("--out")
+            .arg(dir.join("out"))
+            .env("FLOWCAP_API_TOKENS", format!("viewer:read:{VIEWER}")),
+    );
+    (run.child, run.addr.to_string())
 }
 
 fn get(addr: &str, path: &str) -> Value {

@@ -194,12 +194,7 @@ fn commands_go_through_the_topic_and_reads_see_the_live_state() {
         "{states:?}"
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(child.0.wait().unwrap().success(), "SIGTERM exits 0");
+    child.stop();
     let journal = std::fs::read_to_string(dir.path().join("out").join("journal.jsonl")).unwrap();
     let ours: Vec<Value> = journal
         .lines()

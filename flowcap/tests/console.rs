@@ -11,11 +11,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::{json_lines, line_starting, Running, BIN};
+use common::{json_lines, linger, BIN};
 
 const TOKEN: &str = "console-e2e-token-4b7d";
 /// The browser and the test share one token: room for every request.
@@ -42,29 +41,16 @@ fn the_console_in_a_browser_shows_the_api_answers() {
     let out = dir.path().join("out");
     let config = dir.path().join("flowcap.toml");
     std::fs::write(&config, CONFIG).unwrap();
-    let child = Command::new(BIN)
-        .args(["run", "-q", "--json", "--no-notify", "--shards", "2"])
-        .args(["--hours", "2", "--cards", "2000", "--out"])
-        .arg(&out)
-        .args(["--http", "127.0.0.1:0", "--linger", "--config"])
-        .arg(&config)
-        .env("FLOWCAP_API_TOKENS", format!("console:admin:{TOKEN}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let url = line_starting(&mut stderr, "ops: listening on http://")
-        .trim_start_matches("ops: listening on ")
-        .to_owned();
-    line_starting(&mut stderr, "ops: run finished");
-    std::thread::spawn(move || for _ in stderr {});
-    let mut stdout = child.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = stdout.read_to_end(&mut sink);
-    });
+    let run = linger(
+        Command::new(BIN)
+            .args(["run", "-q", "--json", "--no-notify", "--shards", "2"])
+            .args(["--hours", "2", "--cards", "2000", "--out"])
+            .arg(&out)
+            .arg("--config")
+            .arg(&config)
+            .env("FLOWCAP_API_TOKENS", format!("console:admin:{TOKEN}")),
+    );
+    let url = format!("http://{}", run.addr);
 
     let shots = repo().join("docs/console");
     let browser = Command::new("node")
@@ -95,12 +81,7 @@ fn the_console_in_a_browser_shows_the_api_answers() {
     }
 
     // Stop the run; the suspend sent from the card's page is an event.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(child.0.wait().unwrap().success());
+    run.child.stop();
     let suspended = std::fs::read_to_string(dir.path().join("suspended.txt")).unwrap();
     let events = json_lines(&std::fs::read_to_string(out.join("events.jsonl")).unwrap());
     assert!(

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// The binary under test.
@@ -88,6 +88,19 @@ pub(crate) use flowcap_testkit::files::tree;
 /// no process behind).
 pub(crate) struct Running(pub(crate) Child);
 
+impl Running {
+    /// SIGTERM, and the exit must be clean.
+    pub(crate) fn stop(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = self.0.wait().unwrap();
+        assert!(exit.success(), "flowcap exited with {exit}");
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -113,6 +126,74 @@ pub(crate) fn line_starting(
         "flowcap exited without printing `{prefix}`:\n{}",
         seen.join("\n")
     );
+}
+
+/// A `flowcap run` that has read its inputs and lingers, its API on a
+/// free port.
+pub(crate) struct Lingering {
+    pub(crate) child: Running,
+    /// `127.0.0.1:PORT`.
+    pub(crate) addr: SocketAddr,
+    /// The `summary` of the run's `--json` document.
+    pub(crate) summary: serde_json::Value,
+}
+
+/// Starts `run` (a `flowcap run --json ...`) with `--http 127.0.0.1:0
+/// --linger` and returns once its inputs are done. Both outputs are
+/// drained from then on, so the child never blocks on them.
+pub(crate) fn linger(run: &mut Command) -> Lingering {
+    let child = run
+        .args(["--http", "127.0.0.1:0", "--linger"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = line_starting(&mut stderr, "ops: listening on http://")
+        .trim_start_matches("ops: listening on http://")
+        .parse()
+        .unwrap();
+    line_starting(&mut stderr, "ops: run finished");
+    std::thread::spawn(move || for _ in stderr {});
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let mut doc = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "no summary");
+        doc.push_str(&line);
+        if line.trim_end() == "}" {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    Lingering {
+        child,
+        addr,
+        summary: doc["summary"].clone(),
+    }
+}
+
+/// `flowcap serve --data DATA` on a free port with the API `tokens`
+/// (`FLOWCAP_API_TOKENS`): the process and its address once it listens.
+pub(crate) fn serve(data: &Path, tokens: &str) -> (Running, SocketAddr) {
+    let child = Command::new(BIN)
+        .args(["serve", "--http", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("FLOWCAP_API_TOKENS", tokens)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = line_starting(&mut stderr, "serving POST http://")
+        .trim_start_matches("serving POST http://")
+        .trim_end_matches("/sql until interrupted")
+        .parse()
+        .unwrap();
+    std::thread::spawn(move || for _ in stderr {});
+    (child, addr)
 }
 
 /// One plain HTTP/1.1 request to `addr` (with a bearer `token` and a JSON
