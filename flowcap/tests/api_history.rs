@@ -16,67 +16,34 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use common::{http, json_lines, linger, sql_rows, stdout_of, Running, BIN};
+use common::live_rule::{end, iccid, replay, write_inputs, CARDS};
+use common::{http, linger, sql_rows, Running, BIN};
 use serde_json::{json, Value};
 
 const VIEWER: &str = "viewer-token-2a61";
-const CARDS: u32 = 40;
 /// A bad record's secret: never in an answer.
 const SECRET: &str = "pw-never-shown-7731";
 
-fn iccid(n: u32) -> String {
-    format!("8986041234{n:010}")
-}
-
-/// Five records a day, 4 hours apart, from 2026-11-10 on.
-fn end(s: u32) -> String {
-    format!("2026-11-{:02}T{:02}:00:00+08:00", 10 + s / 5, (s % 5) * 4)
-}
-
-/// The inputs: a plan, the cards, the live rule `live12` (12 MB used),
-/// 3 MB per record and card for 10 records, and three bad lines.
-fn write_inputs(dir: &Path) {
-    let at = "2026-11-01T00:00:00+08:00";
-    let mut commands = vec![json!({"id": "c-plan", "type": "upsert_plan", "at": at,
-        "plan": {"id": "p100", "name": "CMCC 100MB", "carrier": "cmcc",
-                 "allowance_mb": 100, "traffic": "directed"}})];
-    for n in 1..=CARDS {
-        commands.push(
-            json!({"id": format!("c-card-{n}"), "type": "upsert_card", "at": at,
-            "card": {"iccid": iccid(n), "carrier": "cmcc", "plan": "p100", "state": "active",
-                "activated_at": "2026-01-05T00:00:00+08:00",
-                "expires_at": "2027-01-05T00:00:00+08:00"}}),
-        );
-    }
-    commands.push(json!({"id": "c-rule", "type": "upsert_rule", "at": at,
-        "rule": {"id": "live12", "type": 2, "condition": {"used_mb_gte": 12}}}));
-    let text: Vec<String> = commands.iter().map(Value::to_string).collect();
-    std::fs::write(dir.join("commands.jsonl"), text.join("\n") + "\n").unwrap();
-    let mut usage = std::fs::File::create(dir.join("usage.jsonl")).unwrap();
-    for s in 0..10 {
-        for n in 1..=CARDS {
-            let r = json!({"record_id": format!("r-{n}-{s}"), "iccid": iccid(n), "end": end(s),
-                "bytes_up": 1_048_576, "bytes_down": 2 * 1_048_576});
-            writeln!(usage, "{r}").unwrap();
-        }
-        if s == 4 {
-            writeln!(usage, "this is not JSON").unwrap();
-            let bad = json!({"record_id": "bad-iccid", "iccid": "12345", "end": end(s),
-                "bytes_up": 1, "bytes_down": 1, "password": SECRET});
-            writeln!(usage, "{bad}").unwrap();
-            writeln!(usage, "{{\"record_id\": \"cut").unwrap();
-        }
-    }
+/// The scenario's inputs, with three bad lines after step 4: not JSON,
+/// a record of an ICCID that is not one (carrying a secret), a cut line.
+fn write_bad_inputs(dir: &Path) {
+    let bad = json!({"record_id": "bad-iccid", "iccid": "12345", "end": end(4),
+        "bytes_up": 1, "bytes_down": 1, "password": SECRET});
+    let lines = [
+        "this is not JSON".to_owned(),
+        bad.to_string(),
+        "{\"record_id\": \"cut".to_owned(),
+    ];
+    write_inputs(dir, &lines);
 }
 
 /// `flowcap run` over the inputs with the API, lingering: the process
 /// and its address once the run is over.
 fn start(dir: &Path) -> (Running, String) {
-    write_inputs(dir);
+    write_bad_inputs(dir);
     let run = linger(
         Command::new(BIN)
             .args(["run", "-q", "--json", "--no-notify", "--input"])
@@ -100,20 +67,6 @@ fn get(addr: &str, path: &str) -> Value {
 fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
     let (status, text) = http(addr, "POST", path, Some(VIEWER), Some(&body.to_string()));
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-/// `flowcap rules replay` of `draft` (TOML) over the run: its JSON rows.
-fn replay(dir: &Path, draft: &str, from: &str, to: &str) -> Vec<Value> {
-    let path = dir.join("draft.toml");
-    std::fs::write(&path, draft).unwrap();
-    json_lines(&stdout_of(
-        Command::new(BIN)
-            .args(["rules", "replay", "--format", "json", "--rule"])
-            .arg(&path)
-            .args(["--from", from, "--to", to, "--data"])
-            .arg(dir.join("out")),
-        "flowcap rules replay",
-    ))
 }
 
 /// Each field of each CLI row equals the API item's.

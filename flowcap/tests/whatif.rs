@@ -2,55 +2,20 @@
 //! Parquet history fires exactly where the same rule fired live, reports
 //! only its `--from`..`--to` days, and replaces a live rule of its id.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 mod common;
 
-use common::{json_lines, sql_rows, stdout_of, BIN};
-
-const CARDS: u32 = 40;
-
-fn iccid(n: u32) -> String {
-    format!("8986041234{n:010}")
-}
-
-/// The end time of step `s`: five records a day, 4 hours apart, from
-/// 2026-11-10 on.
-fn end(s: u32) -> String {
-    format!("2026-11-{:02}T{:02}:00:00+08:00", 10 + s / 5, (s % 5) * 4)
-}
+use common::live_rule::{end, iccid, replay, write_inputs, CARDS};
+use common::{sql_rows, stdout_of, BIN};
 
 /// Each card uses 3 MB per record, 10 records: it passes 12 MB at step 3
 /// (day 10) and 20 MB at step 6 (day 11). The live rule fires at 12 MB.
 fn run_live(dir: &Path) {
-    let at = "2026-11-01T00:00:00+08:00";
-    let mut commands = vec![json!({"id": "c-plan", "type": "upsert_plan", "at": at,
-        "plan": {"id": "p100", "name": "CMCC 100MB", "carrier": "cmcc",
-                 "allowance_mb": 100, "traffic": "directed"}})];
-    for n in 1..=CARDS {
-        commands.push(
-            json!({"id": format!("c-card-{n}"), "type": "upsert_card", "at": at,
-            "card": {"iccid": iccid(n), "carrier": "cmcc", "plan": "p100", "state": "active",
-                "activated_at": "2026-01-05T00:00:00+08:00",
-                "expires_at": "2027-01-05T00:00:00+08:00"}}),
-        );
-    }
-    commands.push(json!({"id": "c-rule", "type": "upsert_rule", "at": at,
-        "rule": {"id": "live12", "type": 2, "condition": {"used_mb_gte": 12}}}));
-    let text: Vec<String> = commands.iter().map(Value::to_string).collect();
-    std::fs::write(dir.join("commands.jsonl"), text.join("\n") + "\n").unwrap();
-    let mut usage = std::fs::File::create(dir.join("usage.jsonl")).unwrap();
-    for s in 0..10 {
-        for n in 1..=CARDS {
-            let r = json!({"record_id": format!("r-{n}-{s}"), "iccid": iccid(n), "end": end(s),
-                "bytes_up": 1_048_576, "bytes_down": 2 * 1_048_576});
-            writeln!(usage, "{r}").unwrap();
-        }
-    }
+    write_inputs(dir, &[]);
     stdout_of(
         Command::new(BIN)
             .args([
@@ -69,20 +34,6 @@ fn run_live(dir: &Path) {
             .arg(dir.join("out")),
         "flowcap run",
     );
-}
-
-/// `flowcap rules replay` with a draft; its JSON rows.
-fn replay(dir: &Path, draft: &str, from: &str, to: &str) -> Vec<Value> {
-    let path = dir.join("draft.toml");
-    std::fs::write(&path, draft).unwrap();
-    json_lines(&stdout_of(
-        Command::new(BIN)
-            .args(["rules", "replay", "--format", "json", "--rule"])
-            .arg(&path)
-            .args(["--from", from, "--to", to, "--data"])
-            .arg(dir.join("out")),
-        "flowcap rules replay",
-    ))
 }
 
 fn pairs(rows: &[Value]) -> Vec<(String, String)> {

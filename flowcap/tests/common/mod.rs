@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test file uses some of them
 
+pub(crate) mod live_rule;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
