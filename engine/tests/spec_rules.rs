@@ -1455,6 +1455,24 @@ fn a_card_holds_at_most_10_tags() {
 }
 
 #[test]
+fn the_views_after_an_iccid_are_the_rest_of_the_ordered_views() {
+    // The API's card pages start after a cursor ICCID without building
+    // the views before it.
+    scenario(|s| {
+        for n in [4, 1, 3, 2, 5] {
+            s.active(n, "cmcc-30m");
+        }
+        let all = s.engine.card_views();
+        assert_eq!(all.len(), 5);
+        assert_eq!(s.engine.card_views_after(None).collect::<Vec<_>>(), all);
+        let after = s.engine.card_views_after(Some(all[1].iccid));
+        assert_eq!(after.collect::<Vec<_>>(), all[2..]);
+        let last = s.engine.card_views_after(Some(all[4].iccid));
+        assert_eq!(last.count(), 0);
+    });
+}
+
+#[test]
 fn a_snapshot_copy_views_every_card_as_the_engine_did_at_the_copy() {
     // A snapshot's cut builds the cards dump from its copy, off the
     // inputs' path: plans, tags, pools and usage must be the engine's.

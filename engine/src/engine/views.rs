@@ -130,8 +130,17 @@ impl Engine {
 
     /// Every card's view, ordered by ICCID.
     pub fn card_views(&self) -> Vec<CardView> {
-        card_views(
+        self.card_views_after(None).collect()
+    }
+
+    /// The views of the cards whose ICCID comes after `after` (every card
+    /// with `None`), in ICCID order, each built when it is taken: a page
+    /// of the card list costs sorting the ICCIDs, not a view of every
+    /// card (at 1M cards, strings and vectors for each).
+    pub fn card_views_after(&self, after: Option<Iccid>) -> impl Iterator<Item = CardView> + '_ {
+        card_views_after(
             &self.shards,
+            after,
             &self.registry.plan_ids,
             &self.registry.tag_names,
             &self.registry.disabled_attributes,
@@ -252,6 +261,17 @@ pub(crate) fn card_views(
     tag_names: &[Option<TagId>],
     hidden: &BTreeSet<String>,
 ) -> Vec<CardView> {
+    card_views_after(shards, None, plan_ids, tag_names, hidden).collect()
+}
+
+/// The live cards' views after `after`, in ICCID order, built lazily.
+fn card_views_after<'a>(
+    shards: &'a [Shard],
+    after: Option<Iccid>,
+    plan_ids: &'a [Option<PlanId>],
+    tag_names: &'a [Option<TagId>],
+    hidden: &'a BTreeSet<String>,
+) -> impl Iterator<Item = CardView> + 'a {
     let mut slots: Vec<(Iccid, u32, u32)> = shards
         .iter()
         .enumerate()
@@ -260,10 +280,10 @@ pub(crate) fn card_views(
                 .live_slots()
                 .map(move |slot| (shard.cards[slot as usize].iccid, s as u32, slot))
         })
+        .filter(|&(iccid, ..)| after.is_none_or(|a| iccid > a))
         .collect();
     slots.sort_unstable_by_key(|&(iccid, ..)| iccid);
     slots
         .into_iter()
-        .map(|(_, s, slot)| card_view(&shards[s as usize], slot, plan_ids, tag_names, hidden))
-        .collect()
+        .map(move |(_, s, slot)| card_view(&shards[s as usize], slot, plan_ids, tag_names, hidden))
 }

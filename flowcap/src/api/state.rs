@@ -231,11 +231,9 @@ pub(crate) async fn cards(
     let ((items, more), at) = api
         .live
         .read(move |engine| {
-            let views = engine.card_views();
-            let start = after.map_or(0, |a| views.partition_point(|v| v.iccid <= a));
             let mut items = Vec::with_capacity(limit);
             let mut more = false;
-            for view in views.into_iter().skip(start) {
+            for view in engine.card_views_after(after) {
                 let card = card_of(engine, view);
                 if filter.keeps(&card) {
                     if items.len() == limit {

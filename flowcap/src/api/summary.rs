@@ -70,7 +70,7 @@ pub(crate) async fn summary(
                     .unwrap_or_default(),
                 position: Position { seq: None },
             };
-            for view in engine.card_views() {
+            for view in engine.card_views_after(None) {
                 let card = card_of(engine, view);
                 summary.cards += 1;
                 *summary
