@@ -149,6 +149,12 @@ pub(crate) struct Pool {
     /// Allowance minus usage, at least 0 (forward pools).
     pub(crate) remaining_bytes: Option<u64>,
     pub(crate) member_count: u64,
+    /// A retained backward pool (in arrears): when it will be abandoned
+    /// (RFC 3339).
+    pub(crate) retained_until: Option<String>,
+    /// An abandoned pool: when (RFC 3339); a backward one can be
+    /// re-enabled for a month after.
+    pub(crate) abandoned_at: Option<String>,
 }
 
 impl Pool {
@@ -165,6 +171,8 @@ impl Pool {
             allowance_bytes: forward.then_some(pool.allowance_bytes),
             remaining_bytes: forward.then(|| pool.allowance_bytes.saturating_sub(pool.usage_bytes)),
             member_count: pool.members.len() as u64,
+            retained_until: pool.retained_until.as_ref().map(text),
+            abandoned_at: pool.abandoned_at.as_ref().map(text),
         }
     }
 }
