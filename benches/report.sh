@@ -16,7 +16,9 @@
 #      to end (throughput), exactness and overshoot from the first run's
 #      history, latency produce -> action at 25/50/90 % of flowcap's rate
 #      (hdrhistogram p50/p99/p999), the broker's own latency, and the time
-#      back to consuming after kill -9.
+#      back to consuming after kill -9, and the operator API under
+#      ingestion (GET /cards/{iccid} latency at half flowcap's rate, the
+#      backlog's drain rate with and without that load).
 #   2. engine_report: resident memory per card, one process per card count.
 #   3. benches/redis_baseline.sh: the naive Redis + Lua per-card cap
 #      (skipped with a message when redis-server is not installed).
@@ -46,12 +48,14 @@ case $scenario in
         cards=20000 hours=10 repeats=1 latency_secs=10
         recovery_cards=100000 recovery_records=200000 recovery_backlog=50000
         memory_cards="1000000" redis_cards=20000 redis_requests=500000
-        sql_cards=2000 sql_hours=720 cost_cards=5000 cost_hours=48 rounds=1 ;;
+        sql_cards=2000 sql_hours=720 cost_cards=5000 cost_hours=48 rounds=1
+        api_cards=20000 api_per_card_hour=20 ;;
     standard)
         cards=100000 hours=20 repeats=3 latency_secs=20
         recovery_cards=1000000,10000000 recovery_records=1000000 recovery_backlog=300000
         memory_cards="1000000 10000000" redis_cards=100000 redis_requests=2000000
-        sql_cards=20000 sql_hours=8760 cost_cards=20000 cost_hours=48 rounds=3 ;;
+        sql_cards=20000 sql_hours=8760 cost_cards=20000 cost_hours=48 rounds=3
+        api_cards=1000000 api_per_card_hour=2 ;;
     *) echo "report.sh: --scenario quick or standard, not $scenario" >&2; exit 2 ;;
 esac
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -64,13 +68,14 @@ step() { echo "== [$1/5, $(( $(date +%s) - started )) s] $2" >&2; }
 step 0 "release build (flowcap, report binaries)"
 cargo build --release -p flowcap -p flowcap-benches >&2
 
-step 1 "Kafka: throughput vs raw consume, exactness, overshoot, latency at 25/50/90 %, recovery"
+step 1 "Kafka: throughput vs raw consume, exactness, overshoot, latency at 25/50/90 %, recovery, the API under ingestion"
 ./target/release/kafka_report \
-    --phases throughput,latency,broker-latency,recovery \
+    --phases throughput,latency,broker-latency,recovery,api \
     --cards "$cards" --hours "$hours" --repeats "$repeats" \
     --latency-fractions 0.25,0.5,0.9 --latency-secs "$latency_secs" \
     --recovery-cards "$recovery_cards" --recovery-records "$recovery_records" \
     --recovery-backlog "$recovery_backlog" --recovery-variants default,static \
+    --api-cards "$api_cards" --api-per-card-hour "$api_per_card_hour" \
     --out "$out/kafka.jsonl" --plot "$out" >"$out/kafka.md"
 
 step 2 "memory per card: $memory_cards"

@@ -395,13 +395,44 @@ impl ActionEvent {
 
 /// Deterministic event id: 128-bit xxh3 of kind, subject and cause, hex.
 pub(crate) fn event_id(kind: &str, subject: &str, cause: &Cause) -> String {
+    format!("{:032x}", event_hash(kind, subject, cause))
+}
+
+/// The number [`event_id`] writes in hex.
+pub(crate) fn event_hash(kind: &str, subject: &str, cause: &Cause) -> u128 {
     let mut key = String::with_capacity(96);
     key.push_str(kind);
     key.push('|');
     key.push_str(subject);
     key.push('|');
     cause.write_key(&mut key);
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes()))
+    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+}
+
+/// What kind of cause a change had, without its details (those are in
+/// its event): small enough to keep beside every card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CauseKind {
+    /// A usage record (the card's, or a pool member's).
+    Record,
+    /// A command.
+    Command,
+    /// A new billing cycle.
+    Rollover,
+    /// A deadline passed.
+    Deadline(DeadlineKind),
+}
+
+impl From<&Cause> for CauseKind {
+    fn from(cause: &Cause) -> CauseKind {
+        match cause {
+            Cause::Record { .. } => CauseKind::Record,
+            Cause::Command { .. } => CauseKind::Command,
+            Cause::Rollover { .. } => CauseKind::Rollover,
+            Cause::Deadline { kind, .. } => CauseKind::Deadline(*kind),
+        }
+    }
 }
 
 /// A record that passed validation and dedupe, as history stores it.

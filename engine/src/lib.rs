@@ -61,7 +61,7 @@ pub use dedupe::{
     DedupeConfig, DedupeError, Deduper, Durability, IdStore, IdStoreError, MemIdStore, Sighting,
 };
 pub use domain::{CardState, Carrier, Reason, Reasons, ThresholdMb, TrafficType, MB};
-pub use engine::{CardView, Engine, EngineError, PoolView};
+pub use engine::{CardChange, CardView, Engine, EngineError, PoolView};
 pub use event::{ActionEvent, Output};
 pub use ids::{CommandId, Iccid, PlanId, PoolId, TagId};
 pub use record::{Imei, RecordId, Usage};

@@ -34,7 +34,7 @@ use crate::watermark::Lanes;
 /// Magic bytes opening every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"FLOWCAPS";
 /// Current snapshot format version. Bump on any change of the state layout.
-pub const SNAPSHOT_VERSION: u32 = 8;
+pub const SNAPSHOT_VERSION: u32 = 9;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 
 #[derive(Serialize)]

@@ -504,7 +504,7 @@ fn run(args: RunArgs) -> Result<()> {
                         )?)),
                         None => None,
                     };
-                    let (api, rx) = api::build(&file.api, addr, submit, history)?;
+                    let (api, rx) = api::build(&file.api, addr, submit, history, &out)?;
                     requests = Some(rx);
                     Some(api)
                 }
@@ -743,8 +743,8 @@ fn api_producer(bootstrap: &str, file: &KafkaSection, args: &KafkaArgs) -> Resul
             config.set(k.trim(), v.trim());
         }
     }
-    let producer: rdkafka::producer::BaseProducer = config
-        .create()
+    let producer: api::CommandProducer = config
+        .create_with_context(api::Reports)
         .context("creating the operator API's producer")?;
     Ok(api::Submit::Kafka {
         producer: Arc::new(producer),

@@ -853,7 +853,18 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 args.http,
                 crate::api::Submit::Embedded,
                 Some(service.clone()),
+                &args.data,
             )?;
+            // The events as far as this snapshot covers them.
+            let events = format!("out.{}", flowcap_ingest::pipeline::EVENTS_FILE);
+            if let Some(&bytes) = engine.positions().get(&events) {
+                requests
+                    .durable_mark()
+                    .set(flowcap_ingest::requests::DurableEvents {
+                        bytes: u64::try_from(bytes).unwrap_or(0),
+                        seq,
+                    });
+            }
             answering = Some((crate::api::snapshot::serve(engine, seq, requests)?, seq));
             Some(api)
         }

@@ -362,7 +362,7 @@ fn every_card_answered_as_the_events_and_the_generator_say() {
     server
         .call(
             "GET",
-            &format!("{path}?granularity=hour"),
+            &format!("{path}?granularity=week"),
             Some(VIEWER),
             None,
         )

@@ -2,7 +2,9 @@
 //! from the live pipeline while it runs, and a command sent through the
 //! API goes through the commands topic, is journaled with the token's
 //! name as its operator and answered with the engine's result; a repeat
-//! of its id is answered with the first result.
+//! of its id is answered with the first result; the event stream carries
+//! the command's events once a snapshot commits them, in the file's
+//! order.
 
 mod common;
 
@@ -15,7 +17,7 @@ use flowcap_loadgen::{Workload, WorkloadConfig};
 use flowcap_testkit::{produce, Broker, Record, Storage};
 use serde_json::Value;
 
-use common::Running;
+use common::{Running, Stream};
 
 const OPS: &str = "ops-token-kafka-1";
 
@@ -102,6 +104,8 @@ fn commands_go_through_the_topic_and_reads_see_the_live_state() {
             &broker.bootstrap(),
             "--http",
             "127.0.0.1:0",
+            "--snapshot-interval-secs",
+            "1",
             "--out",
         ])
         .arg(dir.path().join("out"))
@@ -157,6 +161,39 @@ fn commands_go_through_the_topic_and_reads_see_the_live_state() {
     assert_eq!(status, 200, "{resumed}");
     assert_eq!(resumed["result"]["ok"], true);
 
+    // The stream from the start: every event up to the resume's, which
+    // comes once a snapshot (every second here) commits it.
+    let mut stream = Stream::open(addr, OPS, None);
+    let mut streamed = Vec::new();
+    loop {
+        let event = stream.next();
+        let done = event.data["iccid"] == iccid.as_str()
+            && event.data["new"] == "active"
+            && event.data["cause"]["command_id"] == resumed["id"];
+        streamed.push(event);
+        if done {
+            break;
+        }
+    }
+    drop(stream);
+    let (status, page) = call(
+        addr,
+        "GET",
+        &format!("/api/v1/events?iccid={iccid}&kind=card_state&limit=1000"),
+        "",
+    );
+    assert_eq!(status, 200, "{page}");
+    let states: Vec<&Value> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["event"]["new"])
+        .collect();
+    assert!(
+        states.ends_with(&[&Value::from("suspended"), &Value::from("active")]),
+        "{states:?}"
+    );
+
     let status = Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])
         .status()
@@ -175,4 +212,13 @@ fn commands_go_through_the_topic_and_reads_see_the_live_state() {
     assert_eq!(ours[1]["repeat"], true);
     assert_eq!(ours[1]["result"], first["result"]);
     assert_eq!(ours[2]["command"]["type"], "resume");
+    // What the stream gave is the events file's beginning, in its order.
+    let events = std::fs::read_to_string(dir.path().join("out").join("events.jsonl")).unwrap();
+    let file: Vec<Value> = events
+        .lines()
+        .take(streamed.len())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let streamed: Vec<Value> = streamed.into_iter().map(|e| e.data).collect();
+    assert_eq!(streamed, file);
 }

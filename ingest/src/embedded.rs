@@ -171,6 +171,9 @@ pub(crate) fn drive(
         None,
         &options.clock,
     )?;
+    if let Some(requests) = &options.requests {
+        pipeline.publish_durable_events(requests.durable_mark().clone());
+    }
     let resumed_after = pipeline.resumed_after;
     let driver_metrics = DriverMetrics::new(options.source, pipeline.sharded.shard_count());
     let mut since_snapshot = 0u64;
@@ -217,6 +220,9 @@ pub(crate) fn drive(
                     Position { seq: Some(this) },
                     NOT_NOW,
                 );
+                // A commit done is published to the API's event stream now,
+                // not at the next snapshot's cut.
+                pipeline.snapshot_pending()?;
             }
             if !entered {
                 entered = true;

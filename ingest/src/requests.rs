@@ -20,6 +20,15 @@
 //! ([`crate::embedded::EmbeddedOptions::linger`]): each is the next input,
 //! journaled like any other, and answered once a snapshot covering it is
 //! durable, so an answered command survives a crash.
+//!
+//! The channel also carries, the other way, how much of the events file
+//! a committed snapshot covers ([`DurableEvents`]): the API serves past
+//! action events from that file up to there and no further, because only
+//! that much never changes (a restart cuts the file back to its snapshot's
+//! length, and the replay may interleave different cards' events in
+//! another order).
+
+use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use flowcap_engine::{Command, CommandResult, Engine, ShardedEngine};
@@ -72,16 +81,46 @@ impl std::fmt::Debug for Request {
     }
 }
 
+/// The events file as far as the newest committed snapshot covers it:
+/// bytes before `bytes` are never rewritten, so an offset there is a
+/// position a reader can resume from, across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableEvents {
+    /// The file's length the snapshot recorded.
+    pub bytes: u64,
+    /// The last input the snapshot covers.
+    pub seq: u64,
+}
+
+/// Where the pipeline publishes [`DurableEvents`] after each commit (and
+/// at its start, from the snapshot it restored), for the API to read.
+#[derive(Debug, Clone, Default)]
+pub struct DurableMark(Arc<Mutex<Option<DurableEvents>>>);
+
+impl DurableMark {
+    /// The newest committed extent; `None` before the first snapshot.
+    pub fn get(&self) -> Option<DurableEvents> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes `events` (a later snapshot's).
+    pub fn set(&self, events: DurableEvents) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(events);
+    }
+}
+
 /// The driver's end of the channel.
 #[derive(Debug, Clone)]
 pub struct Requests {
     rx: Receiver<Request>,
+    durable: DurableMark,
 }
 
 /// The API's end of the channel.
 #[derive(Debug, Clone)]
 pub struct RequestSender {
     tx: Sender<Request>,
+    durable: DurableMark,
 }
 
 /// The channel is full (or no driver will read it): the request is given
@@ -96,12 +135,24 @@ impl RequestSender {
             TrySendError::Full(r) | TrySendError::Disconnected(r) => Busy(r),
         })
     }
+
+    /// How much of the events file a committed snapshot covers.
+    pub fn durable_events(&self) -> Option<DurableEvents> {
+        self.durable.get()
+    }
 }
 
 /// A channel holding at most `capacity` waiting requests.
 pub fn channel(capacity: usize) -> (RequestSender, Requests) {
     let (tx, rx) = bounded(capacity.max(1));
-    (RequestSender { tx }, Requests { rx })
+    let durable = DurableMark::default();
+    (
+        RequestSender {
+            tx,
+            durable: durable.clone(),
+        },
+        Requests { rx, durable },
+    )
 }
 
 /// Why a command is refused while inputs are read.
@@ -109,6 +160,13 @@ pub(crate) const NOT_NOW: &str = "this pipeline takes commands from its inputs; 
      through the API only once its inputs are read (embedded mode with --linger)";
 
 impl Requests {
+    /// Where the pipeline answering these requests publishes how much of
+    /// its events file is durable (`flowcap serve` sets it once, from the
+    /// snapshot it serves).
+    pub fn durable_mark(&self) -> &DurableMark {
+        &self.durable
+    }
+
     /// Answers every waiting request from `sharded` at `at`: reads from the
     /// engine with every shard home, commands refused with `refuse`.
     /// Nothing waiting costs one atomic load.

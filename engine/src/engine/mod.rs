@@ -42,7 +42,7 @@ use crate::watermark::Lane;
 pub(crate) use registry::Registry;
 pub(crate) use results::{CommandResults, StoredResults};
 pub(crate) use views::card_views;
-pub use views::{CardView, PoolView};
+pub use views::{CardChange, CardView, PoolView};
 
 /// Errors that stop the engine (never caused by bad input: bad input is
 /// rejected into the outputs).

@@ -111,6 +111,7 @@ impl Engine {
             let dst = &mut self.shards[entry.shard as usize];
             let slot = dst.insert_card(moved.card, moved.extra, &moved.tags);
             dst.put_marks(slot, moved.marks);
+            *dst.trail_mut(slot) = moved.trail;
             dst.put_closed(slot, moved.closed);
             let new_loc = Loc {
                 shard: entry.shard,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::PoolKind;
 use crate::domain::{CardState, Carrier, Reasons};
-use crate::event::PoolState;
+use crate::event::{CauseKind, PoolState};
 use crate::ids::{Iccid, PlanId, PoolId, TagId};
 use crate::shard::{Shard, NO_POOL};
 use crate::time::Timestamp;
@@ -57,6 +57,28 @@ pub struct CardView {
     /// Custom attributes, by name (not the disabled names).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
+    /// The latest end of the card's records (none yet: `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_record_at: Option<Timestamp>,
+    /// Its last visible state change (none yet: `None`): with the state
+    /// and reasons above, why the card is as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_change: Option<CardChange>,
+}
+
+/// A card's last visible state change: the state and reasons it led to
+/// are the card's current ones; the cause's details are in the
+/// `card_state` event `event_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardChange {
+    /// Event time of the cause.
+    pub at: Timestamp,
+    /// The visible state before.
+    pub old: CardState,
+    /// What kind of cause.
+    pub cause: CauseKind,
+    /// The change's event id.
+    pub event_id: String,
 }
 
 /// A pool as queries see it.
@@ -175,6 +197,7 @@ fn card_view(
 ) -> CardView {
     let card = &shard.cards[slot as usize];
     let (state, reasons) = shard.visible_state(slot);
+    let trail = shard.trail(slot);
     CardView {
         iccid: card.iccid,
         carrier: card.carrier,
@@ -207,6 +230,16 @@ fn card_view(
                     .collect()
             })
             .unwrap_or_default(),
+        last_record_at: Some(trail.last_record).filter(|&t| t != Timestamp::MIN),
+        last_change: (trail.changed_at != Timestamp::MIN).then(|| CardChange {
+            at: trail.changed_at,
+            old: trail.changed_from,
+            cause: trail.cause,
+            event_id: format!(
+                "{:032x}",
+                u128::from(trail.change_event[0]) << 64 | u128::from(trail.change_event[1])
+            ),
+        }),
     }
 }
 

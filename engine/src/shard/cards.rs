@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use crate::domain::{CardState, Reasons};
 
-use super::{Card, CardExtra, MovedCard, Shard, NO_POOL};
+use super::{Card, CardExtra, MovedCard, Shard, Trail, NO_POOL};
 
 impl Shard {
     pub(crate) fn insert_card(
@@ -87,6 +87,10 @@ impl Shard {
         [extra.msisdn, extra.imsi, extra.imei] = idents;
         let extra = Some(extra);
         let marks = self.take_marks(slot);
+        let trail = self.trail(slot);
+        if let Some(t) = self.trails.get_mut(slot as usize) {
+            *t = Trail::NONE;
+        }
         let closed = self.take_closed(slot);
         let vacated = &mut self.cards[slot as usize];
         vacated.vacant = true;
@@ -97,8 +101,25 @@ impl Shard {
             extra,
             tags,
             marks,
+            trail,
             closed,
         }
+    }
+
+    /// The card's [`Trail`].
+    pub(crate) fn trail(&self, slot: u32) -> Trail {
+        self.trails
+            .get(slot as usize)
+            .copied()
+            .unwrap_or(Trail::NONE)
+    }
+
+    /// The card's [`Trail`], to change.
+    pub(crate) fn trail_mut(&mut self, slot: u32) -> &mut Trail {
+        if self.trails.len() <= slot as usize {
+            self.trails.resize(slot as usize + 1, Trail::NONE);
+        }
+        &mut self.trails[slot as usize]
     }
 
     /// Deregisters a card for good: it leaves its pool and loses its

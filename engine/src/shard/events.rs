@@ -6,11 +6,12 @@
 use super::rules::Change;
 use crate::domain::{CardState, Reason, Reasons, ThresholdMb, GENERAL_CAP_BYTES, MB};
 use crate::event::{
-    event_id, ActionEvent, CardStateEvent, Cause, Output, PoolState, PoolStateEvent,
+    event_hash, event_id, ActionEvent, CardStateEvent, Cause, CauseKind, Output, PoolState,
+    PoolStateEvent,
 };
 use crate::time::Timestamp;
 
-use super::{Pool, Shard, Visible, NO_POOL};
+use super::{Pool, Shard, Trail, Visible, NO_POOL};
 
 impl Shard {
     pub(super) fn visible(&self, slot: u32) -> Visible {
@@ -110,11 +111,20 @@ impl Shard {
                     reasons: after.reasons,
                 });
             }
+            let iccid = self.cards[slot as usize].iccid;
+            let hash = event_hash("card_state", &iccid.to_string(), cause);
+            *self.trail_mut(slot) = Trail {
+                changed_at: event_time,
+                change_event: [(hash >> 64) as u64, hash as u64],
+                changed_from: before.state,
+                cause: CauseKind::from(cause),
+                ..self.trail(slot)
+            };
             let card = &self.cards[slot as usize];
             let added = Reasons::from_bits(after.reasons.bits() & !before.reasons.bits());
             let (usage, limit) = self.cut_limit(slot, added);
             out.push(Output::Action(ActionEvent::CardState(CardStateEvent {
-                id: event_id("card_state", &card.iccid.to_string(), cause),
+                id: format!("{hash:032x}"),
                 iccid: card.iccid,
                 old: before.state,
                 new: after.state,

@@ -50,7 +50,7 @@ use crate::command::PoolKind;
 use crate::config::EngineConfig;
 use crate::cycle::CycleId;
 use crate::domain::{CardState, Carrier, Reasons, TrafficType, MB};
-use crate::event::{DeadlineKind, PoolState};
+use crate::event::{CauseKind, DeadlineKind, PoolState};
 use crate::ids::{Iccid, PoolId};
 use crate::record::Usage;
 use crate::rule::Mark;
@@ -98,6 +98,34 @@ pub(crate) struct Card {
     /// The SIM is in another device than its bound one and has no network
     /// (ctcc, tri: `device`).
     pub(crate) separated: bool,
+}
+
+/// A card's recent past, beside it (parallel to `cards`): when its newest
+/// record ended and its last visible change, so that "why is this card
+/// cut?" is answered from live state. Fixed size (40 bytes): the change's
+/// details are in its `card_state` event, named by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Trail {
+    /// The latest `end` of the card's accounted records (`MIN`: none).
+    pub(crate) last_record: Timestamp,
+    /// Event time of the last change's cause (`MIN`: none yet).
+    pub(crate) changed_at: Timestamp,
+    /// That change's event id, as two words (keeps the record 8-aligned).
+    pub(crate) change_event: [u64; 2],
+    /// The visible state before it.
+    pub(crate) changed_from: CardState,
+    /// What caused it.
+    pub(crate) cause: CauseKind,
+}
+
+impl Trail {
+    pub(crate) const NONE: Trail = Trail {
+        last_record: Timestamp::MIN,
+        changed_at: Timestamp::MIN,
+        change_event: [0; 2],
+        changed_from: CardState::Inactive,
+        cause: CauseKind::Command,
+    };
 }
 
 /// Rarely present card attributes, kept out of [`Card`].
@@ -208,6 +236,7 @@ pub(crate) struct MovedCard {
     pub(crate) marks: Vec<(u32, Mark)>,
     /// Its closed cycle's figures, within the lateness.
     pub(crate) closed: Option<ClosedCard>,
+    pub(crate) trail: Trail,
 }
 
 /// One shard's state.
@@ -222,6 +251,9 @@ pub(crate) struct Shard {
     /// `extras` (non-digit or over 17 digits). Most cards have all three:
     /// 24 bytes here instead of ~390 for three strings in a map entry.
     pub(crate) idents: Vec<[u64; 3]>,
+    /// Each card's [`Trail`] (parallel to `cards`, dense up to the highest
+    /// card that has one).
+    pub(crate) trails: Vec<Trail>,
     pub(crate) pools: Vec<Pool>,
     /// Interned tag sets; index 0 is the empty set.
     pub(crate) tagsets: Vec<Vec<u32>>,
@@ -285,6 +317,7 @@ impl Shard {
             cards: Vec::new(),
             extras: BTreeMap::new(),
             idents: Vec::new(),
+            trails: Vec::new(),
             pools: Vec::new(),
             tagsets: vec![Vec::new()],
             tagset_index: HashMap::new(),

@@ -31,9 +31,12 @@ impl Shard {
         out: &mut Vec<Output>,
     ) {
         self.advance(clock, out);
-        let Some(card) = self.cards.get(slot as usize) else {
+        if slot as usize >= self.cards.len() {
             return;
-        };
+        }
+        let trail = self.trail_mut(slot);
+        trail.last_record = trail.last_record.max(usage.end);
+        let card = &self.cards[slot as usize];
         let cycle = self.config.calendar.cycle_of(card.carrier, usage.end);
         let current = self.cycle(card.carrier);
         let open = if lane_time > self.clock {

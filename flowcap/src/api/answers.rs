@@ -79,6 +79,48 @@ pub(crate) struct Card {
     pub(crate) imei: Option<String>,
     /// The operator's custom attributes.
     pub(crate) attributes: std::collections::BTreeMap<String, String>,
+    /// The latest end of the card's records (RFC 3339; null: none yet).
+    pub(crate) last_record_at: Option<String>,
+    /// Its last visible state change, which led to `state` and `reasons`:
+    /// why the card is as it is (null: none yet).
+    pub(crate) last_change: Option<LastChange>,
+}
+
+/// A card's last visible state change.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub(crate) struct LastChange {
+    /// Event time of its cause (RFC 3339).
+    pub(crate) at: String,
+    /// The state before (the state after is the card's `state`).
+    pub(crate) old: String,
+    /// record, command, rollover or deadline.
+    pub(crate) cause: String,
+    /// For a deadline: plan_expiry, test_end, silent_end, rule_day or
+    /// expiry_grace_end.
+    pub(crate) deadline: Option<String>,
+    /// The `card_state` event of the change, with the cause's details
+    /// (record or command id, cycle): in `/events?iccid=...` and the
+    /// history's `state_changes`.
+    pub(crate) event_id: String,
+}
+
+impl LastChange {
+    fn new(change: flowcap_engine::CardChange) -> LastChange {
+        use flowcap_engine::event::CauseKind;
+        let (cause, deadline) = match change.cause {
+            CauseKind::Record => ("record", None),
+            CauseKind::Command => ("command", None),
+            CauseKind::Rollover => ("rollover", None),
+            CauseKind::Deadline(kind) => ("deadline", Some(text(&kind))),
+        };
+        LastChange {
+            at: text(&change.at),
+            old: change.old.as_str().to_owned(),
+            cause: cause.to_owned(),
+            deadline,
+            event_id: change.event_id,
+        }
+    }
 }
 
 impl Card {
@@ -109,6 +151,8 @@ impl Card {
             imsi: view.imsi,
             imei: view.imei,
             attributes: view.attributes,
+            last_record_at: view.last_record_at.as_ref().map(text),
+            last_change: view.last_change.map(LastChange::new),
         }
     }
 }

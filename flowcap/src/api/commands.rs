@@ -2,6 +2,14 @@
 //! `GET /commands/{id}`, and the per-card shortcuts (`suspend`, `resume`,
 //! `add-on`), which build the same commands.
 //!
+//! `GET /commands/{id}` asks the engine for a command sent through this
+//! server (the engine keeps every id's first result, but needs the
+//! command to rebuild a batch's per-card results), and the command
+//! journal for any other (from the topic, the file, another server, or
+//! refused before the engine, e.g. a line that is not a command): the
+//! first journal line of that id. The journal is scanned, not indexed:
+//! commands are few beside records, and a scan reads ~1 GB/s.
+//!
 //! A command's id is its idempotency key: the engine answers a repeated
 //! id with its first result and changes nothing, whichever way the first
 //! came. The caller's token name becomes the command's `operator`, so the
@@ -11,6 +19,8 @@
 //! order; each is validated before any is sent.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::BufRead;
+use std::path::Path as FilePath;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -21,7 +31,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flowcap_engine::command::parse_command;
-use flowcap_engine::{Command, CommandId, CommandKind, Iccid};
+use flowcap_engine::{Command, CommandId, CommandKind, CommandResult, Iccid};
 
 use super::access::{Caller, Scope};
 use super::answers::{CommandAnswer, CommandBatchAnswer, Position, ProblemDoc, Shortcut};
@@ -220,8 +230,61 @@ fn answer(id: &CommandId, outcome: &Outcome) -> CommandAnswer {
     }
 }
 
-/// The result of a command sent through this server (the engine's: a
-/// repeated id shows the first result).
+/// The first journal line of command `id` in `journal`: its input
+/// sequence number and result. `None` when it has none (or no journal).
+fn journaled(journal: &FilePath, id: &CommandId) -> std::io::Result<Option<(u64, CommandResult)>> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        seq: u64,
+        result: CommandResult,
+    }
+    let file = match std::fs::File::open(journal) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // A line of this id has its result's id, as JSON writes it.
+    let needle = format!(
+        "\"command_id\":{}",
+        serde_json::to_string(id.as_str()).unwrap_or_default()
+    );
+    let mut lines = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut line = String::new();
+    while lines.read_line(&mut line)? > 0 {
+        if line.contains(&needle) {
+            if let Ok(found) = serde_json::from_str::<Line>(&line) {
+                if found.result.command_id == *id {
+                    return Ok(Some((found.seq, found.result)));
+                }
+            }
+        }
+        line.clear();
+    }
+    Ok(None)
+}
+
+/// The journal's answer for `id`, if it has one.
+async fn from_journal(api: &Api, id: &CommandId) -> Result<Option<Outcome>, Problem> {
+    let (journal, wanted) = (api.journal.clone(), id.clone());
+    let found = tokio::task::spawn_blocking(move || journaled(&journal, &wanted))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|e| {
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("reading the journal: {e}"),
+            )
+        })?;
+    Ok(found.map(|(seq, result)| Outcome::Done {
+        result,
+        seq: Some(seq),
+    }))
+}
+
+/// A command's result: the engine's for one sent through this server (a
+/// repeated id shows the first result), else the command journal's.
 #[utoipa::path(
     get,
     path = "/commands/{id}",
@@ -229,7 +292,7 @@ fn answer(id: &CommandId, outcome: &Outcome) -> CommandAnswer {
     params(("id" = String, Path, description = "The command id")),
     responses(
         (status = 200, description = "Its result, or pending", body = CommandAnswer),
-        (status = 404, description = "Not sent through this server", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "Neither sent through this server nor in the journal", body = ProblemDoc, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["read"]))
 )]
@@ -240,19 +303,25 @@ pub(crate) async fn result(
 ) -> Result<Json<CommandAnswer>, Problem> {
     api.access.check(&headers, Scope::Read)?;
     let id = CommandId::from(id.as_str());
-    let command = api
+    let sent = api
         .sent
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .by_id
         .get(&id)
-        .cloned()
-        .ok_or_else(|| {
-            Problem::not_found(format!(
-                "no command {id} sent through this server (its results are in the journal)"
-            ))
-        })?;
-    let outcome = api.live.result(command, std::time::Duration::ZERO).await?;
+        .cloned();
+    let outcome = match sent {
+        Some(command) => {
+            match api.live.result(command, std::time::Duration::ZERO).await? {
+                // Refused before the engine (the driver's parse): journaled.
+                Outcome::Pending => from_journal(&api, &id).await?.unwrap_or(Outcome::Pending),
+                done => done,
+            }
+        }
+        None => from_journal(&api, &id)
+            .await?
+            .ok_or_else(|| Problem::not_found(format!("no command {id} in the journal")))?,
+    };
     Ok(Json(answer(&id, &outcome)))
 }
 
@@ -345,6 +414,36 @@ pub(crate) async fn shortcut(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_journal_answers_the_first_line_of_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("journal.jsonl");
+        let ok = |id: &str| serde_json::json!({"command_id": id, "ok": true, "results": []});
+        let failed = serde_json::json!({"command_id": "c\"2", "ok": false, "error": {"code": "malformed", "message": "no"}, "results": []});
+        let lines = [
+            serde_json::json!({"seq": 3, "command": {}, "result": ok("c1"), "repeat": false}),
+            serde_json::json!({"seq": 5, "raw": "{", "raw_truncated": false, "result": failed}),
+            serde_json::json!({"seq": 9, "command": {}, "result": ok("c1"), "repeat": true}),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&journal, text).unwrap();
+        let (seq, result) = journaled(&journal, &CommandId::from("c1"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((seq, result.ok), (3, true));
+        let (seq, result) = journaled(&journal, &CommandId::from("c\"2"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((seq, result.ok), (5, false));
+        assert!(journaled(&journal, &CommandId::from("c"))
+            .unwrap()
+            .is_none());
+        let missing = dir.path().join("none.jsonl");
+        assert!(journaled(&missing, &CommandId::from("c1"))
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn registry_commands_need_admin() {

@@ -42,6 +42,7 @@ use super::{commands, state};
         commands::submit,
         commands::result,
         commands::shortcut,
+        super::events::events,
     ),
     components(schemas(super::answers::CommandBatchAnswer)),
     modifiers(&Bearer),
@@ -51,6 +52,7 @@ use super::{commands, state};
         (name = "registry", description = "Plans, tags, webhooks, rules"),
         (name = "commands", description = "SPEC 5.1 commands"),
         (name = "input", description = "Ingestion and dead letters"),
+        (name = "events", description = "Action events, as pages or a resumable stream"),
     )
 )]
 struct ApiDoc;

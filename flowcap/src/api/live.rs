@@ -6,20 +6,41 @@
 //! applies them itself (once its inputs are read); in Kafka mode they are
 //! produced to the commands topic, and the answer is the engine's result
 //! for the command once the driver has processed it (read back as any
-//! state is), or 202 when that takes longer than the wait.
+//! state is), or 202 when that takes longer than the wait. A command the
+//! topic did not take (its delivery report says so, which a flush alone
+//! does not) is refused with 503 at once: waiting for its result would
+//! never end.
 
 use std::time::{Duration, Instant};
 
 use flowcap_engine::{Command, CommandResult, Engine};
-use flowcap_ingest::requests::{Position, Request, RequestSender};
+use flowcap_ingest::requests::{DurableEvents, Position, Request, RequestSender};
 use std::sync::Arc;
 
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 
 use super::problem::Problem;
 
 /// How often a Kafka command's result is looked for.
 const RESULT_POLL: Duration = Duration::from_millis(20);
+
+/// The API's producer: each command carries the channel its delivery
+/// report is sent on.
+pub(crate) type CommandProducer = BaseProducer<Reports>;
+
+/// Delivery reports of [`CommandProducer`], to the command's sender.
+pub(crate) struct Reports;
+
+impl rdkafka::ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<std::sync::mpsc::Sender<Result<(), String>>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, report: Self::DeliveryOpaque) {
+        let _ = report.send(result.as_ref().map(drop).map_err(|(e, _)| e.to_string()));
+    }
+}
 
 /// Where commands go.
 pub(crate) enum Submit {
@@ -27,7 +48,7 @@ pub(crate) enum Submit {
     Embedded,
     /// To the commands topic.
     Kafka {
-        producer: Arc<BaseProducer>,
+        producer: Arc<CommandProducer>,
         topic: String,
     },
 }
@@ -104,10 +125,21 @@ impl Live {
                 let (producer, topic, wait) = (Arc::clone(producer), topic.clone(), self.wait);
                 let key = command.id.to_string();
                 let sent = tokio::task::spawn_blocking(move || {
+                    let (report, delivered) = std::sync::mpsc::channel();
                     producer
-                        .send(BaseRecord::to(&topic).key(&key).payload(&payload))
+                        .send(
+                            BaseRecord::with_opaque_to(&topic, Box::new(report))
+                                .key(&key)
+                                .payload(&payload),
+                        )
                         .map_err(|(e, _)| e.to_string())?;
-                    producer.flush(wait).map_err(|e| e.to_string())
+                    producer.flush(wait).map_err(|e| e.to_string())?;
+                    // Flushed: the report has been called, with an error
+                    // too (a flush succeeds once nothing is queued).
+                    delivered
+                        .try_recv()
+                        .map_err(|_| "no delivery report".to_owned())
+                        .and_then(|r| r)
                 })
                 .await
                 .map_err(|e| e.to_string())
@@ -149,6 +181,11 @@ impl Live {
         }
     }
 
+    /// How much of the events file a committed snapshot covers.
+    pub(crate) fn durable_events(&self) -> Option<DurableEvents> {
+        self.tx.durable_events()
+    }
+
     fn send(&self, request: Request) -> Result<(), Problem> {
         self.tx
             .try_send(request)
@@ -166,6 +203,51 @@ impl Live {
                 ),
                 1,
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowcap_engine::command::parse_command;
+    use flowcap_engine::EngineConfig;
+    use rdkafka::ClientConfig;
+
+    /// A producer whose messages cannot be delivered: nothing listens at
+    /// its bootstrap address and it gives up on a message at once.
+    fn undeliverable() -> Arc<CommandProducer> {
+        let producer: CommandProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("message.timeout.ms", "1")
+            .create_with_context(Reports)
+            .unwrap();
+        Arc::new(producer)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_the_topic_did_not_take_is_refused_not_left_pending() {
+        let (tx, requests) = flowcap_ingest::requests::channel(16);
+        // The pipeline: answers every read, never sees the command.
+        std::thread::spawn(move || {
+            let engine = Engine::new(EngineConfig::default());
+            requests.serve_read_only(&engine, Position { seq: Some(1) }, "read-only");
+        });
+        let live = Live::new(
+            tx,
+            Duration::from_secs(3),
+            Submit::Kafka {
+                producer: undeliverable(),
+                topic: "flowcap.commands".into(),
+            },
+        );
+        let command = parse_command(
+            br#"{"id":"lost-1","at":"2026-11-01T00:00:00+08:00","type":"suspend","iccids":["89860000000000000001"]}"#,
+        )
+        .unwrap();
+        match live.command(command).await {
+            Err(problem) => assert_eq!(problem.code, "busy", "{problem:?}"),
+            Ok(outcome) => panic!("answered {outcome:?} for a command never delivered"),
         }
     }
 }

@@ -11,6 +11,9 @@
 //!   `usage`: a card's usage per day or cycle (history and live).
 //! - `commands`: `POST /commands`, `GET /commands/{id}`, the card
 //!   shortcuts.
+//! - `events`: `GET /events`, the action events from the events file as
+//!   far as a committed snapshot covers it, as pages or a resumable
+//!   Server-Sent Events stream.
 //! - `snapshot`: `flowcap serve`'s read-only state, the newest snapshot.
 //! - `summary`: `GET /summary`, the counts the console's overview shows.
 //! - `rules`: a rule's executions (history) and the what-if replay;
@@ -30,6 +33,7 @@ mod access;
 mod answers;
 mod commands;
 mod doc;
+mod events;
 mod history;
 mod ingestion;
 mod letters;
@@ -43,6 +47,7 @@ mod ui;
 mod usage;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,7 +61,7 @@ use serde::Deserialize;
 pub(crate) use access::TOKENS_ENV;
 use access::{Access, Limiter, TokenConfig};
 use live::Live;
-pub(crate) use live::Submit;
+pub(crate) use live::{CommandProducer, Reports, Submit};
 use problem::Problem;
 
 /// Requests that may wait for the driver at once; one more is 503.
@@ -118,6 +123,10 @@ pub(crate) struct Api {
     ingestion: Arc<ingestion::Ingestion>,
     /// One what-if replay at a time.
     what_if: Arc<tokio::sync::Semaphore>,
+    /// The pipeline's events file, for `/events`.
+    events: Arc<PathBuf>,
+    /// The pipeline's command journal, for `/commands/{id}`.
+    journal: PathBuf,
 }
 
 impl Api {
@@ -130,13 +139,15 @@ impl Api {
     }
 }
 
-/// The API for a server on `addr`, and the driver's end of its request
-/// channel. Refuses an open API (no token) off a loopback address.
+/// The API for a server on `addr` over the pipeline writing to `data`,
+/// and the driver's end of its request channel. Refuses an open API (no
+/// token) off a loopback address.
 pub(crate) fn build(
     config: &ApiConfig,
     addr: SocketAddr,
     submit: Submit,
     history: Option<Arc<crate::sql::SqlService>>,
+    data: &std::path::Path,
 ) -> Result<(Arc<Api>, Requests)> {
     let access = Access::new(
         &config.tokens,
@@ -161,6 +172,8 @@ pub(crate) fn build(
         history,
         ingestion: Arc::default(),
         what_if: Arc::new(tokio::sync::Semaphore::new(1)),
+        events: Arc::new(data.join(flowcap_ingest::pipeline::EVENTS_FILE)),
+        journal: data.join(flowcap_ingest::pipeline::JOURNAL_FILE),
     };
     Ok((Arc::new(api), rx))
 }
@@ -187,6 +200,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/summary", get(summary::summary))
         .route("/commands", post(commands::submit))
         .route("/commands/{id}", get(commands::result))
+        .route("/events", get(events::events))
         .route(
             "/openapi.json",
             get(|| async {

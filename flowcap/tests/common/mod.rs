@@ -1,10 +1,14 @@
-//! Helpers the integration tests share: running the real binary, and
-//! queries over a run's Parquet history through `flowcap sql`.
+//! Helpers the integration tests share: running the real binary, queries
+//! over a run's Parquet history through `flowcap sql`, and the operator
+//! API's event stream.
 
 #![allow(dead_code)] // each test file uses some of them
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command};
+use std::time::Duration;
 
 /// The binary under test.
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
@@ -143,4 +147,82 @@ pub(crate) fn http(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     (status, body.to_owned())
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Sse {
+    pub(crate) id: String,
+    pub(crate) kind: String,
+    pub(crate) data: serde_json::Value,
+}
+
+/// An open stream of `/api/v1/events` (HTTP/1.0: the body is the
+/// stream, no chunks).
+pub(crate) struct Stream {
+    lines: BufReader<TcpStream>,
+}
+
+impl Stream {
+    /// `GET /api/v1/events` as a stream with `token`, resumed after
+    /// `last_id`.
+    pub(crate) fn open(addr: SocketAddr, token: &str, last_id: Option<&str>) -> Stream {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let resume = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+        write!(
+            stream,
+            "GET /api/v1/events HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+             Accept: text/event-stream\r\n{resume}\r\n"
+        )
+        .unwrap();
+        let mut lines = BufReader::new(stream);
+        let mut status = String::new();
+        lines.read_line(&mut status).unwrap();
+        assert!(status.contains(" 200 "), "{status}");
+        loop {
+            let mut header = String::new();
+            lines.read_line(&mut header).unwrap();
+            if header.trim_end().is_empty() {
+                break;
+            }
+            if header.to_ascii_lowercase().starts_with("content-type:") {
+                assert!(header.contains("text/event-stream"), "{header}");
+            }
+        }
+        Stream { lines }
+    }
+
+    /// The next event (comments, the keep-alives, skipped).
+    pub(crate) fn next(&mut self) -> Sse {
+        let (mut id, mut kind, mut data): (Option<String>, Option<String>, Option<String>) =
+            (None, None, None);
+        loop {
+            let mut line = String::new();
+            assert!(
+                self.lines.read_line(&mut line).unwrap() > 0,
+                "the stream ended"
+            );
+            let line = line.trim_end_matches('\n');
+            if line.is_empty() {
+                if let Some(data) = data.take() {
+                    return Sse {
+                        id: id.take().expect("every event has an id"),
+                        kind: kind.take().expect("every event has a kind"),
+                        data: serde_json::from_str(&data).unwrap(),
+                    };
+                }
+                continue;
+            }
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                kind = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data = Some(v.to_owned());
+            }
+        }
+    }
 }

@@ -672,7 +672,7 @@ fn start_pipeline(
         producer_config: producer_config.clone(),
         give_up: Arc::clone(give_up),
     };
-    let pipeline = Pipeline::start_from(
+    let mut pipeline = Pipeline::start_from(
         restored,
         &options.engine,
         options.history.as_ref(),
@@ -680,6 +680,9 @@ fn start_pipeline(
         Some(out),
         &options.clock,
     )?;
+    if let Some(requests) = &options.requests {
+        pipeline.publish_durable_events(requests.durable_mark().clone());
+    }
     Ok(Some(pipeline))
 }
 

@@ -75,6 +75,7 @@ use serde::Serialize;
 use flowcap_delivery::{Notifier, NotifyConfig};
 
 use crate::metrics::OutputMetrics;
+use crate::requests::{DurableEvents, DurableMark};
 
 pub(crate) use letters::Letter;
 pub(crate) use restore::Restored;
@@ -362,6 +363,11 @@ pub(crate) struct Pipeline {
     /// The snapshot being committed by the writer: its sequence number
     /// and the answer to wait for.
     committing: Option<(u64, Receiver<Result<(), WriteError>>)>,
+    /// The events file's length at the cut of the snapshot being
+    /// committed: durable once it is.
+    committing_events: Option<u64>,
+    /// Where durable events are published for the API, if it listens.
+    durable: Option<DurableMark>,
 }
 
 impl Pipeline {
@@ -516,7 +522,23 @@ impl Pipeline {
             notifier,
             drain_timeout: Duration::from_millis(notify.map_or(0, |n| n.drain_timeout_ms)),
             committing: None,
+            committing_events: None,
+            durable: None,
         })
+    }
+
+    /// Publishes to `mark`, from now on, how much of the events file a
+    /// committed snapshot covers: the restored snapshot's now, each
+    /// commit's when it is written.
+    pub(crate) fn publish_durable_events(&mut self, mark: DurableMark) {
+        let restored = self.restored_positions.get(&format!("out.{EVENTS_FILE}"));
+        if let (Some(seq), Some(&bytes)) = (self.resumed_after, restored) {
+            mark.set(DurableEvents {
+                bytes: u64::try_from(bytes).unwrap_or(0),
+                seq,
+            });
+        }
+        self.durable = Some(mark);
     }
 
     /// Sends a side output (dead letter, bad command) to the writer.

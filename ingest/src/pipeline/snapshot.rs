@@ -16,9 +16,10 @@ use flowcap_engine::{Durability, Timestamp};
 use flowcap_storage::history::{CardsDump, StoredTicket};
 
 use crate::metrics;
+use crate::requests::DurableEvents;
 
 use super::writer::{WriteError, Writer};
-use super::{ms, Control, IngestError, Pipeline, Side, Wait, INPUT_POSITION};
+use super::{ms, Control, IngestError, Pipeline, Side, Wait, EVENTS_FILE, INPUT_POSITION};
 
 /// A snapshot waiting for the outputs before its cut to be durable.
 pub(crate) struct Commit {
@@ -288,6 +289,7 @@ impl Pipeline {
         let lengths = reply_rx
             .recv()
             .map_err(|_| IngestError::WriterGone("writer did not answer the snapshot cut"))??;
+        self.committing_events = lengths.get(&format!("out.{EVENTS_FILE}")).copied();
         for (name, len) in lengths {
             engine.set_position(name, i64::try_from(len).unwrap_or(i64::MAX));
         }
@@ -378,7 +380,11 @@ impl Pipeline {
 
     fn finish_commit(&mut self, result: Result<(), WriteError>) -> Result<(), IngestError> {
         let seq = self.committing.take().map(|(seq, _)| seq);
+        let events = self.committing_events.take();
         result?;
+        if let (Some(mark), Some(seq), Some(bytes)) = (&self.durable, seq, events) {
+            mark.set(DurableEvents { bytes, seq });
+        }
         self.snapshots += 1;
         tracing::debug!(seq, "snapshot committed");
         Ok(())

@@ -48,6 +48,10 @@
 //!    the first one comes within ~100 processed records) and to the
 //!    `consuming` log line (replay done), with the lease wait and the
 //!    snapshot restore as logged.
+//! 4. **api**: the operator API under ingestion (`api`): `GET
+//!    /api/v1/cards/{iccid}` latency and requests/s at `--api-cards` cards
+//!    while records are paced at half flowcap's rate, and a backlog's
+//!    drain rate with and without that load, as a ratio.
 //!
 //! `--encoding binary` writes the usage records in flowcap's compact binary
 //! encoding instead of JSON (every phase; the baseline reads the same
@@ -61,6 +65,7 @@
 //! broker and what is produced to it (`broker`), the flowcap child process
 //! (`child`), and what is read from outside the processes (`probes`).
 
+mod api;
 mod broker;
 mod child;
 mod latency;
@@ -82,6 +87,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{json, Value};
 
+use crate::api::api;
 use crate::broker::Encoding;
 use crate::latency::{broker_latency, latency};
 use crate::recovery::recovery;
@@ -92,11 +98,11 @@ use crate::throughput::throughput;
 #[command(name = "kafka_report")]
 struct Args {
     /// Phases to run, comma-separated: throughput, latency, broker-latency,
-    /// recovery.
+    /// recovery, api.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,latency,broker-latency,recovery"
+        default_value = "throughput,latency,broker-latency,recovery,api"
     )]
     phases: Vec<String>,
     /// Partitions of the usage topic.
@@ -174,6 +180,15 @@ struct Args {
     /// Records processed before the snapshot in the recovery phase.
     #[arg(long, default_value_t = 1_000_000)]
     recovery_records: u64,
+    /// Cards of the api phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    api_cards: u64,
+    /// Records per card of the api phase's backlog (one hour of event time).
+    #[arg(long, default_value_t = 1.0)]
+    api_per_card_hour: f64,
+    /// Closed-loop clients of the api phase, one keep-alive connection each.
+    #[arg(long, default_value_t = 4)]
+    api_clients: usize,
     /// Records fed to the running instance before `kill -9`, and again
     /// while it is down.
     #[arg(long, default_value_t = 300_000)]
@@ -288,6 +303,9 @@ fn main() -> Result<()> {
         for &cards in &args.recovery_cards {
             recovery(&args, &bin, work.path(), cards, &mut report)?;
         }
+    }
+    if phase("api") {
+        api(&args, &bin, work.path(), &mut report)?;
     }
     report.print_table();
     if let Some(dir) = &args.plot {
