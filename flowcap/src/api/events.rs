@@ -1,6 +1,6 @@
 //! `GET /events`: the action events (`card_state`, `pool_state`,
-//! `rule_fired`), as pages or as a Server-Sent Events stream that a
-//! client resumes with `Last-Event-ID`.
+//! `rule_fired`, `late_crossing`), as pages or as a Server-Sent Events
+//! stream that a client resumes with `Last-Event-ID`.
 //!
 //! They are read from the pipeline's events file, never from the engine:
 //! the engine keeps no past events, and the file already holds every one
@@ -51,7 +51,7 @@ const SCAN_BYTES: u64 = 8 << 20;
 /// How often a stream at the end looks for newly committed events.
 const TAIL_POLL: Duration = Duration::from_millis(200);
 /// The kinds of action events.
-const KINDS: [&str; 3] = ["card_state", "pool_state", "rule_fired"];
+const KINDS: [&str; 4] = ["card_state", "pool_state", "rule_fired", "late_crossing"];
 
 /// One action event and its position.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -60,7 +60,7 @@ pub(crate) struct EventItem {
     /// `Last-Event-ID`) to go on after it. Opaque; stable across restarts.
     pub(crate) position: String,
     /// The event as the actions topic and `events.jsonl` carry it (SPEC
-    /// 5.1: `kind` is card_state, pool_state or rule_fired).
+    /// 5.1: `kind` is card_state, pool_state, rule_fired or late_crossing).
     #[schema(value_type = Object)]
     pub(crate) event: serde_json::Value,
 }
@@ -280,7 +280,7 @@ async fn start_of(
     params(
         ("iccid" = Option<String>, Query, description = "Only this card's events (its card_state, rule firings for it)"),
         ("pool" = Option<String>, Query, description = "Only this pool's events (its pool_state, rule firings naming it)"),
-        ("kind" = Option<String>, Query, description = "Only this kind: card_state, pool_state or rule_fired"),
+        ("kind" = Option<String>, Query, description = "Only this kind: card_state, pool_state, rule_fired or late_crossing"),
         ("from" = Option<String>, Query, description = "Only events whose event time is at or after this (RFC 3339)"),
         ("to" = Option<String>, Query, description = "Only events whose event time is before this (RFC 3339)"),
         ("cursor" = Option<String>, Query, description = "Start after this position (`next_cursor`, `end` or an item's `position`); default the first event"),
@@ -406,10 +406,11 @@ fn stream(
 mod tests {
     use super::*;
 
-    const LINES: [&str; 3] = [
+    const LINES: [&str; 4] = [
         r#"{"kind":"card_state","iccid":"89860000000000000001","event_time":"2026-11-01T10:00:00+08:00"}"#,
         r#"{"kind":"pool_state","pool":"p1","event_time":"2026-11-02T10:00:00+08:00"}"#,
         r#"{"kind":"rule_fired","iccid":"89860000000000000001","pool":"p1","event_time":"2026-11-03T10:00:00+08:00"}"#,
+        r#"{"kind":"late_crossing","iccid":"89860000000000000002","event_time":"2026-11-04T10:00:00+08:00"}"#,
     ];
 
     fn file() -> (tempfile::TempDir, PathBuf, Vec<u64>) {
@@ -490,6 +491,14 @@ mod tests {
             let query = [(bad.0.to_owned(), bad.1.to_owned())].into_iter().collect();
             assert!(EventFilter::of(&query).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn late_crossings_are_a_kind() {
+        let (_dir, path, ends) = file();
+        let found = scan(&path, 0, ends[3], &filter(&[("kind", "late_crossing")]), 10).unwrap();
+        assert_eq!(kinds(&found), ["late_crossing"]);
+        assert_eq!(found.items[0].0, ends[3]);
     }
 
     #[test]
