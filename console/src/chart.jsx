@@ -91,6 +91,7 @@ function cutLine(at) {
           ctx.save();
           ctx.strokeStyle = '#cf222e';
           ctx.lineWidth = 2 * devicePixelRatio;
+          ctx.setLineDash([]);
           ctx.beginPath();
           ctx.moveTo(x, top);
           ctx.lineTo(x, top + height);

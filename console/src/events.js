@@ -71,11 +71,11 @@ export function what(e) {
   switch (e.kind) {
     case 'card_state': {
       const reasons = e.reasons?.length ? ` (${e.reasons.join(', ')})` : '';
-      const limit = e.limit_bytes != null ? `, ${bytes(e.usage_bytes)} of ${bytes(e.limit_bytes)}` : '';
+      const limit = e.limit_bytes != null ? `, ${bytes(e.usage_bytes)} used, limit ${bytes(e.limit_bytes)}` : '';
       return `${e.old} → ${e.new}${reasons}${limit}`;
     }
     case 'pool_state': {
-      const limit = e.limit_bytes != null ? `, ${bytes(e.usage_bytes)} of ${bytes(e.limit_bytes)}` : '';
+      const limit = e.limit_bytes != null ? `, ${bytes(e.usage_bytes)} used, limit ${bytes(e.limit_bytes)}` : '';
       return `pool ${e.old} → ${e.new}${limit}`;
     }
     case 'rule_fired':
