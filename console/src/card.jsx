@@ -85,7 +85,7 @@ function Actions({ card, done }) {
 function Why({ card, events }) {
   const change = card.last_change;
   if (!change) {
-    return <p class="hint" data-testid="why">No state change since the card was registered.</p>;
+    return <p class="hint" data-testid="why">No state change recorded for this card.</p>;
   }
   const event = events?.items.find((i) => i.event.id === change.event_id)?.event;
   const kind = change.cause === 'deadline' ? DEADLINES[change.deadline] ?? change.deadline : CAUSES[change.cause] ?? change.cause;
