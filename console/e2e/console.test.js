@@ -14,7 +14,8 @@ import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { bytes, count, pct } from '../src/format.js';
+import { change, LATEST, newest } from '../src/events.js';
+import { bytes, count, pct, POOL_STATES, time } from '../src/format.js';
 import { cyclesBefore, dayWindow } from '../src/history.js';
 
 const URL = process.env.FLOWCAP_URL;
@@ -54,6 +55,13 @@ async function shot(name) {
 }
 
 const text = (sel) => page.locator(sel).first().innerText();
+
+// The newest events of a filter, read as the pages read them.
+const newestEvents = (filter, n) => newest((path) => api('GET', path), filter, n);
+
+// The positions of an event table's rows, in order.
+const eventRows = (testid) =>
+  page.locator(`[data-testid=${testid}] tbody tr`).evaluateAll((rows) => rows.map((r) => r.dataset.key));
 
 // Opens a page of the console with the token already kept for the tab.
 async function open(path) {
@@ -116,6 +124,15 @@ test('the overview shows the API summary', async () => {
   assert.equal(await text('[data-testid=dead]'), count(ingestion.dead_letters));
   assert.equal(await text('[data-testid=lag]'), '—');
   assert.equal(await page.locator('[data-testid=minutes] > span').count(), ingestion.minutes.length);
+  // The latest cuts and restores: the API's newest card_state events.
+  const latest = await newestEvents('kind=card_state', LATEST);
+  assert.ok(latest.items.some((i) => change(i.event) === 'cut'), 'the run cut some card');
+  await page.locator('[data-testid=latest-changes] tbody tr').first().waitFor();
+  assert.deepEqual(await eventRows('latest-changes'), latest.items.map((i) => i.position));
+  const first = latest.items[0];
+  const row = page.locator(`[data-testid=latest-changes] tr[data-key="${first.position}"]`);
+  assert.equal(await row.locator('a').first().getAttribute('href'), `/ui/cards/${first.event.iccid}`);
+  assert.equal(await row.locator('[data-testid=kind]').innerText(), change(first.event));
   await shot('overview');
 });
 
@@ -155,6 +172,11 @@ test("a card's page shows the API's numbers, and a suspend appears as manual", a
   assert.equal(await text('[data-testid=pct]'), pct(fromApi.usage_pct));
   assert.equal(await text('[data-testid=addons]'), `${fromApi.addon_mb} MB`);
   assert.equal(await text('[data-testid=imei]'), fromApi.imei ?? '—');
+  assert.equal(await text('[data-testid=last-record]'), time(fromApi.last_record_at));
+  // The card's events, newest first, as the API gives them.
+  const before = await newestEvents(`iccid=${card.iccid}`, 50);
+  await page.locator('[data-testid=events]').waitFor();
+  assert.deepEqual(await eventRows('events'), before.items.map((i) => i.position));
   await page.locator('[data-testid=usage-chart] canvas').waitFor();
   // Per-cycle bars: the API's usage answer (history, the live cycle last).
   const cycles = (
@@ -190,6 +212,27 @@ test("a card's page shows the API's numbers, and a suspend appears as manual", a
   assert.equal(after.state, 'suspended');
   assert.ok(after.reasons.includes('manual'), JSON.stringify(after.reasons));
   assert.match(await text('[data-testid=reasons] li[data-key=manual]'), /An operator suspended it/);
+  // The suspend is the card's newest event, and why it is cut.
+  const events = await newestEvents(`iccid=${card.iccid}`, 50);
+  const cut = events.items[0];
+  assert.equal(cut.event.kind, 'card_state');
+  assert.equal(cut.event.new, 'suspended');
+  assert.ok(cut.event.reasons.includes('manual'), JSON.stringify(cut.event));
+  assert.equal(cut.event.cause.type, 'command');
+  assert.equal(after.last_change.event_id, cut.event.id);
+  await page.locator(`[data-testid=events] tr[data-key="${cut.position}"]`).waitFor();
+  assert.deepEqual(await eventRows('events'), events.items.map((i) => i.position));
+  const cutRow = `[data-testid=events] tr[data-key="${cut.position}"]`;
+  assert.equal(await text(`${cutRow} [data-testid=kind]`), 'cut');
+  assert.match(await text(`${cutRow} [data-testid=what]`), /→ suspended \(manual\)/);
+  assert.equal(await text(`${cutRow} [data-testid=cause]`), `command ${cut.event.cause.command_id}`);
+  assert.equal(await text('[data-testid=why-at]'), time(after.last_change.at));
+  assert.equal(await text('[data-testid=why-detail]'), `command ${cut.event.cause.command_id}`);
+  // The cut is marked on the chart at its event time.
+  await page.waitForFunction(
+    (t) => document.querySelector('[data-testid=usage-chart]')?.dataset.cut === t,
+    String(Date.parse(cut.event.event_time) / 1000),
+  );
   await shot('card-suspended');
   if (process.env.FLOWCAP_E2E_OUT) {
     writeFileSync(join(process.env.FLOWCAP_E2E_OUT, 'suspended.txt'), card.iccid);
@@ -287,6 +330,45 @@ test("a pool's page shows the API's numbers", async () => {
   );
   assert.deepEqual(top, pool.top_consumers.map((c) => c.iccid));
   await shot('pool');
+});
+
+test('a pool in arrears shows as retained, with its events', async () => {
+  // A backward pool of three active cards, frozen for arrears and then
+  // retained (the arrears unpaid).
+  const { clock } = await api('GET', '/summary');
+  const id = 'e2e-arrears';
+  const cards = (await api('GET', '/cards?state=active&limit=1000')).items.filter((c) => !c.pool);
+  const members = cards.slice(-3).map((c) => c.iccid);
+  const made = await api('POST', '/commands', [
+    { id: `e2e-bpool-${Date.now()}`, type: 'create_pool', at: clock, pool: { id, kind: 'backward', name: 'E2E arrears' } },
+    { id: `e2e-bmembers-${Date.now()}`, type: 'add_pool_members', at: clock, pool: id, iccids: members },
+    { id: `e2e-freeze-${Date.now()}`, type: 'freeze_pool', at: clock, pool: id },
+    { id: `e2e-retain-${Date.now()}`, type: 'retain_pool', at: clock, pool: id },
+  ]);
+  for (const item of made.items) assert.equal(item.result.ok, true, JSON.stringify(item));
+  const pool = await api('GET', `/pools/${id}?limit=50`);
+  assert.equal(pool.state, 'retained');
+  const events = await newestEvents(`pool=${id}`, 50);
+  assert.deepEqual(
+    events.items.map((i) => `${i.event.old}>${i.event.new}`),
+    ['frozen>retained', 'available>frozen'],
+  );
+
+  await open(`/pools/${id}`);
+  await page.locator('[data-testid=pool]').waitFor();
+  assert.equal(await text('[data-testid=pool-state]'), 'retained');
+  assert.equal(await text('[data-testid=pool-state-words]'), POOL_STATES.retained);
+  assert.equal(await text('[data-testid=retained-until]'), time(pool.retained_until));
+  // Its own colour, not the default badge's.
+  const colour = (sel) => page.locator(sel).first().evaluate((e) => getComputedStyle(e).backgroundColor);
+  assert.equal(await colour('[data-testid=pool-state] .state'), 'rgb(255, 241, 229)');
+  await page.locator('[data-testid=events] tbody tr').first().waitFor();
+  assert.deepEqual(await eventRows('events'), events.items.map((i) => i.position));
+  await shot('pool-arrears');
+
+  // The overview lists it among the pools in arrears.
+  await open('/');
+  await page.locator(`[data-testid=pools-arrears] tr[data-key="${id}"]`).waitFor();
 });
 
 test("a rule's executions show the history's outcomes", async () => {

@@ -1,11 +1,13 @@
 import { Fragment } from 'preact';
 import { useRef, useState } from 'preact/hooks';
 import { commandId, get, post } from './api.js';
-import { CycleChart } from './chart.jsx';
+import { cycleBounds, CycleChart } from './chart.jsx';
+import { CAUSES, cause, DEADLINES, lastCut } from './events.js';
 import { bytes, pct, REASONS, STATES, time } from './format.js';
 import { cyclesBefore, dayWindow } from './history.js';
 import { Failed, State, UsageBar, useLoad } from './parts.jsx';
 import { Link } from './router.jsx';
+import { loadTimeline, Timeline } from './timeline.jsx';
 
 function Actions({ card, done }) {
   const [mb, setMb] = useState('');
@@ -74,6 +76,25 @@ function Actions({ card, done }) {
         </p>
       )}
     </div>
+  );
+}
+
+// Why the card is as it is: its last visible change (`last_change`),
+// with the cause's details from that change's event when it is among
+// the events shown.
+function Why({ card, events }) {
+  const change = card.last_change;
+  if (!change) {
+    return <p class="hint" data-testid="why">No state change recorded for this card.</p>;
+  }
+  const event = events?.items.find((i) => i.event.id === change.event_id)?.event;
+  const kind = change.cause === 'deadline' ? DEADLINES[change.deadline] ?? change.deadline : CAUSES[change.cause] ?? change.cause;
+  return (
+    <p class={card.state === 'suspended' ? 'why' : 'why ok-why'} data-testid="why">
+      <strong>Why {card.state}?</strong> Since <span data-testid="why-at">{time(change.at)}</span>, from{' '}
+      {change.old}, caused by <span data-testid="why-cause">{kind}</span>
+      {event ? <>: <span data-testid="why-detail">{cause(event.cause)}</span></> : ` (event ${change.event_id})`}.
+    </p>
   );
 }
 
@@ -168,8 +189,13 @@ export function Card({ iccid }) {
   }, [iccid]);
   // The bars' stretch follows the card's cycle (see history.js).
   const [history] = useLoad(async () => (card ? historyOf(card) : null), [iccid, card?.cycle, card?.carrier]);
+  // The card's events, read again with the card (a command adds some).
+  const filter = `iccid=${encodeURIComponent(iccid)}`;
+  const [events, eventsError] = useLoad(async () => (card ? loadTimeline(filter) : null), [filter, card]);
   if (error) return <Failed error={error} />;
   if (!card) return <p>Loading…</p>;
+  const [start, end] = cycleBounds(card.cycle);
+  const cut = events ? lastCut(events.items, start, end) : null;
   return (
     <div data-testid="card">
       <h1>
@@ -185,19 +211,24 @@ export function Card({ iccid }) {
           ))}
         </ul>
       )}
+      <Why card={card} events={events} />
       <Actions card={card} done={reload} />
       <h2>Usage in cycle {card.cycle}</h2>
       <p>
         <UsageBar used={card.usage_bytes} limit={card.limit_bytes} percent={card.usage_pct} />
       </p>
-      <CycleChart card={card} days={history?.days} />
+      <CycleChart card={card} days={history?.days} cut={cut} />
       <p class="hint">
-        Daily sums from the history, the last point the live total; dashed: the limit and the threshold.
+        Daily sums from the history, the last point the live total; dashed: the limit and the threshold;
+        red: the last cut in this cycle{cut ? ` (${time(new Date(cut * 1000).toISOString())})` : ', none'}.
       </p>
       <h2>Usage per day (last 60)</h2>
       {history ? <Days days={history.days} shown={history.shown} /> : <p>Loading…</p>}
       <h2>Usage per cycle (last 12)</h2>
       {history ? <Cycles cycles={history.cycles} /> : <p>Loading…</p>}
+      <h2>Events</h2>
+      <Failed error={eventsError} />
+      {events ? <Timeline key={`${filter} ${card.position.seq}`} filter={filter} initial={events} /> : !eventsError && <p>Loading…</p>}
       <h2>Details</h2>
       <dl class="facts" data-testid="facts">
         <dt>Carrier</dt><dd>{card.carrier}</dd>
@@ -230,6 +261,7 @@ export function Card({ iccid }) {
         <dt>IMEI</dt><dd data-testid="imei">{card.imei ?? '—'}</dd>
         <dt>MSISDN</dt><dd>{card.msisdn ?? '—'}</dd>
         <dt>IMSI</dt><dd>{card.imsi ?? '—'}</dd>
+        <dt>Last record</dt><dd data-testid="last-record">{time(card.last_record_at)}</dd>
         <dt>Activated</dt><dd>{time(card.activated_at)}</dd>
         <dt>Plan expires</dt><dd>{time(card.expires_at)}</dd>
         <dt>As of input</dt><dd>#{card.position.seq ?? '—'}</dd>

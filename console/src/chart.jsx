@@ -27,8 +27,9 @@ function dayEnd(day) {
 // lines: 0 at the cycle's start, the history's daily sums added up at
 // each day's end, and the live total last (at the last day's end, or now
 // when the history has no day yet). Without history, the start and the
-// total alone.
-export function CycleChart({ card, days }) {
+// total alone. `cut` (Unix seconds, optional): the cut, a red vertical
+// line.
+export function CycleChart({ card, days, cut }) {
   const box = useRef(null);
   useEffect(() => {
     const [start, end] = cycleBounds(card.cycle);
@@ -68,11 +69,39 @@ export function CycleChart({ card, days }) {
         scales: { x: { time: false }, y: { range: (_u, _min, max) => [0, Math.max(1, max * 1.1)] } },
         axes: [{ values: (_u, ticks) => ticks.map(utc8), space: 90 }, { label: 'MB' }],
         legend: { show: true },
+        plugins: cut ? [cutLine(cut)] : [],
       },
       data,
       box.current,
     );
     return () => plot.destroy();
-  }, [card.iccid, card.usage_bytes, card.limit_bytes, card.threshold_mb, card.cycle, days]);
-  return <div class="chart" ref={box} data-testid="usage-chart" />;
+  }, [card.iccid, card.usage_bytes, card.limit_bytes, card.threshold_mb, card.cycle, days, cut]);
+  return <div class="chart" ref={box} data-testid="usage-chart" data-cut={cut ?? ''} />;
+}
+
+// A vertical line at `at` (Unix seconds), labelled "cut".
+function cutLine(at) {
+  return {
+    hooks: {
+      draw: [
+        (u) => {
+          const x = u.valToPos(at, 'x', true);
+          const { top, height } = u.bbox;
+          const ctx = u.ctx;
+          ctx.save();
+          ctx.strokeStyle = '#cf222e';
+          ctx.lineWidth = 2 * devicePixelRatio;
+          ctx.setLineDash([]);
+          ctx.beginPath();
+          ctx.moveTo(x, top);
+          ctx.lineTo(x, top + height);
+          ctx.stroke();
+          ctx.fillStyle = '#cf222e';
+          ctx.font = `${12 * devicePixelRatio}px sans-serif`;
+          ctx.fillText(`cut ${utc8(at)}`, x + 4 * devicePixelRatio, top + 14 * devicePixelRatio);
+          ctx.restore();
+        },
+      ],
+    },
+  };
 }

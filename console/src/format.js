@@ -59,3 +59,12 @@ export const STATES = {
   suspended: 'Suspended: cut off for the reasons below.',
   deregistered: 'Deregistered for good.',
 };
+
+export const POOL_STATES = {
+  available: 'Available: its members use the shared allowance.',
+  exhausted: 'Exhausted: its members used up the shared allowance this cycle.',
+  suspended: 'Suspended by a rule of the pool.',
+  frozen: 'Frozen for arrears: its members are cut until they are paid.',
+  retained: 'In arrears, retained: frozen, its numbers kept until the retention ends, then abandoned.',
+  abandoned: 'Abandoned: it takes no member and no add-on any more.',
+};

@@ -1,7 +1,9 @@
 import { get } from './api.js';
-import { bytes, count, pct, rate, REASONS, time } from './format.js';
-import { Failed, useLoad } from './parts.jsx';
+import { LATEST, newest } from './events.js';
+import { bytes, count, pct, POOL_STATES, rate, REASONS, time } from './format.js';
+import { Failed, PoolState, useLoad } from './parts.jsx';
 import { Link } from './router.jsx';
+import { EventTable } from './timeline.jsx';
 
 // Forward pools at or above this share of their allowance are "near".
 const POOL_NEAR_PCT = 80;
@@ -21,6 +23,7 @@ export function Overview() {
   const near = pools.items
     .filter((p) => p.state === 'exhausted' || (poolPct(p) ?? 0) >= POOL_NEAR_PCT)
     .sort((a, b) => (poolPct(b) ?? 0) - (poolPct(a) ?? 0));
+  const arrears = pools.items.filter((p) => p.state === 'frozen' || p.state === 'retained');
   return (
     <div data-testid="overview">
       <h1>Overview</h1>
@@ -96,7 +99,7 @@ export function Overview() {
                 <td>
                   <Link to={`/pools/${encodeURIComponent(p.id)}`}>{p.name || p.id}</Link>
                 </td>
-                <td>{p.state}</td>
+                <td><PoolState state={p.state} /></td>
                 <td class="num">{bytes(p.used_bytes)}</td>
                 <td class="num">{bytes(p.allowance_bytes)}</td>
                 <td class="num">{pct(poolPct(p))}</td>
@@ -105,11 +108,41 @@ export function Overview() {
           </tbody>
         </table>
       )}
+      <h2>Pools in arrears</h2>
+      {arrears.length === 0 ? (
+        <p data-testid="pools-arrears">No pool is frozen or retained for arrears.</p>
+      ) : (
+        <table data-testid="pools-arrears">
+          <tbody>
+            {arrears.map((p) => (
+              <tr key={p.id} data-key={p.id}>
+                <td>
+                  <Link to={`/pools/${encodeURIComponent(p.id)}`}>{p.name || p.id}</Link>
+                </td>
+                <td><PoolState state={p.state} /></td>
+                <td class="hint">{POOL_STATES[p.state]}</td>
+                <td class="num">{count(p.member_count)} cards</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
       <Ingestion />
+      <LatestChanges />
+    </div>
+  );
+}
+
+// The newest card_state events: cuts, restores and other changes, each
+// linking to its card (the events committed so far).
+function LatestChanges() {
+  const [latest, error] = useLoad(() => newest(get, 'kind=card_state', LATEST), []);
+  return (
+    <div>
       <h2>Latest cuts and restores</h2>
-      <p class="hint" data-testid="no-events">
-        Not shown: the operator API has no events endpoint yet (GET /api/v1/events).
-      </p>
+      <Failed error={error} />
+      {latest ? <EventTable items={latest.items} testid="latest-changes" /> : !error && <p>Loading…</p>}
+      <p class="hint">The newest {LATEST} card state changes whose input is committed, newest first.</p>
     </div>
   );
 }

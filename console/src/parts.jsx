@@ -1,5 +1,5 @@
 import { useEffect, useState } from 'preact/hooks';
-import { bytes, pct } from './format.js';
+import { bytes, pct, POOL_STATES } from './format.js';
 
 // Loads `load()` again whenever `deps` change: [data, error, reload].
 export function useLoad(load, deps) {
@@ -44,4 +44,13 @@ export function UsageBar({ used, limit, percent }) {
 
 export function State({ state }) {
   return <span class={`state ${state}`}>{state}</span>;
+}
+
+// A pool's state as a badge, its meaning as the tooltip.
+export function PoolState({ state }) {
+  return (
+    <span class={`state pool-${state}`} title={POOL_STATES[state] ?? ''} data-testid="pool-state-badge">
+      {state}
+    </span>
+  );
 }

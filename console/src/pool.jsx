@@ -1,8 +1,9 @@
 import { useState } from 'preact/hooks';
 import { get } from './api.js';
-import { bytes, count, pct } from './format.js';
+import { bytes, count, pct, POOL_STATES, time } from './format.js';
 import { poolPct } from './overview.jsx';
-import { Failed, useLoad } from './parts.jsx';
+import { Failed, PoolState, useLoad } from './parts.jsx';
+import { loadTimeline, Timeline } from './timeline.jsx';
 import { Link } from './router.jsx';
 
 export function Pools() {
@@ -24,7 +25,7 @@ export function Pools() {
             <tr key={p.id} data-key={p.id}>
               <td><Link to={`/pools/${encodeURIComponent(p.id)}`}>{p.name || p.id}</Link></td>
               <td>{p.kind}</td>
-              <td>{p.state}</td>
+              <td><PoolState state={p.state} /></td>
               <td class="num">{count(p.member_count)}</td>
               <td class="num">{bytes(p.used_bytes)}</td>
               <td class="num">{bytes(p.allowance_bytes)}</td>
@@ -53,7 +54,13 @@ export function Pool({ id }) {
       <h1>Pool {pool.name || pool.id}</h1>
       <dl class="facts">
         <dt>Kind</dt><dd>{pool.kind}</dd>
-        <dt>State</dt><dd data-testid="pool-state">{pool.state}</dd>
+        <dt>State</dt>
+        <dd>
+          <span data-testid="pool-state"><PoolState state={pool.state} /></span>{' '}
+          <span class="hint" data-testid="pool-state-words">{POOL_STATES[pool.state] ?? ''}</span>
+        </dd>
+        {pool.retained_until && (<><dt>Retained until</dt><dd data-testid="retained-until">{time(pool.retained_until)}</dd></>)}
+        {pool.abandoned_at && (<><dt>Abandoned</dt><dd data-testid="abandoned-at">{time(pool.abandoned_at)}</dd></>)}
         <dt>Carrier</dt><dd>{pool.carrier ?? '—'}</dd>
         <dt>Cycle</dt><dd>{pool.cycle}</dd>
         <dt>Used</dt><dd data-testid="pool-used">{bytes(pool.used_bytes)}</dd>
@@ -90,6 +97,18 @@ export function Pool({ id }) {
           Next →
         </button>
       </div>
+      <h2>Events</h2>
+      <PoolEvents id={pool.id} />
     </div>
   );
+}
+
+// The pool's newest events: its state changes and the rule firings that
+// name it.
+function PoolEvents({ id }) {
+  const filter = `pool=${encodeURIComponent(id)}`;
+  const [events, error] = useLoad(() => loadTimeline(filter), [filter]);
+  if (error) return <Failed error={error} />;
+  if (!events) return <p>Loading…</p>;
+  return <Timeline key={filter} filter={filter} initial={events} />;
 }

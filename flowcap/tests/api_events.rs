@@ -2,7 +2,8 @@
 //! files with `--http` and `--linger`.
 //!
 //! - the pages, walked by cursor, are the events file line for line, and
-//!   a filter keeps exactly the lines it names;
+//!   a filter keeps exactly the lines it names; newest first
+//!   (`order=desc`) they are the same lines backwards;
 //! - a Server-Sent Events stream cut mid-way and resumed with
 //!   `Last-Event-ID` gives every event once: the union of the two
 //!   connections is the whole file, in order, including the event of a
@@ -106,6 +107,28 @@ fn walk(addr: SocketAddr, query: &str, limit: usize) -> Vec<(String, Value)> {
     }
 }
 
+/// Every event newest first, walking pages of `limit` back with `query`.
+fn walk_back(addr: SocketAddr, query: &str, limit: usize) -> Vec<(String, Value)> {
+    let mut items = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = get_json(
+            addr,
+            &format!("/api/v1/events?order=desc&limit={limit}{query}{cursor}"),
+        );
+        for item in page["items"].as_array().unwrap() {
+            items.push((
+                item["position"].as_str().unwrap().to_owned(),
+                item["event"].clone(),
+            ));
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => return items,
+        }
+    }
+}
+
 /// The events file's lines as values.
 fn file_events(out: &Path) -> Vec<Value> {
     json_lines(&std::fs::read_to_string(out.join("events.jsonl")).unwrap())
@@ -173,6 +196,16 @@ fn a_resumed_stream_misses_and_repeats_nothing() {
     for (position, event) in &of_card {
         assert!(pages.contains(&(position.clone(), event.clone())));
     }
+    // Newest first: the same events and positions, backwards.
+    let back = walk_back(addr, "", 7);
+    assert_eq!(back, pages.iter().rev().cloned().collect::<Vec<_>>());
+    let back = walk_back(addr, &format!("&iccid={iccid}"), 1);
+    assert_eq!(back, of_card.iter().rev().cloned().collect::<Vec<_>>());
+    let newest = get_json(addr, "/api/v1/events?order=desc&limit=1&kind=card_state");
+    let last = pages.iter().rev().find(|(_, e)| e["kind"] == "card_state");
+    assert_eq!(newest["items"][0]["event"], last.unwrap().1);
+    let (status, body) = get(addr, "/api/v1/events?order=sideways");
+    assert_eq!(status, 400, "{body}");
     let pool_states = walk(addr, "&kind=pool_state", 1000);
     assert_eq!(
         pool_states.len(),

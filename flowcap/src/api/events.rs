@@ -1,6 +1,6 @@
 //! `GET /events`: the action events (`card_state`, `pool_state`,
-//! `rule_fired`), as pages or as a Server-Sent Events stream that a
-//! client resumes with `Last-Event-ID`.
+//! `rule_fired`, `late_crossing`), as pages or as a Server-Sent Events
+//! stream that a client resumes with `Last-Event-ID`.
 //!
 //! They are read from the pipeline's events file, never from the engine:
 //! the engine keeps no past events, and the file already holds every one
@@ -20,7 +20,9 @@
 //! request scans at most [`SCAN_BYTES`]. A page that stops there may hold
 //! fewer items than asked (even none) and still have a `next_cursor`;
 //! large questions over the past are the history's (`state_changes` and
-//! `rule_executions` through `/sql`).
+//! `rule_executions` through `/sql`). Pages also go newest first
+//! (`order=desc`, scanning back from the end), so "the latest cuts" or a
+//! card's latest events cost a scan of the file's tail, not of all of it.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -50,8 +52,10 @@ const DEFAULT_PAGE: usize = 100;
 const SCAN_BYTES: u64 = 8 << 20;
 /// How often a stream at the end looks for newly committed events.
 const TAIL_POLL: Duration = Duration::from_millis(200);
+/// Bytes read at a time when scanning back.
+const BACK_BLOCK: u64 = 1 << 20;
 /// The kinds of action events.
-const KINDS: [&str; 3] = ["card_state", "pool_state", "rule_fired"];
+const KINDS: [&str; 4] = ["card_state", "pool_state", "rule_fired", "late_crossing"];
 
 /// One action event and its position.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -60,19 +64,21 @@ pub(crate) struct EventItem {
     /// `Last-Event-ID`) to go on after it. Opaque; stable across restarts.
     pub(crate) position: String,
     /// The event as the actions topic and `events.jsonl` carry it (SPEC
-    /// 5.1: `kind` is card_state, pool_state or rule_fired).
+    /// 5.1: `kind` is card_state, pool_state, rule_fired or late_crossing).
     #[schema(value_type = Object)]
     pub(crate) event: serde_json::Value,
 }
 
-/// `GET /events`: a page of events in the order they were written.
+/// `GET /events`: a page of events in the order they were written (or
+/// newest first with `order=desc`).
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct EventPage {
     /// The events kept by the filter.
     pub(crate) items: Vec<EventItem>,
-    /// Give it as `cursor` for the next page; null once the page reached
-    /// `end`. A page that scanned its limit of bytes may hold fewer items
-    /// than asked and still have one.
+    /// Give it as `cursor` (with the same `order`) for the next page; null
+    /// once the page reached `end` (with `order=desc`: the first event). A
+    /// page that scanned its limit of bytes may hold fewer items than
+    /// asked and still have one.
     pub(crate) next_cursor: Option<String>,
     /// The end of the events committed so far: give it as `cursor` later
     /// to get only newer events.
@@ -97,7 +103,7 @@ impl EventFilter {
         for key in query.keys() {
             if !matches!(
                 key.as_str(),
-                "iccid" | "pool" | "kind" | "from" | "to" | "cursor" | "limit"
+                "iccid" | "pool" | "kind" | "from" | "to" | "cursor" | "limit" | "order"
             ) {
                 return Err(Problem::bad_request(
                     "bad_filter",
@@ -214,6 +220,61 @@ fn scan(
     Ok(Scan { items, stopped: at })
 }
 
+/// Scans `path` back from `from` (a line's end) towards the start,
+/// keeping at most `limit` events `filter` keeps, newest first, reading
+/// at most [`SCAN_BYTES`]. `stopped` is the start of the last line read:
+/// the next scan back starts there.
+fn scan_back(path: &Path, from: u64, filter: &EventFilter, limit: usize) -> std::io::Result<Scan> {
+    scan_back_by(path, from, filter, limit, BACK_BLOCK)
+}
+
+/// [`scan_back`], reading `block` bytes at a time.
+fn scan_back_by(
+    path: &Path,
+    from: u64,
+    filter: &EventFilter,
+    limit: usize,
+    block: u64,
+) -> std::io::Result<Scan> {
+    let mut items = Vec::new();
+    let mut file = std::fs::File::open(path)?;
+    // The bytes before `read` are not read yet; `pending` holds those
+    // from `read` to `stopped`: the end of a line whose start is not.
+    let mut read = from;
+    let mut stopped = from;
+    let mut pending = Vec::new();
+    while items.len() < limit && stopped > 0 && from - read < SCAN_BYTES {
+        let n = block.min(read);
+        read -= n;
+        let mut chunk = vec![0u8; n as usize];
+        file.seek(SeekFrom::Start(read))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&pending);
+        pending = chunk;
+        // Whole lines, the last first: each ends at `stopped` and starts
+        // after a newline, or at the start of the file.
+        while items.len() < limit && stopped > 0 {
+            let end = pending.len();
+            let body = &pending[..end.saturating_sub(1)];
+            let start = match body.iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None if read == 0 => 0,
+                None => break,
+            };
+            match serde_json::from_slice::<serde_json::Value>(&pending[start..end]) {
+                Ok(event) if filter.keeps(&event) => items.push((stopped, event)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(position = stopped, error = %e, "an events line is not JSON")
+                }
+            }
+            stopped = read + start as u64;
+            pending.truncate(start);
+        }
+    }
+    Ok(Scan { items, stopped })
+}
+
 /// Whether `position` is the start of the file or just after a line, at
 /// most `end`.
 fn is_position(path: &Path, position: u64, end: u64) -> bool {
@@ -245,19 +306,20 @@ fn internal(e: impl std::fmt::Display) -> Problem {
 }
 
 /// The position to start from: `Last-Event-ID` (a stream reconnecting),
-/// else `cursor`, else the start; checked against the file.
+/// else `cursor`, else `default`; checked against the file.
 async fn start_of(
     path: &Arc<PathBuf>,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
     end: u64,
+    default: u64,
 ) -> Result<u64, Problem> {
     let given = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .or(query.get("cursor").map(String::as_str));
     let Some(text) = given else {
-        return Ok(0);
+        return Ok(default);
     };
     let position: u64 = text.trim().parse().map_err(|_| bad_cursor())?;
     let path = Arc::clone(path);
@@ -271,8 +333,8 @@ async fn start_of(
     }
 }
 
-/// Action events in the order they were written, filtered; a page
-/// (JSON), or a stream (`Accept: text/event-stream`).
+/// Action events in the order they were written (or newest first),
+/// filtered; a page (JSON), or a stream (`Accept: text/event-stream`).
 #[utoipa::path(
     get,
     path = "/events",
@@ -280,10 +342,11 @@ async fn start_of(
     params(
         ("iccid" = Option<String>, Query, description = "Only this card's events (its card_state, rule firings for it)"),
         ("pool" = Option<String>, Query, description = "Only this pool's events (its pool_state, rule firings naming it)"),
-        ("kind" = Option<String>, Query, description = "Only this kind: card_state, pool_state or rule_fired"),
+        ("kind" = Option<String>, Query, description = "Only this kind: card_state, pool_state, rule_fired or late_crossing"),
         ("from" = Option<String>, Query, description = "Only events whose event time is at or after this (RFC 3339)"),
         ("to" = Option<String>, Query, description = "Only events whose event time is before this (RFC 3339)"),
-        ("cursor" = Option<String>, Query, description = "Start after this position (`next_cursor`, `end` or an item's `position`); default the first event"),
+        ("cursor" = Option<String>, Query, description = "Start after this position (`next_cursor`, `end` or an item's `position`); default the first event. With `order=desc`: the events before this position (`next_cursor` or `end`), default the last event"),
+        ("order" = Option<String>, Query, description = "`asc` (default): in the order they were written; `desc`: newest first, scanning back from `cursor` (pages only)"),
         ("limit" = Option<usize>, Query, description = "Items on a page, 1 to 1000 (default 100); not for streams"),
         ("Last-Event-ID" = Option<String>, Header, description = "A stream reconnecting: the `id` of the last event it received (takes the place of `cursor`)"),
     ),
@@ -303,14 +366,30 @@ pub(crate) async fn events(
 ) -> Result<Response, Problem> {
     api.access.check(&headers, Scope::Read)?;
     let filter = EventFilter::of(&query)?;
+    let back = match query.get("order").map(String::as_str) {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(other) => {
+            return Err(Problem::bad_request(
+                "bad_filter",
+                format!("order `{other}` is not asc or desc"),
+            ))
+        }
+    };
     let durable = api.live.durable_events();
     let end = durable.map_or(0, |d| d.bytes);
     let path = Arc::clone(&api.events);
-    let from = start_of(&path, &headers, &query, end).await?;
+    let from = start_of(&path, &headers, &query, end, if back { end } else { 0 }).await?;
     let streamed = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
+    if streamed && back {
+        return Err(Problem::bad_request(
+            "bad_filter",
+            "a stream goes forward: order=desc is for pages",
+        ));
+    }
     if streamed {
         return Ok(stream(api, path, from, filter).into_response());
     }
@@ -324,10 +403,21 @@ pub(crate) async fn events(
                 Problem::bad_request("bad_limit", format!("limit is 1 to {MAX_PAGE}"))
             })?,
     };
-    let found = tokio::task::spawn_blocking(move || scan(&path, from, end, &filter, limit))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+    let found = tokio::task::spawn_blocking(move || {
+        if back {
+            scan_back(&path, from, &filter, limit)
+        } else {
+            scan(&path, from, end, &filter, limit)
+        }
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    let next = if back {
+        (found.stopped > 0).then_some(found.stopped)
+    } else {
+        (found.stopped < end).then_some(found.stopped)
+    };
     Ok(Json(EventPage {
         items: found
             .items
@@ -337,7 +427,7 @@ pub(crate) async fn events(
                 event,
             })
             .collect(),
-        next_cursor: (found.stopped < end).then(|| found.stopped.to_string()),
+        next_cursor: next.map(|at| at.to_string()),
         end: end.to_string(),
         position: Position {
             seq: durable.map(|d| d.seq),
@@ -406,10 +496,11 @@ fn stream(
 mod tests {
     use super::*;
 
-    const LINES: [&str; 3] = [
+    const LINES: [&str; 4] = [
         r#"{"kind":"card_state","iccid":"89860000000000000001","event_time":"2026-11-01T10:00:00+08:00"}"#,
         r#"{"kind":"pool_state","pool":"p1","event_time":"2026-11-02T10:00:00+08:00"}"#,
         r#"{"kind":"rule_fired","iccid":"89860000000000000001","pool":"p1","event_time":"2026-11-03T10:00:00+08:00"}"#,
+        r#"{"kind":"late_crossing","iccid":"89860000000000000002","event_time":"2026-11-04T10:00:00+08:00"}"#,
     ];
 
     fn file() -> (tempfile::TempDir, PathBuf, Vec<u64>) {
@@ -490,6 +581,41 @@ mod tests {
             let query = [(bad.0.to_owned(), bad.1.to_owned())].into_iter().collect();
             assert!(EventFilter::of(&query).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn late_crossings_are_a_kind() {
+        let (_dir, path, ends) = file();
+        let found = scan(&path, 0, ends[3], &filter(&[("kind", "late_crossing")]), 10).unwrap();
+        assert_eq!(kinds(&found), ["late_crossing"]);
+        assert_eq!(found.items[0].0, ends[3]);
+    }
+
+    #[test]
+    fn a_scan_back_gives_the_newest_first_and_resumes_before_them() {
+        let (_dir, path, ends) = file();
+        let all = EventFilter::default();
+        // Every block size: lines cut by a block's start are read whole.
+        for block in 1..=ends[3] {
+            let first = scan_back_by(&path, ends[3], &all, 2, block).unwrap();
+            assert_eq!(kinds(&first), ["late_crossing", "rule_fired"], "{block}");
+            assert_eq!(first.items[0].0, ends[3]);
+            assert_eq!(first.items[1].0, ends[2]);
+            assert_eq!(first.stopped, ends[1], "{block}");
+            let rest = scan_back_by(&path, first.stopped, &all, 10, block).unwrap();
+            assert_eq!(kinds(&rest), ["pool_state", "card_state"], "{block}");
+            assert_eq!(rest.stopped, 0);
+            let card = filter(&[("iccid", "89860000000000000001")]);
+            let of_card = scan_back_by(&path, ends[3], &card, 10, block).unwrap();
+            assert_eq!(kinds(&of_card), ["rule_fired", "card_state"], "{block}");
+            assert_eq!(of_card.items[1].0, ends[0]);
+        }
+        // From the part a snapshot covers, and from the start: nothing.
+        let covered = scan_back(&path, ends[1], &all, 10).unwrap();
+        assert_eq!(kinds(&covered), ["pool_state", "card_state"]);
+        let none = scan_back(&path, 0, &all, 10).unwrap();
+        assert!(none.items.is_empty());
+        assert_eq!(none.stopped, 0);
     }
 
     #[test]

@@ -119,14 +119,14 @@ pub(crate) struct Api {
     max_body: usize,
     /// The history, for `/cards/{iccid}/usage` (none without one).
     history: Option<Arc<crate::sql::SqlService>>,
-    /// The pipeline's events file, for `/events`.
-    events: Arc<PathBuf>,
-    /// The pipeline's command journal, for `/commands/{id}`.
-    journal: PathBuf,
     /// The last hour's ingestion readings.
     ingestion: Arc<ingestion::Ingestion>,
     /// One what-if replay at a time.
     what_if: Arc<tokio::sync::Semaphore>,
+    /// The pipeline's events file, for `/events`.
+    events: Arc<PathBuf>,
+    /// The pipeline's command journal, for `/commands/{id}`.
+    journal: PathBuf,
 }
 
 impl Api {
