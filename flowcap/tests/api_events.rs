@@ -16,35 +16,19 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use common::{json_lines, linger, serve, stdout_of, Running, Sse, Stream, BIN};
+use common::{http, json_lines, linger, serve, stdout_of, Running, Sse, Stream, BIN};
 use serde_json::Value;
 
 const VIEWER: &str = "viewer-token-20ab";
 const OPS: &str = "ops-token-93ce";
 
-/// `GET path` (HTTP/1.0: the answer ends when the server closes it);
-/// status and body.
+/// `GET path` with the read token: status and body.
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {VIEWER}\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    http(&addr.to_string(), "GET", path, Some(VIEWER), None)
 }
 
 fn get_json(addr: SocketAddr, path: &str) -> Value {
@@ -53,26 +37,11 @@ fn get_json(addr: SocketAddr, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// `POST path` with the write token; the answer must be 200.
 fn post(addr: SocketAddr, path: &str, body: &str) -> Value {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    write!(
-        stream,
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {OPS}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{answer}"
-    );
-    serde_json::from_str(body).unwrap()
+    let (status, answer) = http(&addr.to_string(), "POST", path, Some(OPS), Some(body));
+    assert_eq!(status, 200, "POST {path}: {answer}");
+    serde_json::from_str(&answer).unwrap()
 }
 
 /// Every event, walking pages of `limit` with `query`: (position, event).
