@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flowcap");
+mod common;
+
+use common::{sql_text, stdout_of, BIN};
 
 /// Runs `flowcap run --json` on a records file and a commands file (lines
 /// written to a temporary directory) and returns the parsed output and the
@@ -18,21 +20,17 @@ fn run_files(
     let input = dir.join("usage.jsonl");
     std::fs::write(&input, records.join("\n")).unwrap();
     let out_dir = dir.join("out");
-    let out = Command::new(BIN)
-        .args(["run", "-q", "--json", "--input"])
-        .arg(&input)
-        .arg("--commands")
-        .arg(&commands_path)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        Command::new(BIN)
+            .args(["run", "-q", "--json", "--input"])
+            .arg(&input)
+            .arg("--commands")
+            .arg(&commands_path)
+            .arg("--out")
+            .arg(&out_dir),
+        "flowcap run",
     );
-    (serde_json::from_slice(&out.stdout).unwrap(), out_dir)
+    (serde_json::from_str(&out).unwrap(), out_dir)
 }
 
 #[test]
@@ -278,17 +276,12 @@ fn top_cards_takes_each_carriers_current_cycle() {
         ],
     );
     assert_eq!(v["summary"]["counted"], 4, "{v}");
-    let out = Command::new(BIN)
-        .args(["query", "top-cards", "--format", "csv", "--data"])
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = stdout_of(
+        Command::new(BIN)
+            .args(["query", "top-cards", "--format", "csv", "--data"])
+            .arg(&out_dir),
+        "flowcap query top-cards",
     );
-    let text = String::from_utf8(out.stdout).unwrap();
     let rows: Vec<&str> = text.lines().collect();
     // ctcc: its November (4000 bytes); cucc: the December cycle begun on
     // the 27th (2000 bytes); the cucc card used only in the closed cycle
@@ -329,20 +322,7 @@ fn custom_attributes_are_columns_of_the_cards_table() {
     );
     let (v, out_dir) = run_files(dir.path(), &commands, &[record]);
     assert_eq!(v["summary"]["counted"], 1, "{v}");
-    let sql = |query: &str| {
-        let out = Command::new(BIN)
-            .args(["sql", "--format", "csv", "--data"])
-            .arg(&out_dir)
-            .arg(query)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{query}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let sql = |query: &str| sql_text(&out_dir, "csv", query);
     assert_eq!(
         sql("SELECT iccid, attr_1, attr_2, attr_3, attr_4 FROM cards_current ORDER BY iccid"),
         format!("iccid,attr_1,attr_2,attr_3,attr_4\n{one},acme,north,,\n{two},globex,,,\n")
