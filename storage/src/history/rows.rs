@@ -383,26 +383,22 @@ pub(super) fn pools_batch(
     through: u64,
     clock: Timestamp,
 ) -> Result<RecordBatch, ArrowError> {
-    let ids: Vec<String> = rows.iter().map(|p| p.id.to_string()).collect();
-    let kinds: Vec<String> = rows.iter().map(|p| serde_name(&p.kind)).collect();
-    let states: Vec<String> = rows.iter().map(|p| serde_name(&p.state)).collect();
-    let mut c = Columns::new(table_schema(schema::POOL_CYCLE_USAGE));
-    c.utf8(ids.iter().map(|s| Some(s.as_str())));
-    c.utf8(rows.iter().map(|p| Some(p.name.as_str())));
-    c.dict(kinds.iter().map(|s| Some(s.as_str())));
-    c.dict(rows.iter().map(|p| p.carrier.map(Carrier::as_str)));
-    c.dict(states.iter().map(|s| Some(s.as_str())));
-    c.i64(rows.iter().map(|p| Some(p.members.len() as i64)));
-    c.i64(rows.iter().map(|p| Some(to_i64(p.usage_bytes))));
-    c.i64(rows.iter().map(|p| Some(to_i64(p.allowance_bytes))));
-    c.i64(
-        rows.iter()
-            .map(|p| Some(to_i64(p.allowance_bytes) - to_i64(p.usage_bytes))),
-    );
-    c.ts(rows.iter().map(|_| Some(clock.0)));
-    c.i64(rows.iter().map(|_| Some(to_i64(through))));
-    c.bool(rows.iter().map(|_| false));
-    c.finish()
+    let rows: Vec<PoolRow<'_>> = rows
+        .iter()
+        .map(|p| PoolRow {
+            id: p.id.to_string(),
+            name: &p.name,
+            kind: serde_name(&p.kind),
+            carrier: p.carrier,
+            state: serde_name(&p.state),
+            members: p.members.len() as u64,
+            usage_bytes: p.usage_bytes,
+            allowance_bytes: p.allowance_bytes,
+            as_of: clock,
+            final_total: false,
+        })
+        .collect();
+    pool_cycle_batch(&rows, through)
 }
 
 /// Closed cycles' pool totals (`pool_cycle_usage` rows with `final` true
@@ -411,15 +407,46 @@ pub(super) fn closed_pools_batch(
     rows: &[&PoolCycleTotal],
     through: u64,
 ) -> Result<RecordBatch, ArrowError> {
-    let ids: Vec<String> = rows.iter().map(|p| p.pool.to_string()).collect();
-    let kinds: Vec<String> = rows.iter().map(|p| serde_name(&p.kind)).collect();
-    let states: Vec<String> = rows.iter().map(|p| serde_name(&p.state)).collect();
+    let rows: Vec<PoolRow<'_>> = rows
+        .iter()
+        .map(|p| PoolRow {
+            id: p.pool.to_string(),
+            name: &p.name,
+            kind: serde_name(&p.kind),
+            carrier: p.carrier,
+            state: serde_name(&p.state),
+            members: p.members,
+            usage_bytes: p.usage_bytes,
+            allowance_bytes: p.allowance_bytes,
+            as_of: p.at,
+            final_total: p.final_total,
+        })
+        .collect();
+    pool_cycle_batch(&rows, through)
+}
+
+/// One `pool_cycle_usage` row, from a pool's live view or a closed
+/// cycle's total.
+struct PoolRow<'a> {
+    id: String,
+    name: &'a str,
+    kind: String,
+    carrier: Option<Carrier>,
+    state: String,
+    members: u64,
+    usage_bytes: u64,
+    allowance_bytes: u64,
+    as_of: Timestamp,
+    final_total: bool,
+}
+
+fn pool_cycle_batch(rows: &[PoolRow<'_>], through: u64) -> Result<RecordBatch, ArrowError> {
     let mut c = Columns::new(table_schema(schema::POOL_CYCLE_USAGE));
-    c.utf8(ids.iter().map(|s| Some(s.as_str())));
-    c.utf8(rows.iter().map(|p| Some(p.name.as_str())));
-    c.dict(kinds.iter().map(|s| Some(s.as_str())));
+    c.utf8(rows.iter().map(|p| Some(p.id.as_str())));
+    c.utf8(rows.iter().map(|p| Some(p.name)));
+    c.dict(rows.iter().map(|p| Some(p.kind.as_str())));
     c.dict(rows.iter().map(|p| p.carrier.map(Carrier::as_str)));
-    c.dict(states.iter().map(|s| Some(s.as_str())));
+    c.dict(rows.iter().map(|p| Some(p.state.as_str())));
     c.i64(rows.iter().map(|p| Some(to_i64(p.members))));
     c.i64(rows.iter().map(|p| Some(to_i64(p.usage_bytes))));
     c.i64(rows.iter().map(|p| Some(to_i64(p.allowance_bytes))));
@@ -427,7 +454,7 @@ pub(super) fn closed_pools_batch(
         rows.iter()
             .map(|p| Some(to_i64(p.allowance_bytes) - to_i64(p.usage_bytes))),
     );
-    c.ts(rows.iter().map(|p| Some(p.at.0)));
+    c.ts(rows.iter().map(|p| Some(p.as_of.0)));
     c.i64(rows.iter().map(|_| Some(to_i64(through))));
     c.bool(rows.iter().map(|p| p.final_total));
     c.finish()
