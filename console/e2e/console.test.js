@@ -455,6 +455,19 @@ test('the dead letters page shows the quarantined input by reason', async () => 
   );
   await shot('dead-letters');
 
+  // The pager walks the server's pages, and back.
+  assert.ok(all.next_cursor, 'more than a page of dead letters');
+  const older = await api('GET', `/dead-letters?limit=20&cursor=${all.next_cursor}`);
+  const shows = (items) =>
+    page.waitForFunction(
+      (w) => [...document.querySelectorAll('[data-testid=letters] tbody tr')].map((r) => r.dataset.key).join(',') === w,
+      items.map((l) => String(l.seq)).join(','),
+    );
+  await page.getByRole('button', { name: 'Older →' }).click();
+  await shows(older.items);
+  await page.getByRole('button', { name: '← Newer' }).click();
+  await shows(all.items);
+
   // One reason: the server filters.
   const reason = reasons[reasons.length - 1];
   const some = await api('GET', `/dead-letters?reason=${reason}&limit=20`);

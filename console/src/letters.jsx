@@ -1,10 +1,9 @@
 // Dead letters: the quarantined input from the history, newest first,
 // by reason, each with its raw input (bounded and with secrets redacted
 // by the pipeline before it was written).
-import { useState } from 'preact/hooks';
 import { get } from './api.js';
 import { count } from './format.js';
-import { Failed, useLoad } from './parts.jsx';
+import { Failed, useCursors, useLoad } from './parts.jsx';
 import { go, Link } from './router.jsx';
 
 // Letters on a page (each may carry up to 64 KiB of raw input).
@@ -12,8 +11,7 @@ export const PAGE = 20;
 
 export function DeadLetters({ query }) {
   const reason = query.get('reason') ?? '';
-  const [cursors, setCursors] = useState(['']);
-  const cursor = cursors[cursors.length - 1];
+  const { cursor, reset, pager } = useCursors();
   const [page, error] = useLoad(() => {
     const q = new URLSearchParams({ limit: String(PAGE) });
     if (reason) q.set('reason', reason);
@@ -21,7 +19,7 @@ export function DeadLetters({ query }) {
     return get(`/dead-letters?${q}`);
   }, [reason, cursor]);
   function pick(r) {
-    setCursors(['']);
+    reset();
     go(r ? `/dead-letters?reason=${encodeURIComponent(r)}` : '/dead-letters');
   }
   return (
@@ -65,12 +63,7 @@ export function DeadLetters({ query }) {
             </tbody>
           </table>
           {page.items.length === 0 && <p>No dead letter.</p>}
-          <div class="pager">
-            <button disabled={cursors.length < 2} onClick={() => setCursors(cursors.slice(0, -1))}>← Newer</button>
-            <button disabled={!page.next_cursor} onClick={() => setCursors([...cursors, page.next_cursor])}>
-              Older →
-            </button>
-          </div>
+          {pager(page.next_cursor, '← Newer', 'Older →')}
         </>
       )}
     </div>

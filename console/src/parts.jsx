@@ -54,3 +54,22 @@ export function PoolState({ state }) {
     </span>
   );
 }
+
+// Pages walked by cursor: a stack of the cursors shown so far ('' is the
+// first page). `pager(next, back, forward)` draws the two buttons;
+// `reset()` goes back to the first page.
+export function useCursors() {
+  const [cursors, setCursors] = useState(['']);
+  return {
+    cursor: cursors[cursors.length - 1],
+    reset: () => setCursors(['']),
+    pager: (next, back, forward) => (
+      <div class="pager">
+        <button disabled={cursors.length < 2} onClick={() => setCursors(cursors.slice(0, -1))}>{back}</button>
+        <button disabled={!next} onClick={() => setCursors([...cursors, next])}>
+          {forward}
+        </button>
+      </div>
+    ),
+  };
+}

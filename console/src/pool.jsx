@@ -1,8 +1,7 @@
-import { useState } from 'preact/hooks';
 import { get } from './api.js';
 import { bytes, count, pct, POOL_STATES, time } from './format.js';
 import { poolPct } from './overview.jsx';
-import { Failed, PoolState, useLoad } from './parts.jsx';
+import { Failed, PoolState, useCursors, useLoad } from './parts.jsx';
 import { loadTimeline, Timeline } from './timeline.jsx';
 import { Link } from './router.jsx';
 
@@ -40,8 +39,7 @@ export function Pools() {
 }
 
 export function Pool({ id }) {
-  const [cursors, setCursors] = useState(['']);
-  const cursor = cursors[cursors.length - 1];
+  const { cursor, pager } = useCursors();
   const [pool, error] = useLoad(
     () => get(`/pools/${encodeURIComponent(id)}?limit=50${cursor ? `&cursor=${cursor}` : ''}`),
     [id, cursor],
@@ -88,15 +86,7 @@ export function Pool({ id }) {
           ))}
         </tbody>
       </table>
-      <div class="pager">
-        <button disabled={cursors.length < 2} onClick={() => setCursors(cursors.slice(0, -1))}>← Previous</button>
-        <button
-          disabled={!pool.members.next_cursor}
-          onClick={() => setCursors([...cursors, pool.members.next_cursor])}
-        >
-          Next →
-        </button>
-      </div>
+      {pager(pool.members.next_cursor, '← Previous', 'Next →')}
       <h2>Events</h2>
       <PoolEvents id={pool.id} />
     </div>

@@ -5,7 +5,7 @@
 import { useState } from 'preact/hooks';
 import { get, post } from './api.js';
 import { time } from './format.js';
-import { Failed, useLoad } from './parts.jsx';
+import { Failed, useCursors, useLoad } from './parts.jsx';
 import { Link } from './router.jsx';
 
 const EXAMPLE = '{\n  "id": "draft",\n  "type": 2,\n  "condition": { "used_mb_gte": 12 }\n}';
@@ -151,8 +151,7 @@ export function WhatIf({ rule }) {
 }
 
 export function Rule({ id }) {
-  const [cursors, setCursors] = useState(['']);
-  const cursor = cursors[cursors.length - 1];
+  const { cursor, pager } = useCursors();
   const [page, error] = useLoad(
     () => get(`/rules/${encodeURIComponent(id)}/executions?limit=50${cursor ? `&cursor=${cursor}` : ''}`),
     [id, cursor],
@@ -193,12 +192,7 @@ export function Rule({ id }) {
             </tbody>
           </table>
           {page.items.length === 0 && <p>No execution in the history.</p>}
-          <div class="pager">
-            <button disabled={cursors.length < 2} onClick={() => setCursors(cursors.slice(0, -1))}>← Newer</button>
-            <button disabled={!page.next_cursor} onClick={() => setCursors([...cursors, page.next_cursor])}>
-              Older →
-            </button>
-          </div>
+          {pager(page.next_cursor, '← Newer', 'Older →')}
         </>
       )}
       <h2>What if it had been there from the start</h2>
